@@ -1,0 +1,10 @@
+"""Core: cells (gates -> one step), layers (a cell over time), interop with torch.nn."""
+from rnnkit.core.cells import CELLS, GRUCell, LSTMCell, LSTMState, RNNCell
+from rnnkit.core.gates import GatedCell, HiddenState, gate
+from rnnkit.core.interop import from_torch, to_torch
+from rnnkit.core.layers import GRU, LSTM, RNN, Recurrent
+
+__all__ = [
+    "CELLS", "GRU", "GRUCell", "GatedCell", "HiddenState", "LSTM", "LSTMCell", "LSTMState", "RNN", "RNNCell",
+    "Recurrent", "from_torch", "gate", "to_torch",
+]

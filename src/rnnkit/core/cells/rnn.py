@@ -1,0 +1,33 @@
+"""Basic (Elman) RNN cell, the deck's first cell: a single gate whose output is the state::
+
+    h' = act(x W_ih + b_ih + h W_hh + b_hh),    act = tanh (default) or relu
+
+State: ``HiddenState(h)``, (B, H). Weights interchangeable with ``torch.nn.RNNCell``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from rnnkit.core.gates import GatedCell, HiddenState, gate
+
+ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu}
+
+
+class RNNCell(GatedCell):
+    """One Elman RNN step with ``nonlinearity`` "tanh" or "relu"."""
+
+    gate_names = ("h",)
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, nonlinearity: str = "tanh", **factory):
+        if nonlinearity not in ACTIVATIONS:
+            raise ValueError(f"nonlinearity must be one of {sorted(ACTIVATIONS)}, got {nonlinearity!r}")
+        self.nonlinearity = nonlinearity
+        super().__init__(input_size, hidden_size, bias, **factory)
+
+    def combine(self, x, h, state: HiddenState) -> tuple[Tensor, HiddenState]:
+        h_new = gate(ACTIVATIONS[self.nonlinearity], x.h, h.h)
+        return h_new, HiddenState(h_new)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, nonlinearity={self.nonlinearity!r}"

@@ -1,0 +1,34 @@
+"""Run one cell over time: the reference loop that is the specification of every fast path.
+
+``scan(cell, xz, state, mask)`` takes the input projection of all steps at once
+(``xz = cell.project_input(x)``, (B, T, G*H), one matmul) and steps the cell. With a
+``mask`` (B, T) a sequence's state stops changing after its last valid step and its
+outputs there are zero, which gives packed-sequence semantics without packing.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from rnnkit.core.gates import GatedCell
+
+
+def scan_reference(cell: GatedCell, xz: Tensor, state: NamedTuple, mask: Tensor | None) -> tuple[Tensor, NamedTuple]:
+    """Step ``cell`` over ``xz`` (B, T, G*H) from ``state``; returns outputs (B, T, H) and the final state."""
+    outputs = []
+    steps = xz.unbind(1)  # unbind, not xz[:, t]: indexing would allocate a full gradient per step
+    valid = mask.unbind(1) if mask is not None else [None] * len(steps)
+    for xz_t, m in zip(steps, valid):
+        h, new_state = cell.step(xz_t, state)
+        if m is not None:
+            m = m[:, None]
+            new_state = type(state)(*(torch.where(m, new, old) for new, old in zip(new_state, state)))
+            h = h * m
+        state = new_state
+        outputs.append(h)
+    return torch.stack(outputs, dim=1), state
+
+
+scan = scan_reference

@@ -1,0 +1,22 @@
+"""Every docstring example in the package runs, so the docs cannot drift from the code."""
+from __future__ import annotations
+
+import doctest
+import importlib
+import pkgutil
+
+import pytest
+
+import rnnkit
+
+MODULES = sorted(
+    info.name for info in pkgutil.walk_packages(rnnkit.__path__, prefix="rnnkit.")
+    if not info.name.endswith("__main__")
+)
+
+
+@pytest.mark.parametrize("name", ["rnnkit", *MODULES])
+def test_docstring_examples_run(name):
+    module = importlib.import_module(name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0, f"{result.failed} of {result.attempted} examples failed in {name}"
