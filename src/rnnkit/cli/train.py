@@ -1,0 +1,36 @@
+"""`rnnkit train TASK [flags]`: flags come from the task's Config, TrainConfig and RunConfig."""
+from __future__ import annotations
+
+import argparse
+
+from rnnkit.cli.command import Command
+from rnnkit.engine.config import add_dataclass_flags, given_fields
+from rnnkit.engine.errors import UsageError
+from rnnkit.engine.task import TASKS, load_task_class
+from rnnkit.engine.trainer import RunConfig, TrainConfig, train
+
+
+def add_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    tasks = parser.add_subparsers(dest="task", metavar="TASK", required=True,
+                                  help=f"one of {', '.join(TASKS)}")
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name in TASKS:
+        p = tasks.add_parser(name, help=f"train the {name} task",
+                             description=f"Train the {name} task. Engine flags apply to every task.")
+        if name == chosen:
+            task_cls = load_task_class(name)
+            try:
+                add_dataclass_flags(p, task_cls.Config, f"{name} task")
+                add_dataclass_flags(p, TrainConfig, "training")
+                add_dataclass_flags(p, RunConfig, "run directory")
+            except argparse.ArgumentError as e:
+                raise UsageError(f"task {name!r} declares a flag the engine already has: {e}") from None
+            p.set_defaults(task_cls=task_cls)
+
+
+def run(args: argparse.Namespace) -> int:
+    run_config = RunConfig(**given_fields(args, RunConfig))
+    return train(args.task, given_fields(args, args.task_cls.Config), given_fields(args, TrainConfig), run_config)
+
+
+TRAIN = Command(add_arguments, run)
