@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ class ToyConfig:
     dropout: float = option(0.1, "dropout before the readout")
     nan_at: int = option(-1, "0-based step whose loss is NaN (-1: never)")
     sleep: float = option(0.0, "seconds each step sleeps (signal tests)")
+    signal_at: int = option(-1, "0-based step at which the process sends itself SIGTERM (-1: never)")
     stateful: bool = option(True, "carry the hidden state from step to step, like truncated BPTT")
 
 
@@ -80,6 +82,8 @@ class ToyTask(Task):
     def train_batch(self, step, rank, world_size):
         rows = shard_range(self.config.batch_size, rank, world_size)
         x, y = self._data(step_generator(0, step), self.config.batch_size)  # global batch, then shard
+        if step == self.config.signal_at:
+            os.kill(os.getpid(), signal.SIGTERM)
         if step == self.config.nan_at:
             x = x * float("nan")
         return x[rows.start:rows.stop], y[rows.start:rows.stop]

@@ -73,7 +73,10 @@ def build_parser(argv: list[str]) -> Parser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = build_parser(argv).parse_args(argv)
+        try:
+            args = build_parser(argv).parse_args(argv)
+        except SystemExit as e:  # argparse: --help, --version (0) or a one-line usage error (2)
+            return e.code if isinstance(e.code, int) else 2
         return int(args.run(args) or 0)
     except UsageError as e:
         print(f"rnnkit: error: {e}", file=sys.stderr)
