@@ -1,0 +1,229 @@
+"""The sort task (many-to-one-to-many): its config, batches, loss, metrics and text input/output.
+
+    rnnkit train sort --n-min 2 --n-max 20 --decoder pointer       integers in [0, 128)
+    rnnkit train sort --floats --n-min 5 --n-max 15                floats in [0, 1], "Order Matters"
+    rnnkit eval RUN_DIR --n 5 10 15 20 50 [--beam 4] [--json]      accuracy per N, past training lengths too
+    echo "3 1 2" | rnnkit sort RUN_DIR                             -> "1 2 3"
+
+Metrics, for each N on the fixed held-out set of that N (data.test_set): `accuracy@N`, the fraction of
+output elements equal to the sorted target at their position; `exact@N`, the fraction of sequences
+sorted entirely right; `loss@N`, the teacher-forced cross-entropy per element (nats). `accuracy`,
+`exact` and `loss` are their means over the evaluated N.
+
+>>> from rnnkit.tasks.sort.task import SortConfig, parse_sequence
+>>> parse_sequence("3, 1 2", SortConfig(vocab=10), where="line 1")
+[3, 1, 2]
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from rnnkit.engine.config import option
+from rnnkit.engine.errors import UsageError
+from rnnkit.engine.task import Task, device_of, move_to, shard_range, step_generator
+from rnnkit.tasks.sort.data import SortBatch, draw_length, make_batch, sample, test_set
+from rnnkit.tasks.sort.model import DECODERS, POINTS, SortModel
+from rnnkit.tasks.sort.search import choose, decode
+
+
+@dataclass(frozen=True)
+class SortConfig:
+    n: int | None = option(None, "length of every training sequence; when given, overrides --n-min/--n-max")
+    n_min: int = option(2, "shortest training sequence (lengths are drawn uniformly per step)")
+    n_max: int = option(20, "longest training sequence")
+    vocab: int = option(128, "integer tokens are drawn from [0, V) (the seed's E_DIM = 128)")
+    floats: bool = option(False, "sort floats uniform in [0, 1] instead of integers (needs --decoder pointer)")
+    decoder: Literal["seed", "teacher", "attention", "pointer"] = option(
+        "pointer", "seed: state hand-off, zero inputs (the deck); teacher: previous output as input; "
+                   "attention: Luong attention over the encoder outputs; pointer: points at input positions")
+    cell: Literal["lstm", "gru"] = option("lstm", "recurrent cell of the encoder and the decoder")
+    embed: int = option(64, "size of each number's embedding")
+    hidden: int = option(128, "encoder hidden size per direction (the decoder's is directions x this)")
+    attn: int = option(64, "size of the additive score layer of the attention and pointer decoders")
+    layers: int = option(1, "layers of the encoder and of the decoder")
+    bidirectional: bool = option(True, "bidirectional encoder")
+    batch_size: int = option(128, "sequences per step, summed over all processes")
+    beam: int = option(1, "beam width for evaluation and `rnnkit sort` (1 = greedy)", resumable=True)
+    eval_size: int = option(1000, "held-out sequences per N (fixed sets, the same for every run)")
+    data_seed: int = option(0, "seed of the training data stream (test sets never depend on it)")
+    max_n: int = option(256, "longest sequence eval and `rnnkit sort` accept (the seed's SEQ_LENGTH)")
+
+    def __post_init__(self):
+        for name in ("n_min", "n_max", "vocab", "embed", "hidden", "attn", "layers", "batch_size", "beam", "eval_size",
+                     "max_n"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.n is not None and not 1 <= self.n <= self.max_n:
+            raise ValueError(f"--n must be in [1, --max-n={self.max_n}], got {self.n}")
+        if self.n is None and not self.n_min <= self.n_max <= self.max_n:
+            raise ValueError(f"need --n-min <= --n-max <= --max-n, got {self.n_min}, {self.n_max}, {self.max_n}")
+        if self.floats and self.decoder not in POINTS:
+            raise ValueError(f"--floats needs --decoder pointer: the {self.decoder!r} decoder emits one of V "
+                             f"integer tokens, and real numbers have no vocabulary")
+
+    @property
+    def lengths(self) -> tuple[int, int]:
+        """(shortest, longest) training length."""
+        return (self.n, self.n) if self.n is not None else (self.n_min, self.n_max)
+
+
+@dataclass(frozen=True)
+class SortEvalOptions:
+    n: tuple[int, ...] = option((), "lengths to evaluate, e.g. --n 5 10 15 20 50 "
+                                    "(default: the shortest, middle and longest training length)")
+    beam: int | None = option(None, "beam width (default: the run's --beam)")
+
+
+class SortTask(Task):
+    name = "sort"
+    Config = SortConfig
+    EvalOptions = SortEvalOptions
+    items_name = "samples"
+    best_metric = "accuracy"
+    higher_is_better = True
+
+    def __init__(self, config: SortConfig, run_dir: Path):
+        super().__init__(config, run_dir)
+        self._test_sets: dict[int, SortBatch] = {}
+
+    def build_model(self) -> nn.Module:
+        c = self.config
+        return SortModel(c.decoder, c.vocab, c.floats, embed=c.embed, hidden=c.hidden, num_layers=c.layers,
+                         bidirectional=c.bidirectional, cell=c.cell, attn=c.attn)
+
+    # ---- training --------------------------------------------------------------------------------
+    def train_batch(self, step: int, rank: int, world_size: int) -> SortBatch:
+        c = self.config
+        rows = shard_range(c.batch_size, rank, world_size)
+        # one length per step for every process (rank 0's stream), so the batch needs no padding
+        n = draw_length(step_generator(c.data_seed, step, 0, stream="length"), *c.lengths)
+        return sample(step_generator(c.data_seed, step, rank), len(rows), n, c.vocab, c.floats)
+
+    def loss(self, model: nn.Module, batch: SortBatch) -> tuple[torch.Tensor, int]:
+        _, loss = model(batch.inputs, batch.order)
+        return loss, batch.inputs.shape[0]
+
+    # ---- evaluation ------------------------------------------------------------------------------
+    def default_eval_lengths(self) -> list[int]:
+        lo, hi = self.config.lengths
+        return sorted({lo, (lo + hi) // 2, hi})
+
+    def evaluate(self, model: nn.Module, data: str | None = None,
+                 options: SortEvalOptions | None = None) -> dict[str, float]:
+        """Metrics per N on the fixed test sets (or on the sequences of the file `data`, one per line)."""
+        options = options or SortEvalOptions()
+        beam = options.beam if options.beam is not None else self.config.beam
+        if beam < 1:
+            raise UsageError(f"--beam must be at least 1, got {beam}")
+        if data is not None:
+            groups = self._file_batches(data)
+        else:
+            for n in options.n:
+                if not 1 <= n <= self.config.max_n:
+                    raise UsageError(f"--n {n} is outside the lengths this model accepts, [1, {self.config.max_n}]")
+            groups = {n: self._test_set(n) for n in (options.n or self.default_eval_lengths())}
+        device = device_of(model)
+        per_n: dict[str, float] = {}
+        totals = {"loss": 0.0, "accuracy": 0.0, "exact": 0.0}
+        for n, batch in groups.items():
+            batch = move_to(batch, device)
+            m = score(model, batch, beam)
+            for key, value in m.items():
+                per_n[f"{key}@{n}"] = value
+                totals[key] += value / len(groups)
+        return totals | per_n
+
+    def _test_set(self, n: int) -> SortBatch:
+        if n not in self._test_sets:
+            c = self.config
+            self._test_sets[n] = test_set(n, c.eval_size, c.vocab, c.floats)
+        return self._test_sets[n]
+
+    def _file_batches(self, path: str) -> dict[int, SortBatch]:
+        """A file of sequences, one per line, grouped by length."""
+        try:
+            lines = Path(path).read_text().splitlines()
+        except OSError as e:
+            raise UsageError(f"cannot read --data {path}: {e.strerror}") from None
+        by_length: dict[int, list] = {}
+        for number, line in enumerate(lines, 1):
+            values = parse_sequence(line, self.config, where=f"{path} line {number}")
+            by_length.setdefault(len(values), []).append(values)
+        if not by_length:
+            raise UsageError(f"--data {path} holds no sequences")
+        dtype = torch.float32 if self.config.floats else torch.long
+        return {n: make_batch(torch.tensor(rows, dtype=dtype)) for n, rows in sorted(by_length.items())}
+
+    # ---- use -------------------------------------------------------------------------------------
+    def sort_line(self, model: nn.Module, text: str, where: str, beam: int | None = None) -> str:
+        """One sequence as text -> the model's sorted output as text, numbers separated by single spaces.
+        A pointer prints the chosen input tokens exactly as given; a token decoder prints its tokens."""
+        values = parse_sequence(text, self.config, where)
+        dtype = torch.float32 if self.config.floats else torch.long
+        inputs = torch.tensor([values], dtype=dtype, device=device_of(model))  # (1, N)
+        beam = beam if beam is not None else self.config.beam
+        with torch.no_grad():
+            if model.points:
+                tokens = split_tokens(text)
+                positions = choose(model, inputs, beam)[0].tolist()
+                return " ".join(tokens[p] for p in positions)
+            return " ".join(str(v) for v in decode(model, inputs, beam)[0].tolist())
+
+
+@torch.no_grad()
+def score(model: nn.Module, batch: SortBatch, beam: int, chunk: int = 1000) -> dict[str, float]:
+    """Teacher-forced loss, per-element accuracy and exact match of `model` on `batch`."""
+    loss_sum, right, exact, total = 0.0, 0, 0, 0
+    for start in range(0, batch.inputs.shape[0], chunk):
+        inputs, targets, order = (t[start:start + chunk] for t in batch)
+        _, loss = model(inputs, order)
+        output = decode(model, inputs, beam)  # (b, N)
+        hit = output == targets
+        loss_sum += float(loss) * inputs.shape[0]
+        right += int(hit.sum())
+        exact += int(hit.all(dim=1).sum())
+        total += inputs.shape[0]
+    n = batch.inputs.shape[1]
+    return {"loss": loss_sum / total, "accuracy": right / (total * n), "exact": exact / total}
+
+
+# ---- text in, text out ----------------------------------------------------------------------------
+_SEPARATORS = re.compile(r"[\s,]+")
+
+
+def split_tokens(text: str) -> list[str]:
+    """Numbers separated by spaces and/or commas."""
+    return [t for t in _SEPARATORS.split(text.strip()) if t]
+
+
+def parse_sequence(text: str, config: SortConfig, where: str) -> list:
+    """Parse one sequence for a model of `config`; UsageError naming `where` for anything it can't sort."""
+    tokens = split_tokens(text)
+    if not tokens:
+        raise UsageError(f"{where}: empty, expected numbers separated by spaces or commas")
+    if len(tokens) > config.max_n:
+        raise UsageError(f"{where}: {len(tokens)} numbers, longer than this model supports (at most {config.max_n})")
+    values = []
+    for i, token in enumerate(tokens, 1):
+        try:
+            value = float(token)
+        except ValueError:
+            raise UsageError(f"{where}: {token!r} (number {i}) is not a number") from None
+        if config.floats:
+            if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+                raise UsageError(f"{where}: {token!r} (number {i}) is outside [0, 1], the range this float "
+                                 f"model was trained on")
+            values.append(value)
+        else:
+            if not (value.is_integer() and 0 <= value < config.vocab):
+                raise UsageError(f"{where}: {token!r} (number {i}) is not an integer in [0, {config.vocab}), "
+                                 f"the tokens this model knows")
+            values.append(int(value))
+    return values
