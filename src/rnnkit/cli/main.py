@@ -16,13 +16,14 @@ import sys
 
 from rnnkit.cli.command import Command, CommandSpec
 from rnnkit.engine.errors import UsageError
+from rnnkit.engine.rundir import rnnkit_version
 
 # One line per command. Task authors add theirs here and write the module it points to.
 COMMANDS: dict[str, CommandSpec] = {
     "train": CommandSpec("rnnkit.cli.train:TRAIN", "train a task, or continue a run with --resume RUN_DIR"),
     "eval": CommandSpec("rnnkit.cli.evaluate:EVAL", "evaluate a trained run on its validation data or --data"),
     "generate": CommandSpec("rnnkit.cli.lm:GENERATE", "sample text from a trained language model"),
-    "demo": CommandSpec("rnnkit.cli.lm:DEMO", "interactive demo of a trained language model"),
+    "demo": CommandSpec("rnnkit.cli.lm:DEMO", "the main job: train a language model on Python's own source for a few minutes"),
     "predict": CommandSpec("rnnkit.cli.classify:PREDICT", "classify texts with a trained classifier"),
     "sort": CommandSpec("rnnkit.cli.sort:SORT", "sort numbers with a trained seq2seq sorter"),
 }
@@ -33,15 +34,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def version() -> str:
-    from importlib import metadata
-    try:
-        return metadata.version("rnnkit")
-    except metadata.PackageNotFoundError:
-        import rnnkit
-        return getattr(rnnkit, "__version__", "unknown")
 
 
 def load_command(name: str) -> Command:
@@ -58,7 +50,7 @@ def load_command(name: str) -> Command:
 
 def build_parser(argv: list[str]) -> Parser:
     parser = Parser(prog="rnnkit", description="Recurrent neural networks: train, evaluate and use them.")
-    parser.add_argument("--version", action="version", version=f"rnnkit {version()}")
+    parser.add_argument("--version", action="version", version=f"rnnkit {rnnkit_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     chosen = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
     for name, spec in COMMANDS.items():

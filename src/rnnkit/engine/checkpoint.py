@@ -85,15 +85,13 @@ def _open(path: Path):
 
 
 def load_checkpoint(path: Path, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(tensors whose name starts with `prefix`, JSON state). Reads every byte of the selected
-    tensors, so truncation is detected here, never later."""
+    """(tensors whose name starts with `prefix`, JSON state). safetensors checks the header's offsets
+    against the file size when opening, so a truncated file fails here, never later."""
     handle, state = _open(path)
     try:
         tensors = {k: handle.get_tensor(k) for k in handle.keys() if k.startswith(prefix)}
     except Exception as e:
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__})") from None
-    # safetensors checks offsets against the file size when opening; verify explicitly anyway so a
-    # short file can never load silently.
     return tensors, state
 
 

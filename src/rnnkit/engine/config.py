@@ -9,7 +9,8 @@ text lives in the field metadata, so `--help`, the defaults and `config.json` co
         cell: Literal["lstm", "gru"] = option("lstm", "recurrent cell")
 
 gives `--length INT` and `--cell {lstm,gru}`. Supported field types: int, float, str, bool
-(`--flag/--no-flag`), `X | None` of those, and `Literal[...]` (becomes `choices`).
+(`--flag/--no-flag`), `X | None` of those, `Literal[...]` (becomes `choices`) and `tuple[X, ...]` of
+int, float or str (one or more values: `--n 5 10 15`).
 """
 from __future__ import annotations
 
@@ -22,9 +23,10 @@ from typing import Any, Literal, get_args, get_origin
 from rnnkit.engine.errors import UsageError
 
 
-def option(default: Any, help: str, *, resumable: bool = False) -> Any:
-    """A dataclass field with its help text; `resumable` fields may be changed by `--resume` flags."""
-    return dataclasses.field(default=default, metadata={"help": help, "resumable": resumable})
+def option(default: Any, help: str, *, metavar: str | None = None, resumable: bool = False) -> Any:
+    """A dataclass field with its help text. `metavar` names the value in --help (default: its type,
+    e.g. INT); `resumable` marks TrainConfig fields that flags may change on `--resume`."""
+    return dataclasses.field(default=default, metadata={"help": help, "metavar": metavar, "resumable": resumable})
 
 
 def flag_name(field_name: str) -> str:
@@ -68,9 +70,14 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, title: str |
         elif get_origin(tp) is Literal:
             choices = list(get_args(tp))
             group.add_argument(flag_name(f.name), choices=choices, type=type(choices[0]), **kw)
+        elif get_origin(tp) is tuple and len(get_args(tp)) == 2 and get_args(tp)[1] is Ellipsis \
+                and get_args(tp)[0] in (int, float, str):
+            item = get_args(tp)[0]
+            group.add_argument(flag_name(f.name), type=_parser_for(item, False, f.name), nargs="+",
+                               metavar=item.__name__.upper(), **kw)
         elif tp in (int, float, str):
             group.add_argument(flag_name(f.name), type=_parser_for(tp, optional, f.name),
-                               metavar=tp.__name__.upper(), **kw)
+                               metavar=f.metadata.get("metavar") or tp.__name__.upper(), **kw)
         else:
             raise TypeError(f"{cls.__name__}.{f.name}: unsupported flag type {hints[f.name]!r}")
 
@@ -78,7 +85,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, title: str |
 def given_fields(namespace: argparse.Namespace, cls: type) -> dict[str, Any]:
     """The fields of `cls` that were given explicitly on the command line."""
     names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in vars(namespace).items() if k in names}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in vars(namespace).items() if k in names}
 
 
 def from_dict(cls: type, values: dict[str, Any], source: str = "config") -> Any:

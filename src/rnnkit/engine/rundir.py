@@ -41,6 +41,16 @@ class RunInfo:
         return self.path / CHECKPOINTS / "best.safetensors"
 
 
+def rnnkit_version() -> str:
+    """The installed distribution's version, else rnnkit.__version__ (running from a source tree)."""
+    from importlib import metadata
+    try:
+        return metadata.version("rnnkit")
+    except metadata.PackageNotFoundError:
+        import rnnkit
+        return getattr(rnnkit, "__version__", "unknown")
+
+
 def default_run_dir(task: str) -> Path:
     return Path("runs") / f"{task}-{time.strftime('%Y%m%d-%H%M%S')}"
 

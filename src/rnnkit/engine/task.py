@@ -29,8 +29,9 @@ New run (`rnnkit train sort ...`):
     task.save_artifacts(run_dir)                # process 0 only: write vocab.json, labels.json, ...
     torch.manual_seed(seed); model = task.build_model()
 Resume and every later command (`--resume`, `eval`, `generate`, `predict`, `sort`):
-    task = SortTask.from_run_dir(config, run_dir)   # rebuild from the saved artifacts, no training data
-                                                    # needed unless the command uses it
+    task = SortTask.from_run_dir(config, run_dir)   # rebuild from the saved artifacts; read data files
+                                                    # lazily (on first train_batch / evaluate), since
+                                                    # generate / predict never need them
 Each step `step` (0-based), on every process:
     batch = task.train_batch(step, rank, world_size)   # tensors are moved to the device by the trainer
     loss, n_items = task.loss(model, batch)            # mean over the items; backward is the trainer's

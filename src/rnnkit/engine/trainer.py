@@ -33,7 +33,8 @@ from rnnkit.engine.distributed import (
 )
 from rnnkit.engine.errors import CheckpointError, UsageError
 from rnnkit.engine.rundir import (
-    CHECKPOINTS, CURVES, METRICS, MetricsLog, RunInfo, default_run_dir, plot_curves, read_run, write_config,
+    CHECKPOINTS, CURVES, METRICS, MetricsLog, default_run_dir, plot_curves, read_run, rnnkit_version,
+    write_config,
 )
 from rnnkit.engine.schedule import OPTIMIZERS, SCHEDULES, lr_at
 from rnnkit.engine.task import Task, load_task_class, move_to
@@ -42,8 +43,8 @@ from rnnkit.engine.task import Task, load_task_class, move_to
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = option(1000, "optimizer steps in total; the cosine schedule ends here", resumable=True)
-    time_budget: float | None = option(None, "stop after this many seconds of wall time, then evaluate "
-                                             "and save (default: no limit)", resumable=True)
+    time_budget: float | None = option(None, "stop after this many seconds of wall time (per invocation), "
+                                             "then evaluate and save (default: no limit)", resumable=True)
     optimizer: Literal["adamw", "sgd"] = option("adamw", "optimizer")
     lr: float = option(3e-3, "peak learning rate")
     weight_decay: float = option(0.01, "weight decay (decoupled for AdamW)")
@@ -88,19 +89,10 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    out: str | None = option(None, "run directory to create (default: runs/<task>-<timestamp>)")
-    resume: str | None = option(None, "continue the run in this directory from its last checkpoint; "
-                                      "its saved config is used, flags may change only steps, time "
-                                      "budget, evaluation/logging cadence and devices")
-
-
-def _version() -> str:
-    from importlib import metadata
-    try:
-        return metadata.version("rnnkit")
-    except metadata.PackageNotFoundError:
-        import rnnkit
-        return getattr(rnnkit, "__version__", "unknown")
+    out: str | None = option(None, "run directory to create (default: runs/<task>-<timestamp>)", metavar="DIR")
+    resume: str | None = option(None, "continue the run in this directory from its last checkpoint; its "
+                                      "saved config is used, and flags may change only the steps, time "
+                                      "budget, evaluation/logging cadence and devices", metavar="RUN_DIR")
 
 
 # ---- entry point used by the CLI ------------------------------------------------------------------
@@ -149,7 +141,7 @@ def train(task_name: str, task_flags: dict[str, Any], train_flags: dict[str, Any
             if world.is_main:
                 (run_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
                 task.save_artifacts(run_dir)
-                write_config(run_dir, task_name, to_dict(task_config), to_dict(train_config), _version())
+                write_config(run_dir, task_name, to_dict(task_config), to_dict(train_config), rnnkit_version())
             barrier(world)
         trainer = Trainer(task, task_name, train_config, run_dir, world)
         return trainer.fit(resume=bool(run.resume))
@@ -342,6 +334,9 @@ class Trainer:
         self.best: dict[str, Any] | None = None
         self.window = [0.0, 0.0, 0]  # loss * items, items, steps since the last log line (global)
         step, elapsed0 = 0, 0.0
+        if world.is_main:  # temporary files of a writer that was killed mid-checkpoint
+            for stale in (self.run_dir / CHECKPOINTS).glob(".*.tmp-*"):
+                stale.unlink(missing_ok=True)
         if resume:
             step, elapsed0 = self._load()
             if world.is_main:
@@ -376,7 +371,7 @@ class Trainer:
                     with self._autocast():
                         loss, n_items = task.loss(model, batch)
                     value = float(loss.detach())
-                    over_time = cfg.time_budget is not None and elapsed() >= cfg.time_budget
+                    over_time = cfg.time_budget is not None and time.monotonic() - start >= cfg.time_budget
                     loss_sum, items, bad, sig, late = all_reduce_sum(
                         [value * n_items if math.isfinite(value) else 0.0, float(n_items),
                          0.0 if math.isfinite(value) else 1.0, float(signals.signum), float(over_time)], world)
