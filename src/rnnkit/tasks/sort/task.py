@@ -76,9 +76,9 @@ class SortConfig:
 
 @dataclass(frozen=True)
 class SortEvalOptions:
-    n: tuple[int, ...] = option((), "lengths to evaluate, e.g. --n 5 10 15 20 50 "
-                                    "(default: the shortest, middle and longest training length)")
-    beam: int | None = option(None, "beam width (default: the run's --beam)")
+    n: tuple[int, ...] = option((), "lengths to evaluate, e.g. --n 5 10 15 20 50; "
+                                    "() means the shortest, middle and longest training length")
+    beam: int | None = option(None, "beam width; None means the run's --beam")
 
 
 class SortTask(Task):

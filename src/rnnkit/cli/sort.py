@@ -1,0 +1,48 @@
+"""`rnnkit sort RUN_DIR [NUMBER ...]`: print a trained sorter's output.
+
+With numbers on the command line, prints one line. Without, reads one sequence per line from stdin
+(numbers separated by spaces or commas) and prints one output line per input line, as each line
+arrives. Numbers in the output are separated by single spaces. A bad line (not a number, an integer
+outside [0, V), longer than the model supports, empty) stops with a message naming it, exit code 2.
+
+    $ echo "5 3 9, 1" | rnnkit sort runs/sort-ptr
+    1 3 5 9
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rnnkit.cli.command import Command
+
+
+def add_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    parser.add_argument("run_dir", help="run directory of a trained sort model")
+    parser.add_argument("numbers", nargs="*", metavar="NUMBER",
+                        help="one sequence to sort; without numbers, read one sequence per line from stdin")
+    parser.add_argument("--beam", type=int, default=None, help="beam width (default: the run's --beam; 1 = greedy)")
+    parser.add_argument("--checkpoint", choices=["best", "last"], default="best",
+                        help="which checkpoint to use (default: best)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu",
+                        help="where to run the model (default: cpu)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from rnnkit.engine.errors import UsageError
+    from rnnkit.engine.rundir import load_run
+
+    if args.beam is not None and args.beam < 1:
+        raise UsageError(f"--beam must be at least 1, got {args.beam}")
+    loaded = load_run(args.run_dir, checkpoint=args.checkpoint, device=args.device)
+    if loaded.info.task != "sort":
+        raise UsageError(f"{loaded.info.path} is a {loaded.info.task!r} run, not a sort run")
+    task, model = loaded.task, loaded.model
+    if args.numbers:
+        print(task.sort_line(model, " ".join(args.numbers), "command line", args.beam))
+        return 0
+    for number, line in enumerate(sys.stdin, 1):
+        print(task.sort_line(model, line, f"line {number}", args.beam), flush=True)
+    return 0
+
+
+SORT = Command(add_arguments, run)

@@ -1,0 +1,131 @@
+"""The sort task: data, the four decoders, greedy and beam search, learning (issue 7)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rnnkit.tasks.sort import DECODERS, SortConfig, SortModel, SortTask
+from rnnkit.tasks.sort import data
+from rnnkit.tasks.sort.data import make_batch
+from rnnkit.tasks.sort.search import beam_search, decode, greedy
+
+TINY = dict(embed=8, hidden=8, attn=8)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread, and far faster than two on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_model(decoder: str, vocab: int = 8, floats: bool = False) -> SortModel:
+    return SortModel(decoder, vocab, floats, **TINY).eval()
+
+
+def test_train_batches_are_a_pure_function_of_the_step():
+    task = SortTask(SortConfig(n_min=2, n_max=9, batch_size=4), run_dir="unused")
+    a, b = task.train_batch(7, 0, 1), task.train_batch(7, 0, 1)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(task.train_batch(8, 0, 1).inputs, a.inputs) or a.inputs.shape != (4, 1)
+    assert torch.equal(a.targets, a.inputs.gather(1, a.order))
+    assert bool((a.targets[:, 1:] >= a.targets[:, :-1]).all())
+
+
+def test_test_sets_are_fixed_and_independent_of_the_data_seed():
+    one = SortTask(SortConfig(data_seed=1, eval_size=5), "unused")._test_set(6)
+    two = SortTask(SortConfig(data_seed=2, eval_size=5), "unused")._test_set(6)
+    assert torch.equal(one.inputs, two.inputs)
+    floats = data.test_set(6, 5, vocab=128, floats=True).inputs
+    assert floats.dtype == torch.float32 and 0 <= float(floats.min()) and float(floats.max()) < 1
+
+
+@pytest.mark.parametrize("decoder", list(DECODERS))
+def test_every_decoder_gives_logits_and_a_finite_loss(decoder):
+    model = tiny_model(decoder)
+    x = torch.randint(0, 8, (3, 5))
+    logits, loss = model(x, x.argsort(dim=1, stable=True))
+    classes = 5 if decoder == "pointer" else 8
+    assert logits.shape == (3, 5, classes) and torch.isfinite(loss)
+    logits, loss = model(x)
+    assert logits.shape == (3, 5, classes) and loss is None
+
+
+@pytest.mark.parametrize("decoder", list(DECODERS))
+def test_beam_of_one_equals_greedy(decoder):
+    model = tiny_model(decoder)
+    x = torch.randint(0, 8, (6, 7))
+    with torch.no_grad():
+        assert torch.equal(beam_search(model, x, 1), greedy(model, x))
+
+
+@pytest.mark.parametrize("decoder", list(DECODERS))
+def test_wider_beams_find_outputs_at_least_as_likely_as_greedy(decoder):
+    model = tiny_model(decoder)
+    x = torch.randint(0, 8, (8, 6))
+
+    def log_prob(choices):  # log p(choices | x), feeding the choices back as the decoder's inputs
+        logits, _ = model_choices(model, x, choices)
+        return torch.log_softmax(logits, dim=2).gather(2, choices[..., None]).squeeze(2).sum(dim=1)
+
+    with torch.no_grad():
+        assert bool((log_prob(beam_search(model, x, 4)) >= log_prob(greedy(model, x)) - 1e-5).all())
+
+
+def model_choices(model: SortModel, x: torch.Tensor, choices: torch.Tensor):
+    memory = model.encode(x)
+    state = model.decoder.start(memory)
+    prev = torch.full((x.shape[0],), -1, dtype=torch.long)
+    steps = []
+    for t in range(x.shape[1]):
+        logits, state = model.decoder.step(prev, state, memory)
+        steps.append(logits)
+        prev = choices[:, t]
+    return torch.stack(steps, dim=1), None
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_pointer_outputs_are_permutations_of_the_input(beam):
+    ints = torch.randint(0, 4, (16, 9))  # many repeated values
+    out = decode(tiny_model("pointer", vocab=4), ints, beam)
+    assert torch.equal(out.sort(dim=1).values, ints.sort(dim=1).values)
+    floats = torch.rand(16, 9)
+    out = decode(tiny_model("pointer", floats=True), floats, beam)
+    assert torch.equal(out.sort(dim=1).values, floats.sort(dim=1).values)
+
+
+def test_beam_wider_than_the_choices_is_fine():
+    x = torch.tensor([[2, 1]])
+    assert sorted(decode(tiny_model("pointer"), x, beam=5)[0].tolist()) == [1, 2]
+
+
+def test_pointer_loss_treats_equal_values_as_interchangeable():
+    model = tiny_model("pointer")
+    x = torch.tensor([[3, 3, 1]])
+    _, loss_a = model(x, torch.tensor([[2, 0, 1]]))
+    _, loss_b = model(x, torch.tensor([[2, 1, 0]]))
+    assert torch.allclose(loss_a, loss_b)
+
+
+@pytest.mark.parametrize("decoder", ["pointer", "attention"])
+def test_a_tiny_problem_is_learned_exactly(decoder):
+    torch.manual_seed(0)
+    model = SortModel(decoder, vocab=8, floats=False, embed=16, hidden=32, attn=16)
+    batch = make_batch(torch.randint(0, 8, (16, 4), generator=torch.Generator().manual_seed(0)))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for step in range(300):
+        _, loss = model(batch.inputs, batch.order)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 20 == 19 and torch.equal(decode(model.eval(), batch.inputs), batch.targets):
+            break
+        model.train()
+    assert torch.equal(decode(model.eval(), batch.inputs), batch.targets), f"loss {float(loss):.4f} at step {step}"
+
+
+def test_floats_need_the_pointer_decoder():
+    with pytest.raises(ValueError, match="--floats needs --decoder pointer"):
+        SortConfig(floats=True, decoder="seed")

@@ -1,0 +1,90 @@
+"""`rnnkit train sort`, `rnnkit eval RUN --n ...` and `rnnkit sort RUN`: text in, text out, user errors."""
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+
+from rnnkit.cli.main import main
+
+TINY = ["--embed", "8", "--hidden", "8", "--attn", "8", "--eval-size", "8", "--steps", "2", "--eval-every", "2",
+        "--threads", "1", "--no-plot", "--progress", "lines"]
+
+
+@pytest.fixture(scope="module")
+def int_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sort") / "ints"
+    assert main(["train", "sort", "--n", "4", "--vocab", "10", *TINY, "--out", str(out)]) == 0
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def float_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sort") / "floats"
+    assert main(["train", "sort", "--floats", "--n", "3", "--max-n", "6", *TINY, "--out", str(out)]) == 0
+    return str(out)
+
+
+def run_sort(capsys, monkeypatch, args, stdin=""):
+    capsys.readouterr()
+    monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+    code = main(["sort", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_numbers_on_the_command_line_give_one_line_that_is_a_permutation(int_run, capsys, monkeypatch):
+    code, out, _ = run_sort(capsys, monkeypatch, [int_run, "7", "3", "9", "3"])
+    assert code == 0 and out.endswith("\n") and out.count("\n") == 1
+    assert sorted(out.split()) == sorted("7 3 9 3".split())  # the default decoder points: a permutation
+
+
+def test_stdin_gives_one_output_line_per_input_line(int_run, float_run, capsys, monkeypatch):
+    code, out, _ = run_sort(capsys, monkeypatch, [int_run], "5 1 2\n9,8, 7 6\n0\n")
+    lines = out.splitlines()
+    assert code == 0 and [len(line.split(" ")) for line in lines] == [3, 4, 1]
+    assert all("  " not in line and "," not in line for line in lines)
+    # the default decoder points, so each line is a permutation of its input
+    assert [sorted(line.split()) for line in lines] == [["1", "2", "5"], ["6", "7", "8", "9"], ["0"]]
+    code, out, _ = run_sort(capsys, monkeypatch, [float_run, "--beam", "2"], "0.5, 0.25 0.125\n0.9 0.1\n")
+    assert code == 0 and [sorted(line.split(" ")) for line in out.splitlines()] == [
+        ["0.125", "0.25", "0.5"], ["0.1", "0.9"]]  # the input tokens, exactly as written
+
+
+@pytest.mark.parametrize("stdin, message", [
+    ("1 2\n3 x 4\n", "line 2: 'x' (number 2) is not a number"),
+    ("1 2\n3 10\n", "line 2: '10' (number 2) is not an integer in [0, 10)"),
+    ("1 2\n-1\n", "line 2: '-1' (number 1) is not an integer in [0, 10)"),
+    ("1.5\n", "line 1: '1.5' (number 1) is not an integer in [0, 10)"),
+    ("1 2\n\n3\n", "line 2: empty"),
+    ("1\n" + " ".join(["1"] * 257) + "\n", "line 2: 257 numbers, longer than this model supports (at most 256)"),
+])
+def test_bad_lines_are_named_and_exit_with_code_2(int_run, capsys, monkeypatch, stdin, message):
+    code, out, err = run_sort(capsys, monkeypatch, [int_run], stdin)
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert len(out.splitlines()) == int(message.split(":")[0].split()[1]) - 1  # the lines before it were sorted
+
+
+def test_bad_command_line_numbers_and_floats(int_run, float_run, capsys, monkeypatch):
+    code, _, err = run_sort(capsys, monkeypatch, [int_run, "3", "abc"])
+    assert code == 2 and "command line: 'abc' (number 2) is not a number" in err
+    code, _, err = run_sort(capsys, monkeypatch, [float_run], "0.5 1.5\n")
+    assert code == 2 and "line 1: '1.5' (number 2) is outside [0, 1]" in err
+    code, _, err = run_sort(capsys, monkeypatch, [float_run], "0.1 0.2 0.3 0.4 0.5 0.6 0.7\n")
+    assert code == 2 and "line 1: 7 numbers, longer than this model supports (at most 6)" in err
+
+
+def test_eval_reports_each_n_including_longer_than_training(int_run, capsys):
+    capsys.readouterr()
+    assert main(["eval", int_run, "--n", "2", "4", "9", "--beam", "2", "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    for n in (2, 4, 9):
+        assert 0 <= metrics[f"exact@{n}"] <= metrics[f"accuracy@{n}"] <= 1
+    assert main(["eval", int_run, "--n", "300"]) == 2
+    assert "--n 300 is outside the lengths this model accepts" in capsys.readouterr().err
+
+
+def test_floats_with_a_token_decoder_is_a_usage_error(tmp_path, capsys):
+    assert main(["train", "sort", "--floats", "--decoder", "seed", *TINY, "--out", str(tmp_path / "r")]) == 2
+    assert "--floats needs --decoder pointer" in capsys.readouterr().err
