@@ -77,7 +77,9 @@ class ClassifyConfig:
     embed: int = option(64, "size of the learned byte embedding (--input embedding)")
     ngrams: int = option(4, "also add hashed embeddings of the 2..N bytes ending at each byte (1 = off; "
                             "needs --input embedding)")
-    buckets: int = option(65536, "hash buckets shared by the n-gram embeddings")
+    words: bool = option(False, "also add a hashed embedding of the word so far at each byte (the letters "
+                                "and digits since the last other byte, at most 20; needs --input embedding)")
+    buckets: int = option(65536, "hash buckets shared by the n-gram and word embeddings")
     patch: int = option(4, "bytes per RNN step: their input vectors are concatenated (1 = the seed)")
     cell: Literal["lstm", "gru"] = option("gru", "recurrent cell")
     hidden: int = option(128, "hidden size per direction (the seed's STATE_DIM is 512)")
@@ -100,9 +102,9 @@ class ClassifyConfig:
             raise UsageError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if not 0.0 <= self.dropout < 1.0:
             raise UsageError(f"--dropout must be in [0, 1), got {self.dropout}")
-        if self.ngrams > 1 and self.input == "onehot":
-            raise UsageError("--ngrams > 1 needs --input embedding (hashed n-grams are learned vectors); "
-                             "use --ngrams 1 with --input onehot")
+        if (self.ngrams > 1 or self.words) and self.input == "onehot":
+            raise UsageError("--ngrams > 1 and --words need --input embedding (hashed n-grams are learned "
+                             "vectors); use --ngrams 1 --no-words with --input onehot")
 
 
 # ---- data: files -> (texts, labels) -----------------------------------------------------------------
@@ -363,7 +365,10 @@ class ByteClassifier(nn.Module):
         c = config
         width = VOCAB if c.input == "onehot" else c.embed
         self.byte_embedding = nn.Embedding(VOCAB, c.embed) if c.input == "embedding" else None
-        self.ngram_embedding = nn.Embedding(c.buckets, c.embed) if c.ngrams > 1 else None
+        self.ngram_embedding = nn.Embedding(c.buckets, c.embed) if c.ngrams > 1 or c.words else None
+        for table in (self.byte_embedding, self.ngram_embedding):
+            if table is not None:  # N(0, 1) rows, summed and concatenated, would saturate the gates at the start
+                nn.init.normal_(table.weight, std=0.1)
         self.rnn = RNNS[c.cell](c.patch * width, c.hidden, c.layers, dropout=c.dropout, bidirectional=True)
         self.project_forward = nn.Linear(c.hidden, c.e_dim)
         self.project_backward = nn.Linear(c.hidden, c.e_dim)
@@ -376,8 +381,13 @@ class ByteClassifier(nn.Module):
         if self.byte_embedding is None:
             return F.one_hot(x, VOCAB).float()  # (B, T, 256)
         e = self.byte_embedding(x)  # (B, T, E)
-        if self.ngram_embedding is not None:
-            e = e + self.ngram_embedding(ngram_ids(x, self.config.ngrams, self.config.buckets)).sum(dim=2)
+        ids = []
+        if self.config.ngrams > 1:
+            ids.append(ngram_ids(x, self.config.ngrams, self.config.buckets))
+        if self.config.words:
+            ids.append(word_ids(x, self.config.buckets))
+        if ids:
+            e = e + self.ngram_embedding(torch.cat(ids, dim=2)).sum(dim=2)
         return e
 
     def forward(self, x: Tensor, lengths: Tensor, targets: Tensor | None = None):
@@ -416,6 +426,21 @@ def ngram_ids(x: Tensor, n_max: int, buckets: int) -> Tensor:
         h = (h * 263 + previous + 1) % prime
         ids.append((h * 2654435761 + k) % prime % buckets)
     return torch.stack(ids, dim=2)
+
+
+def word_ids(x: Tensor, buckets: int, longest: int = 20) -> Tensor:
+    """Hash bucket of the word so far at each position (B, T) -> (B, T, 1): the run of ASCII letters and
+    digits ending there, up to `longest` bytes; a byte outside words gets its own bucket."""
+    x = x.long()
+    prime = 2_147_483_647
+    is_word = ((x >= 48) & (x <= 57)) | ((x >= 65) & (x <= 90)) | ((x >= 97) & (x <= 122))  # 0-9 A-Z a-z
+    h = x + 1 + 1000 * is_word
+    alive = is_word
+    for k in range(1, longest):
+        previous = F.pad(x, (k, 0))[:, : x.shape[1]]
+        alive = alive & F.pad(is_word, (k, 0))[:, : x.shape[1]]
+        h = torch.where(alive, (h * 263 + previous + 1) % prime, h)
+    return ((h * 2654435761 + 97) % prime % buckets).unsqueeze(2)
 
 
 # ---- metrics ------------------------------------------------------------------------------------------

@@ -1,0 +1,247 @@
+"""The classify task: data reading and its errors, encoding, the model's length contract, training to
+100% on a small generated set, save/load of label names, eval, predict from stdin, the download cache."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rnnkit.cli.main import main
+from rnnkit.engine.errors import UsageError
+from rnnkit.tasks.classify import (
+    AG_NEWS_CLASSES, ByteClassifier, ClassifyConfig, ClassifyTask, Download, ag_news, class_names_for,
+    data_files, encode, fetch, in_validation, read_rows, to_split,
+)
+
+KEYWORDS = {"alpha": "volcano", "beta": "harbour", "gamma": "quartet"}
+TINY = ["--seq-len", "32", "--hidden", "16", "--embed", "16", "--e-dim", "16", "--buckets", "512", "--patch", "4",
+        "--dropout", "0", "--batch-size", "24", "--val-fraction", "0"]
+
+
+def write_csv(path: Path, rows: list[list[str]]) -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f, quoting=csv.QUOTE_ALL, lineterminator="\n").writerows(rows)
+    return path
+
+
+def generated_rows(n: int, seed: int = 0) -> list[list[str]]:
+    """Label names (no classes.txt): each text holds its class keyword among random letters."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = list(KEYWORDS)[i % 3]
+        noise = "".join(rng.choice("abcdefghij ") for _ in range(rng.randint(3, 15)))
+        rows.append([label, f"{noise} {KEYWORDS[label]}", rng.choice(["", "naïve", "x y"])])
+    return rows
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A tiny classifier trained on 24 generated rows; shared by the tests that need a run."""
+    folder = tmp_path_factory.mktemp("classify")
+    data = write_csv(folder / "train.csv", generated_rows(24))
+    run = folder / "run"
+    torch.manual_seed(0)
+    code = main(["train", "classify", "--data", str(data), "--out", str(run), *TINY, "--steps", "30",
+                 "--lr", "1e-2", "--warmup-steps", "5", "--eval-every", "30", "--progress", "lines",
+                 "--no-plot"])
+    assert code == 0
+    return run
+
+
+# ---- training, save / load, eval, predict -------------------------------------------------------------
+def test_overfits_a_small_set_to_100_percent(trained, capsys):
+    capsys.readouterr()
+    assert main(["eval", str(trained), "--data", str(trained.parent / "train.csv"), "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["accuracy"] == 1.0
+    assert metrics["rows"] == 24 and metrics["skipped_rows"] == 0
+    for name in KEYWORDS:
+        assert metrics[f"precision[{name}]"] == metrics[f"recall[{name}]"] == metrics[f"f1[{name}]"] == 1.0
+    assert (trained / "confusion.png").stat().st_size > 0
+    text = (trained / "confusion.txt").read_text()
+    assert "accuracy 1.0000 on 24 rows" in text and all(name in text for name in KEYWORDS)
+
+
+def test_label_names_survive_save_and_load(trained):
+    assert json.loads((trained / "labels.json").read_text()) == {"labels": ["alpha", "beta", "gamma"]}
+    config = ClassifyConfig(**json.loads((trained / "config.json").read_text())["task_config"])
+    assert ClassifyTask.from_run_dir(config, trained).names == ["alpha", "beta", "gamma"]
+
+
+def test_predict_reads_stdin_one_line_per_text(trained, capsys, monkeypatch):
+    lines = ["abc volcano", "harbour de", "quartet ij naïve"]
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("\n".join(lines).encode() + b"\n")))
+    capsys.readouterr()
+    assert main(["predict", str(trained)]) == 0
+    assert capsys.readouterr().out.splitlines() == ["alpha", "beta", "gamma"]
+
+    assert main(["predict", str(trained), "hello volcano", "quartet", "--json"]) == 0
+    out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [o["label"] for o in out] == ["alpha", "gamma"]
+    for o in out:
+        assert set(o["probabilities"]) == set(KEYWORDS)
+        assert abs(sum(o["probabilities"].values()) - 1) < 1e-5
+
+
+def test_predict_refuses_an_empty_line(trained, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"volcano\n\n")))
+    assert main(["predict", str(trained)]) == 2
+    assert capsys.readouterr().err.strip() == "rnnkit: error: stdin, line 2: empty text"
+
+
+# ---- bad input: each gets a message naming the file and the line ---------------------------------------
+BAD_ROWS = {
+    "wrong field count": (b'"alpha","a","b"\n"beta","only one text"\n', "line 2: expected 3 fields"),
+    "empty text": (b'"alpha","a","b"\n"beta"," ",""\n', "line 2: empty text"),
+    "invalid utf-8": (b'"alpha","a","b"\n"beta","caf\xe9","b"\n', "line 2: invalid UTF-8 at byte 11"),
+    "unknown label": (b'"alpha","a","b"\n"delta","x","y"\n', "line 2: unknown label 'delta'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ROWS))
+def test_bad_rows_are_named_by_file_and_line(tmp_path, case):
+    content, message = BAD_ROWS[case]
+    path = tmp_path / "bad.csv"
+    path.write_bytes(content)
+    config = ClassifyConfig()
+    with pytest.raises(UsageError, match=rf"{path}, line 2") as info:
+        to_split(read_rows(path, False), ["alpha", "beta"], path, config)
+    assert message in str(info.value) and "--skip-bad-rows" in str(info.value)
+
+    split, rows = to_split(read_rows(path, True), ["alpha", "beta"], path, ClassifyConfig(skip_bad_rows=True))
+    assert rows.skipped == 1 and split.y.tolist() == [0]
+
+
+def test_training_stops_at_a_bad_row_unless_skipped(tmp_path, capsys):
+    rows = generated_rows(12)
+    data = write_csv(tmp_path / "train.csv", rows[:5] + [["beta"]] + rows[5:])
+    assert main(["train", "classify", "--data", str(data), "--out", str(tmp_path / "r1"), *TINY,
+                 "--steps", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"rnnkit: error: {data}, line 6: expected 3 fields") and "\n" not in err
+    assert main(["train", "classify", "--data", str(data), "--out", str(tmp_path / "r2"), *TINY, "--steps", "1",
+                 "--skip-bad-rows", "--progress", "lines", "--no-plot"]) == 0
+    assert f"skipped 1 bad rows of {data}" in capsys.readouterr().err
+
+
+def test_unknown_label_against_classes_txt(tmp_path):
+    (tmp_path / "classes.txt").write_text("World\nSports\n")
+    data = tmp_path / "train.csv"
+    data.write_text('"1","a"\n"2","b"\n"3","c"\n')
+    files = data_files(str(tmp_path))
+    names = class_names_for(read_rows(files.train, False), files.classes)
+    assert names == ["World", "Sports"]
+    with pytest.raises(UsageError, match=rf"{data}, line 3: unknown label '3'"):
+        to_split(read_rows(data, False), names, data, ClassifyConfig())
+
+
+@pytest.mark.parametrize("content,message", [(None, "does not exist"), (b"", "is empty"), (b"\n \n", "is empty")])
+def test_missing_or_empty_file_is_a_one_line_error(tmp_path, capsys, content, message):
+    path = tmp_path / "data.csv"
+    if content is not None:
+        path.write_bytes(content)
+    assert main(["train", "classify", "--data", str(path), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"rnnkit: error: {path} {message}\n"
+
+
+# ---- data: labels, encoding, split ---------------------------------------------------------------------
+def test_labels_names_or_numbers(tmp_path):
+    numbers = write_csv(tmp_path / "n.csv", [["10", "a"], ["2", "b"], ["1", "c"]])
+    assert class_names_for(read_rows(numbers, False), None) == ["1", "2", "10"]
+    split, _ = to_split(read_rows(numbers, False), ["1", "2", "10"], numbers, ClassifyConfig())
+    assert split.y.tolist() == [2, 1, 0]  # numbers that are names are never read as 1-based indices
+
+    (tmp_path / "classes.txt").write_text("World\nSports\nBusiness\n")
+    mixed = write_csv(tmp_path / "m.csv", [["3", "a", "b"], ["Sports", "c", "d"]])
+    files = data_files(str(mixed))
+    assert files.classes == tmp_path / "classes.txt"
+    names = class_names_for(read_rows(mixed, False), files.classes)
+    split, rows = to_split(read_rows(mixed, False), names, mixed, ClassifyConfig())
+    assert split.y.tolist() == [2, 1]
+    assert rows.texts == [b"a b", b"c d"]  # text fields joined by one space
+
+
+def test_encoding_keeps_every_byte_and_true_lengths():
+    texts = ["naïve café".encode(), b"abc", bytes(range(250, 256)) * 10]
+    x, lengths = encode(texts, 16)
+    assert lengths.tolist() == [12, 3, 16]
+    assert x.dtype == torch.uint8 and x.shape == (3, 16)
+    assert bytes(x[0, :12].tolist()) == texts[0]  # bytes >= 128 kept as their own symbols
+    assert x[1, 3:].eq(0).all()
+    assert bytes(x[2].tolist()) == texts[2][:16]
+
+
+def test_validation_split_is_a_stable_hash_of_the_text():
+    texts = [f"text {i}".encode() for i in range(2000)]
+    chosen = [t for t in texts if in_validation(t, 0.1)]
+    assert 150 < len(chosen) < 250
+    expected = int.from_bytes(hashlib.sha256(b"text 0").digest()[:8], "big") / 2**64 < 0.1
+    assert in_validation(b"text 0", 0.1) == expected
+    assert not any(in_validation(t, 0.0) for t in texts)
+
+
+# ---- model -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("pooling,patch,cell", [("ends", 1, "lstm"), ("max", 3, "gru"), ("mean", 2, "lstm")])
+def test_padding_is_never_read(pooling, patch, cell):
+    """A text's logits are the same alone and in a batch padded for a longer text (random bytes)."""
+    config = ClassifyConfig(pooling=pooling, patch=patch, cell=cell, hidden=8, embed=8, e_dim=8, buckets=64,
+                            layers=2)
+    model = ByteClassifier(config, num_classes=3).eval()
+    x = torch.randint(0, 256, (2, 11))
+    lengths = torch.tensor([11, 7])
+    batched, _ = model(x, lengths)
+    alone, _ = model(x[1:, :7], lengths[1:])
+    torch.testing.assert_close(batched[1:], alone)
+
+
+def test_seed_configuration_one_hot_ends():
+    config = ClassifyConfig(input="onehot", ngrams=1, patch=1, pooling="ends", cell="lstm", hidden=8, layers=3,
+                            e_dim=8)
+    model = ByteClassifier(config, num_classes=4)
+    assert model.rnn.input_size == 256 and model.rnn.num_layers == 3 and model.rnn.bidirectional
+    logits, loss = model(torch.randint(0, 256, (3, 9)), torch.tensor([9, 4, 1]))
+    assert logits.shape == (3, 4) and loss is None
+    with pytest.raises(UsageError, match="--ngrams > 1 and --words need --input embedding"):
+        ClassifyConfig(input="onehot", ngrams=3)
+
+
+# ---- the AG News download: through a file:// source, never the network --------------------------------
+def test_download_verifies_the_checksum(tmp_path, monkeypatch):
+    monkeypatch.setenv("RNNKIT_CACHE", str(tmp_path / "cache"))
+    source = write_csv(tmp_path / "test_source.csv", [["1", "title", "body"], ["2", "t", "b"]])
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    good = {"train.csv": Download(source.as_uri(), "sha256", digest),
+            "test.csv": Download(source.as_uri(), "md5", hashlib.md5(source.read_bytes()).hexdigest())}
+    folder = ag_news(good)
+    assert folder == tmp_path / "cache" / "ag_news"
+    assert (folder / "train.csv").read_bytes() == source.read_bytes()
+    assert (folder / "classes.txt").read_text().split("\n")[:4] == AG_NEWS_CLASSES
+    source.write_text("changed\n")  # cached files are not downloaded again
+    assert ag_news(good) == folder
+
+    bad = Download(source.as_uri(), "sha256", digest)
+    with pytest.raises(UsageError, match="checksum mismatch .* the download was discarded"):
+        fetch(bad, tmp_path / "other" / "train.csv")
+    assert list((tmp_path / "other").iterdir()) == []
+    with pytest.raises(UsageError, match="cannot download"):
+        fetch(Download((tmp_path / "absent.csv").as_uri(), "sha256", digest), tmp_path / "x.csv")
+
+
+# ---- the real AG News files, when this machine has them --------------------------------------------------
+def test_ag_news_test_set(shared_data):
+    folder = shared_data / "ag_news"
+    files = data_files(str(folder / "test.csv"))
+    rows = read_rows(files.train, False)
+    names = class_names_for(rows, files.classes)
+    assert names == AG_NEWS_CLASSES
+    split, _ = to_split(rows, names, files.train, ClassifyConfig())
+    assert len(split.y) == 7600 and torch.bincount(split.y).tolist() == [1900] * 4
