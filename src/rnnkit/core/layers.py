@@ -37,6 +37,7 @@ from rnnkit.core.cells import GRUCell, LSTMCell, RNNCell
 from rnnkit.core.functional import as_lengths, length_mask, reverse_padded
 from rnnkit.core.gates import GatedCell
 from rnnkit.core import scan as scan_module
+from rnnkit.core.step import step_layers
 
 
 class Recurrent(nn.Module):
@@ -109,6 +110,10 @@ class Recurrent(nn.Module):
 
     # -- forward -------------------------------------------------------------------------
     def forward(self, x: Tensor, state=None, lengths: Tensor | Sequence[int] | None = None):
+        if state is not None and lengths is None and not torch.is_grad_enabled():
+            stepped = step_layers(self, x, state)  # T == 1 with a carried state: the lean path
+            if stepped is not None:
+                return stepped
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         layout = "(B, T, input_size)" if self.batch_first else "(T, B, input_size)"

@@ -1,0 +1,499 @@
+"""The fast path of ``scan``: one direction of one layer with a hand-written backward through time.
+
+``scan_reference`` (core/scan.py) steps a cell with autograd, which records about ten nodes per
+step and computes the recurrent weight gradient as T small matmuls. Here the same function is one
+``torch.autograd.Function`` per (layer, direction):
+
+forward, per step ``t`` (time-major buffers, preallocated, written in place)::
+
+    z_t = xz_t + h_{t-1} W_hh^T + b_hh          one addmm
+    h_t, state_t = pointwise(z_t, state_{t-1})   a handful of fused in-place ops
+
+backward, per step, only the recurrent ``dz_t W_hh`` and a few pointwise ops: every factor of
+the pointwise derivative that does not depend on the incoming gradient (``sigmoid'``,
+``tanh'``, ...) is computed for all steps at once before the loop. The weight gradients are then
+one matmul over all steps::
+
+    dW_hh = dz^T @ h_prev      (G*H, T*B) @ (T*B, H)
+    db_hh = sum over (t, b) of dz
+
+and ``d xz`` goes back to autograd, so ``dW_ih`` is one matmul too (``project_input``'s backward).
+
+Kernels: the built-in cells have hand-written pointwise forward and backward
+(LSTM ``i, f, g, o``; GRU ``r, z, n`` with torch's ``r * (h W_hn + b_hn)``; RNN tanh/relu).
+Any other :class:`GatedCell` gets the generic kernel: forward under ``no_grad`` keeping each
+step's inputs, backward re-running ``combine`` one step at a time under autograd for its
+vector-Jacobian product, with the same batched weight gradients.
+
+Masks (B, T) follow ``scan_reference`` exactly: at a step where ``mask`` is False a sequence's
+state is carried unchanged and its output is zero. In the backward pass this becomes, per step,
+multiplying the precomputed factors by the mask (no gradient into the step's gates) and letting
+the state's gradient pass through.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from rnnkit.core.cells.gru import GRUCell
+from rnnkit.core.cells.lstm import LSTMCell, LSTMState
+from rnnkit.core.cells.rnn import RNNCell
+from rnnkit.core.gates import GatedCell, HiddenState
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+def _time_major(xz: Tensor, b_hh: Tensor | None) -> Tensor:
+    """(B, T, G*H) -> a fresh contiguous (T, B, G*H), with ``b_hh`` added if given."""
+    B, T, GH = xz.shape
+    out = torch.empty(T, B, GH, dtype=xz.dtype, device=xz.device)
+    if b_hh is None:
+        out.copy_(xz.transpose(0, 1))
+    else:
+        torch.add(xz.transpose(0, 1), b_hh, out=out)
+    return out
+
+
+def _mask_parts(mask: Tensor | None, dtype) -> tuple[Tensor | None, Tensor | None]:
+    """(B, T) bool -> time-major (T, B, 1) bool and the same as ``dtype`` (or ``None, None``)."""
+    if mask is None:
+        return None, None
+    m = mask.t().unsqueeze(-1).contiguous()  # (T, B, 1)
+    return m, m.to(dtype)
+
+
+def _grad_out_time_major(grad_out: Tensor | None, like: Tensor, mf: Tensor | None) -> Tensor:
+    """Output gradient (B, T, H) -> (T, B, H), zero at padded steps (outputs there are constant zero)."""
+    if grad_out is None:
+        return torch.zeros_like(like)
+    g = grad_out.transpose(0, 1)
+    return g * mf if mf is not None else g
+
+
+def _weight_grads(dz: Tensor, h_prev: Tensor, need_w: bool, need_b: bool):
+    """``dW = dz^T h_prev`` and ``db = sum dz`` over all steps at once; dz (T, B, G*H), h_prev (T, B, H)."""
+    GH, H = dz.shape[-1], h_prev.shape[-1]
+    flat = dz.reshape(-1, GH)
+    dw = flat.t().mm(h_prev.reshape(-1, H)) if need_w else None
+    db = flat.sum(0) if need_b else None
+    return dw, db
+
+
+# -- LSTM ------------------------------------------------------------------------------------
+
+def _ifog(w: Tensor) -> Tensor:
+    """Rows (or columns, last dim) in torch's gate order ``i, f, g, o`` -> ``i, f, o, g``.
+
+    The sigmoid gates become one contiguous block, so a step needs one ``sigmoid_`` and one
+    ``tanh_`` instead of three activations. The permutation is its own inverse.
+    """
+    H = w.shape[-1] // 4 if w.dim() == 1 else w.shape[0] // 4
+    if w.dim() == 1:
+        return torch.cat((w[: 2 * H], w[3 * H :], w[2 * H : 3 * H]))
+    return torch.cat((w[: 2 * H], w[3 * H :], w[2 * H : 3 * H]), dim=0)
+
+
+def lstm_forward(xz, w_hh, b_hh, h0, c0, mask, training: bool):
+    """LSTM over time. Returns outputs (T, B, H), final (h, c) and what backward needs.
+
+    The saved gates are activated and in the internal order ``i, f, o, g`` (see ``_ifog``).
+    """
+    B, T, G4 = xz.shape
+    H = G4 // 4
+    z = xz.new_empty(T, B, G4)  # time-major xz + b_hh in i, f, o, g order; activated in place
+    xt = xz.transpose(0, 1)
+    for dst, src in ((slice(0, 2 * H), slice(0, 2 * H)), (slice(2 * H, 3 * H), slice(3 * H, 4 * H)),
+                     (slice(3 * H, 4 * H), slice(2 * H, 3 * H))):
+        if b_hh is None:
+            z[..., dst].copy_(xt[..., src])
+        else:
+            torch.add(xt[..., src], b_hh[src], out=z[..., dst])
+    w_t = _ifog(w_hh).t()  # (H, 4H)
+    m, _ = _mask_parts(mask, z.dtype)
+    hs = z.new_empty(T + 1, B, H)  # states h_0 .. h_T
+    cs = z.new_empty(T + 1, B, H)
+    hs[0] = h0
+    cs[0] = c0
+    out = hs[1:] if m is None else z.new_empty(T, B, H)
+    zl = z.unbind(0)
+    if training:  # per-step views made in C++ by unbind: slicing in the loop costs as much as an op
+        gl, sig, tnh = zl, z[..., : 3 * H].unbind(0), z[..., 3 * H :].unbind(0)
+        il, fl, ol = z[..., :H].unbind(0), z[..., H : 2 * H].unbind(0), z[..., 2 * H : 3 * H].unbind(0)
+    else:  # inference: one scratch step instead of T saved ones
+        s = z.new_empty(B, G4)
+        gl, sig, tnh = [s] * T, [s[:, : 3 * H]] * T, [s[:, 3 * H :]] * T
+        il, fl, ol = [s[:, :H]] * T, [s[:, H : 2 * H]] * T, [s[:, 2 * H : 3 * H]] * T
+    tc = z.new_empty(B, H)
+    hl, cl, outl = hs.unbind(0), cs.unbind(0), out.unbind(0)
+    ml = m.unbind(0) if m is not None else None
+    for t in range(T):
+        if training:
+            gl[t].addmm_(hl[t], w_t)
+        else:
+            torch.addmm(zl[t], hl[t], w_t, out=gl[t])
+        sig[t].sigmoid_()
+        tnh[t].tanh_()
+        c_new = cl[t + 1]
+        torch.mul(fl[t], cl[t], out=c_new)
+        c_new.addcmul_(il[t], tnh[t])
+        torch.tanh(c_new, out=tc)
+        if ml is None:
+            torch.mul(ol[t], tc, out=hl[t + 1])
+        else:
+            m_t = ml[t]
+            h_new = torch.mul(ol[t], tc, out=outl[t])
+            torch.where(m_t, h_new, hl[t], out=hl[t + 1])
+            torch.where(m_t, c_new, cl[t], out=c_new)
+            h_new.mul_(m_t)
+    return out, (hs[T], cs[T]), (z, hs, cs)
+
+
+def lstm_backward(saved, w_hh, mask, grad_out, grad_h, grad_c, needs):
+    z, hs, cs = saved
+    T, B, G4 = z.shape
+    H = G4 // 4
+    m, mf = _mask_parts(mask, z.dtype)
+    i, f, o, g = z[..., :H], z[..., H : 2 * H], z[..., 2 * H : 3 * H], z[..., 3 * H :]  # internal order
+    c_prev, c = cs[:-1], cs[1:]
+    tc = torch.tanh(c)
+    # dz_t = [dc*P_i, dc*P_f, dc*P_g, dh*P_o]; the P's depend only on the forward pass
+    dz = torch.empty_like(z)
+    dz4 = dz.view(T, B, 4, H)
+    torch.mul(g, i - i * i, out=dz4[:, :, 0])
+    torch.mul(c_prev, f - f * f, out=dz4[:, :, 1])
+    torch.mul(i, 1 - g * g, out=dz4[:, :, 2])
+    torch.mul(tc, o - o * o, out=dz4[:, :, 3])
+    A = o * (1 - tc * tc)  # d c_t / d h_t through h_t = o * tanh(c_t)
+    f_carry = f
+    if mf is not None:
+        dz.view(T, B, 4 * H).mul_(mf)
+        A.mul_(mf)
+        f_carry = torch.where(m, f, torch.ones((), dtype=f.dtype, device=f.device))
+        not_m = 1 - mf
+    gout = _grad_out_time_major(grad_out, c, mf)
+    dh = gout[T - 1].clone() if grad_h is None else gout[T - 1] + grad_h
+    dc = torch.zeros_like(dh) if grad_c is None else grad_c.clone()
+    dc3 = dc.unsqueeze(1)  # (B, 1, H), broadcast over gates i, f, g
+    dz_ifg = dz4[:, :, :3].unbind(0)
+    dz_o = dz4[:, :, 3].unbind(0)
+    dzl = dz.unbind(0)
+    Al, fl, gl = A.unbind(0), f_carry.unbind(0), gout.unbind(0)
+    for t in range(T - 1, -1, -1):
+        dc.addcmul_(dh, Al[t])
+        dz_ifg[t].mul_(dc3)
+        dz_o[t].mul_(dh)
+        dc.mul_(fl[t])
+        if mf is None:
+            if t > 0:
+                torch.addmm(gl[t - 1], dzl[t], w_hh, out=dh)
+            else:
+                dh = dzl[t].mm(w_hh)
+        else:
+            dh.mul_(not_m[t])
+            dh.addmm_(dzl[t], w_hh)
+            if t > 0:
+                dh.add_(gl[t - 1])
+    dw, db = _weight_grads(dz, hs[:-1], needs["w"], needs["b"])
+    return dz.transpose(0, 1), dw, db, (dh, dc)
+
+
+# -- GRU -------------------------------------------------------------------------------------
+
+def gru_forward(xz, w_hh, b_hh, h0, mask, training: bool):
+    """GRU over time in torch's convention ``n = tanh(x_n + r * (h W_hn + b_hn))``."""
+    T, B = xz.shape[1], xz.shape[0]
+    H = h0.shape[-1]
+    x = _time_major(xz, None)  # (T, B, 3H), becomes the activated gates r, z, n in place
+    w_t = w_hh.t()
+    m, _ = _mask_parts(mask, x.dtype)
+    hs = x.new_empty(T + 1, B, H)
+    hs[0] = h0
+    out = hs[1:] if m is None else x.new_empty(T, B, H)
+    hz = x.new_empty(T if training else 1, B, 3 * H)  # h W_hh^T + b_hh, kept for backward
+    hzl = hz.unbind(0) if training else [hz[0]] * T
+    xl = x.unbind(0)
+    rz = x[..., : 2 * H].unbind(0)
+    n = x[..., 2 * H :].unbind(0)
+    r = x[..., :H].unbind(0)
+    z = x[..., H : 2 * H].unbind(0)
+    hz_rz = hz[..., : 2 * H].unbind(0) if training else [hz[0, :, : 2 * H]] * T
+    hz_n = hz[..., 2 * H :].unbind(0) if training else [hz[0, :, 2 * H :]] * T
+    hl, outl = hs.unbind(0), out.unbind(0)
+    for t in range(T):
+        if b_hh is None:
+            torch.mm(hl[t], w_t, out=hzl[t])
+        else:
+            torch.addmm(b_hh, hl[t], w_t, out=hzl[t])
+        rz[t].add_(hz_rz[t]).sigmoid_()
+        n[t].addcmul_(r[t], hz_n[t]).tanh_()
+        if m is None:
+            torch.lerp(n[t], hl[t], z[t], out=hl[t + 1])  # n + z * (h - n)
+        else:
+            h_new = torch.lerp(n[t], hl[t], z[t], out=outl[t])
+            torch.where(m[t], h_new, hl[t], out=hl[t + 1])
+            h_new.mul_(m[t])
+    return out, (hs[T],), (x, hz, hs)
+
+
+def gru_backward(saved, w_hh, mask, grad_out, grad_h, needs):
+    x, hz, hs = saved
+    T, B, G3 = x.shape
+    H = G3 // 3
+    m, mf = _mask_parts(mask, x.dtype)
+    r, z, n = x[..., :H], x[..., H : 2 * H], x[..., 2 * H :]
+    h_prev = hs[:-1]
+    # d xz_t = dh_t * P_t and d hz_t = dh_t * Q_t (Q = P with the n part times r)
+    P = torch.empty_like(x)
+    P3 = P.view(T, B, 3, H)
+    dn_pre = torch.mul(1 - z, 1 - n * n, out=P3[:, :, 2])
+    torch.mul(dn_pre * hz[..., 2 * H :], r - r * r, out=P3[:, :, 0])
+    torch.mul(h_prev - n, z - z * z, out=P3[:, :, 1])
+    z_carry = z
+    if mf is not None:
+        P.mul_(mf)
+        z_carry = torch.where(m, z, torch.ones((), dtype=z.dtype, device=z.device))
+    Q = P.clone()
+    Q.view(T, B, 3, H)[:, :, 2].mul_(r)
+    gout = _grad_out_time_major(grad_out, h_prev, mf)
+    dh = gout[T - 1].clone() if grad_h is None else gout[T - 1] + grad_h
+    dh3 = dh.unsqueeze(1)
+    Pl, Ql = P3.unbind(0), Q.view(T, B, 3, H).unbind(0)
+    Qflat = Q.unbind(0)
+    zl, gl = z_carry.unbind(0), gout.unbind(0)
+    for t in range(T - 1, -1, -1):
+        Pl[t].mul_(dh3)
+        Ql[t].mul_(dh3)
+        if t > 0:
+            torch.addcmul(gl[t - 1], dh, zl[t], out=dh)
+        else:
+            dh.mul_(zl[t])
+        dh.addmm_(Qflat[t], w_hh)
+    dw, db = _weight_grads(Q, h_prev, needs["w"], needs["b"])
+    return P.transpose(0, 1), dw, db, (dh,)
+
+
+# -- Elman RNN -------------------------------------------------------------------------------
+
+def rnn_forward(xz, w_hh, b_hh, h0, mask, training: bool, relu: bool):
+    T, B = xz.shape[1], xz.shape[0]
+    H = h0.shape[-1]
+    x = _time_major(xz, b_hh)  # (T, B, H)
+    w_t = w_hh.t()
+    m, _ = _mask_parts(mask, x.dtype)
+    hs = x.new_empty(T + 1, B, H)
+    hs[0] = h0
+    hl, xl = hs.unbind(0), x.unbind(0)
+    act_ = torch.relu_ if relu else torch.tanh_
+    if m is None:
+        for t in range(T):
+            act_(torch.addmm(xl[t], hl[t], w_t, out=hl[t + 1]))
+        out = hs[1:]
+    else:
+        out = x  # activations written over the input projection, then masked in place
+        for t in range(T):
+            h_new = act_(xl[t].addmm_(hl[t], w_t))
+            torch.where(m[t], h_new, hl[t], out=hl[t + 1])
+            h_new.mul_(m[t])
+    return out, (hs[T],), (hs,)
+
+
+def rnn_backward(saved, w_hh, mask, grad_out, grad_h, needs, relu: bool):
+    (hs,) = saved
+    T = hs.shape[0] - 1
+    m, mf = _mask_parts(mask, hs.dtype)
+    h = hs[1:]  # at valid steps the activation itself; padded steps are zeroed by the mask
+    P = (h > 0).to(h.dtype) if relu else 1 - h * h
+    if mf is not None:
+        P.mul_(mf)
+        not_m = 1 - mf
+    gout = _grad_out_time_major(grad_out, h, mf)
+    dh = gout[T - 1].clone() if grad_h is None else gout[T - 1] + grad_h
+    Pl, gl = P.unbind(0), gout.unbind(0)
+    for t in range(T - 1, -1, -1):
+        Pl[t].mul_(dh)
+        if mf is not None:
+            dh.mul_(not_m[t])
+            dh.addmm_(Pl[t], w_hh)
+            if t > 0:
+                dh.add_(gl[t - 1])
+        elif t > 0:
+            torch.addmm(gl[t - 1], Pl[t], w_hh, out=dh)
+        else:
+            dh = Pl[t].mm(w_hh)
+    dw, db = _weight_grads(P, hs[:-1], needs["w"], needs["b"])
+    return P.transpose(0, 1), dw, db, (dh,)
+
+
+# -- any other gated cell: recompute ``combine`` per step for its vector-Jacobian product -----
+
+def _masked(state, new_state, h, m_t):
+    """``scan_reference``'s masking of one step: frozen state, zero output where ``m_t`` is False."""
+    new_state = type(state)(*(torch.where(m_t, new, old) for new, old in zip(new_state, state)))
+    return new_state, h * m_t
+
+
+def generic_forward(cell: GatedCell, xz, w_hh, b_hh, state: NamedTuple, mask, training: bool):
+    """Step ``cell.combine`` under no_grad; keep each step's recurrent projection and state."""
+    T = xz.shape[1]
+    xl = xz.unbind(1)
+    w_t = w_hh.t()
+    m = mask.t().unsqueeze(-1).unbind(0) if mask is not None else None
+    states, hzs, outs = [state], [], []
+    for t in range(T):
+        hz = state.h.mm(w_t) if b_hh is None else torch.addmm(b_hh, state.h, w_t)  # (B, G*H)
+        h, new_state = cell.combine(cell.split(xl[t]), cell.split(hz), state)
+        if m is not None:
+            new_state, h = _masked(state, new_state, h, m[t])
+        state = type(state)(*new_state)
+        outs.append(h)
+        if training:
+            hzs.append(hz)
+            states.append(state)
+    out = torch.stack(outs)  # (T, B, H)
+    return out, tuple(state), (hzs, states)
+
+
+def generic_backward(cell: GatedCell, saved, xz, w_hh, mask, grad_out, grad_state, needs):
+    hzs, states = saved
+    B, T, GH = xz.shape
+    xl = xz.unbind(1)
+    m = mask.t().unsqueeze(-1).unbind(0) if mask is not None else None
+    dxz = xz.new_empty(T, B, GH)
+    dhz = xz.new_empty(T, B, GH)
+    gout = grad_out.unbind(1) if grad_out is not None else None
+    carry = [g if g is not None else torch.zeros_like(s) for g, s in zip(grad_state, states[-1])]
+    for t in range(T - 1, -1, -1):
+        with torch.enable_grad():
+            x_t = xl[t].detach().requires_grad_()
+            hz_t = hzs[t].detach().requires_grad_()
+            prev = type(states[t])(*(s.detach().requires_grad_() for s in states[t]))
+            h, new_state = cell.combine(cell.split(x_t), cell.split(hz_t), prev)
+            if m is not None:
+                new_state, h = _masked(prev, new_state, h, m[t])
+            pairs = [(o, g) for o, g in zip((h, *new_state), (gout[t] if gout is not None else None, *carry))
+                     if g is not None and o.requires_grad]
+            inputs = (x_t, hz_t, *prev)
+            grads = torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True) \
+                if pairs else (None,) * len(inputs)
+        grads = [torch.zeros_like(i) if g is None else g for g, i in zip(grads, inputs)]
+        dxz[t] = grads[0]
+        dhz[t] = grads[1]
+        carry = grads[2:]
+        carry[0] = carry[0].addmm(dhz[t], w_hh)
+    h_prev = torch.stack([s.h for s in states[:-1]])  # (T, B, H)
+    dw, db = _weight_grads(dhz, h_prev, needs["w"], needs["b"])
+    return dxz.transpose(0, 1), dw, db, tuple(carry)
+
+
+# -- the autograd Function and the dispatch --------------------------------------------------
+
+class _Kernel:
+    """Pointwise forward/backward of one cell kind, in a common signature."""
+
+    def forward(self, cell, xz, w_hh, b_hh, state, mask, training):
+        raise NotImplementedError
+
+    def backward(self, cell, saved, xz, w_hh, mask, grad_out, grad_state, needs):
+        raise NotImplementedError
+
+
+class _LSTMKernel(_Kernel):
+    def forward(self, cell, xz, w_hh, b_hh, state, mask, training):
+        return lstm_forward(xz, w_hh, b_hh, state[0], state[1], mask, training)
+
+    def backward(self, cell, saved, xz, w_hh, mask, grad_out, grad_state, needs):
+        return lstm_backward(saved, w_hh, mask, grad_out, grad_state[0], grad_state[1], needs)
+
+
+class _GRUKernel(_Kernel):
+    def forward(self, cell, xz, w_hh, b_hh, state, mask, training):
+        return gru_forward(xz, w_hh, b_hh, state[0], mask, training)
+
+    def backward(self, cell, saved, xz, w_hh, mask, grad_out, grad_state, needs):
+        return gru_backward(saved, w_hh, mask, grad_out, grad_state[0], needs)
+
+
+class _RNNKernel(_Kernel):
+    def forward(self, cell, xz, w_hh, b_hh, state, mask, training):
+        return rnn_forward(xz, w_hh, b_hh, state[0], mask, training, cell.nonlinearity == "relu")
+
+    def backward(self, cell, saved, xz, w_hh, mask, grad_out, grad_state, needs):
+        return rnn_backward(saved, w_hh, mask, grad_out, grad_state[0], needs, cell.nonlinearity == "relu")
+
+
+class _GenericKernel(_Kernel):
+    def forward(self, cell, xz, w_hh, b_hh, state, mask, training):
+        return generic_forward(cell, xz, w_hh, b_hh, state, mask, training)
+
+    def backward(self, cell, saved, xz, w_hh, mask, grad_out, grad_state, needs):
+        return generic_backward(cell, saved, xz, w_hh, mask, grad_out, grad_state, needs)
+
+
+# ``combine`` of a built-in cell -> its hand-written kernel. Keyed on the function, not the class,
+# so a subclass that rewrites ``combine`` gets the generic kernel, never a wrong fused one.
+KERNELS = {LSTMCell.combine: _LSTMKernel(), GRUCell.combine: _GRUKernel(), RNNCell.combine: _RNNKernel()}
+GENERIC = _GenericKernel()
+
+
+def kernel_for(cell) -> _Kernel | None:
+    """The fused kernel for ``cell``, or ``None`` if it must run through ``scan_reference``.
+
+    A cell qualifies when it customises only ``combine`` (the GatedCell contract); one that
+    rewrites ``step``, ``split`` or ``project_hidden`` changes what a step means, so it keeps
+    the reference loop.
+    """
+    kind = type(cell)
+    if not isinstance(cell, GatedCell) or (kind.step, kind.split, kind.project_hidden) != (
+        GatedCell.step, GatedCell.split, GatedCell.project_hidden
+    ):
+        return None
+    return KERNELS.get(kind.combine, GENERIC)
+
+
+class FusedScan(torch.autograd.Function):
+    """``scan`` of one cell over (B, T, G*H) with the backward through time written by hand."""
+
+    @staticmethod
+    def forward(ctx, kernel, cell, mask, xz, w_hh, b_hh, *state):
+        with torch.autocast(xz.device.type, enabled=False):
+            out, final, saved = kernel.forward(cell, xz, w_hh, b_hh, cell.State(*state), mask, True)
+        ctx.kernel, ctx.cell, ctx.saved, ctx.mask = kernel, cell, saved, mask
+        ctx.save_for_backward(xz, w_hh)
+        return (out.transpose(0, 1).contiguous(), *(s.clone() for s in final))
+
+    @staticmethod
+    def backward(ctx, grad_out, *grad_state):
+        xz, w_hh = ctx.saved_tensors
+        needs = {"w": ctx.needs_input_grad[4], "b": ctx.needs_input_grad[5]}
+        with torch.autocast(xz.device.type, enabled=False):
+            dxz, dw, db, dstate = ctx.kernel.backward(
+                ctx.cell, ctx.saved, xz, w_hh, ctx.mask, grad_out, grad_state, needs
+            )
+        return (None, None, None, dxz, dw, db, *dstate)
+
+
+def _functorch_active() -> bool:
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active and active())
+
+
+def fused_scan(cell: GatedCell, xz: Tensor, state: NamedTuple, mask: Tensor | None, kernel: _Kernel | None = None):
+    """``scan_reference``'s function through a fused kernel; ``None`` if the cell cannot use one."""
+    kernel = kernel if kernel is not None else kernel_for(cell)
+    if kernel is None or _functorch_active():
+        return None
+    w_hh, b_hh = cell.weight_hh, cell.bias_hh
+    dtype = w_hh.dtype
+    if xz.dtype != dtype:  # autocast: the input projection may arrive in half precision
+        xz = xz.to(dtype)
+    state = tuple(s.to(dtype) for s in state)
+    tensors = (xz, w_hh, b_hh, *state)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        out, *final = FusedScan.apply(kernel, cell, mask, xz, w_hh, b_hh, *state)
+        return out, cell.State(*final)
+    with torch.no_grad(), torch.autocast(xz.device.type, enabled=False):
+        out, final, _ = kernel.forward(cell, xz, w_hh, b_hh, cell.State(*state), mask, False)
+    return out.transpose(0, 1), cell.State(*final)

@@ -1,0 +1,141 @@
+"""The lean stepping path: one time step of a whole layer stack with a carried state, no autograd.
+
+Generating text runs a model one token at a time, ``T = 1`` with the state of the previous
+call. At batch 1 every step is a handful of matrix-vector products, so what costs is overhead:
+validation, re-packing weights, autograd bookkeeping, Python. ``step_layers`` is what
+``Recurrent.forward`` calls first when gradients are off and ``T == 1``; per (layer, direction)
+it runs one ``addmm`` over the concatenation ``[x, h]`` against ``[W_ih, W_hh]`` packed once and
+cached (GRU: two, since its reset gate acts on ``h W_hn + b_hn`` alone), then the pointwise gate
+math in place. The cache is keyed on every parameter's identity, storage and version counter,
+so an optimizer step, ``load_state_dict`` or ``.to()`` repacks it on the next call.
+
+Anything unusual (a wrong shape, dtype or device, lengths, a cell with its own ``step``) returns
+``None`` and the caller takes the general route, which validates and names the problem.
+
+>>> import torch, rnnkit
+>>> lstm = rnnkit.LSTM(4, 8, num_layers=2).eval()
+>>> _, state = lstm(torch.randn(1, 5, 4))
+>>> with torch.inference_mode():
+...     out, state = lstm(torch.randn(1, 1, 4), state)   # the lean path
+>>> tuple(out.shape), tuple(state.h.shape)
+((1, 1, 8), (2, 1, 8))
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from rnnkit.core.cells.gru import GRUCell
+from rnnkit.core.cells.lstm import LSTMCell
+from rnnkit.core.cells.rnn import RNNCell
+from rnnkit.core.gates import GatedCell
+
+_CACHE_ATTR = "_rnnkit_step_cache"
+
+
+def _key(layer) -> tuple:
+    return tuple((id(p), p.data_ptr(), p._version) for p in layer.parameters())
+
+
+def _pack(cell: GatedCell) -> tuple[Tensor, Tensor | None]:
+    """``[W_ih, W_hh]^T`` (I+H, G*H) and ``b_ih + b_hh``; LSTM gates in ``i, f, o, g`` order."""
+    w = torch.cat((cell.weight_ih, cell.weight_hh), dim=1)
+    b = cell.bias_ih + cell.bias_hh if cell.bias_ih is not None else None
+    if isinstance(cell, LSTMCell):
+        H = cell.hidden_size
+        order = torch.cat((torch.arange(2 * H), torch.arange(3 * H, 4 * H), torch.arange(2 * H, 3 * H)))
+        order = order.to(w.device)
+        w = w.index_select(0, order)
+        b = b.index_select(0, order) if b is not None else None
+    return w.t().contiguous(), b
+
+
+def _packed(layer) -> list:
+    key = _key(layer)
+    cache = getattr(layer, _CACHE_ATTR, None)
+    if cache is None or cache[0] != key:
+        with torch.no_grad():
+            packs = [_pack(c) if type(c).combine in (LSTMCell.combine, RNNCell.combine) else None
+                     for c in layer.cells]
+        cache = (key, packs)
+        object.__setattr__(layer, _CACHE_ATTR, cache)  # a plain attribute: not a parameter, not saved
+    return cache[1]
+
+
+def _lstm(x, h, c, w, b, h_out, c_out):
+    H = h.shape[-1]
+    xh = torch.cat((x, h), dim=1)
+    z = torch.addmm(b, xh, w) if b is not None else xh.mm(w)  # (B, 4H) in i, f, o, g order
+    z[:, : 3 * H].sigmoid_()
+    g = z[:, 3 * H :].tanh_()
+    torch.mul(z[:, H : 2 * H], c, out=c_out)
+    c_out.addcmul_(z[:, :H], g)
+    return torch.mul(z[:, 2 * H : 3 * H], torch.tanh(c_out), out=h_out)
+
+
+def _rnn(x, h, w, b, h_out, relu: bool):
+    xh = torch.cat((x, h), dim=1)
+    z = torch.addmm(b, xh, w, out=h_out) if b is not None else torch.mm(xh, w, out=h_out)
+    return z.relu_() if relu else z.tanh_()
+
+
+def _gru(cell, x, h, h_out):
+    H = h.shape[-1]
+    zx = F.linear(x, cell.weight_ih, cell.bias_ih)  # (B, 3H)
+    zh = F.linear(h, cell.weight_hh, cell.bias_hh)
+    rz = zx[:, : 2 * H].add_(zh[:, : 2 * H]).sigmoid_()
+    n = zx[:, 2 * H :].addcmul_(rz[:, :H], zh[:, 2 * H :]).tanh_()
+    return torch.lerp(n, h, rz[:, H:], out=h_out)  # n + z * (h - n)
+
+
+def step_layers(layer, x: Tensor, state) -> tuple | None:
+    """One step of ``layer`` (a ``Recurrent``) from ``state``, or ``None`` to take the general route."""
+    if not isinstance(x, Tensor) or x.dim() != 3:
+        return None
+    if layer.batch_first:
+        B, T, I = x.shape
+    else:
+        T, B, I = x.shape
+    ref = layer.cells[0].weight_ih
+    if T != 1 or I != layer.input_size or x.dtype != ref.dtype or x.device != ref.device:
+        return None
+    fields = layer.State._fields
+    parts = (state,) if isinstance(state, Tensor) else tuple(state)
+    rows, H = len(layer.cells), layer.hidden_size
+    if len(parts) != len(fields) or any(
+        not isinstance(p, Tensor) or p.shape != (rows, B, H) or p.dtype != x.dtype or p.device != x.device
+        for p in parts
+    ):
+        return None
+    if any(kind.step is not GatedCell.step or kind.split is not GatedCell.split
+           or kind.project_hidden is not GatedCell.project_hidden for kind in map(type, layer.cells)):
+        return None
+    packs = _packed(layer)
+    new = [torch.empty_like(p) for p in parts]  # (rows, B, H) each, written row by row
+    ins = [p.unbind(0) for p in parts]
+    outs = [p.unbind(0) for p in new]
+    inp = x.reshape(B, I)
+    D = layer.num_directions
+    for k in range(layer.num_layers):
+        if k > 0 and layer.dropout > 0 and layer.training:
+            inp = F.dropout(inp, layer.dropout, training=True)
+        halves = []
+        for d in range(D):
+            row = k * D + d
+            cell, pack = layer.cells[row], packs[row]
+            combine = type(cell).combine
+            if combine is LSTMCell.combine:
+                h = _lstm(inp, ins[0][row], ins[1][row], *pack, outs[0][row], outs[1][row])
+            elif combine is GRUCell.combine:
+                h = _gru(cell, inp, ins[0][row], outs[0][row])
+            elif combine is RNNCell.combine:
+                h = _rnn(inp, ins[0][row], *pack, outs[0][row], cell.nonlinearity == "relu")
+            else:
+                h, st = cell.step(cell.project_input(inp), cell.State(*(p[row] for p in ins)))
+                for o, s in zip(outs, st):
+                    o[row].copy_(s)
+            halves.append(h)
+        inp = halves[0] if D == 1 else torch.cat(halves, dim=1)  # (B, D*H)
+    output = inp.unsqueeze(1) if layer.batch_first else inp.unsqueeze(0)
+    return output, (new[0] if len(new) == 1 else layer.State(*new))
