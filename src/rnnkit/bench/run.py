@@ -1,0 +1,215 @@
+"""The benchmark itself: grid, timing loop, table and JSON (see the package docstring)."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+import rnnkit
+from rnnkit.core.cells.lstm import LSTMCell, LSTMState
+
+INPUT = 128
+TORCH = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}
+GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+
+
+class UserLSTMCell(LSTMCell):
+    """The LSTM as a user would write it from gates: its own ``combine``, so the generic fused kernel."""
+
+    def combine(self, x, h, state):
+        i, f, o = (torch.sigmoid(a + b) for a, b in ((x.i, h.i), (x.f, h.f), (x.o, h.o)))
+        c = f * state.c + i * torch.tanh(x.g + h.g)
+        h_new = o * torch.tanh(c)
+        return h_new, LSTMState(h_new, c)
+
+
+@dataclass
+class Row:
+    kind: str          # lstm, gru, rnn
+    mode: str          # train (forward+backward) or infer (forward under no_grad)
+    batch: int
+    hidden: int
+    steps: int
+    torch_ms: float    # median over repeats
+    rnnkit_ms: float
+    ratio: float       # torch_ms / rnnkit_ms: above 1 means rnnkit is faster
+    gflops: float      # rnnkit's matmul GFLOP/s
+    peak_frac: float   # gflops / measured matmul peak
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def compare(fn_a, fn_b, repeats: int) -> tuple[float, float]:
+    """Median seconds of ``fn_a`` and ``fn_b``, alternated (order swapped each repeat) after a warm-up."""
+    fn_a(), fn_b()
+    a, b = [], []
+    for r in range(repeats):
+        if r % 2:
+            b.append(_timed(fn_b)); a.append(_timed(fn_a))
+        else:
+            a.append(_timed(fn_a)); b.append(_timed(fn_b))
+    return statistics.median(a), statistics.median(b)
+
+
+def matmul_peak(n: int = 2048, repeats: int = 3) -> float:
+    """GFLOP/s of an n^3 float32 matmul, best of ``repeats``."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * n**3 / best / 1e9
+
+
+def _train(model, x):
+    def run():
+        for p in model.parameters():
+            p.grad = None
+        out, _ = model(x)
+        out.sum().backward()
+    return run
+
+
+def _infer(model, x):
+    def run():
+        with torch.no_grad():
+            model(x)
+    return run
+
+
+def grid_point(kind, mode, B, H, T, repeats, peak) -> Row:
+    theirs = TORCH[kind](INPUT, H, batch_first=True)
+    ours = rnnkit.from_torch(theirs)
+    x = torch.randn(B, T, INPUT)
+    make = _train if mode == "train" else _infer
+    t_torch, t_ours = compare(make(theirs, x), make(ours, x), repeats)
+    flops = 2 * B * T * GATES[kind] * H * (INPUT + H) * (3 if mode == "train" else 1)
+    gflops = flops / t_ours / 1e9
+    return Row(kind, mode, B, H, T, t_torch * 1e3, t_ours * 1e3, t_torch / t_ours, gflops, gflops / peak)
+
+
+def stepping(kind, tokens, repeats) -> dict:
+    """ms per token of a 3-layer 512-wide model at batch 1, state carried, under inference_mode."""
+    theirs = TORCH[kind](512, 512, num_layers=3, batch_first=True).eval()
+    ours = rnnkit.from_torch(theirs)
+    x = torch.randn(1, 1, 512)
+
+    def run(model):
+        def go():
+            with torch.inference_mode():
+                _, state = model(x)
+                for _ in range(tokens):
+                    _, state = model(x, state)
+        return go
+
+    t_torch, t_ours = compare(run(theirs), run(ours), repeats)
+    return {"kind": kind, "torch_ms_per_token": t_torch / tokens * 1e3, "rnnkit_ms_per_token": t_ours / tokens * 1e3,
+            "ratio": t_torch / t_ours}
+
+
+def custom_cell(B, H, T, repeats) -> list[dict]:
+    """A user-written LSTM cell (generic kernel) vs the built-in LSTM (hand-written kernel)."""
+    builtin = rnnkit.LSTM(INPUT, H)
+    user = rnnkit.Recurrent(UserLSTMCell, INPUT, H)
+    user.load_state_dict(builtin.state_dict())
+    x = torch.randn(B, T, INPUT)
+    rows = []
+    for mode, make in (("train", _train), ("infer", _infer)):
+        t_builtin, t_user = compare(make(builtin, x), make(user, x), repeats)
+        rows.append({"mode": mode, "batch": B, "hidden": H, "steps": T, "builtin_ms": t_builtin * 1e3,
+                     "user_cell_ms": t_user * 1e3, "slowdown": t_user / t_builtin})
+    return rows
+
+
+def run_benchmark(preset: str = "full", threads: int = 2, log=print) -> dict:
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    if preset == "smoke":  # a tiny end-to-end run for the test suite: no meaningful numbers
+        kinds, grid, repeats, peak_n, tokens, custom = ["lstm", "gru"], [(2, 8, 4)], 1, 128, 2, (2, 8, 4)
+    elif preset == "quick":
+        kinds, grid, repeats, peak_n, tokens, custom = (
+            list(TORCH), [(1, 128, 64), (32, 128, 64), (32, 512, 64), (64, 512, 64)], 3, 2048, 50, (32, 256, 64))
+    else:
+        grid = [(B, H, T) for B in (1, 32, 64) for H in (128, 512) for T in (64, 256)]
+        kinds, repeats, peak_n, tokens, custom = list(TORCH), 5, 2048, 200, (32, 512, 64)
+    peak = matmul_peak(peak_n)
+    log(f"torch {torch.__version__}, {threads} thread(s), matmul peak {peak:.1f} GFLOP/s ({peak_n}^3)")
+    rows = []
+    for kind in kinds:
+        for B, H, T in grid:
+            for mode in ("train", "infer"):
+                row = grid_point(kind, mode, B, H, T, repeats, peak)
+                rows.append(row)
+                log(_format_row(row))
+    steps = [stepping(kind, tokens, repeats) for kind in ("lstm", "gru")]
+    custom_rows = custom_cell(*custom, repeats)
+    report = {
+        "machine": {"torch": torch.__version__, "threads": threads, "python": platform.python_version(),
+                    "processor": platform.processor() or platform.machine(), "matmul_peak_gflops": peak},
+        "preset": preset,
+        "rows": [asdict(r) for r in rows],
+        "stepping": steps,
+        "custom_cell": custom_rows,
+        "summary": _summary(rows),
+    }
+    return report
+
+
+def _geomean(values):
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
+
+
+def _summary(rows: list[Row]) -> dict:
+    train = [r.ratio for r in rows if r.mode == "train"]
+    infer = [r.ratio for r in rows if r.mode == "infer"]
+    big = [r.peak_frac for r in rows if r.mode == "train" and r.hidden == 512 and r.batch >= 32]
+    return {"train_geomean_ratio": _geomean(train), "train_min_ratio": min(train, default=float("nan")),
+            "infer_geomean_ratio": _geomean(infer), "infer_min_ratio": min(infer, default=float("nan")),
+            "train_peak_frac_h512_b32plus_min": min(big, default=float("nan"))}
+
+
+HEADER = f"{'kind':5} {'mode':5} {'B':>3} {'H':>4} {'T':>4} {'torch ms':>10} {'rnnkit ms':>10} {'ratio':>6} {'GFLOP/s':>8} {'%peak':>6}"
+
+
+def _format_row(r: Row) -> str:
+    return (f"{r.kind:5} {r.mode:5} {r.batch:3d} {r.hidden:4d} {r.steps:4d} {r.torch_ms:10.2f} {r.rnnkit_ms:10.2f} "
+            f"{r.ratio:6.2f} {r.gflops:8.1f} {100 * r.peak_frac:5.0f}%")
+
+
+def format_report(report: dict) -> str:
+    lines = [HEADER] + [_format_row(Row(**r)) for r in report["rows"]]
+    s = report["summary"]
+    lines.append(f"training ratio: geomean {s['train_geomean_ratio']:.2f}, min {s['train_min_ratio']:.2f}; "
+                 f"inference ratio: geomean {s['infer_geomean_ratio']:.2f}, min {s['infer_min_ratio']:.2f}; "
+                 f"training at H=512, B>=32: min {100 * s['train_peak_frac_h512_b32plus_min']:.0f}% of peak")
+    for st in report["stepping"]:
+        lines.append(f"stepping 3x512 {st['kind']} batch 1: torch {st['torch_ms_per_token']:.3f} ms/token, "
+                     f"rnnkit {st['rnnkit_ms_per_token']:.3f} ms/token, ratio {st['ratio']:.2f}")
+    for c in report["custom_cell"]:
+        lines.append(f"user-written LSTM cell vs built-in, {c['mode']} B={c['batch']} H={c['hidden']} T={c['steps']}: "
+                     f"{c['user_cell_ms']:.2f} ms vs {c['builtin_ms']:.2f} ms ({c['slowdown']:.2f}x)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m rnnkit.bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a reduced grid, about a minute")
+    parser.add_argument("--smoke", action="store_true", help="a tiny run that only checks the benchmark works")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    args = parser.parse_args(argv)
+    preset = "smoke" if args.smoke else "quick" if args.quick else "full"
+    report = run_benchmark(preset, args.threads, log=lambda line: print(line, flush=True))
+    print()
+    print(format_report(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)

@@ -1,0 +1,294 @@
+"""The fast paths equal the specification: fused scan == scan_reference, lean stepping == the general route.
+
+The fused kernels (rnnkit.core.fused) are held to ``scan_reference`` -- outputs, final states and
+the gradients of x, the initial state and every weight -- for every built-in cell, for cells
+written by users, with lengths, both directions, stacking and dropout, in float64 (1e-10) and
+float32 (1e-5); plus gradcheck on small sizes. Parity with torch.nn itself is test_core_parity.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import rnnkit
+from rnnkit.core import fused, scan as scan_module
+from rnnkit.core.gates import GatedCell, HiddenState, gate
+from rnnkit.core.cells.lstm import LSTMCell, LSTMState
+
+TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+
+
+class MGUCell(GatedCell):
+    """Minimal gated unit, as a user writes it: only ``combine``."""
+
+    gate_names = ("f", "n")
+
+    def combine(self, x, h, state):
+        f = gate(torch.sigmoid, x.f, h.f)
+        n = torch.tanh(x.n + f * h.n)
+        h_new = (1 - f) * state.h + f * n
+        return h_new, HiddenState(h_new)
+
+
+class UserLSTMCell(LSTMCell):
+    """An LSTM rewritten by a user: same math, its own ``combine``, so it gets the generic kernel."""
+
+    def combine(self, x, h, state):
+        i, f, o = (torch.sigmoid(a + b) for a, b in ((x.i, h.i), (x.f, h.f), (x.o, h.o)))
+        c = f * state.c + i * torch.tanh(x.g + h.g)
+        h_new = o * torch.tanh(c)
+        return h_new, LSTMState(h_new, c)
+
+
+class OwnStepCell(MGUCell):
+    """A cell that rewrites ``step`` itself: the fused kernels must leave it to the reference loop."""
+
+    def step(self, xz, state):
+        return super().step(xz * 0.5, state)
+
+
+LAYERS = {
+    "lstm": lambda **kw: rnnkit.LSTM(**kw),
+    "gru": lambda **kw: rnnkit.GRU(**kw),
+    "rnn_tanh": lambda **kw: rnnkit.RNN(**kw),
+    "rnn_relu": lambda **kw: rnnkit.RNN(nonlinearity="relu", **kw),
+    "mgu": lambda **kw: rnnkit.Recurrent(MGUCell, **kw),
+    "user_lstm": lambda **kw: rnnkit.Recurrent(UserLSTMCell, **kw),
+}
+
+
+def _parts(state):
+    return tuple(state) if isinstance(state, tuple) else (state,)
+
+
+def _run(layer, x, state, lengths, fused_on: bool, seed=0):
+    """Outputs, final state and all gradients of a random linear functional of them."""
+    scan_module.FUSED = fused_on
+    try:
+        xi = x.clone().requires_grad_()
+        si = tuple(s.clone().requires_grad_() for s in state)
+        torch.manual_seed(seed)  # the same dropout masks on both paths
+        out, final = layer(xi, si if len(si) > 1 else si[0], lengths=lengths)
+        g = torch.Generator().manual_seed(1)
+        loss = (out * torch.randn(out.shape, generator=g, dtype=out.dtype)).sum()
+        for f in _parts(final):
+            loss = loss + (f * torch.randn(f.shape, generator=g, dtype=f.dtype)).sum()
+        grads = torch.autograd.grad(loss, [xi, *si, *layer.parameters()])
+        return [out, *_parts(final), *grads]
+    finally:
+        scan_module.FUSED = True
+
+
+def _max_diff(a, b):
+    """Largest difference, relative to each tensor's scale where that exceeds 1 (float32 sums over steps)."""
+    return max(((x - y).abs().max() / y.abs().max().clamp(min=1)).item() for x, y in zip(a, b))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors: threads only add synchronisation, which a busy shared machine makes very slow."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(
+    "kind,dtype,bidirectional,with_lengths",
+    list(itertools.product(LAYERS, [torch.float64, torch.float32], [False, True], [False, True])),
+)
+def test_fused_equals_reference(kind, dtype, bidirectional, with_lengths):
+    B, T, I, H, L = 3, 7, 4, 5, 2
+    layer = LAYERS[kind](input_size=I, hidden_size=H, num_layers=L, bidirectional=bidirectional).to(dtype)
+    D = 2 if bidirectional else 1
+    x = torch.randn(B, T, I, dtype=dtype)
+    state = tuple(torch.randn(L * D, B, H, dtype=dtype) for _ in layer.State._fields)
+    lengths = torch.tensor([7, 3, 5]) if with_lengths else None
+    got = _run(layer, x, state, lengths, fused_on=True)
+    want = _run(layer, x, state, lengths, fused_on=False)
+    assert _max_diff(got, want) < TOL[dtype]
+
+
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_fused_with_dropout_and_without_bias(kind):
+    layer = LAYERS[kind](input_size=3, hidden_size=4, num_layers=3, dropout=0.3, bias=False).double().train()
+    x = torch.randn(2, 6, 3, dtype=torch.float64)
+    state = tuple(torch.randn(3, 2, 4, dtype=torch.float64) for _ in layer.State._fields)
+    got = _run(layer, x, state, [6, 4], fused_on=True)
+    want = _run(layer, x, state, [6, 4], fused_on=False)
+    assert _max_diff(got, want) < 1e-10
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh", "rnn_relu", "mgu"])
+def test_fused_float32_larger_sizes(kind):
+    layer = LAYERS[kind](input_size=16, hidden_size=32, num_layers=2, bidirectional=True)
+    x = torch.randn(8, 40, 16)
+    state = tuple(torch.randn(4, 8, 32) for _ in layer.State._fields)
+    lengths = torch.randint(1, 41, (8,))
+    got = _run(layer, x, state, lengths, fused_on=True)
+    want = _run(layer, x, state, lengths, fused_on=False)
+    assert _max_diff(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_any_mask_matches_scan_reference(kind):
+    """``scan`` accepts any (B, T) mask, not only prefixes: frozen state and zero output where False."""
+    cell = LAYERS[kind](input_size=3, hidden_size=4).double().cells[0]
+    B, T = 4, 6
+    mask = torch.rand(B, T) > 0.4
+    xz = cell.project_input(torch.randn(B, T, 3, dtype=torch.float64)).detach()
+    state = cell.State(*(torch.randn(B, 4, dtype=torch.float64) for _ in cell.State._fields))
+
+    def run(fn):
+        x = xz.detach().requires_grad_()
+        s = cell.State(*(p.clone().requires_grad_() for p in state))
+        out, final = fn(cell, x, s, mask)
+        loss = (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum()
+        loss = loss + sum((f * (i + 2)).sum() for i, f in enumerate(final))
+        return [out, *final, *torch.autograd.grad(loss, [x, *s, cell.weight_hh, cell.bias_hh])]
+
+    assert _max_diff(run(fused.fused_scan), run(scan_module.scan_reference)) < 1e-10
+
+
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_gradcheck_fused(kind):
+    cell = LAYERS[kind](input_size=2, hidden_size=3).double().cells[0]
+    mask = torch.tensor([[True, True, True, True], [True, True, False, False], [True, True, True, False]])
+    xz = cell.project_input(torch.randn(3, 4, 2, dtype=torch.float64)).detach().requires_grad_()
+    state = [torch.randn(3, 3, dtype=torch.float64, requires_grad=True) for _ in cell.State._fields]
+    w_hh = cell.weight_hh.detach().clone().requires_grad_()
+    b_hh = cell.bias_hh.detach().clone().requires_grad_()
+    kernel = fused.kernel_for(cell)
+
+    def f(xz, w_hh, b_hh, *state):
+        return fused.FusedScan.apply(kernel, cell, mask, xz, w_hh, b_hh, *state)
+
+    assert torch.autograd.gradcheck(f, (xz, w_hh, b_hh, *state), eps=1e-6, atol=1e-7)
+
+
+def test_kernel_choice():
+    assert isinstance(fused.kernel_for(rnnkit.LSTMCell(2, 3)), fused._LSTMKernel)
+    assert isinstance(fused.kernel_for(rnnkit.GRUCell(2, 3)), fused._GRUKernel)
+    assert isinstance(fused.kernel_for(rnnkit.RNNCell(2, 3)), fused._RNNKernel)
+    assert fused.kernel_for(UserLSTMCell(2, 3)) is fused.GENERIC  # its own combine: never the LSTM kernel
+    assert fused.kernel_for(MGUCell(2, 3)) is fused.GENERIC
+    assert fused.kernel_for(OwnStepCell(2, 3)) is None  # its own step: the reference loop
+
+
+def test_cell_with_its_own_step_still_runs_its_step():
+    layer = rnnkit.Recurrent(OwnStepCell, input_size=3, hidden_size=4).double()
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    out, _ = layer(x)
+    cell = layer.cells[0]
+    state = cell.initial_state(2, dtype=torch.float64)
+    ref = []
+    for t in range(5):
+        h, state = cell.step(cell.project_input(x[:, t]), state)
+        ref.append(h)
+    torch.testing.assert_close(out, torch.stack(ref, 1), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_inference_path_equals_training_path(kind):
+    layer = LAYERS[kind](input_size=3, hidden_size=4, num_layers=2, bidirectional=True).double()
+    x = torch.randn(3, 6, 3, dtype=torch.float64)
+    want_out, want_final = layer(x, lengths=[6, 2, 4])
+    with torch.no_grad():
+        out, final = layer(x, lengths=[6, 2, 4])
+    torch.testing.assert_close(out, want_out, atol=1e-12, rtol=0)
+    for a, b in zip(_parts(final), _parts(want_final)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("kind,bidirectional", list(itertools.product(LAYERS, [False, True])))
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_stepping_equals_general_route(kind, bidirectional, batch_first):
+    layer = LAYERS[kind](input_size=3, hidden_size=4, num_layers=3, bidirectional=bidirectional,
+                         batch_first=batch_first).double().eval()
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    if not batch_first:
+        x = x.transpose(0, 1)
+    steps = [x[:, t:t + 1] if batch_first else x[t:t + 1] for t in range(5)]
+    state_ref = state = None
+    for x_t in steps:
+        out_ref, state_ref = layer(x_t, state_ref)  # grad enabled: the general route
+        with torch.inference_mode():
+            out, state = layer(x_t, state if state is not None else None)
+        torch.testing.assert_close(out, out_ref.detach(), atol=1e-12, rtol=0)
+        for a, b in zip(_parts(state), _parts(state_ref)):
+            torch.testing.assert_close(a, b.detach(), atol=1e-12, rtol=0)
+        state_ref = tuple(s.detach() for s in _parts(state_ref))
+        state_ref = state_ref if len(state_ref) > 1 else state_ref[0]
+
+
+def test_stepping_sees_parameter_updates():
+    layer = rnnkit.LSTM(3, 4, num_layers=2).eval()
+    x = torch.randn(1, 1, 3)
+    state = rnnkit.LSTMState(torch.zeros(2, 1, 4), torch.zeros(2, 1, 4))
+    with torch.no_grad():
+        before, _ = layer(x, state)
+        layer.cells[1].weight_ih.mul_(2.0)  # as an optimizer step would, in place
+        after, _ = layer(x, state)
+        layer.load_state_dict({k: torch.randn_like(v) for k, v in layer.state_dict().items()})
+        reloaded, _ = layer(x, state)
+    with torch.enable_grad():
+        want, _ = layer(x, state)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(reloaded, want.detach(), atol=1e-6, rtol=0)
+
+
+def test_stepping_bad_state_still_names_the_problem():
+    with torch.no_grad(), pytest.raises(ValueError, match=r"state.c must have shape"):
+        rnnkit.LSTM(3, 5)(torch.randn(2, 1, 3), (torch.zeros(1, 2, 5), torch.zeros(2, 2, 5)))
+
+
+def test_backward_twice_with_retain_graph():
+    layer = rnnkit.GRU(3, 4, num_layers=2)
+    out, _ = layer(torch.randn(2, 5, 3), lengths=[5, 3])
+    loss = out.square().sum()
+    first = torch.autograd.grad(loss, list(layer.parameters()), retain_graph=True)
+    second = torch.autograd.grad(loss, list(layer.parameters()))
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_cpu_autocast_keeps_dtypes_consistent():
+    layer = rnnkit.LSTM(8, 16, num_layers=2)
+    x = torch.randn(4, 6, 8)
+    want, _ = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, (h, c) = layer(x)
+        out.float().sum().backward()
+    assert h.dtype == c.dtype
+    torch.testing.assert_close(out.float(), want, atol=5e-2, rtol=0)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in layer.parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_cuda_matches_cpu(kind):
+    layer = LAYERS[kind](input_size=3, hidden_size=4, num_layers=2, bidirectional=True).double()
+    x = torch.randn(3, 6, 3, dtype=torch.float64)
+    state = tuple(torch.randn(4, 3, 4, dtype=torch.float64) for _ in layer.State._fields)
+    cpu = _run(layer, x, state, torch.tensor([6, 2, 4]), fused_on=True)
+    gpu = _run(layer.cuda(), x.cuda(), tuple(s.cuda() for s in state), torch.tensor([6, 2, 4]).cuda(), fused_on=True)
+    assert _max_diff(cpu, [g.cpu() for g in gpu]) < 1e-10
+    layer32 = layer.float()
+    with torch.autocast("cuda", dtype=torch.float16):
+        out, final = layer32(x.float().cuda())
+        out.sum().backward()
+    assert torch.isfinite(out).all() and all(p.grad is not None for p in layer32.parameters())
+
+
+def test_bench_smoke(tmp_path):
+    """The benchmark runs end to end on a tiny grid and writes valid JSON (not a timing test)."""
+    path = tmp_path / "bench.json"
+    subprocess.run([sys.executable, "-m", "rnnkit.bench", "--smoke", "--json", str(path), "--threads", "1"],
+                   check=True, capture_output=True, timeout=60)
+    report = json.loads(path.read_text())
+    assert report["rows"] and all(r["torch_ms"] > 0 and r["rnnkit_ms"] > 0 for r in report["rows"])
