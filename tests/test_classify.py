@@ -204,7 +204,7 @@ def test_padding_is_never_read(pooling, patch, cell):
 
 
 def test_seed_configuration_one_hot_ends():
-    config = ClassifyConfig(input="onehot", ngrams=1, patch=1, pooling="ends", cell="lstm", hidden=8, layers=3,
+    config = ClassifyConfig(input="onehot", ngrams=1, words=False, patch=1, pooling="ends", cell="lstm", hidden=8, layers=3,
                             e_dim=8)
     model = ByteClassifier(config, num_classes=4)
     assert model.rnn.input_size == 256 and model.rnn.num_layers == 3 and model.rnn.bidirectional
@@ -245,3 +245,13 @@ def test_ag_news_test_set(shared_data):
     assert names == AG_NEWS_CLASSES
     split, _ = to_split(rows, names, files.train, ClassifyConfig())
     assert len(split.y) == 7600 and torch.bincount(split.y).tolist() == [1900] * 4
+
+
+def test_eval_skip_bad_rows_flag(trained, tmp_path, capsys):
+    data = tmp_path / "test.csv"
+    data.write_bytes(b'"alpha","x volcano","y"\n"omega","a","b"\n"beta","harbour",""\n')
+    assert main(["eval", str(trained), "--data", str(data)]) == 2
+    assert f"{data}, line 2: unknown label 'omega'" in capsys.readouterr().err
+    assert main(["eval", str(trained), "--data", str(data), "--skip-bad-rows", "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["rows"] == 2 and metrics["skipped_rows"] == 1
