@@ -255,3 +255,10 @@ def test_eval_skip_bad_rows_flag(trained, tmp_path, capsys):
     assert main(["eval", str(trained), "--data", str(data), "--skip-bad-rows", "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["rows"] == 2 and metrics["skipped_rows"] == 1
+
+
+def test_byte_order_mark_and_blank_lines_are_ignored(tmp_path):
+    path = tmp_path / "bom.csv"
+    path.write_bytes(b'\xef\xbb\xbf"spam","buy now"\n\n"ham","see you"\n')
+    rows = read_rows(path, False)
+    assert rows.labels == ["spam", "ham"] and rows.lines == [1, 3]

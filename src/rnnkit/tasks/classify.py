@@ -140,8 +140,8 @@ def read_rows(path: Path, skip_bad_rows: bool) -> Rows:
             raise UsageError(f"{path}, line {line}: {why} (fix the row, or pass --skip-bad-rows to skip such rows)")
         skipped += 1
 
-    for line, fields in _csv_records(path, raw, bad):
-        if len(fields) == 1 and not fields[0].strip():
+    for line, fields in _csv_records(raw, bad):
+        if not fields or (len(fields) == 1 and not fields[0].strip()):
             continue  # blank line
         if expected is None and len(fields) >= 2:
             expected = len(fields)
@@ -163,21 +163,20 @@ def read_rows(path: Path, skip_bad_rows: bool) -> Rows:
     return Rows(texts, labels, lines, skipped)
 
 
-def _csv_records(path: Path, raw: bytes, bad) -> Iterator[tuple[int, list[str]]]:
-    """(1-based line number, fields) of each CSV record; lines that are not UTF-8 go to `bad`."""
-    number = 0
-    state = {"line": 0}
+def _csv_records(raw: bytes, bad) -> Iterator[tuple[int, list[str]]]:
+    """(1-based line number where the record ends, fields) of each CSV record in `raw`; a line that is
+    not UTF-8 is reported to `bad(line, why)` and left out. A UTF-8 byte-order mark is ignored."""
+    current = 0
 
     def lines() -> Iterator[str]:
-        nonlocal number
-        for chunk in io.BytesIO(raw):
-            number += 1
+        nonlocal current
+        for number, chunk in enumerate(io.BytesIO(raw), start=1):
             try:
-                text = chunk.decode("utf-8")
+                text = chunk.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError as e:
                 bad(number, f"invalid UTF-8 at byte {e.start} of the line")
                 continue
-            state["line"] = number
+            current = number
             yield text
 
     reader = csv.reader(lines())
@@ -187,9 +186,9 @@ def _csv_records(path: Path, raw: bytes, bad) -> Iterator[tuple[int, list[str]]]
         except StopIteration:
             return
         except csv.Error as e:
-            bad(state["line"], f"malformed CSV ({e})")
+            bad(current, f"malformed CSV ({e})")
             continue
-        yield state["line"], fields
+        yield current, fields
 
 
 def class_names_for(rows: Rows, classes_file: Path | None) -> list[str]:
