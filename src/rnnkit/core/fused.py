@@ -212,34 +212,37 @@ def gru_forward(xz, w_hh, b_hh, h0, mask, training: bool):
     hs = x.new_empty(T + 1, B, H)
     hs[0] = h0
     out = hs[1:] if m is None else x.new_empty(T, B, H)
-    hz = x.new_empty(T if training else 1, B, 3 * H)  # h W_hh^T + b_hh, kept for backward
-    hzl = hz.unbind(0) if training else [hz[0]] * T
-    xl = x.unbind(0)
+    # x_rz += h W_hr,z^T + b_hr,z in place; the n part h W_hn^T + b_hn is kept alone (r multiplies it)
+    if b_hh is not None:
+        x[..., : 2 * H] += b_hh[: 2 * H]
+    w_rz, w_n = w_t[:, : 2 * H], w_t[:, 2 * H :]
+    b_n = b_hh[2 * H :] if b_hh is not None else None
+    hzn = x.new_empty(T if training else 1, B, H)  # kept for backward: dr = dn_pre * hzn
+    hznl = hzn.unbind(0) if training else [hzn[0]] * T
     rz = x[..., : 2 * H].unbind(0)
     n = x[..., 2 * H :].unbind(0)
     r = x[..., :H].unbind(0)
     z = x[..., H : 2 * H].unbind(0)
-    hz_rz = hz[..., : 2 * H].unbind(0) if training else [hz[0, :, : 2 * H]] * T
-    hz_n = hz[..., 2 * H :].unbind(0) if training else [hz[0, :, 2 * H :]] * T
     hl, outl = hs.unbind(0), out.unbind(0)
+    ml = m.unbind(0) if m is not None else None
     for t in range(T):
-        if b_hh is None:
-            torch.mm(hl[t], w_t, out=hzl[t])
+        rz[t].addmm_(hl[t], w_rz).sigmoid_()
+        if b_n is None:
+            torch.mm(hl[t], w_n, out=hznl[t])
         else:
-            torch.addmm(b_hh, hl[t], w_t, out=hzl[t])
-        rz[t].add_(hz_rz[t]).sigmoid_()
-        n[t].addcmul_(r[t], hz_n[t]).tanh_()
-        if m is None:
+            torch.addmm(b_n, hl[t], w_n, out=hznl[t])
+        n[t].addcmul_(r[t], hznl[t]).tanh_()
+        if ml is None:
             torch.lerp(n[t], hl[t], z[t], out=hl[t + 1])  # n + z * (h - n)
         else:
             h_new = torch.lerp(n[t], hl[t], z[t], out=outl[t])
-            torch.where(m[t], h_new, hl[t], out=hl[t + 1])
-            h_new.mul_(m[t])
-    return out, (hs[T],), (x, hz, hs)
+            torch.where(ml[t], h_new, hl[t], out=hl[t + 1])
+            h_new.mul_(ml[t])
+    return out, (hs[T],), (x, hzn, hs)
 
 
 def gru_backward(saved, w_hh, mask, grad_out, grad_h, needs):
-    x, hz, hs = saved
+    x, hzn, hs = saved
     T, B, G3 = x.shape
     H = G3 // 3
     m, mf = _mask_parts(mask, x.dtype)
@@ -249,7 +252,7 @@ def gru_backward(saved, w_hh, mask, grad_out, grad_h, needs):
     P = torch.empty_like(x)
     P3 = P.view(T, B, 3, H)
     dn_pre = torch.mul(1 - z, 1 - n * n, out=P3[:, :, 2])
-    torch.mul(dn_pre * hz[..., 2 * H :], r - r * r, out=P3[:, :, 0])
+    torch.mul(dn_pre * hzn, r - r * r, out=P3[:, :, 0])
     torch.mul(h_prev - n, z - z * z, out=P3[:, :, 1])
     z_carry = z
     if mf is not None:
@@ -461,14 +464,14 @@ class FusedScan(torch.autograd.Function):
         with torch.autocast(xz.device.type, enabled=False):
             out, final, saved = kernel.forward(cell, xz, w_hh, b_hh, cell.State(*state), mask, True)
         ctx.kernel, ctx.cell, ctx.saved, ctx.mask = kernel, cell, saved, mask
-        ctx.save_for_backward(xz, w_hh)
+        ctx.save_for_backward(xz if kernel is GENERIC else None, w_hh)  # built-in kernels keep their own
         return (out.transpose(0, 1).contiguous(), *(s.clone() for s in final))
 
     @staticmethod
     def backward(ctx, grad_out, *grad_state):
         xz, w_hh = ctx.saved_tensors
         needs = {"w": ctx.needs_input_grad[4], "b": ctx.needs_input_grad[5]}
-        with torch.autocast(xz.device.type, enabled=False):
+        with torch.autocast(w_hh.device.type, enabled=False):
             dxz, dw, db, dstate = ctx.kernel.backward(
                 ctx.cell, ctx.saved, xz, w_hh, ctx.mask, grad_out, grad_state, needs
             )
@@ -497,3 +500,31 @@ def fused_scan(cell: GatedCell, xz: Tensor, state: NamedTuple, mask: Tensor | No
     with torch.no_grad(), torch.autocast(xz.device.type, enabled=False):
         out, final, _ = kernel.forward(cell, xz, w_hh, b_hh, cell.State(*state), mask, False)
     return out.transpose(0, 1), cell.State(*final)
+
+
+# -- routing whole built-in LSTM stacks to the vendor kernel ---------------------------------
+
+def vendor_lstm(layer, x: Tensor, states: list, mask: Tensor | None):
+    """A whole built-in LSTM stack through torch's own fused kernel, or ``None``.
+
+    On CPU, torch.nn.LSTM runs on oneDNN's LSTM primitive (float32), which is C++ end to end and
+    beats any per-step Python loop; on CUDA it is cuDNN. Both compute exactly this layer's
+    function, so an unmasked built-in LSTM goes there (the parity tests hold it to the reference).
+    Lengths (where torch would fall back to its slow packed path), dropout in training (a different
+    random stream) and every other cell keep the fused kernels above.
+    """
+    if mask is not None or (layer.training and layer.dropout > 0) or _functorch_active():
+        return None
+    if any(kernel_for(c) is not KERNELS[LSTMCell.combine] for c in layer.cells):
+        return None
+    if x.device.type == "cpu":
+        if x.dtype != torch.float32 or not torch.backends.mkldnn.is_available() or torch.is_autocast_enabled("cpu"):
+            return None
+    elif x.device.type != "cuda":
+        return None
+    weights = [w for c in layer.cells for w in (c.weight_ih, c.weight_hh, c.bias_ih, c.bias_hh) if w is not None]
+    h0 = torch.stack([s.h for s in states])
+    c0 = torch.stack([s.c for s in states])
+    out, h, c = torch._VF.lstm(x, (h0, c0), weights, layer.bias, layer.num_layers, 0.0, layer.training,
+                               layer.bidirectional, True)
+    return out, [LSTMState(hr, cr) for hr, cr in zip(h.unbind(0), c.unbind(0))]
