@@ -57,7 +57,7 @@ def test_overfits_a_tiny_text(tmp_path):
 
 
 def test_stateful_rows_read_on_contiguously_and_carry_state(tmp_path):
-    task = tiny_task(tmp_path, text="".join(chr(ord("a") + i % 26) for i in range(2000)))
+    task = tiny_task(tmp_path, text="".join(chr(ord("a") + i % 26) for i in range(2000)), cell="lstm")
     b0, b1 = task.train_batch(0, 0, 1), task.train_batch(1, 0, 1)
     assert b0.reset and not b1.reset
     assert torch.equal(b0.y[:, -1], b1.x[:, 0])  # each row continues where the previous step stopped
@@ -256,3 +256,16 @@ def test_train_then_generate_streams_from_the_run(tmp_path, capsys):
     assert "'X' (U+0058)" in capsys.readouterr().err
     assert main(["eval", str(run), "--json"]) == 0
     assert set(json.loads(capsys.readouterr().out)) == {"loss", "bpc"}
+
+
+def test_demo_trains_leaves_curves_and_prints_the_next_commands(tmp_path, capsys):
+    data = tmp_path / "corpus.txt"
+    data.write_text(TEXT * 15)  # the demo reads 64 rows x 32 characters per step
+    run = tmp_path / "demo"
+    assert main(["demo", "--data", str(data), "--time-budget", "30", "--steps", "2", "--threads", "1",
+                 "--out", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert (run / "curves.png").is_file() and (run / "checkpoints" / "best.safetensors").is_file()
+    for command in (f"rnnkit generate {run}", f"rnnkit train lm --resume {run}", "rnnkit train classify",
+                    "rnnkit train sort"):
+        assert command in out
