@@ -70,7 +70,8 @@ GENERATE = Command(add_generate_arguments, run_generate)
 # The demo: `rnnkit train lm`'s model (GRU 2 x 256, 64 rows x 32 chars per step) with the learning rate
 # that was best in short CPU runs; evaluation on 60k characters keeps each evaluation to a few seconds.
 DEMO_TASK = dict(eval_chars=60_000, sample_chars=300)
-DEMO_TRAIN = dict(lr=6e-3, warmup_steps=30, schedule="cosine", eval_every=100, log_every=10)
+DEMO_TRAIN = dict(lr=6e-3, warmup_steps=30, schedule="cosine", eval_every=200, log_every=10)
+STEPS_PER_SECOND = 4  # measured 4-5 on a shared 2-core CPU; a faster machine ends early, a slower one by time
 
 
 def default_threads() -> int:
@@ -86,8 +87,9 @@ def add_demo_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> None
     parser.add_argument("--out", default=None, help="run directory to create (default: runs/lm-<timestamp>)")
     parser.add_argument("--data", default=None,
                         help="train on this text instead of the Python standard library's source")
-    parser.add_argument("--steps", type=int, default=400,
-                        help="upper bound on optimizer steps; the cosine schedule ends here (default: 400)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"optimizer steps; the cosine schedule ends here (default: {STEPS_PER_SECOND} per "
+                             f"second of --time-budget, what a 2-core CPU does)")
     parser.add_argument("--threads", type=int, default=None,
                         help=f"CPU threads for torch (default: half the cores, at most 4; here {default_threads()})")
 
@@ -104,7 +106,8 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"rnnkit demo: a character language model (2-layer GRU of 256) trained on {corpus} for at most "
           f"{args.time_budget:g} s; a sample is printed at each evaluation.", file=sys.stderr, flush=True)
     task_flags = dict(DEMO_TASK, data=args.data)
-    train_flags = dict(DEMO_TRAIN, time_budget=args.time_budget, steps=args.steps,
+    steps = args.steps or max(1, int(args.time_budget * STEPS_PER_SECOND))
+    train_flags = dict(DEMO_TRAIN, time_budget=args.time_budget, steps=steps,
                        threads=args.threads or default_threads())
     code = train("lm", task_flags, train_flags, RunConfig(out=run_dir))
     if code != 0:
@@ -113,7 +116,7 @@ def run_demo(args: argparse.Namespace) -> int:
 Run directory: {run_dir}  (curves.png, metrics.jsonl, checkpoints/, vocab.json)
 
 Sample from it:      rnnkit generate {run_dir} --prompt "def " --length 400 --temperature 0.7
-Train it longer:     rnnkit train lm --resume {run_dir} --steps {args.steps * 3} --time-budget 600
+Train it longer:     rnnkit train lm --resume {run_dir} --steps {steps * 3} --time-budget 600
 Evaluate it:         rnnkit eval {run_dir}
 Shakespeare instead: rnnkit train lm --data tinyshakespeare --time-budget 600
 The other tasks:     rnnkit train classify --time-budget 600      (AG News topics, many-to-one)
