@@ -118,7 +118,7 @@ Run directory: {run_dir}  (curves.png, metrics.jsonl, checkpoints/, vocab.json)
 Sample from it:      rnnkit generate {run_dir} --prompt "def " --length 400 --temperature 0.7
 Train it longer:     rnnkit train lm --resume {run_dir} --steps {steps * 3} --time-budget 600
 Evaluate it:         rnnkit eval {run_dir}
-Shakespeare instead: rnnkit train lm --data tinyshakespeare --time-budget 600
+Shakespeare instead: rnnkit train lm --data tinyshakespeare --time-budget 600 --steps 2100 --lr 6e-3 --warmup-steps 30
 The other tasks:     rnnkit train classify --time-budget 600      (AG News topics, many-to-one)
                      rnnkit train sort --time-budget 300          (sorting sequences, many-to-one-to-many)""",
           flush=True)
