@@ -190,13 +190,15 @@ def test_validation_split_is_a_stable_hash_of_the_text():
 
 
 # ---- model -----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("pooling,patch,cell", [("ends", 1, "lstm"), ("max", 3, "gru"), ("mean", 2, "lstm")])
-def test_padding_is_never_read(pooling, patch, cell):
+@pytest.mark.parametrize("pooling,patch,cell,pairs", [("ends", 1, "lstm", False), ("max", 3, "gru", True),
+                                                     ("mean", 2, "lstm", True)])
+def test_padding_is_never_read(pooling, patch, cell, pairs):
     """A text's logits are the same alone and in a batch padded for a longer text (random bytes)."""
     config = ClassifyConfig(pooling=pooling, patch=patch, cell=cell, hidden=8, embed=8, e_dim=8, buckets=64,
-                            layers=2)
+                            layers=2, word_pairs=pairs)
     model = ByteClassifier(config, num_classes=3).eval()
     x = torch.randint(0, 256, (2, 11))
+    x[:, ::3] = 32  # spaces, so there are words and word pairs
     lengths = torch.tensor([11, 7])
     batched, _ = model(x, lengths)
     alone, _ = model(x[1:, :7], lengths[1:])
@@ -262,3 +264,14 @@ def test_byte_order_mark_and_blank_lines_are_ignored(tmp_path):
     path.write_bytes(b'\xef\xbb\xbf"spam","buy now"\n\n"ham","see you"\n')
     rows = read_rows(path, False)
     assert rows.labels == ["spam", "ham"] and rows.lines == [1, 3]
+
+
+def test_word_features_hash_whole_words_and_pairs():
+    from rnnkit.tasks.classify import word_ids
+    ids = word_ids(torch.tensor([list(b"the cat. the cat dog")]), 1000, pairs=True)[0]  # (T, 2)
+    words, pairs = ids[:, 0], ids[:, 1]
+    assert words[:3].tolist() == words[9:12].tolist() and words[4:7].tolist() == words[13:16].tolist()
+    assert words[2] != words[6]  # "the" != "cat"
+    assert pairs[4:7].tolist() == pairs[13:16].tolist()  # "cat" after "the", twice
+    assert pairs[9:12].tolist() != pairs[:3].tolist()  # "the" after "cat" vs "the" at the start
+    assert pairs[:3].eq(0).all() and pairs[3] == 0  # no previous word; not in a word

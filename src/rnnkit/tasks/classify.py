@@ -24,7 +24,8 @@ Model (the defaults are what reached the best AG News accuracy per CPU minute; t
 
     x (B, T) bytes -> input vectors (B, T, V)     one-hot (V = 256) or a learned embedding of each byte,
                                                   plus hashed embeddings of the 2..ngrams bytes ending there
-                                                  and of the word so far (`--words`), all summed
+                                                  and of the word so far (`--words`) and the pair
+                                                  (previous word, word so far) (`--word-pairs`), all summed
                    -> (B, T/patch, patch*V)       `--patch` consecutive bytes per RNN step (1 = seed)
                    -> bidirectional RNN (B, S, 2H) with each text's true length
     ends:      f = out[b, len_b - 1, :H], g = out[b, 0, H:]        (the seed)
@@ -80,6 +81,8 @@ class ClassifyConfig:
                             "needs --input embedding)")
     words: bool = option(True, "also add a hashed embedding of the word so far at each byte (the letters "
                                 "and digits since the last other byte, at most 20; needs --input embedding)")
+    word_pairs: bool = option(False, "also add a hashed embedding of (previous word, word so far) at each "
+                                     "byte of a word (needs --words)")
     buckets: int = option(65536, "hash buckets shared by the n-gram and word embeddings")
     patch: int = option(8, "bytes per RNN step: their input vectors are concatenated (1 = the seed)")
     cell: Literal["lstm", "gru"] = option("gru", "recurrent cell")
@@ -103,6 +106,8 @@ class ClassifyConfig:
             raise UsageError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if not 0.0 <= self.dropout < 1.0:
             raise UsageError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.word_pairs and not self.words:
+            raise UsageError("--word-pairs needs --words")
         if (self.ngrams > 1 or self.words) and self.input == "onehot":
             raise UsageError("--ngrams > 1 and --words need --input embedding (hashed n-grams are learned "
                              "vectors); use --ngrams 1 --no-words with --input onehot")
@@ -385,7 +390,7 @@ class ByteClassifier(nn.Module):
         if self.config.ngrams > 1:
             ids.append(ngram_ids(x, self.config.ngrams, self.config.buckets))
         if self.config.words:
-            ids.append(word_ids(x, self.config.buckets))
+            ids.append(word_ids(x, self.config.buckets, pairs=self.config.word_pairs))
         if ids:
             e = e + self.ngram_embedding(torch.cat(ids, dim=2)).sum(dim=2)
         return e
@@ -428,19 +433,31 @@ def ngram_ids(x: Tensor, n_max: int, buckets: int) -> Tensor:
     return torch.stack(ids, dim=2)
 
 
-def word_ids(x: Tensor, buckets: int, longest: int = 20) -> Tensor:
+def word_ids(x: Tensor, buckets: int, longest: int = 20, pairs: bool = False) -> Tensor:
     """Hash bucket of the word so far at each position (B, T) -> (B, T, 1): the run of ASCII letters and
-    digits ending there, up to `longest` bytes; a byte outside words gets its own bucket."""
+    digits ending there, up to `longest` bytes; a byte outside words gets its own bucket. With `pairs`,
+    a second column (B, T, 2) hashes (previous word, word so far) inside words."""
     x = x.long()
+    B, T = x.shape
     prime = 2_147_483_647
     is_word = ((x >= 48) & (x <= 57)) | ((x >= 65) & (x <= 90)) | ((x >= 97) & (x <= 122))  # 0-9 A-Z a-z
     h = x + 1 + 1000 * is_word
     alive = is_word
     for k in range(1, longest):
-        previous = F.pad(x, (k, 0))[:, : x.shape[1]]
-        alive = alive & F.pad(is_word, (k, 0))[:, : x.shape[1]]
+        previous = F.pad(x, (k, 0))[:, :T]
+        alive = alive & F.pad(is_word, (k, 0))[:, :T]
         h = torch.where(alive, (h * 263 + previous + 1) % prime, h)
-    return ((h * 2654435761 + 97) % prime % buckets).unsqueeze(2)
+    ids = [(h * 2654435761 + 97) % prime % buckets]
+    if pairs:
+        steps = torch.arange(T, device=x.device).expand(B, T)
+        is_end = is_word & ~F.pad(is_word, (0, 1))[:, 1:]  # last byte of a word
+        last_end = torch.where(is_end, steps, -1).cummax(dim=1).values  # (B, T) latest word end at or before t
+        previous_end = F.pad(last_end, (1, 0), value=-1)[:, :T]  # ... strictly before t: the previous word's
+        previous_word = h.gather(1, previous_end.clamp(min=0))
+        pair = (previous_word * 1_000_003 + h) % prime
+        ok = is_word & (previous_end >= 0)
+        ids.append(torch.where(ok, (pair * 2654435761 + 389) % prime % buckets, torch.zeros_like(h)))
+    return torch.stack(ids, dim=2)
 
 
 # ---- metrics ------------------------------------------------------------------------------------------
