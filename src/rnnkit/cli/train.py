@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> None:
             task_cls = load_task_class(name)
             try:
                 add_dataclass_flags(p, task_cls.Config, f"{name} task")
-                add_dataclass_flags(p, TrainConfig, "training")
+                add_dataclass_flags(p, TrainConfig, "training", defaults=task_cls.train_defaults)
                 add_dataclass_flags(p, RunConfig, "run directory")
             except argparse.ArgumentError as e:
                 raise UsageError(f"task {name!r} declares a flag the engine already has: {e}") from None

@@ -53,9 +53,12 @@ def _parser_for(tp: Any, optional: bool, name: str):
     return parse
 
 
-def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, title: str | None = None) -> None:
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, title: str | None = None,
+                        defaults: dict[str, Any] | None = None) -> None:
     """Add one flag per field of dataclass `cls`. Flags not given on the command line are absent
-    from the parsed namespace (default SUPPRESS), so callers can tell given from defaulted."""
+    from the parsed namespace (default SUPPRESS), so callers can tell given from defaulted.
+    `defaults` overrides the default shown in the help for some fields (a task's train_defaults)."""
+    defaults = defaults or {}
     group = parser.add_argument_group(title) if title else parser
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -63,7 +66,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, title: str |
         help_text = f.metadata.get("help")
         if not help_text:
             raise TypeError(f"{cls.__name__}.{f.name} needs help text: declare it with option(default, help)")
-        help_text = f"{help_text} (default: {f.default})".replace("%", "%%")
+        help_text = f"{help_text} (default: {defaults.get(f.name, f.default)})".replace("%", "%%")
         kw: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
         if tp is bool:
             group.add_argument(flag_name(f.name), action=argparse.BooleanOptionalAction, **kw)

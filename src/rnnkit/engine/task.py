@@ -92,6 +92,7 @@ class Task(ABC):
     items_name: ClassVar[str] = "samples"  # unit of `n_items` for throughput: "tokens" or "samples"
     best_metric: ClassVar[str] = "loss"  # key of evaluate()'s dict that picks the best checkpoint
     higher_is_better: ClassVar[bool] = False  # True for e.g. best_metric = "accuracy"
+    train_defaults: ClassVar[dict[str, Any]] = {}  # this task's own TrainConfig defaults, e.g. {"lr": 6e-3}
 
     def __init__(self, config: Any, run_dir: Path):
         self.config = config

@@ -123,7 +123,7 @@ def train(task_name: str, task_flags: dict[str, Any], train_flags: dict[str, Any
         run_dir = info.path
     else:
         task_config = from_dict(task_cls.Config, task_flags, source="flags")
-        train_config = from_dict(TrainConfig, train_flags, source="flags")
+        train_config = from_dict(TrainConfig, {**task_cls.train_defaults, **train_flags}, source="flags")
         run_dir = Path(run.out) if run.out else default_run_dir(task_name)
         if (run_dir / "config.json").exists():
             raise UsageError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "

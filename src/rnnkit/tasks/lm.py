@@ -492,6 +492,8 @@ class LMTask(Task):
     name = "lm"
     Config = LMConfig
     items_name = "chars"
+    # tuned on tiny shakespeare with --time-budget 600 on a 2-core CPU (README, "Quality")
+    train_defaults = {"steps": 2100, "lr": 6e-3, "warmup_steps": 30}
 
     def __init__(self, config: LMConfig, run_dir: Path, vocab: Vocab, corpus_sha256: str | None = None):
         super().__init__(config, run_dir)
