@@ -21,8 +21,8 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def tiny_model(decoder: str, vocab: int = 8, floats: bool = False) -> SortModel:
-    return SortModel(decoder, vocab, floats, **TINY).eval()
+def tiny_model(decoder: str, vocab: int = 8, floats: bool = False, int_value: bool = False) -> SortModel:
+    return SortModel(decoder, vocab, floats, int_value=int_value, **TINY).eval()
 
 
 def test_train_batches_are_a_pure_function_of_the_step():
@@ -42,9 +42,10 @@ def test_test_sets_are_fixed_and_independent_of_the_data_seed():
     assert floats.dtype == torch.float32 and 0 <= float(floats.min()) and float(floats.max()) < 1
 
 
+@pytest.mark.parametrize("int_value", [False, True])
 @pytest.mark.parametrize("decoder", list(DECODERS))
-def test_every_decoder_gives_logits_and_a_finite_loss(decoder):
-    model = tiny_model(decoder)
+def test_every_decoder_gives_logits_and_a_finite_loss(decoder, int_value):
+    model = tiny_model(decoder, int_value=int_value)
     x = torch.randint(0, 8, (3, 5))
     logits, loss = model(x, x.argsort(dim=1, stable=True))
     classes = 5 if decoder == "pointer" else 8

@@ -1,6 +1,7 @@
 """The sorting model: an RNN encoder and one of four decoders, from the seed deck's design to pointers.
 
-Encoder: embed each number (integers: a table of V vectors; floats: a linear map of the value), run a
+Encoder: embed each number (integers: a table of V vectors, as the deck's one-hot input, plus with
+`int_value` a linear map of the magnitude x/V; floats: a linear map of the value), run a
 `num_layers`-deep, optionally bidirectional recurrent layer over them:
 
     e_j = embed(x_j)                      (B, N, E)
@@ -224,7 +225,8 @@ class SortModel(nn.Module):
     Beam search (search.py) drives `encode` and `decoder.start/step` itself."""
 
     def __init__(self, decoder: str, vocab: int, floats: bool, embed: int = 64, hidden: int = 128,
-                 num_layers: int = 1, bidirectional: bool = True, cell: str = "lstm", attn: int = 64):
+                 num_layers: int = 1, bidirectional: bool = True, cell: str = "lstm", attn: int = 64,
+                 int_value: bool = False):
         super().__init__()
         if decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
@@ -237,7 +239,10 @@ class SortModel(nn.Module):
         self.num_layers = num_layers
         D = 2 if bidirectional else 1
         width = D * hidden
+        self.vocab = vocab
         self.embed = nn.Linear(1, embed) if floats else nn.Embedding(vocab, embed)
+        # integers as numbers too: a magnitude channel makes "smaller than" one linear feature to learn
+        self.value = nn.Linear(1, embed, bias=False) if int_value and not floats else None
         self.encoder = Recurrent(CELLS[cell], embed, hidden, num_layers=num_layers, bidirectional=bidirectional)
         self.decoder = DECODERS[decoder](cell, vocab, embed, width, num_layers, key_size=width + embed, attn=attn)
 
@@ -245,6 +250,8 @@ class SortModel(nn.Module):
         """inputs (B, N) -> Memory for the decoder."""
         B, N = inputs.shape
         embedded = self.embed(inputs[..., None].float()) if self.floats else self.embed(inputs)  # (B, N, E)
+        if self.value is not None:
+            embedded = embedded + self.value(inputs[..., None].float() / self.vocab)
         outputs, state = self.encoder(embedded)  # (B, N, D*H)
         if isinstance(state, Tensor):  # single-field states (GRU, RNN) come back as a bare h
             state = HiddenState(state)

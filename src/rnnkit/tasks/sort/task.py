@@ -39,6 +39,8 @@ class SortConfig:
     n_min: int = option(2, "shortest training sequence (lengths are drawn uniformly per step)")
     n_max: int = option(20, "longest training sequence")
     vocab: int = option(128, "integer tokens are drawn from [0, V) (the seed's E_DIM = 128)")
+    int_value: bool = option(False, "integers: add each token's magnitude x/V to its embedding (default: the "
+                                    "deck's one-hot-like embedding only, so order must be learned per token)")
     floats: bool = option(False, "sort floats uniform in [0, 1] instead of integers (needs --decoder pointer)")
     decoder: Literal["seed", "teacher", "attention", "pointer"] = option(
         "pointer", "seed: state hand-off, zero inputs (the deck); teacher: previous output as input; "
@@ -96,7 +98,7 @@ class SortTask(Task):
     def build_model(self) -> nn.Module:
         c = self.config
         return SortModel(c.decoder, c.vocab, c.floats, embed=c.embed, hidden=c.hidden, num_layers=c.layers,
-                         bidirectional=c.bidirectional, cell=c.cell, attn=c.attn)
+                         bidirectional=c.bidirectional, cell=c.cell, attn=c.attn, int_value=c.int_value)
 
     # ---- training --------------------------------------------------------------------------------
     def train_batch(self, step: int, rank: int, world_size: int) -> SortBatch:
