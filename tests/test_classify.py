@@ -21,7 +21,9 @@ from rnnkit.tasks.classify import (
 )
 
 KEYWORDS = {"alpha": "volcano", "beta": "harbour", "gamma": "quartet"}
-TINY = ["--seq-len", "32", "--hidden", "16", "--embed", "16", "--e-dim", "16", "--buckets", "512", "--patch", "4",
+# the README's tuned variant (the defaults are the seed's slower model), at toy size
+TINY = ["--input", "embedding", "--ngrams", "4", "--words", "--cell", "gru", "--layers", "1", "--pooling", "mean",
+        "--seq-len", "32", "--hidden", "16", "--embed", "16", "--e-dim", "16", "--buckets", "512", "--patch", "4",
         "--dropout", "0", "--batch-size", "24", "--val-fraction", "0"]
 
 
@@ -194,8 +196,8 @@ def test_validation_split_is_a_stable_hash_of_the_text():
                                                      ("mean", 2, "lstm", True)])
 def test_padding_is_never_read(pooling, patch, cell, pairs):
     """A text's logits are the same alone and in a batch padded for a longer text (random bytes)."""
-    config = ClassifyConfig(pooling=pooling, patch=patch, cell=cell, hidden=8, embed=8, e_dim=8, buckets=64,
-                            layers=2, word_pairs=pairs)
+    config = ClassifyConfig(input="embedding", ngrams=4, words=True, pooling=pooling, patch=patch, cell=cell,
+                            hidden=8, embed=8, e_dim=8, buckets=64, layers=2, word_pairs=pairs)
     model = ByteClassifier(config, num_classes=3).eval()
     x = torch.randint(0, 256, (2, 11))
     x[:, ::3] = 32  # spaces, so there are words and word pairs
@@ -206,8 +208,9 @@ def test_padding_is_never_read(pooling, patch, cell, pairs):
 
 
 def test_seed_configuration_one_hot_ends():
-    config = ClassifyConfig(input="onehot", ngrams=1, words=False, patch=1, pooling="ends", cell="lstm", hidden=8, layers=3,
-                            e_dim=8)
+    assert ClassifyConfig() == ClassifyConfig(input="onehot", ngrams=1, words=False, patch=1, pooling="ends",
+                                              cell="lstm", hidden=512, layers=3, dropout=0.0)  # the seed's default
+    config = ClassifyConfig(hidden=8, e_dim=8)
     model = ByteClassifier(config, num_classes=4)
     assert model.rnn.input_size == 256 and model.rnn.num_layers == 3 and model.rnn.bidirectional
     logits, loss = model(torch.randint(0, 256, (3, 9)), torch.tensor([9, 4, 1]))
