@@ -278,3 +278,11 @@ def test_word_features_hash_whole_words_and_pairs():
     assert pairs[4:7].tolist() == pairs[13:16].tolist()  # "cat" after "the", twice
     assert pairs[9:12].tolist() != pairs[:3].tolist()  # "the" after "cat" vs "the" at the start
     assert pairs[:3].eq(0).all() and pairs[3] == 0  # no previous word; not in a word
+
+
+def test_predict_texts_may_come_before_and_after_flags(trained, capsys):
+    capsys.readouterr()
+    assert main(["predict", str(trained), "abc volcano", "--json", "quartet ij naive"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["label"] for line in lines] == ["alpha", "gamma"]
+    assert main(["predict", str(trained), "abc volcano", "--bogus"]) == 2

@@ -63,4 +63,4 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-PREDICT = Command(add_arguments, run)
+PREDICT = Command(add_arguments, run, trailing="texts")

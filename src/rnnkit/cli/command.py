@@ -30,6 +30,9 @@ from typing import Callable
 class Command:
     add_arguments: Callable[[argparse.ArgumentParser, list[str]], None]  # adds the command's flags
     run: Callable[[argparse.Namespace], int]  # does the work; returns the exit code
+    # dest of a trailing positional list (`predict RUN TEXT...`) whose items may come before and after
+    # flags (`predict RUN a --json b`); argparse alone stops filling it at the first flag
+    trailing: str | None = None
 
 
 @dataclass(frozen=True)

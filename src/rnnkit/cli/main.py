@@ -58,7 +58,7 @@ def build_parser(argv: list[str]) -> Parser:
         if chosen is not None and argv[chosen] == name:
             command = load_command(name)
             command.add_arguments(p, argv[chosen + 1:])
-            p.set_defaults(run=command.run)
+            p.set_defaults(run=command.run, trailing=command.trailing)
     return parser
 
 
@@ -66,7 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         try:
-            args = build_parser(argv).parse_args(argv)
+            parser = build_parser(argv)
+            args, extra = parser.parse_known_args(argv)
+            if extra and getattr(args, "trailing", None) and not any(a.startswith("-") for a in extra):
+                getattr(args, args.trailing).extend(extra)  # more TEXT / NUMBER items after a flag
+            elif extra:
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
         except SystemExit as e:  # argparse: --help, --version (0) or a one-line usage error (2)
             return e.code if isinstance(e.code, int) else 2
         return int(args.run(args) or 0)

@@ -45,4 +45,4 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-SORT = Command(add_arguments, run)
+SORT = Command(add_arguments, run, trailing="numbers")
