@@ -15,7 +15,7 @@ from rnnkit.cli import main as cli_main
 from rnnkit.cli.command import Command, CommandSpec
 from rnnkit.cli.main import main
 from rnnkit.engine.config import flag_name
-from rnnkit.engine.task import TASKS
+from rnnkit.tasks.base import TASKS
 from rnnkit.engine.trainer import RunConfig, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]

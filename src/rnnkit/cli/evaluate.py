@@ -16,7 +16,7 @@ from rnnkit.cli.command import Command
 from rnnkit.engine.config import add_dataclass_flags, from_dict, given_fields
 from rnnkit.engine.errors import UsageError
 from rnnkit.engine.rundir import load_run, read_run
-from rnnkit.engine.task import load_task_class
+from rnnkit.tasks.base import load_task_class
 
 
 def add_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> None:

@@ -1,11 +1,11 @@
 """Engine: one task-agnostic trainer, checkpoints, run directories, distributed setup.
 
 Task authors need: `Task`, `TASKS`, `option`, `UsageError`, and the helpers `step_generator`,
-`shard_range`, `move_to`, `device_of` (all documented in engine/task.py).
+`shard_range`, `move_to`, `device_of` (all documented in tasks/base.py, where they live).
 """
 from rnnkit.engine.config import option
 from rnnkit.engine.errors import CheckpointError, UsageError
-from rnnkit.engine.task import TASKS, Task, device_of, load_task_class, move_to, shard_range, step_generator
+from rnnkit.tasks.base import TASKS, Task, device_of, load_task_class, move_to, shard_range, step_generator
 
 __all__ = [
     "CheckpointError", "TASKS", "Task", "UsageError", "device_of", "load_task_class", "move_to", "option",

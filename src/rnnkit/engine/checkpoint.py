@@ -26,34 +26,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from rnnkit.engine.errors import CheckpointError
+from rnnkit.tasks.files import atomic_write, atomic_write_text  # noqa: F401  (re-exported)
 
 FORMAT = "rnnkit-checkpoint/1"  # bumped when the layout changes incompatibly
 
-
-def atomic_write(path: Path, write) -> None:
-    """Call `write(tmp_path)`, fsync the file, then atomically replace `path` with it."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600 files; make them like any other
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:

@@ -21,12 +21,9 @@ import typing
 from typing import Any, Literal, get_args, get_origin
 
 from rnnkit.engine.errors import UsageError
+from rnnkit.tasks.base import option  # noqa: F401  (re-exported: configs declare fields with it)
 
 
-def option(default: Any, help: str, *, metavar: str | None = None, resumable: bool = False) -> Any:
-    """A dataclass field with its help text. `metavar` names the value in --help (default: its type,
-    e.g. INT); `resumable` marks TrainConfig fields that flags may change on `--resume`."""
-    return dataclasses.field(default=default, metadata={"help": help, "metavar": metavar, "resumable": resumable})
 
 
 def flag_name(field_name: str) -> str:

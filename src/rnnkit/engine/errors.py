@@ -8,9 +8,9 @@ with exit code 2 and no traceback. Say what was wrong, where it came from, and w
 """
 from __future__ import annotations
 
+from rnnkit.tasks.base import UsageError  # defined with the Task contract, below the engine
 
-class UsageError(Exception):
-    """A mistake the user can fix; the CLI prints its message on one line and exits with code 2."""
+
 
 
 class CheckpointError(UsageError):

@@ -147,7 +147,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str = "cpu")
     from rnnkit.engine.checkpoint import load_model_weights
     from rnnkit.engine.config import from_dict
     from rnnkit.engine.distributed import resolve_device
-    from rnnkit.engine.task import load_task_class
+    from rnnkit.tasks.base import load_task_class
 
     info = read_run(run_dir)
     task_cls = load_task_class(info.task)

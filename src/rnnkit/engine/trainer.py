@@ -37,7 +37,7 @@ from rnnkit.engine.rundir import (
     write_config,
 )
 from rnnkit.engine.schedule import OPTIMIZERS, SCHEDULES, lr_at
-from rnnkit.engine.task import Task, load_task_class, move_to
+from rnnkit.tasks.base import Task, load_task_class, move_to
 
 
 @dataclass(frozen=True)

@@ -60,9 +60,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 import rnnkit
-from rnnkit.engine.config import option
-from rnnkit.engine.errors import UsageError
-from rnnkit.engine.task import Task, device_of, move_to, shard_range, step_generator
+from rnnkit.tasks.base import option
+from rnnkit.tasks.base import UsageError
+from rnnkit.tasks.base import Task, device_of, move_to, shard_range, step_generator
 
 LABELS_FILE = "labels.json"    # artifact in the run directory: the class names, in index order
 CLASSES_FILE = "classes.txt"   # optional next to the data: one class name a line, class 1 first
@@ -496,7 +496,7 @@ def plot_confusion(confusion: Tensor, names: list[str], path: Path, title: str) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from rnnkit.engine.checkpoint import atomic_write
+    from rnnkit.tasks.files import atomic_write
 
     cm = confusion.numpy()
     fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2.5, 1.0 * len(names) + 2))
@@ -546,7 +546,7 @@ class ClassifyTask(Task):
         return task
 
     def save_artifacts(self, run_dir: Path) -> None:
-        from rnnkit.engine.checkpoint import atomic_write_text
+        from rnnkit.tasks.files import atomic_write_text
         atomic_write_text(Path(run_dir) / LABELS_FILE, json.dumps({"labels": self.names}, indent=2) + "\n")
 
     @classmethod

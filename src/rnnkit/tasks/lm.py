@@ -62,9 +62,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 import rnnkit
-from rnnkit.engine.config import option
-from rnnkit.engine.errors import UsageError
-from rnnkit.engine.task import Task, device_of, shard_range, step_generator
+from rnnkit.tasks.base import option
+from rnnkit.tasks.base import UsageError
+from rnnkit.tasks.base import Task, device_of, shard_range, step_generator
 
 VOCAB_FILE = "vocab.json"
 LAYERS = {"lstm": rnnkit.LSTM, "gru": rnnkit.GRU, "rnn": rnnkit.RNN}  # --cell -> layer class
@@ -175,7 +175,7 @@ class Vocab:
         return cls(chars)
 
     def save(self, path: Path) -> None:
-        from rnnkit.engine.checkpoint import atomic_write_text  # engine helper; the file is ours
+        from rnnkit.tasks.files import atomic_write_text
         atomic_write_text(Path(path), json.dumps(self.to_json(), ensure_ascii=True) + "\n")
 
     @staticmethod
@@ -253,7 +253,7 @@ def download(name: str) -> Path:
         raise UsageError(f"the download of {name} from {remote.url} has sha256 {digest}, expected "
                          f"{remote.sha256}; refusing to use it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    from rnnkit.engine.checkpoint import atomic_write
+    from rnnkit.tasks.files import atomic_write
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(payload))
     return path
 
@@ -514,7 +514,7 @@ class LMTask(Task):
 
     def save_artifacts(self, run_dir: Path) -> None:
         doc = self.vocab.to_json() | {"corpus_sha256": self.corpus_sha256}
-        from rnnkit.engine.checkpoint import atomic_write_text
+        from rnnkit.tasks.files import atomic_write_text
         atomic_write_text(Path(run_dir) / VOCAB_FILE, json.dumps(doc, ensure_ascii=True) + "\n")
 
     @classmethod

@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from rnnkit.engine.task import step_generator
+from rnnkit.tasks.base import step_generator
 
 TEST_SEED = 20170827  # the date on the seed deck; fixed so test sets never depend on a run's --seed
 

@@ -25,9 +25,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from rnnkit.engine.config import option
-from rnnkit.engine.errors import UsageError
-from rnnkit.engine.task import Task, device_of, move_to, shard_range, step_generator
+from rnnkit.tasks.base import option
+from rnnkit.tasks.base import UsageError
+from rnnkit.tasks.base import Task, device_of, move_to, shard_range, step_generator
 from rnnkit.tasks.sort.data import SortBatch, draw_length, make_batch, sample, test_set
 from rnnkit.tasks.sort.model import DECODERS, POINTS, SortModel
 from rnnkit.tasks.sort.search import choose, decode

@@ -1,5 +1,8 @@
 """The Task interface: what a task (classify, lm, sort) gives the trainer.
 
+It lives on the tasks floor, below the engine, so tasks never import the engine: a task needs only
+this module (`Task`, `option` for its config fields, `UsageError`, the helpers at the bottom).
+
 The trainer (engine/trainer.py) owns everything that is the same for every task: the optimizer,
 learning-rate schedule, clipping, devices and mixed precision, DistributedDataParallel, progress,
 metrics, plots, checkpoints and resume. A task owns its data, model, loss and metrics.
@@ -59,11 +62,12 @@ Rules that make resume exact and processes agree
   otherwise `data` is a path given by `rnnkit eval RUN_DIR --data PATH` (e.g. a test CSV). Return plain
   floats; "loss" is the mean per item in nats. Use no global RNG here, or fork it
   (`torch.random.fork_rng`), so evaluating does not change the training stream.
-* Raise `UsageError` (rnnkit.engine.errors) for anything the user can fix: bad data paths, a batch
+* Raise `UsageError` (defined below) for anything the user can fix: bad data paths, a batch
   size that does not divide, an empty file. The CLI prints it on one line, exit code 2.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 from abc import ABC, abstractmethod
@@ -73,7 +77,15 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from rnnkit.engine.errors import UsageError
+
+class UsageError(Exception):
+    """A mistake the user can fix; the CLI prints its message on one line and exits with code 2."""
+
+def option(default: Any, help: str, *, metavar: str | None = None, resumable: bool = False) -> Any:
+    """A dataclass field with its help text. `metavar` names the value in --help (default: its type,
+    e.g. INT); `resumable` marks TrainConfig fields that flags may change on `--resume`."""
+    return dataclasses.field(default=default, metadata={"help": help, "metavar": metavar, "resumable": resumable})
+
 
 # name -> "module:Class", imported only when that task is used, so a task that is missing or broken
 # never stops the CLI or the other tasks. One line per task.
