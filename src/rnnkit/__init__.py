@@ -6,13 +6,13 @@
 (2, 5, 16)
 """
 from rnnkit.core import (
-    CELLS, GRU, GRUCell, GatedCell, HiddenState, LSTM, LSTMCell, LSTMState, RNN, RNNCell, Recurrent,
+    CELLS, GRU, GRUCell, GatedCell, HiddenState, LAYERS, LSTM, LSTMCell, LSTMState, RNN, RNNCell, Recurrent,
     from_torch, gate, to_torch,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CELLS", "GRU", "GRUCell", "GatedCell", "HiddenState", "LSTM", "LSTMCell", "LSTMState", "RNN", "RNNCell",
+    "CELLS", "GRU", "GRUCell", "GatedCell", "HiddenState", "LAYERS", "LSTM", "LSTMCell", "LSTMState", "RNN", "RNNCell",
     "Recurrent", "__version__", "from_torch", "gate", "to_torch",
 ]

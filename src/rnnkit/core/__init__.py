@@ -2,9 +2,9 @@
 from rnnkit.core.cells import CELLS, GRUCell, LSTMCell, LSTMState, RNNCell
 from rnnkit.core.gates import GatedCell, HiddenState, gate
 from rnnkit.core.interop import from_torch, to_torch
-from rnnkit.core.layers import GRU, LSTM, RNN, Recurrent
+from rnnkit.core.layers import GRU, LAYERS, LSTM, RNN, Recurrent
 
 __all__ = [
-    "CELLS", "GRU", "GRUCell", "GatedCell", "HiddenState", "LSTM", "LSTMCell", "LSTMState", "RNN", "RNNCell",
+    "CELLS", "GRU", "GRUCell", "GatedCell", "HiddenState", "LAYERS", "LSTM", "LSTMCell", "LSTMState", "RNN", "RNNCell",
     "Recurrent", "from_torch", "gate", "to_torch",
 ]

@@ -200,3 +200,7 @@ class RNN(Recurrent):
         super().__init__(RNNCell, input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
                          nonlinearity=nonlinearity)
         self.nonlinearity = nonlinearity
+
+
+# layer classes by cell name, for `--cell` choices (tasks build their RNNs from it)
+LAYERS = {"lstm": LSTM, "gru": GRU, "rnn": RNN}
