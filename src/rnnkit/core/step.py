@@ -56,14 +56,16 @@ def _packed(layer) -> list:
     cache = getattr(layer, _CACHE_ATTR, None)
     if cache is None or cache[0] != key:
         with torch.no_grad():
-            packs = [_pack(c) if type(c).combine in (LSTMCell.combine, RNNCell.combine) else None
-                     for c in layer.cells]
+            packs = [_pack(c) if STEPPERS.get(type(c).combine, _GENERIC)[0] else None for c in layer.cells]
         cache = (key, packs)
         object.__setattr__(layer, _CACHE_ATTR, cache)  # a plain attribute: not a parameter, not saved
     return cache[1]
 
 
-def _lstm(x, h, c, w, b, h_out, c_out):
+# Each stepper: (cell, x (B, I), state parts in, packed weights or None, state parts out) -> h (B, H),
+# writing the new state parts into the `out` tensors.
+def _lstm(cell, x, ins, pack, outs):
+    (h, c), (w, b), (h_out, c_out) = ins, pack, outs
     H = h.shape[-1]
     xh = torch.cat((x, h), dim=1)
     z = torch.addmm(b, xh, w) if b is not None else xh.mm(w)  # (B, 4H) in i, f, o, g order
@@ -74,19 +76,34 @@ def _lstm(x, h, c, w, b, h_out, c_out):
     return torch.mul(z[:, 2 * H : 3 * H], torch.tanh(c_out), out=h_out)
 
 
-def _rnn(x, h, w, b, h_out, relu: bool):
+def _rnn(cell, x, ins, pack, outs):
+    (h,), (w, b), (h_out,) = ins, pack, outs
     xh = torch.cat((x, h), dim=1)
     z = torch.addmm(b, xh, w, out=h_out) if b is not None else torch.mm(xh, w, out=h_out)
-    return z.relu_() if relu else z.tanh_()
+    return z.relu_() if cell.nonlinearity == "relu" else z.tanh_()
 
 
-def _gru(cell, x, h, h_out):
+def _gru(cell, x, ins, pack, outs):
+    (h,), (h_out,) = ins, outs
     H = h.shape[-1]
     zx = F.linear(x, cell.weight_ih, cell.bias_ih)  # (B, 3H)
     zh = F.linear(h, cell.weight_hh, cell.bias_hh)
     rz = zx[:, : 2 * H].add_(zh[:, : 2 * H]).sigmoid_()
     n = zx[:, 2 * H :].addcmul_(rz[:, :H], zh[:, 2 * H :]).tanh_()
     return torch.lerp(n, h, rz[:, H:], out=h_out)  # n + z * (h - n)
+
+
+def _generic(cell, x, ins, pack, outs):
+    """Any other gated cell: its own ``step``, the new state copied into place."""
+    h, state = cell.step(cell.project_input(x), cell.State(*ins))
+    for out, part in zip(outs, state):
+        out.copy_(part)
+    return h
+
+
+# a cell's combine -> (packs [W_ih, W_hh] once?, its stepper); cells not listed take _GENERIC
+STEPPERS = {LSTMCell.combine: (True, _lstm), RNNCell.combine: (True, _rnn), GRUCell.combine: (False, _gru)}
+_GENERIC = (False, _generic)
 
 
 def step_layers(layer, x: Tensor, state) -> tuple | None:
@@ -123,19 +140,9 @@ def step_layers(layer, x: Tensor, state) -> tuple | None:
         halves = []
         for d in range(D):
             row = k * D + d
-            cell, pack = layer.cells[row], packs[row]
-            combine = type(cell).combine
-            if combine is LSTMCell.combine:
-                h = _lstm(inp, ins[0][row], ins[1][row], *pack, outs[0][row], outs[1][row])
-            elif combine is GRUCell.combine:
-                h = _gru(cell, inp, ins[0][row], outs[0][row])
-            elif combine is RNNCell.combine:
-                h = _rnn(inp, ins[0][row], *pack, outs[0][row], cell.nonlinearity == "relu")
-            else:
-                h, st = cell.step(cell.project_input(inp), cell.State(*(p[row] for p in ins)))
-                for o, s in zip(outs, st):
-                    o[row].copy_(s)
-            halves.append(h)
+            cell = layer.cells[row]
+            _, stepper = STEPPERS.get(type(cell).combine, _GENERIC)
+            halves.append(stepper(cell, inp, [p[row] for p in ins], packs[row], [p[row] for p in outs]))
         inp = halves[0] if D == 1 else torch.cat(halves, dim=1)  # (B, D*H)
     output = inp.unsqueeze(1) if layer.batch_first else inp.unsqueeze(0)
     return output, (new[0] if len(new) == 1 else layer.State(*new))
