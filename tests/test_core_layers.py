@@ -199,3 +199,13 @@ def test_bad_constructor_arguments():
 def test_gru_state_must_be_a_tensor_of_the_right_shape():
     with pytest.raises(ValueError, match=r"state.h must have shape \(num_layers\*D=2, B=2, H=4\), got \(1, 2, 4\)"):
         rnnkit.GRU(3, 4, bidirectional=True)(torch.randn(2, 5, 3), torch.zeros(1, 2, 4))
+
+
+def test_cell_state_of_the_wrong_kind_is_named():
+    x = torch.randn(2, 3)
+    with pytest.raises(TypeError, match=r"state must be a tuple \(h, c\)"):
+        rnnkit.LSTMCell(3, 4)(x, torch.zeros(2, 2, 4))  # a stacked tensor is not (h, c)
+    with pytest.raises(TypeError, match=r"state must be a tuple \(h, c\)"):
+        rnnkit.LSTMCell(3, 4)(x, (torch.zeros(2, 4),))
+    with pytest.raises(ValueError, match=r"state.h must have shape \(B=2, H=4\), got \(1, 4\)"):
+        rnnkit.GRUCell(3, 4)(x, torch.zeros(1, 4))

@@ -499,7 +499,7 @@ def fused_scan(cell: GatedCell, xz: Tensor, state: NamedTuple, mask: Tensor | No
         return out, cell.State(*final)
     with torch.no_grad(), torch.autocast(xz.device.type, enabled=False):
         out, final, _ = kernel.forward(cell, xz, w_hh, b_hh, cell.State(*state), mask, False)
-    return out.transpose(0, 1), cell.State(*final)
+    return out.transpose(0, 1).contiguous(), cell.State(*final)  # (B, T, H), contiguous as torch.nn returns it
 
 
 # -- routing whole built-in LSTM stacks to the vendor kernel ---------------------------------

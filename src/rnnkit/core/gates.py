@@ -144,8 +144,12 @@ class GatedCell(nn.Module):
             state = self.initial_state(x.shape[0], device=x.device, dtype=x.dtype)
         elif isinstance(state, Tensor) and len(self.State._fields) == 1:
             state = self.State(state)
-        else:
+        elif isinstance(state, (tuple, list)) and len(state) == len(self.State._fields):
             state = self.State(*state)
+        else:
+            fields = self.State._fields
+            want = "a tensor h" if len(fields) == 1 else f"a tuple ({', '.join(fields)})"
+            raise TypeError(f"state must be {want} of shape (B, {self.hidden_size}) each, got {type(state).__name__}")
         for name, part in zip(self.State._fields, state):
             if not isinstance(part, Tensor) or tuple(part.shape) != (x.shape[0], self.hidden_size):
                 got = tuple(part.shape) if isinstance(part, Tensor) else type(part).__name__
