@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rnnkit.tasks.base import UsageError
 from rnnkit.tasks.sort import DECODERS, SortConfig, SortModel, SortTask
 from rnnkit.tasks.sort import data
 from rnnkit.tasks.sort.data import make_batch
@@ -29,9 +30,17 @@ def test_train_batches_are_a_pure_function_of_the_step():
     task = SortTask(SortConfig(n_min=2, n_max=9, batch_size=4), run_dir="unused")
     a, b = task.train_batch(7, 0, 1), task.train_batch(7, 0, 1)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
-    assert not torch.equal(task.train_batch(8, 0, 1).inputs, a.inputs) or a.inputs.shape != (4, 1)
     assert torch.equal(a.targets, a.inputs.gather(1, a.order))
     assert bool((a.targets[:, 1:] >= a.targets[:, :-1]).all())
+    lengths = {task.train_batch(step, 0, 1).inputs.shape for step in range(30)}
+    assert {shape[0] for shape in lengths} == {4} and len(lengths) > 1  # one length per step, not always the same
+    assert all(2 <= shape[1] <= 9 for shape in lengths)
+    fixed = SortTask(SortConfig(n=5, batch_size=4), run_dir="unused")
+    step7, step8 = fixed.train_batch(7, 0, 1), fixed.train_batch(8, 0, 1)
+    assert step7.inputs.shape == step8.inputs.shape == (4, 5)
+    assert not torch.equal(step7.inputs, step8.inputs)  # another step, other numbers
+    ranks = [fixed.train_batch(7, rank, 2).inputs for rank in (0, 1)]
+    assert [r.shape for r in ranks] == [(2, 5), (2, 5)] and not torch.equal(*ranks)  # each process its own rows
 
 
 def test_test_sets_are_fixed_and_independent_of_the_data_seed():
@@ -128,5 +137,15 @@ def test_a_tiny_problem_is_learned_exactly(decoder):
 
 
 def test_floats_need_the_pointer_decoder():
-    with pytest.raises(ValueError, match="--floats needs --decoder pointer"):
+    with pytest.raises(UsageError, match="--floats needs --decoder pointer"):
         SortConfig(floats=True, decoder="seed")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(hidden=0), "--hidden must be at least 1, got 0"),
+    (dict(n=300), r"--n must be in \[1, --max-n=256\], got 300"),
+    (dict(n_min=5, n_max=3), "need --n-min <= --n-max <= --max-n, got 5, 3, 256"),
+])
+def test_bad_config_is_a_usage_error(flags, message):
+    with pytest.raises(UsageError, match=message):
+        SortConfig(**flags)

@@ -26,9 +26,10 @@ def float_run(tmp_path_factory):
     return str(out)
 
 
-def run_sort(capsys, monkeypatch, args, stdin=""):
+def run_sort(capsys, monkeypatch, args, stdin: str | bytes = ""):
     capsys.readouterr()
-    monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+    raw = stdin.encode() if isinstance(stdin, str) else stdin
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(raw), encoding="latin-1"))  # a non-UTF-8 locale
     code = main(["sort", *args])
     out, err = capsys.readouterr()
     return code, out, err
@@ -64,6 +65,37 @@ def test_bad_lines_are_named_and_exit_with_code_2(int_run, capsys, monkeypatch, 
     code, out, err = run_sort(capsys, monkeypatch, [int_run], stdin)
     assert code == 2 and message in err and err.count("\n") == 1
     assert len(out.splitlines()) == int(message.split(":")[0].split()[1]) - 1  # the lines before it were sorted
+
+
+def test_invalid_utf8_on_stdin_names_the_line(int_run, capsys, monkeypatch):
+    code, out, err = run_sort(capsys, monkeypatch, [int_run], b"1 2\n3 \xff 4\n")
+    assert code == 2 and err == "rnnkit: error: stdin, line 2: invalid UTF-8 at byte 2 of the line\n"
+    assert len(out.splitlines()) == 1  # the line before it was sorted
+
+
+def test_blank_lines_at_the_end_are_ignored_not_in_the_middle(int_run, capsys, monkeypatch):
+    code, out, err = run_sort(capsys, monkeypatch, [int_run], "1 2\n3\n\n \n")
+    assert code == 0 and err == "" and [sorted(line.split()) for line in out.splitlines()] == [["1", "2"], ["3"]]
+    code, out, err = run_sort(capsys, monkeypatch, [int_run], "1 2\n\n\n3\n")
+    assert code == 2 and "line 2: empty" in err and len(out.splitlines()) == 1
+
+
+def test_eval_data_file(int_run, tmp_path, capsys):
+    good = tmp_path / "good.txt"
+    good.write_bytes(b"3 1 2\n0 9 4 4\n5 6\n\n")  # a blank last line is not a sequence
+    capsys.readouterr()
+    assert main(["eval", int_run, "--data", str(good), "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert {"accuracy@2", "accuracy@3", "accuracy@4"} <= set(metrics) and "accuracy@0" not in metrics
+    middle = tmp_path / "middle.txt"
+    middle.write_bytes(b"3 1 2\n\n5 6\n")
+    assert main(["eval", int_run, "--data", str(middle)]) == 2
+    assert f"{middle} line 2: empty" in capsys.readouterr().err
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"3 1 2\n\x89PNG\xff\n")
+    assert main(["eval", int_run, "--data", str(binary)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"rnnkit: error: cannot read --data {binary}: not UTF-8 text (byte 0x89 at offset 6)\n"
 
 
 def test_bad_command_line_numbers_and_floats(int_run, float_run, capsys, monkeypatch):

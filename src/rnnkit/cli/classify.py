@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from rnnkit.cli.command import Command
+from rnnkit.cli.stdin import stdin_lines
 from rnnkit.engine.errors import UsageError
 
 
@@ -28,17 +28,6 @@ def add_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> None:
                         help="where to run the model (default: cpu)")
 
 
-def read_stdin_lines() -> list[str]:
-    """stdin as text lines, refusing invalid UTF-8 with the line number."""
-    texts = []
-    for number, raw in enumerate(sys.stdin.buffer, start=1):
-        try:
-            texts.append(raw.decode("utf-8").rstrip("\r\n"))
-        except UnicodeDecodeError as e:
-            raise UsageError(f"stdin, line {number}: invalid UTF-8 at byte {e.start} of the line") from None
-    return texts
-
-
 def run(args: argparse.Namespace) -> int:
     from rnnkit.engine.rundir import load_run
 
@@ -46,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     if loaded.info.task != "classify":
         raise UsageError(f"{loaded.info.path} is a {loaded.info.task!r} run; predict needs a classify run")
     where = "argument" if args.texts else "stdin, line"
-    texts = list(args.texts) if args.texts else read_stdin_lines()
+    texts = list(args.texts) if args.texts else list(stdin_lines())
     for number, text in enumerate(texts, start=1):
         if not text.strip():
             raise UsageError(f"{where} {number}: empty text")

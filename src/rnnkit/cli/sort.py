@@ -2,8 +2,9 @@
 
 With numbers on the command line, prints one line. Without, reads one sequence per line from stdin
 (numbers separated by spaces or commas) and prints one output line per input line, as each line
-arrives. Numbers in the output are separated by single spaces. A bad line (not a number, an integer
-outside [0, V), longer than the model supports, empty) stops with a message naming it, exit code 2.
+arrives. Numbers in the output are separated by single spaces. A bad line (not UTF-8, not a number, an
+integer outside [0, V), longer than the model supports, empty) stops with a message naming it, exit code 2;
+blank lines at the very end of the input are ignored, as they are in `rnnkit eval RUN --data FILE`.
 
     $ echo "5 3 9, 1" | rnnkit sort runs/sort-ptr
     1 3 5 9
@@ -11,9 +12,9 @@ outside [0, V), longer than the model supports, empty) stops with a message nami
 from __future__ import annotations
 
 import argparse
-import sys
 
 from rnnkit.cli.command import Command
+from rnnkit.cli.stdin import stdin_lines
 
 
 def add_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> None:
@@ -30,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> None:
 def run(args: argparse.Namespace) -> int:
     from rnnkit.engine.errors import UsageError
     from rnnkit.engine.rundir import load_run
+    from rnnkit.tasks.sort.task import sequence_lines
 
     if args.beam is not None and args.beam < 1:
         raise UsageError(f"--beam must be at least 1, got {args.beam}")
@@ -40,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     if args.numbers:
         print(task.sort_line(model, " ".join(args.numbers), "command line", args.beam))
         return 0
-    for number, line in enumerate(sys.stdin, 1):
+    for number, line in sequence_lines(stdin_lines()):
         print(task.sort_line(model, line, f"line {number}", args.beam), flush=True)
     return 0
 

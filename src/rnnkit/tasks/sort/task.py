@@ -20,16 +20,14 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Iterable, Iterator, Literal
 
 import torch
 from torch import nn
 
-from rnnkit.tasks.base import option
-from rnnkit.tasks.base import UsageError
-from rnnkit.tasks.base import Task, device_of, move_to, shard_range, step_generator
+from rnnkit.tasks.base import Task, UsageError, device_of, move_to, option, shard_range, step_generator
 from rnnkit.tasks.sort.data import SortBatch, draw_length, make_batch, sample, test_set
-from rnnkit.tasks.sort.model import DECODERS, POINTS, SortModel
+from rnnkit.tasks.sort.model import POINTS, SortModel
 from rnnkit.tasks.sort.search import choose, decode
 
 
@@ -61,13 +59,13 @@ class SortConfig:
         for name in ("n_min", "n_max", "vocab", "embed", "hidden", "attn", "layers", "batch_size", "beam", "eval_size",
                      "max_n"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.n is not None and not 1 <= self.n <= self.max_n:
-            raise ValueError(f"--n must be in [1, --max-n={self.max_n}], got {self.n}")
+            raise UsageError(f"--n must be in [1, --max-n={self.max_n}], got {self.n}")
         if self.n is None and not self.n_min <= self.n_max <= self.max_n:
-            raise ValueError(f"need --n-min <= --n-max <= --max-n, got {self.n_min}, {self.n_max}, {self.max_n}")
+            raise UsageError(f"need --n-min <= --n-max <= --max-n, got {self.n_min}, {self.n_max}, {self.max_n}")
         if self.floats and self.decoder not in POINTS:
-            raise ValueError(f"--floats needs --decoder pointer: the {self.decoder!r} decoder emits one of V "
+            raise UsageError(f"--floats needs --decoder pointer: the {self.decoder!r} decoder emits one of V "
                              f"integer tokens, and real numbers have no vocabulary")
 
     @property
@@ -151,11 +149,14 @@ class SortTask(Task):
     def _file_batches(self, path: str) -> dict[int, SortBatch]:
         """A file of sequences, one per line, grouped by length."""
         try:
-            lines = Path(path).read_text().splitlines()
+            lines = Path(path).read_text(encoding="utf-8").splitlines()
         except OSError as e:
             raise UsageError(f"cannot read --data {path}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise UsageError(f"cannot read --data {path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at "
+                             f"offset {e.start})") from None
         by_length: dict[int, list] = {}
-        for number, line in enumerate(lines, 1):
+        for number, line in sequence_lines(lines):
             values = parse_sequence(line, self.config, where=f"{path} line {number}")
             by_length.setdefault(len(values), []).append(values)
         if not by_length:
@@ -198,6 +199,20 @@ def score(model: nn.Module, batch: SortBatch, beam: int, chunk: int = 1000) -> d
 
 # ---- text in, text out ----------------------------------------------------------------------------
 _SEPARATORS = re.compile(r"[\s,]+")
+
+
+def sequence_lines(lines: Iterable[str]) -> Iterator[tuple[int, str]]:
+    """(1-based line number, line) of each line of a file or of stdin, lazily, except the blank lines at
+    the very end, which are dropped (a file's final newline and extra blank lines are not sequences).
+    A blank line followed by a sequence is kept, so `parse_sequence` refuses it as empty."""
+    blank: list[tuple[int, str]] = []  # blank lines not yet known to be followed by a sequence
+    for number, line in enumerate(lines, 1):
+        if not split_tokens(line):
+            blank.append((number, line))
+            continue
+        yield from blank
+        blank.clear()
+        yield number, line
 
 
 def split_tokens(text: str) -> list[str]:
