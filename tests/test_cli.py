@@ -150,3 +150,11 @@ def test_task_commands_plug_in_through_the_registry(monkeypatch, capsys):
     monkeypatch.setitem(cli_main.COMMANDS, "hello", CommandSpec(f"{__name__}:HELLO", "say hello"))
     assert main(["hello", "--times", "2"]) == 0
     assert capsys.readouterr().out.strip() == "hello hello"
+
+
+def test_an_unwritable_out_directory_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    assert main(["train", "toy", "--out", str(blocker / "run"), "--steps", "1", "--threads", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "a_file" in err and "Traceback" not in err

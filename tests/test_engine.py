@@ -74,6 +74,16 @@ def test_resume_after_sigterm_logs_the_same_losses_as_an_uninterrupted_run(tmp_p
     assert rows(tmp_path / "cut", "val_loss") == rows(tmp_path / "whole", "val_loss")
 
 
+def test_resuming_a_signal_stopped_run_at_its_end_evaluates_and_saves(tmp_path):
+    run = tmp_path / "run"
+    assert train(run, "--steps", "12", "--eval-every", "4", "--signal-at", "5") == 143
+    assert [s for s, _ in rows(run, "val_loss")] == [4]
+    assert main(["train", "toy", "--resume", str(run), "--steps", "6", "--threads", "1"]) == 0
+    assert [s for s, _ in rows(run, "val_loss")] == [4, 6]  # step 6 was never evaluated before
+    _, state = load_checkpoint(run / "checkpoints" / "last.safetensors")
+    assert state["step"] == 6 and state["evaluated"]
+
+
 def test_resume_refuses_changed_model_flags_and_foreign_tasks(trained_run, capsys):
     assert main(["train", "toy", "--resume", str(trained_run), "--hidden", "3"]) == 2
     assert main(["train", "toy", "--resume", str(trained_run), "--lr", "1"]) == 2
@@ -175,7 +185,7 @@ def test_time_budget_stops_then_evaluates_and_saves(tmp_path):
     run = tmp_path / "run"
     assert train(run, "--steps", "100000", "--eval-every", "100000", "--time-budget", "0.5", "--sleep", "0.05") == 0
     _, state = load_checkpoint(run / "checkpoints" / "last.safetensors")
-    assert 2 <= state["step"] < 100
+    assert 1 <= state["step"] < 100
     assert rows(run, "val_loss")[-1][0] == state["step"]
     assert (run / "checkpoints" / "best.safetensors").exists()
 

@@ -78,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"rnnkit: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a path the user gave that cannot be read or written: their fix, one line
+        print(f"rnnkit: error: {e.strerror or e}: {e.filename}" if e.filename else f"rnnkit: error: {e}",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("rnnkit: interrupted", file=sys.stderr)
         return 130

@@ -246,8 +246,9 @@ class Trainer:
         return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
 
     # -- checkpoints ----------------------------------------------------------------------------------
-    def _save(self, step: int, elapsed: float, is_best: bool) -> None:
-        """Gather every process's RNG / task state, then process 0 writes last (and best)."""
+    def _save(self, step: int, elapsed: float, is_best: bool, evaluated: bool = True) -> None:
+        """Gather every process's RNG / task state, then process 0 writes last (and best).
+        `evaluated`: whether this step was evaluated (False after a signal), so a resume knows."""
         rng_tensors, rng_meta = _rng_state(self.world.device)
         mine = ({f"rng.{k}": v.cpu() for k, v in rng_tensors.items()}
                 | {f"task.{k}": v.detach().cpu() for k, v in self.task.tensor_state().items()},
@@ -264,6 +265,7 @@ class Trainer:
             "task": self.task_name, "step": step, "elapsed": elapsed, "world_size": self.world.size,
             "optimizer": optim_meta, "scaler": self.scaler.state_dict() if self.scaler else None,
             "best": self.best, "log_window": self.window, "ranks": [meta for _, meta in per_rank],
+            "evaluated": evaluated,
         }
         ckpt.save_checkpoint(self.last_path, tensors, state)
         if is_best:
@@ -289,6 +291,7 @@ class Trainer:
             self.task.load_data_state(state["ranks"][r]["data_state"])
             self.best = state["best"]
             self.window = state["log_window"]
+            self.resumed_evaluated = bool(state.get("evaluated", True))
             return int(state["step"]), float(state["elapsed"])
         except (KeyError, TypeError, IndexError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"checkpoint {path} is incomplete or foreign ({type(e).__name__}: {e})") from None
@@ -360,7 +363,7 @@ class Trainer:
         elapsed = self.elapsed
         window_start, window_items = time.monotonic(), 0.0
         exit_code, stopped_by = 0, None
-        last_eval_step = step if resume else -1
+        last_eval_step = step if resume and self.resumed_evaluated else -1
         try:
             with _StopSignals(self.say) as signals:
                 while step < cfg.steps:
@@ -411,7 +414,7 @@ class Trainer:
                         last_eval_step = step
                         window_start = time.monotonic()  # throughput counts training time only
                 if stopped_by is not None:
-                    self._save(step, elapsed(), False)
+                    self._save(step, elapsed(), False, evaluated=False)
                     exit_code = 128 + int(stopped_by)
                     self.say(f"stopped by {stopped_by.name} at step {step}; checkpoint saved to {self.last_path}\n"
                              f"resume with: rnnkit train {self.task_name} --resume {self.run_dir}")
