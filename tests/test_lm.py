@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -95,7 +96,7 @@ def test_random_windows_are_a_pure_function_of_the_step(tmp_path):
 
 
 def test_text_too_short_for_the_batch_is_a_clear_error(tmp_path):
-    task = tiny_task(tmp_path, text="short text", batch_size=4, seq_len=16)
+    task = tiny_task(tmp_path, text="short text, still short", batch_size=4, seq_len=16)
     with pytest.raises(UsageError, match="too short for --batch-size 4 x --seq-len 16"):
         task.train_batch(0, 0, 1)
 
@@ -154,8 +155,18 @@ def test_prompt_character_outside_the_vocabulary_is_named():
 def test_bytes_vocabulary_streams_whole_utf8_characters():
     vocab = Vocab.of_bytes()
     assert vocab.decode(vocab.encode("héllo ✓")) == "héllo ✓"
-    text = "".join(generate(random_model(256, layers=1), vocab, "é", 30, seed=1))
-    assert isinstance(text, str)
+    pieces = [p for (p,) in generate_batch(random_model(256, layers=1), vocab, "é", 30, seed=1)]
+    assert len(pieces) in (30, 31)  # one piece per byte, and the flushed tail of an unfinished character
+    text = "".join(pieces)
+    assert 30 / 4 <= len(text) <= 30  # a UTF-8 character is 1 to 4 bytes; an invalid byte is one U+FFFD
+    assert vocab.decode(vocab.encode(text)) == text
+
+
+def test_generated_text_has_the_asked_length_and_only_vocabulary_characters():
+    vocab = Vocab.from_text(TEXT)
+    text = "".join(generate(random_model(len(vocab)), vocab, "the", 50, temperature=1.5, seed=3))
+    assert len(text) == 50 and set(text) <= set(vocab.tokens)
+    assert text == "".join(generate(random_model(len(vocab)), vocab, "the", 50, temperature=1.5, seed=3))
 
 
 # ---- vocabulary and data --------------------------------------------------------------------------
@@ -211,6 +222,25 @@ def test_download_is_cached_and_checksum_verified(tmp_path, monkeypatch):
     assert not (tmp_path / "cache" / "tampered.txt").exists()
 
 
+@pytest.mark.parametrize("text, val", [("ab", 1), ("abcdefghijklmnopqrs", 1)])
+def test_validation_text_shorter_than_two_characters_is_refused(tmp_path, text, val):
+    data = tmp_path / "short.txt"
+    data.write_text(text)
+    config = LMConfig(data=str(data), val_fraction=0.05)
+    message = (f"--data {data}: the validation text (the last --val-fraction 0.05 of {len(text)} characters) "
+               f"is {val} characters; it needs at least 2")
+    with pytest.raises(UsageError, match=re.escape(message)):
+        LMTask.create(config, tmp_path)
+
+
+@torch.no_grad()
+def test_stream_loss_needs_two_tokens():
+    model = random_model(5)
+    assert math.isfinite(lm.stream_loss(model, torch.tensor([1, 2]), rows=4, chunk=8))
+    with pytest.raises(UsageError, match="cannot evaluate on 1 token"):
+        lm.stream_loss(model, torch.tensor([1]), rows=4, chunk=8)
+
+
 def test_download_failure_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setenv("RNNKIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setitem(lm.DATASETS, "gone", lm.RemoteText((tmp_path / "absent").as_uri(), "0" * 64, "gone.txt"))
@@ -227,6 +257,8 @@ def test_default_corpus_is_the_standard_library_deterministic_and_capped():
 
 def test_tiny_shakespeare_split_matches_nanogpt(shared_data):
     path = shared_data / "tinyshakespeare" / "input.txt"
+    if not path.is_file():
+        pytest.skip(f"{path} is absent on this machine")
     task = LMTask.create(LMConfig(data=str(path)), shared_data)
     assert len(task.vocab) == 65
     assert (len(task._train), len(task._val)) == (1_003_854, 111_540)

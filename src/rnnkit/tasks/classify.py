@@ -47,9 +47,7 @@ import dataclasses
 import hashlib
 import io
 import json
-import os
 import sys
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal, NamedTuple
@@ -60,9 +58,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 import rnnkit
-from rnnkit.tasks.base import option
-from rnnkit.tasks.base import UsageError
-from rnnkit.tasks.base import Task, device_of, move_to, shard_range, step_generator
+from rnnkit.tasks.base import Task, UsageError, device_of, move_to, option, shard_range, step_generator
+from rnnkit.tasks.files import atomic_write, atomic_write_text, cache_dir, fetch
 
 LABELS_FILE = "labels.json"    # artifact in the run directory: the class names, in index order
 CLASSES_FILE = "classes.txt"   # optional next to the data: one class name a line, class 1 first
@@ -293,44 +290,14 @@ AG_NEWS: dict[str, Download] = {
 AG_NEWS_CLASSES = ["World", "Sports", "Business", "Sci/Tech"]
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("RNNKIT_CACHE") or Path.home() / ".cache" / "rnnkit")
-
-
-def fetch(download: Download, dest: Path) -> Path:
-    """`dest`, downloading it first when absent; the checksum is verified before the file appears."""
-    if dest.is_file():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.part-{os.getpid()}")
-    print(f"downloading {download.url} -> {dest}", file=sys.stderr)
-    try:
-        hasher = hashlib.new(download.algorithm)
-        with urllib.request.urlopen(download.url, timeout=60) as response, open(tmp, "wb") as out:
-            while chunk := response.read(1 << 20):
-                hasher.update(chunk)
-                out.write(chunk)
-        if hasher.hexdigest() != download.digest:
-            raise UsageError(f"checksum mismatch for {download.url}: {download.algorithm} {hasher.hexdigest()}, "
-                             f"expected {download.digest}; the download was discarded")
-        os.replace(tmp, dest)
-    except OSError as e:  # URLError is an OSError
-        raise UsageError(f"cannot download {download.url} ({getattr(e, 'reason', e)}); pass --data PATH "
-                         f"to use local files") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return dest
-
-
 def ag_news(sources: dict[str, Download] | None = None) -> Path:
     """The AG News folder in the cache, downloading what is missing."""
     folder = cache_dir() / "ag_news"
     for name, download in (sources or AG_NEWS).items():
-        fetch(download, folder / name)
+        fetch(download.url, folder / name, download.algorithm, download.digest)
     classes = folder / CLASSES_FILE
     if not classes.is_file():
-        classes.write_text("\n".join(AG_NEWS_CLASSES) + "\n", encoding="utf-8")
+        atomic_write_text(classes, "\n".join(AG_NEWS_CLASSES) + "\n")
     return folder
 
 
@@ -352,9 +319,6 @@ def _classes_near(folder: Path) -> Path | None:
 
 
 # ---- model ---------------------------------------------------------------------------------------------
-RNNS = {"lstm": rnnkit.LSTM, "gru": rnnkit.GRU}
-
-
 def masked_pool(x: Tensor, lengths: Tensor, how: str) -> Tensor:
     """Max or mean of x (B, S, C) over each row's first lengths[b] steps -> (B, C)."""
     valid = torch.arange(x.shape[1], device=x.device)[None, :, None] < lengths[:, None, None]  # (B, S, 1)
@@ -376,7 +340,7 @@ class ByteClassifier(nn.Module):
         for table in (self.byte_embedding, self.ngram_embedding):
             if table is not None:  # N(0, 1) rows, summed and concatenated, would saturate the gates at the start
                 nn.init.normal_(table.weight, std=0.1)
-        self.rnn = RNNS[c.cell](c.patch * width, c.hidden, c.layers, dropout=c.dropout, bidirectional=True)
+        self.rnn = rnnkit.LAYERS[c.cell](c.patch * width, c.hidden, c.layers, dropout=c.dropout, bidirectional=True)
         self.project_forward = nn.Linear(c.hidden, c.e_dim)
         self.project_backward = nn.Linear(c.hidden, c.e_dim)
         self.classifier = nn.Linear(c.e_dim, num_classes)
@@ -496,8 +460,6 @@ def plot_confusion(confusion: Tensor, names: list[str], path: Path, title: str) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from rnnkit.tasks.files import atomic_write
-
     cm = confusion.numpy()
     fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2.5, 1.0 * len(names) + 2))
     ax.imshow(cm, cmap="Blues")
@@ -546,7 +508,6 @@ class ClassifyTask(Task):
         return task
 
     def save_artifacts(self, run_dir: Path) -> None:
-        from rnnkit.tasks.files import atomic_write_text
         atomic_write_text(Path(run_dir) / LABELS_FILE, json.dumps({"labels": self.names}, indent=2) + "\n")
 
     @classmethod
@@ -575,12 +536,6 @@ class ClassifyTask(Task):
         if len(self._train.y) == 0:
             raise UsageError(f"{path}: no training rows left after holding out --val-fraction "
                              f"{self.config.val_fraction}")
-
-    def num_rows(self) -> tuple[int, int]:
-        """(training rows, validation rows)."""
-        if self._train is None:
-            self._load_training_data()
-        return len(self._train.y), len(self._val.y)
 
     # ---- model and data ----
     def build_model(self) -> nn.Module:

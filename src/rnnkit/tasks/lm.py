@@ -49,9 +49,7 @@ import codecs
 import hashlib
 import json
 import math
-import os
 import sysconfig
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal, NamedTuple
@@ -62,12 +60,10 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 import rnnkit
-from rnnkit.tasks.base import option
-from rnnkit.tasks.base import UsageError
-from rnnkit.tasks.base import Task, device_of, shard_range, step_generator
+from rnnkit.tasks.base import Task, UsageError, device_of, option, shard_range, step_generator
+from rnnkit.tasks.files import atomic_write_text, cache_dir, fetch
 
 VOCAB_FILE = "vocab.json"
-LAYERS = {"lstm": rnnkit.LSTM, "gru": rnnkit.GRU, "rnn": rnnkit.RNN}  # --cell -> layer class
 
 
 @dataclass(frozen=True)
@@ -175,7 +171,6 @@ class Vocab:
         return cls(chars)
 
     def save(self, path: Path) -> None:
-        from rnnkit.tasks.files import atomic_write_text
         atomic_write_text(Path(path), json.dumps(self.to_json(), ensure_ascii=True) + "\n")
 
     @staticmethod
@@ -227,35 +222,10 @@ DATASETS: dict[str, RemoteText] = {
 }
 
 
-def cache_dir() -> Path:
-    """$RNNKIT_CACHE, default ~/.cache/rnnkit."""
-    return Path(os.environ.get("RNNKIT_CACHE") or Path.home() / ".cache" / "rnnkit")
-
-
-def _fetch(url: str) -> bytes:
-    with urllib.request.urlopen(url, timeout=60) as response:
-        return response.read()
-
-
 def download(name: str) -> Path:
     """The cached file of dataset `name`, downloaded and checksum-verified on first use."""
     remote = DATASETS[name]
-    path = cache_dir() / remote.filename
-    if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == remote.sha256:
-        return path
-    try:
-        payload = _fetch(remote.url)
-    except OSError as e:
-        raise UsageError(f"could not download {name} from {remote.url} ({e}); download it yourself and pass "
-                         f"--data PATH") from None
-    digest = hashlib.sha256(payload).hexdigest()
-    if digest != remote.sha256:
-        raise UsageError(f"the download of {name} from {remote.url} has sha256 {digest}, expected "
-                         f"{remote.sha256}; refusing to use it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    from rnnkit.tasks.files import atomic_write
-    atomic_write(path, lambda tmp: Path(tmp).write_bytes(payload))
-    return path
+    return fetch(remote.url, cache_dir() / remote.filename, "sha256", remote.sha256, name=name)
 
 
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
@@ -339,8 +309,8 @@ class CharRNN(nn.Module):
         super().__init__()
         self.vocab_size = vocab_size
         self.embed = nn.Embedding(vocab_size, config.embed) if config.embed else None
-        self.rnn = LAYERS[config.cell](config.embed or vocab_size, config.hidden, config.layers,
-                                       dropout=config.dropout if config.layers > 1 else 0.0)
+        self.rnn = rnnkit.LAYERS[config.cell](config.embed or vocab_size, config.hidden, config.layers,
+                                              dropout=config.dropout if config.layers > 1 else 0.0)
         self.drop = nn.Dropout(config.dropout)
         self.head = nn.Linear(config.hidden, vocab_size)
 
@@ -370,7 +340,12 @@ def state_to_dict(state: Any) -> dict[str, Tensor]:
 
 
 def state_from_dict(d: dict[str, Tensor], cell: str) -> Any:
-    return rnnkit.LSTMState(d["h"], d["c"]) if cell == "lstm" else d["h"]
+    """Inverse of `state_to_dict` for a layer of `cell`: the cell's State NamedTuple (LSTMState(h, c)),
+    or the bare h tensor the layers return for a one-part state."""
+    State = rnnkit.CELLS[cell].State
+    if State._fields == ("h",):
+        return d["h"]
+    return State(*(d[name] for name in State._fields))
 
 
 # ---- generation -------------------------------------------------------------------------------------
@@ -514,7 +489,6 @@ class LMTask(Task):
 
     def save_artifacts(self, run_dir: Path) -> None:
         doc = self.vocab.to_json() | {"corpus_sha256": self.corpus_sha256}
-        from rnnkit.tasks.files import atomic_write_text
         atomic_write_text(Path(run_dir) / VOCAB_FILE, json.dumps(doc, ensure_ascii=True) + "\n")
 
     @classmethod
@@ -524,7 +498,13 @@ class LMTask(Task):
         return cls(config, run_dir, Vocab.from_json(doc, str(path)), doc.get("corpus_sha256"))
 
     def _set_corpus(self, corpus: str | bytes) -> None:
-        train, val = split(corpus, self.config.val_fraction)
+        c = self.config
+        train, val = split(corpus, c.val_fraction)
+        if len(val) < 2:  # validation predicts each token from the ones before it: it needs two
+            unit = "bytes" if c.bytes else "characters"
+            raise UsageError(f"--data {c.data or '(standard library)'}: the validation text (the last "
+                             f"--val-fraction {c.val_fraction:g} of {len(corpus)} {unit}) is {len(val)} {unit}; "
+                             f"it needs at least 2: use a longer text or a larger --val-fraction")
         self._train = self.vocab.encode_tensor(train, "the training text")
         self._val = self.vocab.encode_tensor(val, "the validation text")
 
@@ -614,6 +594,8 @@ def stream_loss(model: nn.Module, ids: Tensor, rows: int, chunk: int) -> float:
     """Mean next-token loss (nats) over `ids`, read as `rows` contiguous rows in chunks of `chunk`
     steps with the state carried, so every prediction sees all the text before it in its row."""
     n = len(ids)
+    if n < 2:
+        raise UsageError(f"cannot evaluate on {n} token(s): a loss needs at least 2 (one input, one target)")
     rows = max(1, min(rows, (n - 1) // 2))
     row_len = (n - 1) // rows  # inputs per row; the targets are shifted by one
     device = device_of(model)
