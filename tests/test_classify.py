@@ -56,6 +56,7 @@ def trained(tmp_path_factory) -> Path:
                  "--lr", "1e-2", "--warmup-steps", "5", "--eval-every", "30", "--progress", "lines",
                  "--no-plot"])
     assert code == 0
+    assert not (run / "confusion.png").exists() and not (run / "confusion.txt").exists()  # training draws nothing
     return run
 
 
@@ -71,6 +72,20 @@ def test_overfits_a_small_set_to_100_percent(trained, capsys):
     assert (trained / "confusion.png").stat().st_size > 0
     text = (trained / "confusion.txt").read_text()
     assert "accuracy 1.0000 on 24 rows" in text and all(name in text for name in KEYWORDS)
+
+
+def test_eval_without_data_writes_the_confusion_matrix_unless_told_not_to(tmp_path, trained, capsys):
+    import shutil
+    run = tmp_path / "copy"
+    shutil.copytree(trained, run)
+    for name in ("confusion.txt", "confusion.png"):
+        (run / name).unlink(missing_ok=True)
+    assert main(["eval", str(run), "--no-confusion", "--json"]) == 0
+    assert not (run / "confusion.txt").exists() and not (run / "confusion.png").exists()
+    assert main(["eval", str(run), "--json"]) == 0
+    assert (run / "confusion.png").stat().st_size > 0
+    assert (run / "confusion.txt").read_text().startswith(
+        "training rows (--val-fraction 0): accuracy 1.0000 on 24 rows\n")  # the fixture holds out no rows
 
 
 def test_label_names_survive_save_and_load(trained):

@@ -481,6 +481,7 @@ def plot_confusion(confusion: Tensor, names: list[str], path: Path, title: str) 
 class ClassifyEvalOptions:
     skip_bad_rows: bool | None = option(None, "skip malformed rows of --data and report how many (default: "
                                               "what the run was trained with)")
+    confusion: bool = option(True, "write the confusion matrix to RUN_DIR/confusion.txt and confusion.png")
 
 
 # ---- the task -----------------------------------------------------------------------------------------
@@ -572,6 +573,10 @@ class ClassifyTask(Task):
     # ---- evaluation ----
     def evaluate(self, model: nn.Module, data: str | None = None,
                  options: ClassifyEvalOptions | None = None) -> dict[str, float]:
+        """Loss, accuracy, macro F1 and per-class P/R/F1 on the validation split or on `data`.
+        `rnnkit eval` passes options and so, by default, writes confusion.txt and confusion.png; the
+        trainer's evaluations pass none and only compute the metrics (drawing a figure at every
+        evaluation would slow training for a picture nobody asked for)."""
         skipped = 0
         config = self.config
         if options is not None and options.skip_bad_rows is not None:
@@ -598,9 +603,10 @@ class ClassifyTask(Task):
         if data is not None:
             metrics["rows"] = float(len(split.y))
             metrics["skipped_rows"] = float(skipped)
-        title = f"{source}: accuracy {metrics['accuracy']:.4f} on {len(split.y)} rows"
-        (self.run_dir / "confusion.txt").write_text(title + "\n" + confusion_text(confusion, self.names))
-        plot_confusion(confusion, self.names, self.run_dir / "confusion.png", title)
+        if options is not None and options.confusion:
+            title = f"{source}: accuracy {metrics['accuracy']:.4f} on {len(split.y)} rows"
+            atomic_write_text(self.run_dir / "confusion.txt", title + "\n" + confusion_text(confusion, self.names))
+            plot_confusion(confusion, self.names, self.run_dir / "confusion.png", title)
         return metrics
 
     def logits(self, model: nn.Module, x: Tensor, lengths: Tensor) -> Tensor:
