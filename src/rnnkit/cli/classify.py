@@ -12,6 +12,7 @@ import argparse
 import json
 
 from rnnkit.cli.command import Command
+from rnnkit.cli.runs import add_run_flags, load_selected_run
 from rnnkit.cli.stdin import stdin_lines
 from rnnkit.engine.errors import UsageError
 
@@ -22,16 +23,12 @@ def add_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> None:
                         help="texts to classify (default: one text per line from stdin)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object per text: the label and the class probabilities")
-    parser.add_argument("--checkpoint", choices=["best", "last"], default="best",
-                        help="which checkpoint to use (default: best)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu",
-                        help="where to run the model (default: cpu)")
+    add_run_flags(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from rnnkit.engine.rundir import load_run
 
-    loaded = load_run(args.run_dir, checkpoint=args.checkpoint, device=args.device)
+    loaded = load_selected_run(args)
     if loaded.info.task != "classify":
         raise UsageError(f"{loaded.info.path} is a {loaded.info.task!r} run; predict needs a classify run")
     where = "argument" if args.texts else "stdin, line"

@@ -13,9 +13,10 @@ import sys
 import torch
 
 from rnnkit.cli.command import Command
+from rnnkit.cli.runs import add_run_flags, load_selected_run
 from rnnkit.engine.config import add_dataclass_flags, from_dict, given_fields
 from rnnkit.engine.errors import UsageError
-from rnnkit.engine.rundir import load_run, read_run
+from rnnkit.engine.rundir import read_run
 from rnnkit.tasks.base import load_task_class
 
 
@@ -40,14 +41,11 @@ def _add_common(parser: argparse.ArgumentParser, run_dir_optional: bool = False)
     parser.add_argument("--data", default=None,
                         help="evaluate on this file in the task's format instead of the validation split")
     parser.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
-    parser.add_argument("--checkpoint", choices=["best", "last"], default="best",
-                        help="which checkpoint to evaluate (default: best)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                        help="where to run the evaluation (default: auto)")
+    add_run_flags(parser, device="auto")
 
 
 def run(args: argparse.Namespace) -> int:
-    loaded = load_run(args.run_dir, checkpoint=args.checkpoint, device=args.device)
+    loaded = load_selected_run(args, device="auto")
     options_cls = getattr(args, "eval_options", None)
     extra = {}
     if options_cls is not None:

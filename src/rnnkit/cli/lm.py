@@ -15,6 +15,7 @@ import os
 import sys
 
 from rnnkit.cli.command import Command
+from rnnkit.cli.runs import add_run_flags, load_selected_run
 
 
 # ---- generate -------------------------------------------------------------------------------------
@@ -29,18 +30,14 @@ def add_generate_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> 
                         help="sample only among the likeliest characters whose probability reaches P")
     parser.add_argument("--seed", type=int, default=None, help="random seed; the same seed gives the same text")
     parser.add_argument("--num-samples", type=int, default=1, help="samples to draw, as one batch (default: 1)")
-    parser.add_argument("--checkpoint", choices=["best", "last"], default="best",
-                        help="which checkpoint to sample from (default: best)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu",
-                        help="where to run the model (default: cpu)")
+    add_run_flags(parser)
 
 
 def run_generate(args: argparse.Namespace) -> int:
     from rnnkit.engine.errors import UsageError
-    from rnnkit.engine.rundir import load_run
     from rnnkit.tasks.lm import generate_batch, start_ids
 
-    loaded = load_run(args.run_dir, checkpoint=args.checkpoint, device=args.device)
+    loaded = load_selected_run(args)
     if loaded.info.task != "lm":
         raise UsageError(f"{loaded.info.path} is a {loaded.info.task!r} run, not a language model (lm) run")
     vocab = loaded.task.vocab

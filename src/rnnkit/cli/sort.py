@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 
 from rnnkit.cli.command import Command
+from rnnkit.cli.runs import add_run_flags, load_selected_run
 from rnnkit.cli.stdin import stdin_lines
 
 
@@ -22,20 +23,16 @@ def add_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     parser.add_argument("numbers", nargs="*", metavar="NUMBER",
                         help="one sequence to sort; without numbers, read one sequence per line from stdin")
     parser.add_argument("--beam", type=int, default=None, help="beam width (default: the run's --beam; 1 = greedy)")
-    parser.add_argument("--checkpoint", choices=["best", "last"], default="best",
-                        help="which checkpoint to use (default: best)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu",
-                        help="where to run the model (default: cpu)")
+    add_run_flags(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from rnnkit.engine.errors import UsageError
-    from rnnkit.engine.rundir import load_run
     from rnnkit.tasks.sort.task import sequence_lines
 
     if args.beam is not None and args.beam < 1:
         raise UsageError(f"--beam must be at least 1, got {args.beam}")
-    loaded = load_run(args.run_dir, checkpoint=args.checkpoint, device=args.device)
+    loaded = load_selected_run(args)
     if loaded.info.task != "sort":
         raise UsageError(f"{loaded.info.path} is a {loaded.info.task!r} run, not a sort run")
     task, model = loaded.task, loaded.model
