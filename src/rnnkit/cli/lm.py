@@ -13,23 +13,30 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import dataclass
 
 from rnnkit.cli.command import Command
+from rnnkit.engine.config import add_dataclass_flags, from_dict, given_fields
+from rnnkit.tasks.base import option
 from rnnkit.cli.runs import add_run_flags, load_selected_run
 
 
 # ---- generate -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GenerateOptions:
+    prompt: str = option("", "text the samples continue (empty: the start of a line)", metavar="TEXT")
+    length: int = option(500, "characters to generate")
+    temperature: float = option(0.8, "softmax temperature; 0 = greedy")
+    top_k: int | None = option(None, "sample only among the K likeliest characters", metavar="K")
+    top_p: float | None = option(None, "sample only among the likeliest characters whose probability reaches P",
+                                 metavar="P")
+    seed: int | None = option(None, "random seed; the same seed gives the same text")
+    num_samples: int = option(1, "samples to draw, as one batch")
+
+
 def add_generate_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     parser.add_argument("run_dir", help="run directory of a trained language model (rnnkit train lm)")
-    parser.add_argument("--prompt", default="", help="text the samples continue (default: start of a line)")
-    parser.add_argument("--length", type=int, default=500, help="characters to generate (default: 500)")
-    parser.add_argument("--temperature", type=float, default=0.8,
-                        help="softmax temperature; 0 = greedy (default: 0.8)")
-    parser.add_argument("--top-k", type=int, default=None, help="sample only among the K likeliest characters")
-    parser.add_argument("--top-p", type=float, default=None,
-                        help="sample only among the likeliest characters whose probability reaches P")
-    parser.add_argument("--seed", type=int, default=None, help="random seed; the same seed gives the same text")
-    parser.add_argument("--num-samples", type=int, default=1, help="samples to draw, as one batch (default: 1)")
+    add_dataclass_flags(parser, GenerateOptions, "sampling")
     add_run_flags(parser)
 
 
@@ -40,13 +47,14 @@ def run_generate(args: argparse.Namespace) -> int:
     loaded = load_selected_run(args)
     if loaded.info.task != "lm":
         raise UsageError(f"{loaded.info.path} is a {loaded.info.task!r} run, not a language model (lm) run")
+    g = from_dict(GenerateOptions, given_fields(args, GenerateOptions), source="flags")
     vocab = loaded.task.vocab
-    start_ids(vocab, args.prompt)  # a bad prompt character fails here, before anything is printed
-    stream = generate_batch(loaded.model, vocab, args.prompt, args.length, args.temperature, args.top_k,
-                            args.top_p, args.seed, args.num_samples)
+    start_ids(vocab, g.prompt)  # a bad prompt character fails here, before anything is printed
+    stream = generate_batch(loaded.model, vocab, g.prompt, g.length, g.temperature, g.top_k, g.top_p, g.seed,
+                            g.num_samples)
     out = sys.stdout
-    rest: list[list[str]] = [[] for _ in range(args.num_samples - 1)]
-    out.write(args.prompt)
+    rest: list[list[str]] = [[] for _ in range(g.num_samples - 1)]
+    out.write(g.prompt)
     out.flush()
     for pieces in stream:
         out.write(pieces[0])
@@ -55,7 +63,7 @@ def run_generate(args: argparse.Namespace) -> int:
             buffer.append(piece)
     out.write("\n")
     for k, buffer in enumerate(rest, 2):
-        out.write(f"--- sample {k} ---\n{args.prompt}{''.join(buffer)}\n")
+        out.write(f"--- sample {k} ---\n{g.prompt}{''.join(buffer)}\n")
     out.flush()
     return 0
 
