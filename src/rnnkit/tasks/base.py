@@ -81,6 +81,7 @@ from torch import nn
 class UsageError(Exception):
     """A mistake the user can fix; the CLI prints its message on one line and exits with code 2."""
 
+
 def option(default: Any, help: str, *, metavar: str | None = None, resumable: bool = False) -> Any:
     """A dataclass field with its help text. `metavar` names the value in --help (default: its type,
     e.g. INT); `resumable` marks TrainConfig fields that flags may change on `--resume`."""
@@ -105,6 +106,9 @@ class Task(ABC):
     best_metric: ClassVar[str] = "loss"  # key of evaluate()'s dict that picks the best checkpoint
     higher_is_better: ClassVar[bool] = False  # True for e.g. best_metric = "accuracy"
     train_defaults: ClassVar[dict[str, Any]] = {}  # this task's own TrainConfig defaults, e.g. {"lr": 6e-3}
+    # optional frozen dataclass of extra `rnnkit eval` flags (fields via option()); when set, evaluate()
+    # is called with `options=` an instance of it, e.g. sort's `--n 5 10 20` and `--beam K`
+    EvalOptions: ClassVar[type | None] = None
 
     def __init__(self, config: Any, run_dir: Path):
         self.config = config
@@ -142,8 +146,9 @@ class Task(ABC):
         """(mean loss over the batch as a 0-d tensor, number of items). Call `model(...)`."""
 
     @abstractmethod
-    def evaluate(self, model: nn.Module, data: str | None = None) -> dict[str, float]:
-        """Metrics on the validation split (data=None) or on the file `data`; must include "loss"."""
+    def evaluate(self, model: nn.Module, data: str | None = None, options: Any = None) -> dict[str, float]:
+        """Metrics on the validation split (data=None) or on the file `data`; must include "loss".
+        `options` is an `EvalOptions` instance from `rnnkit eval`'s flags (None during training)."""
 
     def on_eval(self, model: nn.Module, step: int) -> str | None:
         """Optional text printed after each evaluation (lm: a generated sample). Process 0 only."""
