@@ -247,8 +247,9 @@ def test_stepping_bad_state_still_names_the_problem():
         rnnkit.LSTM(3, 5)(torch.randn(2, 1, 3), (torch.zeros(1, 2, 5), torch.zeros(2, 2, 5)))
 
 
-def test_backward_twice_with_retain_graph():
-    layer = rnnkit.GRU(3, 4, num_layers=2)
+@pytest.mark.parametrize("kind", ["gru", "mgu"])
+def test_backward_twice_with_retain_graph(kind):
+    layer = LAYERS[kind](input_size=3, hidden_size=4, num_layers=2)
     out, _ = layer(torch.randn(2, 5, 3), lengths=[5, 3])
     loss = out.square().sum()
     first = torch.autograd.grad(loss, list(layer.parameters()), retain_graph=True)

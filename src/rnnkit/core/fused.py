@@ -21,9 +21,11 @@ and ``d xz`` goes back to autograd, so ``dW_ih`` is one matmul too (``project_in
 
 Kernels: the built-in cells have hand-written pointwise forward and backward
 (LSTM ``i, f, g, o``; GRU ``r, z, n`` with torch's ``r * (h W_hn + b_hn)``; RNN tanh/relu).
-Any other :class:`GatedCell` gets the generic kernel: forward under ``no_grad`` keeping each
-step's inputs, backward re-running ``combine`` one step at a time under autograd for its
-vector-Jacobian product, with the same batched weight gradients.
+Any other :class:`GatedCell` gets the generic kernel: in training, forward records ``combine``
+and the recurrence ``h_{t-1} -> hz_t`` with autograd, the recurrent weights detached; backward is
+one ``autograd.grad`` call over that graph (the whole backward through time in autograd's C++
+engine) for ``d xz``, every ``d hz_t`` and the initial state, then the same batched weight
+gradients. Inference runs the same loop under ``no_grad``.
 
 Masks (B, T) follow ``scan_reference`` exactly: at a step where ``mask`` is False a sequence's
 state is carried unchanged and its output is zero. In the backward pass this becomes, per step,
@@ -330,7 +332,7 @@ def rnn_backward(saved, w_hh, mask, grad_out, grad_h, needs, relu: bool):
     return P.transpose(0, 1), dw, db, (dh,)
 
 
-# -- any other gated cell: recompute ``combine`` per step for its vector-Jacobian product -----
+# -- any other gated cell: ``combine`` recorded by autograd, the recurrent weight left out ------
 
 def _masked(state, new_state, h, m_t):
     """``scan_reference``'s masking of one step: frozen state, zero output where ``m_t`` is False."""
@@ -338,57 +340,69 @@ def _masked(state, new_state, h, m_t):
     return new_state, h * m_t
 
 
+class _GenericSaved(NamedTuple):
+    """What the generic backward needs: the recorded graph's ends and the recurrent matmul's inputs."""
+
+    xz: Tensor           # (T, B, G*H) leaf of the recorded graph
+    state: tuple         # initial state parts, leaves of the recorded graph
+    hzs: list            # T recurrent projections (B, G*H), inner nodes whose gradient is dz_t
+    h_prev: list         # T detached h_{t-1} (B, H), for dW_hh = dz^T h_prev
+    out: Tensor          # (T, B, H) recorded outputs
+    final: tuple         # recorded final state parts
+
+
 def generic_forward(cell: GatedCell, xz, w_hh, b_hh, state: NamedTuple, mask, training: bool):
-    """Step ``cell.combine`` under no_grad; keep each step's recurrent projection and state."""
+    """Step ``cell.combine`` over time.
+
+    In training, autograd records every step with the recurrent weights detached: the graph holds
+    ``combine`` and ``h_{t-1} -> hz_t`` through a constant matrix, so one ``autograd.grad`` call in
+    backward runs the whole backward through time in C++, and ``dW_hh`` is one matmul afterwards.
+    """
     T = xz.shape[1]
-    xl = xz.unbind(1)
-    w_t = w_hh.t()
     m = mask.t().unsqueeze(-1).unbind(0) if mask is not None else None
-    states, hzs, outs = [state], [], []
-    for t in range(T):
-        hz = state.h.mm(w_t) if b_hh is None else torch.addmm(b_hh, state.h, w_t)  # (B, G*H)
-        h, new_state = cell.combine(cell.split(xl[t]), cell.split(hz), state)
-        if m is not None:
-            new_state, h = _masked(state, new_state, h, m[t])
-        state = type(state)(*new_state)
-        outs.append(h)
-        if training:
-            hzs.append(hz)
-            states.append(state)
-    out = torch.stack(outs)  # (T, B, H)
-    return out, tuple(state), (hzs, states)
-
-
-def generic_backward(cell: GatedCell, saved, xz, w_hh, mask, grad_out, grad_state, needs):
-    hzs, states = saved
-    B, T, GH = xz.shape
-    xl = xz.unbind(1)
-    m = mask.t().unsqueeze(-1).unbind(0) if mask is not None else None
-    dxz = xz.new_empty(T, B, GH)
-    dhz = xz.new_empty(T, B, GH)
-    gout = grad_out.unbind(1) if grad_out is not None else None
-    carry = [g if g is not None else torch.zeros_like(s) for g, s in zip(grad_state, states[-1])]
-    for t in range(T - 1, -1, -1):
-        with torch.enable_grad():
-            x_t = xl[t].detach().requires_grad_()
-            hz_t = hzs[t].detach().requires_grad_()
-            prev = type(states[t])(*(s.detach().requires_grad_() for s in states[t]))
-            h, new_state = cell.combine(cell.split(x_t), cell.split(hz_t), prev)
+    w_t = w_hh.detach().t()
+    b = b_hh.detach() if b_hh is not None else None
+    with torch.set_grad_enabled(training):
+        if training:  # time-major leaf: its gradient is gathered with one contiguous stack
+            xz = xz.detach().transpose(0, 1).contiguous().requires_grad_()  # (T, B, G*H)
+            state = type(state)(*(s.detach().requires_grad_() for s in state))
+        init, xl = state, xz.unbind(0 if training else 1)
+        hzs, h_prev, outs = [], [], []
+        for t in range(T):
+            hz = state.h.mm(w_t) if b is None else torch.addmm(b, state.h, w_t)  # (B, G*H)
+            h, new_state = cell.combine(cell.split(xl[t]), cell.split(hz), state)
             if m is not None:
-                new_state, h = _masked(prev, new_state, h, m[t])
-            pairs = [(o, g) for o, g in zip((h, *new_state), (gout[t] if gout is not None else None, *carry))
-                     if g is not None and o.requires_grad]
-            inputs = (x_t, hz_t, *prev)
-            grads = torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True) \
-                if pairs else (None,) * len(inputs)
-        grads = [torch.zeros_like(i) if g is None else g for g, i in zip(grads, inputs)]
-        dxz[t] = grads[0]
-        dhz[t] = grads[1]
-        carry = grads[2:]
-        carry[0] = carry[0].addmm(dhz[t], w_hh)
-    h_prev = torch.stack([s.h for s in states[:-1]])  # (T, B, H)
-    dw, db = _weight_grads(dhz, h_prev, needs["w"], needs["b"])
-    return dxz.transpose(0, 1), dw, db, tuple(carry)
+                new_state, h = _masked(state, new_state, h, m[t])
+            if training:
+                hzs.append(hz)
+                h_prev.append(state.h.detach())
+            state = type(state)(*new_state)
+            outs.append(h)
+        out = torch.stack(outs)  # (T, B, H)
+    if not training:
+        return out, tuple(state), None
+    saved = _GenericSaved(xz, tuple(init), hzs, h_prev, out, tuple(state))
+    return out.detach(), tuple(s.detach() for s in state), saved
+
+
+def generic_backward(cell: GatedCell, saved: _GenericSaved, w_hh, mask, grad_out, grad_state, needs):
+    """One ``autograd.grad`` over the recorded graph, then ``dW_hh`` and ``db_hh`` over all steps at once.
+
+    ``d h_{t-1}`` already holds the path through ``hz_t`` (the detached-weight matmul is in the
+    graph), so ``dz_t W_hh`` is never added by hand. The graph is retained, as the caller's may be:
+    it goes with this call's ``saved``.
+    """
+    T = len(saved.hzs)
+    ends = [(saved.out, None if grad_out is None else grad_out.transpose(0, 1))]
+    ends += list(zip(saved.final, grad_state))
+    ends = [(o, g) for o, g in ends if g is not None and o.requires_grad]
+    inputs = (saved.xz, *saved.hzs, *saved.state)
+    grads = torch.autograd.grad([o for o, _ in ends], inputs, [g for _, g in ends],
+                                retain_graph=True, allow_unused=True) if ends else (None,) * len(inputs)
+    grads = [torch.zeros_like(i) if g is None else g for g, i in zip(grads, inputs)]
+    dxz, dhz, dstate = grads[0], torch.stack(grads[1 : T + 1]), grads[T + 1 :]  # dhz (T, B, G*H)
+    dw, db = _weight_grads(dhz, torch.stack(saved.h_prev), needs["w"], needs["b"])
+    return dxz.transpose(0, 1), dw, db, tuple(dstate)
 
 
 # -- the autograd Function and the dispatch --------------------------------------------------
@@ -399,7 +413,7 @@ class _Kernel:
     def forward(self, cell, xz, w_hh, b_hh, state, mask, training):
         raise NotImplementedError
 
-    def backward(self, cell, saved, xz, w_hh, mask, grad_out, grad_state, needs):
+    def backward(self, cell, saved, w_hh, mask, grad_out, grad_state, needs):
         raise NotImplementedError
 
 
@@ -407,7 +421,7 @@ class _LSTMKernel(_Kernel):
     def forward(self, cell, xz, w_hh, b_hh, state, mask, training):
         return lstm_forward(xz, w_hh, b_hh, state[0], state[1], mask, training)
 
-    def backward(self, cell, saved, xz, w_hh, mask, grad_out, grad_state, needs):
+    def backward(self, cell, saved, w_hh, mask, grad_out, grad_state, needs):
         return lstm_backward(saved, w_hh, mask, grad_out, grad_state[0], grad_state[1], needs)
 
 
@@ -415,7 +429,7 @@ class _GRUKernel(_Kernel):
     def forward(self, cell, xz, w_hh, b_hh, state, mask, training):
         return gru_forward(xz, w_hh, b_hh, state[0], mask, training)
 
-    def backward(self, cell, saved, xz, w_hh, mask, grad_out, grad_state, needs):
+    def backward(self, cell, saved, w_hh, mask, grad_out, grad_state, needs):
         return gru_backward(saved, w_hh, mask, grad_out, grad_state[0], needs)
 
 
@@ -423,7 +437,7 @@ class _RNNKernel(_Kernel):
     def forward(self, cell, xz, w_hh, b_hh, state, mask, training):
         return rnn_forward(xz, w_hh, b_hh, state[0], mask, training, cell.nonlinearity == "relu")
 
-    def backward(self, cell, saved, xz, w_hh, mask, grad_out, grad_state, needs):
+    def backward(self, cell, saved, w_hh, mask, grad_out, grad_state, needs):
         return rnn_backward(saved, w_hh, mask, grad_out, grad_state[0], needs, cell.nonlinearity == "relu")
 
 
@@ -431,8 +445,8 @@ class _GenericKernel(_Kernel):
     def forward(self, cell, xz, w_hh, b_hh, state, mask, training):
         return generic_forward(cell, xz, w_hh, b_hh, state, mask, training)
 
-    def backward(self, cell, saved, xz, w_hh, mask, grad_out, grad_state, needs):
-        return generic_backward(cell, saved, xz, w_hh, mask, grad_out, grad_state, needs)
+    def backward(self, cell, saved, w_hh, mask, grad_out, grad_state, needs):
+        return generic_backward(cell, saved, w_hh, mask, grad_out, grad_state, needs)
 
 
 # ``combine`` of a built-in cell -> its hand-written kernel. Keyed on the function, not the class,
@@ -464,16 +478,16 @@ class FusedScan(torch.autograd.Function):
         with torch.autocast(xz.device.type, enabled=False):
             out, final, saved = kernel.forward(cell, xz, w_hh, b_hh, cell.State(*state), mask, True)
         ctx.kernel, ctx.cell, ctx.saved, ctx.mask = kernel, cell, saved, mask
-        ctx.save_for_backward(xz if kernel is GENERIC else None, w_hh)  # built-in kernels keep their own
+        ctx.save_for_backward(w_hh)  # the kernels keep what else they need in ``saved``
         return (out.transpose(0, 1).contiguous(), *(s.clone() for s in final))
 
     @staticmethod
     def backward(ctx, grad_out, *grad_state):
-        xz, w_hh = ctx.saved_tensors
+        (w_hh,) = ctx.saved_tensors
         needs = {"w": ctx.needs_input_grad[4], "b": ctx.needs_input_grad[5]}
         with torch.autocast(w_hh.device.type, enabled=False):
             dxz, dw, db, dstate = ctx.kernel.backward(
-                ctx.cell, ctx.saved, xz, w_hh, ctx.mask, grad_out, grad_state, needs
+                ctx.cell, ctx.saved, w_hh, ctx.mask, grad_out, grad_state, needs
             )
         return (None, None, None, dxz, dw, db, *dstate)
 
