@@ -228,12 +228,14 @@ def download(name: str) -> Path:
     return fetch(remote.url, cache_dir() / remote.filename, "sha256", remote.sha256, name=name)
 
 
-_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+# tests and installed packages are not the standard library; `encodings` is mostly generated codec
+# tables (hex literals), which would teach the model tables instead of Python
+_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "encodings"}
 
 
 def stdlib_corpus(max_bytes: int) -> str:
-    """The running interpreter's standard-library source: *.py files (tests and site-packages left out)
-    ordered by the sha256 of their relative path, each file taken whole while the total stays within
+    """The running interpreter's standard-library source: *.py files (tests, site-packages and codec
+    tables left out) ordered by the sha256 of their relative path, each file taken whole while the total stays within
     `max_bytes`. The same text on every run of the same Python."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = [p for p in root.rglob("*.py")
