@@ -1,4 +1,4 @@
-"""Shared test helpers: seeded randomness, the shared data folder, a cell defined by users."""
+"""Shared test fixtures: seeded randomness on one thread, the shared data folder."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,8 +11,13 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
+    """Seeded, on one thread: the tests' tensors are tiny, and on a busy 2-core machine OpenMP threads
+    only wait on each other (measured many times slower with two)."""
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -9,19 +9,9 @@ from hypothesis import strategies as st
 
 import rnnkit
 from rnnkit.core.functional import reverse_padded
-from rnnkit.core.gates import GatedCell, HiddenState, gate
+from user_cells import MGUCell
 
 
-class MGUCell(GatedCell):
-    """Minimal gated unit (Zhou et al. 2016), written as a user would: two gates, one state."""
-
-    gate_names = ("f", "n")
-
-    def combine(self, x, h, state):
-        f = gate(torch.sigmoid, x.f, h.f)
-        n = torch.tanh(x.n + f * h.n)
-        h_new = (1 - f) * state.h + f * n
-        return h_new, HiddenState(h_new)
 
 
 LAYERS = {

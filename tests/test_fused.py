@@ -17,32 +17,13 @@ import torch
 
 import rnnkit
 from rnnkit.core import fused, scan as scan_module
-from rnnkit.core.gates import GatedCell, HiddenState, gate
-from rnnkit.core.cells.lstm import LSTMCell, LSTMState
+from user_cells import MGUCell, UserLSTMCell
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
 
-class MGUCell(GatedCell):
-    """Minimal gated unit, as a user writes it: only ``combine``."""
-
-    gate_names = ("f", "n")
-
-    def combine(self, x, h, state):
-        f = gate(torch.sigmoid, x.f, h.f)
-        n = torch.tanh(x.n + f * h.n)
-        h_new = (1 - f) * state.h + f * n
-        return h_new, HiddenState(h_new)
 
 
-class UserLSTMCell(LSTMCell):
-    """An LSTM rewritten by a user: same math, its own ``combine``, so it gets the generic kernel."""
-
-    def combine(self, x, h, state):
-        i, f, o = (torch.sigmoid(a + b) for a, b in ((x.i, h.i), (x.f, h.f), (x.o, h.o)))
-        c = f * state.c + i * torch.tanh(x.g + h.g)
-        h_new = o * torch.tanh(c)
-        return h_new, LSTMState(h_new, c)
 
 
 class OwnStepCell(MGUCell):
@@ -89,13 +70,6 @@ def _max_diff(a, b):
     return max(((x - y).abs().max() / y.abs().max().clamp(min=1)).item() for x, y in zip(a, b))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: threads only add synchronisation, which a busy shared machine makes very slow."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize(

@@ -17,13 +17,6 @@ from rnnkit.tasks.lm import CharRNN, LMConfig, LMTask, Sampler, Vocab, generate,
 TEXT = "the quick brown fox jumps over the lazy dog. " * 8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one thread is faster, and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_task(tmp_path, text=TEXT, **overrides) -> LMTask:

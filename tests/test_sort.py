@@ -13,13 +13,6 @@ from rnnkit.tasks.sort.search import beam_search, decode, greedy
 TINY = dict(embed=8, hidden=8, attn=8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and far faster than two on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_model(decoder: str, vocab: int = 8, floats: bool = False, int_value: bool = False) -> SortModel:

@@ -38,12 +38,11 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from torch.nn import functional as F
 
 from rnnkit.core.cells.gru import GRUCell
 from rnnkit.core.cells.lstm import LSTMCell, LSTMState
 from rnnkit.core.cells.rnn import RNNCell
-from rnnkit.core.gates import GatedCell, HiddenState
+from rnnkit.core.gates import GatedCell
 
 
 # -- helpers ---------------------------------------------------------------------------------

@@ -17,7 +17,6 @@ or `kill -9` at any moment leaves either the old or the new checkpoint, both com
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from rnnkit.engine.errors import CheckpointError
-from rnnkit.tasks.files import atomic_write, atomic_write_text  # noqa: F401  (re-exported)
+from rnnkit.tasks.files import atomic_write
 
 FORMAT = "rnnkit-checkpoint/1"  # bumped when the layout changes incompatibly
 

@@ -21,7 +21,6 @@ import typing
 from typing import Any, Literal, get_args, get_origin
 
 from rnnkit.engine.errors import UsageError
-from rnnkit.tasks.base import option  # noqa: F401  (re-exported: configs declare fields with it)
 
 
 

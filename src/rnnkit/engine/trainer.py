@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from rnnkit.engine import checkpoint as ckpt
-from rnnkit.engine.config import from_dict, option, to_dict
+from rnnkit.engine.config import from_dict, to_dict
 from rnnkit.engine.distributed import (
     World, all_reduce_sum, barrier, broadcast_object, gather_objects, setup_world, teardown_world,
 )
@@ -37,7 +37,7 @@ from rnnkit.engine.rundir import (
     write_config,
 )
 from rnnkit.engine.schedule import OPTIMIZERS, SCHEDULES, lr_at
-from rnnkit.tasks.base import Task, load_task_class, move_to
+from rnnkit.tasks.base import Task, load_task_class, move_to, option
 
 
 @dataclass(frozen=True)
