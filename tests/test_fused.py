@@ -267,3 +267,22 @@ def test_bench_smoke(tmp_path):
                    check=True, capture_output=True, timeout=60)
     report = json.loads(path.read_text())
     assert report["rows"] and all(r["torch_ms"] > 0 and r["rnnkit_ms"] > 0 for r in report["rows"])
+
+
+@pytest.mark.parametrize("kind,kwargs", [("gru", {}), ("rnn", {"nonlinearity": "tanh"}), ("rnn", {"nonlinearity": "relu"}),
+                                         ("lstm", {})])
+def test_inference_through_torchs_kernel_equals_the_reference(kind, kwargs, monkeypatch):
+    """Without gradients, built-in stacks run on torch's own kernel; the result is the reference's."""
+    layer = rnnkit.LAYERS[kind](5, 7, num_layers=2, bidirectional=True, **kwargs).eval()
+    x = torch.randn(3, 6, 5)
+    state = layer(x)[1]
+    with torch.no_grad():
+        assert fused.vendor_stack(layer, x, layer._unpack_state(state, 3, x), None) is not None
+        out, final = layer(x, state)
+        monkeypatch.setattr(scan_module, "FUSED", False)
+        ref_out, ref_final = layer(x, state)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=0)
+    for a, b in zip(final if isinstance(final, tuple) else (final,), ref_final if isinstance(ref_final, tuple) else (ref_final,)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    if kind != "lstm":  # training keeps rnnkit's own fused kernels, which train faster on a CPU
+        assert fused.vendor_stack(layer, x.requires_grad_(), layer._unpack_state(state, 3, x), None) is None

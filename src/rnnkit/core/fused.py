@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from rnnkit.core.cells.gru import GRUCell
-from rnnkit.core.cells.lstm import LSTMCell, LSTMState
+from rnnkit.core.cells.lstm import LSTMCell
 from rnnkit.core.cells.rnn import RNNCell
 from rnnkit.core.gates import GatedCell
 
@@ -515,29 +515,51 @@ def fused_scan(cell: GatedCell, xz: Tensor, state: NamedTuple, mask: Tensor | No
     return out.transpose(0, 1).contiguous(), cell.State(*final)  # (B, T, H), contiguous as torch.nn returns it
 
 
-# -- routing whole built-in LSTM stacks to the vendor kernel ---------------------------------
+# -- routing whole built-in stacks to torch's own kernels ---------------------------------------
 
-def vendor_lstm(layer, x: Tensor, states: list, mask: Tensor | None):
-    """A whole built-in LSTM stack through torch's own fused kernel, or ``None``.
+# a built-in cell's combine -> the torch._VF function that runs a whole stack of it
+VENDOR = {
+    LSTMCell.combine: lambda cell: torch._VF.lstm,
+    GRUCell.combine: lambda cell: torch._VF.gru,
+    RNNCell.combine: lambda cell: getattr(torch._VF, f"rnn_{cell.nonlinearity}"),
+}
 
-    On CPU, torch.nn.LSTM runs on oneDNN's LSTM primitive (float32), which is C++ end to end and
-    beats any per-step Python loop; on CUDA it is cuDNN. Both compute exactly this layer's
-    function, so an unmasked built-in LSTM goes there (the parity tests hold it to the reference).
+
+def _needs_grad(layer, x: Tensor, states: list) -> bool:
+    tensors = [x, *layer.parameters(), *(part for state in states for part in state)]
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def vendor_stack(layer, x: Tensor, states: list, mask: Tensor | None):
+    """A whole built-in stack through torch's own fused kernel where that is the fastest, or ``None``.
+
+    torch's kernels compute exactly these layers' functions (the parity tests hold them to the
+    reference), so the choice is speed alone, as measured by ``python -m rnnkit.bench``:
+    - LSTM: on CPU, torch.nn.LSTM runs on oneDNN's LSTM primitive (float32), C++ end to end, which
+      beats any per-step Python loop for training and inference; on CUDA it is cuDNN.
+    - GRU and RNN: the fused kernels here train faster than torch on CPU, but torch's C++ loop runs
+      inference (no gradient needed) faster, so only inference goes there; on CUDA, cuDNN always.
     Lengths (where torch would fall back to its slow packed path), dropout in training (a different
-    random stream) and every other cell keep the fused kernels above.
+    random stream), other dtypes and every other cell keep the fused kernels.
     """
     if mask is not None or (layer.training and layer.dropout > 0) or _functorch_active():
         return None
-    if any(kernel_for(c) is not KERNELS[LSTMCell.combine] for c in layer.cells):
+    cell = layer.cells[0]
+    combine = type(cell).combine
+    if combine not in VENDOR or any(kernel_for(c) is not KERNELS[combine] for c in layer.cells):
         return None
+    lstm = combine is LSTMCell.combine
     if x.device.type == "cpu":
-        if x.dtype != torch.float32 or not torch.backends.mkldnn.is_available() or torch.is_autocast_enabled("cpu"):
+        if x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+            return None
+        if lstm and not torch.backends.mkldnn.is_available():
+            return None
+        if not lstm and _needs_grad(layer, x, states):
             return None
     elif x.device.type != "cuda":
         return None
     weights = [w for c in layer.cells for w in (c.weight_ih, c.weight_hh, c.bias_ih, c.bias_hh) if w is not None]
-    h0 = torch.stack([s.h for s in states])
-    c0 = torch.stack([s.c for s in states])
-    out, h, c = torch._VF.lstm(x, (h0, c0), weights, layer.bias, layer.num_layers, 0.0, layer.training,
-                               layer.bidirectional, True)
-    return out, [LSTMState(hr, cr) for hr, cr in zip(h.unbind(0), c.unbind(0))]
+    hx = tuple(torch.stack(parts) for parts in zip(*states))  # each (num_layers*D, B, H)
+    args = (weights, layer.bias, layer.num_layers, 0.0, layer.training, layer.bidirectional, True)
+    out, *final = VENDOR[combine](cell)(x, hx if lstm else hx[0], *args)
+    return out, [cell.State(*parts) for parts in zip(*(f.unbind(0) for f in final))]

@@ -37,7 +37,7 @@ from rnnkit.core.cells import GRUCell, LSTMCell, RNNCell
 from rnnkit.core.functional import as_lengths, length_mask, reverse_padded
 from rnnkit.core.gates import GatedCell
 from rnnkit.core import scan as scan_module
-from rnnkit.core.fused import vendor_lstm
+from rnnkit.core.fused import vendor_stack
 from rnnkit.core.step import step_layers
 
 
@@ -133,7 +133,7 @@ class Recurrent(nn.Module):
         mask = length_mask(lengths_t, T) if lengths_t is not None else None  # (B, T)
 
         if scan_module.FUSED:
-            routed = vendor_lstm(self, x, states, mask)  # torch's own LSTM kernel where it is the fastest
+            routed = vendor_stack(self, x, states, mask)  # torch's own kernel where it is the fastest
             if routed is not None:
                 output, final_states = routed
                 output = output if self.batch_first else output.transpose(0, 1)
