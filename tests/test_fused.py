@@ -286,3 +286,68 @@ def test_inference_through_torchs_kernel_equals_the_reference(kind, kwargs, monk
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     if kind != "lstm":  # training keeps rnnkit's own fused kernels, which train faster on a CPU
         assert fused.vendor_stack(layer, x.requires_grad_(), layer._unpack_state(state, 3, x), None) is None
+
+
+class ScaledMGUCell(MGUCell):
+    """A cell with a parameter of its own, used inside ``combine``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.scale = torch.nn.Parameter(torch.tensor(1.5))
+
+    def combine(self, x, h, state):
+        h_new, new_state = super().combine(x, h, state)
+        return self.scale * h_new, type(new_state)(self.scale * h_new)
+
+
+class DoubledInputLSTMCell(rnnkit.LSTMCell):
+    """A built-in cell whose input projection is overridden: fast paths must not bypass it."""
+
+    def project_input(self, x):
+        return 2 * super().project_input(x)
+
+
+def _grads_and_outputs(layer, x, h0):
+    out, final = layer(x, h0)
+    loss = out.square().sum() + sum(f.square().sum() for f in (final if isinstance(final, tuple) else (final,)))
+    names, params = zip(*layer.named_parameters())
+    return [out, *torch.autograd.grad(loss, params)], names
+
+
+def test_a_cells_own_parameters_get_their_gradients(monkeypatch):
+    layer = rnnkit.Recurrent(ScaledMGUCell, 3, 4, num_layers=2).double()
+    x, h0 = torch.randn(2, 5, 3, dtype=torch.float64), torch.randn(2, 2, 4, dtype=torch.float64)
+    fast, names = _grads_and_outputs(layer, x, h0)
+    monkeypatch.setattr(scan_module, "FUSED", False)
+    reference, _ = _grads_and_outputs(layer, x, h0)
+    assert "cells.0.scale" in names
+    for name, a, b in zip(("output", *names), fast, reference):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0, msg=name)
+
+
+def test_an_overridden_input_projection_is_honoured_by_every_path(monkeypatch):
+    layer = rnnkit.Recurrent(DoubledInputLSTMCell, 3, 4, num_layers=2).eval()
+    x = torch.randn(2, 5, 3)
+    with torch.no_grad():
+        out, state = layer(x)                      # whole sequence, no gradient
+        step_out, _ = layer(x[:, :1], state)      # one step with a carried state
+        monkeypatch.setattr(scan_module, "FUSED", False)
+        ref_out, ref_state = layer(x)
+        ref_step, _ = layer(x[:, :1], ref_state)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=0)
+    torch.testing.assert_close(step_out, ref_step, atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+def test_cuda_autocast_state_can_be_carried(kind):
+    """Under autocast the returned state keeps the weights' dtype, so it can go back in (lm training)."""
+    layer = rnnkit.LAYERS[kind](5, 8, num_layers=2).cuda()
+    x = torch.randn(2, 4, 5, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        _, state = layer(x)
+        out, state = layer(x, state)
+        with torch.no_grad():
+            layer(x[:, :1], state)
+    for part in (state if isinstance(state, tuple) else (state,)):
+        assert part.dtype == torch.float32

@@ -42,7 +42,7 @@ from torch import Tensor
 from rnnkit.core.cells.gru import GRUCell
 from rnnkit.core.cells.lstm import LSTMCell
 from rnnkit.core.cells.rnn import RNNCell
-from rnnkit.core.gates import GatedCell
+from rnnkit.core.gates import GatedCell, only_combine_customised
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -458,15 +458,12 @@ def kernel_for(cell) -> _Kernel | None:
     """The fused kernel for ``cell``, or ``None`` if it must run through ``scan_reference``.
 
     A cell qualifies when it customises only ``combine`` (the GatedCell contract); one that
-    rewrites ``step``, ``split`` or ``project_hidden`` changes what a step means, so it keeps
-    the reference loop.
+    rewrites ``step``, ``split`` or a projection changes what a step means, and one with parameters
+    of its own would get no gradient for them here, so both keep the reference loop.
     """
-    kind = type(cell)
-    if not isinstance(cell, GatedCell) or (kind.step, kind.split, kind.project_hidden) != (
-        GatedCell.step, GatedCell.split, GatedCell.project_hidden
-    ):
+    if not only_combine_customised(cell):
         return None
-    return KERNELS.get(kind.combine, GENERIC)
+    return KERNELS.get(type(cell).combine, GENERIC)
 
 
 class FusedScan(torch.autograd.Function):
@@ -559,7 +556,11 @@ def vendor_stack(layer, x: Tensor, states: list, mask: Tensor | None):
     elif x.device.type != "cuda":
         return None
     weights = [w for c in layer.cells for w in (c.weight_ih, c.weight_hh, c.bias_ih, c.bias_hh) if w is not None]
-    hx = tuple(torch.stack(parts) for parts in zip(*states))  # each (num_layers*D, B, H)
+    dtype = weights[0].dtype
+    hx = tuple(torch.stack(parts).to(dtype) for parts in zip(*states))  # each (num_layers*D, B, H)
     args = (weights, layer.bias, layer.num_layers, 0.0, layer.training, layer.bidirectional, True)
-    out, *final = VENDOR[combine](cell)(x, hx if lstm else hx[0], *args)
+    # cuDNN under autocast would return half-precision states that no longer match the next call's
+    # inputs; the recurrence runs in the weights' dtype, as the fused kernels do
+    with torch.autocast(x.device.type, enabled=False):
+        out, *final = VENDOR[combine](cell)(x.to(dtype), hx if lstm else hx[0], *args)
     return out, [cell.State(*parts) for parts in zip(*(f.unbind(0) for f in final))]

@@ -49,6 +49,17 @@ class HiddenState(NamedTuple):
     h: Tensor
 
 
+def only_combine_customised(cell) -> bool:
+    """True when ``cell`` changes nothing but ``combine`` (and its gate names and state): the
+    projections, ``split`` and ``step`` are GatedCell's, and its only parameters are the stacked
+    weights. Fast paths that run the weights themselves may take exactly these cells."""
+    kind = type(cell)
+    standard = ("step", "split", "project_input", "project_hidden")
+    if not isinstance(cell, GatedCell) or any(getattr(kind, name) is not getattr(GatedCell, name) for name in standard):
+        return False
+    return {name for name, _ in cell.named_parameters()} <= {"weight_ih", "weight_hh", "bias_ih", "bias_hh"}
+
+
 def gate(act: Callable[[Tensor], Tensor], x_part: Tensor, h_part: Tensor) -> Tensor:
     """The seed's primitive: ``act(x A + b + h B + b')`` given the two affine parts."""
     return act(x_part + h_part)

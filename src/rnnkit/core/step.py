@@ -29,7 +29,7 @@ from torch.nn import functional as F
 from rnnkit.core.cells.gru import GRUCell
 from rnnkit.core.cells.lstm import LSTMCell
 from rnnkit.core.cells.rnn import RNNCell
-from rnnkit.core.gates import GatedCell
+from rnnkit.core.gates import GatedCell, only_combine_customised
 
 _CACHE_ATTR = "_rnnkit_step_cache"
 
@@ -125,8 +125,7 @@ def step_layers(layer, x: Tensor, state) -> tuple | None:
         for p in parts
     ):
         return None
-    if any(kind.step is not GatedCell.step or kind.split is not GatedCell.split
-           or kind.project_hidden is not GatedCell.project_hidden for kind in map(type, layer.cells)):
+    if not all(map(only_combine_customised, layer.cells)):  # the steppers run the weights themselves
         return None
     packs = _packed(layer)
     new = [torch.empty_like(p) for p in parts]  # (rows, B, H) each, written row by row

@@ -7,6 +7,7 @@ a data set once into `cache_dir()` and checks it against its published checksum 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import sys
 import urllib.request
@@ -79,7 +80,7 @@ def fetch(url: str, dest: Path, algorithm: str, digest: str, name: str | None = 
 
     try:
         atomic_write(dest, download)
-    except OSError as e:  # URLError is an OSError
+    except (OSError, http.client.HTTPException) as e:  # URLError is an OSError; IncompleteRead is neither
         raise UsageError(f"could not download {name} from {url} ({getattr(e, 'reason', e)}); download it "
                          f"yourself and pass --data PATH") from None
     return dest
