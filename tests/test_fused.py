@@ -351,3 +351,14 @@ def test_cuda_autocast_state_can_be_carried(kind):
             layer(x[:, :1], state)
     for part in (state if isinstance(state, tuple) else (state,)):
         assert part.dtype == torch.float32
+
+
+def test_stepping_under_autocast_keeps_the_states_dtype():
+    """lm's on_eval samples under the trainer's autocast: one-step calls must hand back float32 state."""
+    layer = rnnkit.GRU(5, 8, num_layers=2).eval()
+    x = torch.randn(2, 1, 5)
+    _, state = layer(x)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out, state = layer(x, state)
+        out, state = layer(x, state)
+    assert state.dtype == torch.float32

@@ -34,6 +34,7 @@ the state's gradient pass through.
 """
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -561,6 +562,9 @@ def vendor_stack(layer, x: Tensor, states: list, mask: Tensor | None):
     args = (weights, layer.bias, layer.num_layers, 0.0, layer.training, layer.bidirectional, True)
     # cuDNN under autocast would return half-precision states that no longer match the next call's
     # inputs; the recurrence runs in the weights' dtype, as the fused kernels do
-    with torch.autocast(x.device.type, enabled=False):
+    with torch.autocast(x.device.type, enabled=False), warnings.catch_warnings():
+        # cuDNN warns that our per-cell weights are not one contiguous block and compacts them on
+        # each call (a known cost, in the README); its advice, flatten_parameters(), is torch.nn's
+        warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous")
         out, *final = VENDOR[combine](cell)(x.to(dtype), hx if lstm else hx[0], *args)
     return out, [cell.State(*parts) for parts in zip(*(f.unbind(0) for f in final))]

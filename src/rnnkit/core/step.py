@@ -117,6 +117,8 @@ def step_layers(layer, x: Tensor, state) -> tuple | None:
     ref = layer.cells[0].weight_ih
     if T != 1 or I != layer.input_size or x.dtype != ref.dtype or x.device != ref.device:
         return None
+    if torch.is_autocast_enabled(x.device.type):  # its linears would come back in half precision
+        return None
     fields = layer.State._fields
     parts = (state,) if isinstance(state, Tensor) else tuple(state)
     rows, H = len(layer.cells), layer.hidden_size
