@@ -56,9 +56,10 @@ def _run(layer, x, state, lengths, fused_on: bool, seed=0):
         torch.manual_seed(seed)  # the same dropout masks on both paths
         out, final = layer(xi, si if len(si) > 1 else si[0], lengths=lengths)
         g = torch.Generator().manual_seed(1)
-        loss = (out * torch.randn(out.shape, generator=g, dtype=out.dtype)).sum()
+        weights = lambda t: torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device)  # same on any device
+        loss = (out * weights(out)).sum()
         for f in _parts(final):
-            loss = loss + (f * torch.randn(f.shape, generator=g, dtype=f.dtype)).sum()
+            loss = loss + (f * weights(f)).sum()
         grads = torch.autograd.grad(loss, [xi, *si, *layer.parameters()])
         return [out, *_parts(final), *grads]
     finally:
