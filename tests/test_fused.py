@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 import subprocess
 import sys
 
@@ -16,10 +17,26 @@ import pytest
 import torch
 
 import rnnkit
-from rnnkit.core import fused, scan as scan_module
+from rnnkit.core import fused, native, scan as scan_module
 from user_cells import MGUCell, UserLSTMCell
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+
+LOOPS = ["python"] + (["cpp"] if native.ops() is not None else [])
+
+
+@pytest.fixture(params=LOOPS)
+def loops(request, monkeypatch):
+    """Run a test with the built-in kernels' C++ step loops (where they build) and with the Python ones."""
+    if request.param == "python":
+        monkeypatch.setitem(native._state, "ops", None)
+    return request.param
+
+
+def test_the_cpp_loops_build_where_there_is_a_compiler():
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler here: the Python loops run instead")
+    assert native.ops() is not None
 
 
 
@@ -77,7 +94,7 @@ def _max_diff(a, b):
     "kind,dtype,bidirectional,with_lengths",
     list(itertools.product(LAYERS, [torch.float64, torch.float32], [False, True], [False, True])),
 )
-def test_fused_equals_reference(kind, dtype, bidirectional, with_lengths):
+def test_fused_equals_reference(kind, dtype, bidirectional, with_lengths, loops):
     B, T, I, H, L = 3, 7, 4, 5, 2
     layer = LAYERS[kind](input_size=I, hidden_size=H, num_layers=L, bidirectional=bidirectional).to(dtype)
     D = 2 if bidirectional else 1
@@ -90,7 +107,7 @@ def test_fused_equals_reference(kind, dtype, bidirectional, with_lengths):
 
 
 @pytest.mark.parametrize("kind", list(LAYERS))
-def test_fused_with_dropout_and_without_bias(kind):
+def test_fused_with_dropout_and_without_bias(kind, loops):
     layer = LAYERS[kind](input_size=3, hidden_size=4, num_layers=3, dropout=0.3, bias=False).double().train()
     x = torch.randn(2, 6, 3, dtype=torch.float64)
     state = tuple(torch.randn(3, 2, 4, dtype=torch.float64) for _ in layer.State._fields)
@@ -100,7 +117,7 @@ def test_fused_with_dropout_and_without_bias(kind):
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh", "rnn_relu", "mgu"])
-def test_fused_float32_larger_sizes(kind):
+def test_fused_float32_larger_sizes(kind, loops):
     layer = LAYERS[kind](input_size=16, hidden_size=32, num_layers=2, bidirectional=True)
     x = torch.randn(8, 40, 16)
     state = tuple(torch.randn(4, 8, 32) for _ in layer.State._fields)
@@ -110,8 +127,23 @@ def test_fused_float32_larger_sizes(kind):
     assert _max_diff(got, want) < 1e-5
 
 
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
+@pytest.mark.parametrize("batch,hidden,dtype", [(1, 70, torch.float64), (1, 70, torch.float32),
+                                                (4, 512, torch.float32)])
+def test_every_route_of_the_recurrent_matmul(kind, batch, hidden, dtype):
+    """The C++ loops' three matmul routes: batch 1 (their own row-vector kernels), oneDNN (4 x 512
+    is above ``DNN_MIN_MACS``), at::mm (the other tests). Lengths keep the LSTM off torch's kernel."""
+    layer = LAYERS[kind](input_size=6, hidden_size=hidden, bidirectional=True).to(dtype)
+    x = torch.randn(batch, 9, 6, dtype=dtype)
+    state = tuple(torch.randn(2, batch, hidden, dtype=dtype) for _ in layer.State._fields)
+    lengths = [9, 4, 7, 9][:batch]
+    got = _run(layer, x, state, lengths, fused_on=True)
+    want = _run(layer, x, state, lengths, fused_on=False)
+    assert _max_diff(got, want) < TOL[dtype]
+
+
 @pytest.mark.parametrize("kind", list(LAYERS))
-def test_any_mask_matches_scan_reference(kind):
+def test_any_mask_matches_scan_reference(kind, loops):
     """``scan`` accepts any (B, T) mask, not only prefixes: frozen state and zero output where False."""
     cell = LAYERS[kind](input_size=3, hidden_size=4).double().cells[0]
     B, T = 4, 6
@@ -131,14 +163,15 @@ def test_any_mask_matches_scan_reference(kind):
 
 
 @pytest.mark.parametrize("kind", list(LAYERS))
-def test_gradcheck_fused(kind):
+def test_gradcheck_fused(kind, loops):
     cell = LAYERS[kind](input_size=2, hidden_size=3).double().cells[0]
     mask = torch.tensor([[True, True, True, True], [True, True, False, False], [True, True, True, False]])
     xz = cell.project_input(torch.randn(3, 4, 2, dtype=torch.float64)).detach().requires_grad_()
     state = [torch.randn(3, 3, dtype=torch.float64, requires_grad=True) for _ in cell.State._fields]
     w_hh = cell.weight_hh.detach().clone().requires_grad_()
     b_hh = cell.bias_hh.detach().clone().requires_grad_()
-    kernel = fused.kernel_for(cell)
+    kernel = fused._native_twin(fused.kernel_for(cell), xz)
+    assert (loops == "cpp") == (kernel in fused.NATIVE.values()) or kernel is fused.GENERIC
 
     def f(xz, w_hh, b_hh, *state):
         return fused.FusedScan.apply(kernel, cell, mask, xz, w_hh, b_hh, *state)
@@ -273,7 +306,13 @@ def test_bench_smoke(tmp_path):
 @pytest.mark.parametrize("kind,kwargs", [("gru", {}), ("rnn", {"nonlinearity": "tanh"}), ("rnn", {"nonlinearity": "relu"}),
                                          ("lstm", {})])
 def test_inference_through_torchs_kernel_equals_the_reference(kind, kwargs, monkeypatch):
-    """Without gradients, built-in stacks run on torch's own kernel; the result is the reference's."""
+    """Where rnnkit routes a stack to torch's own kernel, the result is the reference's.
+
+    On the CPU that is the LSTM in float32 (oneDNN), and GRU and RNN inference only where the C++
+    loops are unavailable (here: switched off), since they are faster than torch's.
+    """
+    if kind != "lstm":
+        monkeypatch.setitem(native._state, "ops", None)
     layer = rnnkit.LAYERS[kind](5, 7, num_layers=2, bidirectional=True, **kwargs).eval()
     x = torch.randn(3, 6, 5)
     state = layer(x)[1]
@@ -287,6 +326,15 @@ def test_inference_through_torchs_kernel_equals_the_reference(kind, kwargs, monk
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     if kind != "lstm":  # training keeps rnnkit's own fused kernels, which train faster on a CPU
         assert fused.vendor_stack(layer, x.requires_grad_(), layer._unpack_state(state, 3, x), None) is None
+
+
+@pytest.mark.skipif(native.ops() is None, reason="the C++ loops could not be built here")
+@pytest.mark.parametrize("kind", ["gru", "rnn"])
+def test_with_the_cpp_loops_gru_and_rnn_inference_stay_in_rnnkit(kind):
+    layer = rnnkit.LAYERS[kind](5, 7).eval()
+    x = torch.randn(3, 6, 5)
+    with torch.no_grad():
+        assert fused.vendor_stack(layer, x, layer._unpack_state(None, 3, x), None) is None
 
 
 class ScaledMGUCell(MGUCell):

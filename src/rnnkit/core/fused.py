@@ -40,6 +40,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from rnnkit.core import native
 from rnnkit.core.cells.gru import GRUCell
 from rnnkit.core.cells.lstm import LSTMCell
 from rnnkit.core.cells.rnn import RNNCell
@@ -417,9 +418,15 @@ class _Kernel:
         raise NotImplementedError
 
 
+def _batch_major(result):
+    """A Python loop's (T, B, H) outputs -> (B, T, H), contiguous as torch.nn returns them."""
+    out, final, saved = result
+    return out.transpose(0, 1).contiguous(), final, saved
+
+
 class _LSTMKernel(_Kernel):
     def forward(self, cell, xz, w_hh, b_hh, state, mask, training):
-        return lstm_forward(xz, w_hh, b_hh, state[0], state[1], mask, training)
+        return _batch_major(lstm_forward(xz, w_hh, b_hh, state[0], state[1], mask, training))
 
     def backward(self, cell, saved, w_hh, mask, grad_out, grad_state, needs):
         return lstm_backward(saved, w_hh, mask, grad_out, grad_state[0], grad_state[1], needs)
@@ -427,7 +434,7 @@ class _LSTMKernel(_Kernel):
 
 class _GRUKernel(_Kernel):
     def forward(self, cell, xz, w_hh, b_hh, state, mask, training):
-        return gru_forward(xz, w_hh, b_hh, state[0], mask, training)
+        return _batch_major(gru_forward(xz, w_hh, b_hh, state[0], mask, training))
 
     def backward(self, cell, saved, w_hh, mask, grad_out, grad_state, needs):
         return gru_backward(saved, w_hh, mask, grad_out, grad_state[0], needs)
@@ -435,7 +442,7 @@ class _GRUKernel(_Kernel):
 
 class _RNNKernel(_Kernel):
     def forward(self, cell, xz, w_hh, b_hh, state, mask, training):
-        return rnn_forward(xz, w_hh, b_hh, state[0], mask, training, cell.nonlinearity == "relu")
+        return _batch_major(rnn_forward(xz, w_hh, b_hh, state[0], mask, training, cell.nonlinearity == "relu"))
 
     def backward(self, cell, saved, w_hh, mask, grad_out, grad_state, needs):
         return rnn_backward(saved, w_hh, mask, grad_out, grad_state[0], needs, cell.nonlinearity == "relu")
@@ -443,7 +450,7 @@ class _RNNKernel(_Kernel):
 
 class _GenericKernel(_Kernel):
     def forward(self, cell, xz, w_hh, b_hh, state, mask, training):
-        return generic_forward(cell, xz, w_hh, b_hh, state, mask, training)
+        return _batch_major(generic_forward(cell, xz, w_hh, b_hh, state, mask, training))
 
     def backward(self, cell, saved, w_hh, mask, grad_out, grad_state, needs):
         return generic_backward(cell, saved, w_hh, mask, grad_out, grad_state, needs)
@@ -453,6 +460,123 @@ class _GenericKernel(_Kernel):
 # so a subclass that rewrites ``combine`` gets the generic kernel, never a wrong fused one.
 KERNELS = {LSTMCell.combine: _LSTMKernel(), GRUCell.combine: _GRUKernel(), RNNCell.combine: _RNNKernel()}
 GENERIC = _GenericKernel()
+
+
+# -- the built-in kernels with their loops in C++ (native.cpp): CPU, float32 and float64 --------
+#
+# Same functions as the Python kernels above, which they replace when native.ops() is available.
+# Their buffers are batch-major like the layer's (no transposes), the states time-major; the C++
+# backward computes every gate derivative from the saved activations, so the only work here is
+# allocation and the batched weight gradients.
+
+# Recurrent matmuls of at least this many multiply-adds per step go to oneDNN with packed weights
+# (measured on the development machine: below it, oneDNN's fixed ~15 us a call loses to at::mm).
+DNN_MIN_MACS = 768 * 1024
+
+
+def _packed(w: Tensor, batch: int) -> Tensor | None:
+    """oneDNN's packed form of ``w`` (N, K) for ``x @ w^T`` at ``batch`` rows, or ``None``.
+
+    ``None`` leaves the C++ loop its own row-vector kernel at batch 1 and at::mm otherwise."""
+    if w.dtype != torch.float32 or batch == 1 or batch * w.numel() < DNN_MIN_MACS or not torch.backends.mkldnn.is_available():
+        return None
+    return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), batch)
+
+
+def _states(first: Tensor, T: int) -> Tensor:
+    """(T+1, B, H) buffer for h_0 .. h_T (or c), h_0 filled in."""
+    hs = first.new_empty(T + 1, *first.shape)
+    hs[0] = first
+    return hs
+
+
+def _grad_in(grad: Tensor | None, like: Tensor) -> Tensor:
+    """An incoming state gradient as a fresh contiguous buffer the C++ loop may update in place."""
+    return torch.zeros_like(like, memory_format=torch.contiguous_format) if grad is None else grad.clone(
+        memory_format=torch.contiguous_format)
+
+
+def _grad_rows(grad_out: Tensor | None) -> Tensor | None:
+    """The output gradient (B, T, H) with a contiguous last dimension (what the C++ loops read)."""
+    return grad_out if grad_out is None or grad_out.stride(-1) == 1 else grad_out.contiguous()
+
+
+def _native_weight_grads(dhz: Tensor, hs: Tensor, needs: dict):
+    """``dW_hh = dhz^T h_prev`` and ``db_hh = sum dhz`` over all steps at once; dhz (B, T, G*H), hs (T+1, B, H)."""
+    GH, H = dhz.shape[-1], hs.shape[-1]
+    flat = dhz.reshape(-1, GH)
+    dw = flat.t().mm(hs[:-1].transpose(0, 1).reshape(-1, H)) if needs["w"] else None
+    db = flat.sum(0) if needs["b"] else None
+    return dw, db
+
+
+class _NativeLSTM(_Kernel):
+    def forward(self, cell, xz, w_hh, b_hh, state, mask, training):
+        B, T, G4 = xz.shape
+        hs, cs = _states(state[0], T), _states(state[1], T)
+        out = xz.new_empty(B, T, G4 // 4)
+        gates = torch.empty_like(xz) if training else None
+        native.ops().lstm_forward(xz, w_hh.t(), _packed(w_hh, B), b_hh, hs, cs, out, gates, mask)
+        return out, (hs[T], cs[T]), (gates, hs, cs)
+
+    def backward(self, cell, saved, w_hh, mask, grad_out, grad_state, needs):
+        gates, hs, cs = saved
+        dh, dc = _grad_in(grad_state[0], hs[0]), _grad_in(grad_state[1], cs[0])
+        dxz = torch.empty_like(gates)
+        native.ops().lstm_backward(gates, cs, _grad_rows(grad_out), w_hh, _packed(w_hh.t(), dh.shape[0]), dh, dc,
+                                   dxz, gates.new_empty(gates.shape[0], gates.shape[2]), mask)
+        dw, db = _native_weight_grads(dxz, hs, needs)
+        return dxz, dw, db, (dh, dc)
+
+
+class _NativeGRU(_Kernel):
+    def forward(self, cell, xz, w_hh, b_hh, state, mask, training):
+        B, T, G3 = xz.shape
+        hs = _states(state[0], T)
+        out = xz.new_empty(B, T, G3 // 3)
+        gates, hzn = (torch.empty_like(xz), torch.empty_like(out)) if training else (None, None)
+        native.ops().gru_forward(xz, w_hh.t(), _packed(w_hh, B), b_hh, hs, out, gates, hzn, mask)
+        return out, (hs[T],), (gates, hzn, hs)
+
+    def backward(self, cell, saved, w_hh, mask, grad_out, grad_state, needs):
+        gates, hzn, hs = saved
+        dh = _grad_in(grad_state[0], hs[0])
+        dxz, dhz = torch.empty_like(gates), torch.empty_like(gates)
+        native.ops().gru_backward(gates, hzn, hs, _grad_rows(grad_out), w_hh, _packed(w_hh.t(), dh.shape[0]), dh,
+                                  dxz, dhz, gates.new_empty(gates.shape[0], gates.shape[2]), mask)
+        dw, db = _native_weight_grads(dhz, hs, needs)
+        return dxz, dw, db, (dh,)
+
+
+class _NativeRNN(_Kernel):
+    def forward(self, cell, xz, w_hh, b_hh, state, mask, training):
+        B, T, H = xz.shape
+        hs = _states(state[0], T)
+        out = torch.empty_like(xz)
+        native.ops().rnn_forward(xz, w_hh.t(), _packed(w_hh, B), b_hh, hs, out, mask, cell.nonlinearity == "relu")
+        return out, (hs[T],), (hs,)
+
+    def backward(self, cell, saved, w_hh, mask, grad_out, grad_state, needs):
+        (hs,) = saved
+        dh = _grad_in(grad_state[0], hs[0])
+        T, B, H = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
+        dxz = hs.new_empty(B, T, H)
+        native.ops().rnn_backward(hs, _grad_rows(grad_out), w_hh, _packed(w_hh.t(), B), dh, dxz, hs.new_empty(B, H),
+                                  mask, cell.nonlinearity == "relu")
+        dw, db = _native_weight_grads(dxz, hs, needs)
+        return dxz, dw, db, (dh,)
+
+
+# a Python kernel -> its C++ twin, used for CPU float32/float64 when native.ops() is available
+NATIVE = {type(KERNELS[LSTMCell.combine]): _NativeLSTM(), type(KERNELS[GRUCell.combine]): _NativeGRU(),
+          type(KERNELS[RNNCell.combine]): _NativeRNN()}
+
+
+def _native_twin(kernel: _Kernel, xz: Tensor) -> _Kernel:
+    twin = NATIVE.get(type(kernel))
+    if twin is None or xz.device.type != "cpu" or xz.dtype not in (torch.float32, torch.float64):
+        return kernel
+    return twin if native.ops() is not None else kernel
 
 
 def kernel_for(cell) -> _Kernel | None:
@@ -476,7 +600,7 @@ class FusedScan(torch.autograd.Function):
             out, final, saved = kernel.forward(cell, xz, w_hh, b_hh, cell.State(*state), mask, True)
         ctx.kernel, ctx.cell, ctx.saved, ctx.mask = kernel, cell, saved, mask
         ctx.save_for_backward(w_hh)  # the kernels keep what else they need in ``saved``
-        return (out.transpose(0, 1).contiguous(), *(s.clone() for s in final))
+        return (out, *(s.clone() for s in final))
 
     @staticmethod
     def backward(ctx, grad_out, *grad_state):
@@ -504,13 +628,16 @@ def fused_scan(cell: GatedCell, xz: Tensor, state: NamedTuple, mask: Tensor | No
     if xz.dtype != dtype:  # autocast: the input projection may arrive in half precision
         xz = xz.to(dtype)
     state = tuple(s.to(dtype) for s in state)
+    kernel = _native_twin(kernel, xz)
+    if kernel is not GENERIC:  # the C++ loops read rows directly: dense buffers (a no-op when they are)
+        xz, mask = xz.contiguous(), mask.contiguous() if mask is not None else None
     tensors = (xz, w_hh, b_hh, *state)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         out, *final = FusedScan.apply(kernel, cell, mask, xz, w_hh, b_hh, *state)
         return out, cell.State(*final)
     with torch.no_grad(), torch.autocast(xz.device.type, enabled=False):
         out, final, _ = kernel.forward(cell, xz, w_hh, b_hh, cell.State(*state), mask, False)
-    return out.transpose(0, 1).contiguous(), cell.State(*final)  # (B, T, H), contiguous as torch.nn returns it
+    return out, cell.State(*(s.clone() for s in final))  # clones: the states buffer is not kept alive
 
 
 # -- routing whole built-in stacks to torch's own kernels ---------------------------------------
@@ -535,8 +662,9 @@ def vendor_stack(layer, x: Tensor, states: list, mask: Tensor | None):
     reference), so the choice is speed alone, as measured by ``python -m rnnkit.bench``:
     - LSTM: on CPU, torch.nn.LSTM runs on oneDNN's LSTM primitive (float32), C++ end to end, which
       beats any per-step Python loop for training and inference; on CUDA it is cuDNN.
-    - GRU and RNN: the fused kernels here train faster than torch on CPU, but torch's C++ loop runs
-      inference (no gradient needed) faster, so only inference goes there; on CUDA, cuDNN always.
+    - GRU and RNN: on CPU the C++ loops (native.cpp) beat torch for training and inference; only
+      where they can't be built does inference go to torch (faster than the Python loops), and
+      on CUDA, cuDNN always.
     Lengths (where torch would fall back to its slow packed path), dropout in training (a different
     random stream), other dtypes and every other cell keep the fused kernels.
     """
@@ -552,19 +680,23 @@ def vendor_stack(layer, x: Tensor, states: list, mask: Tensor | None):
             return None
         if lstm and not torch.backends.mkldnn.is_available():
             return None
-        if not lstm and _needs_grad(layer, x, states):
-            return None
+        if not lstm and (_needs_grad(layer, x, states) or native.ops() is not None):
+            return None  # the C++ loops beat torch's GRU and RNN; without them, only its inference does
     elif x.device.type != "cuda":
         return None
     weights = [w for c in layer.cells for w in (c.weight_ih, c.weight_hh, c.bias_ih, c.bias_hh) if w is not None]
     dtype = weights[0].dtype
     hx = tuple(torch.stack(parts).to(dtype) for parts in zip(*states))  # each (num_layers*D, B, H)
     args = (weights, layer.bias, layer.num_layers, 0.0, layer.training, layer.bidirectional, True)
-    # cuDNN under autocast would return half-precision states that no longer match the next call's
-    # inputs; the recurrence runs in the weights' dtype, as the fused kernels do
-    with torch.autocast(x.device.type, enabled=False), warnings.catch_warnings():
-        # cuDNN warns that our per-cell weights are not one contiguous block and compacts them on
-        # each call (a known cost, in the README); its advice, flatten_parameters(), is torch.nn's
-        warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous")
-        out, *final = VENDOR[combine](cell)(x.to(dtype), hx if lstm else hx[0], *args)
+    run = VENDOR[combine](cell)
+    if x.device.type == "cpu":  # autocast is off here (checked above)
+        out, *final = run(x.to(dtype), hx if lstm else hx[0], *args)
+    else:
+        # cuDNN under autocast would return half-precision states that no longer match the next
+        # call's inputs; the recurrence runs in the weights' dtype, as the fused kernels do
+        with torch.autocast(x.device.type, enabled=False), warnings.catch_warnings():
+            # cuDNN warns that our per-cell weights are not one contiguous block and compacts them on
+            # each call (a known cost, in the README); its advice, flatten_parameters(), is torch.nn's
+            warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous")
+            out, *final = run(x.to(dtype), hx if lstm else hx[0], *args)
     return out, [cell.State(*parts) for parts in zip(*(f.unbind(0) for f in final))]

@@ -1,0 +1,576 @@
+// The fused kernels of core/fused.py for LSTM, GRU and RNN on the CPU, in C++.
+//
+// One op runs one direction of one layer over all time steps, forward or backward. Per step:
+// one matmul for the recurrence (at::mm, the BLAS torch uses, or oneDNN's matmul with the weight
+// packed once per call) and one pass of the gate math over the batch, vectorized with ATen's own
+// SIMD types (the same Sleef exp and tanh as torch's CPU kernels). The backward op computes
+// every gate derivative in that pass from the saved activations, so nothing is prepared in
+// Python; the weight gradients are then one matmul over all steps (native.py). What a Python
+// loop pays per step in interpreter and dispatch overhead (tens of microseconds) becomes about
+// one microsecond.
+//
+// Layouts, shared with native.py:
+//   - per-step tensors are batch-major as the layer sees them: xz, gates, out, dxz (B, T, .);
+//     the states h_0..h_T (and c) are time-major (T+1, B, H), so h_{t-1} is a (B, H) matrix;
+//   - gates are in torch's order (LSTM i, f, g, o; GRU r, z, n), activated;
+//   - `mask` is (B, T) bool: at a step where it is false a sequence keeps its state, its output
+//     is 0, and in backward the output's gradient there is ignored;
+//   - backward: `dh`, `dc` come in holding the final state's gradient and leave holding the
+//     initial state's; `gout` is the output gradient (B, T, H) with a contiguous last dimension.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <type_traits>
+
+namespace {
+
+using at::Tensor;
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+// The activations. float: exp is ATen's fast exp_u20 (the one its softmax uses, within 20 ulp),
+// and tanh(x) = sign(x) (1 - e) / (1 + e) with e = exp(-2|x|): one exp instead of Sleef's tanh,
+// which costs several times as much and would dominate every step; the absolute error stays
+// below about 2e-7 (tests hold the layers to torch.nn at 1e-6). double: Sleef's exp and tanh,
+// within 1 ulp, as torch's own kernels.
+template <typename T>
+inline Vec<T> exp_(const Vec<T>& x) {
+  if constexpr (std::is_same_v<T, float>) return x.exp_u20();
+  else return x.exp();
+}
+
+template <typename T>
+inline Vec<T> sigmoid(const Vec<T>& x) {  // 1 / (1 + exp(-x))
+  return (Vec<T>(T(1)) + exp_(Vec<T>(T(0)) - x)).reciprocal();
+}
+
+template <typename T>
+inline Vec<T> tanh_(const Vec<T>& x) {
+  if constexpr (std::is_same_v<T, float>) {
+    const Vec<T> one(T(1)), zero(T(0));
+    const Vec<T> e = exp_(Vec<T>(T(-2)) * x.abs());
+    const Vec<T> y = (one - e) / (one + e);
+    return Vec<T>::blendv(y, zero - y, x < zero);
+  } else {
+    return x.tanh();
+  }
+}
+
+// Pointwise work over the B rows of a step, split across threads only when it is large enough
+// to pay for it (torch's own grain for pointwise ops is 32768 elements).
+template <typename F>
+inline void over_rows(int64_t B, int64_t row_width, const F& f) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, row_width));
+  at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) f(b);
+  });
+}
+
+// for (j = 0; j < H; j += lanes) body(j, n) with n the lanes in use (the tail is partial)
+template <typename T, typename F>
+inline void over_lanes(int64_t H, const F& body) {
+  constexpr int64_t L = Vec<T>::size();
+  for (int64_t j = 0; j < H; j += L) body(j, std::min<int64_t>(L, H - j));
+}
+
+template <typename T>
+inline Vec<T> load(const T* p, int64_t n) {
+  return n == Vec<T>::size() ? Vec<T>::loadu(p) : Vec<T>::loadu(p, n);
+}
+
+template <typename T>
+inline T* ptr(const std::optional<Tensor>& t) {
+  return t.has_value() ? t->data_ptr<T>() : nullptr;
+}
+
+void check(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_contiguous(), "rnnkit native: ", name, " must be contiguous");
+  TORCH_CHECK(t.device().is_cpu(), "rnnkit native: ", name, " must be on the CPU");
+}
+
+template <typename... Ts>
+void check_all(const char* name, const Ts&... tensors) {
+  (check(tensors, name), ...);
+}
+
+// The output gradient (B, T, H) with any row strides; absent means zero.
+struct Gout {
+  const void* data = nullptr;
+  int64_t sb = 0, st = 0;
+  explicit Gout(const std::optional<Tensor>& g) {
+    if (!g.has_value()) return;
+    TORCH_CHECK(g->stride(2) == 1, "rnnkit native: gout's last dimension must be contiguous");
+    data = g->data_ptr(), sb = g->stride(0), st = g->stride(1);
+  }
+  template <typename T>
+  const T* row(int64_t b, int64_t t) const {
+    return data == nullptr ? nullptr : static_cast<const T*>(data) + b * sb + t * st;
+  }
+};
+
+// dh_total = dh (+ gout), the gradient reaching h_t
+template <typename T>
+inline Vec<T> with_gout(const T* dh, const T* go, int64_t j, int64_t n) {
+  return go == nullptr ? load(dh + j, n) : load(dh + j, n) + load(go + j, n);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The recurrent matmul of one step, h (B, K) -> h W^T (B, N): at::mm (the BLAS torch uses), or
+// oneDNN's matmul with the weight packed once per call (mkldnn::_linear_pointwise, the op
+// torch's compiler uses for CPU linears), which is up to twice as fast at large sizes and pays a
+// fixed ~15 us a call; fused.py chooses by size.
+
+at::Tensor dnn_linear(const Tensor& x, const Tensor& packed, const std::optional<Tensor>& bias) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
+                       .typed<Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&, c10::string_view,
+                                     c10::List<std::optional<c10::Scalar>>, std::optional<c10::string_view>)>();
+  return op.call(x, packed, bias, "none", c10::List<std::optional<c10::Scalar>>(), std::nullopt);
+}
+
+// h (B, K) -> h W^T + bias (B, N), and dh += dz W for the backward
+// At batch 1 the recurrent matmuls are a matrix times a vector, where a BLAS call's fixed cost
+// is most of the step; the two kernels below stream the weight matrix once, in memory order.
+//
+// matvec: y (N) = init + W (N, K) x (K), W row-major: 4 rows at a time, each a dot product
+// accumulated in a register and summed across lanes at the end.
+template <typename T>
+inline T lane_sum(const Vec<T>& v) {
+  T buf[Vec<T>::size()];
+  v.store(buf);
+  T s = T(0);
+  for (int64_t i = 0; i < Vec<T>::size(); ++i) s += buf[i];
+  return s;
+}
+
+template <typename T>
+void matvec(const T* Wm, const T* x, const T* init, T* y, int64_t N, int64_t K) {
+  constexpr int64_t L = Vec<T>::size();
+  const int64_t blocks = (N + 3) / 4;
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 17) / std::max<int64_t>(1, 4 * K));
+  at::parallel_for(0, blocks, grain, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t n0 = 4 * q, rows = std::min<int64_t>(4, N - n0);
+      const T* r0 = Wm + n0 * K;
+      const T* r1 = rows > 1 ? r0 + K : r0;
+      const T* r2 = rows > 2 ? r0 + 2 * K : r0;
+      const T* r3 = rows > 3 ? r0 + 3 * K : r0;
+      Vec<T> a0(T(0)), a1(T(0)), a2(T(0)), a3(T(0));
+      for (int64_t k = 0; k < K; k += L) {
+        const int64_t n = std::min<int64_t>(L, K - k);
+        const Vec<T> xv = load(x + k, n);
+        a0 = at::vec::fmadd(load(r0 + k, n), xv, a0);
+        a1 = at::vec::fmadd(load(r1 + k, n), xv, a1);
+        a2 = at::vec::fmadd(load(r2 + k, n), xv, a2);
+        a3 = at::vec::fmadd(load(r3 + k, n), xv, a3);
+      }
+      const Vec<T> acc[4] = {a0, a1, a2, a3};
+      for (int64_t r = 0; r < rows; ++r) y[n0 + r] = (init ? init[n0 + r] : T(0)) + lane_sum(acc[r]);
+    }
+  });
+}
+
+// vecmat: y (M) = init + x (K) A (K, M), A row-major: 8 vectors of y at a time held in registers
+// while the rows stream past (no sums across lanes); split over threads by column blocks.
+template <typename T>
+void vecmat(const T* x, const T* A, const T* init, T* y, int64_t K, int64_t M) {
+  constexpr int64_t L = Vec<T>::size(), V = 8, W = V * L;
+  const int64_t blocks = (M + W - 1) / W;
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 17) / std::max<int64_t>(1, K * W));
+  at::parallel_for(0, blocks, grain, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t m0 = q * W;
+      int64_t cnt[V];
+      Vec<T> acc[V];
+      for (int64_t v = 0; v < V; ++v) {
+        cnt[v] = std::clamp<int64_t>(M - m0 - v * L, 0, L);
+        acc[v] = init != nullptr && cnt[v] > 0 ? load(init + m0 + v * L, cnt[v]) : Vec<T>(T(0));
+      }
+      for (int64_t k = 0; k < K; ++k) {
+        const Vec<T> xk(x[k]);
+        const T* row = A + k * M + m0;
+        for (int64_t v = 0; v < V; ++v) {
+          if (cnt[v] > 0) acc[v] = at::vec::fmadd(xk, load(row + v * L, cnt[v]), acc[v]);
+        }
+      }
+      for (int64_t v = 0; v < V; ++v) {
+        if (cnt[v] > 0) acc[v].store(y + m0 + v * L, cnt[v]);
+      }
+    }
+  });
+}
+
+// h (B, K) -> h W^T + bias (B, N): at batch 1 matvec, else at::mm (the BLAS torch uses) or
+// oneDNN's matmul with the weight packed once per call (mkldnn::_linear_pointwise, the op torch's
+// compiler uses for CPU linears), up to twice as fast at large sizes but with a fixed ~15 us a
+// call; fused.py chooses between those two by size.
+struct Recurrent {
+  Tensor w;                       // (K, N): h @ w
+  std::optional<Tensor> packed;   // oneDNN's packed (N, K) weight, or absent
+  std::optional<Tensor> bias;     // (N) or absent
+  Tensor scratch;                 // (B, N), the output of the at::mm and batch-1 routes
+  Tensor rows;                    // w^T (N, K) contiguous, at batch 1
+
+  Recurrent(Tensor w_, std::optional<Tensor> packed_, std::optional<Tensor> bias_, Tensor scratch_)
+      : w(std::move(w_)), packed(std::move(packed_)), bias(std::move(bias_)), scratch(std::move(scratch_)) {
+    if (!packed.has_value() && scratch.size(0) == 1) rows = w.t().contiguous();
+  }
+
+  Tensor operator()(const Tensor& h) {
+    if (packed.has_value()) return dnn_linear(h, *packed, bias);
+    if (rows.defined()) {
+      AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "rnnkit_matvec", [&] {
+        matvec<scalar_t>(rows.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), ptr<scalar_t>(bias),
+                         scratch.data_ptr<scalar_t>(), rows.size(0), rows.size(1));
+      });
+      return scratch;
+    }
+    if (bias.has_value()) return at::addmm_out(scratch, *bias, h, w);
+    return at::mm_out(scratch, h, w);
+  }
+};
+
+// dh += dz W, the gradient through one step's recurrent matmul: vecmat at batch 1, else oneDNN
+// (packed: its form of W^T) or at::mm. w: (N, K) = W_hh.
+struct Backward {
+  Tensor w;
+  std::optional<Tensor> packed;
+  bool vector;
+
+  Backward(const Tensor& w_, std::optional<Tensor> packed_, int64_t batch)
+      : w(w_.contiguous()), packed(std::move(packed_)), vector(!packed.has_value() && batch == 1) {}
+
+  void operator()(Tensor& dh, const Tensor& dz) {
+    if (packed.has_value()) {
+      dh.add_(dnn_linear(dz, *packed, std::nullopt));
+    } else if (vector) {
+      AT_DISPATCH_FLOATING_TYPES(dh.scalar_type(), "rnnkit_vecmat", [&] {
+        scalar_t* d = dh.data_ptr<scalar_t>();
+        vecmat<scalar_t>(dz.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), d, d, w.size(0), w.size(1));
+      });
+    } else {
+      dh.addmm_(dz, w);
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// LSTM: i, f, o = sigmoid, g = tanh of xz_t + h_{t-1} W_hh^T + b_hh; c_t = f c_{t-1} + i g;
+// h_t = o tanh(c_t). gates (training only): the activated i, f, g, o, kept for backward.
+
+void lstm_forward(const Tensor& xz, const Tensor& w_t, const std::optional<Tensor>& packed,
+                  const std::optional<Tensor>& bias, const Tensor& hs, const Tensor& cs, const Tensor& out,
+                  const std::optional<Tensor>& gates, const std::optional<Tensor>& mask) {
+  check_all("an LSTM buffer", xz, hs, cs, out);
+  if (gates.has_value()) check(*gates, "gates");
+  const int64_t B = xz.size(0), T = xz.size(1), H = hs.size(2);
+  const bool* m = ptr<bool>(mask);
+  Recurrent rec{w_t, packed, bias, at::empty({B, 4 * H}, xz.options())};
+  AT_DISPATCH_FLOATING_TYPES(xz.scalar_type(), "rnnkit_lstm_forward", [&] {
+    using T_ = scalar_t;
+    const T_* xp = xz.data_ptr<T_>();
+    T_* hsp = hs.data_ptr<T_>();
+    T_* csp = cs.data_ptr<T_>();
+    T_* outp = out.data_ptr<T_>();
+    T_* gp = ptr<T_>(gates);
+    for (int64_t t = 0; t < T; ++t) {
+      const Tensor hz = rec(hs.select(0, t));
+      const T_* hzp = hz.data_ptr<T_>();
+      over_rows(B, 4 * H, [&](int64_t b) {
+        const int64_t bt = b * T + t;
+        const T_* x = xp + bt * 4 * H;
+        const T_* r = hzp + b * 4 * H;
+        T_* g = gp != nullptr ? gp + bt * 4 * H : nullptr;
+        const T_* hp = hsp + (t * B + b) * H;
+        const T_* cp = csp + (t * B + b) * H;
+        T_* hn = hsp + ((t + 1) * B + b) * H;
+        T_* cn = csp + ((t + 1) * B + b) * H;
+        T_* o = outp + bt * H;
+        if (m != nullptr && !m[bt]) {  // padded: state carried, output 0
+          std::copy(hp, hp + H, hn), std::copy(cp, cp + H, cn), std::fill(o, o + H, T_(0));
+          if (g != nullptr) std::fill(g, g + 4 * H, T_(0));
+          return;
+        }
+        over_lanes<T_>(H, [&](int64_t j, int64_t n) {
+          Vec<T_> i = sigmoid(load(x + j, n) + load(r + j, n));
+          Vec<T_> f = sigmoid(load(x + H + j, n) + load(r + H + j, n));
+          Vec<T_> gg = tanh_(load(x + 2 * H + j, n) + load(r + 2 * H + j, n));
+          Vec<T_> og = sigmoid(load(x + 3 * H + j, n) + load(r + 3 * H + j, n));
+          if (g != nullptr) {
+            i.store(g + j, n), f.store(g + H + j, n), gg.store(g + 2 * H + j, n), og.store(g + 3 * H + j, n);
+          }
+          Vec<T_> c = f * load(cp + j, n) + i * gg;
+          c.store(cn + j, n);
+          Vec<T_> h = og * tanh_(c);
+          h.store(hn + j, n);
+          h.store(o + j, n);
+        });
+      });
+    }
+  });
+}
+
+// dxz: (B, T, 4H) out, the gradient of xz (and of the recurrent pre-activation); scratch (B, 4H).
+void lstm_backward(const Tensor& gates, const Tensor& cs, const std::optional<Tensor>& gout, const Tensor& w_hh,
+                   const std::optional<Tensor>& packed, Tensor dh, const Tensor& dc, const Tensor& dxz,
+                   Tensor scratch, const std::optional<Tensor>& mask) {
+  check_all("an LSTM gradient buffer", gates, cs, dh, dc, dxz, scratch);
+  const int64_t B = gates.size(0), T = gates.size(1), H = dh.size(1);
+  const bool* m = ptr<bool>(mask);
+  const Gout go(gout);
+  Backward back(w_hh, packed, B);
+  AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "rnnkit_lstm_backward", [&] {
+    using T_ = scalar_t;
+    const T_* gp = gates.data_ptr<T_>();
+    const T_* csp = cs.data_ptr<T_>();
+    T_* dhp = dh.data_ptr<T_>();
+    T_* dcp = dc.data_ptr<T_>();
+    T_* dxp = dxz.data_ptr<T_>();
+    T_* sp = scratch.data_ptr<T_>();
+    const Vec<T_> one(T_(1));
+    for (int64_t t = T - 1; t >= 0; --t) {
+      over_rows(B, 4 * H, [&](int64_t b) {
+        const int64_t bt = b * T + t;
+        T_* d = dxp + bt * 4 * H;
+        T_* s = sp + b * 4 * H;
+        if (m != nullptr && !m[bt]) {  // padded: no gradient into the gates, dh and dc carried
+          std::fill(d, d + 4 * H, T_(0)), std::fill(s, s + 4 * H, T_(0));
+          return;
+        }
+        const T_* g = gp + bt * 4 * H;
+        const T_* cp = csp + (t * B + b) * H;
+        const T_* cn = csp + ((t + 1) * B + b) * H;
+        const T_* gr = go.row<T_>(b, t);
+        T_* hh = dhp + b * H;
+        T_* cc = dcp + b * H;
+        over_lanes<T_>(H, [&](int64_t j, int64_t n) {
+          Vec<T_> i = load(g + j, n), f = load(g + H + j, n), gg = load(g + 2 * H + j, n), o = load(g + 3 * H + j, n);
+          Vec<T_> dht = with_gout(hh, gr, j, n);
+          Vec<T_> tc = tanh_(load(cn + j, n));
+          Vec<T_> dct = load(cc + j, n) + dht * o * (one - tc * tc);
+          Vec<T_> di = dct * gg * i * (one - i);
+          Vec<T_> df = dct * load(cp + j, n) * f * (one - f);
+          Vec<T_> dg = dct * i * (one - gg * gg);
+          Vec<T_> dout = dht * tc * o * (one - o);
+          di.store(d + j, n), df.store(d + H + j, n), dg.store(d + 2 * H + j, n), dout.store(d + 3 * H + j, n);
+          di.store(s + j, n), df.store(s + H + j, n), dg.store(s + 2 * H + j, n), dout.store(s + 3 * H + j, n);
+          (dct * f).store(cc + j, n);
+        });
+        std::fill(hh, hh + H, T_(0));  // h_t was computed, not carried: its gradient goes through the gates
+      });
+      back(dh, scratch);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// GRU in torch's convention: r, z = sigmoid(xz + h W_hh^T + b_hh), n = tanh(x_n + r * (h W_hn^T
+// + b_hn)), h_t = n + z (h_{t-1} - n). Training: gates keeps r, z, n and hzn keeps h W_hn^T + b_hn.
+
+void gru_forward(const Tensor& xz, const Tensor& w_t, const std::optional<Tensor>& packed,
+                 const std::optional<Tensor>& bias, const Tensor& hs, const Tensor& out,
+                 const std::optional<Tensor>& gates, const std::optional<Tensor>& hzn,
+                 const std::optional<Tensor>& mask) {
+  check_all("a GRU buffer", xz, hs, out);
+  const int64_t B = xz.size(0), T = xz.size(1), H = hs.size(2);
+  const bool* m = ptr<bool>(mask);
+  Recurrent rec{w_t, packed, bias, at::empty({B, 3 * H}, xz.options())};
+  AT_DISPATCH_FLOATING_TYPES(xz.scalar_type(), "rnnkit_gru_forward", [&] {
+    using T_ = scalar_t;
+    const T_* xp = xz.data_ptr<T_>();
+    T_* hsp = hs.data_ptr<T_>();
+    T_* outp = out.data_ptr<T_>();
+    T_* gp = ptr<T_>(gates);
+    T_* kp = ptr<T_>(hzn);
+    for (int64_t t = 0; t < T; ++t) {
+      const Tensor hzt = rec(hs.select(0, t));
+      const T_* sp = hzt.data_ptr<T_>();
+      over_rows(B, 3 * H, [&](int64_t b) {
+        const int64_t bt = b * T + t;
+        const T_* x = xp + bt * 3 * H;
+        const T_* hz = sp + b * 3 * H;
+        T_* g = gp != nullptr ? gp + bt * 3 * H : nullptr;
+        T_* keep = kp != nullptr ? kp + bt * H : nullptr;
+        const T_* hp = hsp + (t * B + b) * H;
+        T_* hn = hsp + ((t + 1) * B + b) * H;
+        T_* o = outp + bt * H;
+        if (m != nullptr && !m[bt]) {
+          std::copy(hp, hp + H, hn), std::fill(o, o + H, T_(0));
+          if (g != nullptr) std::fill(g, g + 3 * H, T_(0)), std::fill(keep, keep + H, T_(0));
+          return;
+        }
+        over_lanes<T_>(H, [&](int64_t j, int64_t n) {
+          Vec<T_> r = sigmoid(load(x + j, n) + load(hz + j, n));
+          Vec<T_> z = sigmoid(load(x + H + j, n) + load(hz + H + j, n));
+          Vec<T_> hzn_v = load(hz + 2 * H + j, n);
+          Vec<T_> nn = tanh_(load(x + 2 * H + j, n) + r * hzn_v);
+          if (g != nullptr) {
+            r.store(g + j, n), z.store(g + H + j, n), nn.store(g + 2 * H + j, n), hzn_v.store(keep + j, n);
+          }
+          Vec<T_> h = nn + z * (load(hp + j, n) - nn);
+          h.store(hn + j, n);
+          h.store(o + j, n);
+        });
+      });
+    }
+  });
+}
+
+// dxz: (B, T, 3H) out, the gradient of xz; dhz: (B, T, 3H) out, the gradient of h W_hh^T + b_hh
+// (its n part is dxz's times r); scratch (B, 3H).
+void gru_backward(const Tensor& gates, const Tensor& hzn, const Tensor& hs, const std::optional<Tensor>& gout,
+                  const Tensor& w_hh, const std::optional<Tensor>& packed, Tensor dh, const Tensor& dxz,
+                  const Tensor& dhz, Tensor scratch, const std::optional<Tensor>& mask) {
+  check_all("a GRU gradient buffer", gates, hzn, hs, dh, dxz, dhz, scratch);
+  const int64_t B = gates.size(0), T = gates.size(1), H = dh.size(1);
+  const bool* m = ptr<bool>(mask);
+  const Gout go(gout);
+  Backward back(w_hh, packed, B);
+  AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "rnnkit_gru_backward", [&] {
+    using T_ = scalar_t;
+    const T_* gp = gates.data_ptr<T_>();
+    const T_* kp = hzn.data_ptr<T_>();
+    const T_* hsp = hs.data_ptr<T_>();
+    T_* dhp = dh.data_ptr<T_>();
+    T_* dxp = dxz.data_ptr<T_>();
+    T_* dzp = dhz.data_ptr<T_>();
+    T_* sp = scratch.data_ptr<T_>();
+    const Vec<T_> one(T_(1));
+    for (int64_t t = T - 1; t >= 0; --t) {
+      over_rows(B, 3 * H, [&](int64_t b) {
+        const int64_t bt = b * T + t;
+        T_* dx = dxp + bt * 3 * H;
+        T_* dz = dzp + bt * 3 * H;
+        T_* s = sp + b * 3 * H;
+        if (m != nullptr && !m[bt]) {
+          std::fill(dx, dx + 3 * H, T_(0)), std::fill(dz, dz + 3 * H, T_(0)), std::fill(s, s + 3 * H, T_(0));
+          return;
+        }
+        const T_* g = gp + bt * 3 * H;
+        const T_* k = kp + bt * H;
+        const T_* hp = hsp + (t * B + b) * H;
+        const T_* gr = go.row<T_>(b, t);
+        T_* hh = dhp + b * H;
+        over_lanes<T_>(H, [&](int64_t j, int64_t n) {
+          Vec<T_> r = load(g + j, n), z = load(g + H + j, n), nn = load(g + 2 * H + j, n);
+          Vec<T_> dht = with_gout(hh, gr, j, n);
+          Vec<T_> dn = dht * (one - z) * (one - nn * nn);
+          Vec<T_> dr = dn * load(k + j, n) * r * (one - r);
+          Vec<T_> dzz = dht * (load(hp + j, n) - nn) * z * (one - z);
+          Vec<T_> dnr = dn * r;
+          dr.store(dx + j, n), dzz.store(dx + H + j, n), dn.store(dx + 2 * H + j, n);
+          dr.store(dz + j, n), dzz.store(dz + H + j, n), dnr.store(dz + 2 * H + j, n);
+          dr.store(s + j, n), dzz.store(s + H + j, n), dnr.store(s + 2 * H + j, n);
+          (dht * z).store(hh + j, n);
+        });
+      });
+      back(dh, scratch);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Elman RNN: h_t = act(xz_t + h_{t-1} W_hh^T + b_hh), act tanh or relu.
+
+template <typename T_>
+inline Vec<T_> activate(const Vec<T_>& v, bool relu) {
+  return relu ? at::vec::maximum(v, Vec<T_>(T_(0))) : tanh_(v);
+}
+
+void rnn_forward(const Tensor& xz, const Tensor& w_t, const std::optional<Tensor>& packed,
+                 const std::optional<Tensor>& bias, const Tensor& hs, const Tensor& out,
+                 const std::optional<Tensor>& mask, bool relu) {
+  check_all("an RNN buffer", xz, hs, out);
+  const int64_t B = xz.size(0), T = xz.size(1), H = hs.size(2);
+  const bool* m = ptr<bool>(mask);
+  Recurrent rec{w_t, packed, bias, at::empty({B, H}, xz.options())};
+  AT_DISPATCH_FLOATING_TYPES(xz.scalar_type(), "rnnkit_rnn_forward", [&] {
+    using T_ = scalar_t;
+    const T_* xp = xz.data_ptr<T_>();
+    T_* hsp = hs.data_ptr<T_>();
+    T_* outp = out.data_ptr<T_>();
+    for (int64_t t = 0; t < T; ++t) {
+      const Tensor hz = rec(hs.select(0, t));
+      const T_* hzp = hz.data_ptr<T_>();
+      over_rows(B, H, [&](int64_t b) {
+        const int64_t bt = b * T + t;
+        const T_* x = xp + bt * H;
+        const T_* r = hzp + b * H;
+        const T_* hp = hsp + (t * B + b) * H;
+        T_* hn = hsp + ((t + 1) * B + b) * H;
+        T_* o = outp + bt * H;
+        if (m != nullptr && !m[bt]) {
+          std::copy(hp, hp + H, hn), std::fill(o, o + H, T_(0));
+          return;
+        }
+        over_lanes<T_>(H, [&](int64_t j, int64_t n) {
+          Vec<T_> h = activate(load(x + j, n) + load(r + j, n), relu);
+          h.store(hn + j, n);
+          h.store(o + j, n);
+        });
+      });
+    }
+  });
+}
+
+// dxz: (B, T, H) out, the gradient of the pre-activation; scratch (B, H).
+void rnn_backward(const Tensor& hs, const std::optional<Tensor>& gout, const Tensor& w_hh,
+                  const std::optional<Tensor>& packed, Tensor dh, const Tensor& dxz, Tensor scratch,
+                  const std::optional<Tensor>& mask, bool relu) {
+  check_all("an RNN gradient buffer", hs, dh, dxz, scratch);
+  const int64_t B = dxz.size(0), T = dxz.size(1), H = dh.size(1);
+  const bool* m = ptr<bool>(mask);
+  const Gout go(gout);
+  Backward back(w_hh, packed, B);
+  AT_DISPATCH_FLOATING_TYPES(hs.scalar_type(), "rnnkit_rnn_backward", [&] {
+    using T_ = scalar_t;
+    const T_* hsp = hs.data_ptr<T_>();
+    T_* dhp = dh.data_ptr<T_>();
+    T_* dxp = dxz.data_ptr<T_>();
+    T_* sp = scratch.data_ptr<T_>();
+    const Vec<T_> one(T_(1)), zero(T_(0));
+    for (int64_t t = T - 1; t >= 0; --t) {
+      over_rows(B, H, [&](int64_t b) {
+        const int64_t bt = b * T + t;
+        T_* dx = dxp + bt * H;
+        T_* s = sp + b * H;
+        if (m != nullptr && !m[bt]) {
+          std::fill(dx, dx + H, T_(0)), std::fill(s, s + H, T_(0));
+          return;
+        }
+        const T_* h = hsp + ((t + 1) * B + b) * H;
+        const T_* gr = go.row<T_>(b, t);
+        T_* hh = dhp + b * H;
+        over_lanes<T_>(H, [&](int64_t j, int64_t n) {
+          Vec<T_> hv = load(h + j, n);
+          Vec<T_> slope = relu ? Vec<T_>::blendv(zero, one, hv > zero) : one - hv * hv;
+          Vec<T_> d = with_gout(hh, gr, j, n) * slope;
+          d.store(dx + j, n), d.store(s + j, n);
+        });
+        std::fill(hh, hh + H, T_(0));
+      });
+      back(dh, scratch);
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(rnnkit_native, lib) {
+  lib.def("lstm_forward(Tensor xz, Tensor w_t, Tensor? packed, Tensor? bias, Tensor(a!) hs, Tensor(b!) cs, "
+          "Tensor(c!) out, Tensor(d!)? gates, Tensor? mask) -> ()", &lstm_forward);
+  lib.def("lstm_backward(Tensor gates, Tensor cs, Tensor? gout, Tensor w_hh, Tensor? packed, Tensor(a!) dh, "
+          "Tensor(b!) dc, Tensor(c!) dxz, Tensor(d!) scratch, Tensor? mask) -> ()", &lstm_backward);
+  lib.def("gru_forward(Tensor xz, Tensor w_t, Tensor? packed, Tensor? bias, Tensor(a!) hs, Tensor(b!) out, "
+          "Tensor(c!)? gates, Tensor(d!)? hzn, Tensor? mask) -> ()", &gru_forward);
+  lib.def("gru_backward(Tensor gates, Tensor hzn, Tensor hs, Tensor? gout, Tensor w_hh, Tensor? packed, "
+          "Tensor(a!) dh, Tensor(b!) dxz, Tensor(c!) dhz, Tensor(d!) scratch, Tensor? mask) -> ()", &gru_backward);
+  lib.def("rnn_forward(Tensor xz, Tensor w_t, Tensor? packed, Tensor? bias, Tensor(a!) hs, Tensor(b!) out, "
+          "Tensor? mask, bool relu) -> ()", &rnn_forward);
+  lib.def("rnn_backward(Tensor hs, Tensor? gout, Tensor w_hh, Tensor? packed, Tensor(a!) dh, Tensor(b!) dxz, "
+          "Tensor(c!) scratch, Tensor? mask, bool relu) -> ()", &rnn_backward);
+}

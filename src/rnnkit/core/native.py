@@ -1,0 +1,93 @@
+"""The C++ step loops (``native.cpp``), compiled on first use and cached; ``None`` where they can't be.
+
+The fused kernels in ``fused.py`` prepare their buffers with torch ops and then run a loop over
+time; on the CPU, ``ops()`` gives the same loops in C++ (``torch.ops.rnnkit_native``), which take
+about a microsecond per step where the Python loop takes tens. They are built with the system's
+C++ compiler against the installed torch the first time a layer needs them (about 15 seconds,
+said once on stderr), into ``$RNNKIT_CACHE`` or ``~/.cache/rnnkit``, keyed by the source, the
+torch version and the flags, so a later process only loads the library. A machine without a
+compiler, or ``RNNKIT_NATIVE=0``, keeps the Python loops: same results, slower.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("native.cpp")
+_state: dict = {}  # "ops": the loaded namespace or None, once decided
+
+
+def enabled() -> bool:
+    return os.environ.get("RNNKIT_NATIVE", "1") != "0"
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("RNNKIT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "rnnkit")
+    return Path(root) / "native"
+
+
+def _flags() -> list[str]:
+    from torch.utils import cpp_extension
+
+    flags = ["-O3", "-std=c++20", "-shared", "-fPIC", "-ffp-contract=off",
+             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+    capability = torch.backends.cpu.get_cpu_capability()
+    # ATen's SIMD types at the width torch's own kernels use on this CPU, with the same Sleef exp/tanh
+    x86 = platform.machine() in ("x86_64", "AMD64")
+    if x86 and capability == "AVX512":
+        flags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma",
+                  "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
+    elif x86 and capability == "AVX2":
+        flags += ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    else:
+        flags += ["-DCPU_CAPABILITY=DEFAULT"]
+    flags += [f"-I{p}" for p in cpp_extension.include_paths()]
+    libs = cpp_extension.library_paths()
+    flags += [f"-L{p}" for p in libs] + [f"-Wl,-rpath,{p}" for p in libs] + ["-lc10", "-ltorch_cpu", "-ltorch"]
+    return flags
+
+
+def _build(target: Path, flags: list[str]) -> None:
+    """Compile to a temporary file and rename it into place, so concurrent builds never see half a library."""
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        raise RuntimeError("no C++ compiler (c++ or g++) on PATH")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    print("rnnkit: compiling the C++ step loops for this machine (once, about 15 s)", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        proc = subprocess.run([cxx, str(SOURCE), "-o", str(built), *flags], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cxx} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
+        os.replace(built, target)
+
+
+def ops():
+    """``torch.ops.rnnkit_native`` once loaded, or ``None`` (disabled, or the build failed; said once)."""
+    if "ops" in _state:
+        return _state["ops"]
+    _state["ops"] = None
+    if not enabled():
+        return None
+    try:
+        flags = _flags()
+        key = hashlib.sha256(
+            "\0".join([SOURCE.read_text(), torch.__version__, sysconfig.get_platform(), *flags]).encode()
+        ).hexdigest()[:16]
+        target = _cache_dir() / f"rnnkit_native-{key}.so"
+        if not target.exists():
+            _build(target, flags)
+        torch.ops.load_library(str(target))
+        _state["ops"] = torch.ops.rnnkit_native
+    except Exception as exc:  # noqa: BLE001 - any failure means the Python loops, which compute the same
+        print(f"rnnkit: C++ step loops unavailable ({exc}); using the Python loops", file=sys.stderr)
+    return _state["ops"]
