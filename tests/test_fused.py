@@ -317,7 +317,7 @@ def test_inference_through_torchs_kernel_equals_the_reference(kind, kwargs, monk
     x = torch.randn(3, 6, 5)
     state = layer(x)[1]
     with torch.no_grad():
-        assert fused.vendor_stack(layer, x, layer._unpack_state(state, 3, x), None) is not None
+        assert fused.vendor_stack(layer, x, layer._check_state(state, 3, x), None) is not None
         out, final = layer(x, state)
         monkeypatch.setattr(scan_module, "FUSED", False)
         ref_out, ref_final = layer(x, state)
@@ -325,7 +325,7 @@ def test_inference_through_torchs_kernel_equals_the_reference(kind, kwargs, monk
     for a, b in zip(final if isinstance(final, tuple) else (final,), ref_final if isinstance(ref_final, tuple) else (ref_final,)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     if kind != "lstm":  # training keeps rnnkit's own fused kernels, which train faster on a CPU
-        assert fused.vendor_stack(layer, x.requires_grad_(), layer._unpack_state(state, 3, x), None) is None
+        assert fused.vendor_stack(layer, x.requires_grad_(), layer._check_state(state, 3, x), None) is None
 
 
 @pytest.mark.skipif(native.ops() is None, reason="the C++ loops could not be built here")
@@ -334,7 +334,7 @@ def test_with_the_cpp_loops_gru_and_rnn_inference_stay_in_rnnkit(kind):
     layer = rnnkit.LAYERS[kind](5, 7).eval()
     x = torch.randn(3, 6, 5)
     with torch.no_grad():
-        assert fused.vendor_stack(layer, x, layer._unpack_state(None, 3, x), None) is None
+        assert fused.vendor_stack(layer, x, None, None) is None
 
 
 class ScaledMGUCell(MGUCell):

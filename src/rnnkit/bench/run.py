@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 import rnnkit
+from rnnkit.core import native
 from rnnkit.core.cells.lstm import LSTMCell, LSTMState
 
 INPUT = 128
@@ -61,12 +62,21 @@ def compare(fn_a, fn_b, repeats: int) -> tuple[float, float]:
     return statistics.median(a), statistics.median(b)
 
 
-def matmul_peak(n: int = 2048, repeats: int = 3) -> float:
-    """GFLOP/s of an n^3 float32 matmul, best of ``repeats``."""
+def matmul_peak(n: int = 2048, repeats: int = 3) -> dict:
+    """GFLOP/s of an n^3 float32 matmul, best of ``repeats``, through torch's BLAS (``a @ b``) and,
+    where torch has it, oneDNN's matmul (which rnnkit's large recurrent matmuls use); the peak is
+    the faster of the two."""
     a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = min(_timed(lambda: a @ b) for _ in range(repeats))
-    return 2 * n**3 / best / 1e9
+    ways = {"blas": lambda: a @ b}
+    if torch.backends.mkldnn.is_available():
+        packed = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), n)
+        ways["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
+    result = {}
+    for name, fn in ways.items():
+        fn()
+        result[name] = 2 * n**3 / min(_timed(fn) for _ in range(repeats)) / 1e9
+    result["peak"] = max(result.values())
+    return result
 
 
 def _train(model, x):
@@ -140,8 +150,11 @@ def run_benchmark(preset: str = "full", threads: int = 2, log=print) -> dict:
     else:
         grid = [(B, H, T) for B in (1, 32, 64) for H in (128, 512) for T in (64, 256)]
         kinds, repeats, peak_n, tokens, custom = list(TORCH), 5, 2048, 200, (32, 512, 64)
-    peak = matmul_peak(peak_n)
-    log(f"torch {torch.__version__}, {threads} thread(s), matmul peak {peak:.1f} GFLOP/s ({peak_n}^3)")
+    peaks = matmul_peak(peak_n)
+    peak = peaks["peak"]
+    loops = "C++" if native.ops() is not None else "Python (the C++ loops could not be built)"
+    log(f"torch {torch.__version__}, {threads} thread(s), rnnkit step loops: {loops}; matmul peak {peak:.1f} GFLOP/s "
+        f"({peak_n}^3, best of " + ", ".join(f"{k} {v:.1f}" for k, v in peaks.items() if k != "peak") + ")")
     rows = []
     for kind in kinds:
         for B, H, T in grid:
@@ -153,7 +166,8 @@ def run_benchmark(preset: str = "full", threads: int = 2, log=print) -> dict:
     custom_rows = custom_cell(*custom, repeats)
     report = {
         "machine": {"torch": torch.__version__, "threads": threads, "python": platform.python_version(),
-                    "processor": platform.processor() or platform.machine(), "matmul_peak_gflops": peak},
+                    "processor": platform.processor() or platform.machine(), "matmul_peak_gflops": peak,
+                    "matmul_gflops": peaks, "step_loops": loops},
         "preset": preset,
         "rows": [asdict(r) for r in rows],
         "stepping": steps,

@@ -650,18 +650,21 @@ VENDOR = {
 }
 
 
-def _needs_grad(layer, x: Tensor, states: list) -> bool:
-    tensors = [x, *layer.parameters(), *(part for state in states for part in state)]
+def _needs_grad(layer, x: Tensor, state: tuple | None) -> bool:
+    tensors = [x, *layer.parameters(), *(state or ())]
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def vendor_stack(layer, x: Tensor, states: list, mask: Tensor | None):
+def vendor_stack(layer, x: Tensor, state: tuple | None, mask: Tensor | None):
     """A whole built-in stack through torch's own fused kernel where that is the fastest, or ``None``.
+
+    ``state`` is the layer's checked state in torch's layout (its parts, each (num_layers*D, B, H))
+    or ``None``; the result is the output and the final state's parts in the same layout.
 
     torch's kernels compute exactly these layers' functions (the parity tests hold them to the
     reference), so the choice is speed alone, as measured by ``python -m rnnkit.bench``:
-    - LSTM: on CPU, torch.nn.LSTM runs on oneDNN's LSTM primitive (float32), C++ end to end, which
-      beats any per-step Python loop for training and inference; on CUDA it is cuDNN.
+    - LSTM: on CPU, torch.nn.LSTM runs on oneDNN's LSTM primitive (float32), whose fused GEMMs
+      the C++ loops here (0.5-1.1x of it) do not match; on CUDA it is cuDNN.
     - GRU and RNN: on CPU the C++ loops (native.cpp) beat torch for training and inference; only
       where they can't be built does inference go to torch (faster than the Python loops), and
       on CUDA, cuDNN always.
@@ -680,13 +683,17 @@ def vendor_stack(layer, x: Tensor, states: list, mask: Tensor | None):
             return None
         if lstm and not torch.backends.mkldnn.is_available():
             return None
-        if not lstm and (_needs_grad(layer, x, states) or native.ops() is not None):
+        if not lstm and (_needs_grad(layer, x, state) or native.ops() is not None):
             return None  # the C++ loops beat torch's GRU and RNN; without them, only its inference does
     elif x.device.type != "cuda":
         return None
     weights = [w for c in layer.cells for w in (c.weight_ih, c.weight_hh, c.bias_ih, c.bias_hh) if w is not None]
     dtype = weights[0].dtype
-    hx = tuple(torch.stack(parts).to(dtype) for parts in zip(*states))  # each (num_layers*D, B, H)
+    if state is None:
+        shape = (layer.num_layers * layer.num_directions, x.shape[0], layer.hidden_size)
+        hx = tuple(torch.zeros(shape, dtype=dtype, device=x.device) for _ in cell.State._fields)
+    else:
+        hx = tuple(part.to(dtype) for part in state)
     args = (weights, layer.bias, layer.num_layers, 0.0, layer.training, layer.bidirectional, True)
     run = VENDOR[combine](cell)
     if x.device.type == "cpu":  # autocast is off here (checked above)
@@ -699,4 +706,4 @@ def vendor_stack(layer, x: Tensor, states: list, mask: Tensor | None):
             # each call (a known cost, in the README); its advice, flatten_parameters(), is torch.nn's
             warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous")
             out, *final = run(x.to(dtype), hx if lstm else hx[0], *args)
-    return out, [cell.State(*parts) for parts in zip(*(f.unbind(0) for f in final))]
+    return out, tuple(final)

@@ -85,10 +85,15 @@ class Recurrent(nn.Module):
     # -- state in torch's layout -------------------------------------------------------
     def _unpack_state(self, state, batch_size: int, x: Tensor) -> list[NamedTuple]:
         """Layer state (torch layout) -> one cell state per (layer, direction)."""
-        fields = self.State._fields
-        rows = self.num_layers * self.num_directions
         if state is None:
             return [cell.initial_state(batch_size, device=x.device, dtype=x.dtype) for cell in self.cells]
+        parts = self._check_state(state, batch_size, x)
+        return [self.State(*(part[row] for part in parts)) for row in range(len(self.cells))]
+
+    def _check_state(self, state, batch_size: int, x: Tensor) -> tuple[Tensor, ...]:
+        """A layer state in torch's layout, checked: its parts, each (num_layers*D, B, H)."""
+        fields = self.State._fields
+        rows = self.num_layers * self.num_directions
         parts = (state,) if isinstance(state, Tensor) and len(fields) == 1 else state
         if isinstance(parts, Tensor) or not isinstance(parts, (tuple, list)) or len(parts) != len(fields):
             want = "a tensor h" if len(fields) == 1 else f"a tuple ({', '.join(fields)})"
@@ -103,7 +108,7 @@ class Recurrent(nn.Module):
                     f"got {tuple(part.shape)}"
                 )
             _check_like(f"state.{name}", part, x)
-        return [self.State(*(part[row] for part in parts)) for row in range(rows)]
+        return tuple(parts)
 
     def _pack_state(self, states: list[NamedTuple]):
         stacked = self.State(*(torch.stack(parts) for parts in zip(*states)))
@@ -128,16 +133,16 @@ class Recurrent(nn.Module):
         B, T, _ = x.shape
         if B == 0 or T == 0:
             raise ValueError(f"x must have at least one sequence and one step, got shape {tuple(x.shape)}")
-        states = self._unpack_state(state, B, x)
         lengths_t = as_lengths(lengths, B, T, x.device) if lengths is not None else None
         mask = length_mask(lengths_t, T) if lengths_t is not None else None  # (B, T)
 
-        if scan_module.FUSED:
-            routed = vendor_stack(self, x, states, mask)  # torch's own kernel where it is the fastest
+        if scan_module.FUSED:  # torch's own kernel where it is the fastest, the state in torch's layout
+            routed = vendor_stack(self, x, None if state is None else self._check_state(state, B, x), mask)
             if routed is not None:
-                output, final_states = routed
+                output, final = routed
                 output = output if self.batch_first else output.transpose(0, 1)
-                return output, self._pack_state(final_states)
+                return output, final[0] if len(final) == 1 else self.State(*final)
+        states = self._unpack_state(state, B, x)
 
         D = self.num_directions
         final_states = []
