@@ -162,6 +162,11 @@ void matvec(const T* Wm, const T* x, const T* init, T* y, int64_t N, int64_t K) 
       Vec<T> a0(T(0)), a1(T(0)), a2(T(0)), a3(T(0));
       for (int64_t k = 0; k < K; k += L) {
         const int64_t n = std::min<int64_t>(L, K - k);
+        if (k % 16 == 0) {  // one cache line of each row, 1 KiB ahead: four streams for the prefetcher
+          constexpr int64_t ahead = 1024 / sizeof(T);
+          __builtin_prefetch(r0 + k + ahead), __builtin_prefetch(r1 + k + ahead);
+          __builtin_prefetch(r2 + k + ahead), __builtin_prefetch(r3 + k + ahead);
+        }
         const Vec<T> xv = load(x + k, n);
         a0 = at::vec::fmadd(load(r0 + k, n), xv, a0);
         a1 = at::vec::fmadd(load(r1 + k, n), xv, a1);
@@ -558,9 +563,44 @@ void rnn_backward(const Tensor& hs, const std::optional<Tensor>& gout, const Ten
   });
 }
 
+// ---------------------------------------------------------------------------------------------
+// y (B, N) = x (B, K) W^T + bias, W (N, K) row-major, one matvec per row: the lean stepping
+// path's matmuls at batch 1 (core/step.py), where a BLAS call's fixed cost dominates.
+
+Tensor linear_rows(const Tensor& W, const Tensor& x, const std::optional<Tensor>& bias) {
+  check_all("a linear_rows operand", W, x);
+  TORCH_CHECK(x.dim() == 2 && W.dim() == 2 && x.size(1) == W.size(1), "rnnkit native: linear_rows shapes");
+  const int64_t B = x.size(0), N = W.size(0), K = W.size(1);
+  Tensor y = at::empty({B, N}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnkit_linear_rows", [&] {
+    for (int64_t b = 0; b < B; ++b) {
+      matvec<scalar_t>(W.data_ptr<scalar_t>(), x.data_ptr<scalar_t>() + b * K, ptr<scalar_t>(bias),
+                       y.data_ptr<scalar_t>() + b * N, N, K);
+    }
+  });
+  return y;
+}
+
+// y (B, M) = x (B, K) A + bias, A (K, M) row-major (a weight stored transposed), one vecmat per row.
+Tensor rows_times(const Tensor& x, const Tensor& A, const std::optional<Tensor>& bias) {
+  check_all("a rows_times operand", A, x);
+  TORCH_CHECK(x.dim() == 2 && A.dim() == 2 && x.size(1) == A.size(0), "rnnkit native: rows_times shapes");
+  const int64_t B = x.size(0), K = A.size(0), M = A.size(1);
+  Tensor y = at::empty({B, M}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnkit_rows_times", [&] {
+    for (int64_t b = 0; b < B; ++b) {
+      vecmat<scalar_t>(x.data_ptr<scalar_t>() + b * K, A.data_ptr<scalar_t>(), ptr<scalar_t>(bias),
+                       y.data_ptr<scalar_t>() + b * M, K, M);
+    }
+  });
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(rnnkit_native, lib) {
+  lib.def("linear_rows(Tensor W, Tensor x, Tensor? bias) -> Tensor", &linear_rows);
+  lib.def("rows_times(Tensor x, Tensor A, Tensor? bias) -> Tensor", &rows_times);
   lib.def("lstm_forward(Tensor xz, Tensor w_t, Tensor? packed, Tensor? bias, Tensor(a!) hs, Tensor(b!) cs, "
           "Tensor(c!) out, Tensor(d!)? gates, Tensor? mask) -> ()", &lstm_forward);
   lib.def("lstm_backward(Tensor gates, Tensor cs, Tensor? gout, Tensor w_hh, Tensor? packed, Tensor(a!) dh, "
