@@ -215,10 +215,11 @@ def test_inference_path_equals_training_path(kind):
 
 @pytest.mark.parametrize("kind,bidirectional", list(itertools.product(LAYERS, [False, True])))
 @pytest.mark.parametrize("batch_first", [True, False])
-def test_stepping_equals_general_route(kind, bidirectional, batch_first):
+@pytest.mark.parametrize("batch", [1, 2])  # batch 1: the C++ matrix-vector kernels, where they build
+def test_stepping_equals_general_route(kind, bidirectional, batch_first, batch):
     layer = LAYERS[kind](input_size=3, hidden_size=4, num_layers=3, bidirectional=bidirectional,
                          batch_first=batch_first).double().eval()
-    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    x = torch.randn(batch, 5, 3, dtype=torch.float64)
     if not batch_first:
         x = x.transpose(0, 1)
     steps = [x[:, t:t + 1] if batch_first else x[t:t + 1] for t in range(5)]
@@ -232,6 +233,19 @@ def test_stepping_equals_general_route(kind, bidirectional, batch_first):
             torch.testing.assert_close(a, b.detach(), atol=1e-12, rtol=0)
         state_ref = tuple(s.detach() for s in _parts(state_ref))
         state_ref = state_ref if len(state_ref) > 1 else state_ref[0]
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
+def test_stepping_at_batch_one_float32(kind):
+    """Whole SIMD vectors and a partial one (70 = 4 x 16 + 6) through the batch-1 kernels."""
+    layer = LAYERS[kind](input_size=33, hidden_size=70, num_layers=2).eval()
+    x = torch.randn(1, 4, 33)
+    with torch.no_grad():
+        want, _ = layer(x)
+        _, state = layer(x[:, :3])
+        with torch.inference_mode():
+            last, _ = layer(x[:, 3:], state)
+    torch.testing.assert_close(last[:, 0], want[:, 3], atol=1e-5, rtol=0)
 
 
 def test_stepping_sees_parameter_updates():
