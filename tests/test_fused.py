@@ -127,12 +127,13 @@ def test_fused_float32_larger_sizes(kind, loops):
     assert _max_diff(got, want) < 1e-5
 
 
-@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh", "rnn_relu", "mgu"])
 @pytest.mark.parametrize("batch,hidden,dtype", [(1, 70, torch.float64), (1, 70, torch.float32),
                                                 (4, 512, torch.float32)])
 def test_every_route_of_the_recurrent_matmul(kind, batch, hidden, dtype):
-    """The C++ loops' three matmul routes: batch 1 (their own row-vector kernels), oneDNN (4 x 512
-    is above ``DNN_MIN_MACS``), at::mm (the other tests). Lengths keep the LSTM off torch's kernel."""
+    """The recurrent matmul's routes: batch 1 (the C++ loops' own row-vector kernels), oneDNN (4 x 512
+    is above ``DNN_MIN_MACS``; the generic kernel of a user's cell too), at::mm (the other tests).
+    Lengths keep the LSTM off torch's kernel."""
     layer = LAYERS[kind](input_size=6, hidden_size=hidden, bidirectional=True).to(dtype)
     x = torch.randn(batch, 9, 6, dtype=dtype)
     state = tuple(torch.randn(2, batch, hidden, dtype=dtype) for _ in layer.State._fields)

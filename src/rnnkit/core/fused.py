@@ -359,10 +359,13 @@ def generic_forward(cell: GatedCell, xz, w_hh, b_hh, state: NamedTuple, mask, tr
     ``combine`` and ``h_{t-1} -> hz_t`` through a constant matrix, so one ``autograd.grad`` call in
     backward runs the whole backward through time in C++, and ``dW_hh`` is one matmul afterwards.
     """
-    T = xz.shape[1]
+    B, T = xz.shape[0], xz.shape[1]
     m = mask.t().unsqueeze(-1).unbind(0) if mask is not None else None
     w_t = w_hh.detach().t()
     b = b_hh.detach() if b_hh is not None else None
+    recurrent = _recurrent_matmul(w_hh.detach(), b, B, training) if xz.device.type == "cpu" else None
+    if recurrent is None:
+        recurrent = (lambda h: h.mm(w_t)) if b is None else (lambda h: torch.addmm(b, h, w_t))
     with torch.set_grad_enabled(training):
         if training:  # time-major leaf: its gradient is gathered with one contiguous stack
             xz = xz.detach().transpose(0, 1).contiguous().requires_grad_()  # (T, B, G*H)
@@ -370,7 +373,7 @@ def generic_forward(cell: GatedCell, xz, w_hh, b_hh, state: NamedTuple, mask, tr
         init, xl = state, xz.unbind(0 if training else 1)
         hzs, h_prev, outs = [], [], []
         for t in range(T):
-            hz = state.h.mm(w_t) if b is None else torch.addmm(b, state.h, w_t)  # (B, G*H)
+            hz = recurrent(state.h)  # (B, G*H)
             h, new_state = cell.combine(cell.split(xl[t]), cell.split(hz), state)
             if m is not None:
                 new_state, h = _masked(state, new_state, h, m[t])
@@ -384,6 +387,31 @@ def generic_forward(cell: GatedCell, xz, w_hh, b_hh, state: NamedTuple, mask, tr
         return out, tuple(state), None
     saved = _GenericSaved(xz, tuple(init), hzs, h_prev, out, tuple(state))
     return out.detach(), tuple(s.detach() for s in state), saved
+
+
+class _DnnLinear(torch.autograd.Function):
+    """``h W^T + b`` through oneDNN with packed weights, differentiable in ``h`` only (the weights are
+    constants of the recorded graph; their gradients come from the batched matmul afterwards)."""
+
+    @staticmethod
+    def forward(ctx, h, packed, packed_t, b):
+        ctx.packed_t = packed_t
+        return torch.ops.mkldnn._linear_pointwise(h, packed, b, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.ops.mkldnn._linear_pointwise(grad.contiguous(), ctx.packed_t, None, "none", [], ""), None, None, None
+
+
+def _recurrent_matmul(w_hh: Tensor, b: Tensor | None, batch: int, training: bool):
+    """The generic kernel's ``h -> h W_hh^T + b`` through oneDNN where the C++ loops would use it, or ``None``."""
+    packed = _packed(w_hh, batch)
+    if packed is None:
+        return None
+    if not training:
+        return lambda h: torch.ops.mkldnn._linear_pointwise(h, packed, b, "none", [], "")
+    packed_t = _packed(w_hh.t(), batch)
+    return lambda h: _DnnLinear.apply(h, packed, packed_t, b)
 
 
 def generic_backward(cell: GatedCell, saved: _GenericSaved, w_hh, mask, grad_out, grad_state, needs):
