@@ -497,16 +497,20 @@ GENERIC = _GenericKernel()
 # backward computes every gate derivative from the saved activations, so the only work here is
 # allocation and the batched weight gradients.
 
-# Recurrent matmuls of at least this many multiply-adds per step go to oneDNN with packed weights
-# (measured on the development machine: below it, oneDNN's fixed ~15 us a call loses to at::mm).
+# Recurrent matmuls of at least this many multiply-adds per step, with a weight of at least this
+# many elements, go to oneDNN with packed weights (measured on the development machine: below
+# either, oneDNN's fixed ~15 us a call loses to at::mm; an RNN's 128 x 128 weight is one such).
 DNN_MIN_MACS = 768 * 1024
+DNN_MIN_WEIGHT = 48 * 1024
 
 
 def _packed(w: Tensor, batch: int) -> Tensor | None:
     """oneDNN's packed form of ``w`` (N, K) for ``x @ w^T`` at ``batch`` rows, or ``None``.
 
     ``None`` leaves the C++ loop its own row-vector kernel at batch 1 and at::mm otherwise."""
-    if w.dtype != torch.float32 or batch == 1 or batch * w.numel() < DNN_MIN_MACS or not torch.backends.mkldnn.is_available():
+    if w.dtype != torch.float32 or batch == 1 or w.numel() < DNN_MIN_WEIGHT or batch * w.numel() < DNN_MIN_MACS:
+        return None
+    if not torch.backends.mkldnn.is_available():
         return None
     return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), batch)
 
