@@ -21,6 +21,11 @@ and ``d xz`` goes back to autograd, so ``dW_ih`` is one matmul too (``project_in
 
 Kernels: the built-in cells have hand-written pointwise forward and backward
 (LSTM ``i, f, g, o``; GRU ``r, z, n`` with torch's ``r * (h W_hn + b_hn)``; RNN tanh/relu).
+On the CPU in float32/float64 their loops over time run in C++ (``native.cpp``, compiled on
+first use; the ``_Native*`` kernels below), which computes the backward's gate derivatives inside
+the loop and uses oneDNN's matmul with packed weights for large recurrent matmuls and its own
+matrix-vector kernels at batch 1; the Python loops here are the fallback where that can't be
+built, and the second implementation the tests hold to the reference.
 Any other :class:`GatedCell` gets the generic kernel: in training, forward records ``combine``
 and the recurrence ``h_{t-1} -> hz_t`` with autograd, the recurrent weights detached; backward is
 one ``autograd.grad`` call over that graph (the whole backward through time in autograd's C++
@@ -687,6 +692,9 @@ def _needs_grad(layer, x: Tensor, state: tuple | None) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+_TORCH_ORDER = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")  # torch._VF's per-layer weight order
+
+
 def vendor_stack(layer, x: Tensor, state: tuple | None, mask: Tensor | None):
     """A whole built-in stack through torch's own fused kernel where that is the fastest, or ``None``.
 
@@ -719,7 +727,8 @@ def vendor_stack(layer, x: Tensor, state: tuple | None, mask: Tensor | None):
             return None  # the C++ loops beat torch's GRU and RNN; without them, only its inference does
     elif x.device.type != "cuda":
         return None
-    weights = [w for c in layer.cells for w in (c.weight_ih, c.weight_hh, c.bias_ih, c.bias_hh) if w is not None]
+    params = [c._parameters for c in layer.cells]  # not attribute access: nn.Module's __getattr__ is slow
+    weights = [p[name] for p in params for name in _TORCH_ORDER if p[name] is not None]
     dtype = weights[0].dtype
     if state is None:
         shape = (layer.num_layers * layer.num_directions, x.shape[0], layer.hidden_size)

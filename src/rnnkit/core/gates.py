@@ -57,7 +57,11 @@ def only_combine_customised(cell) -> bool:
     standard = ("step", "split", "project_input", "project_hidden")
     if not isinstance(cell, GatedCell) or any(getattr(kind, name) is not getattr(GatedCell, name) for name in standard):
         return False
-    return {name for name, _ in cell.named_parameters()} <= {"weight_ih", "weight_hh", "bias_ih", "bias_hh"}
+    # cell._parameters and children() rather than named_parameters(): this runs on every layer call
+    return cell._parameters.keys() <= WEIGHT_NAMES and not any(True for m in cell.children() for _ in m.parameters())
+
+
+WEIGHT_NAMES = {"weight_ih", "weight_hh", "bias_ih", "bias_hh"}
 
 
 def gate(act: Callable[[Tensor], Tensor], x_part: Tensor, h_part: Tensor) -> Tensor:
