@@ -180,6 +180,33 @@ def test_gradcheck_fused(kind, loops):
     assert torch.autograd.gradcheck(f, (xz, w_hh, b_hh, *state), eps=1e-6, atol=1e-7)
 
 
+class InputFreeCell(rnnkit.GatedCell):
+    """A cell whose step ignores its input: no gradient ever reaches the input side of the graph."""
+
+    gate_names = ("n",)
+
+    def combine(self, x, h, state):
+        h_new = torch.tanh(h.n)
+        return h_new, rnnkit.HiddenState(h_new)
+
+
+def test_generic_kernel_when_no_gradient_reaches_a_step_input():
+    layer = rnnkit.Recurrent(InputFreeCell, 3, 4).double()
+    x, h0 = torch.randn(2, 5, 3, dtype=torch.float64), torch.randn(1, 2, 4, dtype=torch.float64)
+
+    def grads(fused_on):
+        scan_module.FUSED = fused_on
+        try:
+            xi = x.clone().requires_grad_()
+            out, final = layer(xi, h0)
+            got = torch.autograd.grad(out.square().sum() + final.sum(), [xi, *layer.parameters()], allow_unused=True)
+            return [torch.zeros_like(t) if g is None else g for g, t in zip(got, [xi, *layer.parameters()])]
+        finally:
+            scan_module.FUSED = True
+
+    assert _max_diff(grads(True), grads(False)) < 1e-10
+
+
 def test_kernel_choice():
     assert isinstance(fused.kernel_for(rnnkit.LSTMCell(2, 3)), fused._LSTMKernel)
     assert isinstance(fused.kernel_for(rnnkit.GRUCell(2, 3)), fused._GRUKernel)

@@ -349,12 +349,35 @@ def _masked(state, new_state, h, m_t):
 class _GenericSaved(NamedTuple):
     """What the generic backward needs: the recorded graph's ends and the recurrent matmul's inputs."""
 
-    xz: Tensor           # (T, B, G*H) leaf of the recorded graph
+    anchor: Tensor       # scalar leaf: the graph's entry to every step's input gates
     state: tuple         # initial state parts, leaves of the recorded graph
-    hzs: list            # T recurrent projections (B, G*H), inner nodes whose gradient is dz_t
+    x_sink: list         # [buffer, rows written]: each backward call's (T, B, G*H) for d xz, from _Gates
+    h_sink: list         # the same for d hz = dz, the recurrent pre-activations
     h_prev: list         # T detached h_{t-1} (B, H), for dW_hh = dz^T h_prev
     out: Tensor          # (T, B, H) recorded outputs
     final: tuple         # recorded final state parts
+
+
+class _Gates(torch.autograd.Function):
+    """A step's (B, G*H) pre-activations split into its G gates, as ``cell.split`` does; backward
+    writes the gates' gradients into row ``t`` of the buffer in ``sink`` (allocated by each backward
+    call) rather than autograd concatenating them into a new tensor at every step, and passes
+    that row on as the gradient of ``carrier`` (the recurrent projection) when ``source`` is None.
+    For the input side, ``carrier`` is a scalar leaf that only connects the step to the graph."""
+
+    @staticmethod
+    def forward(ctx, carrier, source, sink, t, H):
+        ctx.sink, ctx.t, ctx.H, ctx.through = sink, t, H, source is None
+        return (carrier if source is None else source).split(H, dim=1)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        ctx.sink[1].add(ctx.t)
+        row = ctx.sink[0][ctx.t]
+        for g, grad in enumerate(grads):
+            part = row[:, g * ctx.H : (g + 1) * ctx.H]
+            part.zero_() if grad is None else part.copy_(grad)
+        return (row if ctx.through else None), None, None, None, None
 
 
 def generic_forward(cell: GatedCell, xz, w_hh, b_hh, state: NamedTuple, mask, training: bool):
@@ -371,26 +394,31 @@ def generic_forward(cell: GatedCell, xz, w_hh, b_hh, state: NamedTuple, mask, tr
     recurrent = _recurrent_matmul(w_hh.detach(), b, B, training) if xz.device.type == "cpu" else None
     if recurrent is None:
         recurrent = (lambda h: h.mm(w_t)) if b is None else (lambda h: torch.addmm(b, h, w_t))
+    H = w_hh.shape[1]
     with torch.set_grad_enabled(training):
-        if training:  # time-major leaf: its gradient is gathered with one contiguous stack
-            xz = xz.detach().transpose(0, 1).contiguous().requires_grad_()  # (T, B, G*H)
+        if training:
+            anchor = xz.new_zeros(()).requires_grad_()
+            x_sink, h_sink = [None, set()], [None, set()]
             state = type(state)(*(s.detach().requires_grad_() for s in state))
-        init, xl = state, xz.unbind(0 if training else 1)
-        hzs, h_prev, outs = [], [], []
+        init, xl = state, xz.detach().unbind(1)
+        h_prev, outs = [], []
         for t in range(T):
             hz = recurrent(state.h)  # (B, G*H)
-            h, new_state = cell.combine(cell.split(xl[t]), cell.split(hz), state)
+            if training:
+                x_gates = cell.Gates(*_Gates.apply(anchor, xl[t], x_sink, t, H))
+                h_gates = cell.Gates(*_Gates.apply(hz, None, h_sink, t, H))
+                h_prev.append(state.h.detach())
+            else:
+                x_gates, h_gates = cell.split(xl[t]), cell.split(hz)
+            h, new_state = cell.combine(x_gates, h_gates, state)
             if m is not None:
                 new_state, h = _masked(state, new_state, h, m[t])
-            if training:
-                hzs.append(hz)
-                h_prev.append(state.h.detach())
             state = type(state)(*new_state)
             outs.append(h)
         out = torch.stack(outs)  # (T, B, H)
     if not training:
         return out, tuple(state), None
-    saved = _GenericSaved(xz, tuple(init), hzs, h_prev, out, tuple(state))
+    saved = _GenericSaved(anchor, tuple(init), x_sink, h_sink, h_prev, out, tuple(state))
     return out.detach(), tuple(s.detach() for s in state), saved
 
 
@@ -426,16 +454,25 @@ def generic_backward(cell: GatedCell, saved: _GenericSaved, w_hh, mask, grad_out
     graph), so ``dz_t W_hh`` is never added by hand. The graph is retained, as the caller's may be:
     it goes with this call's ``saved``.
     """
-    T = len(saved.hzs)
+    h_prev = torch.stack(saved.h_prev)  # (T, B, H)
+    T, B = h_prev.shape[:2]
+    GH = w_hh.shape[0]
+    # fresh buffers per call (a retained graph may run backward again), and the rows written
+    for sink in (saved.x_sink, saved.h_sink):
+        sink[:] = [h_prev.new_empty(T, B, GH), set()]
     ends = [(saved.out, None if grad_out is None else grad_out.transpose(0, 1))]
     ends += list(zip(saved.final, grad_state))
     ends = [(o, g) for o, g in ends if g is not None and o.requires_grad]
-    inputs = (saved.xz, *saved.hzs, *saved.state)
+    inputs = (saved.anchor, *saved.state)
     grads = torch.autograd.grad([o for o, _ in ends], inputs, [g for _, g in ends],
                                 retain_graph=True, allow_unused=True) if ends else (None,) * len(inputs)
-    grads = [torch.zeros_like(i) if g is None else g for g, i in zip(grads, inputs)]
-    dxz, dhz, dstate = grads[0], torch.stack(grads[1 : T + 1]), grads[T + 1 :]  # dhz (T, B, G*H)
-    dw, db = _weight_grads(dhz, torch.stack(saved.h_prev), needs["w"], needs["b"])
+    dstate = [torch.zeros_like(i) if g is None else g for g, i in zip(grads[1:], saved.state)]
+    for buffer, written in (saved.x_sink, saved.h_sink):  # filled by the _Gates nodes during autograd.grad
+        for t in set(range(T)) - written:  # steps no gradient reached
+            buffer[t].zero_()
+    dxz, dhz = saved.x_sink[0], saved.h_sink[0]
+    saved.x_sink[:], saved.h_sink[:] = [None, set()], [None, set()]
+    dw, db = _weight_grads(dhz, h_prev, needs["w"], needs["b"])
     return dxz.transpose(0, 1), dw, db, tuple(dstate)
 
 
