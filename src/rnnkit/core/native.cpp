@@ -1,15 +1,15 @@
 // The fused kernels of core/fused.py for LSTM, GRU and RNN on the CPU, in C++.
 //
 // One op runs one direction of one layer over all time steps, forward or backward. Per step:
-// one matmul for the recurrence (at::mm, the BLAS torch uses, or oneDNN's matmul with the weight
-// packed once per call) and one pass of the gate math over the batch, vectorized with ATen's own
-// SIMD types (the same Sleef exp and tanh as torch's CPU kernels). The backward op computes
-// every gate derivative in that pass from the saved activations, so nothing is prepared in
-// Python; the weight gradients are then one matmul over all steps (native.py). What a Python
-// loop pays per step in interpreter and dispatch overhead (tens of microseconds) becomes about
-// one microsecond.
+// one matmul for the recurrence (at::mm, the BLAS torch uses; oneDNN's matmul with the weight
+// packed once per call; or, at batch 1, the matrix-vector kernels below) and one pass of the gate
+// math over the batch, vectorized with ATen's own SIMD types. The backward op computes every gate
+// derivative in that pass from the saved activations, so nothing is prepared in Python; the
+// weight gradients are then one matmul over all steps (fused.py). What a Python loop pays per
+// step in interpreter and dispatch overhead (tens of microseconds) becomes about one microsecond.
+// native.py compiles this file on first use; fused.py's _Native* kernels call it.
 //
-// Layouts, shared with native.py:
+// Layouts, shared with fused.py:
 //   - per-step tensors are batch-major as the layer sees them: xz, gates, out, dxz (B, T, .);
 //     the states h_0..h_T (and c) are time-major (T+1, B, H), so h_{t-1} is a (B, H) matrix;
 //   - gates are in torch's order (LSTM i, f, g, o; GRU r, z, n), activated;
@@ -132,7 +132,6 @@ at::Tensor dnn_linear(const Tensor& x, const Tensor& packed, const std::optional
   return op.call(x, packed, bias, "none", c10::List<std::optional<c10::Scalar>>(), std::nullopt);
 }
 
-// h (B, K) -> h W^T + bias (B, N), and dh += dz W for the backward
 // At batch 1 the recurrent matmuls are a matrix times a vector, where a BLAS call's fixed cost
 // is most of the step; the two kernels below stream the weight matrix once, in memory order.
 //
