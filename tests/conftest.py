@@ -9,6 +9,14 @@ import torch
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+def pytest_sessionstart(session):
+    """Build rnnkit's C++ step loops once, before any test starts a subprocess that would need them
+    (each process would otherwise build its own copy of a fresh cache, about 15 s apiece)."""
+    from rnnkit.core import native
+
+    native.ops()
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     """Seeded, on one thread: the tests' tensors are tiny, and on a busy 2-core machine OpenMP threads
