@@ -82,7 +82,8 @@ def _grad_out_time_major(grad_out: Tensor | None, like: Tensor, mf: Tensor | Non
 
 
 def _weight_grads(dz: Tensor, h_prev: Tensor, need_w: bool, need_b: bool):
-    """``dW = dz^T h_prev`` and ``db = sum dz`` over all steps at once; dz (T, B, G*H), h_prev (T, B, H)."""
+    """``dW = dz^T h_prev`` and ``db = sum dz`` over all steps at once; dz (T, B, G*H) and h_prev (T, B, H),
+    or both batch-major."""
     GH, H = dz.shape[-1], h_prev.shape[-1]
     flat = dz.reshape(-1, GH)
     dw = flat.t().mm(h_prev.reshape(-1, H)) if need_w else None
@@ -576,12 +577,8 @@ def _grad_rows(grad_out: Tensor | None) -> Tensor | None:
 
 
 def _native_weight_grads(dhz: Tensor, hs: Tensor, needs: dict):
-    """``dW_hh = dhz^T h_prev`` and ``db_hh = sum dhz`` over all steps at once; dhz (B, T, G*H), hs (T+1, B, H)."""
-    GH, H = dhz.shape[-1], hs.shape[-1]
-    flat = dhz.reshape(-1, GH)
-    dw = flat.t().mm(hs[:-1].transpose(0, 1).reshape(-1, H)) if needs["w"] else None
-    db = flat.sum(0) if needs["b"] else None
-    return dw, db
+    """``_weight_grads`` for batch-major ``dhz`` (B, T, G*H) and the time-major states ``hs`` (T+1, B, H)."""
+    return _weight_grads(dhz, hs[:-1].transpose(0, 1), needs["w"], needs["b"])
 
 
 class _NativeLSTM(_Kernel):
