@@ -6,8 +6,9 @@ validation, re-packing weights, autograd bookkeeping, Python. ``step_layers`` is
 ``Recurrent.forward`` calls first when gradients are off and ``T == 1``; per (layer, direction)
 it runs one matmul over the concatenation ``[x, h]`` against ``[W_ih, W_hh]`` packed once and
 cached (GRU: two, since its reset gate acts on ``h W_hn + b_hn`` alone), at batch 1 on the CPU
-through the C++ matrix-vector kernel (``native.cpp``), then the pointwise gate math in place. The cache is keyed on every parameter's identity, storage and version counter,
-so an optimizer step, ``load_state_dict`` or ``.to()`` repacks it on the next call.
+through the C++ matrix-vector kernels (``native.cpp``), then the pointwise gate math in place.
+The cache is keyed on every parameter's identity, storage and version counter, so an optimizer
+step, ``load_state_dict`` or ``.to()`` repacks it on the next call.
 
 Anything unusual (a wrong shape, dtype or device, lengths, a cell with its own ``step``) returns
 ``None`` and the caller takes the general route, which validates and names the problem.
