@@ -179,30 +179,48 @@ void matvec(const T* Wm, const T* x, const T* init, T* y, int64_t N, int64_t K) 
 }
 
 // vecmat: y (M) = init + x (K) A (K, M), A row-major: 8 vectors of y at a time held in registers
-// while the rows stream past (no sums across lanes); split over threads by column blocks.
+// while the rows stream past (no sums across lanes); split over threads by column blocks. Full
+// blocks run with the accumulators unrolled (so they stay in registers); the last, partial block
+// lane by lane.
+template <typename T>
+inline void vecmat_block(const T* x, const T* A, const T* init, T* y, int64_t K, int64_t M) {
+  constexpr int64_t L = Vec<T>::size();
+  auto start = [&](int64_t v) { return init != nullptr ? Vec<T>::loadu(init + v * L) : Vec<T>(T(0)); };
+  Vec<T> a0 = start(0), a1 = start(1), a2 = start(2), a3 = start(3);
+  Vec<T> a4 = start(4), a5 = start(5), a6 = start(6), a7 = start(7);
+  for (int64_t k = 0; k < K; ++k) {
+    const Vec<T> xk(x[k]);
+    const T* row = A + k * M;
+    a0 = at::vec::fmadd(xk, Vec<T>::loadu(row), a0);
+    a1 = at::vec::fmadd(xk, Vec<T>::loadu(row + L), a1);
+    a2 = at::vec::fmadd(xk, Vec<T>::loadu(row + 2 * L), a2);
+    a3 = at::vec::fmadd(xk, Vec<T>::loadu(row + 3 * L), a3);
+    a4 = at::vec::fmadd(xk, Vec<T>::loadu(row + 4 * L), a4);
+    a5 = at::vec::fmadd(xk, Vec<T>::loadu(row + 5 * L), a5);
+    a6 = at::vec::fmadd(xk, Vec<T>::loadu(row + 6 * L), a6);
+    a7 = at::vec::fmadd(xk, Vec<T>::loadu(row + 7 * L), a7);
+  }
+  a0.store(y), a1.store(y + L), a2.store(y + 2 * L), a3.store(y + 3 * L);
+  a4.store(y + 4 * L), a5.store(y + 5 * L), a6.store(y + 6 * L), a7.store(y + 7 * L);
+}
+
 template <typename T>
 void vecmat(const T* x, const T* A, const T* init, T* y, int64_t K, int64_t M) {
-  constexpr int64_t L = Vec<T>::size(), V = 8, W = V * L;
+  constexpr int64_t L = Vec<T>::size(), W = 8 * L;
   const int64_t blocks = (M + W - 1) / W;
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 17) / std::max<int64_t>(1, K * W));
   at::parallel_for(0, blocks, grain, [&](int64_t q0, int64_t q1) {
     for (int64_t q = q0; q < q1; ++q) {
       const int64_t m0 = q * W;
-      int64_t cnt[V];
-      Vec<T> acc[V];
-      for (int64_t v = 0; v < V; ++v) {
-        cnt[v] = std::clamp<int64_t>(M - m0 - v * L, 0, L);
-        acc[v] = init != nullptr && cnt[v] > 0 ? load(init + m0 + v * L, cnt[v]) : Vec<T>(T(0));
+      if (m0 + W <= M) {
+        vecmat_block(x, A + m0, init != nullptr ? init + m0 : nullptr, y + m0, K, M);
+        continue;
       }
-      for (int64_t k = 0; k < K; ++k) {
-        const Vec<T> xk(x[k]);
-        const T* row = A + k * M + m0;
-        for (int64_t v = 0; v < V; ++v) {
-          if (cnt[v] > 0) acc[v] = at::vec::fmadd(xk, load(row + v * L, cnt[v]), acc[v]);
-        }
-      }
-      for (int64_t v = 0; v < V; ++v) {
-        if (cnt[v] > 0) acc[v].store(y + m0 + v * L, cnt[v]);
+      for (int64_t m = m0; m < M; m += L) {  // the partial block: one vector of y at a time
+        const int64_t n = std::min<int64_t>(L, M - m);
+        Vec<T> acc = init != nullptr ? load(init + m, n) : Vec<T>(T(0));
+        for (int64_t k = 0; k < K; ++k) acc = at::vec::fmadd(Vec<T>(x[k]), load(A + k * M + m, n), acc);
+        acc.store(y + m, n);
       }
     }
   });
@@ -217,19 +235,32 @@ struct Recurrent {
   std::optional<Tensor> packed;   // oneDNN's packed (N, K) weight, or absent
   std::optional<Tensor> bias;     // (N) or absent
   Tensor scratch;                 // (B, N), the output of the at::mm and batch-1 routes
-  Tensor rows;                    // w^T (N, K) contiguous, at batch 1
+  Tensor columns;                 // batch 1, small w: w (K, N) contiguous, for vecmat
+  Tensor rows;                    // batch 1, large w: w^T (N, K) contiguous, for matvec
+
+  // At batch 1 a weight that fits in the L2 cache goes to vecmat (no sums across lanes, which
+  // cost more than the products when K is small); a larger one to matvec, which reads it in
+  // memory order (vecmat would stride across it, a page per row when N is large).
+  static constexpr int64_t kSmallBytes = int64_t(1) << 20;
 
   Recurrent(Tensor w_, std::optional<Tensor> packed_, std::optional<Tensor> bias_, Tensor scratch_)
       : w(std::move(w_)), packed(std::move(packed_)), bias(std::move(bias_)), scratch(std::move(scratch_)) {
-    if (!packed.has_value() && scratch.size(0) == 1) rows = w.t().contiguous();
+    if (packed.has_value() || scratch.size(0) != 1) return;
+    if (w.numel() * w.element_size() <= kSmallBytes) columns = w.contiguous();
+    else rows = w.t().contiguous();
   }
 
   Tensor operator()(const Tensor& h) {
     if (packed.has_value()) return dnn_linear(h, *packed, bias);
-    if (rows.defined()) {
-      AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "rnnkit_matvec", [&] {
-        matvec<scalar_t>(rows.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), ptr<scalar_t>(bias),
-                         scratch.data_ptr<scalar_t>(), rows.size(0), rows.size(1));
+    if (columns.defined() || rows.defined()) {
+      AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "rnnkit_batch1", [&] {
+        const scalar_t* x = h.data_ptr<scalar_t>();
+        scalar_t* y = scratch.data_ptr<scalar_t>();
+        if (columns.defined()) {
+          vecmat<scalar_t>(x, columns.data_ptr<scalar_t>(), ptr<scalar_t>(bias), y, w.size(0), w.size(1));
+        } else {
+          matvec<scalar_t>(rows.data_ptr<scalar_t>(), x, ptr<scalar_t>(bias), y, rows.size(0), rows.size(1));
+        }
       });
       return scratch;
     }
