@@ -129,9 +129,10 @@ def test_fused_float32_larger_sizes(kind, loops):
 
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh", "rnn_relu", "mgu"])
 @pytest.mark.parametrize("batch,hidden,dtype", [(1, 70, torch.float64), (1, 70, torch.float32),
-                                                (4, 512, torch.float32)])
+                                                (1, 300, torch.float32), (4, 512, torch.float32)])
 def test_every_route_of_the_recurrent_matmul(kind, batch, hidden, dtype):
-    """The recurrent matmul's routes: batch 1 (the C++ loops' own row-vector kernels), oneDNN (4 x 512
+    """The recurrent matmul's routes: batch 1 (the C++ loops' own kernels: vecmat for weights up to
+    1 MiB, matvec above, as the LSTM's and GRU's at 300 wide), oneDNN (4 x 512
     is above ``DNN_MIN_MACS``; the generic kernel of a user's cell too), at::mm (the other tests).
     Lengths keep the LSTM off torch's kernel."""
     layer = LAYERS[kind](input_size=6, hidden_size=hidden, bidirectional=True).to(dtype)
