@@ -39,6 +39,7 @@ the state's gradient pass through.
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import NamedTuple
 
@@ -553,9 +554,28 @@ def _packed(w: Tensor, batch: int) -> Tensor | None:
     ``None`` leaves the C++ loop its own row-vector kernel at batch 1 and at::mm otherwise."""
     if w.dtype != torch.float32 or batch == 1 or w.numel() < DNN_MIN_WEIGHT or batch * w.numel() < DNN_MIN_MACS:
         return None
-    if not torch.backends.mkldnn.is_available():
+    if not _onednn_matmul_works():
         return None
     return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), batch)
+
+
+@functools.cache
+def _onednn_matmul_works() -> bool:
+    """Whether this torch has the oneDNN ops the C++ loops call, with the signature they were written
+    for (an internal op, so checked once on a small problem rather than assumed for every torch)."""
+    if not torch.backends.mkldnn.is_available() or native.ops() is None:
+        return False
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(4, 4, generator=g), torch.randn(2, 3, 4, generator=g)  # (H, H), (B, T, H)
+    outs = []
+    try:
+        for packed in (torch.ops.mkldnn._reorder_linear_weight(w, 2), None):  # oneDNN, then at::mm
+            hs, out = torch.zeros(4, 2, 4), torch.empty(2, 3, 4)
+            native.ops().rnn_forward(x, w.t(), packed, None, hs, out, None, False)
+            outs.append(out)
+    except (RuntimeError, AttributeError, TypeError):
+        return False
+    return bool(torch.allclose(outs[0], outs[1], atol=1e-5))
 
 
 def _states(first: Tensor, T: int) -> Tensor:
