@@ -561,17 +561,24 @@ def _packed(w: Tensor, batch: int) -> Tensor | None:
 
 @functools.cache
 def _onednn_matmul_works() -> bool:
-    """Whether this torch has the oneDNN ops the C++ loops call, with the signature they were written
-    for (an internal op, so checked once on a small problem rather than assumed for every torch)."""
-    if not torch.backends.mkldnn.is_available() or native.ops() is None:
+    """Whether this torch's oneDNN matmul ops (internal ones) behave as the kernels here expect:
+    checked once on a small problem against at::mm, from Python (the generic kernel's route) and,
+    where they are built, through the C++ loops (their typed call into the op)."""
+    if not torch.backends.mkldnn.is_available():
         return False
     g = torch.Generator().manual_seed(0)
     w, x = torch.randn(4, 4, generator=g), torch.randn(2, 3, 4, generator=g)  # (H, H), (B, T, H)
-    outs = []
     try:
-        for packed in (torch.ops.mkldnn._reorder_linear_weight(w, 2), None):  # oneDNN, then at::mm
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 2)
+        y = torch.ops.mkldnn._linear_pointwise(x[:, 0], packed, None, "none", [], "")
+        if not torch.allclose(y, x[:, 0] @ w.t(), atol=1e-5):
+            return False
+        if native.ops() is None:
+            return True
+        outs = []
+        for p in (packed, None):  # oneDNN, then at::mm
             hs, out = torch.zeros(4, 2, 4), torch.empty(2, 3, 4)
-            native.ops().rnn_forward(x, w.t(), packed, None, hs, out, None, False)
+            native.ops().rnn_forward(x, w.t(), p, None, hs, out, None, False)
             outs.append(out)
     except (RuntimeError, AttributeError, TypeError):
         return False
