@@ -13,7 +13,7 @@ import torch
 
 import rnnkit
 from rnnkit.core import native
-from rnnkit.core.fused import _onednn_matmul_works
+from rnnkit.core.fused import onednn_matmul_works
 from rnnkit.core.cells.lstm import LSTMCell, LSTMState
 
 INPUT = 128
@@ -69,7 +69,7 @@ def matmul_peak(n: int = 2048, repeats: int = 3) -> dict:
     the faster of the two."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     ways = {"blas": lambda: a @ b}
-    if _onednn_matmul_works():
+    if onednn_matmul_works():
         packed = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), n)
         ways["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
     result = {}

@@ -554,13 +554,13 @@ def _packed(w: Tensor, batch: int) -> Tensor | None:
     ``None`` leaves the C++ loop its own row-vector kernel at batch 1 and at::mm otherwise."""
     if w.dtype != torch.float32 or batch == 1 or w.numel() < DNN_MIN_WEIGHT or batch * w.numel() < DNN_MIN_MACS:
         return None
-    if not _onednn_matmul_works():
+    if not onednn_matmul_works():
         return None
     return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), batch)
 
 
 @functools.cache
-def _onednn_matmul_works() -> bool:
+def onednn_matmul_works() -> bool:
     """Whether this torch's oneDNN matmul ops (internal ones) behave as the kernels here expect:
     checked once on a small problem against at::mm, from Python (the generic kernel's route) and,
     where they are built, through the C++ loops (their typed call into the op)."""
