@@ -130,12 +130,13 @@ def test_fused_float32_larger_sizes(kind, loops):
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh", "rnn_relu", "mgu"])
 @pytest.mark.parametrize("batch,hidden,dtype", [(1, 70, torch.float64), (1, 70, torch.float32),
                                                 (1, 300, torch.float32), (4, 512, torch.float32)])
-def test_every_route_of_the_recurrent_matmul(kind, batch, hidden, dtype):
+@pytest.mark.parametrize("bias", [True, False])
+def test_every_route_of_the_recurrent_matmul(kind, batch, hidden, dtype, bias):
     """The recurrent matmul's routes: batch 1 (the C++ loops' own kernels: vecmat for weights up to
     1 MiB, matvec above, as the LSTM's and GRU's at 300 wide), oneDNN (4 x 512
     is above ``DNN_MIN_MACS``; the generic kernel of a user's cell too), at::mm (the other tests).
     Lengths keep the LSTM off torch's kernel."""
-    layer = LAYERS[kind](input_size=6, hidden_size=hidden, bidirectional=True).to(dtype)
+    layer = LAYERS[kind](input_size=6, hidden_size=hidden, bidirectional=True, bias=bias).to(dtype)
     x = torch.randn(batch, 9, 6, dtype=dtype)
     state = tuple(torch.randn(2, batch, hidden, dtype=dtype) for _ in layer.State._fields)
     lengths = [9, 4, 7, 9][:batch]
@@ -179,6 +180,69 @@ def test_gradcheck_fused(kind, loops):
         return fused.FusedScan.apply(kernel, cell, mask, xz, w_hh, b_hh, *state)
 
     assert torch.autograd.gradcheck(f, (xz, w_hh, b_hh, *state), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
+@pytest.mark.parametrize("batch,hidden", [(512, 64), (1, 512)])
+def test_two_threads(kind, batch, hidden):
+    """Sizes above the C++ loops' grain, so rows (and, at batch 1, the matrix-vector kernels'
+    blocks) are split across two threads; every other test runs on one."""
+    torch.set_num_threads(2)  # the autouse fixture restores the count
+    layer = LAYERS[kind](input_size=8, hidden_size=hidden)
+    x = torch.randn(batch, 5, 8)
+    state = tuple(torch.randn(1, batch, hidden) for _ in layer.State._fields)
+    lengths = torch.randint(1, 6, (batch,))
+    lengths[0] = 5
+    assert _max_diff(_run(layer, x, state, lengths, fused_on=True), _run(layer, x, state, lengths, fused_on=False)) < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
+def test_hidden_size_one_with_a_strided_output_gradient(kind):
+    """H = 1: a (B, T, 1) gradient whose last stride is not 1 (a transposed head) is still dense."""
+    layer = LAYERS[kind](input_size=3, hidden_size=1)
+    x = torch.randn(2, 5, 3)
+
+    def grads(fused_on):
+        scan_module.FUSED = fused_on
+        try:
+            xi = x.clone().requires_grad_()
+            out, _ = layer(xi, lengths=[5, 3])
+            loss = (out.transpose(1, 2) * torch.arange(5.0)).sum()
+            return torch.autograd.grad(loss, [xi, *layer.parameters()])
+        finally:
+            scan_module.FUSED = True
+
+    assert _max_diff(grads(True), grads(False)) < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
+def test_nan_propagates(kind):
+    """A diverged weight gives NaN outputs on every path, as torch.nn would, not finite numbers."""
+    layer = LAYERS[kind](input_size=3, hidden_size=20)
+    with torch.no_grad():
+        layer.cells[0].bias_hh[0] = float("nan")
+    x = torch.randn(2, 4, 3)
+    for batch in (2, 1):
+        out, _ = layer(x[:batch], lengths=[4, 2][:batch])
+        assert torch.isnan(out[:, -1]).any() or torch.isnan(out[:, 1]).any()
+
+
+def test_a_strided_bias_at_batch_one():
+    """The batch-1 kernels read the bias as an array: a strided one must be made dense first."""
+    layer = rnnkit.GRU(4, 8)
+    cell = layer.cells[0]
+    cell.bias_hh = torch.nn.Parameter(torch.randn(48)[::2])
+    assert not cell.bias_hh.is_contiguous()
+    x, h0 = torch.randn(1, 5, 4), (torch.randn(1, 1, 8),)
+    got = _run(layer, x, h0, [5], fused_on=True)
+    want = _run(layer, x, h0, [5], fused_on=False)
+    assert _max_diff(got, want) < 1e-5
+    with torch.no_grad():
+        _, state = layer(x[:, :4])
+        with torch.inference_mode():
+            last, _ = layer(x[:, 4:], state)
+        full, _ = layer(x)
+    torch.testing.assert_close(last[:, 0], full[:, 4], atol=1e-5, rtol=0)
 
 
 class InputFreeCell(rnnkit.GatedCell):
@@ -265,9 +329,10 @@ def test_stepping_equals_general_route(kind, bidirectional, batch_first, batch):
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
-def test_stepping_at_batch_one_float32(kind):
+@pytest.mark.parametrize("bias", [True, False])
+def test_stepping_at_batch_one_float32(kind, bias):
     """Whole SIMD vectors and a partial one (70 = 4 x 16 + 6) through the batch-1 kernels."""
-    layer = LAYERS[kind](input_size=33, hidden_size=70, num_layers=2).eval()
+    layer = LAYERS[kind](input_size=33, hidden_size=70, num_layers=2, bias=bias).eval()
     x = torch.randn(1, 4, 33)
     with torch.no_grad():
         want, _ = layer(x)

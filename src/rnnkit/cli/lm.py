@@ -77,8 +77,8 @@ GENERATE = Command(add_generate_arguments, run_generate)
 DEMO_TASK = dict(eval_chars=60_000, sample_chars=300)
 DEMO_TRAIN = dict(eval_every=200, log_every=10)  # lr and warmup: LMTask.train_defaults
 # optimizer steps per second planned for (the cosine schedule ends there): measured on a shared 2-core
-# CPU, about 9 with the C++ step loops and 4-5 with the Python ones; a faster machine ends early, a
-# slower one by time
+# CPU, about 9 with the C++ step loops and 4-5 with the Python ones, less a margin for evaluation and
+# slower machines; a faster machine ends early, a slower one by time
 STEPS_PER_SECOND = {"C++": 8, "Python": 4}
 
 

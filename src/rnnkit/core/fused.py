@@ -559,11 +559,15 @@ def _packed(w: Tensor, batch: int) -> Tensor | None:
     return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), batch)
 
 
-@functools.cache
 def onednn_matmul_works() -> bool:
     """Whether this torch's oneDNN matmul ops (internal ones) behave as the kernels here expect:
     checked once on a small problem against at::mm, from Python (the generic kernel's route) and,
     where they are built, through the C++ loops (their typed call into the op)."""
+    return _onednn_check(native.ops() is not None)
+
+
+@functools.cache
+def _onednn_check(with_native: bool) -> bool:
     if not torch.backends.mkldnn.is_available():
         return False
     g = torch.Generator().manual_seed(0)
@@ -573,7 +577,7 @@ def onednn_matmul_works() -> bool:
         y = torch.ops.mkldnn._linear_pointwise(x[:, 0], packed, None, "none", [], "")
         if not torch.allclose(y, x[:, 0] @ w.t(), atol=1e-5):
             return False
-        if native.ops() is None:
+        if not with_native:
             return True
         outs = []
         for p in (packed, None):  # oneDNN, then at::mm
@@ -698,6 +702,7 @@ class FusedScan(torch.autograd.Function):
             out, final, saved = kernel.forward(cell, xz, w_hh, b_hh, cell.State(*state), mask, True)
         ctx.kernel, ctx.cell, ctx.saved, ctx.mask = kernel, cell, saved, mask
         ctx.save_for_backward(w_hh)  # the kernels keep what else they need in ``saved``
+        ctx.set_materialize_grads(False)  # every kernel takes None for an output no gradient reached
         return (out, *(s.clone() for s in final))
 
     @staticmethod

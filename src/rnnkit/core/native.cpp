@@ -43,9 +43,17 @@ inline Vec<T> exp_(const Vec<T>& x) {
   else return x.exp();
 }
 
+// exp_u20 clamps its input, which turns a NaN into a number: NaN is put back, so a diverging
+// run shows NaN as torch's own kernels would.
+template <typename T>
+inline Vec<T> keep_nan(const Vec<T>& y, const Vec<T>& x) {
+  if constexpr (std::is_same_v<T, float>) return Vec<T>::blendv(y, x, x != x);
+  else return y;
+}
+
 template <typename T>
 inline Vec<T> sigmoid(const Vec<T>& x) {  // 1 / (1 + exp(-x))
-  return (Vec<T>(T(1)) + exp_(Vec<T>(T(0)) - x)).reciprocal();
+  return keep_nan((Vec<T>(T(1)) + exp_(Vec<T>(T(0)) - x)).reciprocal(), x);
 }
 
 template <typename T>
@@ -54,7 +62,7 @@ inline Vec<T> tanh_(const Vec<T>& x) {
     const Vec<T> one(T(1)), zero(T(0));
     const Vec<T> e = exp_(Vec<T>(T(-2)) * x.abs());
     const Vec<T> y = (one - e) / (one + e);
-    return Vec<T>::blendv(y, zero - y, x < zero);
+    return keep_nan(Vec<T>::blendv(y, zero - y, x < zero), x);
   } else {
     return x.tanh();
   }
@@ -103,7 +111,7 @@ struct Gout {
   int64_t sb = 0, st = 0;
   explicit Gout(const std::optional<Tensor>& g) {
     if (!g.has_value()) return;
-    TORCH_CHECK(g->stride(2) == 1, "rnnkit native: gout's last dimension must be contiguous");
+    TORCH_CHECK(g->size(2) == 1 || g->stride(2) == 1, "rnnkit native: gout's last dimension must be contiguous");
     data = g->data_ptr(), sb = g->stride(0), st = g->stride(1);
   }
   template <typename T>
@@ -119,10 +127,10 @@ inline Vec<T> with_gout(const T* dh, const T* go, int64_t j, int64_t n) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The recurrent matmul of one step, h (B, K) -> h W^T (B, N): at::mm (the BLAS torch uses), or
-// oneDNN's matmul with the weight packed once per call (mkldnn::_linear_pointwise, the op
-// torch's compiler uses for CPU linears), which is up to twice as fast at large sizes and pays a
-// fixed ~15 us a call; fused.py chooses by size.
+// The recurrent matmul of one step (struct Recurrent below chooses the route).
+//
+// oneDNN's matmul, x W^T + bias with W packed by mkldnn::_reorder_linear_weight: the op torch's
+// own compiler uses for CPU linears, called through the dispatcher.
 
 at::Tensor dnn_linear(const Tensor& x, const Tensor& packed, const std::optional<Tensor>& bias) {
   static auto op = c10::Dispatcher::singleton()
@@ -245,6 +253,7 @@ struct Recurrent {
 
   Recurrent(Tensor w_, std::optional<Tensor> packed_, std::optional<Tensor> bias_, Tensor scratch_)
       : w(std::move(w_)), packed(std::move(packed_)), bias(std::move(bias_)), scratch(std::move(scratch_)) {
+    if (bias.has_value()) bias = bias->contiguous();  // the batch-1 kernels read it as an array
     if (packed.has_value() || scratch.size(0) != 1) return;
     if (w.numel() * w.element_size() <= kSmallBytes) columns = w.contiguous();
     else rows = w.t().contiguous();
@@ -327,7 +336,6 @@ void lstm_forward(const Tensor& xz, const Tensor& w_t, const std::optional<Tenso
         T_* o = outp + bt * H;
         if (m != nullptr && !m[bt]) {  // padded: state carried, output 0
           std::copy(hp, hp + H, hn), std::copy(cp, cp + H, cn), std::fill(o, o + H, T_(0));
-          if (g != nullptr) std::fill(g, g + 4 * H, T_(0));
           return;
         }
         over_lanes<T_>(H, [&](int64_t j, int64_t n) {
@@ -435,7 +443,6 @@ void gru_forward(const Tensor& xz, const Tensor& w_t, const std::optional<Tensor
         T_* o = outp + bt * H;
         if (m != nullptr && !m[bt]) {
           std::copy(hp, hp + H, hn), std::fill(o, o + H, T_(0));
-          if (g != nullptr) std::fill(g, g + 3 * H, T_(0)), std::fill(keep, keep + H, T_(0));
           return;
         }
         over_lanes<T_>(H, [&](int64_t j, int64_t n) {
@@ -601,11 +608,13 @@ Tensor linear_rows(const Tensor& W, const Tensor& x, const std::optional<Tensor>
   check_all("a linear_rows operand", W, x);
   TORCH_CHECK(x.dim() == 2 && W.dim() == 2 && x.size(1) == W.size(1), "rnnkit native: linear_rows shapes");
   const int64_t B = x.size(0), N = W.size(0), K = W.size(1);
+  TORCH_CHECK(!bias.has_value() || bias->numel() == N, "rnnkit native: linear_rows bias size");
+  const std::optional<Tensor> b = bias.has_value() ? std::optional<Tensor>(bias->contiguous()) : std::nullopt;
   Tensor y = at::empty({B, N}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnkit_linear_rows", [&] {
-    for (int64_t b = 0; b < B; ++b) {
-      matvec<scalar_t>(W.data_ptr<scalar_t>(), x.data_ptr<scalar_t>() + b * K, ptr<scalar_t>(bias),
-                       y.data_ptr<scalar_t>() + b * N, N, K);
+    for (int64_t row = 0; row < B; ++row) {
+      matvec<scalar_t>(W.data_ptr<scalar_t>(), x.data_ptr<scalar_t>() + row * K, ptr<scalar_t>(b),
+                       y.data_ptr<scalar_t>() + row * N, N, K);
     }
   });
   return y;
@@ -616,11 +625,13 @@ Tensor rows_times(const Tensor& x, const Tensor& A, const std::optional<Tensor>&
   check_all("a rows_times operand", A, x);
   TORCH_CHECK(x.dim() == 2 && A.dim() == 2 && x.size(1) == A.size(0), "rnnkit native: rows_times shapes");
   const int64_t B = x.size(0), K = A.size(0), M = A.size(1);
+  TORCH_CHECK(!bias.has_value() || bias->numel() == M, "rnnkit native: rows_times bias size");
+  const std::optional<Tensor> b = bias.has_value() ? std::optional<Tensor>(bias->contiguous()) : std::nullopt;
   Tensor y = at::empty({B, M}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnkit_rows_times", [&] {
-    for (int64_t b = 0; b < B; ++b) {
-      vecmat<scalar_t>(x.data_ptr<scalar_t>() + b * K, A.data_ptr<scalar_t>(), ptr<scalar_t>(bias),
-                       y.data_ptr<scalar_t>() + b * M, K, M);
+    for (int64_t row = 0; row < B; ++row) {
+      vecmat<scalar_t>(x.data_ptr<scalar_t>() + row * K, A.data_ptr<scalar_t>(), ptr<scalar_t>(b),
+                       y.data_ptr<scalar_t>() + row * M, K, M);
     }
   });
   return y;

@@ -18,12 +18,14 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
 
 SOURCE = Path(__file__).with_name("native.cpp")
 _state: dict = {}  # "ops": the loaded namespace or None, once decided
+_lock = threading.Lock()
 
 
 def enabled() -> bool:
@@ -67,7 +69,9 @@ def _build(target: Path, flags: list[str]) -> None:
         built = Path(tmp) / target.name
         proc = subprocess.run([cxx, str(SOURCE), "-o", str(built), *flags], capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"{cxx} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
+            lines = proc.stderr.splitlines()
+            first = next((line for line in lines if "error" in line), lines[-1] if lines else f"exit {proc.returncode}")
+            raise RuntimeError(f"{cxx} failed: {first.strip()}")
         os.replace(built, target)
 
 
@@ -75,7 +79,13 @@ def ops():
     """``torch.ops.rnnkit_native`` once loaded, or ``None`` (disabled, or the build failed; said once)."""
     if "ops" in _state:
         return _state["ops"]
-    _state["ops"] = None
+    with _lock:  # another thread may be building: wait for its answer rather than take None meanwhile
+        if "ops" not in _state:
+            _state["ops"] = _load()
+    return _state["ops"]
+
+
+def _load():
     if not enabled():
         return None
     try:
@@ -87,7 +97,7 @@ def ops():
         if not target.exists():
             _build(target, flags)
         torch.ops.load_library(str(target))
-        _state["ops"] = torch.ops.rnnkit_native
+        return torch.ops.rnnkit_native
     except Exception as exc:  # noqa: BLE001 - any failure means the Python loops, which compute the same
         print(f"rnnkit: C++ step loops unavailable ({exc}); using the Python loops", file=sys.stderr)
-    return _state["ops"]
+        return None
