@@ -643,10 +643,14 @@ class _NativeGRU(_Kernel):
     def backward(self, cell, saved, w_hh, mask, grad_out, grad_state, needs):
         gates, hzn, hs = saved
         dh = _grad_in(grad_state[0], hs[0])
-        dxz, dhz = torch.empty_like(gates), torch.empty_like(gates)
+        dxz, dhn = torch.empty_like(gates), torch.empty_like(hzn)  # d hz's r, z parts are d xz's; its n part
         native.ops().gru_backward(gates, hzn, hs, _grad_rows(grad_out), w_hh, _packed(w_hh.t(), dh.shape[0]), dh,
-                                  dxz, dhz, gates.new_empty(gates.shape[0], gates.shape[2]), mask)
-        dw, db = _native_weight_grads(dhz, hs, needs)
+                                  dxz, dhn, gates.new_empty(gates.shape[0], gates.shape[2]), mask)
+        H = hzn.shape[-1]
+        rz = dxz.view(-1, 3 * H)[:, : 2 * H]  # a strided view, no copy
+        h_prev = hs[:-1].transpose(0, 1).reshape(-1, H)  # batch-major, as dxz
+        dw = torch.cat((rz.t().mm(h_prev), dhn.view(-1, H).t().mm(h_prev))) if needs["w"] else None
+        db = torch.cat((rz.sum(0), dhn.view(-1, H).sum(0))) if needs["b"] else None
         return dxz, dw, db, (dh,)
 
 

@@ -462,12 +462,12 @@ void gru_forward(const Tensor& xz, const Tensor& w_t, const std::optional<Tensor
   });
 }
 
-// dxz: (B, T, 3H) out, the gradient of xz; dhz: (B, T, 3H) out, the gradient of h W_hh^T + b_hh
-// (its n part is dxz's times r); scratch (B, 3H).
+// dxz: (B, T, 3H) out, the gradient of xz; dhn: (B, T, H) out, the n part of the gradient of
+// h W_hh^T + b_hh (its r and z parts are dxz's); scratch (B, 3H).
 void gru_backward(const Tensor& gates, const Tensor& hzn, const Tensor& hs, const std::optional<Tensor>& gout,
                   const Tensor& w_hh, const std::optional<Tensor>& packed, Tensor dh, const Tensor& dxz,
-                  const Tensor& dhz, Tensor scratch, const std::optional<Tensor>& mask) {
-  check_all("a GRU gradient buffer", gates, hzn, hs, dh, dxz, dhz, scratch);
+                  const Tensor& dhn, Tensor scratch, const std::optional<Tensor>& mask) {
+  check_all("a GRU gradient buffer", gates, hzn, hs, dh, dxz, dhn, scratch);
   const int64_t B = gates.size(0), T = gates.size(1), H = dh.size(1);
   const bool* m = ptr<bool>(mask);
   const Gout go(gout);
@@ -479,17 +479,17 @@ void gru_backward(const Tensor& gates, const Tensor& hzn, const Tensor& hs, cons
     const T_* hsp = hs.data_ptr<T_>();
     T_* dhp = dh.data_ptr<T_>();
     T_* dxp = dxz.data_ptr<T_>();
-    T_* dzp = dhz.data_ptr<T_>();
+    T_* dnp = dhn.data_ptr<T_>();
     T_* sp = scratch.data_ptr<T_>();
     const Vec<T_> one(T_(1));
     for (int64_t t = T - 1; t >= 0; --t) {
       over_rows(B, 3 * H, [&](int64_t b) {
         const int64_t bt = b * T + t;
         T_* dx = dxp + bt * 3 * H;
-        T_* dz = dzp + bt * 3 * H;
+        T_* dnr_out = dnp + bt * H;
         T_* s = sp + b * 3 * H;
         if (m != nullptr && !m[bt]) {
-          std::fill(dx, dx + 3 * H, T_(0)), std::fill(dz, dz + 3 * H, T_(0)), std::fill(s, s + 3 * H, T_(0));
+          std::fill(dx, dx + 3 * H, T_(0)), std::fill(dnr_out, dnr_out + H, T_(0)), std::fill(s, s + 3 * H, T_(0));
           return;
         }
         const T_* g = gp + bt * 3 * H;
@@ -505,7 +505,7 @@ void gru_backward(const Tensor& gates, const Tensor& hzn, const Tensor& hs, cons
           Vec<T_> dzz = dht * (load(hp + j, n) - nn) * z * (one - z);
           Vec<T_> dnr = dn * r;
           dr.store(dx + j, n), dzz.store(dx + H + j, n), dn.store(dx + 2 * H + j, n);
-          dr.store(dz + j, n), dzz.store(dz + H + j, n), dnr.store(dz + 2 * H + j, n);
+          dnr.store(dnr_out + j, n);
           dr.store(s + j, n), dzz.store(s + H + j, n), dnr.store(s + 2 * H + j, n);
           (dht * z).store(hh + j, n);
         });
@@ -649,7 +649,7 @@ TORCH_LIBRARY(rnnkit_native, lib) {
   lib.def("gru_forward(Tensor xz, Tensor w_t, Tensor? packed, Tensor? bias, Tensor(a!) hs, Tensor(b!) out, "
           "Tensor(c!)? gates, Tensor(d!)? hzn, Tensor? mask) -> ()", &gru_forward);
   lib.def("gru_backward(Tensor gates, Tensor hzn, Tensor hs, Tensor? gout, Tensor w_hh, Tensor? packed, "
-          "Tensor(a!) dh, Tensor(b!) dxz, Tensor(c!) dhz, Tensor(d!) scratch, Tensor? mask) -> ()", &gru_backward);
+          "Tensor(a!) dh, Tensor(b!) dxz, Tensor(c!) dhn, Tensor(d!) scratch, Tensor? mask) -> ()", &gru_backward);
   lib.def("rnn_forward(Tensor xz, Tensor w_t, Tensor? packed, Tensor? bias, Tensor(a!) hs, Tensor(b!) out, "
           "Tensor? mask, bool relu) -> ()", &rnn_forward);
   lib.def("rnn_backward(Tensor hs, Tensor? gout, Tensor w_hh, Tensor? packed, Tensor(a!) dh, Tensor(b!) dxz, "
