@@ -303,6 +303,43 @@ struct Backward {
 };
 
 // ---------------------------------------------------------------------------------------------
+// The loops over time every cell shares. Forward, per step t: the recurrent matmul of h_{t-1}
+// (hs[t]), then step(b, t, that row's h_{t-1} W^T + b) on each row valid at t and padded(b, t)
+// (state carried, output 0) on the others. Backward, for t = T-1 .. 0: step(b, t) on each valid
+// row, which writes the row's d z_t into scratch and updates dh, and padded(b, t) on the others,
+// whose scratch row is zeroed here (no gradient into the gates; dh carried); then dh += scratch W.
+
+template <typename T_, typename Step, typename Padded>
+void forward_in_time(int64_t T, int64_t B, int64_t width, const bool* m, Recurrent& rec, const Tensor& hs,
+                     const Step& step, const Padded& padded) {
+  for (int64_t t = 0; t < T; ++t) {
+    const Tensor hz = rec(hs.select(0, t));
+    const T_* hzp = hz.data_ptr<T_>();
+    over_rows(B, width, [&](int64_t b) {
+      if (m != nullptr && !m[b * T + t]) padded(b, t);
+      else step(b, t, hzp + b * width);
+    });
+  }
+}
+
+template <typename T_, typename Step, typename Padded>
+void backward_in_time(int64_t T, int64_t B, int64_t width, const bool* m, Backward& back, Tensor& dh,
+                      const Tensor& scratch, const Step& step, const Padded& padded) {
+  T_* sp = scratch.data_ptr<T_>();
+  for (int64_t t = T - 1; t >= 0; --t) {
+    over_rows(B, width, [&](int64_t b) {
+      if (m != nullptr && !m[b * T + t]) {
+        std::fill(sp + b * width, sp + (b + 1) * width, T_(0));
+        padded(b, t);
+      } else {
+        step(b, t);
+      }
+    });
+    back(dh, scratch);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // LSTM: i, f, o = sigmoid, g = tanh of xz_t + h_{t-1} W_hh^T + b_hh; c_t = f c_{t-1} + i g;
 // h_t = o tanh(c_t). gates (training only): the activated i, f, g, o, kept for backward.
 
@@ -312,7 +349,6 @@ void lstm_forward(const Tensor& xz, const Tensor& w_t, const std::optional<Tenso
   check_all("an LSTM buffer", xz, hs, cs, out);
   if (gates.has_value()) check(*gates, "gates");
   const int64_t B = xz.size(0), T = xz.size(1), H = hs.size(2);
-  const bool* m = ptr<bool>(mask);
   Recurrent rec{w_t, packed, bias, at::empty({B, 4 * H}, xz.options())};
   AT_DISPATCH_FLOATING_TYPES(xz.scalar_type(), "rnnkit_lstm_forward", [&] {
     using T_ = scalar_t;
@@ -321,39 +357,37 @@ void lstm_forward(const Tensor& xz, const Tensor& w_t, const std::optional<Tenso
     T_* csp = cs.data_ptr<T_>();
     T_* outp = out.data_ptr<T_>();
     T_* gp = ptr<T_>(gates);
-    for (int64_t t = 0; t < T; ++t) {
-      const Tensor hz = rec(hs.select(0, t));
-      const T_* hzp = hz.data_ptr<T_>();
-      over_rows(B, 4 * H, [&](int64_t b) {
-        const int64_t bt = b * T + t;
-        const T_* x = xp + bt * 4 * H;
-        const T_* r = hzp + b * 4 * H;
-        T_* g = gp != nullptr ? gp + bt * 4 * H : nullptr;
-        const T_* hp = hsp + (t * B + b) * H;
-        const T_* cp = csp + (t * B + b) * H;
-        T_* hn = hsp + ((t + 1) * B + b) * H;
-        T_* cn = csp + ((t + 1) * B + b) * H;
-        T_* o = outp + bt * H;
-        if (m != nullptr && !m[bt]) {  // padded: state carried, output 0
-          std::copy(hp, hp + H, hn), std::copy(cp, cp + H, cn), std::fill(o, o + H, T_(0));
-          return;
+    auto step = [&](int64_t b, int64_t t, const T_* r) {
+      const int64_t bt = b * T + t;
+      const T_* x = xp + bt * 4 * H;
+      T_* g = gp != nullptr ? gp + bt * 4 * H : nullptr;
+      const T_* cp = csp + (t * B + b) * H;
+      T_* hn = hsp + ((t + 1) * B + b) * H;
+      T_* cn = csp + ((t + 1) * B + b) * H;
+      T_* o = outp + bt * H;
+      over_lanes<T_>(H, [&](int64_t j, int64_t n) {
+        Vec<T_> i = sigmoid(load(x + j, n) + load(r + j, n));
+        Vec<T_> f = sigmoid(load(x + H + j, n) + load(r + H + j, n));
+        Vec<T_> gg = tanh_(load(x + 2 * H + j, n) + load(r + 2 * H + j, n));
+        Vec<T_> og = sigmoid(load(x + 3 * H + j, n) + load(r + 3 * H + j, n));
+        if (g != nullptr) {
+          i.store(g + j, n), f.store(g + H + j, n), gg.store(g + 2 * H + j, n), og.store(g + 3 * H + j, n);
         }
-        over_lanes<T_>(H, [&](int64_t j, int64_t n) {
-          Vec<T_> i = sigmoid(load(x + j, n) + load(r + j, n));
-          Vec<T_> f = sigmoid(load(x + H + j, n) + load(r + H + j, n));
-          Vec<T_> gg = tanh_(load(x + 2 * H + j, n) + load(r + 2 * H + j, n));
-          Vec<T_> og = sigmoid(load(x + 3 * H + j, n) + load(r + 3 * H + j, n));
-          if (g != nullptr) {
-            i.store(g + j, n), f.store(g + H + j, n), gg.store(g + 2 * H + j, n), og.store(g + 3 * H + j, n);
-          }
-          Vec<T_> c = f * load(cp + j, n) + i * gg;
-          c.store(cn + j, n);
-          Vec<T_> h = og * tanh_(c);
-          h.store(hn + j, n);
-          h.store(o + j, n);
-        });
+        Vec<T_> c = f * load(cp + j, n) + i * gg;
+        c.store(cn + j, n);
+        Vec<T_> h = og * tanh_(c);
+        h.store(hn + j, n);
+        h.store(o + j, n);
       });
-    }
+    };
+    auto padded = [&](int64_t b, int64_t t) {
+      const T_* hp = hsp + (t * B + b) * H;
+      const T_* cp = csp + (t * B + b) * H;
+      T_* o = outp + (b * T + t) * H;
+      std::copy(hp, hp + H, hsp + ((t + 1) * B + b) * H), std::copy(cp, cp + H, csp + ((t + 1) * B + b) * H);
+      std::fill(o, o + H, T_(0));
+    };
+    forward_in_time<T_>(T, B, 4 * H, ptr<bool>(mask), rec, hs, step, padded);
   });
 }
 
@@ -363,7 +397,6 @@ void lstm_backward(const Tensor& gates, const Tensor& cs, const std::optional<Te
                    Tensor scratch, const std::optional<Tensor>& mask) {
   check_all("an LSTM gradient buffer", gates, cs, dh, dc, dxz, scratch);
   const int64_t B = gates.size(0), T = gates.size(1), H = dh.size(1);
-  const bool* m = ptr<bool>(mask);
   const Gout go(gout);
   Backward back(w_hh, packed, B);
   AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "rnnkit_lstm_backward", [&] {
@@ -375,38 +408,36 @@ void lstm_backward(const Tensor& gates, const Tensor& cs, const std::optional<Te
     T_* dxp = dxz.data_ptr<T_>();
     T_* sp = scratch.data_ptr<T_>();
     const Vec<T_> one(T_(1));
-    for (int64_t t = T - 1; t >= 0; --t) {
-      over_rows(B, 4 * H, [&](int64_t b) {
-        const int64_t bt = b * T + t;
-        T_* d = dxp + bt * 4 * H;
-        T_* s = sp + b * 4 * H;
-        if (m != nullptr && !m[bt]) {  // padded: no gradient into the gates, dh and dc carried
-          std::fill(d, d + 4 * H, T_(0)), std::fill(s, s + 4 * H, T_(0));
-          return;
-        }
-        const T_* g = gp + bt * 4 * H;
-        const T_* cp = csp + (t * B + b) * H;
-        const T_* cn = csp + ((t + 1) * B + b) * H;
-        const T_* gr = go.row<T_>(b, t);
-        T_* hh = dhp + b * H;
-        T_* cc = dcp + b * H;
-        over_lanes<T_>(H, [&](int64_t j, int64_t n) {
-          Vec<T_> i = load(g + j, n), f = load(g + H + j, n), gg = load(g + 2 * H + j, n), o = load(g + 3 * H + j, n);
-          Vec<T_> dht = with_gout(hh, gr, j, n);
-          Vec<T_> tc = tanh_(load(cn + j, n));
-          Vec<T_> dct = load(cc + j, n) + dht * o * (one - tc * tc);
-          Vec<T_> di = dct * gg * i * (one - i);
-          Vec<T_> df = dct * load(cp + j, n) * f * (one - f);
-          Vec<T_> dg = dct * i * (one - gg * gg);
-          Vec<T_> dout = dht * tc * o * (one - o);
-          di.store(d + j, n), df.store(d + H + j, n), dg.store(d + 2 * H + j, n), dout.store(d + 3 * H + j, n);
-          di.store(s + j, n), df.store(s + H + j, n), dg.store(s + 2 * H + j, n), dout.store(s + 3 * H + j, n);
-          (dct * f).store(cc + j, n);
-        });
-        std::fill(hh, hh + H, T_(0));  // h_t was computed, not carried: its gradient goes through the gates
+    auto step = [&](int64_t b, int64_t t) {
+      const int64_t bt = b * T + t;
+      T_* d = dxp + bt * 4 * H;
+      T_* s = sp + b * 4 * H;
+      const T_* g = gp + bt * 4 * H;
+      const T_* cp = csp + (t * B + b) * H;
+      const T_* cn = csp + ((t + 1) * B + b) * H;
+      const T_* gr = go.row<T_>(b, t);
+      T_* hh = dhp + b * H;
+      T_* cc = dcp + b * H;
+      over_lanes<T_>(H, [&](int64_t j, int64_t n) {
+        Vec<T_> i = load(g + j, n), f = load(g + H + j, n), gg = load(g + 2 * H + j, n), o = load(g + 3 * H + j, n);
+        Vec<T_> dht = with_gout(hh, gr, j, n);
+        Vec<T_> tc = tanh_(load(cn + j, n));
+        Vec<T_> dct = load(cc + j, n) + dht * o * (one - tc * tc);
+        Vec<T_> di = dct * gg * i * (one - i);
+        Vec<T_> df = dct * load(cp + j, n) * f * (one - f);
+        Vec<T_> dg = dct * i * (one - gg * gg);
+        Vec<T_> dout = dht * tc * o * (one - o);
+        di.store(d + j, n), df.store(d + H + j, n), dg.store(d + 2 * H + j, n), dout.store(d + 3 * H + j, n);
+        di.store(s + j, n), df.store(s + H + j, n), dg.store(s + 2 * H + j, n), dout.store(s + 3 * H + j, n);
+        (dct * f).store(cc + j, n);
       });
-      back(dh, scratch);
-    }
+      std::fill(hh, hh + H, T_(0));  // h_t was computed, not carried: its gradient goes through the gates
+    };
+    auto padded = [&](int64_t b, int64_t t) {
+      T_* d = dxp + (b * T + t) * 4 * H;
+      std::fill(d, d + 4 * H, T_(0));
+    };
+    backward_in_time<T_>(T, B, 4 * H, ptr<bool>(mask), back, dh, scratch, step, padded);
   });
 }
 
@@ -420,7 +451,6 @@ void gru_forward(const Tensor& xz, const Tensor& w_t, const std::optional<Tensor
                  const std::optional<Tensor>& mask) {
   check_all("a GRU buffer", xz, hs, out);
   const int64_t B = xz.size(0), T = xz.size(1), H = hs.size(2);
-  const bool* m = ptr<bool>(mask);
   Recurrent rec{w_t, packed, bias, at::empty({B, 3 * H}, xz.options())};
   AT_DISPATCH_FLOATING_TYPES(xz.scalar_type(), "rnnkit_gru_forward", [&] {
     using T_ = scalar_t;
@@ -429,36 +459,33 @@ void gru_forward(const Tensor& xz, const Tensor& w_t, const std::optional<Tensor
     T_* outp = out.data_ptr<T_>();
     T_* gp = ptr<T_>(gates);
     T_* kp = ptr<T_>(hzn);
-    for (int64_t t = 0; t < T; ++t) {
-      const Tensor hzt = rec(hs.select(0, t));
-      const T_* sp = hzt.data_ptr<T_>();
-      over_rows(B, 3 * H, [&](int64_t b) {
-        const int64_t bt = b * T + t;
-        const T_* x = xp + bt * 3 * H;
-        const T_* hz = sp + b * 3 * H;
-        T_* g = gp != nullptr ? gp + bt * 3 * H : nullptr;
-        T_* keep = kp != nullptr ? kp + bt * H : nullptr;
-        const T_* hp = hsp + (t * B + b) * H;
-        T_* hn = hsp + ((t + 1) * B + b) * H;
-        T_* o = outp + bt * H;
-        if (m != nullptr && !m[bt]) {
-          std::copy(hp, hp + H, hn), std::fill(o, o + H, T_(0));
-          return;
+    auto step = [&](int64_t b, int64_t t, const T_* hz) {
+      const int64_t bt = b * T + t;
+      const T_* x = xp + bt * 3 * H;
+      T_* g = gp != nullptr ? gp + bt * 3 * H : nullptr;
+      T_* keep = kp != nullptr ? kp + bt * H : nullptr;
+      const T_* hp = hsp + (t * B + b) * H;
+      T_* hn = hsp + ((t + 1) * B + b) * H;
+      T_* o = outp + bt * H;
+      over_lanes<T_>(H, [&](int64_t j, int64_t n) {
+        Vec<T_> r = sigmoid(load(x + j, n) + load(hz + j, n));
+        Vec<T_> z = sigmoid(load(x + H + j, n) + load(hz + H + j, n));
+        Vec<T_> hzn_v = load(hz + 2 * H + j, n);
+        Vec<T_> nn = tanh_(load(x + 2 * H + j, n) + r * hzn_v);
+        if (g != nullptr) {
+          r.store(g + j, n), z.store(g + H + j, n), nn.store(g + 2 * H + j, n), hzn_v.store(keep + j, n);
         }
-        over_lanes<T_>(H, [&](int64_t j, int64_t n) {
-          Vec<T_> r = sigmoid(load(x + j, n) + load(hz + j, n));
-          Vec<T_> z = sigmoid(load(x + H + j, n) + load(hz + H + j, n));
-          Vec<T_> hzn_v = load(hz + 2 * H + j, n);
-          Vec<T_> nn = tanh_(load(x + 2 * H + j, n) + r * hzn_v);
-          if (g != nullptr) {
-            r.store(g + j, n), z.store(g + H + j, n), nn.store(g + 2 * H + j, n), hzn_v.store(keep + j, n);
-          }
-          Vec<T_> h = nn + z * (load(hp + j, n) - nn);
-          h.store(hn + j, n);
-          h.store(o + j, n);
-        });
+        Vec<T_> h = nn + z * (load(hp + j, n) - nn);
+        h.store(hn + j, n);
+        h.store(o + j, n);
       });
-    }
+    };
+    auto padded = [&](int64_t b, int64_t t) {
+      const T_* hp = hsp + (t * B + b) * H;
+      T_* o = outp + (b * T + t) * H;
+      std::copy(hp, hp + H, hsp + ((t + 1) * B + b) * H), std::fill(o, o + H, T_(0));
+    };
+    forward_in_time<T_>(T, B, 3 * H, ptr<bool>(mask), rec, hs, step, padded);
   });
 }
 
@@ -469,7 +496,6 @@ void gru_backward(const Tensor& gates, const Tensor& hzn, const Tensor& hs, cons
                   const Tensor& dhn, Tensor scratch, const std::optional<Tensor>& mask) {
   check_all("a GRU gradient buffer", gates, hzn, hs, dh, dxz, dhn, scratch);
   const int64_t B = gates.size(0), T = gates.size(1), H = dh.size(1);
-  const bool* m = ptr<bool>(mask);
   const Gout go(gout);
   Backward back(w_hh, packed, B);
   AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "rnnkit_gru_backward", [&] {
@@ -482,36 +508,34 @@ void gru_backward(const Tensor& gates, const Tensor& hzn, const Tensor& hs, cons
     T_* dnp = dhn.data_ptr<T_>();
     T_* sp = scratch.data_ptr<T_>();
     const Vec<T_> one(T_(1));
-    for (int64_t t = T - 1; t >= 0; --t) {
-      over_rows(B, 3 * H, [&](int64_t b) {
-        const int64_t bt = b * T + t;
-        T_* dx = dxp + bt * 3 * H;
-        T_* dnr_out = dnp + bt * H;
-        T_* s = sp + b * 3 * H;
-        if (m != nullptr && !m[bt]) {
-          std::fill(dx, dx + 3 * H, T_(0)), std::fill(dnr_out, dnr_out + H, T_(0)), std::fill(s, s + 3 * H, T_(0));
-          return;
-        }
-        const T_* g = gp + bt * 3 * H;
-        const T_* k = kp + bt * H;
-        const T_* hp = hsp + (t * B + b) * H;
-        const T_* gr = go.row<T_>(b, t);
-        T_* hh = dhp + b * H;
-        over_lanes<T_>(H, [&](int64_t j, int64_t n) {
-          Vec<T_> r = load(g + j, n), z = load(g + H + j, n), nn = load(g + 2 * H + j, n);
-          Vec<T_> dht = with_gout(hh, gr, j, n);
-          Vec<T_> dn = dht * (one - z) * (one - nn * nn);
-          Vec<T_> dr = dn * load(k + j, n) * r * (one - r);
-          Vec<T_> dzz = dht * (load(hp + j, n) - nn) * z * (one - z);
-          Vec<T_> dnr = dn * r;
-          dr.store(dx + j, n), dzz.store(dx + H + j, n), dn.store(dx + 2 * H + j, n);
-          dnr.store(dnr_out + j, n);
-          dr.store(s + j, n), dzz.store(s + H + j, n), dnr.store(s + 2 * H + j, n);
-          (dht * z).store(hh + j, n);
-        });
+    auto step = [&](int64_t b, int64_t t) {
+      const int64_t bt = b * T + t;
+      T_* dx = dxp + bt * 3 * H;
+      T_* dnr_out = dnp + bt * H;
+      T_* s = sp + b * 3 * H;
+      const T_* g = gp + bt * 3 * H;
+      const T_* k = kp + bt * H;
+      const T_* hp = hsp + (t * B + b) * H;
+      const T_* gr = go.row<T_>(b, t);
+      T_* hh = dhp + b * H;
+      over_lanes<T_>(H, [&](int64_t j, int64_t n) {
+        Vec<T_> r = load(g + j, n), z = load(g + H + j, n), nn = load(g + 2 * H + j, n);
+        Vec<T_> dht = with_gout(hh, gr, j, n);
+        Vec<T_> dn = dht * (one - z) * (one - nn * nn);
+        Vec<T_> dr = dn * load(k + j, n) * r * (one - r);
+        Vec<T_> dzz = dht * (load(hp + j, n) - nn) * z * (one - z);
+        Vec<T_> dnr = dn * r;
+        dr.store(dx + j, n), dzz.store(dx + H + j, n), dn.store(dx + 2 * H + j, n);
+        dnr.store(dnr_out + j, n);
+        dr.store(s + j, n), dzz.store(s + H + j, n), dnr.store(s + 2 * H + j, n);
+        (dht * z).store(hh + j, n);
       });
-      back(dh, scratch);
-    }
+    };
+    auto padded = [&](int64_t b, int64_t t) {
+      const int64_t bt = b * T + t;
+      std::fill(dxp + bt * 3 * H, dxp + (bt + 1) * 3 * H, T_(0)), std::fill(dnp + bt * H, dnp + (bt + 1) * H, T_(0));
+    };
+    backward_in_time<T_>(T, B, 3 * H, ptr<bool>(mask), back, dh, scratch, step, padded);
   });
 }
 
@@ -528,34 +552,29 @@ void rnn_forward(const Tensor& xz, const Tensor& w_t, const std::optional<Tensor
                  const std::optional<Tensor>& mask, bool relu) {
   check_all("an RNN buffer", xz, hs, out);
   const int64_t B = xz.size(0), T = xz.size(1), H = hs.size(2);
-  const bool* m = ptr<bool>(mask);
   Recurrent rec{w_t, packed, bias, at::empty({B, H}, xz.options())};
   AT_DISPATCH_FLOATING_TYPES(xz.scalar_type(), "rnnkit_rnn_forward", [&] {
     using T_ = scalar_t;
     const T_* xp = xz.data_ptr<T_>();
     T_* hsp = hs.data_ptr<T_>();
     T_* outp = out.data_ptr<T_>();
-    for (int64_t t = 0; t < T; ++t) {
-      const Tensor hz = rec(hs.select(0, t));
-      const T_* hzp = hz.data_ptr<T_>();
-      over_rows(B, H, [&](int64_t b) {
-        const int64_t bt = b * T + t;
-        const T_* x = xp + bt * H;
-        const T_* r = hzp + b * H;
-        const T_* hp = hsp + (t * B + b) * H;
-        T_* hn = hsp + ((t + 1) * B + b) * H;
-        T_* o = outp + bt * H;
-        if (m != nullptr && !m[bt]) {
-          std::copy(hp, hp + H, hn), std::fill(o, o + H, T_(0));
-          return;
-        }
-        over_lanes<T_>(H, [&](int64_t j, int64_t n) {
-          Vec<T_> h = activate(load(x + j, n) + load(r + j, n), relu);
-          h.store(hn + j, n);
-          h.store(o + j, n);
-        });
+    auto step = [&](int64_t b, int64_t t, const T_* r) {
+      const int64_t bt = b * T + t;
+      const T_* x = xp + bt * H;
+      T_* hn = hsp + ((t + 1) * B + b) * H;
+      T_* o = outp + bt * H;
+      over_lanes<T_>(H, [&](int64_t j, int64_t n) {
+        Vec<T_> h = activate(load(x + j, n) + load(r + j, n), relu);
+        h.store(hn + j, n);
+        h.store(o + j, n);
       });
-    }
+    };
+    auto padded = [&](int64_t b, int64_t t) {
+      const T_* hp = hsp + (t * B + b) * H;
+      T_* o = outp + (b * T + t) * H;
+      std::copy(hp, hp + H, hsp + ((t + 1) * B + b) * H), std::fill(o, o + H, T_(0));
+    };
+    forward_in_time<T_>(T, B, H, ptr<bool>(mask), rec, hs, step, padded);
   });
 }
 
@@ -565,7 +584,6 @@ void rnn_backward(const Tensor& hs, const std::optional<Tensor>& gout, const Ten
                   const std::optional<Tensor>& mask, bool relu) {
   check_all("an RNN gradient buffer", hs, dh, dxz, scratch);
   const int64_t B = dxz.size(0), T = dxz.size(1), H = dh.size(1);
-  const bool* m = ptr<bool>(mask);
   const Gout go(gout);
   Backward back(w_hh, packed, B);
   AT_DISPATCH_FLOATING_TYPES(hs.scalar_type(), "rnnkit_rnn_backward", [&] {
@@ -575,28 +593,26 @@ void rnn_backward(const Tensor& hs, const std::optional<Tensor>& gout, const Ten
     T_* dxp = dxz.data_ptr<T_>();
     T_* sp = scratch.data_ptr<T_>();
     const Vec<T_> one(T_(1)), zero(T_(0));
-    for (int64_t t = T - 1; t >= 0; --t) {
-      over_rows(B, H, [&](int64_t b) {
-        const int64_t bt = b * T + t;
-        T_* dx = dxp + bt * H;
-        T_* s = sp + b * H;
-        if (m != nullptr && !m[bt]) {
-          std::fill(dx, dx + H, T_(0)), std::fill(s, s + H, T_(0));
-          return;
-        }
-        const T_* h = hsp + ((t + 1) * B + b) * H;
-        const T_* gr = go.row<T_>(b, t);
-        T_* hh = dhp + b * H;
-        over_lanes<T_>(H, [&](int64_t j, int64_t n) {
-          Vec<T_> hv = load(h + j, n);
-          Vec<T_> slope = relu ? Vec<T_>::blendv(zero, one, hv > zero) : one - hv * hv;
-          Vec<T_> d = with_gout(hh, gr, j, n) * slope;
-          d.store(dx + j, n), d.store(s + j, n);
-        });
-        std::fill(hh, hh + H, T_(0));
+    auto step = [&](int64_t b, int64_t t) {
+      const int64_t bt = b * T + t;
+      T_* dx = dxp + bt * H;
+      T_* s = sp + b * H;
+      const T_* h = hsp + ((t + 1) * B + b) * H;
+      const T_* gr = go.row<T_>(b, t);
+      T_* hh = dhp + b * H;
+      over_lanes<T_>(H, [&](int64_t j, int64_t n) {
+        Vec<T_> hv = load(h + j, n);
+        Vec<T_> slope = relu ? Vec<T_>::blendv(zero, one, hv > zero) : one - hv * hv;
+        Vec<T_> d = with_gout(hh, gr, j, n) * slope;
+        d.store(dx + j, n), d.store(s + j, n);
       });
-      back(dh, scratch);
-    }
+      std::fill(hh, hh + H, T_(0));
+    };
+    auto padded = [&](int64_t b, int64_t t) {
+      T_* dx = dxp + (b * T + t) * H;
+      std::fill(dx, dx + H, T_(0));
+    };
+    backward_in_time<T_>(T, B, H, ptr<bool>(mask), back, dh, scratch, step, padded);
   });
 }
 
