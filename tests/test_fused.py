@@ -128,21 +128,48 @@ def test_fused_float32_larger_sizes(kind, loops):
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh", "rnn_relu", "mgu"])
-@pytest.mark.parametrize("batch,hidden,dtype", [(1, 70, torch.float64), (1, 70, torch.float32),
-                                                (1, 300, torch.float32), (4, 512, torch.float32)])
+@pytest.mark.parametrize("batch,hidden,dtype", [(1, 70, torch.float64), (7, 70, torch.float32),
+                                                (3, 300, torch.float32), (11, 33, torch.float64)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_every_route_of_the_recurrent_matmul(kind, batch, hidden, dtype, bias):
-    """The recurrent matmul's routes: batch 1 (the C++ loops' own kernels: vecmat for weights up to
-    1 MiB, matvec above, as the LSTM's and GRU's at 300 wide), oneDNN (4 x 512
-    is above ``DNN_MIN_MACS``; the generic kernel of a user's cell too), at::mm (the other tests).
-    Lengths keep the LSTM off torch's kernel."""
+def test_every_remainder_of_the_blocked_matmul(kind, batch, hidden, dtype, bias):
+    """native.cpp's recurrent matmul runs MR rows at a time (4 for the LSTM, 5 or 4 for the GRU, 8 for
+    the RNN) and L hidden units per block (16 floats or 8 doubles with AVX-512): batches of 1, 3, 7
+    and 11 leave every smaller row count, and hidden 33, 70 and 300 leave partial blocks. Lengths keep
+    the LSTM off torch's kernel; the user's cell (mgu) runs the generic kernel."""
     layer = LAYERS[kind](input_size=6, hidden_size=hidden, bidirectional=True, bias=bias).to(dtype)
     x = torch.randn(batch, 9, 6, dtype=dtype)
     state = tuple(torch.randn(2, batch, hidden, dtype=dtype) for _ in layer.State._fields)
-    lengths = [9, 4, 7, 9][:batch]
+    lengths = ([9, 4, 7] * 4)[:batch]
     got = _run(layer, x, state, lengths, fused_on=True)
     want = _run(layer, x, state, lengths, fused_on=False)
     assert _max_diff(got, want) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rows,inputs,outputs", [(1, 5, 3), (37, 70, 33), (300, 128, 512)])
+def test_native_linear_equals_torchs(dtype, rows, inputs, outputs):
+    """The input projection's matmul (native.linear): its output and its gradients are F.linear's, for
+    row counts past a tile (256) and sizes that leave partial blocks; a 3-D input keeps its shape."""
+    x = torch.randn(2, rows, inputs, dtype=dtype, requires_grad=True)
+    w = torch.randn(outputs, inputs, dtype=dtype, requires_grad=True)
+    b = torch.randn(outputs, dtype=dtype, requires_grad=True)
+    gy = torch.randn(2, rows, outputs, dtype=dtype)
+    results = []
+    for fn in (native.linear, torch.nn.functional.linear):
+        y = fn(x, w, b)
+        results.append([y, *torch.autograd.grad(y, (x, w, b), gy)])
+    assert results[0][0].shape == (2, rows, outputs)
+    assert _max_diff(results[0], results[1]) < TOL[dtype] * inputs
+
+
+def test_native_linear_leaves_what_it_does_not_cover_to_torch():
+    """Mixed dtypes, half precision and autocast go to F.linear (same answer, no C++ call)."""
+    x, w = torch.randn(3, 4), torch.randn(5, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert native.linear(x, w).dtype == torch.bfloat16
+    assert native.linear(x.double(), w.double()).dtype == torch.float64
+    with pytest.raises(RuntimeError):  # torch's own message for mixed dtypes, not a C++ check
+        native.linear(x.double(), w)
 
 
 @pytest.mark.parametrize("kind", list(LAYERS))
@@ -185,8 +212,8 @@ def test_gradcheck_fused(kind, loops):
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
 @pytest.mark.parametrize("batch,hidden", [(512, 64), (1, 512)])
 def test_two_threads(kind, batch, hidden):
-    """Sizes above the C++ loops' grain, so rows (and, at batch 1, the matrix-vector kernels'
-    blocks) are split across two threads; every other test runs on one."""
+    """Sizes above the C++ loops' grain, so their blocks of hidden units are split across two
+    threads; every other test runs on one."""
     torch.set_num_threads(2)  # the autouse fixture restores the count
     layer = LAYERS[kind](input_size=8, hidden_size=hidden)
     x = torch.randn(batch, 5, 8)
@@ -228,7 +255,7 @@ def test_nan_propagates(kind):
 
 
 def test_a_strided_bias_at_batch_one():
-    """The batch-1 kernels read the bias as an array: a strided one must be made dense first."""
+    """The C++ loops read the bias as an array: a strided one must be made dense first."""
     layer = rnnkit.GRU(4, 8)
     cell = layer.cells[0]
     cell.bias_hh = torch.nn.Parameter(torch.randn(48)[::2])

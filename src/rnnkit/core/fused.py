@@ -541,9 +541,10 @@ GENERIC = _GenericKernel()
 # backward computes every gate derivative from the saved activations, so the only work here is
 # allocation and the batched weight gradients.
 
-# Recurrent matmuls of at least this many multiply-adds per step, with a weight of at least this
-# many elements, go to oneDNN with packed weights (measured on the development machine: below
-# either, oneDNN's fixed ~15 us a call loses to at::mm; an RNN's 128 x 128 weight is one such).
+# The generic kernel's recurrent matmuls of at least this many multiply-adds per step, with a
+# weight of at least this many elements, go to oneDNN with packed weights (measured on the
+# development machine: below either, oneDNN's fixed ~15 us a call loses to at::mm). The C++ loops
+# have their own (native.cpp), faster than either at every size measured.
 DNN_MIN_MACS = 768 * 1024
 DNN_MIN_WEIGHT = 48 * 1024
 
@@ -551,7 +552,7 @@ DNN_MIN_WEIGHT = 48 * 1024
 def _packed(w: Tensor, batch: int) -> Tensor | None:
     """oneDNN's packed form of ``w`` (N, K) for ``x @ w^T`` at ``batch`` rows, or ``None``.
 
-    ``None`` leaves the C++ loop its own row-vector kernel at batch 1 and at::mm otherwise."""
+    ``None`` leaves the generic kernel at::mm."""
     if w.dtype != torch.float32 or batch == 1 or w.numel() < DNN_MIN_WEIGHT or batch * w.numel() < DNN_MIN_MACS:
         return None
     if not onednn_matmul_works():
@@ -559,34 +560,20 @@ def _packed(w: Tensor, batch: int) -> Tensor | None:
     return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), batch)
 
 
-def onednn_matmul_works() -> bool:
-    """Whether this torch's oneDNN matmul ops (internal ones) behave as the kernels here expect:
-    checked once on a small problem against at::mm, from Python (the generic kernel's route) and,
-    where they are built, through the C++ loops (their typed call into the op)."""
-    return _onednn_check(native.ops() is not None)
-
-
 @functools.cache
-def _onednn_check(with_native: bool) -> bool:
+def onednn_matmul_works() -> bool:
+    """Whether this torch's oneDNN matmul ops (internal ones) behave as the generic kernel expects:
+    checked once, on a small problem, against at::mm."""
     if not torch.backends.mkldnn.is_available():
         return False
     g = torch.Generator().manual_seed(0)
-    w, x = torch.randn(4, 4, generator=g), torch.randn(2, 3, 4, generator=g)  # (H, H), (B, T, H)
+    w, x = torch.randn(4, 4, generator=g), torch.randn(2, 4, generator=g)
     try:
         packed = torch.ops.mkldnn._reorder_linear_weight(w, 2)
-        y = torch.ops.mkldnn._linear_pointwise(x[:, 0], packed, None, "none", [], "")
-        if not torch.allclose(y, x[:, 0] @ w.t(), atol=1e-5):
-            return False
-        if not with_native:
-            return True
-        outs = []
-        for p in (packed, None):  # oneDNN, then at::mm
-            hs, out = torch.zeros(4, 2, 4), torch.empty(2, 3, 4)
-            native.ops().rnn_forward(x, w.t(), p, None, hs, out, None, False)
-            outs.append(out)
+        y = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
     except (RuntimeError, AttributeError, TypeError):
         return False
-    return bool(torch.allclose(outs[0], outs[1], atol=1e-5))
+    return bool(torch.allclose(y, x @ w.t(), atol=1e-5))
 
 
 def _states(first: Tensor, T: int) -> Tensor:
@@ -618,15 +605,14 @@ class _NativeLSTM(_Kernel):
         hs, cs = _states(state[0], T), _states(state[1], T)
         out = xz.new_empty(B, T, G4 // 4)
         gates = torch.empty_like(xz) if training else None
-        native.ops().lstm_forward(xz, w_hh.t(), _packed(w_hh, B), b_hh, hs, cs, out, gates, mask)
+        native.ops().lstm_forward(xz, w_hh, b_hh, hs, cs, out, gates, mask)
         return out, (hs[T], cs[T]), (gates, hs, cs)
 
     def backward(self, cell, saved, w_hh, mask, grad_out, grad_state, needs):
         gates, hs, cs = saved
         dh, dc = _grad_in(grad_state[0], hs[0]), _grad_in(grad_state[1], cs[0])
         dxz = torch.empty_like(gates)
-        native.ops().lstm_backward(gates, cs, _grad_rows(grad_out), w_hh, _packed(w_hh.t(), dh.shape[0]), dh, dc,
-                                   dxz, gates.new_empty(gates.shape[0], gates.shape[2]), mask)
+        native.ops().lstm_backward(gates, cs, _grad_rows(grad_out), w_hh, dh, dc, dxz, mask)
         dw, db = _native_weight_grads(dxz, hs, needs)
         return dxz, dw, db, (dh, dc)
 
@@ -637,15 +623,14 @@ class _NativeGRU(_Kernel):
         hs = _states(state[0], T)
         out = xz.new_empty(B, T, G3 // 3)
         gates, hzn = (torch.empty_like(xz), torch.empty_like(out)) if training else (None, None)
-        native.ops().gru_forward(xz, w_hh.t(), _packed(w_hh, B), b_hh, hs, out, gates, hzn, mask)
+        native.ops().gru_forward(xz, w_hh, b_hh, hs, out, gates, hzn, mask)
         return out, (hs[T],), (gates, hzn, hs)
 
     def backward(self, cell, saved, w_hh, mask, grad_out, grad_state, needs):
         gates, hzn, hs = saved
         dh = _grad_in(grad_state[0], hs[0])
         dxz, dhn = torch.empty_like(gates), torch.empty_like(hzn)  # d hz's r, z parts are d xz's; its n part
-        native.ops().gru_backward(gates, hzn, hs, _grad_rows(grad_out), w_hh, _packed(w_hh.t(), dh.shape[0]), dh,
-                                  dxz, dhn, gates.new_empty(gates.shape[0], gates.shape[2]), mask)
+        native.ops().gru_backward(gates, hzn, hs, _grad_rows(grad_out), w_hh, dh, dxz, dhn, mask)
         H = hzn.shape[-1]
         rz = dxz.view(-1, 3 * H)[:, : 2 * H]  # a strided view, no copy
         h_prev = hs[:-1].transpose(0, 1).reshape(-1, H)  # batch-major, as dxz
@@ -659,7 +644,7 @@ class _NativeRNN(_Kernel):
         B, T, H = xz.shape
         hs = _states(state[0], T)
         out = torch.empty_like(xz)
-        native.ops().rnn_forward(xz, w_hh.t(), _packed(w_hh, B), b_hh, hs, out, mask, cell.nonlinearity == "relu")
+        native.ops().rnn_forward(xz, w_hh, b_hh, hs, out, mask, cell.nonlinearity == "relu")
         return out, (hs[T],), (hs,)
 
     def backward(self, cell, saved, w_hh, mask, grad_out, grad_state, needs):
@@ -667,8 +652,7 @@ class _NativeRNN(_Kernel):
         dh = _grad_in(grad_state[0], hs[0])
         T, B, H = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
         dxz = hs.new_empty(B, T, H)
-        native.ops().rnn_backward(hs, _grad_rows(grad_out), w_hh, _packed(w_hh.t(), B), dh, dxz, hs.new_empty(B, H),
-                                  mask, cell.nonlinearity == "relu")
+        native.ops().rnn_backward(hs, _grad_rows(grad_out), w_hh, dh, dxz, mask, cell.nonlinearity == "relu")
         dw, db = _native_weight_grads(dxz, hs, needs)
         return dxz, dw, db, (dh,)
 
@@ -720,15 +704,10 @@ class FusedScan(torch.autograd.Function):
         return (None, None, None, dxz, dw, db, *dstate)
 
 
-def _functorch_active() -> bool:
-    active = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return bool(active and active())
-
-
 def fused_scan(cell: GatedCell, xz: Tensor, state: NamedTuple, mask: Tensor | None, kernel: _Kernel | None = None):
     """``scan_reference``'s function through a fused kernel; ``None`` if the cell cannot use one."""
     kernel = kernel if kernel is not None else kernel_for(cell)
-    if kernel is None or _functorch_active():
+    if kernel is None or native.functorch_active():
         return None
     w_hh, b_hh = cell.weight_hh, cell.bias_hh
     dtype = w_hh.dtype
@@ -781,7 +760,7 @@ def vendor_stack(layer, x: Tensor, state: tuple | None, mask: Tensor | None):
     Lengths (where torch would fall back to its slow packed path), dropout in training (a different
     random stream), other dtypes and every other cell keep the fused kernels.
     """
-    if mask is not None or (layer.training and layer.dropout > 0) or _functorch_active():
+    if mask is not None or (layer.training and layer.dropout > 0) or native.functorch_active():
         return None
     cell = layer.cells[0]
     combine = type(cell).combine

@@ -52,6 +52,10 @@ def _flags() -> list[str]:
         flags += ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     else:
         flags += ["-DCPU_CAPABILITY=DEFAULT"]
+    if "parallel backend: OpenMP" in torch.__config__.parallel_info():
+        # at::parallel_for is inline code: without -fopenmp it runs on one thread. The library then
+        # binds to the OpenMP runtime torch has loaded (the same soname), so one thread pool serves both.
+        flags += ["-fopenmp"]
     flags += [f"-I{p}" for p in cpp_extension.include_paths()]
     libs = cpp_extension.library_paths()
     flags += [f"-L{p}" for p in libs] + [f"-Wl,-rpath,{p}" for p in libs] + ["-lc10", "-ltorch_cpu", "-ltorch"]
@@ -101,3 +105,40 @@ def _load():
     except Exception as exc:  # noqa: BLE001 - any failure means the Python loops, which compute the same
         print(f"rnnkit: C++ step loops unavailable ({exc}); using the Python loops", file=sys.stderr)
         return None
+
+
+def functorch_active() -> bool:
+    """Whether a functorch transform (vmap, grad, ...) is running: the custom autograd Functions here
+    and in fused.py don't support them, so those calls keep torch's own ops."""
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active and active())
+
+
+class _Linear(torch.autograd.Function):
+    """``x W^T + b`` for 2-D ``x``: forward through native.cpp's blocked matmul, backward torch's."""
+
+    @staticmethod
+    def forward(ctx, x, w, b):
+        ctx.save_for_backward(x, w)
+        return ops().linear_blocks(x, w, b)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        dx = grad.mm(w) if ctx.needs_input_grad[0] else None
+        dw = grad.t().mm(x) if ctx.needs_input_grad[1] else None
+        db = grad.sum(0) if ctx.needs_input_grad[2] else None
+        return dx, dw, db
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``, through the C++ blocked matmul where it runs: CPU, float32 or float64 throughout,
+    no autocast. It is the matmul of the C++ loops, and on the development machine 1.3-2x faster than
+    torch's BLAS for a layer's input projection (a small K, many rows); elsewhere ``F.linear``."""
+    tensors = (x, w) if b is None else (x, w, b)
+    if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.dim() < 2
+            or any(t.dtype != x.dtype or t.device != x.device for t in tensors)
+            or torch.is_autocast_enabled("cpu") or functorch_active() or ops() is None):
+        return torch.nn.functional.linear(x, w, b)
+    y = _Linear.apply(x.reshape(-1, x.shape[-1]).contiguous(), w.contiguous(), b)
+    return y.view(*x.shape[:-1], w.shape[0])
