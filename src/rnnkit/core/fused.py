@@ -576,9 +576,10 @@ def onednn_matmul_works() -> bool:
     return bool(torch.allclose(y, x @ w.t(), atol=1e-5))
 
 
-def _states(first: Tensor, T: int) -> Tensor:
-    """(T+1, B, H) buffer for h_0 .. h_T (or c), h_0 filled in."""
-    hs = first.new_empty(T + 1, *first.shape)
+def _states(first: Tensor, T: int, training: bool) -> Tensor:
+    """(T+1, B, H) buffer for h_0 .. h_T (or c), h_0 filled in; in inference, where backward needs
+    none of them, (2, B, H) with h_t in row t % 2 (the C++ loops' layout): less fresh memory to fault in."""
+    hs = first.new_empty(T + 1 if training else 2, *first.shape)
     hs[0] = first
     return hs
 
@@ -602,11 +603,12 @@ def _native_weight_grads(dhz: Tensor, hs: Tensor, needs: dict):
 class _NativeLSTM(_Kernel):
     def forward(self, cell, xz, w_hh, b_hh, state, mask, training):
         B, T, G4 = xz.shape
-        hs, cs = _states(state[0], T), _states(state[1], T)
+        hs, cs = _states(state[0], T, training), _states(state[1], T, training)
         out = xz.new_empty(B, T, G4 // 4)
         gates = torch.empty_like(xz) if training else None
         native.ops().lstm_forward(xz, w_hh, b_hh, hs, cs, out, gates, mask)
-        return out, (hs[T], cs[T]), (gates, hs, cs)
+        last = T % hs.shape[0]
+        return out, (hs[last], cs[last]), (gates, hs, cs)
 
     def backward(self, cell, saved, w_hh, mask, grad_out, grad_state, needs):
         gates, hs, cs = saved
@@ -620,11 +622,11 @@ class _NativeLSTM(_Kernel):
 class _NativeGRU(_Kernel):
     def forward(self, cell, xz, w_hh, b_hh, state, mask, training):
         B, T, G3 = xz.shape
-        hs = _states(state[0], T)
+        hs = _states(state[0], T, training)
         out = xz.new_empty(B, T, G3 // 3)
         gates, hzn = (torch.empty_like(xz), torch.empty_like(out)) if training else (None, None)
         native.ops().gru_forward(xz, w_hh, b_hh, hs, out, gates, hzn, mask)
-        return out, (hs[T],), (gates, hzn, hs)
+        return out, (hs[T % hs.shape[0]],), (gates, hzn, hs)
 
     def backward(self, cell, saved, w_hh, mask, grad_out, grad_state, needs):
         gates, hzn, hs = saved
@@ -642,10 +644,10 @@ class _NativeGRU(_Kernel):
 class _NativeRNN(_Kernel):
     def forward(self, cell, xz, w_hh, b_hh, state, mask, training):
         B, T, H = xz.shape
-        hs = _states(state[0], T)
+        hs = _states(state[0], T, training)
         out = torch.empty_like(xz)
         native.ops().rnn_forward(xz, w_hh, b_hh, hs, out, mask, cell.nonlinearity == "relu")
-        return out, (hs[T],), (hs,)
+        return out, (hs[T % hs.shape[0]],), (hs,)
 
     def backward(self, cell, saved, w_hh, mask, grad_out, grad_state, needs):
         (hs,) = saved

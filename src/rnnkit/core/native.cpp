@@ -12,6 +12,7 @@
 // Layouts, shared with fused.py:
 //   - per-step tensors are batch-major as the layer sees them: xz, gates, out, dxz (B, T, .);
 //     the states h_0..h_T (and c) are time-major (T+1, B, H), so h_{t-1} is a (B, H) matrix;
+//     in inference the forward ops may keep only two, (2, B, H), h_t in row t % 2;
 //   - gates are in torch's order (LSTM i, f, g, o; GRU r, z, n), activated;
 //   - `mask` is (B, T) bool: at a step where it is false a sequence keeps its state, its output
 //     is 0, and in backward the output's gradient there is ignored;
@@ -328,13 +329,13 @@ struct Blocked {
 // buffers, so a thread writing step t-1's never meets one still reading step t's.
 
 template <typename T_, typename Step, typename Padded>
-void forward_in_time(int64_t T, int64_t B, const bool* m, const Blocked<T_>& rec, const T_* xp, const T_* hsp,
+void forward_in_time(int64_t T, int64_t S, int64_t B, const bool* m, const Blocked<T_>& rec, const T_* xp, const T_* hsp,
                      const Step& step, const Padded& padded) {
   const int64_t H = rec.H, width = rec.G * H;
   const Tensor hz_buffer = at::empty({B, width}, rec.packed.options());  // torch's allocator: cache-line aligned
   T_* hz = hz_buffer.data_ptr<T_>();
   for (int64_t t = 0; t < T; ++t) {
-    const T_* h = hsp + t * B * H;
+    const T_* h = hsp + (t % S) * B * H;  // S: the states kept, T + 1 or (inference) 2
     at::parallel_for(0, rec.nq, rec.grain(B), [&](int64_t q0, int64_t q1) {
       for (int64_t q = q0; q < q1; ++q) {
         const int64_t j = q * rec.L, n = std::min<int64_t>(rec.L, H - j);
@@ -394,7 +395,8 @@ void lstm_forward(const Tensor& xz, const Tensor& w_hh, const std::optional<Tens
                   const std::optional<Tensor>& mask) {
   check_all("an LSTM buffer", xz, hs, cs, out);
   if (gates.has_value()) check(*gates, "gates");
-  const int64_t B = xz.size(0), T = xz.size(1), H = hs.size(2);
+  const int64_t B = xz.size(0), T = xz.size(1), H = hs.size(2), S = hs.size(0);
+  TORCH_CHECK(S == T + 1 || (S == 2 && !gates.has_value()), "rnnkit native: lstm_forward keeps T + 1 states (or 2, in inference)");
   AT_DISPATCH_FLOATING_TYPES(xz.scalar_type(), "rnnkit_lstm_forward", [&] {
     using T_ = scalar_t;
     const Blocked<T_> rec(w_hh, 4, bias);
@@ -414,18 +416,18 @@ void lstm_forward(const Tensor& xz, const Tensor& w_hh, const std::optional<Tens
         T_* g = gp + bt * 4 * H;
         i.store(g + j, n), f.store(g + H + j, n), gg.store(g + 2 * H + j, n), og.store(g + 3 * H + j, n);
       }
-      Vec<T_> c = f * load(csp + (t * B + b) * H + j, n) + i * gg;
-      c.store(csp + ((t + 1) * B + b) * H + j, n);
+      Vec<T_> c = f * load(csp + ((t % S) * B + b) * H + j, n) + i * gg;
+      c.store(csp + (((t + 1) % S) * B + b) * H + j, n);
       Vec<T_> h = og * tanh_(c);
-      h.store(hsp + ((t + 1) * B + b) * H + j, n);
+      h.store(hsp + (((t + 1) % S) * B + b) * H + j, n);
       h.store(outp + bt * H + j, n);
     };
     auto padded = [&](int64_t b, int64_t t, int64_t j, int64_t n) {
-      const int64_t now = (t * B + b) * H + j, next = ((t + 1) * B + b) * H + j;
+      const int64_t now = ((t % S) * B + b) * H + j, next = (((t + 1) % S) * B + b) * H + j;
       load(hsp + now, n).store(hsp + next, n), load(csp + now, n).store(csp + next, n);
       Vec<T_>(T_(0)).store(outp + (b * T + t) * H + j, n);
     };
-    forward_in_time<T_>(T, B, ptr<bool>(mask), rec, xp, hsp, step, padded);
+    forward_in_time<T_>(T, S, B, ptr<bool>(mask), rec, xp, hsp, step, padded);
   });
 }
 
@@ -479,7 +481,8 @@ void gru_forward(const Tensor& xz, const Tensor& w_hh, const std::optional<Tenso
                  const Tensor& out, const std::optional<Tensor>& gates, const std::optional<Tensor>& hzn,
                  const std::optional<Tensor>& mask) {
   check_all("a GRU buffer", xz, hs, out);
-  const int64_t B = xz.size(0), T = xz.size(1), H = hs.size(2);
+  const int64_t B = xz.size(0), T = xz.size(1), H = hs.size(2), S = hs.size(0);
+  TORCH_CHECK(S == T + 1 || (S == 2 && !gates.has_value()), "rnnkit native: gru_forward keeps T + 1 states (or 2, in inference)");
   AT_DISPATCH_FLOATING_TYPES(xz.scalar_type(), "rnnkit_gru_forward", [&] {
     using T_ = scalar_t;
     const Blocked<T_> rec(w_hh, 3, bias);
@@ -499,15 +502,15 @@ void gru_forward(const Tensor& xz, const Tensor& w_hh, const std::optional<Tenso
         T_* g = gp + bt * 3 * H;
         r.store(g + j, n), z.store(g + H + j, n), nn.store(g + 2 * H + j, n), hzn_v.store(kp + bt * H + j, n);
       }
-      Vec<T_> h = nn + z * (load(hsp + (t * B + b) * H + j, n) - nn);
-      h.store(hsp + ((t + 1) * B + b) * H + j, n);
+      Vec<T_> h = nn + z * (load(hsp + ((t % S) * B + b) * H + j, n) - nn);
+      h.store(hsp + (((t + 1) % S) * B + b) * H + j, n);
       h.store(outp + bt * H + j, n);
     };
     auto padded = [&](int64_t b, int64_t t, int64_t j, int64_t n) {
-      load(hsp + (t * B + b) * H + j, n).store(hsp + ((t + 1) * B + b) * H + j, n);
+      load(hsp + ((t % S) * B + b) * H + j, n).store(hsp + (((t + 1) % S) * B + b) * H + j, n);
       Vec<T_>(T_(0)).store(outp + (b * T + t) * H + j, n);
     };
-    forward_in_time<T_>(T, B, ptr<bool>(mask), rec, xp, hsp, step, padded);
+    forward_in_time<T_>(T, S, B, ptr<bool>(mask), rec, xp, hsp, step, padded);
   });
 }
 
@@ -565,7 +568,8 @@ inline Vec<T_> activate(const Vec<T_>& v, bool relu) {
 void rnn_forward(const Tensor& xz, const Tensor& w_hh, const std::optional<Tensor>& bias, const Tensor& hs,
                  const Tensor& out, const std::optional<Tensor>& mask, bool relu) {
   check_all("an RNN buffer", xz, hs, out);
-  const int64_t B = xz.size(0), T = xz.size(1), H = hs.size(2);
+  const int64_t B = xz.size(0), T = xz.size(1), H = hs.size(2), S = hs.size(0);
+  TORCH_CHECK(S == T + 1 || S == 2, "rnnkit native: rnn_forward keeps T + 1 states (or 2, in inference)");
   AT_DISPATCH_FLOATING_TYPES(xz.scalar_type(), "rnnkit_rnn_forward", [&] {
     using T_ = scalar_t;
     const Blocked<T_> rec(w_hh, 1, bias);
@@ -575,14 +579,14 @@ void rnn_forward(const Tensor& xz, const Tensor& w_hh, const std::optional<Tenso
     auto step = [&](int64_t b, int64_t t, const T_* r, int64_t j, int64_t n) {
       const int64_t bt = b * T + t;
       Vec<T_> h = activate(load(xp + bt * H + j, n) + load(r + j, n), relu);
-      h.store(hsp + ((t + 1) * B + b) * H + j, n);
+      h.store(hsp + (((t + 1) % S) * B + b) * H + j, n);
       h.store(outp + bt * H + j, n);
     };
     auto padded = [&](int64_t b, int64_t t, int64_t j, int64_t n) {
-      load(hsp + (t * B + b) * H + j, n).store(hsp + ((t + 1) * B + b) * H + j, n);
+      load(hsp + ((t % S) * B + b) * H + j, n).store(hsp + (((t + 1) % S) * B + b) * H + j, n);
       Vec<T_>(T_(0)).store(outp + (b * T + t) * H + j, n);
     };
-    forward_in_time<T_>(T, B, ptr<bool>(mask), rec, xp, hsp, step, padded);
+    forward_in_time<T_>(T, S, B, ptr<bool>(mask), rec, xp, hsp, step, padded);
   });
 }
 
