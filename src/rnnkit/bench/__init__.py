@@ -4,8 +4,8 @@ Each measurement alternates torch and rnnkit (swapping who goes first every repe
 shared machine hits both, and reports the median of the repeats. Speed ratio = torch time /
 rnnkit time (above 1: rnnkit is faster). GFLOP/s counts the matmuls of the math
 (``2 B T G H (I + H)`` per layer forward, three times that for forward+backward) and the fraction
-of peak divides by a 2048^3 matmul measured in the same run (the faster of torch's BLAS and
-oneDNN's matmul; on the development machine oneDNN's is about 1.5x the BLAS's).
+of peak divides by a 2048^3 matmul measured in the same run (the fastest of torch's BLAS,
+oneDNN's matmul and rnnkit's own; on the development machine the last two are about 1.2x the first).
 
 Grid: LSTM/GRU/RNN x batch {1, 32, 64} x hidden {128, 512} x T {64, 256}, input 128, float32,
 training (forward+backward) and inference (forward, no_grad); per-token stepping of a 3-layer

@@ -64,14 +64,17 @@ def compare(fn_a, fn_b, repeats: int) -> tuple[float, float]:
 
 
 def matmul_peak(n: int = 2048, repeats: int = 3) -> dict:
-    """GFLOP/s of an n^3 float32 matmul, best of ``repeats``, through torch's BLAS (``a @ b``) and,
-    where torch has it, oneDNN's matmul (which rnnkit's large recurrent matmuls use); the peak is
-    the faster of the two."""
+    """GFLOP/s of an n^3 float32 matmul, best of ``repeats``, through torch's BLAS (``a @ b``),
+    oneDNN's matmul where torch has it, and rnnkit's own blocked matmul (native.cpp, the one its
+    C++ loops run) where it is built; the peak is the fastest of them."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     ways = {"blas": lambda: a @ b}
     if onednn_matmul_works():
         packed = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), n)
         ways["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
+    if native.ops() is not None:
+        b_t = b.t().contiguous()
+        ways["rnnkit"] = lambda: native.linear(a, b_t)
     result = {}
     for name, fn in ways.items():
         fn()

@@ -23,9 +23,9 @@ Kernels: the built-in cells have hand-written pointwise forward and backward
 (LSTM ``i, f, g, o``; GRU ``r, z, n`` with torch's ``r * (h W_hn + b_hn)``; RNN tanh/relu).
 On the CPU in float32/float64 their loops over time run in C++ (``native.cpp``, compiled on
 first use; the ``_Native*`` kernels below), which computes the backward's gate derivatives inside
-the loop and uses oneDNN's matmul with packed weights for large recurrent matmuls and its own
-matrix-vector kernels at batch 1; the Python loops here are the fallback where that can't be
-built, and the second implementation the tests hold to the reference.
+the loop and runs its own recurrent matmul, split across threads by blocks of hidden units, each
+block's gate math right after its product; the Python loops here are the fallback where that
+can't be built, and the second implementation the tests hold to the reference.
 Any other :class:`GatedCell` gets the generic kernel: in training, forward records ``combine``
 and the recurrence ``h_{t-1} -> hz_t`` with autograd, the recurrent weights detached; backward is
 one ``autograd.grad`` call over that graph (the whole backward through time in autograd's C++
@@ -439,7 +439,7 @@ class _DnnLinear(torch.autograd.Function):
 
 
 def _recurrent_matmul(w_hh: Tensor, b: Tensor | None, batch: int, training: bool):
-    """The generic kernel's ``h -> h W_hh^T + b`` through oneDNN where the C++ loops would use it, or ``None``."""
+    """The generic kernel's ``h -> h W_hh^T + b`` through oneDNN at large sizes (``_packed``), or ``None``."""
     packed = _packed(w_hh, batch)
     if packed is None:
         return None
@@ -754,8 +754,9 @@ def vendor_stack(layer, x: Tensor, state: tuple | None, mask: Tensor | None):
 
     torch's kernels compute exactly these layers' functions (the parity tests hold them to the
     reference), so the choice is speed alone, as measured by ``python -m rnnkit.bench``:
-    - LSTM: on CPU, torch.nn.LSTM runs on oneDNN's LSTM primitive (float32), whose fused GEMMs
-      the C++ loops here (0.5-1.1x of it) do not match; on CUDA it is cuDNN.
+    - LSTM: on CPU, torch.nn.LSTM runs on oneDNN's LSTM primitive (float32). The C++ loops here
+      train at 0.8-1.5x of its speed and infer at 0.7-1.1x (they write the input projection of all
+      steps to memory first; oneDNN does not), so float32 stays on it; on CUDA it is cuDNN.
     - GRU and RNN: on CPU the C++ loops (native.cpp) beat torch for training and inference; only
       where they can't be built does inference go to torch (faster than the Python loops), and
       on CUDA, cuDNN always.
