@@ -74,7 +74,7 @@ def matmul_peak(n: int = 2048, repeats: int = 3) -> dict:
         ways["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
     if native.ops() is not None:
         b_t = b.t().contiguous()
-        ways["rnnkit"] = lambda: native.linear(a, b_t)
+        ways["rnnkit"] = lambda: native.ops().linear_blocks(a, b_t, None)
     result = {}
     for name, fn in ways.items():
         fn()

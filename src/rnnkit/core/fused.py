@@ -706,10 +706,15 @@ class FusedScan(torch.autograd.Function):
         return (None, None, None, dxz, dw, db, *dstate)
 
 
+def _functorch_active() -> bool:
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active and active())
+
+
 def fused_scan(cell: GatedCell, xz: Tensor, state: NamedTuple, mask: Tensor | None, kernel: _Kernel | None = None):
     """``scan_reference``'s function through a fused kernel; ``None`` if the cell cannot use one."""
     kernel = kernel if kernel is not None else kernel_for(cell)
-    if kernel is None or native.functorch_active():
+    if kernel is None or _functorch_active():
         return None
     w_hh, b_hh = cell.weight_hh, cell.bias_hh
     dtype = w_hh.dtype
@@ -763,7 +768,7 @@ def vendor_stack(layer, x: Tensor, state: tuple | None, mask: Tensor | None):
     Lengths (where torch would fall back to its slow packed path), dropout in training (a different
     random stream), other dtypes and every other cell keep the fused kernels.
     """
-    if mask is not None or (layer.training and layer.dropout > 0) or native.functorch_active():
+    if mask is not None or (layer.training and layer.dropout > 0) or _functorch_active():
         return None
     cell = layer.cells[0]
     combine = type(cell).combine

@@ -42,8 +42,6 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from rnnkit.core import native
-
 
 class HiddenState(NamedTuple):
     """The state of a cell whose whole memory is its output ``h`` (RNN, GRU), (B, H)."""
@@ -127,7 +125,7 @@ class GatedCell(nn.Module):
 
     def project_input(self, x: Tensor) -> Tensor:
         """``x A + b`` for every gate at once: (..., I) -> (..., G*H)."""
-        return native.linear(x, self.weight_ih, self.bias_ih)
+        return F.linear(x, self.weight_ih, self.bias_ih)
 
     def project_hidden(self, h: Tensor) -> Tensor:
         """``h B + b'`` for every gate at once: (B, H) -> (B, G*H)."""
