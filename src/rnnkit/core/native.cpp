@@ -221,9 +221,9 @@ void vecmat(const T* x, const T* A, const T* init, T* y, int64_t K, int64_t M) {
 // while k runs (one broadcast of x[r, k] and G loads of P feed MR x G fused multiply-adds). The
 // threads split the blocks, so each keeps the same share of the weight in its own cache from step
 // to step, and a block's gate math runs right after its product, while the numbers are in L1.
-// Where it was measured (2 threads, AVX-512), this runs at 95-98% of the large-matmul peak at
-// batch 32-64 and hidden 512, and 2-5x faster than a oneDNN or BLAS call at hidden 128 or batch 1,
-// where those pay a fixed cost per call.
+// On the development machine (2 threads, AVX-512) one step's product ran at 95-98% of the large-
+// matmul peak at batch 32-64 and hidden 512 (oneDNN's matmul: 83-94%), and 1.3-3.6x faster than
+// oneDNN's at hidden 128, where a call's fixed cost dominates.
 
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr int kAccumulators = 16;  // vector registers for sums, of 32
