@@ -211,9 +211,6 @@ void vecmat(const T* x, const T* A, const T* init, T* y, int64_t K, int64_t M) {
   });
 }
 
-// h (B, K) -> h W^T + bias (B, N): at batch 1 matvec, else at::mm (the BLAS torch uses) or
-// oneDNN's matmul with the weight packed once per call (mkldnn::_linear_pointwise, the op torch's
-// compiler uses for CPU linears), up to twice as fast at large sizes but with a fixed ~15 us a
 // ---------------------------------------------------------------------------------------------
 // The recurrent matmul, rnnkit's own. The weight is packed once per call into blocks of L hidden
 // units (L: one SIMD vector), each holding, for every k, its L columns of all G gates side by
