@@ -57,6 +57,9 @@ def setup_world(device_choice: str) -> World:
 
 def teardown_world(world: World) -> None:
     if world.distributed and dist.is_initialized():
+        # every process reaches this point before any closes its connections: a gloo process whose
+        # peer tore down first could abort at exit ("terminate called without an active exception")
+        dist.barrier()
         dist.destroy_process_group()
 
 
