@@ -317,8 +317,10 @@ struct Blocked {
 // ---------------------------------------------------------------------------------------------
 // The loops over time every cell shares, in blocks of L hidden units (columns j .. j+n of each
 // gate). Forward, per step t, one parallel pass over the blocks: the block's recurrent product of
-// h_{t-1} (hs[t]) into hz, then step(b, t, row b of hz, j, n) on each row valid at t and padded(b,
-// t, j, n) (state carried, output 0) on the others. Backward, for t = T-1 .. 0: step(b, t, s, j,
+// h_{t-1} (hs[now]) into hz, then step(b, t, now, next, row b of hz, j, n) on each row valid at t
+// and padded(b, t, now, next, j, n) (state carried, output 0) on the others, where now and next
+// are the rows of h_{t-1} and h_t in the states kept (t and t + 1, or in inference t % 2 and
+// (t + 1) % 2). Backward, for t = T-1 .. 0: step(b, t, s, j,
 // n) on each valid row, which writes the row's d z_t for the block into s (its row of scratch)
 // and updates dh there; padded(b, t, j, n) on the others, whose s is zeroed here (no gradient
 // into the gates; dh carried); then dh += scratch W_hh. That product of step t and the gate math
@@ -326,25 +328,21 @@ struct Blocked {
 // buffers, so a thread writing step t-1's never meets one still reading step t's.
 
 template <typename T_, typename Step, typename Padded>
-void forward_in_time(int64_t T, int64_t S, int64_t B, const bool* m, const Blocked<T_>& rec, const T_* xp, const T_* hsp,
+void forward_in_time(int64_t T, int64_t S, int64_t B, const bool* m, const Blocked<T_>& rec, const T_* hsp,
                      const Step& step, const Padded& padded) {
   const int64_t H = rec.H, width = rec.G * H;
   const Tensor hz_buffer = at::empty({B, width}, rec.packed.options());  // torch's allocator: cache-line aligned
   T_* hz = hz_buffer.data_ptr<T_>();
   for (int64_t t = 0; t < T; ++t) {
-    const T_* h = hsp + (t % S) * B * H;  // S: the states kept, T + 1 or (inference) 2
+    const int64_t now = t % S, next = (t + 1) % S;  // S: the states kept, T + 1 or (inference) 2
+    const T_* h = hsp + now * B * H;
     at::parallel_for(0, rec.nq, rec.grain(B), [&](int64_t q0, int64_t q1) {
       for (int64_t q = q0; q < q1; ++q) {
         const int64_t j = q * rec.L, n = std::min<int64_t>(rec.L, H - j);
-        if (q + 1 < q1) {  // the next block's rows of xz: B x G pieces too scattered for the prefetcher
-          for (int64_t b = 0; b < B; ++b) {
-            for (int64_t g = 0; g < rec.G; ++g) __builtin_prefetch(xp + (b * T + t) * width + g * H + j + rec.L);
-          }
-        }
         rec(q, h, H, B, hz, width, false);
         for (int64_t b = 0; b < B; ++b) {
-          if (m != nullptr && !m[b * T + t]) padded(b, t, j, n);
-          else step(b, t, hz + b * width, j, n);
+          if (m != nullptr && !m[b * T + t]) padded(b, t, now, next, j, n);
+          else step(b, t, now, next, hz + b * width, j, n);
         }
       }
     });
@@ -402,7 +400,7 @@ void lstm_forward(const Tensor& xz, const Tensor& w_hh, const std::optional<Tens
     T_* csp = cs.data_ptr<T_>();
     T_* outp = out.data_ptr<T_>();
     T_* gp = ptr<T_>(gates);
-    auto step = [&](int64_t b, int64_t t, const T_* r, int64_t j, int64_t n) {
+    auto step = [&](int64_t b, int64_t t, int64_t now, int64_t next, const T_* r, int64_t j, int64_t n) {
       const int64_t bt = b * T + t;
       const T_* x = xp + bt * 4 * H;
       Vec<T_> i = sigmoid(load(x + j, n) + load(r + j, n));
@@ -413,18 +411,18 @@ void lstm_forward(const Tensor& xz, const Tensor& w_hh, const std::optional<Tens
         T_* g = gp + bt * 4 * H;
         i.store(g + j, n), f.store(g + H + j, n), gg.store(g + 2 * H + j, n), og.store(g + 3 * H + j, n);
       }
-      Vec<T_> c = f * load(csp + ((t % S) * B + b) * H + j, n) + i * gg;
-      c.store(csp + (((t + 1) % S) * B + b) * H + j, n);
+      Vec<T_> c = f * load(csp + (now * B + b) * H + j, n) + i * gg;
+      c.store(csp + (next * B + b) * H + j, n);
       Vec<T_> h = og * tanh_(c);
-      h.store(hsp + (((t + 1) % S) * B + b) * H + j, n);
+      h.store(hsp + (next * B + b) * H + j, n);
       h.store(outp + bt * H + j, n);
     };
-    auto padded = [&](int64_t b, int64_t t, int64_t j, int64_t n) {
-      const int64_t now = ((t % S) * B + b) * H + j, next = (((t + 1) % S) * B + b) * H + j;
-      load(hsp + now, n).store(hsp + next, n), load(csp + now, n).store(csp + next, n);
+    auto padded = [&](int64_t b, int64_t t, int64_t now, int64_t next, int64_t j, int64_t n) {
+      const int64_t from = (now * B + b) * H + j, to = (next * B + b) * H + j;
+      load(hsp + from, n).store(hsp + to, n), load(csp + from, n).store(csp + to, n);
       Vec<T_>(T_(0)).store(outp + (b * T + t) * H + j, n);
     };
-    forward_in_time<T_>(T, S, B, ptr<bool>(mask), rec, xp, hsp, step, padded);
+    forward_in_time<T_>(T, S, B, ptr<bool>(mask), rec, hsp, step, padded);
   });
 }
 
@@ -488,7 +486,7 @@ void gru_forward(const Tensor& xz, const Tensor& w_hh, const std::optional<Tenso
     T_* outp = out.data_ptr<T_>();
     T_* gp = ptr<T_>(gates);
     T_* kp = ptr<T_>(hzn);
-    auto step = [&](int64_t b, int64_t t, const T_* hz, int64_t j, int64_t n) {
+    auto step = [&](int64_t b, int64_t t, int64_t now, int64_t next, const T_* hz, int64_t j, int64_t n) {
       const int64_t bt = b * T + t;
       const T_* x = xp + bt * 3 * H;
       Vec<T_> r = sigmoid(load(x + j, n) + load(hz + j, n));
@@ -499,15 +497,15 @@ void gru_forward(const Tensor& xz, const Tensor& w_hh, const std::optional<Tenso
         T_* g = gp + bt * 3 * H;
         r.store(g + j, n), z.store(g + H + j, n), nn.store(g + 2 * H + j, n), hzn_v.store(kp + bt * H + j, n);
       }
-      Vec<T_> h = nn + z * (load(hsp + ((t % S) * B + b) * H + j, n) - nn);
-      h.store(hsp + (((t + 1) % S) * B + b) * H + j, n);
+      Vec<T_> h = nn + z * (load(hsp + (now * B + b) * H + j, n) - nn);
+      h.store(hsp + (next * B + b) * H + j, n);
       h.store(outp + bt * H + j, n);
     };
-    auto padded = [&](int64_t b, int64_t t, int64_t j, int64_t n) {
-      load(hsp + ((t % S) * B + b) * H + j, n).store(hsp + (((t + 1) % S) * B + b) * H + j, n);
+    auto padded = [&](int64_t b, int64_t t, int64_t now, int64_t next, int64_t j, int64_t n) {
+      load(hsp + (now * B + b) * H + j, n).store(hsp + (next * B + b) * H + j, n);
       Vec<T_>(T_(0)).store(outp + (b * T + t) * H + j, n);
     };
-    forward_in_time<T_>(T, S, B, ptr<bool>(mask), rec, xp, hsp, step, padded);
+    forward_in_time<T_>(T, S, B, ptr<bool>(mask), rec, hsp, step, padded);
   });
 }
 
@@ -573,17 +571,17 @@ void rnn_forward(const Tensor& xz, const Tensor& w_hh, const std::optional<Tenso
     const T_* xp = xz.data_ptr<T_>();
     T_* hsp = hs.data_ptr<T_>();
     T_* outp = out.data_ptr<T_>();
-    auto step = [&](int64_t b, int64_t t, const T_* r, int64_t j, int64_t n) {
+    auto step = [&](int64_t b, int64_t t, int64_t now, int64_t next, const T_* r, int64_t j, int64_t n) {
       const int64_t bt = b * T + t;
       Vec<T_> h = activate(load(xp + bt * H + j, n) + load(r + j, n), relu);
-      h.store(hsp + (((t + 1) % S) * B + b) * H + j, n);
+      h.store(hsp + (next * B + b) * H + j, n);
       h.store(outp + bt * H + j, n);
     };
-    auto padded = [&](int64_t b, int64_t t, int64_t j, int64_t n) {
-      load(hsp + ((t % S) * B + b) * H + j, n).store(hsp + (((t + 1) % S) * B + b) * H + j, n);
+    auto padded = [&](int64_t b, int64_t t, int64_t now, int64_t next, int64_t j, int64_t n) {
+      load(hsp + (now * B + b) * H + j, n).store(hsp + (next * B + b) * H + j, n);
       Vec<T_>(T_(0)).store(outp + (b * T + t) * H + j, n);
     };
-    forward_in_time<T_>(T, S, B, ptr<bool>(mask), rec, xp, hsp, step, padded);
+    forward_in_time<T_>(T, S, B, ptr<bool>(mask), rec, hsp, step, padded);
   });
 }
 
@@ -625,7 +623,7 @@ Tensor linear_rows(const Tensor& W, const Tensor& x, const std::optional<Tensor>
   TORCH_CHECK(x.dim() == 2 && W.dim() == 2 && x.size(1) == W.size(1), "rnnkit native: linear_rows shapes");
   const int64_t B = x.size(0), N = W.size(0), K = W.size(1);
   TORCH_CHECK(!bias.has_value() || bias->numel() == N, "rnnkit native: linear_rows bias size");
-  const std::optional<Tensor> b = bias.has_value() ? std::optional<Tensor>(bias->contiguous()) : std::nullopt;
+  const std::optional<Tensor> b = contiguous(bias);
   Tensor y = at::empty({B, N}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnkit_linear_rows", [&] {
     for (int64_t row = 0; row < B; ++row) {
@@ -642,7 +640,7 @@ Tensor rows_times(const Tensor& x, const Tensor& A, const std::optional<Tensor>&
   TORCH_CHECK(x.dim() == 2 && A.dim() == 2 && x.size(1) == A.size(0), "rnnkit native: rows_times shapes");
   const int64_t B = x.size(0), K = A.size(0), M = A.size(1);
   TORCH_CHECK(!bias.has_value() || bias->numel() == M, "rnnkit native: rows_times bias size");
-  const std::optional<Tensor> b = bias.has_value() ? std::optional<Tensor>(bias->contiguous()) : std::nullopt;
+  const std::optional<Tensor> b = contiguous(bias);
   Tensor y = at::empty({B, M}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnkit_rows_times", [&] {
     for (int64_t row = 0; row < B; ++row) {
