@@ -158,6 +158,24 @@ def test_the_blocked_matmul_the_benchmark_measures(dtype, rows, inputs, outputs)
         assert _max_diff([native.ops().linear_blocks(x, w, bias)], [want]) < TOL[dtype] * inputs
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rows,inputs,outputs", [(1, 5, 3), (37, 70, 33), (300, 128, 512)])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_the_packed_matmul_of_the_generic_kernel(dtype, rows, inputs, outputs, transposed):
+    """``pack_linear`` once, then ``linear_packed`` per step (the generic kernel's recurrent matmul and
+    its backward's, which packs the transpose of a row-major weight from its rows) is F.linear."""
+    if native.ops() is None:
+        pytest.skip("the C++ loops are not built here")
+    x, b = torch.randn(rows, inputs, dtype=dtype), torch.randn(outputs, dtype=dtype)
+    w = torch.randn(inputs, outputs, dtype=dtype).t() if transposed else torch.randn(outputs, inputs, dtype=dtype)
+    packed = native.ops().pack_linear(w)
+    for bias in (b, None):
+        want = torch.nn.functional.linear(x, w, bias)
+        assert _max_diff([native.ops().linear_packed(x, packed, outputs, bias)], [want]) < TOL[dtype] * inputs
+    with pytest.raises(RuntimeError, match="not packed by pack_linear"):
+        native.ops().linear_packed(x, packed, outputs + 16, None)
+
+
 @pytest.mark.parametrize("kind", list(LAYERS))
 def test_any_mask_matches_scan_reference(kind, loops):
     """``scan`` accepts any (B, T) mask, not only prefixes: frozen state and zero output where False."""

@@ -293,7 +293,11 @@ struct Blocked {
   static constexpr int64_t L = Vec<T>::size();
 
   Blocked(const Tensor& w, int64_t G_, const std::optional<Tensor>& b)
-      : packed(pack_blocks(w, G_, L)), dense_bias(contiguous(b)), G(G_), H(w.size(0) / G_), K(w.size(1)) {
+      : Blocked(pack_blocks(w, G_, L), G_, w.size(0) / G_, b) {}
+
+  // from pack_blocks(w, G_, L), done once by the caller
+  Blocked(Tensor packed_, int64_t G_, int64_t H_, const std::optional<Tensor>& b)
+      : packed(std::move(packed_)), dense_bias(contiguous(b)), G(G_), H(H_), K(packed.size(1)) {
     nq = packed.size(0), P = packed.data_ptr<T>(), bias = ptr<T>(dense_bias);
   }
 
@@ -651,28 +655,73 @@ Tensor rows_times(const Tensor& x, const Tensor& A, const std::optional<Tensor>&
   return y;
 }
 
-// y (N, M) = x (N, K) W^T + bias, W (M, K) row-major, through the blocked matmul above, in tiles
-// of rows (a tile of x stays in the L2 cache while every block of W passes): the benchmark's
-// measure of that matmul's peak, beside torch's BLAS and oneDNN. (As a layer's input projection
-// it measured 0.8-1.13x of torch's BLAS, so F.linear keeps that job.)
+// y (N, M) = x (N, K) W^T + bias through the blocked matmul above, in tiles of rows (a tile of x
+// stays in the L2 cache while every block of W passes).
+template <typename T>
+Tensor tiled(const Blocked<T>& blocks, const Tensor& x_, int64_t M) {
+  const Tensor x = x_.contiguous();
+  const int64_t N = x.size(0), K = x.size(1);
+  Tensor y = at::empty({N, M}, x.options());
+  const int64_t rows = std::clamp<int64_t>((int64_t(1) << 16) / std::max<int64_t>(1, K), 8, 256);
+  const int64_t tiles = (N + rows - 1) / rows;
+  const T* xp = x.data_ptr<T>();
+  T* yp = y.data_ptr<T>();
+  at::parallel_for(0, tiles * blocks.nq, blocks.grain(std::min(rows, N)), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {  // tile-major: consecutive tasks share their tile of x
+      const int64_t r0 = (i / blocks.nq) * rows;
+      blocks(i % blocks.nq, xp + r0 * K, K, std::min(rows, N - r0), yp + r0 * M, M, false);
+    }
+  });
+  return y;
+}
+
+// The benchmark's measure of the blocked matmul's peak, beside torch's BLAS and oneDNN: W (M, K)
+// packed on each call. (As a layer's input projection it measured 0.8-1.13x of torch's BLAS, so
+// F.linear keeps that job.)
 Tensor linear_blocks(const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias) {
   check_all("a linear_blocks operand", x, w);
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "rnnkit native: linear_blocks shapes");
   TORCH_CHECK(!bias.has_value() || bias->numel() == w.size(0), "rnnkit native: linear_blocks bias size");
-  const int64_t N = x.size(0), K = x.size(1), M = w.size(0);
-  Tensor y = at::empty({N, M}, x.options());
+  Tensor y;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnkit_linear_blocks", [&] {
-    const Blocked<scalar_t> blocks(w, 1, bias);
-    const int64_t rows = std::clamp<int64_t>((int64_t(1) << 16) / std::max<int64_t>(1, K), 8, 256);
-    const int64_t tiles = (N + rows - 1) / rows;
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    scalar_t* yp = y.data_ptr<scalar_t>();
-    at::parallel_for(0, tiles * blocks.nq, blocks.grain(rows), [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {  // tile-major: consecutive tasks share their tile of x
-        const int64_t r0 = (i / blocks.nq) * rows;
-        blocks(i % blocks.nq, xp + r0 * K, K, std::min(rows, N - r0), yp + r0 * M, M, false);
-      }
-    });
+    y = tiled(Blocked<scalar_t>(w, 1, bias), x, w.size(0));
+  });
+  return y;
+}
+
+// W (M, K) -> its packed form for linear_packed, (ceil(M / L), K, 1, L). W may be the transpose
+// of a row-major A (K, M) (the recurrent weight for the backward's dh += dz W_hh): then it is
+// packed from A's rows, L values at a time, far faster than through W's strides.
+Tensor pack_linear(const Tensor& w) {
+  TORCH_CHECK(w.device().is_cpu() && w.dim() == 2, "rnnkit native: pack_linear takes a matrix on the CPU");
+  Tensor p;
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "rnnkit_pack_linear", [&] {
+    const int64_t L = Vec<scalar_t>::size(), M = w.size(0), K = w.size(1), nq = (M + L - 1) / L;
+    if (w.is_contiguous() || M == 1) {
+      p = pack_blocks(w.contiguous(), 1, L);
+    } else {
+      const Tensor a = w.t().contiguous();  // (K, M): a no-op for a transposed row-major matrix
+      Tensor ap = at::zeros({K, nq * L}, w.options());
+      ap.narrow(1, 0, M).copy_(a);
+      p = ap.view({K, nq, 1, L}).permute({1, 0, 2, 3}).contiguous();
+    }
+  });
+  return p;
+}
+
+// y (N, M) = x (N, K) W^T + bias with W packed once by pack_linear: the generic kernel's
+// recurrent matmul (fused.py), one call per step with the same weight.
+Tensor linear_packed(const Tensor& x, const Tensor& packed, int64_t M, const std::optional<Tensor>& bias) {
+  check(packed, "linear_packed's packed weight");
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == packed.scalar_type(), "rnnkit native: linear_packed: x on the CPU, of the weight's dtype");
+  TORCH_CHECK(x.dim() == 2 && packed.dim() == 4 && x.size(1) == packed.size(1) && packed.size(2) == 1,
+              "rnnkit native: linear_packed shapes");
+  TORCH_CHECK(!bias.has_value() || bias->numel() == M, "rnnkit native: linear_packed bias size");
+  Tensor y;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnkit_linear_packed", [&] {
+    TORCH_CHECK(packed.size(3) == Vec<scalar_t>::size() && packed.size(0) == (M + packed.size(3) - 1) / packed.size(3),
+                "rnnkit native: linear_packed: not packed by pack_linear for ", M, " outputs");
+    y = tiled(Blocked<scalar_t>(packed, 1, M, bias), x, M);
   });
   return y;
 }
@@ -683,6 +732,8 @@ TORCH_LIBRARY(rnnkit_native, lib) {
   lib.def("linear_rows(Tensor W, Tensor x, Tensor? bias) -> Tensor", &linear_rows);
   lib.def("rows_times(Tensor x, Tensor A, Tensor? bias) -> Tensor", &rows_times);
   lib.def("linear_blocks(Tensor x, Tensor w, Tensor? bias) -> Tensor", &linear_blocks);
+  lib.def("pack_linear(Tensor w) -> Tensor", &pack_linear);
+  lib.def("linear_packed(Tensor x, Tensor packed, int M, Tensor? bias) -> Tensor", &linear_packed);
   lib.def("lstm_forward(Tensor xz, Tensor w_hh, Tensor? bias, Tensor(a!) hs, Tensor(b!) cs, Tensor(c!) out, "
           "Tensor(d!)? gates, Tensor? mask) -> ()", &lstm_forward);
   lib.def("lstm_backward(Tensor gates, Tensor cs, Tensor? gout, Tensor w_hh, Tensor(a!) dh, Tensor(b!) dc, "
