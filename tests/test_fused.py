@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import rnnkit
-from rnnkit.core import fused, native, scan as scan_module
+from rnnkit.core import fused, native, scan as scan_module, step as step_module
 from user_cells import MGUCell, UserLSTMCell
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
@@ -361,8 +361,12 @@ def test_stepping_equals_general_route(kind, bidirectional, batch_first, batch):
 
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_stepping_at_batch_one_float32(kind, bias):
-    """Whole SIMD vectors and a partial one (70 = 4 x 16 + 6) through the batch-1 kernels."""
+@pytest.mark.parametrize("route", ["cpp", "blas"])
+def test_stepping_at_batch_one_float32(kind, bias, route, monkeypatch):
+    """Whole SIMD vectors and a partial one (70 = 4 x 16 + 6) through the batch-1 kernels, and
+    through torch's matmul, which takes weights above ``NATIVE_MAX_BYTES``."""
+    if route == "blas":
+        monkeypatch.setattr(step_module, "NATIVE_MAX_BYTES", 0)
     layer = LAYERS[kind](input_size=33, hidden_size=70, num_layers=2, bias=bias).eval()
     x = torch.randn(1, 4, 33)
     with torch.no_grad():
