@@ -83,6 +83,8 @@ inline std::optional<Tensor> contiguous(const std::optional<Tensor>& t) {  // a 
   return t.has_value() ? std::optional<Tensor>(t->contiguous()) : std::nullopt;
 }
 
+// Error messages in this file hold strings only: on one machine (gcc 13, torch 2.11) a TORCH_CHECK
+// whose message formatted an integer crashed the process instead of raising; strings raised.
 void check(const Tensor& t, const char* name) {
   TORCH_CHECK(t.is_contiguous(), "rnnkit native: ", name, " must be contiguous");
   TORCH_CHECK(t.device().is_cpu(), "rnnkit native: ", name, " must be on the CPU");
@@ -308,7 +310,7 @@ struct Blocked {
       case 1: return block_all_rows<T, 1, std::min(8, kAccumulators)>(Pq, x, ldx, B, K, y, ldy, H, j, n, bias, accumulate);
       case 3: return block_all_rows<T, 3, kAccumulators / 3>(Pq, x, ldx, B, K, y, ldy, H, j, n, bias, accumulate);
       case 4: return block_all_rows<T, 4, kAccumulators / 4>(Pq, x, ldx, B, K, y, ldy, H, j, n, bias, accumulate);
-      default: TORCH_CHECK(false, "rnnkit native: ", G, " gates");
+      default: TORCH_CHECK(false, "rnnkit native: only 1, 3 or 4 gates");
     }
   }
 
@@ -717,10 +719,11 @@ Tensor linear_packed(const Tensor& x, const Tensor& packed, int64_t M, const std
   TORCH_CHECK(x.dim() == 2 && packed.dim() == 4 && x.size(1) == packed.size(1) && packed.size(2) == 1,
               "rnnkit native: linear_packed shapes");
   TORCH_CHECK(!bias.has_value() || bias->numel() == M, "rnnkit native: linear_packed bias size");
+  const int64_t L = packed.scalar_type() == at::kDouble ? Vec<double>::size() : Vec<float>::size();
+  TORCH_CHECK(packed.size(3) == L && packed.size(0) == (M + L - 1) / L,
+              "rnnkit native: linear_packed: not packed by pack_linear for that many outputs");
   Tensor y;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnkit_linear_packed", [&] {
-    TORCH_CHECK(packed.size(3) == Vec<scalar_t>::size() && packed.size(0) == (M + packed.size(3) - 1) / packed.size(3),
-                "rnnkit native: linear_packed: not packed by pack_linear for ", M, " outputs");
     y = tiled(Blocked<scalar_t>(packed, 1, M, bias), x, M);
   });
   return y;
