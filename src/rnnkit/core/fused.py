@@ -776,8 +776,8 @@ def vendor_stack(layer, x: Tensor, state: tuple | None, mask: Tensor | None):
     torch's kernels compute exactly these layers' functions (the parity tests hold them to the
     reference), so the choice is speed alone, as measured by ``python -m rnnkit.bench``:
     - LSTM: on CPU, torch.nn.LSTM runs on oneDNN's LSTM primitive (float32). The C++ loops here
-      train at 0.8-1.5x of its speed and infer at 0.7-1.1x (they write the input projection of all
-      steps to memory first; oneDNN does not), so float32 stays on it; on CUDA it is cuDNN.
+      train at 0.8-1.5x of its speed and infer at 0.7-1.2x over the benchmark's grid (two sessions'
+      measurements), so float32 stays on it; on CUDA it is cuDNN.
     - GRU and RNN: on CPU the C++ loops (native.cpp) beat torch for training and inference; only
       where they can't be built does inference go to torch (faster than the Python loops), and
       on CUDA, cuDNN always.
