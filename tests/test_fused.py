@@ -176,6 +176,25 @@ def test_the_packed_matmul_of_the_generic_kernel(dtype, rows, inputs, outputs, t
         native.ops().linear_packed(x, packed, outputs + 16, None)
 
 
+def test_the_workspace_reuses_a_freed_buffer_and_frees_on_request():
+    """Large buffers of the C++ loops come from a workspace: whole 2 MiB blocks, reused for the next
+    request of the same size, handed back to the system by ``release_workspace``."""
+    ops = native.ops()
+    if ops is None:
+        pytest.skip("the C++ loops are not built here")
+    ops.release_workspace()
+    a = ops.workspace([3, 1 << 18], torch.float32)  # 3 MiB: a 4 MiB block
+    assert a.shape == (3, 1 << 18) and a.dtype == torch.float32 and a.data_ptr() % (2 << 20) == 0
+    where = a.data_ptr()
+    a.fill_(1.0)
+    del a
+    b = ops.workspace([3 << 18], torch.float32)
+    assert b.data_ptr() == where
+    del b
+    assert ops.release_workspace() == 4 << 20
+    assert ops.release_workspace() == 0
+
+
 @pytest.mark.parametrize("kind", list(LAYERS))
 def test_any_mask_matches_scan_reference(kind, loops):
     """``scan`` accepts any (B, T) mask, not only prefixes: frozen state and zero output where False."""
@@ -478,6 +497,26 @@ def test_with_the_cpp_loops_gru_and_rnn_inference_stay_in_rnnkit(kind):
     x = torch.randn(3, 6, 5)
     with torch.no_grad():
         assert fused.vendor_stack(layer, x, None, None) is None
+
+
+@pytest.mark.skipif(native.ops() is None, reason="the C++ loops could not be built here")
+def test_lstm_training_at_large_batches_runs_the_cpp_loops(monkeypatch):
+    """LSTM training from ``NATIVE_LSTM_MIN_TRAIN_BATCH`` up leaves oneDNN for the C++ loops; smaller
+    batches and inference stay on it. Either way the gradients are the reference's."""
+    layer = rnnkit.LSTM(5, 7)
+    for batch, grad, routed in ((fused.NATIVE_LSTM_MIN_TRAIN_BATCH, True, False), (2, True, True),
+                                (fused.NATIVE_LSTM_MIN_TRAIN_BATCH, False, True)):
+        with torch.set_grad_enabled(grad):
+            assert (fused.vendor_stack(layer, torch.randn(batch, 3, 5), None, None) is not None) == routed
+    x = torch.randn(fused.NATIVE_LSTM_MIN_TRAIN_BATCH, 4, 5)
+
+    def grads():
+        out, (h, c) = layer(x)
+        return [out, h, c, *torch.autograd.grad((out.sum() + h.sum() + 2 * c.sum()), list(layer.parameters()))]
+
+    got = grads()
+    monkeypatch.setattr(scan_module, "FUSED", False)
+    assert _max_diff(got, grads()) < 1e-5
 
 
 class ScaledMGUCell(MGUCell):

@@ -40,6 +40,7 @@ the state's gradient pass through.
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from typing import NamedTuple
 
@@ -592,10 +593,66 @@ def onednn_matmul_works() -> bool:
     return bool(torch.allclose(y, x @ w.t(), atol=1e-5))
 
 
+# Buffers of at least this size come from the C++ workspace (native.cpp), which keeps freed ones
+# for the next call of the same shape instead of handing them back to the operating system: a
+# fresh large buffer costs a page fault and a zeroed page per 4 KiB touched.
+WORKSPACE_MIN_BYTES = 1 << 20
+
+
+def _buffer(shape, like: Tensor) -> Tensor:
+    """An uninitialised CPU buffer of ``shape`` in ``like``'s dtype, from the workspace if large."""
+    if math.prod(shape) * like.element_size() >= WORKSPACE_MIN_BYTES:
+        return native.ops().workspace(list(shape), like.dtype)
+    return like.new_empty(shape)
+
+
+class _Projection(torch.autograd.Function):
+    """``x W^T + b`` for all steps, (B, T, I) -> (B, T, G*H), written into a workspace buffer (F.linear
+    would take a fresh block on every call). Backward is F.linear's: ``dx = g W``, ``dW = g^T x``,
+    ``db = sum g``, with ``dx`` in the workspace too."""
+
+    @staticmethod
+    def forward(ctx, x, w, b):
+        B, T, I = x.shape
+        flat = x.reshape(B * T, I)
+        out = _buffer((B, T, w.shape[0]), x)
+        if b is None:
+            torch.mm(flat, w.t(), out=out.view(B * T, -1))
+        else:
+            torch.addmm(b, flat, w.t(), out=out.view(B * T, -1))
+        ctx.save_for_backward(flat, w)
+        ctx.shape, ctx.has_bias = x.shape, b is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        flat, w = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.mm(g, w, out=_buffer(flat.shape, flat)).view(ctx.shape)
+        if ctx.needs_input_grad[1]:
+            dw = g.t().mm(flat)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = g.sum(0)
+        return dx, dw, db
+
+
+def project(cell: GatedCell, x: Tensor) -> Tensor:
+    """``cell.project_input(x)`` for a layer's (B, T, I) input; through ``_Projection`` where the
+    C++ loops run (CPU, float32/float64, a cell with GatedCell's own projection, no autocast)."""
+    w = cell.weight_ih
+    if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.dtype != w.dtype
+            or kernel_for(cell) is None or torch.is_autocast_enabled("cpu") or _functorch_active()
+            or native.ops() is None):
+        return cell.project_input(x)
+    return _Projection.apply(x, w, cell.bias_ih)
+
+
 def _states(first: Tensor, T: int, training: bool) -> Tensor:
     """(T+1, B, H) buffer for h_0 .. h_T (or c), h_0 filled in; in inference, where backward needs
-    none of them, (2, B, H) with h_t in row t % 2 (the C++ loops' layout): less fresh memory to fault in."""
-    hs = first.new_empty(T + 1 if training else 2, *first.shape)
+    none of them, (2, B, H) with h_t in row t % 2 (the C++ loops' layout): less memory to touch."""
+    hs = _buffer((T + 1 if training else 2, *first.shape), first)
     hs[0] = first
     return hs
 
@@ -620,8 +677,8 @@ class _NativeLSTM(_Kernel):
     def forward(self, cell, xz, w_hh, b_hh, state, mask, training):
         B, T, G4 = xz.shape
         hs, cs = _states(state[0], T, training), _states(state[1], T, training)
-        out = xz.new_empty(B, T, G4 // 4)
-        gates = torch.empty_like(xz) if training else None
+        out = _buffer((B, T, G4 // 4), xz)
+        gates = _buffer(xz.shape, xz) if training else None
         native.ops().lstm_forward(xz, w_hh, b_hh, hs, cs, out, gates, mask)
         last = T % hs.shape[0]
         return out, (hs[last], cs[last]), (gates, hs, cs)
@@ -629,7 +686,7 @@ class _NativeLSTM(_Kernel):
     def backward(self, cell, saved, w_hh, mask, grad_out, grad_state, needs):
         gates, hs, cs = saved
         dh, dc = _grad_in(grad_state[0], hs[0]), _grad_in(grad_state[1], cs[0])
-        dxz = torch.empty_like(gates)
+        dxz = _buffer(gates.shape, gates)
         native.ops().lstm_backward(gates, cs, _grad_rows(grad_out), w_hh, dh, dc, dxz, mask)
         dw, db = _native_weight_grads(dxz, hs, needs)
         return dxz, dw, db, (dh, dc)
@@ -639,15 +696,15 @@ class _NativeGRU(_Kernel):
     def forward(self, cell, xz, w_hh, b_hh, state, mask, training):
         B, T, G3 = xz.shape
         hs = _states(state[0], T, training)
-        out = xz.new_empty(B, T, G3 // 3)
-        gates, hzn = (torch.empty_like(xz), torch.empty_like(out)) if training else (None, None)
+        out = _buffer((B, T, G3 // 3), xz)
+        gates, hzn = (_buffer(xz.shape, xz), _buffer(out.shape, out)) if training else (None, None)
         native.ops().gru_forward(xz, w_hh, b_hh, hs, out, gates, hzn, mask)
         return out, (hs[T % hs.shape[0]],), (gates, hzn, hs)
 
     def backward(self, cell, saved, w_hh, mask, grad_out, grad_state, needs):
         gates, hzn, hs = saved
         dh = _grad_in(grad_state[0], hs[0])
-        dxz, dhn = torch.empty_like(gates), torch.empty_like(hzn)  # d hz's r, z parts are d xz's; its n part
+        dxz, dhn = _buffer(gates.shape, gates), _buffer(hzn.shape, hzn)  # d hz's r, z parts are d xz's; its n part
         native.ops().gru_backward(gates, hzn, hs, _grad_rows(grad_out), w_hh, dh, dxz, dhn, mask)
         H = hzn.shape[-1]
         rz = dxz.view(-1, 3 * H)[:, : 2 * H]  # a strided view, no copy
@@ -661,7 +718,7 @@ class _NativeRNN(_Kernel):
     def forward(self, cell, xz, w_hh, b_hh, state, mask, training):
         B, T, H = xz.shape
         hs = _states(state[0], T, training)
-        out = torch.empty_like(xz)
+        out = _buffer(xz.shape, xz)
         native.ops().rnn_forward(xz, w_hh, b_hh, hs, out, mask, cell.nonlinearity == "relu")
         return out, (hs[T % hs.shape[0]],), (hs,)
 
@@ -669,7 +726,7 @@ class _NativeRNN(_Kernel):
         (hs,) = saved
         dh = _grad_in(grad_state[0], hs[0])
         T, B, H = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
-        dxz = hs.new_empty(B, T, H)
+        dxz = _buffer((B, T, H), hs)
         native.ops().rnn_backward(hs, _grad_rows(grad_out), w_hh, dh, dxz, mask, cell.nonlinearity == "relu")
         dw, db = _native_weight_grads(dxz, hs, needs)
         return dxz, dw, db, (dh,)
@@ -764,7 +821,12 @@ def _needs_grad(layer, x: Tensor, state: tuple | None) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-_TORCH_ORDER = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")  # torch._VF's per-layer weight order
+_TORCH_ORDER = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+
+# LSTM training from this batch size up runs the C++ loops on the CPU rather than oneDNN's LSTM
+# (see vendor_stack): with the workspace and the projection in it, they measured 0.98-1.68x of
+# oneDNN at batch 32 and 64 and 0.90-1.28x, a draw, at batch 1-16.
+NATIVE_LSTM_MIN_TRAIN_BATCH = 32  # torch._VF's per-layer weight order
 
 
 def vendor_stack(layer, x: Tensor, state: tuple | None, mask: Tensor | None):
@@ -775,9 +837,10 @@ def vendor_stack(layer, x: Tensor, state: tuple | None, mask: Tensor | None):
 
     torch's kernels compute exactly these layers' functions (the parity tests hold them to the
     reference), so the choice is speed alone, as measured by ``python -m rnnkit.bench``:
-    - LSTM: on CPU, torch.nn.LSTM runs on oneDNN's LSTM primitive (float32). The C++ loops here
-      train at 0.8-1.5x of its speed and infer at 0.7-1.2x over the benchmark's grid (two sessions'
-      measurements), so float32 stays on it; on CUDA it is cuDNN.
+    - LSTM: on CPU, torch.nn.LSTM runs on oneDNN's LSTM primitive (float32). Training at batch
+      >= ``NATIVE_LSTM_MIN_TRAIN_BATCH`` runs the C++ loops (measured at 0.98-1.68x of oneDNN's
+      speed over the benchmark's grid at batch 32 and 64); smaller batches (0.90-1.28x at 1-16)
+      and inference (0.78-1.02x) stay on oneDNN. On CUDA it is cuDNN.
     - GRU and RNN: on CPU the C++ loops (native.cpp) beat torch for training and inference; only
       where they can't be built does inference go to torch (faster than the Python loops), and
       on CUDA, cuDNN always.
@@ -794,7 +857,8 @@ def vendor_stack(layer, x: Tensor, state: tuple | None, mask: Tensor | None):
     if x.device.type == "cpu":
         if x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
             return None
-        if lstm and not torch.backends.mkldnn.is_available():
+        if lstm and (not torch.backends.mkldnn.is_available() or (
+                x.shape[0] >= NATIVE_LSTM_MIN_TRAIN_BATCH and native.ops() is not None and _needs_grad(layer, x, state))):
             return None
         if not lstm and (_needs_grad(layer, x, state) or native.ops() is not None):
             return None  # the C++ loops beat torch's GRU and RNN; without them, only its inference does
