@@ -193,6 +193,11 @@ def test_the_workspace_reuses_a_freed_buffer_and_frees_on_request():
     del b
     assert ops.release_workspace() == 4 << 20
     assert ops.release_workspace() == 0
+    out, _ = rnnkit.GRU(4, 256)(torch.randn(8, 200, 4))  # its buffers of 1 MiB or more: the workspace's
+    out.sum().backward()
+    del out
+    assert rnnkit.empty_cache() > 0
+    assert rnnkit.empty_cache() == 0
 
 
 @pytest.mark.parametrize("kind", list(LAYERS))

@@ -3,8 +3,9 @@ from rnnkit.core.cells import CELLS, GRUCell, LSTMCell, LSTMState, RNNCell
 from rnnkit.core.gates import GatedCell, HiddenState, gate
 from rnnkit.core.interop import from_torch, to_torch
 from rnnkit.core.layers import GRU, LAYERS, LSTM, RNN, Recurrent
+from rnnkit.core.native import empty_cache
 
 __all__ = [
     "CELLS", "GRU", "GRUCell", "GatedCell", "HiddenState", "LAYERS", "LSTM", "LSTMCell", "LSTMState", "RNN", "RNNCell",
-    "Recurrent", "from_torch", "gate", "to_torch",
+    "Recurrent", "empty_cache", "from_torch", "gate", "to_torch",
 ]

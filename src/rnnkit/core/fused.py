@@ -821,12 +821,12 @@ def _needs_grad(layer, x: Tensor, state: tuple | None) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-_TORCH_ORDER = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+_TORCH_ORDER = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")  # torch._VF's per-layer weight order
 
 # LSTM training from this batch size up runs the C++ loops on the CPU rather than oneDNN's LSTM
 # (see vendor_stack): with the workspace and the projection in it, they measured 0.98-1.68x of
 # oneDNN at batch 32 and 64 and 0.90-1.28x, a draw, at batch 1-16.
-NATIVE_LSTM_MIN_TRAIN_BATCH = 32  # torch._VF's per-layer weight order
+NATIVE_LSTM_MIN_TRAIN_BATCH = 32
 
 
 def vendor_stack(layer, x: Tensor, state: tuple | None, mask: Tensor | None):

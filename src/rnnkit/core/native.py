@@ -105,3 +105,15 @@ def _load():
     except Exception as exc:  # noqa: BLE001 - any failure means the Python loops, which compute the same
         print(f"rnnkit: C++ step loops unavailable ({exc}); using the Python loops", file=sys.stderr)
         return None
+
+
+def empty_cache() -> int:
+    """Free the large CPU buffers the C++ loops keep for reuse; returns the bytes freed.
+
+    Training and inference reuse their buffers (states, gates, gradients, the input projection)
+    from call to call, as torch's CUDA allocator does on a GPU, rather than asking the system for
+    fresh memory each time; up to 2 GiB of freed buffers wait for the next call. Call this when a
+    model is done with, or before other work needs the memory. 0 where the C++ loops are not built.
+    """
+    ops = _state.get("ops")
+    return int(ops.release_workspace()) if ops is not None else 0
