@@ -477,7 +477,7 @@ def generic_backward(cell: GatedCell, saved: _GenericSaved, w_hh, mask, grad_out
     GH = w_hh.shape[0]
     # fresh buffers per call (a retained graph may run backward again), and the rows written
     for sink in (saved.x_sink, saved.h_sink):
-        sink[:] = [h_prev.new_empty(T, B, GH), set()]
+        sink[:] = [_buffer((T, B, GH), h_prev), set()]
     ends = [(saved.out, None if grad_out is None else grad_out.transpose(0, 1))]
     ends += list(zip(saved.final, grad_state))
     ends = [(o, g) for o, g in ends if g is not None and o.requires_grad]
@@ -600,9 +600,12 @@ WORKSPACE_MIN_BYTES = 1 << 20
 
 
 def _buffer(shape, like: Tensor) -> Tensor:
-    """An uninitialised CPU buffer of ``shape`` in ``like``'s dtype, from the workspace if large."""
-    if math.prod(shape) * like.element_size() >= WORKSPACE_MIN_BYTES:
-        return native.ops().workspace(list(shape), like.dtype)
+    """An uninitialised buffer of ``shape`` like ``like``: from the workspace if large, on the CPU
+    where the C++ loops are built."""
+    if like.device.type == "cpu" and math.prod(shape) * like.element_size() >= WORKSPACE_MIN_BYTES:
+        ops = native.ops()
+        if ops is not None:
+            return ops.workspace(list(shape), like.dtype)
     return like.new_empty(shape)
 
 
