@@ -85,10 +85,9 @@ def _grad_out_time_major(grad_out: Tensor | None, like: Tensor, mf: Tensor | Non
 
 def _weight_grads(dz: Tensor, h_prev: Tensor, need_w: bool, need_b: bool):
     """``dW = dz^T h_prev`` and ``db = sum dz`` over all steps at once; dz (T, B, G*H) and h_prev (T, B, H),
-    or both batch-major."""
-    GH, H = dz.shape[-1], h_prev.shape[-1]
-    flat = dz.reshape(-1, GH)
-    dw = flat.t().mm(h_prev.reshape(-1, H)) if need_w else None
+    or both batch-major (``h_prev`` may be None when ``need_w`` is False)."""
+    flat = dz.reshape(-1, dz.shape[-1])
+    dw = flat.t().mm(h_prev.reshape(-1, h_prev.shape[-1])) if need_w else None
     db = flat.sum(0) if need_b else None
     return dw, db
 
@@ -668,12 +667,21 @@ def _grad_in(grad: Tensor | None, like: Tensor) -> Tensor:
 
 def _grad_rows(grad_out: Tensor | None) -> Tensor | None:
     """The output gradient (B, T, H) with a contiguous last dimension (what the C++ loops read)."""
-    return grad_out if grad_out is None or grad_out.stride(-1) == 1 else grad_out.contiguous()
+    if grad_out is None or grad_out.stride(-1) == 1:
+        return grad_out
+    return _buffer(grad_out.shape, grad_out).copy_(grad_out)
+
+
+def _batch_major_states(hs: Tensor) -> Tensor:
+    """h_0 .. h_{T-1} of the time-major states ``hs`` (T+1, B, H) as a batch-major (B*T, H) copy,
+    row for row with a batch-major ``dxz``."""
+    T, B, H = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
+    return _buffer((B, T, H), hs).copy_(hs[:-1].transpose(0, 1)).view(B * T, H)
 
 
 def _native_weight_grads(dhz: Tensor, hs: Tensor, needs: dict):
     """``_weight_grads`` for batch-major ``dhz`` (B, T, G*H) and the time-major states ``hs`` (T+1, B, H)."""
-    return _weight_grads(dhz, hs[:-1].transpose(0, 1), needs["w"], needs["b"])
+    return _weight_grads(dhz, _batch_major_states(hs) if needs["w"] else None, needs["w"], needs["b"])
 
 
 class _NativeLSTM(_Kernel):
@@ -711,8 +719,10 @@ class _NativeGRU(_Kernel):
         native.ops().gru_backward(gates, hzn, hs, _grad_rows(grad_out), w_hh, dh, dxz, dhn, mask)
         H = hzn.shape[-1]
         rz = dxz.view(-1, 3 * H)[:, : 2 * H]  # a strided view, no copy
-        h_prev = hs[:-1].transpose(0, 1).reshape(-1, H)  # batch-major, as dxz
-        dw = torch.cat((rz.t().mm(h_prev), dhn.view(-1, H).t().mm(h_prev))) if needs["w"] else None
+        dw = None
+        if needs["w"]:
+            h_prev = _batch_major_states(hs)
+            dw = torch.cat((rz.t().mm(h_prev), dhn.view(-1, H).t().mm(h_prev)))
         db = torch.cat((rz.sum(0), dhn.view(-1, H).sum(0))) if needs["b"] else None
         return dxz, dw, db, (dh,)
 
