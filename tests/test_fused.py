@@ -504,7 +504,8 @@ def test_with_the_cpp_loops_gru_and_rnn_inference_stay_in_rnnkit(kind):
         assert fused.vendor_stack(layer, x, None, None) is None
 
 
-@pytest.mark.skipif(native.ops() is None, reason="the C++ loops could not be built here")
+@pytest.mark.skipif(native.ops() is None or not torch.backends.mkldnn.is_available(),
+                    reason="needs the C++ loops and torch's oneDNN")
 def test_lstm_training_at_large_batches_runs_the_cpp_loops(monkeypatch):
     """LSTM training from ``NATIVE_LSTM_MIN_TRAIN_BATCH`` up leaves oneDNN for the C++ loops; smaller
     batches and inference stay on it. Either way the gradients are the reference's."""
