@@ -17,7 +17,8 @@ one matmul over all steps::
     dW_hh = dz^T @ h_prev      (G*H, T*B) @ (T*B, H)
     db_hh = sum over (t, b) of dz
 
-and ``d xz`` goes back to autograd, so ``dW_ih`` is one matmul too (``project_input``'s backward).
+and ``d xz`` goes back to autograd, so ``dW_ih`` is one matmul too (the projection's backward:
+``project_input``'s, or ``_Projection``'s where the C++ loops run, which writes into the workspace).
 
 Kernels: the built-in cells have hand-written pointwise forward and backward
 (LSTM ``i, f, g, o``; GRU ``r, z, n`` with torch's ``r * (h W_hn + b_hn)``; RNN tanh/relu).
