@@ -525,6 +525,38 @@ def test_lstm_training_at_large_batches_runs_the_cpp_loops(monkeypatch):
     assert _max_diff(got, grads()) < 1e-5
 
 
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+def test_lengths_through_torchs_packed_kernel_equal_the_reference(kind, monkeypatch):
+    """With lengths, a stack on CUDA goes to torch's packed-sequence kernel (cuDNN). The same route,
+    allowed here on the CPU (``PACKED_DEVICES``), gives the reference's outputs, final states and,
+    for the LSTM, gradients: unsorted lengths, both directions, two layers, a state passed in.
+    (GRU and RNN route on the CPU only in inference without the C++ loops.)"""
+    monkeypatch.setattr(fused, "PACKED_DEVICES", {"cpu", "cuda"})
+    if kind != "lstm":
+        monkeypatch.setitem(native._state, "ops", None)
+    layer = rnnkit.LAYERS[kind](5, 7, num_layers=2, bidirectional=True).eval()
+    x = torch.randn(3, 6, 5)
+    lengths = torch.tensor([4, 6, 2])
+    with torch.no_grad():
+        state = layer(x)[1]
+    grad = kind == "lstm"
+
+    def run():
+        with torch.set_grad_enabled(grad):
+            out, final = layer(x, state, lengths=lengths)
+            parts = list(final) if isinstance(final, tuple) else [final]
+            if not grad:
+                return [out, *parts]
+            loss = out.sum() + sum((p * (i + 2)).sum() for i, p in enumerate(parts))
+            return [out, *parts, *torch.autograd.grad(loss, list(layer.parameters()))]
+
+    with torch.set_grad_enabled(grad):
+        assert fused.vendor_stack(layer, x, layer._check_state(state, 3, x), lengths) is not None
+    got = run()
+    monkeypatch.setattr(scan_module, "FUSED", False)
+    assert _max_diff(got, run()) < 1e-5
+
+
 class ScaledMGUCell(MGUCell):
     """A cell with a parameter of its own, used inside ``combine``."""
 

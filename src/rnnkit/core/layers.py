@@ -137,7 +137,7 @@ class Recurrent(nn.Module):
         mask = length_mask(lengths_t, T) if lengths_t is not None else None  # (B, T)
 
         if scan_module.FUSED:  # torch's own kernel where it is the fastest, the state in torch's layout
-            routed = vendor_stack(self, x, None if state is None else self._check_state(state, B, x), mask)
+            routed = vendor_stack(self, x, None if state is None else self._check_state(state, B, x), lengths_t)
             if routed is not None:
                 output, final = routed
                 output = output if self.batch_first else output.transpose(0, 1)
