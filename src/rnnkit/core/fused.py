@@ -41,7 +41,6 @@ the state's gradient pass through.
 from __future__ import annotations
 
 import functools
-import math
 import warnings
 from typing import NamedTuple
 
@@ -85,7 +84,7 @@ def _grad_out_time_major(grad_out: Tensor | None, like: Tensor, mf: Tensor | Non
     return g * mf if mf is not None else g
 
 
-def _weight_grads(dz: Tensor, h_prev: Tensor, need_w: bool, need_b: bool):
+def _weight_grads(dz: Tensor, h_prev: Tensor | None, need_w: bool, need_b: bool):
     """``dW = dz^T h_prev`` and ``db = sum dz`` over all steps at once; dz (T, B, G*H) and h_prev (T, B, H),
     or both batch-major (``h_prev`` may be None when ``need_w`` is False)."""
     flat = dz.reshape(-1, dz.shape[-1])
@@ -478,7 +477,7 @@ def generic_backward(cell: GatedCell, saved: _GenericSaved, w_hh, mask, grad_out
     GH = w_hh.shape[0]
     # fresh buffers per call (a retained graph may run backward again), and the rows written
     for sink in (saved.x_sink, saved.h_sink):
-        sink[:] = [_buffer((T, B, GH), h_prev), set()]
+        sink[:] = [native.buffer((T, B, GH), h_prev), set()]
     ends = [(saved.out, None if grad_out is None else grad_out.transpose(0, 1))]
     ends += list(zip(saved.final, grad_state))
     ends = [(o, g) for o, g in ends if g is not None and o.requires_grad]
@@ -594,22 +593,6 @@ def onednn_matmul_works() -> bool:
     return bool(torch.allclose(y, x @ w.t(), atol=1e-5))
 
 
-# Buffers of at least this size come from the C++ workspace (native.cpp), which keeps freed ones
-# for the next call of the same shape instead of handing them back to the operating system: a
-# fresh large buffer costs a page fault and a zeroed page per 4 KiB touched.
-WORKSPACE_MIN_BYTES = 1 << 20
-
-
-def _buffer(shape, like: Tensor) -> Tensor:
-    """An uninitialised buffer of ``shape`` like ``like``: from the workspace if large, on the CPU
-    where the C++ loops are built."""
-    if like.device.type == "cpu" and math.prod(shape) * like.element_size() >= WORKSPACE_MIN_BYTES:
-        ops = native.ops()
-        if ops is not None:
-            return ops.workspace(list(shape), like.dtype)
-    return like.new_empty(shape)
-
-
 class _Projection(torch.autograd.Function):
     """``x W^T + b`` for all steps, (B, T, I) -> (B, T, G*H), written into a workspace buffer (F.linear
     would take a fresh block on every call). Backward is F.linear's: ``dx = g W``, ``dW = g^T x``,
@@ -619,7 +602,7 @@ class _Projection(torch.autograd.Function):
     def forward(ctx, x, w, b):
         B, T, I = x.shape
         flat = x.reshape(B * T, I)
-        out = _buffer((B, T, w.shape[0]), x)
+        out = native.buffer((B, T, w.shape[0]), x)  # (B, T, G*H)
         if b is None:
             torch.mm(flat, w.t(), out=out.view(B * T, -1))
         else:
@@ -634,7 +617,7 @@ class _Projection(torch.autograd.Function):
         g = grad.reshape(-1, grad.shape[-1])
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            dx = torch.mm(g, w, out=_buffer(flat.shape, flat)).view(ctx.shape)
+            dx = torch.mm(g, w, out=native.buffer(flat.shape, flat)).view(ctx.shape)
         if ctx.needs_input_grad[1]:
             dw = g.t().mm(flat)
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -656,7 +639,7 @@ def project(cell: GatedCell, x: Tensor) -> Tensor:
 def _states(first: Tensor, T: int, training: bool) -> Tensor:
     """(T+1, B, H) buffer for h_0 .. h_T (or c), h_0 filled in; in inference, where backward needs
     none of them, (2, B, H) with h_t in row t % 2 (the C++ loops' layout): less memory to touch."""
-    hs = _buffer((T + 1 if training else 2, *first.shape), first)
+    hs = native.buffer((T + 1 if training else 2, *first.shape), first)
     hs[0] = first
     return hs
 
@@ -671,14 +654,14 @@ def _grad_rows(grad_out: Tensor | None) -> Tensor | None:
     """The output gradient (B, T, H) with a contiguous last dimension (what the C++ loops read)."""
     if grad_out is None or grad_out.stride(-1) == 1:
         return grad_out
-    return _buffer(grad_out.shape, grad_out).copy_(grad_out)
+    return native.buffer(grad_out.shape, grad_out).copy_(grad_out)
 
 
 def _batch_major_states(hs: Tensor) -> Tensor:
     """h_0 .. h_{T-1} of the time-major states ``hs`` (T+1, B, H) as a batch-major (B*T, H) copy,
     row for row with a batch-major ``dxz``."""
     T, B, H = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
-    return _buffer((B, T, H), hs).copy_(hs[:-1].transpose(0, 1)).view(B * T, H)
+    return native.buffer((B, T, H), hs).copy_(hs[:-1].transpose(0, 1)).view(B * T, H)
 
 
 def _native_weight_grads(dhz: Tensor, hs: Tensor, needs: dict):
@@ -690,8 +673,8 @@ class _NativeLSTM(_Kernel):
     def forward(self, cell, xz, w_hh, b_hh, state, mask, training):
         B, T, G4 = xz.shape
         hs, cs = _states(state[0], T, training), _states(state[1], T, training)
-        out = _buffer((B, T, G4 // 4), xz)
-        gates = _buffer(xz.shape, xz) if training else None
+        out = native.buffer((B, T, G4 // 4), xz)
+        gates = native.buffer(xz.shape, xz) if training else None
         native.ops().lstm_forward(xz, w_hh, b_hh, hs, cs, out, gates, mask)
         last = T % hs.shape[0]
         return out, (hs[last], cs[last]), (gates, hs, cs)
@@ -699,7 +682,7 @@ class _NativeLSTM(_Kernel):
     def backward(self, cell, saved, w_hh, mask, grad_out, grad_state, needs):
         gates, hs, cs = saved
         dh, dc = _grad_in(grad_state[0], hs[0]), _grad_in(grad_state[1], cs[0])
-        dxz = _buffer(gates.shape, gates)
+        dxz = native.buffer(gates.shape, gates)
         native.ops().lstm_backward(gates, cs, _grad_rows(grad_out), w_hh, dh, dc, dxz, mask)
         dw, db = _native_weight_grads(dxz, hs, needs)
         return dxz, dw, db, (dh, dc)
@@ -709,15 +692,15 @@ class _NativeGRU(_Kernel):
     def forward(self, cell, xz, w_hh, b_hh, state, mask, training):
         B, T, G3 = xz.shape
         hs = _states(state[0], T, training)
-        out = _buffer((B, T, G3 // 3), xz)
-        gates, hzn = (_buffer(xz.shape, xz), _buffer(out.shape, out)) if training else (None, None)
+        out = native.buffer((B, T, G3 // 3), xz)
+        gates, hzn = (native.buffer(xz.shape, xz), native.buffer(out.shape, out)) if training else (None, None)
         native.ops().gru_forward(xz, w_hh, b_hh, hs, out, gates, hzn, mask)
         return out, (hs[T % hs.shape[0]],), (gates, hzn, hs)
 
     def backward(self, cell, saved, w_hh, mask, grad_out, grad_state, needs):
         gates, hzn, hs = saved
         dh = _grad_in(grad_state[0], hs[0])
-        dxz, dhn = _buffer(gates.shape, gates), _buffer(hzn.shape, hzn)  # d hz's r, z parts are d xz's; its n part
+        dxz, dhn = native.buffer(gates.shape, gates), native.buffer(hzn.shape, hzn)  # d hz's r, z parts are d xz's; its n part
         native.ops().gru_backward(gates, hzn, hs, _grad_rows(grad_out), w_hh, dh, dxz, dhn, mask)
         H = hzn.shape[-1]
         rz = dxz.view(-1, 3 * H)[:, : 2 * H]  # a strided view, no copy
@@ -733,7 +716,7 @@ class _NativeRNN(_Kernel):
     def forward(self, cell, xz, w_hh, b_hh, state, mask, training):
         B, T, H = xz.shape
         hs = _states(state[0], T, training)
-        out = _buffer(xz.shape, xz)
+        out = native.buffer(xz.shape, xz)
         native.ops().rnn_forward(xz, w_hh, b_hh, hs, out, mask, cell.nonlinearity == "relu")
         return out, (hs[T % hs.shape[0]],), (hs,)
 
@@ -741,7 +724,7 @@ class _NativeRNN(_Kernel):
         (hs,) = saved
         dh = _grad_in(grad_state[0], hs[0])
         T, B, H = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
-        dxz = _buffer((B, T, H), hs)
+        dxz = native.buffer((B, T, H), hs)
         native.ops().rnn_backward(hs, _grad_rows(grad_out), w_hh, dh, dxz, mask, cell.nonlinearity == "relu")
         dw, db = _native_weight_grads(dxz, hs, needs)
         return dxz, dw, db, (dh,)
@@ -842,7 +825,8 @@ PACKED_DEVICES = {"cuda"}  # where a stack with lengths goes to torch's packed-s
 
 # LSTM training from this batch size up runs the C++ loops on the CPU rather than oneDNN's LSTM
 # (see vendor_stack): with the workspace and the projection in it, they measured 0.98-1.68x of
-# oneDNN at batch 32 and 64 and 0.90-1.28x, a draw, at batch 1-16.
+# oneDNN over the benchmark's grid at batch 32 and 64 (timed against each other), and 0.90-1.28x,
+# a draw, at batch 1-16.
 NATIVE_LSTM_MIN_TRAIN_BATCH = 32
 
 

@@ -27,10 +27,11 @@
 
 #include <algorithm>
 #include <cstdlib>
-#include <map>
+#include <list>
 #include <mutex>
 #include <optional>
 #include <type_traits>
+#include <vector>
 
 namespace {
 
@@ -626,14 +627,14 @@ void rnn_backward(const Tensor& hs, const std::optional<Tensor>& gout, const Ten
 }
 
 // ---------------------------------------------------------------------------------------------
-// Workspace: the fused kernels' large buffers (states, gates, outputs, gradients), kept for reuse
-// when freed instead of going back to the operating system. torch's CPU allocator hands large
-// blocks to malloc, which maps them fresh on each call and unmaps them on free, so every training
-// step paid again for the kernel to fault in and zero each page (measured: about a quarter of a
-// GRU training step at B=64, H=512, T=256). Blocks are whole multiples of 2 MiB, aligned to it,
-// with transparent huge pages asked for; a freed block waits, keyed by size, for the next request
-// of that size (training repeats the same shapes), up to kMaxCached bytes in all, beyond which it
-// is freed. release_workspace() frees every waiting block.
+// Workspace: the fused kernels' large buffers (states, gates, outputs, gradients, the input
+// projection), kept for reuse when freed instead of going back to the operating system. torch's
+// CPU allocator hands large blocks to malloc, which maps them fresh on each call and unmaps them on
+// free, so every training step paid again for the kernel to fault in and zero each page (measured:
+// about a fifth of a GRU training step at B=64, H=512, T=256). Blocks are whole multiples of 2 MiB,
+// aligned to it, with transparent huge pages asked for. A freed block waits for the next request
+// of the same rounded size (training repeats the same shapes), newest first; beyond kMaxCached
+// bytes waiting, the oldest waiting blocks are freed. release_workspace() frees every waiting block.
 
 class Workspace {
  public:
@@ -648,12 +649,13 @@ class Workspace {
   void* take(size_t bytes) {
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      auto it = waiting_.find(bytes);
-      if (it != waiting_.end()) {
-        void* block = it->second;
-        waiting_.erase(it);
-        cached_ -= bytes;
-        return block;
+      for (auto it = waiting_.rbegin(); it != waiting_.rend(); ++it) {  // newest first
+        if (it->first == bytes) {
+          void* block = it->second;
+          waiting_.erase(std::next(it).base());
+          cached_ -= bytes;
+          return block;
+        }
       }
     }
     void* block = std::aligned_alloc(kAlign, bytes);
@@ -665,15 +667,22 @@ class Workspace {
   }
 
   void give(void* block, size_t bytes) {
+    std::vector<void*> evicted;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      if (cached_ + bytes <= kMaxCached) {
-        waiting_.emplace(bytes, block);
+      if (bytes > kMaxCached) {
+        evicted.push_back(block);
+      } else {
+        while (cached_ + bytes > kMaxCached) {  // the oldest waiting blocks make room
+          evicted.push_back(waiting_.front().second);
+          cached_ -= waiting_.front().first;
+          waiting_.pop_front();
+        }
+        waiting_.emplace_back(bytes, block);
         cached_ += bytes;
-        return;
       }
     }
-    std::free(block);
+    for (void* b : evicted) std::free(b);
   }
 
   int64_t release() {
@@ -687,7 +696,7 @@ class Workspace {
 
  private:
   std::mutex mutex_;
-  std::multimap<size_t, void*> waiting_;
+  std::list<std::pair<size_t, void*>> waiting_;  // oldest first
   size_t cached_ = 0;
 };
 
@@ -766,7 +775,7 @@ Tensor tiled(const Blocked<T>& blocks, const Tensor& x_, int64_t M) {
 
 // The benchmark's measure of the blocked matmul's peak, beside torch's BLAS and oneDNN: W (M, K)
 // packed on each call. (As a layer's input projection it measured 0.8-1.13x of torch's BLAS, so
-// F.linear keeps that job.)
+// torch's addmm keeps that job: fused.py's _Projection.)
 Tensor linear_blocks(const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias) {
   check_all("a linear_blocks operand", x, w);
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "rnnkit native: linear_blocks shapes");
@@ -806,6 +815,8 @@ Tensor linear_packed(const Tensor& x, const Tensor& packed, int64_t M, const std
   TORCH_CHECK(x.dim() == 2 && packed.dim() == 4 && x.size(1) == packed.size(1) && packed.size(2) == 1,
               "rnnkit native: linear_packed shapes");
   TORCH_CHECK(!bias.has_value() || bias->numel() == M, "rnnkit native: linear_packed bias size");
+  TORCH_CHECK(!bias.has_value() || (bias->device().is_cpu() && bias->scalar_type() == packed.scalar_type()),
+              "rnnkit native: linear_packed: bias on the CPU, of the weight's dtype");
   const int64_t L = packed.scalar_type() == at::kDouble ? Vec<double>::size() : Vec<float>::size();
   TORCH_CHECK(packed.size(3) == L && packed.size(0) == (M + L - 1) / L,
               "rnnkit native: linear_packed: not packed by pack_linear for that many outputs");

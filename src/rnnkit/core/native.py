@@ -11,6 +11,7 @@ compiler, or ``RNNKIT_NATIVE=0``, keeps the Python loops: same results, slower.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -107,13 +108,39 @@ def _load():
         return None
 
 
+# Buffers of at least this size come from the workspace (native.cpp), which keeps freed ones for the
+# next call of the same size instead of handing them back to the operating system: a fresh large
+# buffer costs a page fault and a zeroed page per 4 KiB touched.
+WORKSPACE_MIN_BYTES = 1 << 20
+
+
+def buffer(shape, like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised buffer of ``shape`` like ``like``: from the workspace if large, on the CPU
+    where the C++ loops are built, else ``like.new_empty``."""
+    if like.device.type == "cpu" and math.prod(shape) * like.element_size() >= WORKSPACE_MIN_BYTES:
+        loaded = ops()
+        if loaded is not None:
+            return loaded.workspace(list(shape), like.dtype)
+    return like.new_empty(shape)
+
+
 def empty_cache() -> int:
     """Free the large CPU buffers the C++ loops keep for reuse; returns the bytes freed.
 
-    Training and inference reuse their buffers (states, gates, gradients, the input projection)
-    from call to call, as torch's CUDA allocator does on a GPU, rather than asking the system for
-    fresh memory each time; up to 2 GiB of freed buffers wait for the next call. Call this when a
-    model is done with, or before other work needs the memory. 0 where the C++ loops are not built.
+    Training and inference take their buffers of 1 MiB or more (states, gates, gradients, the
+    input projection, the outputs) from a workspace that keeps them from call to call, as torch's
+    CUDA allocator does on a GPU, rather than asking the system for fresh memory each time; up to
+    2 GiB of freed buffers wait for the next call (the oldest go first). Call this when a model is
+    done with, or before other work needs the memory. 0 where the C++ loops are not built.
+
+    A layer's output from the workspace is an ordinary tensor, except that its storage cannot grow
+    (``resize_`` to a larger size, or ``out=`` of a larger result): clone it first for that.
+
+    >>> import torch, rnnkit
+    >>> out, _ = rnnkit.GRU(4, 256)(torch.randn(8, 200, 4))
+    >>> del out
+    >>> rnnkit.empty_cache() >= 0
+    True
     """
-    ops = _state.get("ops")
-    return int(ops.release_workspace()) if ops is not None else 0
+    loaded = _state.get("ops")
+    return int(loaded.release_workspace()) if loaded is not None else 0
