@@ -176,6 +176,42 @@ def test_the_packed_matmul_of_the_generic_kernel(dtype, rows, inputs, outputs, t
         native.ops().linear_packed(x, packed, outputs + 16, None)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("gates,hidden,inputs", [(4, 20, 7), (3, 33, 16), (1, 5, 40)])
+def test_pack_linear_lays_out_blocks_of_hidden_units(dtype, gates, hidden, inputs):
+    """``pack_linear(w, G)`` (the forward loops' recurrent weight, packed on every call): block q holds,
+    for every k, its L hidden units of each gate side by side, zero past H; from a weight's rows,
+    from the rows of the matrix it transposes (G = 1), or from any strided view."""
+    if native.ops() is None:
+        pytest.skip("the C++ loops are not built here")
+    pack = native.ops().pack_linear
+    w = torch.randn(gates * hidden, inputs, dtype=dtype)
+    packed = pack(w, gates)
+    nq, K, G, L = packed.shape
+    assert (K, G, nq) == (inputs, gates, -(-hidden // L))
+    padded = torch.zeros(gates, nq * L, inputs, dtype=dtype)
+    padded[:, :hidden] = w.view(gates, hidden, inputs)
+    assert torch.equal(packed, padded.view(gates, nq, L, inputs).permute(1, 3, 0, 2))
+    wide = torch.randn(gates * hidden, 2 * inputs, dtype=dtype)
+    assert torch.equal(pack(wide[:, ::2], gates), pack(wide[:, ::2].contiguous(), gates))
+    a = torch.randn(inputs, gates * hidden, dtype=dtype)  # W = a^T: packed from a's rows
+    assert torch.equal(pack(a.t()), pack(a.t().contiguous()))
+    with pytest.raises(RuntimeError, match="not a multiple of the gates"):
+        pack(torch.randn(5, 3, dtype=dtype), 4)
+
+
+def test_a_forward_loop_refuses_a_weight_packed_for_other_sizes():
+    if native.ops() is None:
+        pytest.skip("the C++ loops are not built here")
+    B, T, H = 2, 3, 5
+    xz, w = torch.randn(B, T, 4 * H), torch.randn(4 * H, H)
+    hs, cs, out = torch.zeros(2, B, H), torch.zeros(2, B, H), torch.empty(B, T, H)
+    with pytest.raises(RuntimeError, match="not packed by pack_linear"):
+        native.ops().lstm_forward(xz, native.ops().pack_linear(w, 1), None, hs, cs, out, None, None)
+    with pytest.raises(RuntimeError, match="disagree on the hidden size"):
+        native.ops().lstm_forward(xz, native.ops().pack_linear(torch.randn(4 * H, H + 1), 4), None, hs, cs, out, None, None)
+
+
 def test_the_workspace_reuses_a_freed_buffer_and_frees_on_request():
     """Large buffers of the C++ loops come from a workspace: whole 2 MiB blocks, reused for the next
     request of the same size, handed back to the system by ``release_workspace``."""
@@ -519,11 +555,14 @@ def test_bench_smoke(tmp_path):
 def test_inference_through_torchs_kernel_equals_the_reference(kind, kwargs, monkeypatch):
     """Where rnnkit routes a stack to torch's own kernel, the result is the reference's.
 
-    On the CPU that is the LSTM in float32 (oneDNN), and GRU and RNN inference only where the C++
-    loops are unavailable (here: switched off), since they are faster than torch's.
+    On the CPU that is the LSTM in float32 (oneDNN) beyond the small steps the C++ loops take, and
+    GRU and RNN inference only where the C++ loops are unavailable (here: switched off), since they
+    are faster than torch's.
     """
     if kind != "lstm":
         monkeypatch.setitem(native._state, "ops", None)
+    else:  # a step this small runs the C++ loops
+        monkeypatch.setattr(fused, "NATIVE_LSTM_MAX_STATE", 0)
     layer = rnnkit.LAYERS[kind](5, 7, num_layers=2, bidirectional=True, **kwargs).eval()
     x = torch.randn(3, 6, 5)
     state = layer(x)[1]
@@ -550,15 +589,19 @@ def test_with_the_cpp_loops_gru_and_rnn_inference_stay_in_rnnkit(kind):
 
 @pytest.mark.skipif(native.ops() is None or not torch.backends.mkldnn.is_available(),
                     reason="needs the C++ loops and torch's oneDNN")
-def test_lstm_training_at_large_batches_runs_the_cpp_loops(monkeypatch):
-    """LSTM training from ``NATIVE_LSTM_MIN_TRAIN_BATCH`` up leaves oneDNN for the C++ loops; smaller
-    batches and inference stay on it. Either way the gradients are the reference's."""
+def test_lstm_routes_to_the_cpp_loops_where_they_measured_faster(monkeypatch):
+    """Small steps (batch x hidden <= ``NATIVE_LSTM_MAX_STATE``), and training with more than
+    ``NATIVE_LSTM_MIN_TRAIN_GATES`` gate values, leave oneDNN for the C++ loops; the rest stays on
+    it. Either way the gradients are the reference's."""
+    monkeypatch.setattr(fused, "NATIVE_LSTM_MAX_STATE", 7 * 4)
+    monkeypatch.setattr(fused, "NATIVE_LSTM_MIN_TRAIN_GATES", 4 * 6 * 4 * 7)
     layer = rnnkit.LSTM(5, 7)
-    for batch, grad, routed in ((fused.NATIVE_LSTM_MIN_TRAIN_BATCH, True, False), (2, True, True),
-                                (fused.NATIVE_LSTM_MIN_TRAIN_BATCH, False, True)):
+    for batch, steps, grad, routed in ((4, 3, False, False), (4, 3, True, False), (5, 3, False, True),
+                                       (5, 3, True, True), (6, 4, True, True), (5, 5, True, False),
+                                       (5, 5, False, True)):
         with torch.set_grad_enabled(grad):
-            assert (fused.vendor_stack(layer, torch.randn(batch, 3, 5), None, None) is not None) == routed
-    x = torch.randn(fused.NATIVE_LSTM_MIN_TRAIN_BATCH, 4, 5)
+            assert (fused.vendor_stack(layer, torch.randn(batch, steps, 5), None, None) is not None) == routed
+    x = torch.randn(5, 5, 5)
 
     def grads():
         out, (h, c) = layer(x)
@@ -578,6 +621,8 @@ def test_lengths_through_torchs_packed_kernel_equal_the_reference(kind, monkeypa
     monkeypatch.setattr(fused, "PACKED_DEVICES", {"cpu", "cuda"})
     if kind != "lstm":
         monkeypatch.setitem(native._state, "ops", None)
+    else:  # a step this small runs the C++ loops
+        monkeypatch.setattr(fused, "NATIVE_LSTM_MAX_STATE", 0)
     layer = rnnkit.LAYERS[kind](5, 7, num_layers=2, bidirectional=True).eval()
     x = torch.randn(3, 6, 5)
     lengths = torch.tensor([4, 6, 2])

@@ -675,7 +675,7 @@ class _NativeLSTM(_Kernel):
         hs, cs = _states(state[0], T, training), _states(state[1], T, training)
         out = native.buffer((B, T, G4 // 4), xz)
         gates = native.buffer(xz.shape, xz) if training else None
-        native.ops().lstm_forward(xz, w_hh, b_hh, hs, cs, out, gates, mask)
+        native.ops().lstm_forward(xz, native.ops().pack_linear(w_hh, 4), b_hh, hs, cs, out, gates, mask)
         last = T % hs.shape[0]
         return out, (hs[last], cs[last]), (gates, hs, cs)
 
@@ -694,7 +694,7 @@ class _NativeGRU(_Kernel):
         hs = _states(state[0], T, training)
         out = native.buffer((B, T, G3 // 3), xz)
         gates, hzn = (native.buffer(xz.shape, xz), native.buffer(out.shape, out)) if training else (None, None)
-        native.ops().gru_forward(xz, w_hh, b_hh, hs, out, gates, hzn, mask)
+        native.ops().gru_forward(xz, native.ops().pack_linear(w_hh, 3), b_hh, hs, out, gates, hzn, mask)
         return out, (hs[T % hs.shape[0]],), (gates, hzn, hs)
 
     def backward(self, cell, saved, w_hh, mask, grad_out, grad_state, needs):
@@ -717,7 +717,7 @@ class _NativeRNN(_Kernel):
         B, T, H = xz.shape
         hs = _states(state[0], T, training)
         out = native.buffer(xz.shape, xz)
-        native.ops().rnn_forward(xz, w_hh, b_hh, hs, out, mask, cell.nonlinearity == "relu")
+        native.ops().rnn_forward(xz, native.ops().pack_linear(w_hh, 1), b_hh, hs, out, mask, cell.nonlinearity == "relu")
         return out, (hs[T % hs.shape[0]],), (hs,)
 
     def backward(self, cell, saved, w_hh, mask, grad_out, grad_state, needs):
@@ -823,11 +823,20 @@ _TORCH_ORDER = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")  # torch._VF's p
 
 PACKED_DEVICES = {"cuda"}  # where a stack with lengths goes to torch's packed-sequence kernel
 
-# LSTM training from this batch size up runs the C++ loops on the CPU rather than oneDNN's LSTM
-# (see vendor_stack): with the workspace and the projection in it, they measured 0.98-1.68x of
-# oneDNN over the benchmark's grid at batch 32 and 64 (timed against each other), and 0.90-1.28x,
-# a draw, at batch 1-16.
-NATIVE_LSTM_MIN_TRAIN_BATCH = 32
+# Where the C++ loops beat oneDNN's LSTM on the CPU (float32), measured against each other over
+# batch 1-64, H 128 and 512, T 64 and 256 (alternated, 2 threads):
+# - a small step, batch x hidden <= NATIVE_LSTM_MAX_STATE: 1.04-1.64x in training and inference
+#   (B <= 8 at H=128, B = 1 at H=512); at B x H = 2048 a draw (0.93-1.03x);
+# - training whose gates (T x B x 4H floats) pass NATIVE_LSTM_MIN_TRAIN_GATES: 1.03-1.49x, where
+#   oneDNN's LSTM slows as its workspace leaves the cache; below, oneDNN is 5-14% faster.
+# Elsewhere, inference at B x H > 1024 included, oneDNN (0.81-1.02x for the C++ loops).
+NATIVE_LSTM_MAX_STATE = 1024
+NATIVE_LSTM_MIN_TRAIN_GATES = 2 << 20
+
+
+def _native_lstm_is_faster(x: Tensor, hidden: int, training: bool) -> bool:
+    B, T = x.shape[0], x.shape[1]
+    return B * hidden <= NATIVE_LSTM_MAX_STATE or (training and T * B * 4 * hidden > NATIVE_LSTM_MIN_TRAIN_GATES)
 
 
 def vendor_stack(layer, x: Tensor, state: tuple | None, lengths: Tensor | None):
@@ -838,10 +847,10 @@ def vendor_stack(layer, x: Tensor, state: tuple | None, lengths: Tensor | None):
 
     torch's kernels compute exactly these layers' functions (the parity tests hold them to the
     reference), so the choice is speed alone, as measured by ``python -m rnnkit.bench``:
-    - LSTM: on CPU, torch.nn.LSTM runs on oneDNN's LSTM primitive (float32). Training at batch
-      >= ``NATIVE_LSTM_MIN_TRAIN_BATCH`` runs the C++ loops (measured at 0.98-1.68x of oneDNN's
-      speed over the benchmark's grid at batch 32 and 64); smaller batches (0.90-1.28x at 1-16)
-      and inference (0.78-1.02x) stay on oneDNN. On CUDA it is cuDNN.
+    - LSTM: on CPU, torch.nn.LSTM runs on oneDNN's LSTM primitive (float32). The C++ loops take
+      small steps (batch x hidden <= ``NATIVE_LSTM_MAX_STATE``) and training with many gates
+      (``NATIVE_LSTM_MIN_TRAIN_GATES``), where they measured faster; the rest stays on oneDNN
+      (``_native_lstm_is_faster``). On CUDA it is cuDNN.
     - GRU and RNN: on CPU the C++ loops (native.cpp) beat torch for training and inference; only
       where they can't be built does inference go to torch (faster than the Python loops), and
       on CUDA, cuDNN always.
@@ -864,8 +873,8 @@ def vendor_stack(layer, x: Tensor, state: tuple | None, lengths: Tensor | None):
     if x.device.type == "cpu":
         if x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
             return None
-        if lstm and (not torch.backends.mkldnn.is_available() or (
-                x.shape[0] >= NATIVE_LSTM_MIN_TRAIN_BATCH and native.ops() is not None and _needs_grad(layer, x, state))):
+        if lstm and (not torch.backends.mkldnn.is_available() or (native.ops() is not None and _native_lstm_is_faster(
+                x, layer.hidden_size, _needs_grad(layer, x, state)))):
             return None
         if not lstm and (_needs_grad(layer, x, state) or native.ops() is not None):
             return None  # the C++ loops beat torch's GRU and RNN; without them, only its inference does

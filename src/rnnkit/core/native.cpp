@@ -24,6 +24,9 @@
 #include <torch/library.h>
 
 #include <sys/mman.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include <algorithm>
 #include <cstdlib>
@@ -99,6 +102,12 @@ void check(const Tensor& t, const char* name) {
 template <typename... Ts>
 void check_all(const char* name, const Ts&... tensors) {
   (check(tensors, name), ...);
+}
+
+// A forward op's xz (B, T, G*H) and packed recurrent weight (pack_linear(W_hh, G): K = H).
+void check_recurrent(const Tensor& xz, const Tensor& packed, int64_t G, int64_t H) {
+  TORCH_CHECK(xz.dim() == 3 && xz.size(2) == G * H && packed.dim() == 4 && packed.size(1) == H,
+              "rnnkit native: xz, the packed weight and the states disagree on the hidden size");
 }
 
 // The output gradient (B, T, H) with any row strides; absent means zero.
@@ -247,7 +256,33 @@ inline void block_rows(const T* P, const T* x, int64_t ldx, int64_t K, T* y, int
 #pragma GCC unroll 4
     for (int g = 0; g < G; ++g) acc[r][g] = accumulate ? load(y + r * ldy + g * H + j, n) : Vec<T>(T(0));
   }
-  for (int64_t k = 0; k < K; ++k) {
+  int64_t k0 = 0;
+  if constexpr (MR == 1 && G < 4) {
+    // one row (batch 1): G sums, each a chain of dependent multiply-adds; KS partial sums per gate
+    // over interleaved k keep KS * G of them in flight (measured: the backward's dh += dz W_hh at
+    // batch 1, G = 1, was bound by one chain's latency)
+    constexpr int KS = G == 1 ? 4 : 2;
+    Vec<T> part[KS][G];
+#pragma GCC unroll 4
+    for (int s = 0; s < KS; ++s) {
+#pragma GCC unroll 4
+      for (int g = 0; g < G; ++g) part[s][g] = Vec<T>(T(0));
+    }
+    for (; k0 + KS <= K; k0 += KS) {
+#pragma GCC unroll 4
+      for (int s = 0; s < KS; ++s) {
+        const Vec<T> xs(x[k0 + s]);
+#pragma GCC unroll 4
+        for (int g = 0; g < G; ++g) part[s][g] = at::vec::fmadd(xs, Vec<T>::loadu(P + ((k0 + s) * G + g) * L), part[s][g]);
+      }
+    }
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) {
+#pragma GCC unroll 4
+      for (int s = 0; s < KS; ++s) acc[0][g] = acc[0][g] + part[s][g];
+    }
+  }
+  for (int64_t k = k0; k < K; ++k) {
     Vec<T> w[G];
 #pragma GCC unroll 4
     for (int g = 0; g < G; ++g) w[g] = Vec<T>::loadu(P + (k * G + g) * L);
@@ -281,12 +316,45 @@ void block_all_rows(const T* P, const T* x, int64_t ldx, int64_t B, int64_t K, T
   }
 }
 
-// The packed weight of x W^T for W (G*H, K): (nq, K, G, L), hidden units past H zero.
-Tensor pack_blocks(const Tensor& w, int64_t G, int64_t L) {
+// The packed weight of x W^T for W (G*H, K): (nq, K, G, L), hidden units past H zero, written
+// block by block in parallel. From W's rows (W contiguous): block q, gate g gathers its L rows, k
+// by k; from its columns (G = 1 and W the transpose of a row-major matrix, as the backward's
+// W_hh^T): each (q, k) is L consecutive numbers of that matrix's row k.
+template <typename T>
+Tensor pack_blocks(const Tensor& w, int64_t G) {
+  constexpr int64_t L = Vec<T>::size();
   const int64_t H = w.size(0) / G, K = w.size(1), nq = (H + L - 1) / L;
-  Tensor wp = at::zeros({G, nq * L, K}, w.options());
-  wp.narrow(1, 0, H).copy_(w.reshape({G, H, K}));
-  return wp.view({G, nq, L, K}).permute({1, 3, 0, 2}).contiguous();
+  const bool columns = G == 1 && !w.is_contiguous() && w.t().is_contiguous();
+  const Tensor src = columns ? w.t() : w.contiguous();
+  const T* W = src.data_ptr<T>();
+  Tensor packed = at::empty({nq, K, G, L}, w.options());
+  T* P = packed.data_ptr<T>();
+  at::parallel_for(0, nq, 1, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t j = q * L, n = std::min<int64_t>(L, H - j);
+      T* Pq = P + q * K * G * L;
+      if (columns) {  // W^T = src (K, H) row-major
+        for (int64_t k = 0; k < K; ++k) load(W + k * H + j, n).store(Pq + k * L);  // zeros past n
+        continue;
+      }
+      T tile[L][L];  // L rows x L columns of W, read row by row, written column by column
+      for (int64_t g = 0; g < G; ++g) {
+        const T* rows = W + (g * H + j) * K;
+        for (int64_t k0 = 0; k0 < K; k0 += L) {
+          const int64_t m = std::min<int64_t>(L, K - k0);
+          for (int64_t l = 0; l < L; ++l) {
+            if (l < n) load(rows + l * K + k0, m).store(tile[l]);
+            else Vec<T>(T(0)).store(tile[l]);
+          }
+          for (int64_t kk = 0; kk < m; ++kk) {
+            T* dst = Pq + ((k0 + kk) * G + g) * L;
+            for (int64_t l = 0; l < L; ++l) dst[l] = tile[l][kk];
+          }
+        }
+      }
+    }
+  });
+  return packed;
 }
 
 // x (B rows, stride ldx, K) -> y (B rows, stride ldy) for one block q of L hidden units:
@@ -301,11 +369,14 @@ struct Blocked {
   static constexpr int64_t L = Vec<T>::size();
 
   Blocked(const Tensor& w, int64_t G_, const std::optional<Tensor>& b)
-      : Blocked(pack_blocks(w, G_, L), G_, w.size(0) / G_, b) {}
+      : Blocked(pack_blocks<T>(w, G_), G_, w.size(0) / G_, b) {}
 
-  // from pack_blocks(w, G_, L), done once by the caller
+  // from pack_blocks<T>(w, G_) (the op pack_linear), done once by the caller
   Blocked(Tensor packed_, int64_t G_, int64_t H_, const std::optional<Tensor>& b)
       : packed(std::move(packed_)), dense_bias(contiguous(b)), G(G_), H(H_), K(packed.size(1)) {
+    TORCH_CHECK(packed.dim() == 4 && packed.size(2) == G && packed.size(3) == L && packed.size(0) == (H + L - 1) / L,
+                "rnnkit native: a weight not packed by pack_linear for this many gates and outputs");
+    TORCH_CHECK(packed.is_contiguous(), "rnnkit native: a packed weight must be contiguous");
     nq = packed.size(0), P = packed.data_ptr<T>(), bias = ptr<T>(dense_bias);
   }
 
@@ -320,9 +391,9 @@ struct Blocked {
     }
   }
 
-  // blocks per thread chunk: at least about 128K multiply-adds, below which splitting costs more
+  // blocks per thread chunk: at least about 32K multiply-adds, below which splitting costs more
   int64_t grain(int64_t B) const {
-    return std::max<int64_t>(1, (int64_t(1) << 17) / std::max<int64_t>(1, B * K * G * L));
+    return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, B * K * G * L));
   }
 };
 
@@ -339,26 +410,50 @@ struct Blocked {
 // of step t-1 share one parallel pass (a thread owns the same blocks in both), with two scratch
 // buffers, so a thread writing step t-1's never meets one still reading step t's.
 
+// body(i, q0, q1) for the passes i = 0 .. passes-1 in order, blocks [0, nq) split over the threads as
+// at::parallel_for would (chunks of at least grain), each thread keeping the same blocks in every
+// pass. With OpenMP one team of threads lives through all passes, with a barrier between them,
+// instead of a fork and a join per pass: at batch 1 and H=128 a pass is a few microseconds, of
+// which the fork and join were a large part. Without OpenMP (or inside another parallel region),
+// one at::parallel_for per pass.
+template <typename Body>
+void passes_in_parallel(int64_t passes, int64_t nq, int64_t grain, const Body& body) {
+#ifdef _OPENMP
+  const int64_t team = std::min<int64_t>(at::get_num_threads(), (nq + grain - 1) / grain);
+  if (team > 1 && !at::in_parallel_region()) {
+#pragma omp parallel num_threads(team)
+    {
+      const int64_t n = omp_get_num_threads(), id = omp_get_thread_num();
+      const int64_t chunk = (nq + n - 1) / n, q0 = std::min(nq, id * chunk), q1 = std::min(nq, q0 + chunk);
+      for (int64_t i = 0; i < passes; ++i) {
+        body(i, q0, q1);
+#pragma omp barrier
+      }
+    }
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < passes; ++i) at::parallel_for(0, nq, grain, [&](int64_t q0, int64_t q1) { body(i, q0, q1); });
+}
+
 template <typename T_, typename Step, typename Padded>
 void forward_in_time(int64_t T, int64_t S, int64_t B, const bool* m, const Blocked<T_>& rec, const T_* hsp,
                      const Step& step, const Padded& padded) {
   const int64_t H = rec.H, width = rec.G * H;
   const Tensor hz_buffer = at::empty({B, width}, rec.packed.options());  // torch's allocator: cache-line aligned
   T_* hz = hz_buffer.data_ptr<T_>();
-  for (int64_t t = 0; t < T; ++t) {
+  passes_in_parallel(T, rec.nq, rec.grain(B), [&](int64_t t, int64_t q0, int64_t q1) {
     const int64_t now = t % S, next = (t + 1) % S;  // S: the states kept, T + 1 or (inference) 2
     const T_* h = hsp + now * B * H;
-    at::parallel_for(0, rec.nq, rec.grain(B), [&](int64_t q0, int64_t q1) {
-      for (int64_t q = q0; q < q1; ++q) {
-        const int64_t j = q * rec.L, n = std::min<int64_t>(rec.L, H - j);
-        rec(q, h, H, B, hz, width, false);
-        for (int64_t b = 0; b < B; ++b) {
-          if (m != nullptr && !m[b * T + t]) padded(b, t, now, next, j, n);
-          else step(b, t, now, next, hz + b * width, j, n);
-        }
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t j = q * rec.L, n = std::min<int64_t>(rec.L, H - j);
+      rec(q, h, H, B, hz, width, false);
+      for (int64_t b = 0; b < B; ++b) {
+        if (m != nullptr && !m[b * T + t]) padded(b, t, now, next, j, n);
+        else step(b, t, now, next, hz + b * width, j, n);
       }
-    });
-  }
+    }
+  });
 }
 
 template <typename T_, typename Step, typename Padded>
@@ -382,31 +477,32 @@ void backward_in_time(int64_t T, int64_t B, int64_t G, const bool* m, const Bloc
   auto product = [&](int64_t t, int64_t q) {  // dh += step t's d z W_hh, one block
     back(q, scratch + (t % 2) * B * width, width, B, dh, H, true);
   };
-  for (int64_t t = T; t >= 0; --t) {  // pass t: the product of step t (t < T), the gates of step t-1 (t > 0)
-    at::parallel_for(0, back.nq, back.grain(B), [&](int64_t q0, int64_t q1) {
-      for (int64_t q = q0; q < q1; ++q) {
-        const int64_t j = q * back.L, n = std::min<int64_t>(back.L, H - j);
-        if (t < T) product(t, q);
-        if (t > 0) gates(t - 1, j, n);
-      }
-    });
-  }
+  // pass i, t = T - i: the product of step t (t < T), the gates of step t-1 (t > 0)
+  passes_in_parallel(T + 1, back.nq, back.grain(B), [&](int64_t i, int64_t q0, int64_t q1) {
+    const int64_t t = T - i;
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t j = q * back.L, n = std::min<int64_t>(back.L, H - j);
+      if (t < T) product(t, q);
+      if (t > 0) gates(t - 1, j, n);
+    }
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
 // LSTM: i, f, o = sigmoid, g = tanh of xz_t + h_{t-1} W_hh^T + b_hh; c_t = f c_{t-1} + i g;
 // h_t = o tanh(c_t). gates (training only): the activated i, f, g, o, kept for backward.
 
-void lstm_forward(const Tensor& xz, const Tensor& w_hh, const std::optional<Tensor>& bias, const Tensor& hs,
+void lstm_forward(const Tensor& xz, const Tensor& packed, const std::optional<Tensor>& bias, const Tensor& hs,
                   const Tensor& cs, const Tensor& out, const std::optional<Tensor>& gates,
                   const std::optional<Tensor>& mask) {
   check_all("an LSTM buffer", xz, hs, cs, out);
   if (gates.has_value()) check(*gates, "gates");
   const int64_t B = xz.size(0), T = xz.size(1), H = hs.size(2), S = hs.size(0);
   TORCH_CHECK(S == T + 1 || (S == 2 && !gates.has_value()), "rnnkit native: lstm_forward keeps T + 1 states (or 2, in inference)");
+  check_recurrent(xz, packed, 4, H);
   AT_DISPATCH_FLOATING_TYPES(xz.scalar_type(), "rnnkit_lstm_forward", [&] {
     using T_ = scalar_t;
-    const Blocked<T_> rec(w_hh, 4, bias);
+    const Blocked<T_> rec(packed, 4, H, bias);
     const T_* xp = xz.data_ptr<T_>();
     T_* hsp = hs.data_ptr<T_>();
     T_* csp = cs.data_ptr<T_>();
@@ -484,15 +580,16 @@ void lstm_backward(const Tensor& gates, const Tensor& cs, const std::optional<Te
 // GRU in torch's convention: r, z = sigmoid(xz + h W_hh^T + b_hh), n = tanh(x_n + r * (h W_hn^T
 // + b_hn)), h_t = n + z (h_{t-1} - n). Training: gates keeps r, z, n and hzn keeps h W_hn^T + b_hn.
 
-void gru_forward(const Tensor& xz, const Tensor& w_hh, const std::optional<Tensor>& bias, const Tensor& hs,
+void gru_forward(const Tensor& xz, const Tensor& packed, const std::optional<Tensor>& bias, const Tensor& hs,
                  const Tensor& out, const std::optional<Tensor>& gates, const std::optional<Tensor>& hzn,
                  const std::optional<Tensor>& mask) {
   check_all("a GRU buffer", xz, hs, out);
   const int64_t B = xz.size(0), T = xz.size(1), H = hs.size(2), S = hs.size(0);
   TORCH_CHECK(S == T + 1 || (S == 2 && !gates.has_value()), "rnnkit native: gru_forward keeps T + 1 states (or 2, in inference)");
+  check_recurrent(xz, packed, 3, H);
   AT_DISPATCH_FLOATING_TYPES(xz.scalar_type(), "rnnkit_gru_forward", [&] {
     using T_ = scalar_t;
-    const Blocked<T_> rec(w_hh, 3, bias);
+    const Blocked<T_> rec(packed, 3, H, bias);
     const T_* xp = xz.data_ptr<T_>();
     T_* hsp = hs.data_ptr<T_>();
     T_* outp = out.data_ptr<T_>();
@@ -572,14 +669,15 @@ inline Vec<T_> activate(const Vec<T_>& v, bool relu) {
   return relu ? at::vec::maximum(v, Vec<T_>(T_(0))) : tanh_(v);
 }
 
-void rnn_forward(const Tensor& xz, const Tensor& w_hh, const std::optional<Tensor>& bias, const Tensor& hs,
+void rnn_forward(const Tensor& xz, const Tensor& packed, const std::optional<Tensor>& bias, const Tensor& hs,
                  const Tensor& out, const std::optional<Tensor>& mask, bool relu) {
   check_all("an RNN buffer", xz, hs, out);
   const int64_t B = xz.size(0), T = xz.size(1), H = hs.size(2), S = hs.size(0);
   TORCH_CHECK(S == T + 1 || S == 2, "rnnkit native: rnn_forward keeps T + 1 states (or 2, in inference)");
+  check_recurrent(xz, packed, 1, H);
   AT_DISPATCH_FLOATING_TYPES(xz.scalar_type(), "rnnkit_rnn_forward", [&] {
     using T_ = scalar_t;
-    const Blocked<T_> rec(w_hh, 1, bias);
+    const Blocked<T_> rec(packed, 1, H, bias);
     const T_* xp = xz.data_ptr<T_>();
     T_* hsp = hs.data_ptr<T_>();
     T_* outp = out.data_ptr<T_>();
@@ -787,23 +885,14 @@ Tensor linear_blocks(const Tensor& x, const Tensor& w, const std::optional<Tenso
   return y;
 }
 
-// W (M, K) -> its packed form for linear_packed, (ceil(M / L), K, 1, L). W may be the transpose
-// of a row-major A (K, M) (the recurrent weight for the backward's dh += dz W_hh): then it is
-// packed from A's rows, L values at a time, far faster than through W's strides.
-Tensor pack_linear(const Tensor& w) {
+// W (G*H, K) -> its packed form (ceil(H / L), K, G, L): for linear_packed (G = 1; W may be the
+// transpose of a row-major matrix, as W_hh^T for the backward's dh += dz W_hh) and for the
+// forward loops' recurrent weight (G gates), which fused.py packs once per weight version.
+Tensor pack_linear(const Tensor& w, int64_t gates) {
   TORCH_CHECK(w.device().is_cpu() && w.dim() == 2, "rnnkit native: pack_linear takes a matrix on the CPU");
+  TORCH_CHECK(gates >= 1 && w.size(0) % gates == 0, "rnnkit native: pack_linear: rows not a multiple of the gates");
   Tensor p;
-  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "rnnkit_pack_linear", [&] {
-    const int64_t L = Vec<scalar_t>::size(), M = w.size(0), K = w.size(1), nq = (M + L - 1) / L;
-    if (w.is_contiguous() || M == 1) {
-      p = pack_blocks(w.contiguous(), 1, L);
-    } else {
-      const Tensor a = w.t().contiguous();  // (K, M): a no-op for a transposed row-major matrix
-      Tensor ap = at::zeros({K, nq * L}, w.options());
-      ap.narrow(1, 0, M).copy_(a);
-      p = ap.view({K, nq, 1, L}).permute({1, 0, 2, 3}).contiguous();
-    }
-  });
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "rnnkit_pack_linear", [&] { p = pack_blocks<scalar_t>(w, gates); });
   return p;
 }
 
@@ -833,19 +922,19 @@ TORCH_LIBRARY(rnnkit_native, lib) {
   lib.def("linear_rows(Tensor W, Tensor x, Tensor? bias) -> Tensor", &linear_rows);
   lib.def("rows_times(Tensor x, Tensor A, Tensor? bias) -> Tensor", &rows_times);
   lib.def("linear_blocks(Tensor x, Tensor w, Tensor? bias) -> Tensor", &linear_blocks);
-  lib.def("pack_linear(Tensor w) -> Tensor", &pack_linear);
+  lib.def("pack_linear(Tensor w, int gates=1) -> Tensor", &pack_linear);
   lib.def("workspace(int[] size, ScalarType dtype) -> Tensor", &workspace);
   lib.def("release_workspace() -> int", &release_workspace);
   lib.def("linear_packed(Tensor x, Tensor packed, int M, Tensor? bias) -> Tensor", &linear_packed);
-  lib.def("lstm_forward(Tensor xz, Tensor w_hh, Tensor? bias, Tensor(a!) hs, Tensor(b!) cs, Tensor(c!) out, "
+  lib.def("lstm_forward(Tensor xz, Tensor packed, Tensor? bias, Tensor(a!) hs, Tensor(b!) cs, Tensor(c!) out, "
           "Tensor(d!)? gates, Tensor? mask) -> ()", &lstm_forward);
   lib.def("lstm_backward(Tensor gates, Tensor cs, Tensor? gout, Tensor w_hh, Tensor(a!) dh, Tensor(b!) dc, "
           "Tensor(c!) dxz, Tensor? mask) -> ()", &lstm_backward);
-  lib.def("gru_forward(Tensor xz, Tensor w_hh, Tensor? bias, Tensor(a!) hs, Tensor(b!) out, Tensor(c!)? gates, "
+  lib.def("gru_forward(Tensor xz, Tensor packed, Tensor? bias, Tensor(a!) hs, Tensor(b!) out, Tensor(c!)? gates, "
           "Tensor(d!)? hzn, Tensor? mask) -> ()", &gru_forward);
   lib.def("gru_backward(Tensor gates, Tensor hzn, Tensor hs, Tensor? gout, Tensor w_hh, Tensor(a!) dh, "
           "Tensor(b!) dxz, Tensor(c!) dhn, Tensor? mask) -> ()", &gru_backward);
-  lib.def("rnn_forward(Tensor xz, Tensor w_hh, Tensor? bias, Tensor(a!) hs, Tensor(b!) out, Tensor? mask, "
+  lib.def("rnn_forward(Tensor xz, Tensor packed, Tensor? bias, Tensor(a!) hs, Tensor(b!) out, Tensor? mask, "
           "bool relu) -> ()", &rnn_forward);
   lib.def("rnn_backward(Tensor hs, Tensor? gout, Tensor w_hh, Tensor(a!) dh, Tensor(b!) dxz, Tensor? mask, "
           "bool relu) -> ()", &rnn_backward);
