@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import rnnkit
-from rnnkit.core import fused, native, scan as scan_module, step as step_module
+from rnnkit.core import fused, layers as layers_module, native, scan as scan_module, step as step_module
 from user_cells import MGUCell, UserLSTMCell
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
@@ -555,14 +555,10 @@ def test_bench_smoke(tmp_path):
 def test_inference_through_torchs_kernel_equals_the_reference(kind, kwargs, monkeypatch):
     """Where rnnkit routes a stack to torch's own kernel, the result is the reference's.
 
-    On the CPU that is the LSTM in float32 (oneDNN) beyond the small steps the C++ loops take, and
-    GRU and RNN inference only where the C++ loops are unavailable (here: switched off), since they
-    are faster than torch's.
+    On the CPU, inference goes there only where the C++ loops are unavailable (here: switched off),
+    since they are faster than torch's (oneDNN for the LSTM in float32).
     """
-    if kind != "lstm":
-        monkeypatch.setitem(native._state, "ops", None)
-    else:  # a step this small runs the C++ loops
-        monkeypatch.setattr(fused, "NATIVE_LSTM_MAX_STATE", 0)
+    monkeypatch.setitem(native._state, "ops", None)
     layer = rnnkit.LAYERS[kind](5, 7, num_layers=2, bidirectional=True, **kwargs).eval()
     x = torch.randn(3, 6, 5)
     state = layer(x)[1]
@@ -590,15 +586,15 @@ def test_with_the_cpp_loops_gru_and_rnn_inference_stay_in_rnnkit(kind):
 @pytest.mark.skipif(native.ops() is None or not torch.backends.mkldnn.is_available(),
                     reason="needs the C++ loops and torch's oneDNN")
 def test_lstm_routes_to_the_cpp_loops_where_they_measured_faster(monkeypatch):
-    """Small steps (batch x hidden <= ``NATIVE_LSTM_MAX_STATE``), and training with more than
-    ``NATIVE_LSTM_MIN_TRAIN_GATES`` gate values, leave oneDNN for the C++ loops; the rest stays on
-    it. Either way the gradients are the reference's."""
+    """Inference, small steps (batch x hidden <= ``NATIVE_LSTM_MAX_STATE``) and training with more
+    than ``NATIVE_LSTM_MIN_TRAIN_GATES`` gate values leave oneDNN for the C++ loops; the rest of
+    training stays on it. Either way the gradients are the reference's."""
     monkeypatch.setattr(fused, "NATIVE_LSTM_MAX_STATE", 7 * 4)
     monkeypatch.setattr(fused, "NATIVE_LSTM_MIN_TRAIN_GATES", 4 * 6 * 4 * 7)
     layer = rnnkit.LSTM(5, 7)
-    for batch, steps, grad, routed in ((4, 3, False, False), (4, 3, True, False), (5, 3, False, True),
+    for batch, steps, grad, routed in ((4, 3, False, False), (4, 3, True, False), (5, 3, False, False),
                                        (5, 3, True, True), (6, 4, True, True), (5, 5, True, False),
-                                       (5, 5, False, True)):
+                                       (5, 5, False, False)):
         with torch.set_grad_enabled(grad):
             assert (fused.vendor_stack(layer, torch.randn(batch, steps, 5), None, None) is not None) == routed
     x = torch.randn(5, 5, 5)
@@ -610,6 +606,35 @@ def test_lstm_routes_to_the_cpp_loops_where_they_measured_faster(monkeypatch):
     got = grads()
     monkeypatch.setattr(scan_module, "FUSED", False)
     assert _max_diff(got, grads()) < 1e-5
+
+
+@pytest.mark.skipif(native.ops() is None, reason="the C++ loops could not be built here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch,hidden,bias", [(3, 7, True), (2, 33, False), (4, 300, True)])
+def test_lstm_inference_projecting_inside_the_loop_equals_the_reference(dtype, batch, hidden, bias, monkeypatch):
+    """LSTM inference projects its input inside the C++ loop (``scan_projecting``):
+    outputs and final states are the reference's, with lengths, both directions, two layers and a
+    state passed in; hidden 33 and 300 leave partial blocks."""
+    calls = []
+    real = fused.scan_projecting
+    monkeypatch.setattr(layers_module, "scan_projecting", lambda *a: calls.append(1) or real(*a))
+    layer = rnnkit.LSTM(6, hidden, num_layers=2, bidirectional=True, bias=bias).to(dtype).eval()
+    x = torch.randn(batch, 9, 6, dtype=dtype)
+    state = tuple(torch.randn(4, batch, hidden, dtype=dtype) for _ in range(2))
+    lengths = ([9, 4, 7, 1] * 2)[:batch]
+
+    def run():
+        with torch.no_grad():
+            out, final = layer(x, state, lengths=lengths)
+        return [out, *final]
+
+    got = run()
+    assert len(calls) == 4
+    with torch.no_grad():
+        assert real(layer.cells[0], x, layer.State(*(s[0] for s in state)), None) is not None
+    monkeypatch.setattr(scan_module, "FUSED", False)
+    assert _max_diff(got, run()) < TOL[dtype]
+    assert real(layer.cells[0], x, layer.State(*(s[0] for s in state)), None) is None  # gradients wanted
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])

@@ -636,6 +636,31 @@ def project(cell: GatedCell, x: Tensor) -> Tensor:
     return _Projection.apply(x, w, cell.bias_ih)
 
 
+def scan_projecting(cell: GatedCell, x: Tensor, state: NamedTuple, mask: Tensor | None):
+    """``scan(cell, project(cell, x), state, mask)`` for an LSTM cell in inference with the input
+    projection inside the C++ loop (``lstm_forward_projecting``), or ``None`` where that does not
+    apply: another cell, gradients wanted, or anywhere the C++ loops do not run. Measured against
+    projecting beforehand (one matmul, then the loop) over batch 1-64, H 128 and 512: 1.01-1.27x."""
+    ops = native.ops()
+    B, T = x.shape[0], x.shape[1]
+    if (ops is None or kernel_for(cell) is not KERNELS[LSTMCell.combine] or x.device.type != "cpu"
+            or x.dtype not in (torch.float32, torch.float64) or x.dtype != cell.weight_hh.dtype
+            or torch.is_autocast_enabled("cpu")
+            or _functorch_active()):
+        return None
+    weights = (x, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh, *state)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in weights):
+        return None
+    with torch.no_grad():
+        hs, cs = _states(state[0].to(x.dtype), T, False), _states(state[1].to(x.dtype), T, False)
+        out = native.buffer((B, T, cell.hidden_size), x)
+        ops.lstm_forward_projecting(x.contiguous(), ops.pack_linear(cell.weight_ih, 4), cell.bias_ih,
+                                    ops.pack_linear(cell.weight_hh, 4), cell.bias_hh, hs, cs, out,
+                                    mask.contiguous() if mask is not None else None)
+        last = T % 2
+        return out, cell.State(hs[last].clone(), cs[last].clone())
+
+
 def _states(first: Tensor, T: int, training: bool) -> Tensor:
     """(T+1, B, H) buffer for h_0 .. h_T (or c), h_0 filled in; in inference, where backward needs
     none of them, (2, B, H) with h_t in row t % 2 (the C++ loops' layout): less memory to touch."""
@@ -825,18 +850,19 @@ PACKED_DEVICES = {"cuda"}  # where a stack with lengths goes to torch's packed-s
 
 # Where the C++ loops beat oneDNN's LSTM on the CPU (float32), measured against each other over
 # batch 1-64, H 128 and 512, T 64 and 256 (alternated, 2 threads):
-# - a small step, batch x hidden <= NATIVE_LSTM_MAX_STATE: 1.04-1.64x in training and inference
-#   (B <= 8 at H=128, B = 1 at H=512); at B x H = 2048 a draw (0.93-1.03x);
-# - training whose gates (T x B x 4H floats) pass NATIVE_LSTM_MIN_TRAIN_GATES: 1.03-1.49x, where
-#   oneDNN's LSTM slows as its workspace leaves the cache; below, oneDNN is 5-14% faster.
-# Elsewhere, inference at B x H > 1024 included, oneDNN (0.81-1.02x for the C++ loops).
+# - inference: everywhere, with the input projection inside the loop (``scan_projecting``): 1.04-2.06x
+#   up to batch x hidden 1024, a draw beyond (0.97-1.06x at T=64);
+# - training: a small step, batch x hidden <= NATIVE_LSTM_MAX_STATE (1.04-1.64x; at B x H = 2048 a
+#   draw, 0.93-1.03x), and training whose gates (T x B x 4H floats) pass NATIVE_LSTM_MIN_TRAIN_GATES
+#   (1.03-1.49x), where oneDNN's LSTM slows as its workspace leaves the cache. Below that, oneDNN
+#   trains 5-14% faster and keeps it.
 NATIVE_LSTM_MAX_STATE = 1024
 NATIVE_LSTM_MIN_TRAIN_GATES = 2 << 20
 
 
 def _native_lstm_is_faster(x: Tensor, hidden: int, training: bool) -> bool:
     B, T = x.shape[0], x.shape[1]
-    return B * hidden <= NATIVE_LSTM_MAX_STATE or (training and T * B * 4 * hidden > NATIVE_LSTM_MIN_TRAIN_GATES)
+    return not training or B * hidden <= NATIVE_LSTM_MAX_STATE or T * B * 4 * hidden > NATIVE_LSTM_MIN_TRAIN_GATES
 
 
 def vendor_stack(layer, x: Tensor, state: tuple | None, lengths: Tensor | None):
@@ -848,9 +874,9 @@ def vendor_stack(layer, x: Tensor, state: tuple | None, lengths: Tensor | None):
     torch's kernels compute exactly these layers' functions (the parity tests hold them to the
     reference), so the choice is speed alone, as measured by ``python -m rnnkit.bench``:
     - LSTM: on CPU, torch.nn.LSTM runs on oneDNN's LSTM primitive (float32). The C++ loops take
-      small steps (batch x hidden <= ``NATIVE_LSTM_MAX_STATE``) and training with many gates
-      (``NATIVE_LSTM_MIN_TRAIN_GATES``), where they measured faster; the rest stays on oneDNN
-      (``_native_lstm_is_faster``). On CUDA it is cuDNN.
+      inference, small steps (batch x hidden <= ``NATIVE_LSTM_MAX_STATE``) and training with many
+      gates (``NATIVE_LSTM_MIN_TRAIN_GATES``), where they measured faster; the rest of training
+      stays on oneDNN (``_native_lstm_is_faster``). On CUDA it is cuDNN.
     - GRU and RNN: on CPU the C++ loops (native.cpp) beat torch for training and inference; only
       where they can't be built does inference go to torch (faster than the Python loops), and
       on CUDA, cuDNN always.

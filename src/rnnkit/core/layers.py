@@ -37,7 +37,7 @@ from rnnkit.core.cells import GRUCell, LSTMCell, RNNCell
 from rnnkit.core.functional import as_lengths, length_mask, reverse_padded
 from rnnkit.core.gates import GatedCell
 from rnnkit.core import scan as scan_module
-from rnnkit.core.fused import project, vendor_stack
+from rnnkit.core.fused import project, scan_projecting, vendor_stack
 from rnnkit.core.step import step_layers
 
 
@@ -154,8 +154,12 @@ class Recurrent(nn.Module):
                 row = layer * D + direction
                 cell = self.cells[row]
                 x_dir = reverse_padded(x, lengths_t) if direction == 1 else x
-                xz = project(cell, x_dir) if scan_module.FUSED else cell.project_input(x_dir)
-                out, final = scan_module.scan(cell, xz, states[row], mask)  # (B, T, H)
+                projected = scan_projecting(cell, x_dir, states[row], mask) if scan_module.FUSED else None
+                if projected is not None:  # LSTM inference: the input projection inside the C++ loop
+                    out, final = projected
+                else:
+                    xz = project(cell, x_dir) if scan_module.FUSED else cell.project_input(x_dir)
+                    out, final = scan_module.scan(cell, xz, states[row], mask)  # (B, T, H)
                 halves.append(reverse_padded(out, lengths_t) if direction == 1 else out)
                 final_states.append(final)
             x = halves[0] if D == 1 else torch.cat(halves, dim=2)  # (B, T, D*H)

@@ -8,7 +8,10 @@ it runs one matmul over the concatenation ``[x, h]`` against ``[W_ih, W_hh]`` pa
 cached (GRU: two, since its reset gate acts on ``h W_hn + b_hn`` alone), at batch 1 on the CPU
 through the C++ matrix-vector kernels (``native.cpp``), then the pointwise gate math in place.
 The cache is keyed on every parameter's identity, storage and version counter, so an optimizer
-step, ``load_state_dict`` or ``.to()`` repacks it on the next call.
+step, ``load_state_dict``, ``.to()`` or any in-place change under ``torch.no_grad()`` repacks it on
+the next call. A change written through ``.data`` bypasses the version counter (as it bypasses
+autograd's own checks) and is not seen: update weights in place under ``torch.no_grad()``, as
+torch.optim does.
 
 Anything unusual (a wrong shape, dtype or device, lengths, a cell with its own ``step``) returns
 ``None`` and the caller takes the general route, which validates and names the problem.
