@@ -51,9 +51,19 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
+# A point's repeats cover at least this many seconds of calls (both sides together), up to
+# MAX_REPEATS: the median of five calls of a millisecond moved by 2-3x with the machine's noise.
+MIN_SECONDS = 0.5
+MAX_REPEATS = 100
+
+
 def compare(fn_a, fn_b, repeats: int) -> tuple[float, float]:
-    """Median seconds of ``fn_a`` and ``fn_b``, alternated (order swapped each repeat) after a warm-up."""
+    """Median seconds of ``fn_a`` and ``fn_b``, alternated (order swapped each repeat) after a warm-up:
+    ``repeats`` of each, or more where a call is short (``MIN_SECONDS``)."""
     fn_a(), fn_b()
+    once = _timed(fn_a) + _timed(fn_b)
+    if repeats > 1:
+        repeats = max(repeats, min(MAX_REPEATS, math.ceil(MIN_SECONDS / max(once, 1e-9))))
     a, b = [], []
     for r in range(repeats):
         if r % 2:
