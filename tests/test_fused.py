@@ -201,6 +201,8 @@ def test_pack_linear_lays_out_blocks_of_hidden_units(dtype, gates, hidden, input
 
 
 def test_a_forward_loop_refuses_a_weight_packed_for_other_sizes():
+    """The forward ops check the packed weight against xz and the states, and the projecting op its
+    operands, before any loop runs (a wrong size would read out of bounds)."""
     if native.ops() is None:
         pytest.skip("the C++ loops are not built here")
     B, T, H = 2, 3, 5
@@ -210,6 +212,19 @@ def test_a_forward_loop_refuses_a_weight_packed_for_other_sizes():
         native.ops().lstm_forward(xz, native.ops().pack_linear(w, 1), None, hs, cs, out, None, None)
     with pytest.raises(RuntimeError, match="disagree on the hidden size"):
         native.ops().lstm_forward(xz, native.ops().pack_linear(torch.randn(4 * H, H + 1), 4), None, hs, cs, out, None, None)
+    x, w_ih = torch.randn(B, T, 3), torch.randn(4 * H, 3)
+    packed_ih, packed = native.ops().pack_linear(w_ih, 4), native.ops().pack_linear(w, 4)
+    project = native.ops().lstm_forward_projecting
+    with pytest.raises(RuntimeError, match="x .B, T, I., hs and cs"):
+        project(x[0], packed_ih, None, packed, None, hs, cs, out, None)
+    with pytest.raises(RuntimeError, match="disagree on B, T or H"):
+        project(x, packed_ih, None, packed, None, hs, cs, torch.empty(B, T + 1, H), None)
+    with pytest.raises(RuntimeError, match="disagree on the sizes"):
+        project(torch.randn(B, T, 4), packed_ih, None, packed, None, hs, cs, out, None)
+    with pytest.raises(RuntimeError, match="a bias of 4H numbers"):
+        project(x, packed_ih, torch.randn(4 * H + 1), packed, None, hs, cs, out, None)
+    with pytest.raises(RuntimeError, match="mask .B, T. bool"):
+        project(x, packed_ih, None, packed, None, hs, cs, out, torch.ones(B, T + 1, dtype=torch.bool))
 
 
 def test_the_workspace_reuses_a_freed_buffer_and_frees_on_request():
@@ -319,7 +334,8 @@ def test_gradcheck_fused(kind, loops):
 @pytest.mark.parametrize("batch,hidden", [(512, 64), (1, 512)])
 def test_two_threads(kind, batch, hidden):
     """Sizes above the C++ loops' grain, so their blocks of hidden units are split across two
-    threads; every other test runs on one."""
+    threads (one team through all steps); every other test runs on one. Training, and inference
+    (for the LSTM, the loop that projects its input itself)."""
     torch.set_num_threads(2)  # the autouse fixture restores the count
     layer = LAYERS[kind](input_size=8, hidden_size=hidden)
     x = torch.randn(batch, 5, 8)
@@ -327,6 +343,17 @@ def test_two_threads(kind, batch, hidden):
     lengths = torch.randint(1, 6, (batch,))
     lengths[0] = 5
     assert _max_diff(_run(layer, x, state, lengths, fused_on=True), _run(layer, x, state, lengths, fused_on=False)) < 1e-5
+
+    def infer(fused_on):
+        scan_module.FUSED = fused_on
+        try:
+            with torch.no_grad():
+                out, final = layer(x, state if len(state) > 1 else state[0], lengths=lengths)
+            return [out, *_parts(final)]
+        finally:
+            scan_module.FUSED = True
+
+    assert _max_diff(infer(True), infer(False)) < 1e-5
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
@@ -588,7 +615,7 @@ def test_with_the_cpp_loops_gru_and_rnn_inference_stay_in_rnnkit(kind):
 def test_lstm_routes_to_the_cpp_loops_where_they_measured_faster(monkeypatch):
     """Inference, small steps (batch x hidden <= ``NATIVE_LSTM_MAX_STATE``) and training with more
     than ``NATIVE_LSTM_MIN_TRAIN_GATES`` gate values leave oneDNN for the C++ loops; the rest of
-    training stays on it. Either way the gradients are the reference's."""
+    training stays on it. On the C++ route, the gradients are the reference's."""
     monkeypatch.setattr(fused, "NATIVE_LSTM_MAX_STATE", 7 * 4)
     monkeypatch.setattr(fused, "NATIVE_LSTM_MIN_TRAIN_GATES", 4 * 6 * 4 * 7)
     layer = rnnkit.LSTM(5, 7)
@@ -615,9 +642,15 @@ def test_lstm_inference_projecting_inside_the_loop_equals_the_reference(dtype, b
     """LSTM inference projects its input inside the C++ loop (``scan_projecting``):
     outputs and final states are the reference's, with lengths, both directions, two layers and a
     state passed in; hidden 33 and 300 leave partial blocks."""
-    calls = []
+    calls = []  # whether each (layer, direction) came back from the projecting loop
     real = fused.scan_projecting
-    monkeypatch.setattr(layers_module, "scan_projecting", lambda *a: calls.append(1) or real(*a))
+
+    def spy(*args):
+        result = real(*args)
+        calls.append(result is not None)
+        return result
+
+    monkeypatch.setattr(layers_module, "scan_projecting", spy)
     layer = rnnkit.LSTM(6, hidden, num_layers=2, bidirectional=True, bias=bias).to(dtype).eval()
     x = torch.randn(batch, 9, 6, dtype=dtype)
     state = tuple(torch.randn(4, batch, hidden, dtype=dtype) for _ in range(2))
@@ -629,7 +662,7 @@ def test_lstm_inference_projecting_inside_the_loop_equals_the_reference(dtype, b
         return [out, *final]
 
     got = run()
-    assert len(calls) == 4
+    assert calls == [True] * 4
     with torch.no_grad():
         assert real(layer.cells[0], x, layer.State(*(s[0] for s in state)), None) is not None
     monkeypatch.setattr(scan_module, "FUSED", False)

@@ -1,8 +1,8 @@
 """Benchmark rnnkit's layers against torch.nn in one process: ``python -m rnnkit.bench``.
 
 Each measurement alternates torch and rnnkit (swapping who goes first every repeat) so drift of a
-shared machine hits both, and reports the median of the repeats (5, or as many as fill half a
-second, up to 100, where calls are short). Speed ratio = torch time /
+shared machine hits both, and reports the median of the repeats (the preset's count, 5 for the full
+grid, or as many as fill half a second, up to 100, where calls are short). Speed ratio = torch time /
 rnnkit time (above 1: rnnkit is faster). GFLOP/s counts the matmuls of the math
 (``2 B T G H (I + H)`` per layer forward, three times that for forward+backward) and the fraction
 of peak divides by a 2048^3 matmul measured in the same run (the fastest of torch's BLAS,

@@ -374,6 +374,8 @@ struct Blocked {
   // from pack_blocks<T>(w, G_) (the op pack_linear), done once by the caller
   Blocked(Tensor packed_, int64_t G_, int64_t H_, const std::optional<Tensor>& b)
       : packed(std::move(packed_)), dense_bias(contiguous(b)), G(G_), H(H_), K(packed.size(1)) {
+    TORCH_CHECK(G == 1 || G == 3 || G == 4, "rnnkit native: only 1, 3 or 4 gates");  // checked here, not in
+    // operator(), which runs inside the loops' OpenMP team, where an exception cannot be caught
     TORCH_CHECK(packed.dim() == 4 && packed.size(2) == G && packed.size(3) == L && packed.size(0) == (H + L - 1) / L,
                 "rnnkit native: a weight not packed by pack_linear for this many gates and outputs");
     TORCH_CHECK(packed.is_contiguous(), "rnnkit native: a packed weight must be contiguous");
@@ -387,13 +389,14 @@ struct Blocked {
       case 1: return block_all_rows<T, 1, std::min(8, kAccumulators)>(Pq, x, ldx, B, K, y, ldy, H, j, n, bias, accumulate);
       case 3: return block_all_rows<T, 3, kAccumulators / 3>(Pq, x, ldx, B, K, y, ldy, H, j, n, bias, accumulate);
       case 4: return block_all_rows<T, 4, kAccumulators / 4>(Pq, x, ldx, B, K, y, ldy, H, j, n, bias, accumulate);
-      default: TORCH_CHECK(false, "rnnkit native: only 1, 3 or 4 gates");
+      default: return;  // G is checked by the constructor
     }
   }
 
-  // blocks per thread chunk: at least about 32K multiply-adds, below which splitting costs more
-  int64_t grain(int64_t B) const {
-    return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, B * K * G * L));
+  // blocks per thread chunk: at least about min_macs multiply-adds, below which splitting costs more
+  // (32K in the loops' thread team, measured at batch 1, H=128; 128K for a fork and join per call)
+  int64_t grain(int64_t B, int64_t min_macs = int64_t(1) << 15) const {
+    return std::max<int64_t>(1, min_macs / std::max<int64_t>(1, B * K * G * L));
   }
 };
 
@@ -415,7 +418,8 @@ struct Blocked {
 // pass. With OpenMP one team of threads lives through all passes, with a barrier between them,
 // instead of a fork and a join per pass: at batch 1 and H=128 a pass is a few microseconds, of
 // which the fork and join were a large part. Without OpenMP (or inside another parallel region),
-// one at::parallel_for per pass.
+// one at::parallel_for per pass. body must not throw: an exception cannot leave an OpenMP region
+// (at::parallel_for catches and rethrows; this team does not), so every check runs before.
 template <typename Body>
 void passes_in_parallel(int64_t passes, int64_t nq, int64_t grain, const Body& body) {
 #ifdef _OPENMP
@@ -436,7 +440,7 @@ void passes_in_parallel(int64_t passes, int64_t nq, int64_t grain, const Body& b
   for (int64_t i = 0; i < passes; ++i) at::parallel_for(0, nq, grain, [&](int64_t q0, int64_t q1) { body(i, q0, q1); });
 }
 
-// With `inputs` (x (B, T, I) at xp and W_ih packed), each step's block first takes x_t W_ih^T + b_ih
+// With `inputs` (x (B, T, I) and W_ih packed), each step's block first takes x_t W_ih^T + b_ih
 // itself and the recurrent product adds to it (projecting, below); without, the step adds xz_t.
 template <typename T_>
 struct StepInputs {
@@ -505,8 +509,8 @@ void backward_in_time(int64_t T, int64_t B, int64_t G, const bool* m, const Bloc
 // One LSTM step for row b, block j .. j+n: r holds the block's pre-activations from h (and, projecting,
 // from x too: then x is null); gates, if kept, get the activated i, f, g, o.
 template <typename T_>
-__attribute__((always_inline)) inline void lstm_cell(const T_* x, const T_* r, const T_* c_prev, T_* c_next, T_* h_next, T_* h_out, T_* gates,
-                      int64_t H, int64_t j, int64_t n) {
+__attribute__((always_inline)) inline void lstm_cell(const T_* x, const T_* r, const T_* c_prev, T_* c_next,
+                                                     T_* h_next, T_* h_out, T_* gates, int64_t H, int64_t j, int64_t n) {
   auto z = [&](int64_t g) { return x != nullptr ? load(x + g * H + j, n) + load(r + g * H + j, n) : load(r + g * H + j, n); };
   Vec<T_> i = sigmoid(z(0)), f = sigmoid(z(1)), gg = tanh_(z(2)), og = sigmoid(z(3));
   if (gates != nullptr) i.store(gates + j, n), f.store(gates + H + j, n), gg.store(gates + 2 * H + j, n), og.store(gates + 3 * H + j, n);
@@ -556,17 +560,26 @@ void lstm_forward(const Tensor& xz, const Tensor& packed, const std::optional<Te
 }
 
 // Inference with the input projection inside the loop: x (B, T, I) and packed_ih = pack_linear(W_ih, 4).
-// Each step's block computes x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh as one product over I + H
-// inputs, so no (B, T, 4H) projection is written and read back (measured against oneDNN's LSTM at
-// batch 32-64: 1.02-1.26x, where the projection first ran 0.81-1.02x).
+// Each step's block stores x_t W_ih^T + b_ih into its columns of hz and the recurrent product adds
+// h_{t-1} W_hh^T + b_hh to them, so no (B, T, 4H) projection is written and read back (measured
+// against projecting first, then the loop: 1.03-1.27x at batch 1-64, H 128 and 512).
 void lstm_forward_projecting(const Tensor& x, const Tensor& packed_ih, const std::optional<Tensor>& bias_ih,
                              const Tensor& packed, const std::optional<Tensor>& bias, const Tensor& hs, const Tensor& cs,
                              const Tensor& out, const std::optional<Tensor>& mask) {
   check_all("an LSTM buffer", x, hs, cs, out);
-  const int64_t H = hs.size(2), I = x.size(2);
-  TORCH_CHECK(x.dim() == 3 && hs.size(0) == 2, "rnnkit native: lstm_forward_projecting is inference: x (B, T, I), 2 states");
+  TORCH_CHECK(x.dim() == 3 && hs.dim() == 3 && hs.size(0) == 2 && cs.sizes() == hs.sizes(),
+              "rnnkit native: lstm_forward_projecting is inference: x (B, T, I), hs and cs (2, B, H)");
+  const int64_t B = x.size(0), T = x.size(1), I = x.size(2), H = hs.size(2);
+  TORCH_CHECK(hs.size(1) == B && out.dim() == 3 && out.size(0) == B && out.size(1) == T && out.size(2) == H,
+              "rnnkit native: lstm_forward_projecting: x, the states and out disagree on B, T or H");
   TORCH_CHECK(packed_ih.dim() == 4 && packed_ih.size(1) == I && packed.dim() == 4 && packed.size(1) == H,
               "rnnkit native: x, the packed weights and the states disagree on the sizes");
+  for (const auto* b : {&bias_ih, &bias}) {
+    TORCH_CHECK(!b->has_value() || ((*b)->numel() == 4 * H && (*b)->scalar_type() == x.scalar_type() && (*b)->device().is_cpu()),
+                "rnnkit native: lstm_forward_projecting: a bias of 4H numbers, of x's dtype, on the CPU");
+  }
+  TORCH_CHECK(!mask.has_value() || (mask->scalar_type() == at::kBool && mask->sizes() == at::IntArrayRef({B, T})),
+              "rnnkit native: lstm_forward_projecting: mask (B, T) bool");
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnkit_lstm_forward_projecting", [&] {
     using T_ = scalar_t;
     const Blocked<T_> inputs(packed_ih, 4, H, bias_ih);
@@ -902,7 +915,7 @@ Tensor tiled(const Blocked<T>& blocks, const Tensor& x_, int64_t M) {
   const int64_t tiles = (N + rows - 1) / rows;
   const T* xp = x.data_ptr<T>();
   T* yp = y.data_ptr<T>();
-  at::parallel_for(0, tiles * blocks.nq, blocks.grain(std::min(rows, N)), [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, tiles * blocks.nq, blocks.grain(std::min(rows, N), int64_t(1) << 17), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {  // tile-major: consecutive tasks share their tile of x
       const int64_t r0 = (i / blocks.nq) * rows;
       blocks(i % blocks.nq, xp + r0 * K, K, std::min(rows, N - r0), yp + r0 * M, M, false);
@@ -927,7 +940,7 @@ Tensor linear_blocks(const Tensor& x, const Tensor& w, const std::optional<Tenso
 
 // W (G*H, K) -> its packed form (ceil(H / L), K, G, L): for linear_packed (G = 1; W may be the
 // transpose of a row-major matrix, as W_hh^T for the backward's dh += dz W_hh) and for the
-// forward loops' recurrent weight (G gates), which fused.py packs once per weight version.
+// forward loops' recurrent weight (G gates), packed by fused.py on every call.
 Tensor pack_linear(const Tensor& w, int64_t gates) {
   TORCH_CHECK(w.device().is_cpu() && w.dim() == 2, "rnnkit native: pack_linear takes a matrix on the CPU");
   TORCH_CHECK(gates >= 1 && w.size(0) % gates == 0, "rnnkit native: pack_linear: rows not a multiple of the gates");
