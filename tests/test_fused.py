@@ -7,6 +7,7 @@ float32 (1e-5); plus gradcheck on small sizes. Parity with torch.nn itself is te
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import shutil
@@ -64,10 +65,19 @@ def _parts(state):
     return tuple(state) if isinstance(state, tuple) else (state,)
 
 
+@contextlib.contextmanager
+def _fused(on: bool):
+    """Layers through the fused kernels (on) or ``scan_reference`` (off) inside the block."""
+    scan_module.FUSED = on
+    try:
+        yield
+    finally:
+        scan_module.FUSED = True
+
+
 def _run(layer, x, state, lengths, fused_on: bool, seed=0):
     """Outputs, final state and all gradients of a random linear functional of them."""
-    scan_module.FUSED = fused_on
-    try:
+    with _fused(fused_on):
         xi = x.clone().requires_grad_()
         si = tuple(s.clone().requires_grad_() for s in state)
         torch.manual_seed(seed)  # the same dropout masks on both paths
@@ -79,8 +89,6 @@ def _run(layer, x, state, lengths, fused_on: bool, seed=0):
             loss = loss + (f * weights(f)).sum()
         grads = torch.autograd.grad(loss, [xi, *si, *layer.parameters()])
         return [out, *_parts(final), *grads]
-    finally:
-        scan_module.FUSED = True
 
 
 def _max_diff(a, b):
@@ -345,13 +353,9 @@ def test_two_threads(kind, batch, hidden):
     assert _max_diff(_run(layer, x, state, lengths, fused_on=True), _run(layer, x, state, lengths, fused_on=False)) < 1e-5
 
     def infer(fused_on):
-        scan_module.FUSED = fused_on
-        try:
-            with torch.no_grad():
-                out, final = layer(x, state if len(state) > 1 else state[0], lengths=lengths)
+        with _fused(fused_on), torch.no_grad():
+            out, final = layer(x, state if len(state) > 1 else state[0], lengths=lengths)
             return [out, *_parts(final)]
-        finally:
-            scan_module.FUSED = True
 
     assert _max_diff(infer(True), infer(False)) < 1e-5
 
@@ -363,14 +367,11 @@ def test_hidden_size_one_with_a_strided_output_gradient(kind):
     x = torch.randn(2, 5, 3)
 
     def grads(fused_on):
-        scan_module.FUSED = fused_on
-        try:
+        with _fused(fused_on):
             xi = x.clone().requires_grad_()
             out, _ = layer(xi, lengths=[5, 3])
             loss = (out.transpose(1, 2) * torch.arange(5.0)).sum()
             return torch.autograd.grad(loss, [xi, *layer.parameters()])
-        finally:
-            scan_module.FUSED = True
 
     assert _max_diff(grads(True), grads(False)) < 1e-5
 
@@ -420,14 +421,11 @@ def test_generic_kernel_when_no_gradient_reaches_a_step_input():
     x, h0 = torch.randn(2, 5, 3, dtype=torch.float64), torch.randn(1, 2, 4, dtype=torch.float64)
 
     def grads(fused_on):
-        scan_module.FUSED = fused_on
-        try:
+        with _fused(fused_on):
             xi = x.clone().requires_grad_()
             out, final = layer(xi, h0)
             got = torch.autograd.grad(out.square().sum() + final.sum(), [xi, *layer.parameters()], allow_unused=True)
             return [torch.zeros_like(t) if g is None else g for g, t in zip(got, [xi, *layer.parameters()])]
-        finally:
-            scan_module.FUSED = True
 
     assert _max_diff(grads(True), grads(False)) < 1e-10
 
