@@ -648,8 +648,7 @@ def scan_projecting(cell: GatedCell, x: Tensor, state: NamedTuple, mask: Tensor 
     B, T = x.shape[0], x.shape[1]
     if (ops is None or kernel_for(cell) is not KERNELS[LSTMCell.combine] or x.device.type != "cpu"
             or x.dtype not in (torch.float32, torch.float64) or x.dtype != cell.weight_hh.dtype
-            or torch.is_autocast_enabled("cpu")
-            or _functorch_active()):
+            or x.dtype != cell.weight_ih.dtype or torch.is_autocast_enabled("cpu") or _functorch_active()):
         return None
     weights = (x, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh, *state)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in weights):
