@@ -516,6 +516,16 @@ void backward_in_time(int64_t T, int64_t B, int64_t G, const bool* m, const Bloc
 // LSTM: i, f, o = sigmoid, g = tanh of xz_t + h_{t-1} W_hh^T + b_hh; c_t = f c_{t-1} + i g;
 // h_t = o tanh(c_t). gates (training only): the activated i, f, g, o, kept for backward.
 
+// forward_in_time's padded step for the state h (B rows of H, rows now and next of hsp): row b keeps
+// its h_{t-1}, and its output at step t is 0. The LSTM carries c the same way.
+template <typename T_>
+auto carry_h(T_* hsp, T_* outp, int64_t B, int64_t T, int64_t H) {
+  return [=](int64_t b, int64_t t, int64_t now, int64_t next, int64_t j, int64_t n) {
+    load(hsp + (now * B + b) * H + j, n).store(hsp + (next * B + b) * H + j, n);
+    Vec<T_>(T_(0)).store(outp + (b * T + t) * H + j, n);
+  };
+}
+
 // One LSTM step for row b, block j .. j+n: r holds the block's pre-activations from h (and, projecting,
 // from x too: then x is null); gates, if kept, get the activated i, f, g, o.
 template <typename T_>
@@ -548,10 +558,10 @@ void lstm_loop(const Tensor& xz, const Tensor& packed, const std::optional<Tenso
     lstm_cell<T_>(xp != nullptr ? xp + bt * 4 * H : nullptr, r, csp + (now * B + b) * H, csp + (next * B + b) * H,
                   hsp + (next * B + b) * H, outp + bt * H, gp != nullptr ? gp + bt * 4 * H : nullptr, H, j, n);
   };
+  const auto carry = carry_h<T_>(hsp, outp, B, T, H);
   auto padded = [&](int64_t b, int64_t t, int64_t now, int64_t next, int64_t j, int64_t n) {
-    const int64_t from = (now * B + b) * H + j, to = (next * B + b) * H + j;
-    load(hsp + from, n).store(hsp + to, n), load(csp + from, n).store(csp + to, n);
-    Vec<T_>(T_(0)).store(outp + (b * T + t) * H + j, n);
+    carry(b, t, now, next, j, n);
+    load(csp + (now * B + b) * H + j, n).store(csp + (next * B + b) * H + j, n);
   };
   forward_in_time<T_>(T, S, B, ptr<bool>(mask), rec, hsp, step, padded, inputs);
 }
@@ -673,11 +683,7 @@ void gru_forward(const Tensor& xz, const Tensor& packed, const std::optional<Ten
       h.store(hsp + (next * B + b) * H + j, n);
       h.store(outp + bt * H + j, n);
     };
-    auto padded = [&](int64_t b, int64_t t, int64_t now, int64_t next, int64_t j, int64_t n) {
-      load(hsp + (now * B + b) * H + j, n).store(hsp + (next * B + b) * H + j, n);
-      Vec<T_>(T_(0)).store(outp + (b * T + t) * H + j, n);
-    };
-    forward_in_time<T_>(T, S, B, ptr<bool>(mask), rec, hsp, step, padded);
+    forward_in_time<T_>(T, S, B, ptr<bool>(mask), rec, hsp, step, carry_h<T_>(hsp, outp, B, T, H));
   });
 }
 
@@ -750,11 +756,7 @@ void rnn_forward(const Tensor& xz, const Tensor& packed, const std::optional<Ten
       h.store(hsp + (next * B + b) * H + j, n);
       h.store(outp + bt * H + j, n);
     };
-    auto padded = [&](int64_t b, int64_t t, int64_t now, int64_t next, int64_t j, int64_t n) {
-      load(hsp + (now * B + b) * H + j, n).store(hsp + (next * B + b) * H + j, n);
-      Vec<T_>(T_(0)).store(outp + (b * T + t) * H + j, n);
-    };
-    forward_in_time<T_>(T, S, B, ptr<bool>(mask), rec, hsp, step, padded);
+    forward_in_time<T_>(T, S, B, ptr<bool>(mask), rec, hsp, step, carry_h<T_>(hsp, outp, B, T, H));
   });
 }
 
