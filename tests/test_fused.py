@@ -329,8 +329,8 @@ def test_gradcheck_fused(kind, loops):
     state = [torch.randn(3, 3, dtype=torch.float64, requires_grad=True) for _ in cell.State._fields]
     w_hh = cell.weight_hh.detach().clone().requires_grad_()
     b_hh = cell.bias_hh.detach().clone().requires_grad_()
-    kernel = fused._native_twin(fused.kernel_for(cell), xz)
-    assert (loops == "cpp") == (kernel in fused.NATIVE.values()) or kernel is fused.GENERIC
+    kernel = fused._native_twin(fused.kernel_for(cell), cell, xz)
+    assert (loops == "cpp") == (kernel in fused.NATIVE.values() or kernel is fused.COMPILED)
 
     def f(xz, w_hh, b_hh, *state):
         return fused.FusedScan.apply(kernel, cell, mask, xz, w_hh, b_hh, *state)

@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from rnnkit.core import native
+from rnnkit.core import native, pointwise
 from rnnkit.core.cells.gru import GRUCell
 from rnnkit.core.cells.lstm import LSTMCell
 from rnnkit.core.cells.rnn import RNNCell
@@ -646,13 +646,23 @@ def scan_projecting(cell: GatedCell, x: Tensor, state: NamedTuple, mask: Tensor 
     returns the outputs (B, T, H) and the final ``LSTMState``."""
     ops = native.ops()
     B, T = x.shape[0], x.shape[1]
-    if (ops is None or kernel_for(cell) is not KERNELS[LSTMCell.combine] or x.device.type != "cpu"
+    kernel = kernel_for(cell)
+    if (ops is None or kernel not in (KERNELS[LSTMCell.combine], GENERIC) or x.device.type != "cpu"
             or x.dtype not in (torch.float32, torch.float64) or x.dtype != cell.weight_hh.dtype
             or x.dtype != cell.weight_ih.dtype or torch.is_autocast_enabled("cpu") or _functorch_active()):
         return None
     weights = (x, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh, *state)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in weights):
         return None
+    if kernel is GENERIC:  # a user's cell: per step x_t W_ih^T + b_ih, then the compiled combine
+        if pointwise.compiled(cell) is None:
+            return None
+        with torch.no_grad():
+            packed_ih, GH = ops.pack_linear(cell.weight_ih), cell.weight_ih.shape[0]
+            step_input = lambda t: ops.linear_packed(x[:, t], packed_ih, GH, cell.bias_ih)  # noqa: E731
+            out, final, _ = _compiled_loop(cell, step_input, x, T, cell.weight_hh, cell.bias_hh,
+                                           [s.to(x.dtype) for s in state], mask, False)
+            return out, cell.State(*(s.clone() for s in final))
     with torch.no_grad():
         hs, cs = _states(state[0].to(x.dtype), T, False), _states(state[1].to(x.dtype), T, False)
         out = native.buffer((B, T, cell.hidden_size), x)  # (B, T, H)
@@ -762,11 +772,80 @@ NATIVE = {type(KERNELS[LSTMCell.combine]): _NativeLSTM(), type(KERNELS[GRUCell.c
           type(KERNELS[RNNCell.combine]): _NativeRNN()}
 
 
-def _native_twin(kernel: _Kernel, xz: Tensor) -> _Kernel:
-    twin = NATIVE.get(type(kernel))
-    if twin is None or xz.device.type != "cpu" or xz.dtype not in (torch.float32, torch.float64):
+# -- a user's cell with ``combine`` compiled (pointwise.py) -------------------------------------
+#
+# The generic kernel's work without autograd: per step the blocked recurrent matmul and one pass of
+# the compiled ``combine``; back through time one pass of its derivative and ``dh += dz W_hh``.
+# The states of every step are kept (the derivative recomputes the gates from them and hz).
+
+def _step_masks(mask: Tensor | None, like: Tensor):
+    """(B, T) mask -> a (B, 1) column per step in ``like``'s dtype (the programs' mask input)."""
+    if mask is None:
+        return None
+    mf = mask.to(like.dtype)
+    return [mf[:, t : t + 1] for t in range(mf.shape[1])]
+
+
+def _compiled_loop(cell, step_input, like: Tensor, T: int, w_hh, b_hh, state, mask, training: bool):
+    """The compiled ``combine`` over T steps; ``step_input(t)`` gives xz_t (B, G*H). Returns the
+    outputs (B, T, H), the final state's parts and, in training, what backward needs."""
+    ops, program = native.ops(), pointwise.compiled(cell).forward[mask is not None]
+    B, H = state[0].shape[0], w_hh.shape[1]
+    GH = w_hh.shape[0]
+    rows = T + 1 if training else 2  # inference: step t's state in row t % 2
+    hs = [native.buffer((rows, B, H), like) for _ in state]
+    for buffer, s in zip(hs, state):
+        buffer[0] = s
+    out = native.buffer((B, T, H), like)
+    masks, packed, hzs = _step_masks(mask, like), ops.pack_linear(w_hh), []
+    for t in range(T):
+        now, nxt = t % rows, (t + 1) % rows
+        hz = ops.linear_packed(hs[0][now], packed, GH, b_hh)
+        inputs = [step_input(t), hz, *(h[now] for h in hs)] + ([masks[t]] if masks else [])
+        ops.pointwise(*program, inputs, [out[:, t], *(h[nxt] for h in hs)], H)
+        if training:
+            hzs.append(hz)
+    final = tuple(h[T % rows] for h in hs)
+    return out, final, ((hzs, hs, masks) if training else None)
+
+
+class _CompiledGeneric(_Kernel):
+    def forward(self, cell, xz, w_hh, b_hh, state, mask, training):
+        out, final, saved = _compiled_loop(cell, lambda t: xz[:, t], xz, xz.shape[1], w_hh, b_hh, state, mask, training)
+        return out, final, ((xz, *saved) if training else None)
+
+    def backward(self, cell, saved, w_hh, mask, grad_out, grad_state, needs):
+        xz, hzs, hs, masks = saved
+        ops, program = native.ops(), pointwise.compiled(cell).backward[mask is not None]
+        B, T, GH = xz.shape
+        H = w_hh.shape[1]
+        dxz, dhz = native.buffer(xz.shape, xz), native.buffer((T, B, GH), xz)
+        packed_t = ops.pack_linear(w_hh.t())
+        zero = xz.new_zeros(B, 1)  # a gradient no one sent, broadcast along the row
+        grad_out = _grad_rows(grad_out)
+        d = [zero if g is None else g.contiguous() for g in grad_state]
+        turns = [[xz.new_empty(B, H) for _ in hs] for _ in range(2)]
+        for t in reversed(range(T)):
+            prev = turns[t % 2]
+            inputs = [xz[:, t], hzs[t], *(h[t] for h in hs)] + ([masks[t]] if masks else [])
+            inputs += [zero if grad_out is None else grad_out[:, t], *d]
+            ops.pointwise(*program, inputs, [dxz[:, t], dhz[t], *prev], H)
+            prev[0].add_(ops.linear_packed(dhz[t], packed_t, H, None))  # the path through hz_t
+            d = prev
+        dw, db = _weight_grads(dhz, hs[0][:-1], needs["w"], needs["b"])
+        d = [torch.zeros_like(h[0]) if g is zero else g for g, h in zip(d, hs)]  # T = 0
+        return dxz, dw, db, tuple(d)
+
+
+COMPILED = _CompiledGeneric()
+
+
+def _native_twin(kernel: _Kernel, cell, xz: Tensor) -> _Kernel:
+    if xz.device.type != "cpu" or xz.dtype not in (torch.float32, torch.float64) or native.ops() is None:
         return kernel
-    return twin if native.ops() is not None else kernel
+    if kernel is GENERIC:
+        return COMPILED if pointwise.compiled(cell) is not None else kernel
+    return NATIVE.get(type(kernel), kernel)
 
 
 def kernel_for(cell) -> _Kernel | None:
@@ -819,7 +898,7 @@ def fused_scan(cell: GatedCell, xz: Tensor, state: NamedTuple, mask: Tensor | No
     if xz.dtype != dtype:  # autocast: the input projection may arrive in half precision
         xz = xz.to(dtype)
     state = tuple(s.to(dtype) for s in state)
-    kernel = _native_twin(kernel, xz)
+    kernel = _native_twin(kernel, cell, xz)
     if kernel is not GENERIC:  # the C++ loops read rows directly: dense buffers (a no-op when they are)
         xz, mask = xz.contiguous(), mask.contiguous() if mask is not None else None
     tensors = (xz, w_hh, b_hh, *state)

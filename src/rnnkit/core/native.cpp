@@ -981,6 +981,162 @@ Tensor linear_packed(const Tensor& x, const Tensor& packed, int64_t M, const std
   return y;
 }
 
+
+// -- a user's cell: its combine as a small program (pointwise.py compiles it) ----------------------
+//
+// One step of a gated cell that only customises ``combine`` is elementwise over (B, H): pointwise.py
+// traces ``combine`` (and derives its backward), and hands over a program in registers of
+// PW_CHUNK values. ``pointwise`` runs it over every row of the batch in chunks of the row, all
+// instructions on one chunk while it is in the L1 cache, with both threads: one pass where torch
+// would run a dozen single-threaded ops over (B, H) each.
+//
+// program (int64): n_regs, n_in, n_const, n_out, n_instr, then per input (tensor, block), per output
+// (register, tensor, block), then per instruction (op, dst, a, b, c). Registers 0..n_in-1 are the
+// inputs, then the constants (``consts``), then temporaries; input k is columns
+// [block * width, (block + 1) * width) of inputs[tensor], or a (B, 1) column broadcast along the
+// row. Same for outputs, which are written at the end of each chunk.
+enum PwOp : int64_t { PW_ADD, PW_SUB, PW_MUL, PW_DIV, PW_NEG, PW_SIGMOID, PW_TANH, PW_RELU, PW_EXP, PW_WHERE,
+                      PW_GT, PW_GE, PW_OPS };
+constexpr int64_t PW_CHUNK = 256;
+constexpr int64_t PW_HEADER = 5;
+
+struct PwOperand {
+  const Tensor* t;
+  int64_t col;        // first column
+  bool broadcast;     // a (B, 1) column
+};
+
+template <typename T>
+void pw_run(const int64_t* prog, const double* consts, const std::vector<PwOperand>& in,
+            const std::vector<PwOperand>& out, int64_t B, int64_t W) {
+  const int64_t n_regs = prog[0], n_in = prog[1], n_const = prog[2], n_out = prog[3], n_instr = prog[4];
+  const int64_t* out_map = prog + PW_HEADER + 2 * n_in;
+  const int64_t* code = out_map + 3 * n_out;
+  constexpr int64_t VL = Vec<T>::size();
+  const int64_t chunks = (W + PW_CHUNK - 1) / PW_CHUNK;
+  std::vector<const T*> in_p(n_in);
+  std::vector<int64_t> in_ld(n_in);
+  for (int64_t k = 0; k < n_in; ++k) {
+    in_p[k] = in[k].t->data_ptr<T>() + in[k].col;
+    in_ld[k] = in[k].t->stride(0);
+  }
+  std::vector<T*> out_p(n_out);
+  std::vector<int64_t> out_ld(n_out);
+  for (int64_t k = 0; k < n_out; ++k) {
+    out_p[k] = out[k].t->data_ptr<T>() + out[k].col;
+    out_ld[k] = out[k].t->stride(0);
+  }
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / (PW_CHUNK * std::max<int64_t>(1, n_instr)));
+  at::parallel_for(0, B * chunks, grain, [&](int64_t i0, int64_t i1) {
+    std::vector<T> scratch(n_regs * PW_CHUNK);
+    std::vector<T*> regs(n_regs);
+    for (int64_t r = 0; r < n_regs; ++r) regs[r] = scratch.data() + r * PW_CHUNK;
+    for (int64_t k = 0; k < n_const; ++k) std::fill_n(regs[n_in + k], PW_CHUNK, T(consts[k]));
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / chunks, j0 = (i % chunks) * PW_CHUNK, n = std::min(PW_CHUNK, W - j0);
+      const int64_t nn = (n + VL - 1) / VL * VL;  // whole vectors: the registers are PW_CHUNK long
+      for (int64_t k = 0; k < n_in; ++k) {
+        const T* src = in_p[k] + b * in_ld[k];
+        T* own = scratch.data() + k * PW_CHUNK;
+        if (in[k].broadcast) {
+          std::fill_n(own, nn, src[0]);
+          regs[k] = own;
+        } else if (n == PW_CHUNK) {
+          regs[k] = const_cast<T*>(src + j0);  // read in place; instructions never write an input
+        } else {
+          std::copy_n(src + j0, n, own);
+          std::fill(own + n, own + nn, T(0));
+          regs[k] = own;
+        }
+      }
+      for (const int64_t* c = code; c < code + 5 * n_instr; c += 5) {
+        T* d = regs[c[1]];
+        const T *x = regs[c[2]], *y = regs[c[3]], *z = regs[c[4]];
+        auto unary = [&](auto f) {
+          for (int64_t j = 0; j < nn; j += VL) f(Vec<T>::loadu(x + j)).store(d + j);
+        };
+        auto binary = [&](auto f) {
+          for (int64_t j = 0; j < nn; j += VL) f(Vec<T>::loadu(x + j), Vec<T>::loadu(y + j)).store(d + j);
+        };
+        using V = Vec<T>;
+        switch (c[0]) {
+          case PW_ADD: binary([](const V& a, const V& b) { return a + b; }); break;
+          case PW_SUB: binary([](const V& a, const V& b) { return a - b; }); break;
+          case PW_MUL: binary([](const V& a, const V& b) { return a * b; }); break;
+          case PW_DIV: binary([](const V& a, const V& b) { return a / b; }); break;
+          case PW_NEG: unary([](const V& a) { return V(T(0)) - a; }); break;
+          case PW_SIGMOID: unary([](const V& a) { return sigmoid(a); }); break;
+          case PW_TANH: unary([](const V& a) { return tanh_(a); }); break;
+          case PW_RELU: unary([](const V& a) { return at::vec::maximum(a, V(T(0))); }); break;
+          case PW_EXP: unary([](const V& a) { return keep_nan(exp_(a), a); }); break;
+          case PW_GT: binary([](const V& a, const V& b) { return a.gt(b); }); break;
+          case PW_GE: binary([](const V& a, const V& b) { return a.ge(b); }); break;
+          case PW_WHERE:  // x != 0 ? y : z
+            for (int64_t j = 0; j < nn; j += VL) {
+              const V cond = Vec<T>::loadu(x + j) != V(T(0));
+              V::blendv(Vec<T>::loadu(z + j), Vec<T>::loadu(y + j), cond).store(d + j);
+            }
+            break;
+        }
+      }
+      for (int64_t k = 0; k < n_out; ++k) std::copy_n(regs[out_map[3 * k]], n, out_p[k] + b * out_ld[k] + j0);
+    }
+  });
+}
+
+// The operands of a program, checked against it: every tensor 2-D on the CPU, of the consts' dtype
+// partner, B rows, the addressed columns inside it with unit stride.
+std::vector<PwOperand> pw_operands(const int64_t* map, int64_t count, int64_t stride, at::TensorList tensors,
+                                   int64_t B, int64_t W, at::ScalarType dtype, bool outputs) {
+  std::vector<PwOperand> ops;
+  const int64_t first = outputs ? 1 : 0;  // an output's entry starts with its register
+  for (int64_t k = 0; k < count; ++k) {
+    const int64_t index = map[k * stride + first], block = map[k * stride + first + 1];
+    TORCH_CHECK(index >= 0 && index < int64_t(tensors.size()), "rnnkit native: pointwise: a program ",
+                outputs ? "output" : "input", " names a tensor that was not passed");
+    const Tensor& t = tensors[index];
+    TORCH_CHECK(t.dim() == 2 && t.device().is_cpu() && t.scalar_type() == dtype && t.size(0) == B,
+                "rnnkit native: pointwise: every operand must be (B, columns) on the CPU, of one floating dtype");
+    const bool broadcast = !outputs && t.size(1) == 1 && W > 1;
+    TORCH_CHECK(broadcast ? block == 0 : (block >= 0 && (block + 1) * W <= t.size(1) && (t.stride(1) == 1 || W == 1)),
+                "rnnkit native: pointwise: an operand is narrower than the program's block of it, or not unit-stride");
+    ops.push_back({&t, broadcast ? 0 : block * W, broadcast});
+  }
+  return ops;
+}
+
+void pointwise(const Tensor& program, const Tensor& consts, at::TensorList inputs, at::TensorList outputs, int64_t width) {
+  TORCH_CHECK(program.device().is_cpu() && program.scalar_type() == at::kLong && program.dim() == 1 && program.is_contiguous() &&
+              consts.device().is_cpu() && consts.scalar_type() == at::kDouble && consts.is_contiguous(),
+              "rnnkit native: pointwise: the program is an int64 vector and its constants a float64 one");
+  const int64_t* p = program.data_ptr<int64_t>();
+  const int64_t size = program.numel();
+  TORCH_CHECK(size >= PW_HEADER, "rnnkit native: pointwise: the program is shorter than its header");
+  const int64_t n_regs = p[0], n_in = p[1], n_const = p[2], n_out = p[3], n_instr = p[4];
+  TORCH_CHECK(n_in >= 0 && n_const >= 0 && n_out >= 0 && n_instr >= 0 && n_regs >= n_in + n_const && n_regs <= 4096 &&
+              size == PW_HEADER + 2 * n_in + 3 * n_out + 5 * n_instr && consts.numel() == n_const,
+              "rnnkit native: pointwise: the program's header disagrees with its length or its constants");
+  const int64_t* out_map = p + PW_HEADER + 2 * n_in;
+  const int64_t* code = out_map + 3 * n_out;
+  for (int64_t k = 0; k < n_out; ++k)
+    TORCH_CHECK(out_map[3 * k] >= 0 && out_map[3 * k] < n_regs, "rnnkit native: pointwise: an output reads no register");
+  for (int64_t i = 0; i < n_instr; ++i) {
+    const int64_t* c = code + 5 * i;
+    TORCH_CHECK(c[0] >= 0 && c[0] < PW_OPS && c[1] >= n_in + n_const && c[1] < n_regs &&
+                c[2] >= 0 && c[2] < n_regs && c[3] >= 0 && c[3] < n_regs && c[4] >= 0 && c[4] < n_regs,
+                "rnnkit native: pointwise: an instruction's op or register is out of range");
+  }
+  TORCH_CHECK(!inputs.empty() && width >= 1, "rnnkit native: pointwise: no inputs, or no columns");
+  const at::ScalarType dtype = inputs[0].scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "rnnkit native: pointwise runs float32 or float64");
+  const int64_t B = inputs[0].size(0);
+  const auto in = pw_operands(p + PW_HEADER, n_in, 2, inputs, B, width, dtype, false);
+  const auto out = pw_operands(out_map, n_out, 3, outputs, B, width, dtype, true);
+  AT_DISPATCH_FLOATING_TYPES(dtype, "rnnkit_pointwise", [&] {
+    pw_run<scalar_t>(p, consts.data_ptr<double>(), in, out, B, width);
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(rnnkit_native, lib) {
@@ -1003,6 +1159,7 @@ TORCH_LIBRARY(rnnkit_native, lib) {
           "Tensor(b!) dxz, Tensor(c!) dhn, Tensor? mask) -> ()", &gru_backward);
   lib.def("rnn_forward(Tensor xz, Tensor packed, Tensor? bias, Tensor(a!) hs, Tensor(b!) out, Tensor? mask, "
           "bool relu) -> ()", &rnn_forward);
+  lib.def("pointwise(Tensor program, Tensor consts, Tensor[] inputs, Tensor(a!)[] outputs, int width) -> ()", &pointwise);
   lib.def("rnn_backward(Tensor hs, Tensor? gout, Tensor w_hh, Tensor(a!) dh, Tensor(b!) dxz, Tensor? mask, "
           "bool relu) -> ()", &rnn_backward);
 }
