@@ -789,7 +789,8 @@ def _step_masks(mask: Tensor | None, like: Tensor):
 def _compiled_loop(cell, step_input, like: Tensor, T: int, w_hh, b_hh, state, mask, training: bool):
     """The compiled ``combine`` over T steps; ``step_input(t)`` gives xz_t (B, G*H). Returns the
     outputs (B, T, H), the final state's parts and, in training, what backward needs."""
-    ops, program = native.ops(), pointwise.compiled(cell).forward[mask is not None]
+    ops, compiled = native.ops(), pointwise.compiled(cell)
+    program = compiled.forward[mask is not None]
     B, H = state[0].shape[0], w_hh.shape[1]
     GH = w_hh.shape[0]
     rows = T + 1 if training else 2  # inference: step t's state in row t % 2
@@ -806,7 +807,7 @@ def _compiled_loop(cell, step_input, like: Tensor, T: int, w_hh, b_hh, state, ma
         if training:
             hzs.append(hz)
     final = tuple(h[T % rows] for h in hs)
-    return out, final, ((hzs, hs, masks) if training else None)
+    return out, final, ((compiled, hzs, hs, masks) if training else None)  # backward: the same programs
 
 
 class _CompiledGeneric(_Kernel):
@@ -815,8 +816,8 @@ class _CompiledGeneric(_Kernel):
         return out, final, ((xz, *saved) if training else None)
 
     def backward(self, cell, saved, w_hh, mask, grad_out, grad_state, needs):
-        xz, hzs, hs, masks = saved
-        ops, program = native.ops(), pointwise.compiled(cell).backward[mask is not None]
+        xz, compiled, hzs, hs, masks = saved
+        ops, program = native.ops(), compiled.backward[mask is not None]
         B, T, GH = xz.shape
         H = w_hh.shape[1]
         dxz, dhz = native.buffer(xz.shape, xz), native.buffer((T, B, GH), xz)

@@ -14,8 +14,9 @@ than (B, H), or randomness (dropout) leaves the cell on the autograd loop, which
 Every compiled cell is checked once against its own ``combine`` (forward and gradients, float64, on
 random values) before it is used; a mismatch also means the autograd loop.
 
-The program is cached per cell class and the cell's plain attributes (numbers, strings), which a
-``combine`` may read as constants (a forget bias, say); change one and it is traced again.
+The program is cached per cell class and the plain values (numbers, strings, tuples of them) of
+the cell and of its classes, which a ``combine`` may read as constants (a forget bias, say):
+change one and it is traced again.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import torch
 from torch import Tensor
 
 from rnnkit.core import native
+from rnnkit.core.gates import GatedCell
 
 # op name -> native.cpp's PwOp code and arity
 OPS = {"add": (0, 2), "sub": (1, 2), "mul": (2, 2), "div": (3, 2), "neg": (4, 1), "sigmoid": (5, 1),
@@ -322,8 +324,17 @@ _cache: dict = {}
 _lock = threading.Lock()
 
 
+def _plain(value) -> bool:
+    if isinstance(value, tuple):
+        return all(map(_plain, value))
+    return isinstance(value, (bool, int, float, str, type(None)))
+
+
 def _key(cell):
-    plain = tuple(sorted((k, v) for k, v in vars(cell).items() if isinstance(v, (bool, int, float, str, type(None)))))
+    """The cell's class and every plain value ``combine`` could read as a constant: the instance's
+    attributes and those of its own classes (below GatedCell)."""
+    owners = [vars(cell)] + [vars(k) for k in type(cell).__mro__ if issubclass(k, GatedCell) and k is not GatedCell]
+    plain = tuple(tuple(sorted((k, v) for k, v in owner.items() if _plain(v))) for owner in owners)
     return type(cell), plain
 
 

@@ -1,0 +1,231 @@
+"""A user's ``combine`` compiled to the C++ ``pointwise`` programs (core/pointwise.py): what compiles,
+what falls back, and the compiled layers held to the reference loop."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import rnnkit
+from rnnkit.core import fused, native, pointwise
+from rnnkit.core import scan as scan_module
+from rnnkit.core.gates import GatedCell, HiddenState
+
+from user_cells import MGUCell, UserLSTMCell
+
+pytestmark = pytest.mark.skipif(native.ops() is None, reason="the C++ loops are not built here")
+
+
+class SpellingCell(GatedCell):
+    """Every op the programs know, in the spellings a user writes: methods, functions, numbers on
+    either side, ``alpha``, comparisons both ways, ``where`` with a number, class and instance constants."""
+
+    gate_names = ("a", "b")
+    scale = 0.5  # a class constant
+
+    def __init__(self, *args, offset: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.offset = offset  # an instance constant
+
+    def combine(self, x, h, state):
+        a = (x.a + h.a).sigmoid()
+        b = F.relu(x.b) - torch.sub(h.b, state.h, alpha=2)
+        w = torch.where(x.b < 0, b, 0.0)
+        e = torch.exp(-w) / (2 + a)
+        n = torch.tanh(e * self.scale).neg() + self.offset - a * state.h / 3
+        n = torch.where(h.a >= x.a, n, 1.0 - n)
+        return n, HiddenState(n)
+
+
+class SinCell(GatedCell):
+    gate_names = ("a",)
+
+    def combine(self, x, h, state):
+        n = torch.sin(x.a + h.a)  # no program op
+        return n, HiddenState(n)
+
+
+class BranchCell(GatedCell):
+    gate_names = ("a",)
+
+    def combine(self, x, h, state):
+        n = x.a + h.a
+        if (n > 0).all():  # a branch on values: refuses to trace
+            n = n * 2
+        return n, HiddenState(n)
+
+
+class MeanCell(GatedCell):
+    gate_names = ("a",)
+
+    def combine(self, x, h, state):
+        n = torch.tanh(x.a + h.a - x.a.mean(dim=1, keepdim=True))  # not elementwise
+        return n, HiddenState(n)
+
+
+class DropoutCell(GatedCell):
+    gate_names = ("a",)
+
+    def combine(self, x, h, state):
+        n = F.dropout(torch.tanh(x.a + h.a), 0.5, self.training)  # random in training
+        return n, HiddenState(n)
+
+
+def _grads(layer, x, state, lengths, fused_on: bool):
+    scan_module.FUSED = fused_on
+    try:
+        xi = x.clone().requires_grad_()
+        si = tuple(s.clone().requires_grad_() for s in state)
+        out, final = layer(xi, si if len(si) > 1 else si[0], lengths=lengths)
+        parts = list(final) if isinstance(final, tuple) else [final]
+        g = torch.Generator().manual_seed(1)
+        loss = sum((t * torch.randn(t.shape, generator=g, dtype=t.dtype)).sum() for t in [out, *parts])
+        return [out, *parts, *torch.autograd.grad(loss, [xi, *si, *layer.parameters()])]
+    finally:
+        scan_module.FUSED = True
+
+
+def _diff(a, b):
+    return max(((x - y).abs().max() / y.abs().max().clamp(min=1)).item() for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("cell,dtype,bidirectional,with_lengths", list(itertools.product(
+    [SpellingCell, MGUCell, UserLSTMCell], [torch.float64, torch.float32], [False, True], [False, True])))
+def test_compiled_layer_equals_the_reference(cell, dtype, bidirectional, with_lengths, monkeypatch):
+    """Outputs, final states and every gradient through the compiled route against the Python
+    reference loop; the route is asserted taken, in training and (``scan_projecting``) inference."""
+    B, T, I, H, L = 3, 6, 4, 37, 2  # H off the vector width
+    layer = rnnkit.Recurrent(cell, I, H, num_layers=L, bidirectional=bidirectional).to(dtype)
+    D = 2 if bidirectional else 1
+    x = torch.randn(B, T, I, dtype=dtype)
+    state = tuple(torch.randn(L * D, B, H, dtype=dtype) for _ in layer.State._fields)
+    lengths = torch.tensor([6, 2, 4]) if with_lengths else None
+    calls = []
+    loop = fused._compiled_loop
+    monkeypatch.setattr(fused, "_compiled_loop", lambda *a, **k: calls.append(a[-1]) or loop(*a, **k))
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert _diff(_grads(layer, x, state, lengths, True), _grads(layer, x, state, lengths, False)) < tol
+    assert calls == [True] * (L * D)  # training: every (layer, direction) compiled
+    with torch.no_grad():
+        got = layer(x, state if len(state) > 1 else state[0], lengths=lengths)
+        scan_module.FUSED = False
+        try:
+            want = layer(x, state if len(state) > 1 else state[0], lengths=lengths)
+        finally:
+            scan_module.FUSED = True
+    assert calls[L * D:] == [False] * (L * D)  # inference: projecting per step, compiled
+    assert _diff(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)) < tol
+
+
+@pytest.mark.parametrize("cell", [SinCell, BranchCell, MeanCell])
+def test_what_does_not_compile_runs_the_autograd_loop(cell):
+    """An op the programs lack, a branch on values, a reduction: no program, and the layer still
+    computes the reference's outputs and gradients (the generic autograd kernel)."""
+    layer = rnnkit.Recurrent(cell, 3, 5).double()
+    assert pointwise.compiled(layer.cells[0]) is None
+    x = torch.randn(2, 4, 3, dtype=torch.float64)
+    state = (torch.randn(1, 2, 5, dtype=torch.float64),)
+    assert _diff(_grads(layer, x, state, None, True), _grads(layer, x, state, None, False)) < 1e-10
+
+
+def test_dropout_compiles_only_where_it_is_off():
+    """``self.training`` is part of the cache key: in eval the dropout is the identity and compiles;
+    in training it is random and does not."""
+    cell = DropoutCell(3, 5)
+    assert pointwise.compiled(cell.eval()) is not None
+    assert pointwise.compiled(cell.train()) is None
+
+
+def test_a_changed_constant_is_traced_again():
+    """A plain attribute ``combine`` reads is part of the key: changing it changes the result."""
+    layer = rnnkit.Recurrent(SpellingCell, 3, 5, offset=1.0).double()
+    x = torch.randn(2, 4, 3, dtype=torch.float64)
+    with torch.no_grad():
+        before = layer(x)[0]
+        layer.cells[0].offset = 2.0
+        after = layer(x)[0]
+        scan_module.FUSED = False
+        try:
+            want = layer(x)[0]
+        finally:
+            scan_module.FUSED = True
+    assert (before - after).abs().max() > 1e-3
+    assert torch.allclose(after, want, atol=1e-12)
+
+
+def test_compiles_under_no_grad_and_inference_mode():
+    """The first call may come in inference: the check against autograd still runs (a cell first
+    seen under ``no_grad`` once compiled to nothing, for good)."""
+
+    class Fresh(MGUCell):  # a class no other test compiled
+        pass
+
+    for mode in (torch.no_grad, torch.inference_mode):
+        pointwise._cache.clear()
+        with mode():
+            assert pointwise.compiled(Fresh(2, 3)) is not None
+
+
+def test_the_derivative_of_each_op():
+    """Each op's derivative in ``derive`` against autograd, one program per op (float64)."""
+    B, H = 3, 19
+    unary = {"neg": torch.neg, "sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu, "exp": torch.exp}
+    binary = {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div}
+    for name, fn in [*unary.items(), *binary.items(), ("where", None)]:
+        g = pointwise.Graph()
+        args = [g.input(k) for k in range(3 if name == "where" else (2 if name in binary else 1))]
+        if name == "where":
+            out = g.node("where", g.node("gt", args[0], g.const(0)), args[1], args[2])
+            fn = lambda c, a, b: torch.where(c > 0, a, b)  # noqa: E731
+        else:
+            out = g.node(name, *args)
+        seed = g.input(len(args))
+        grads = pointwise.derive(g, [out], [seed])
+        zero = g.const(0)
+        n = len(args)
+        forward = pointwise.emit(g, args, [(k, 0) for k in range(n)], [out], [(0, 0)])
+        backward = pointwise.emit(g, [*args, seed], [(k, 0) for k in range(n + 1)],
+                                  [grads.get(a, zero) for a in args], [(k, 0) for k in range(n)])
+        values = [torch.randn(B, H, dtype=torch.float64) + (3 if name == "div" and k == 1 else 0) for k in range(n)]
+        d_out = torch.randn(B, H, dtype=torch.float64)
+        leaves = [v.clone().requires_grad_() for v in values]
+        want = fn(*leaves)
+        want_grads = torch.autograd.grad(want, leaves, d_out, allow_unused=True)
+        got = torch.empty(B, H, dtype=torch.float64)
+        native.ops().pointwise(*forward, values, [got], H)
+        got_grads = [torch.empty(B, H, dtype=torch.float64) for _ in range(n)]
+        native.ops().pointwise(*backward, [*values, d_out], got_grads, H)
+        assert torch.allclose(got, want, rtol=1e-12, atol=1e-14), name
+        for k, (a, b) in enumerate(zip(got_grads, want_grads)):
+            b = torch.zeros_like(a) if b is None else b
+            assert torch.allclose(a, b, rtol=1e-12, atol=1e-14), (name, k)
+
+
+def _program(*instructions, n_in=1, n_const=0, consts=(), outputs=((1, 0, 0),), n_regs=2):
+    flat = [n_regs, n_in, n_const, len(outputs), len(instructions)] + [0, 0] * n_in
+    flat += [x for o in outputs for x in o] + [x for i in instructions for x in i]
+    return torch.tensor(flat, dtype=torch.int64), torch.tensor(consts, dtype=torch.float64)
+
+
+def test_pointwise_refuses_a_bad_program_or_operand():
+    ops = native.ops()
+    x, y = torch.randn(4, 8), torch.empty(4, 8)
+    code, consts = _program((5, 1, 0, 0, 0))  # y = sigmoid(x)
+    ops.pointwise(code, consts, [x], [y], 8)
+    assert torch.allclose(y, torch.sigmoid(x), atol=1e-6)
+    cases = {
+        "shorter than its header": (torch.tensor([1, 1], dtype=torch.int64), consts, [x], [y], 8),
+        "disagrees with its length": (code[:-1], consts, [x], [y], 8),
+        "out of range": (_program((5, 0, 0, 0, 0))[0], consts, [x], [y], 8),  # writes an input
+        "op or register": (_program((99, 1, 0, 0, 0))[0], consts, [x], [y], 8),
+        "narrower": (code, consts, [x], [y], 16),
+        "not passed": (torch.cat([code[:5], torch.tensor([1]), code[6:]]), consts, [x], [y], 8),  # input 1 of 1
+        "one floating dtype": (code, consts, [x.double()], [y], 8),
+        "int64 vector": (code.int(), consts, [x], [y], 8),
+        "reads no register": (_program((5, 1, 0, 0, 0), outputs=((7, 0, 0),))[0], consts, [x], [y], 8),
+    }
+    for message, args in cases.items():
+        with pytest.raises(RuntimeError, match=message):
+            ops.pointwise(*args)
