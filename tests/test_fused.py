@@ -338,12 +338,12 @@ def test_gradcheck_fused(kind, loops):
     assert torch.autograd.gradcheck(f, (xz, w_hh, b_hh, *state), eps=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh", "user_lstm"])
 @pytest.mark.parametrize("batch,hidden", [(512, 64), (1, 512)])
 def test_two_threads(kind, batch, hidden):
     """Sizes above the C++ loops' grain, so their blocks of hidden units are split across two
     threads (one team through all steps); every other test runs on one. Training, and inference
-    (for the LSTM, the loop that projects its input itself)."""
+    (for the LSTM and a user's compiled cell, the loop that projects its input itself)."""
     torch.set_num_threads(2)  # the autouse fixture restores the count
     layer = LAYERS[kind](input_size=8, hidden_size=hidden)
     x = torch.randn(batch, 5, 8)
@@ -360,7 +360,7 @@ def test_two_threads(kind, batch, hidden):
     assert _max_diff(infer(True), infer(False)) < 1e-5
 
 
-@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh", "user_lstm"])
 def test_hidden_size_one_with_a_strided_output_gradient(kind):
     """H = 1: a (B, T, 1) gradient whose last stride is not 1 (a transposed head) is still dense."""
     layer = LAYERS[kind](input_size=3, hidden_size=1)

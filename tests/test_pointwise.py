@@ -229,3 +229,44 @@ def test_pointwise_refuses_a_bad_program_or_operand():
     for message, args in cases.items():
         with pytest.raises(RuntimeError, match=message):
             ops.pointwise(*args)
+
+
+def test_compiled_without_bias_and_with_one_hidden_unit():
+    """No biases (the matmuls take None) and H = 1 (the mask is then an ordinary column)."""
+    for H, bias in ((5, False), (1, True)):
+        layer = rnnkit.Recurrent(UserLSTMCell, 3, H, bias=bias).double()
+        assert pointwise.compiled(layer.cells[0]) is not None
+        x = torch.randn(2, 4, 3, dtype=torch.float64)
+        state = tuple(torch.randn(1, 2, H, dtype=torch.float64) for _ in range(2))
+        lengths = torch.tensor([4, 2])
+        assert _diff(_grads(layer, x, state, lengths, True), _grads(layer, x, state, lengths, False)) < 1e-10
+
+
+def test_the_scan_ops_refuse_buffers_that_disagree():
+    """``pointwise_scan`` and its backward check every buffer against the others before their thread
+    team starts (where an exception could not be caught)."""
+    ops = native.ops()
+    cell = UserLSTMCell(3, 5)
+    program = pointwise.compiled(cell)
+    B, T, H = 2, 4, 5
+    xz, hs = torch.randn(B, T, 4 * H), [torch.zeros(T + 1, B, H) for _ in range(2)]
+    out, hz, packed = torch.empty(B, T, H), torch.empty(T, B, 4 * H), ops.pack_linear(cell.weight_hh.detach())
+    ops.pointwise_scan(*program.forward[0], xz, None, None, packed, None, 4 * H, hs, out, hz, None)  # accepted
+    forward = {
+        "disagree on G\\*H": dict(width=4 * H + 1),
+        "T \\+ 1 or 2 state rows": dict(hs=[torch.zeros(3, B, H) for _ in range(2)]),
+        "hz_all \\(T, B, G\\*H\\)": dict(hz=torch.empty(T - 1, B, 4 * H)),
+        "names a tensor that was not passed": dict(hs=hs[:1]),  # the program reads two state fields
+    }
+    for message, change in forward.items():
+        args = dict(width=4 * H, hs=hs, hz=hz) | change
+        with pytest.raises(RuntimeError, match=message):
+            ops.pointwise_scan(*program.forward[0], xz, None, None, packed, None, args["width"], args["hs"], out,
+                               args["hz"], None)
+    packed_t = ops.pack_linear(cell.weight_hh.detach().t())
+    d, dxz, dhz = [torch.zeros(B, H) for _ in range(2)], torch.empty_like(xz), torch.empty_like(hz)
+    ops.pointwise_scan_backward(*program.backward[0], xz, hz, hs, None, None, packed_t, d, dxz, dhz)  # accepted
+    with pytest.raises(RuntimeError, match="one gradient per state"):
+        ops.pointwise_scan_backward(*program.backward[0], xz, hz, hs, None, None, packed_t, d[:1], dxz, dhz)
+    with pytest.raises(RuntimeError, match="disagree"):
+        ops.pointwise_scan_backward(*program.backward[0], xz, hz, hs, None, None, packed, d, dxz, dhz)

@@ -31,7 +31,10 @@ Any other :class:`GatedCell` gets the generic kernel: in training, forward recor
 and the recurrence ``h_{t-1} -> hz_t`` with autograd, the recurrent weights detached; backward is
 one ``autograd.grad`` call over that graph (the whole backward through time in autograd's C++
 engine) for ``d xz``, every ``d hz_t`` and the initial state, then the same batched weight
-gradients. Inference runs the same loop under ``no_grad``.
+gradients. Inference runs the same loop under ``no_grad``. Where the C++ loops are built and
+``combine`` compiles (core/pointwise.py), the generic kernel's place goes to ``_CompiledGeneric``:
+per step the C++ recurrent matmul and one C++ pass of the compiled ``combine``, back through time
+one pass of its derivative and ``dh += dz W_hh``, no autograd.
 
 Masks (B, T) follow ``scan_reference`` exactly: at a step where ``mask`` is False a sequence's
 state is carried unchanged and its output is zero. In the backward pass this becomes, per step,
@@ -658,10 +661,8 @@ def scan_projecting(cell: GatedCell, x: Tensor, state: NamedTuple, mask: Tensor 
         if pointwise.compiled(cell) is None:
             return None
         with torch.no_grad():
-            packed_ih, GH = ops.pack_linear(cell.weight_ih), cell.weight_ih.shape[0]
-            step_input = lambda t: ops.linear_packed(x[:, t], packed_ih, GH, cell.bias_ih)  # noqa: E731
-            out, final, _ = _compiled_loop(cell, step_input, x, T, cell.weight_hh, cell.bias_hh,
-                                           [s.to(x.dtype) for s in state], mask, False)
+            out, final, _ = _compiled_loop(cell, x, ops.pack_linear(cell.weight_ih), cell.bias_ih, cell.weight_hh,
+                                           cell.bias_hh, [s.to(x.dtype) for s in state], mask, False)
             return out, cell.State(*(s.clone() for s in final))
     with torch.no_grad():
         hs, cs = _states(state[0].to(x.dtype), T, False), _states(state[1].to(x.dtype), T, False)
@@ -778,63 +779,44 @@ NATIVE = {type(KERNELS[LSTMCell.combine]): _NativeLSTM(), type(KERNELS[GRUCell.c
 # the compiled ``combine``; back through time one pass of its derivative and ``dh += dz W_hh``.
 # The states of every step are kept (the derivative recomputes the gates from them and hz).
 
-def _step_masks(mask: Tensor | None, like: Tensor):
-    """(B, T) mask -> a (B, 1) column per step in ``like``'s dtype (the programs' mask input)."""
-    if mask is None:
-        return None
-    mf = mask.to(like.dtype)
-    return [mf[:, t : t + 1] for t in range(mf.shape[1])]
+def _step_mask(mask: Tensor | None, like: Tensor) -> Tensor | None:
+    """(B, T) mask -> the programs' mask input: ``like``'s dtype, contiguous."""
+    return None if mask is None else mask.to(like.dtype).contiguous()
 
 
-def _compiled_loop(cell, step_input, like: Tensor, T: int, w_hh, b_hh, state, mask, training: bool):
-    """The compiled ``combine`` over T steps; ``step_input(t)`` gives xz_t (B, G*H). Returns the
-    outputs (B, T, H), the final state's parts and, in training, what backward needs."""
+def _compiled_loop(cell, x: Tensor, w_ih_packed, b_ih, w_hh, b_hh, state, mask, training: bool):
+    """The compiled ``combine`` over T steps in C++ (``pointwise_scan``): ``x`` is xz (B, T, G*H), or
+    with ``w_ih_packed`` (``pack_linear(W_ih)``) the input (B, T, I), projected per step. Returns
+    the outputs (B, T, H), the final state's parts and, in training, what backward needs."""
     ops, compiled = native.ops(), pointwise.compiled(cell)
-    program = compiled.forward[mask is not None]
-    B, H = state[0].shape[0], w_hh.shape[1]
-    GH = w_hh.shape[0]
+    B, T = x.shape[0], x.shape[1]
+    GH, H = w_hh.shape
     rows = T + 1 if training else 2  # inference: step t's state in row t % 2
-    hs = [native.buffer((rows, B, H), like) for _ in state]
+    hs = [native.buffer((rows, B, H), x) for _ in state]
     for buffer, s in zip(hs, state):
         buffer[0] = s
-    out = native.buffer((B, T, H), like)
-    masks, packed, hzs = _step_masks(mask, like), ops.pack_linear(w_hh), []
-    for t in range(T):
-        now, nxt = t % rows, (t + 1) % rows
-        hz = ops.linear_packed(hs[0][now], packed, GH, b_hh)
-        inputs = [step_input(t), hz, *(h[now] for h in hs)] + ([masks[t]] if masks else [])
-        ops.pointwise(*program, inputs, [out[:, t], *(h[nxt] for h in hs)], H)
-        if training:
-            hzs.append(hz)
+    out = native.buffer((B, T, H), x)
+    hz = native.buffer((T, B, GH), x) if training else None
+    m = _step_mask(mask, x)
+    ops.pointwise_scan(*compiled.forward[mask is not None], x.contiguous(), w_ih_packed, b_ih, ops.pack_linear(w_hh),
+                       b_hh, GH, hs, out, hz, m)
     final = tuple(h[T % rows] for h in hs)
-    return out, final, ((compiled, hzs, hs, masks) if training else None)  # backward: the same programs
+    return out, final, ((compiled, hz, hs, m) if training else None)  # backward: the same programs
 
 
 class _CompiledGeneric(_Kernel):
     def forward(self, cell, xz, w_hh, b_hh, state, mask, training):
-        out, final, saved = _compiled_loop(cell, lambda t: xz[:, t], xz, xz.shape[1], w_hh, b_hh, state, mask, training)
+        out, final, saved = _compiled_loop(cell, xz, None, None, w_hh, b_hh, state, mask, training)
         return out, final, ((xz, *saved) if training else None)
 
     def backward(self, cell, saved, w_hh, mask, grad_out, grad_state, needs):
-        xz, compiled, hzs, hs, masks = saved
-        ops, program = native.ops(), compiled.backward[mask is not None]
-        B, T, GH = xz.shape
-        H = w_hh.shape[1]
-        dxz, dhz = native.buffer(xz.shape, xz), native.buffer((T, B, GH), xz)
-        packed_t = ops.pack_linear(w_hh.t())
-        zero = xz.new_zeros(B, 1)  # a gradient no one sent, broadcast along the row
-        grad_out = _grad_rows(grad_out)
-        d = [zero if g is None else g.contiguous() for g in grad_state]
-        turns = [[xz.new_empty(B, H) for _ in hs] for _ in range(2)]
-        for t in reversed(range(T)):
-            prev = turns[t % 2]
-            inputs = [xz[:, t], hzs[t], *(h[t] for h in hs)] + ([masks[t]] if masks else [])
-            inputs += [zero if grad_out is None else grad_out[:, t], *d]
-            ops.pointwise(*program, inputs, [dxz[:, t], dhz[t], *prev], H)
-            prev[0].add_(ops.linear_packed(dhz[t], packed_t, H, None))  # the path through hz_t
-            d = prev
+        xz, compiled, hz, hs, m = saved
+        ops = native.ops()
+        dxz, dhz = native.buffer(xz.shape, xz), native.buffer(hz.shape, hz)
+        d = [_grad_in(g, h[0]) for g, h in zip(grad_state, hs)]  # updated in place: the initial state's
+        ops.pointwise_scan_backward(*compiled.backward[mask is not None], xz, hz, hs, m, _grad_rows(grad_out),
+                                    ops.pack_linear(w_hh.t()), d, dxz, dhz)
         dw, db = _weight_grads(dhz, hs[0][:-1], needs["w"], needs["b"])
-        d = [torch.zeros_like(h[0]) if g is zero else g for g, h in zip(d, hs)]  # T = 0
         return dxz, dw, db, tuple(d)
 
 
