@@ -270,3 +270,19 @@ def test_the_scan_ops_refuse_buffers_that_disagree():
         ops.pointwise_scan_backward(*program.backward[0], xz, hz, hs, None, None, packed_t, d[:1], dxz, dhz)
     with pytest.raises(RuntimeError, match="disagree"):
         ops.pointwise_scan_backward(*program.backward[0], xz, hz, hs, None, None, packed, d, dxz, dhz)
+
+
+def test_d_hz_is_d_xz_only_where_every_gate_sees_x_plus_h():
+    """The LSTM written from gates takes each gate as act(x + h): its d hz is its d xz, not written
+    twice. The MGU's candidate takes x.n + f * h.n: there the two differ, and the backward must get a
+    dhz buffer."""
+    assert pointwise.compiled(UserLSTMCell(3, 5)).shared == (True, True)
+    mgu = MGUCell(3, 5)
+    program = pointwise.compiled(mgu)
+    assert program.shared == (False, False)
+    ops, B, T, H = native.ops(), 2, 3, 5
+    xz, hz, hs = torch.randn(B, T, 2 * H), torch.randn(T, B, 2 * H), [torch.randn(T + 1, B, H)]
+    with pytest.raises(RuntimeError, match="no dhz was passed"):
+        ops.pointwise_scan_backward(*program.backward[0], xz, hz, hs, None, None,
+                                    ops.pack_linear(mgu.weight_hh.detach().t()), [torch.zeros(B, H)],
+                                    torch.empty_like(xz), None)

@@ -640,13 +640,15 @@ def project(cell: GatedCell, x: Tensor) -> Tensor:
 
 
 def scan_projecting(cell: GatedCell, x: Tensor, state: NamedTuple, mask: Tensor | None):
-    """``scan(cell, project(cell, x), state, mask)`` for an LSTM cell in inference with the input
-    projection inside the C++ loop (``lstm_forward_projecting``), or ``None`` where that does not
-    apply: another cell, gradients wanted, or anywhere the C++ loops do not run. Measured against
-    projecting beforehand (one matmul, then the loop) over batch 1-64, H 128 and 512: 1.03-1.27x.
+    """``scan(cell, project(cell, x), state, mask)`` in inference with the input projection inside
+    the C++ loop, or ``None`` where that does not apply: gradients wanted, a cell that is neither
+    the LSTM (``lstm_forward_projecting``) nor a user's cell whose ``combine`` compiles
+    (``pointwise_scan`` with ``W_ih``), or anywhere the C++ loops do not run. For the LSTM, measured
+    against projecting beforehand (one matmul, then the loop) over batch 1-64, H 128 and 512:
+    1.03-1.27x.
 
-    ``x`` (B, T, I), ``state`` the cell's ``LSTMState`` of (B, H) parts, ``mask`` (B, T) or ``None``;
-    returns the outputs (B, T, H) and the final ``LSTMState``."""
+    ``x`` (B, T, I), ``state`` the cell's state of (B, H) parts, ``mask`` (B, T) or ``None``;
+    returns the outputs (B, T, H) and the final state."""
     ops = native.ops()
     B, T = x.shape[0], x.shape[1]
     kernel = kernel_for(cell)
@@ -811,12 +813,16 @@ class _CompiledGeneric(_Kernel):
 
     def backward(self, cell, saved, w_hh, mask, grad_out, grad_state, needs):
         xz, compiled, hz, hs, m = saved
-        ops = native.ops()
-        dxz, dhz = native.buffer(xz.shape, xz), native.buffer(hz.shape, hz)
+        ops, masked = native.ops(), mask is not None
+        dxz = native.buffer(xz.shape, xz)
+        dhz = None if compiled.shared[masked] else native.buffer(hz.shape, hz)  # else d hz = d xz
         d = [_grad_in(g, h[0]) for g, h in zip(grad_state, hs)]  # updated in place: the initial state's
-        ops.pointwise_scan_backward(*compiled.backward[mask is not None], xz, hz, hs, m, _grad_rows(grad_out),
+        ops.pointwise_scan_backward(*compiled.backward[masked], xz, hz, hs, m, _grad_rows(grad_out),
                                     ops.pack_linear(w_hh.t()), d, dxz, dhz)
-        dw, db = _weight_grads(dhz, hs[0][:-1], needs["w"], needs["b"])
+        if dhz is None:
+            dw, db = _native_weight_grads(dxz, hs[0], needs)
+        else:
+            dw, db = _weight_grads(dhz, hs[0][:-1], needs["w"], needs["b"])
         return dxz, dw, db, tuple(d)
 
 

@@ -1294,14 +1294,15 @@ void pointwise_scan(const Tensor& program, const Tensor& consts, const Tensor& x
 
 // Back through the steps of pointwise_scan (pointwise.py's backward program): per step t = T-1 .. 0 a
 // pass of the program over (B, H), which writes d xz_t (into dxz, (B, T, G*H)), d hz_t (into dhz,
-// (T, B, G*H)) and the state's gradient without the path through hz_t, then a pass of products
-// over blocks of H adding d hz_t W_hh to d h. dstate: one (B, H) per state field, the final state's
+// (T, B, G*H); without dhz the program's d hz_t is d xz_t) and the state's gradient without the path
+// through hz_t, then a pass of products over blocks of H adding d hz_t W_hh to d h. dstate: one (B, H) per state field, the final state's
 // gradient in, the initial state's out. gout (B, T, H) with unit stride along H, or none.
 void pointwise_scan_backward(const Tensor& program, const Tensor& consts, const Tensor& xz, const Tensor& hz_all,
                              at::TensorList states, const std::optional<Tensor>& mask, const std::optional<Tensor>& gout,
-                             const Tensor& packed_t, at::TensorList dstate, const Tensor& dxz, const Tensor& dhz) {
+                             const Tensor& packed_t, at::TensorList dstate, const Tensor& dxz, const std::optional<Tensor>& dhz) {
   const PwCode pc = checked_program(program, consts);
-  check_all("a pointwise_scan_backward buffer", xz, hz_all, packed_t, dxz, dhz);
+  check_all("a pointwise_scan_backward buffer", xz, hz_all, packed_t, dxz);
+  if (dhz.has_value()) check(*dhz, "pointwise_scan_backward's dhz");
   check_scan_buffers(states, "a pointwise_scan_backward state");
   check_scan_buffers(dstate, "a pointwise_scan_backward state gradient");
   TORCH_CHECK(xz.dim() == 3 && hz_all.dim() == 3 && packed_t.dim() == 4 && !states.empty() && states.size() == dstate.size(),
@@ -1309,7 +1310,7 @@ void pointwise_scan_backward(const Tensor& program, const Tensor& consts, const 
   const int64_t B = xz.size(0), T = xz.size(1), GH = xz.size(2), S = states.size();
   const int64_t H = states[0].dim() == 3 ? states[0].size(2) : -1;
   TORCH_CHECK(hz_all.size(0) == T && hz_all.size(1) == B && hz_all.size(2) == GH && dxz.sizes() == xz.sizes() &&
-              dhz.sizes() == hz_all.sizes() && packed_t.size(1) == GH,
+              (!dhz.has_value() || dhz->sizes() == hz_all.sizes()) && packed_t.size(1) == GH,
               "rnnkit native: pointwise_scan_backward: xz, hz, their gradients and the weight disagree");
   for (int64_t s = 0; s < S; ++s)
     TORCH_CHECK(states[s].dim() == 3 && states[s].size(0) == T + 1 && states[s].size(1) == B && states[s].size(2) == H &&
@@ -1334,13 +1335,18 @@ void pointwise_scan_backward(const Tensor& program, const Tensor& consts, const 
       if (mask.has_value()) ins.push_back(mask->narrow(1, 0, 1));
       ins.push_back(gout.has_value() ? gout->select(1, 0) : zero);
       for (int64_t s = 0; s < S; ++s) ins.push_back(turns[0][s]);
-      std::vector<Tensor> outs = {dxz.select(1, 0), dhz.select(0, 0)};
+      // without dhz (the program's d hz_t is its d xz_t), no output may name it: its place holds dxz
+      for (int64_t k = 0; k < pc.n_out && !dhz.has_value(); ++k)
+        TORCH_CHECK(pc.out_map[3 * k + 1] != 1, "rnnkit native: pointwise_scan_backward: the program writes d hz, and no dhz was passed");
+      std::vector<Tensor> outs = {dxz.select(1, 0), dhz.has_value() ? dhz->select(0, 0) : dxz.select(1, 0)};
       for (int64_t s = 0; s < S; ++s) outs.push_back(turns[0][s]);
       const PwScanOperands<T_> bound(pc, ins, outs, B, H);
       PwScratch<T_> scratch(pc);
       const int64_t first_d = 2 + S + (mask.has_value() ? 1 : 0) + 1, gout_index = first_d - 1;
       const int64_t gstride = gout.has_value() ? gout->stride(1) : 0;
-      T_* dhzp = dhz.data_ptr<T_>();
+      // the product's d hz_t: row b of dhz[t], or of dxz[:, t]
+      const T_* dzp = dhz.has_value() ? dhz->data_ptr<T_>() : dxz.data_ptr<T_>();
+      const int64_t dz_step = dhz.has_value() ? B * GH : GH, dz_ld = dhz.has_value() ? GH : T * GH;
       T_* turnp = turns.data_ptr<T_>();
       passes_in_parallel(2 * T, back.nq, back.grain(B), [&](int64_t i, int64_t q0, int64_t q1) {
         const int64_t t = T - 1 - i / 2, in_turn = (t + 1) % 2, out_turn = t % 2;
@@ -1361,7 +1367,7 @@ void pointwise_scan_backward(const Tensor& program, const Tensor& consts, const 
           bound.run(pc, B, H, q0, q1, back.nq, scratch.mine(), in_offset, out_offset);
           return;
         }
-        for (int64_t q = q0; q < q1; ++q) back(q, dhzp + t * B * GH, GH, B, turnp + out_turn * S * B * H, H, true);
+        for (int64_t q = q0; q < q1; ++q) back(q, dzp + t * dz_step, dz_ld, B, turnp + out_turn * S * B * H, H, true);
       });
     }
     for (int64_t s = 0; s < S; ++s) dstate[s].copy_(turns[0][s]);
@@ -1394,7 +1400,7 @@ TORCH_LIBRARY(rnnkit_native, lib) {
   lib.def("pointwise_scan(Tensor program, Tensor consts, Tensor x, Tensor? packed_ih, Tensor? bias_ih, Tensor packed, "
           "Tensor? bias, int width, Tensor(a!)[] states, Tensor(b!) out, Tensor(c!)? hz_all, Tensor? mask) -> ()", &pointwise_scan);
   lib.def("pointwise_scan_backward(Tensor program, Tensor consts, Tensor xz, Tensor hz_all, Tensor[] states, Tensor? mask, "
-          "Tensor? gout, Tensor packed_t, Tensor(a!)[] dstate, Tensor(b!) dxz, Tensor(c!) dhz) -> ()", &pointwise_scan_backward);
+          "Tensor? gout, Tensor packed_t, Tensor(a!)[] dstate, Tensor(b!) dxz, Tensor(c!)? dhz) -> ()", &pointwise_scan_backward);
   lib.def("rnn_backward(Tensor hs, Tensor? gout, Tensor w_hh, Tensor(a!) dh, Tensor(b!) dxz, Tensor? mask, "
           "bool relu) -> ()", &rnn_backward);
 }

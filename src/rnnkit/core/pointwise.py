@@ -252,14 +252,16 @@ class Compiled(NamedTuple):
     forward:  inputs (xz_t (B, G*H), hz_t (B, G*H), *state (B, H)[, m_t (B, 1)]),
               outputs (out_t (B, H), *new_state (B, H)); a masked row keeps its state, outputs 0.
     backward: inputs (xz_t, hz_t, *state[, m_t], d out_t, *d new_state),
-              outputs (d xz_t, d hz_t, *d state): d state without the path through hz_t's matmul.
+              outputs (d xz_t, d hz_t, *d state): d state without the path through hz_t's matmul;
+              where ``shared``, d hz_t is d xz_t and the program leaves it out.
     """
 
     forward: tuple[Program, Program]
     backward: tuple[Program, Program]
+    shared: tuple[bool, bool]  # d hz_t = d xz_t (every gate sees x and h only as x + h): not written
 
 
-def _build(graph: Graph, outs: list[int], G: int, S: int, masked: bool) -> tuple[Program, Program]:
+def _build(graph: Graph, outs: list[int], G: int, S: int, masked: bool) -> tuple[Program, Program, bool]:
     state_in = [graph.input(2 * G + s) for s in range(S)]
     if masked:
         m = graph.input(2 * G + S)
@@ -274,9 +276,11 @@ def _build(graph: Graph, outs: list[int], G: int, S: int, masked: bool) -> tuple
     zero = graph.const(0)
     wanted = [grads.get(v, zero) for v in fwd_inputs[: 2 * G + S]]
     bwd_map = in_map + [(2 + S + masked + k, 0) for k in range(1 + S)]  # after xz, hz, the state[, m]
-    out_map = [(0, k) for k in range(G)] + [(1, k) for k in range(G)] + [(2 + s, 0) for s in range(S)]
-    backward = emit(graph, fwd_inputs + seeds, bwd_map, wanted, out_map)
-    return forward, backward
+    shared = wanted[:G] == wanted[G : 2 * G]
+    out_map = [(0, k) for k in range(G)] + [(1, k) for k in range(G)] * (not shared) + [(2 + s, 0) for s in range(S)]
+    written = wanted[:G] + wanted[2 * G :] if shared else wanted
+    backward = emit(graph, fwd_inputs + seeds, bwd_map, written, out_map)
+    return forward, backward, shared
 
 
 def compile_cell(cell) -> Compiled | None:
@@ -289,12 +293,13 @@ def compile_cell(cell) -> Compiled | None:
             return None
         G, S = cell.num_gates, len(cell.State._fields)
         built = [_build(graph.copy(), outs, G, S, masked) for masked in (False, True)]
-        compiled = Compiled((built[0][0], built[1][0]), (built[0][1], built[1][1]))
+        compiled = Compiled(*zip(*built))
         return compiled if _agrees(cell, compiled) else None
 
 
 def _agrees(cell, compiled: Compiled) -> bool:
-    """The programs against ``combine`` and autograd on random float64 values, masked rows included."""
+    """Both variants' programs against ``combine`` and autograd on random float64 values (the
+    masked one with a masked row)."""
     G, S = cell.num_gates, len(cell.State._fields)
     gen = torch.Generator().manual_seed(0)
     B, H = 4, 37  # a partial vector
@@ -302,22 +307,27 @@ def _agrees(cell, compiled: Compiled) -> bool:
     state = [torch.randn(B, H, dtype=torch.float64, generator=gen) for _ in range(S)]
     m = torch.tensor([[1.0], [0.0], [1.0], [1.0]], dtype=torch.float64)
     grads = [torch.randn(B, H, dtype=torch.float64, generator=gen) for _ in range(1 + S)]
-    leaves = [t.clone().requires_grad_() for t in (xz, hz, *state)]
-    try:
-        h, new = cell.combine(cell.split(leaves[0]), cell.split(leaves[1]), cell.State(*leaves[2:]))
-        keep = m.bool()
-        want = [h * m] + [torch.where(keep, n, o) for n, o in zip(new, leaves[2:])]
-        want_grads = torch.autograd.grad(want, leaves, grads, allow_unused=True)
-        ops = native.ops()
-        got = [torch.empty(B, H, dtype=torch.float64) for _ in range(1 + S)]
-        ops.pointwise(*compiled.forward[1], [xz, hz, *state, m], got, H)
-        got_grads = [torch.empty_like(t) for t in (xz, hz, *state)]
-        ops.pointwise(*compiled.backward[1], [xz, hz, *state, m, *grads], got_grads, H)
-    except Exception:  # noqa: BLE001 - a combine that runs only traced, or a program the op refuses
-        return False
-    want_grads = [torch.zeros_like(t) if g is None else g for g, t in zip(want_grads, leaves)]
     close = lambda a, b: torch.allclose(a, b.detach(), rtol=1e-9, atol=1e-12, equal_nan=True)  # noqa: E731
-    return all(map(close, got, want)) and all(map(close, got_grads, want_grads))
+    ops = native.ops()
+    for masked in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (xz, hz, *state)]
+        extra = [m] if masked else []
+        try:
+            h, new = cell.combine(cell.split(leaves[0]), cell.split(leaves[1]), cell.State(*leaves[2:]))
+            want = [h, *new] if not masked else [h * m] + [torch.where(m.bool(), n, o) for n, o in zip(new, leaves[2:])]
+            want_grads = torch.autograd.grad(want, leaves, grads, allow_unused=True)
+            got = [torch.empty(B, H, dtype=torch.float64) for _ in range(1 + S)]
+            ops.pointwise(*compiled.forward[masked], [xz, hz, *state, *extra], got, H)
+            got_grads = [torch.empty_like(t) for t in (xz, hz, *state)]
+            ops.pointwise(*compiled.backward[masked], [xz, hz, *state, *extra, *grads], got_grads, H)
+        except Exception:  # noqa: BLE001 - a combine that runs only traced, or a program the op refuses
+            return False
+        if compiled.shared[masked]:
+            got_grads[1] = got_grads[0]
+        want_grads = [torch.zeros_like(t) if g is None else g for g, t in zip(want_grads, leaves)]
+        if not (all(map(close, got, want)) and all(map(close, got_grads, want_grads))):
+            return False
+    return True
 
 
 _cache: dict = {}
