@@ -286,3 +286,63 @@ def test_d_hz_is_d_xz_only_where_every_gate_sees_x_plus_h():
         ops.pointwise_scan_backward(*program.backward[0], xz, hz, hs, None, None,
                                     ops.pack_linear(mgu.weight_hh.detach().t()), [torch.zeros(B, H)],
                                     torch.empty_like(xz), None)
+
+
+class ActivationCell(GatedCell):
+    """``combine`` reads an activation from a child module and a config object (the review's cases)."""
+
+    gate_names = ("a",)
+
+    def __init__(self, *args, act=None, config=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.act, self.config = act, config
+
+    def combine(self, x, h, state):
+        n = self.act(x.a + h.a) * self.config["scale"][0]
+        return n, HiddenState(n)
+
+
+def test_cells_differing_in_any_attribute_get_their_own_programs():
+    """A child module, a function, a list in a dict: two cells of one class that differ there must
+    not share a program (before, only numbers and strings were in the key)."""
+    x = torch.randn(2, 4, 3, dtype=torch.float64)
+    variants = [dict(act=torch.nn.Tanh(), config={"scale": [1.0]}), dict(act=torch.nn.ReLU(), config={"scale": [1.0]}),
+                dict(act=torch.sigmoid, config={"scale": [1.0]}), dict(act=torch.sigmoid, config={"scale": [3.0]})]
+    for kwargs in variants:
+        layer = rnnkit.Recurrent(ActivationCell, 3, 4, **kwargs).double()
+        assert pointwise.compiled(layer.cells[0]) is not None
+        with torch.no_grad():
+            got = layer(x)[0]
+            scan_module.FUSED = False
+            try:
+                want = layer(x)[0]
+            finally:
+                scan_module.FUSED = True
+        assert torch.allclose(got, want, atol=1e-12), kwargs
+
+
+def test_an_attribute_without_equality_keeps_the_autograd_loop():
+    """An unhashable object that is no list, dict, module or dataclass cannot be compared with its
+    value at the trace: no program."""
+
+    class Box:  # unhashable, mutable
+        __hash__ = None
+
+    cell = ActivationCell(3, 4, act=torch.tanh, config={"scale": [1.0]})
+    cell.box = Box()
+    assert pointwise.compiled(cell) is None
+
+
+def test_too_many_gates_for_the_scan_keep_the_autograd_loop():
+    class ManyGates(GatedCell):
+        gate_names = tuple(f"g{k}" for k in range(32))
+
+        def combine(self, x, h, state):
+            n = torch.tanh(sum(a + b for a, b in zip(x, h)))
+            return n, HiddenState(n)
+
+    layer = rnnkit.Recurrent(ManyGates, 3, 2).double()
+    assert pointwise.compiled(layer.cells[0]) is None
+    x = torch.randn(2, 3, 3, dtype=torch.float64)
+    state = (torch.randn(1, 2, 2, dtype=torch.float64),)
+    assert _diff(_grads(layer, x, state, None, True), _grads(layer, x, state, None, False)) < 1e-10

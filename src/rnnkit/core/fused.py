@@ -660,10 +660,11 @@ def scan_projecting(cell: GatedCell, x: Tensor, state: NamedTuple, mask: Tensor 
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in weights):
         return None
     if kernel is GENERIC:  # a user's cell: per step x_t W_ih^T + b_ih, then the compiled combine
-        if pointwise.compiled(cell) is None:
+        programs = pointwise.compiled(cell)
+        if programs is None:
             return None
         with torch.no_grad():
-            out, final, _ = _compiled_loop(cell, x, ops.pack_linear(cell.weight_ih), cell.bias_ih, cell.weight_hh,
+            out, final, _ = _compiled_loop(programs, x, ops.pack_linear(cell.weight_ih), cell.bias_ih, cell.weight_hh,
                                            cell.bias_hh, [s.to(x.dtype) for s in state], mask, False)
             return out, cell.State(*(s.clone() for s in final))
     with torch.no_grad():
@@ -786,11 +787,11 @@ def _step_mask(mask: Tensor | None, like: Tensor) -> Tensor | None:
     return None if mask is None else mask.to(like.dtype).contiguous()
 
 
-def _compiled_loop(cell, x: Tensor, w_ih_packed, b_ih, w_hh, b_hh, state, mask, training: bool):
-    """The compiled ``combine`` over T steps in C++ (``pointwise_scan``): ``x`` is xz (B, T, G*H), or
-    with ``w_ih_packed`` (``pack_linear(W_ih)``) the input (B, T, I), projected per step. Returns
+def _compiled_loop(compiled, x: Tensor, w_ih_packed, b_ih, w_hh, b_hh, state, mask, training: bool):
+    """A cell's ``compiled`` combine over T steps in C++ (``pointwise_scan``): ``x`` is xz (B, T, G*H),
+    or with ``w_ih_packed`` (``pack_linear(W_ih)``) the input (B, T, I), projected per step. Returns
     the outputs (B, T, H), the final state's parts and, in training, what backward needs."""
-    ops, compiled = native.ops(), pointwise.compiled(cell)
+    ops = native.ops()
     B, T = x.shape[0], x.shape[1]
     GH, H = w_hh.shape
     rows = T + 1 if training else 2  # inference: step t's state in row t % 2
@@ -807,8 +808,13 @@ def _compiled_loop(cell, x: Tensor, w_ih_packed, b_ih, w_hh, b_hh, state, mask, 
 
 
 class _CompiledGeneric(_Kernel):
+    """The generic kernel's twin for one cell's compiled programs (``pointwise.compiled``)."""
+
+    def __init__(self, compiled: pointwise.Compiled):
+        self.compiled = compiled
+
     def forward(self, cell, xz, w_hh, b_hh, state, mask, training):
-        out, final, saved = _compiled_loop(cell, xz, None, None, w_hh, b_hh, state, mask, training)
+        out, final, saved = _compiled_loop(self.compiled, xz, None, None, w_hh, b_hh, state, mask, training)
         return out, final, ((xz, *saved) if training else None)
 
     def backward(self, cell, saved, w_hh, mask, grad_out, grad_state, needs):
@@ -826,14 +832,13 @@ class _CompiledGeneric(_Kernel):
         return dxz, dw, db, tuple(d)
 
 
-COMPILED = _CompiledGeneric()
-
 
 def _native_twin(kernel: _Kernel, cell, xz: Tensor) -> _Kernel:
     if xz.device.type != "cpu" or xz.dtype not in (torch.float32, torch.float64) or native.ops() is None:
         return kernel
     if kernel is GENERIC:
-        return COMPILED if pointwise.compiled(cell) is not None else kernel
+        programs = pointwise.compiled(cell)
+        return _CompiledGeneric(programs) if programs is not None else kernel
     return NATIVE.get(type(kernel), kernel)
 
 

@@ -155,7 +155,7 @@ class Recurrent(nn.Module):
                 cell = self.cells[row]
                 x_dir = reverse_padded(x, lengths_t) if direction == 1 else x
                 projected = scan_projecting(cell, x_dir, states[row], mask) if scan_module.FUSED else None
-                if projected is not None:  # LSTM inference: the input projection inside the C++ loop
+                if projected is not None:  # inference: the input projection inside the C++ loop
                     out, final = projected
                 else:
                     xz = project(cell, x_dir) if scan_module.FUSED else cell.project_input(x_dir)

@@ -987,7 +987,7 @@ Tensor linear_packed(const Tensor& x, const Tensor& packed, int64_t M, const std
 // One step of a gated cell that only customises ``combine`` is elementwise over (B, H): pointwise.py
 // traces ``combine`` (and derives its backward), and hands over a program in registers of
 // PW_CHUNK values. ``pointwise`` runs it over every row of the batch in chunks of the row, all
-// instructions on one chunk while it is in the L1 cache, with both threads: one pass where torch
+// instructions on one chunk while it is in the L1 cache, on all threads: one pass where torch
 // would run a dozen single-threaded ops over (B, H) each.
 //
 // program (int64): n_regs, n_in, n_const, n_out, n_instr, then per input (tensor, block), per output
@@ -1084,7 +1084,6 @@ void pw_items(const PwCode& pc, const PwOperands<T>& ops, int64_t W, int64_t i0,
             V::blendv(V::loadu(z + j), V::loadu(y + j), V::loadu(x + j) != V(T(0))).store(d + j);
           }
           break;
-        default: break;
       }
     }
     for (int64_t k = 0; k < pc.n_out; ++k) {
@@ -1099,7 +1098,8 @@ template <typename T>
 struct PwScratch {
   std::vector<T> values;
   int64_t per_thread;
-  explicit PwScratch(const PwCode& pc) : values(at::get_num_threads() * pc.n_regs * PW_CHUNK), per_thread(pc.n_regs * PW_CHUNK) {}
+  explicit PwScratch(const PwCode& pc)
+      : values(at::get_num_threads() * pc.n_regs * PW_CHUNK), per_thread(pc.n_regs * PW_CHUNK) {}
   T* mine() {  // in passes_in_parallel's own OpenMP team, at::get_thread_num() is 0 on every thread
 #ifdef _OPENMP
     const int64_t id = omp_get_thread_num();
@@ -1111,10 +1111,11 @@ struct PwScratch {
   }
 };
 
-// A program checked whole: header, lengths, every register and op in range, outputs only in
-// temporaries. After this, pw_items cannot read or write outside its registers.
+// A program checked whole: header, lengths, every register and op in range, instructions writing
+// only temporaries. After this, pw_items cannot read or write outside its registers.
 PwCode checked_program(const Tensor& program, const Tensor& consts) {
-  TORCH_CHECK(program.device().is_cpu() && program.scalar_type() == at::kLong && program.dim() == 1 && program.is_contiguous() &&
+  TORCH_CHECK(program.device().is_cpu() && program.scalar_type() == at::kLong && program.dim() == 1 &&
+              program.is_contiguous() &&
               consts.device().is_cpu() && consts.scalar_type() == at::kDouble && consts.is_contiguous(),
               "rnnkit native: pointwise: the program is an int64 vector and its constants a float64 one");
   const int64_t* p = program.data_ptr<int64_t>();
@@ -1122,10 +1123,12 @@ PwCode checked_program(const Tensor& program, const Tensor& consts) {
   TORCH_CHECK(size >= PW_HEADER, "rnnkit native: pointwise: the program is shorter than its header");
   const PwCode pc(p, consts.data_ptr<double>());
   TORCH_CHECK(pc.n_in >= 0 && pc.n_const >= 0 && pc.n_out >= 0 && pc.n_instr >= 0 && pc.n_regs >= pc.n_in + pc.n_const &&
-              pc.n_regs <= PW_MAX_REGS && size == PW_HEADER + 2 * pc.n_in + 3 * pc.n_out + 5 * pc.n_instr && consts.numel() == pc.n_const,
+              pc.n_regs <= PW_MAX_REGS && size == PW_HEADER + 2 * pc.n_in + 3 * pc.n_out + 5 * pc.n_instr &&
+              consts.numel() == pc.n_const,
               "rnnkit native: pointwise: the program's header disagrees with its length or its constants");
   for (int64_t k = 0; k < pc.n_out; ++k)
-    TORCH_CHECK(pc.out_map[3 * k] >= 0 && pc.out_map[3 * k] < pc.n_regs, "rnnkit native: pointwise: an output reads no register");
+    TORCH_CHECK(pc.out_map[3 * k] >= 0 && pc.out_map[3 * k] < pc.n_regs,
+                "rnnkit native: pointwise: an output reads no register");
   for (int64_t i = 0; i < pc.n_instr; ++i) {
     const int64_t* c = pc.code + 5 * i;
     TORCH_CHECK(c[0] >= 0 && c[0] < PW_OPS && c[1] >= pc.n_in + pc.n_const && c[1] < pc.n_regs &&
@@ -1147,7 +1150,8 @@ void pw_bind(const PwCode& pc, at::TensorList tensors, bool outputs, int64_t B, 
     TORCH_CHECK(index >= 0 && index < int64_t(tensors.size()), "rnnkit native: pointwise: a program ",
                 outputs ? "output" : "input", " names a tensor that was not passed");
     const Tensor& t = tensors[index];
-    TORCH_CHECK(t.dim() == 2 && t.device().is_cpu() && t.scalar_type() == c10::CppTypeToScalarType<T>::value && t.size(0) == B,
+    TORCH_CHECK(t.dim() == 2 && t.device().is_cpu() && t.scalar_type() == c10::CppTypeToScalarType<T>::value &&
+                t.size(0) == B,
                 "rnnkit native: pointwise: every operand must be (B, columns) on the CPU, of one floating dtype");
     const bool broadcast = !outputs && t.size(1) == 1 && W > 1;
     TORCH_CHECK(broadcast ? block == 0 : (block >= 0 && (block + 1) * W <= t.size(1) && (t.stride(1) == 1 || W == 1)),
@@ -1222,7 +1226,8 @@ void check_scan_buffers(at::TensorList tensors, const char* name) {
 // state, step t's in row t % rows (rows: T + 1, or 2 in inference); hz_all (T, B, G*H) keeps every
 // hz_t for the backward; mask (B, T) in x's dtype.
 void pointwise_scan(const Tensor& program, const Tensor& consts, const Tensor& x, const std::optional<Tensor>& packed_ih,
-                    const std::optional<Tensor>& bias_ih, const Tensor& packed, const std::optional<Tensor>& bias, int64_t width,
+                    const std::optional<Tensor>& bias_ih, const Tensor& packed, const std::optional<Tensor>& bias,
+                    int64_t width,
                     at::TensorList states, const Tensor& out, const std::optional<Tensor>& hz_all,
                     const std::optional<Tensor>& mask) {
   const PwCode pc = checked_program(program, consts);
@@ -1231,32 +1236,35 @@ void pointwise_scan(const Tensor& program, const Tensor& consts, const Tensor& x
   TORCH_CHECK(!states.empty() && x.dim() == 3 && out.dim() == 3 && packed.dim() == 4 && states[0].dim() == 3,
               "rnnkit native: pointwise_scan: x, out and the states are 3-D, the weight packed");
   const int64_t B = x.size(0), T = x.size(1), H = out.size(2), rows = states[0].size(0);
-  const int64_t S = states.size(), L = packed.size(3), GHt = width;
+  const int64_t S = states.size(), L = packed.size(3), GH = width;
   TORCH_CHECK(out.size(0) == B && out.size(1) == T && packed.size(1) == H && (rows == T + 1 || rows == 2),
               "rnnkit native: pointwise_scan: out (B, T, H), the weight packed for K = H, T + 1 or 2 state rows");
   for (const Tensor& st : states)
-    TORCH_CHECK(st.sizes() == states[0].sizes() && st.size(1) == B && st.size(2) == H, "rnnkit native: pointwise_scan: states (rows, B, H)");
+    TORCH_CHECK(st.sizes() == states[0].sizes() && st.size(1) == B && st.size(2) == H,
+                "rnnkit native: pointwise_scan: states (rows, B, H)");
   const bool projecting = packed_ih.has_value();
   TORCH_CHECK(width >= 1 && packed.size(0) == (width + L - 1) / L && (projecting || x.size(2) == width) &&
-              (!projecting || (packed_ih->dim() == 4 && packed_ih->size(0) == packed.size(0) && packed_ih->size(1) == x.size(2))) &&
+              (!projecting ||
+               (packed_ih->dim() == 4 && packed_ih->size(0) == packed.size(0) && packed_ih->size(1) == x.size(2))) &&
               (!bias.has_value() || bias->numel() == width) && (!bias_ih.has_value() || bias_ih->numel() == width),
               "rnnkit native: pointwise_scan: the packed weights, the biases and x disagree on G*H");
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnkit_pointwise_scan", [&] {
     using T_ = scalar_t;
-    const Blocked<T_> rec(packed, 1, GHt, bias);
+    const Blocked<T_> rec(packed, 1, GH, bias);
     std::optional<Blocked<T_>> proj;
-    if (projecting) proj.emplace(*packed_ih, 1, GHt, bias_ih);
-    const Tensor xz_buffer = projecting ? at::empty({B, GHt}, x.options()) : Tensor();
+    if (projecting) proj.emplace(*packed_ih, 1, GH, bias_ih);
+    const Tensor xz_buffer = projecting ? at::empty({B, GH}, x.options()) : Tensor();
     const bool keep = hz_all.has_value();
     if (keep) {
       check(*hz_all, "pointwise_scan's hz_all");
-      TORCH_CHECK(hz_all->dim() == 3 && hz_all->size(0) == T && hz_all->size(1) == B && hz_all->size(2) == GHt,
+      TORCH_CHECK(hz_all->dim() == 3 && hz_all->size(0) == T && hz_all->size(1) == B && hz_all->size(2) == GH,
                   "rnnkit native: pointwise_scan: hz_all (T, B, G*H)");
     }
-    const Tensor hz_buffer = keep ? Tensor() : at::empty({B, GHt}, x.options());
+    const Tensor hz_buffer = keep ? Tensor() : at::empty({B, GH}, x.options());
     if (mask.has_value()) {
       check(*mask, "pointwise_scan's mask");
-      TORCH_CHECK(mask->dim() == 2 && mask->size(0) == B && mask->size(1) == T, "rnnkit native: pointwise_scan: mask (B, T)");
+      TORCH_CHECK(mask->dim() == 2 && mask->size(0) == B && mask->size(1) == T,
+                  "rnnkit native: pointwise_scan: mask (B, T)");
     }
     if (T == 0) return;
     std::vector<Tensor> ins = {projecting ? xz_buffer : x.select(1, 0), keep ? hz_all->select(0, 0) : hz_buffer};
@@ -1273,16 +1281,16 @@ void pointwise_scan(const Tensor& program, const Tensor& consts, const Tensor& x
     passes_in_parallel(2 * T, rec.nq, rec.grain(B), [&](int64_t i, int64_t q0, int64_t q1) {
       const int64_t t = i / 2, now = t % rows, next = (t + 1) % rows;
       if (i % 2 == 0) {  // the products
-        T_* hz = hzp + (keep ? t * B * GHt : 0);
+        T_* hz = hzp + (keep ? t * B * GH : 0);
         for (int64_t q = q0; q < q1; ++q) {
-          if (projecting) (*proj)(q, xp + t * I, T * I, B, xzp, GHt, false);
-          rec(q, h0 + now * B * H, H, B, hz, GHt, false);
+          if (projecting) (*proj)(q, xp + t * I, T * I, B, xzp, GH, false);
+          rec(q, h0 + now * B * H, H, B, hz, GH, false);
         }
         return;
       }
       auto in_offset = [&](int64_t k) -> int64_t {
-        if (k == 0) return projecting ? 0 : t * GHt;
-        if (k == 1) return keep ? t * B * GHt : 0;
+        if (k == 0) return projecting ? 0 : t * GH;
+        if (k == 1) return keep ? t * B * GH : 0;
         if (k < 2 + S) return now * B * H;
         return t;  // the mask
       };
@@ -1295,11 +1303,13 @@ void pointwise_scan(const Tensor& program, const Tensor& consts, const Tensor& x
 // Back through the steps of pointwise_scan (pointwise.py's backward program): per step t = T-1 .. 0 a
 // pass of the program over (B, H), which writes d xz_t (into dxz, (B, T, G*H)), d hz_t (into dhz,
 // (T, B, G*H); without dhz the program's d hz_t is d xz_t) and the state's gradient without the path
-// through hz_t, then a pass of products over blocks of H adding d hz_t W_hh to d h. dstate: one (B, H) per state field, the final state's
+// through hz_t, then a pass of products over blocks of H adding d hz_t W_hh to d h.
+// dstate: one (B, H) per state field, the final state's
 // gradient in, the initial state's out. gout (B, T, H) with unit stride along H, or none.
 void pointwise_scan_backward(const Tensor& program, const Tensor& consts, const Tensor& xz, const Tensor& hz_all,
                              at::TensorList states, const std::optional<Tensor>& mask, const std::optional<Tensor>& gout,
-                             const Tensor& packed_t, at::TensorList dstate, const Tensor& dxz, const std::optional<Tensor>& dhz) {
+                             const Tensor& packed_t, at::TensorList dstate, const Tensor& dxz,
+                             const std::optional<Tensor>& dhz) {
   const PwCode pc = checked_program(program, consts);
   check_all("a pointwise_scan_backward buffer", xz, hz_all, packed_t, dxz);
   if (dhz.has_value()) check(*dhz, "pointwise_scan_backward's dhz");
@@ -1318,7 +1328,8 @@ void pointwise_scan_backward(const Tensor& program, const Tensor& consts, const 
                 "rnnkit native: pointwise_scan_backward: states (T + 1, B, H), their gradients (B, H)");
   if (mask.has_value()) {
     check(*mask, "pointwise_scan_backward's mask");
-    TORCH_CHECK(mask->dim() == 2 && mask->size(0) == B && mask->size(1) == T, "rnnkit native: pointwise_scan_backward: mask (B, T)");
+    TORCH_CHECK(mask->dim() == 2 && mask->size(0) == B && mask->size(1) == T,
+                "rnnkit native: pointwise_scan_backward: mask (B, T)");
   }
   if (gout.has_value())
     TORCH_CHECK(gout->dim() == 3 && gout->size(0) == B && gout->size(1) == T && gout->size(2) == H && gout->stride(2) == 1 &&
@@ -1337,7 +1348,8 @@ void pointwise_scan_backward(const Tensor& program, const Tensor& consts, const 
       for (int64_t s = 0; s < S; ++s) ins.push_back(turns[0][s]);
       // without dhz (the program's d hz_t is its d xz_t), no output may name it: its place holds dxz
       for (int64_t k = 0; k < pc.n_out && !dhz.has_value(); ++k)
-        TORCH_CHECK(pc.out_map[3 * k + 1] != 1, "rnnkit native: pointwise_scan_backward: the program writes d hz, and no dhz was passed");
+        TORCH_CHECK(pc.out_map[3 * k + 1] != 1,
+                    "rnnkit native: pointwise_scan_backward: the program writes d hz, and no dhz was passed");
       std::vector<Tensor> outs = {dxz.select(1, 0), dhz.has_value() ? dhz->select(0, 0) : dxz.select(1, 0)};
       for (int64_t s = 0; s < S; ++s) outs.push_back(turns[0][s]);
       const PwScanOperands<T_> bound(pc, ins, outs, B, H);
@@ -1398,9 +1410,11 @@ TORCH_LIBRARY(rnnkit_native, lib) {
           "bool relu) -> ()", &rnn_forward);
   lib.def("pointwise(Tensor program, Tensor consts, Tensor[] inputs, Tensor(a!)[] outputs, int width) -> ()", &pointwise);
   lib.def("pointwise_scan(Tensor program, Tensor consts, Tensor x, Tensor? packed_ih, Tensor? bias_ih, Tensor packed, "
-          "Tensor? bias, int width, Tensor(a!)[] states, Tensor(b!) out, Tensor(c!)? hz_all, Tensor? mask) -> ()", &pointwise_scan);
+          "Tensor? bias, int width, Tensor(a!)[] states, Tensor(b!) out, Tensor(c!)? hz_all, Tensor? mask) -> ()",
+          &pointwise_scan);
   lib.def("pointwise_scan_backward(Tensor program, Tensor consts, Tensor xz, Tensor hz_all, Tensor[] states, Tensor? mask, "
-          "Tensor? gout, Tensor packed_t, Tensor(a!)[] dstate, Tensor(b!) dxz, Tensor(c!)? dhz) -> ()", &pointwise_scan_backward);
+          "Tensor? gout, Tensor packed_t, Tensor(a!)[] dstate, Tensor(b!) dxz, Tensor(c!)? dhz) -> ()",
+          &pointwise_scan_backward);
   lib.def("rnn_backward(Tensor hs, Tensor? gout, Tensor w_hh, Tensor(a!) dh, Tensor(b!) dxz, Tensor? mask, "
           "bool relu) -> ()", &rnn_backward);
 }

@@ -4,28 +4,33 @@ A cell that customises only ``combine`` (the GatedCell contract) is elementwise 
 output is a function of the gates' parts and the state at the same (row, column). Run as torch ops,
 ``combine`` is a dozen single-threaded passes over (B, H) per step and as many autograd nodes back.
 Here it is traced once (``make_fx`` with fake tensors, so a branch on a value refuses to trace),
-turned into a small program of registers and derived symbolically for the backward; native.cpp's
-``pointwise`` runs a program over all rows in one threaded pass.
+turned into a small program of registers and derived symbolically for the backward; native.cpp runs
+the loops over time (``pointwise_scan`` and its backward), a program in one threaded pass per step.
 
 What compiles: ``+ - * /`` (tensors or numbers), ``neg``, ``sigmoid``, ``tanh``, ``relu``, ``exp``,
 comparisons and ``where``, in whatever spelling reaches those aten ops (``torch.sigmoid``,
 ``x.sigmoid()``, ``F.relu``, ``1 - z``...). Anything else, a value-dependent branch, a shape other
-than (B, H), or randomness (dropout) leaves the cell on the autograd loop, which computes the same.
+than (B, H), randomness (dropout), or more than about 30 gates leaves the cell on the autograd loop,
+which computes the same.
 Every compiled cell is checked once against its own ``combine`` (forward and gradients, float64, on
 random values) before it is used; a mismatch also means the autograd loop.
 
-The program is cached per cell class and the plain values (numbers, strings, tuples of them) of
-the cell and of its classes, which a ``combine`` may read as constants (a forget bias, say):
-change one and it is traced again.
+The programs are cached per cell class and the values of the attributes of the cell (its child
+modules' included) and of its classes, which a ``combine`` may read as constants (a forget bias, an
+activation function, a config object): change one and it is traced again, so a value changed at
+every step (an annealed temperature) re-traces at every step (about 10 ms). Not seen: module
+globals that ``combine`` reads, and a branch on a tensor's shape (the trace runs at one shape).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
+from collections import OrderedDict
 from typing import NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from rnnkit.core import native
 from rnnkit.core.gates import GatedCell
@@ -34,6 +39,7 @@ from rnnkit.core.gates import GatedCell
 OPS = {"add": (0, 2), "sub": (1, 2), "mul": (2, 2), "div": (3, 2), "neg": (4, 1), "sigmoid": (5, 1),
        "tanh": (6, 1), "relu": (7, 1), "exp": (8, 1), "where": (9, 3), "gt": (10, 2), "ge": (11, 2)}
 TRACE_SHAPE = (3, 5)  # rows and columns differ, so a reduction or a transpose shows in the shapes
+MAX_OPERANDS = 64  # native.cpp's PW_MAX_OPERANDS: a scan's inputs (or outputs) at most
 
 
 class Unsupported(Exception):
@@ -292,6 +298,8 @@ def compile_cell(cell) -> Compiled | None:
         except Unsupported:
             return None
         G, S = cell.num_gates, len(cell.State._fields)
+        if 2 * G + 2 * S + 2 > MAX_OPERANDS:  # the backward's inputs: xz, hz parts, state, mask, d out, d state
+            return None
         built = [_build(graph.copy(), outs, G, S, masked) for masked in (False, True)]
         compiled = Compiled(*zip(*built))
         return compiled if _agrees(cell, compiled) else None
@@ -330,31 +338,69 @@ def _agrees(cell, compiled: Compiled) -> bool:
     return True
 
 
-_cache: dict = {}
+# -- the cache -----------------------------------------------------------------------------------
+
+CACHE_SIZE = 64  # programs kept, the least recently used dropped first
+_cache: OrderedDict = OrderedDict()
 _lock = threading.Lock()
+_MODULE_STATE = frozenset(vars(nn.Module())) - {"training"}  # nn.Module's own bookkeeping
 
 
-def _plain(value) -> bool:
-    if isinstance(value, tuple):
-        return all(map(_plain, value))
-    return isinstance(value, (bool, int, float, str, type(None)))
+class _Unkeyable(Exception):
+    """An attribute whose value cannot be compared with a later one (a mutable object)."""
+
+
+def _value_key(value):
+    """What a traced ``combine`` may have baked in from ``value``, as a hashable key."""
+    if isinstance(value, (bool, int, float, str, type(None))):
+        return value
+    if isinstance(value, (tuple, list)):
+        return type(value).__name__, tuple(map(_value_key, value))
+    if isinstance(value, dict):
+        return "dict", tuple((_value_key(k), _value_key(v)) for k, v in value.items())
+    if isinstance(value, nn.Module):
+        return type(value), _attributes_key(value)
+    if isinstance(value, Tensor):  # a tensor that combine reads does not trace: only its identity matters
+        return "tensor", id(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return type(value), tuple((f.name, _value_key(getattr(value, f.name))) for f in dataclasses.fields(value))
+    try:
+        hash(value)
+    except TypeError:
+        raise _Unkeyable(type(value).__name__) from None
+    return type(value), value  # functions, classes, enums, frozen objects: by their own equality
+
+
+def _attributes_key(module: nn.Module):
+    own = sorted((k, v) for k, v in vars(module).items() if k not in _MODULE_STATE)
+    return (tuple((k, _value_key(v)) for k, v in own),
+            tuple((k, _value_key(child)) for k, child in module._modules.items()))
 
 
 def _key(cell):
-    """The cell's class and every plain value ``combine`` could read as a constant: the instance's
-    attributes and those of its own classes (below GatedCell)."""
-    owners = [vars(cell)] + [vars(k) for k in type(cell).__mro__ if issubclass(k, GatedCell) and k is not GatedCell]
-    plain = tuple(tuple(sorted((k, v) for k, v in owner.items() if _plain(v))) for owner in owners)
-    return type(cell), plain
+    """The cell's class and every value ``combine`` could have read as a constant: the attributes of
+    the cell (child modules included, recursively) and of its own classes (below GatedCell)."""
+    classes = [k for k in type(cell).__mro__ if issubclass(k, GatedCell) and k is not GatedCell]
+    return type(cell), _attributes_key(cell), tuple(_value_key(dict(vars(k))) for k in classes)
 
 
 def compiled(cell) -> Compiled | None:
-    """The cached ``compile_cell(cell)``; ``None`` also where the C++ loops are not built."""
+    """The cached ``compile_cell(cell)``; ``None`` also where the C++ loops are not built or an
+    attribute of the cell cannot be compared with its value at the trace (a list, say, works; an
+    object with no equality of its own and unhashable does not)."""
     if native.ops() is None:
         return None
-    key = _key(cell)
-    if key not in _cache:
-        with _lock:
-            if key not in _cache:
-                _cache[key] = compile_cell(cell)
-    return _cache[key]
+    try:
+        key = _key(cell)
+    except _Unkeyable:
+        return None
+    with _lock:
+        if key in _cache:
+            _cache.move_to_end(key)
+            return _cache[key]
+    programs = compile_cell(cell)
+    with _lock:
+        _cache[key] = programs
+        while len(_cache) > CACHE_SIZE:
+            _cache.popitem(last=False)
+    return programs
