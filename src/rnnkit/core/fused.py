@@ -782,11 +782,6 @@ NATIVE = {type(KERNELS[LSTMCell.combine]): _NativeLSTM(), type(KERNELS[GRUCell.c
 # the compiled ``combine``; back through time one pass of its derivative and ``dh += dz W_hh``.
 # The states of every step are kept (the derivative recomputes the gates from them and hz).
 
-def _step_mask(mask: Tensor | None, like: Tensor) -> Tensor | None:
-    """(B, T) mask -> the programs' mask input: ``like``'s dtype, contiguous."""
-    return None if mask is None else mask.to(like.dtype).contiguous()
-
-
 def _compiled_loop(compiled, x: Tensor, w_ih_packed, b_ih, w_hh, b_hh, state, mask, training: bool):
     """A cell's ``compiled`` combine over T steps in C++ (``pointwise_scan``): ``x`` is xz (B, T, G*H),
     or with ``w_ih_packed`` (``pack_linear(W_ih)``) the input (B, T, I), projected per step. Returns
@@ -794,16 +789,13 @@ def _compiled_loop(compiled, x: Tensor, w_ih_packed, b_ih, w_hh, b_hh, state, ma
     ops = native.ops()
     B, T = x.shape[0], x.shape[1]
     GH, H = w_hh.shape
-    rows = T + 1 if training else 2  # inference: step t's state in row t % 2
-    hs = [native.buffer((rows, B, H), x) for _ in state]
-    for buffer, s in zip(hs, state):
-        buffer[0] = s
+    hs = [_states(s, T, training) for s in state]  # inference: step t's state in row t % 2
     out = native.buffer((B, T, H), x)
     hz = native.buffer((T, B, GH), x) if training else None
-    m = _step_mask(mask, x)
+    m = None if mask is None else mask.to(x.dtype).contiguous()  # the programs' mask: a number per row
     ops.pointwise_scan(*compiled.forward[mask is not None], x.contiguous(), w_ih_packed, b_ih, ops.pack_linear(w_hh),
                        b_hh, GH, hs, out, hz, m)
-    final = tuple(h[T % rows] for h in hs)
+    final = tuple(h[T % h.shape[0]] for h in hs)
     return out, final, ((compiled, hz, hs, m) if training else None)  # backward: the same programs
 
 
