@@ -10,9 +10,9 @@ import torch.nn.functional as F
 
 import rnnkit
 from rnnkit.core import fused, native, pointwise
-from rnnkit.core import scan as scan_module
 from rnnkit.core.gates import GatedCell, HiddenState
 
+from test_fused import _fused, _max_diff
 from user_cells import MGUCell, UserLSTMCell
 
 pytestmark = pytest.mark.skipif(native.ops() is None, reason="the C++ loops are not built here")
@@ -74,8 +74,7 @@ class DropoutCell(GatedCell):
 
 
 def _grads(layer, x, state, lengths, fused_on: bool):
-    scan_module.FUSED = fused_on
-    try:
+    with _fused(fused_on):
         xi = x.clone().requires_grad_()
         si = tuple(s.clone().requires_grad_() for s in state)
         out, final = layer(xi, si if len(si) > 1 else si[0], lengths=lengths)
@@ -83,12 +82,6 @@ def _grads(layer, x, state, lengths, fused_on: bool):
         g = torch.Generator().manual_seed(1)
         loss = sum((t * torch.randn(t.shape, generator=g, dtype=t.dtype)).sum() for t in [out, *parts])
         return [out, *parts, *torch.autograd.grad(loss, [xi, *si, *layer.parameters()])]
-    finally:
-        scan_module.FUSED = True
-
-
-def _diff(a, b):
-    return max(((x - y).abs().max() / y.abs().max().clamp(min=1)).item() for x, y in zip(a, b))
 
 
 @pytest.mark.parametrize("cell,dtype,bidirectional,with_lengths", list(itertools.product(
@@ -106,17 +99,14 @@ def test_compiled_layer_equals_the_reference(cell, dtype, bidirectional, with_le
     loop = fused._compiled_loop
     monkeypatch.setattr(fused, "_compiled_loop", lambda *a, **k: calls.append(a[-1]) or loop(*a, **k))
     tol = 1e-10 if dtype == torch.float64 else 1e-5
-    assert _diff(_grads(layer, x, state, lengths, True), _grads(layer, x, state, lengths, False)) < tol
+    assert _max_diff(_grads(layer, x, state, lengths, True), _grads(layer, x, state, lengths, False)) < tol
     assert calls == [True] * (L * D)  # training: every (layer, direction) compiled
     with torch.no_grad():
         got = layer(x, state if len(state) > 1 else state[0], lengths=lengths)
-        scan_module.FUSED = False
-        try:
+        with _fused(False):
             want = layer(x, state if len(state) > 1 else state[0], lengths=lengths)
-        finally:
-            scan_module.FUSED = True
     assert calls[L * D:] == [False] * (L * D)  # inference: projecting per step, compiled
-    assert _diff(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)) < tol
+    assert _max_diff(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)) < tol
 
 
 @pytest.mark.parametrize("cell", [SinCell, BranchCell, MeanCell])
@@ -127,7 +117,7 @@ def test_what_does_not_compile_runs_the_autograd_loop(cell):
     assert pointwise.compiled(layer.cells[0]) is None
     x = torch.randn(2, 4, 3, dtype=torch.float64)
     state = (torch.randn(1, 2, 5, dtype=torch.float64),)
-    assert _diff(_grads(layer, x, state, None, True), _grads(layer, x, state, None, False)) < 1e-10
+    assert _max_diff(_grads(layer, x, state, None, True), _grads(layer, x, state, None, False)) < 1e-10
 
 
 def test_dropout_compiles_only_where_it_is_off():
@@ -146,11 +136,8 @@ def test_a_changed_constant_is_traced_again():
         before = layer(x)[0]
         layer.cells[0].offset = 2.0
         after = layer(x)[0]
-        scan_module.FUSED = False
-        try:
+        with _fused(False):
             want = layer(x)[0]
-        finally:
-            scan_module.FUSED = True
     assert (before - after).abs().max() > 1e-3
     assert torch.allclose(after, want, atol=1e-12)
 
@@ -239,7 +226,7 @@ def test_compiled_without_bias_and_with_one_hidden_unit():
         x = torch.randn(2, 4, 3, dtype=torch.float64)
         state = tuple(torch.randn(1, 2, H, dtype=torch.float64) for _ in range(2))
         lengths = torch.tensor([4, 2])
-        assert _diff(_grads(layer, x, state, lengths, True), _grads(layer, x, state, lengths, False)) < 1e-10
+        assert _max_diff(_grads(layer, x, state, lengths, True), _grads(layer, x, state, lengths, False)) < 1e-10
 
 
 def test_the_scan_ops_refuse_buffers_that_disagree():
@@ -313,11 +300,8 @@ def test_cells_differing_in_any_attribute_get_their_own_programs():
         assert pointwise.compiled(layer.cells[0]) is not None
         with torch.no_grad():
             got = layer(x)[0]
-            scan_module.FUSED = False
-            try:
+            with _fused(False):
                 want = layer(x)[0]
-            finally:
-                scan_module.FUSED = True
         assert torch.allclose(got, want, atol=1e-12), kwargs
 
 
@@ -345,4 +329,4 @@ def test_too_many_gates_for_the_scan_keep_the_autograd_loop():
     assert pointwise.compiled(layer.cells[0]) is None
     x = torch.randn(2, 3, 3, dtype=torch.float64)
     state = (torch.randn(1, 2, 2, dtype=torch.float64),)
-    assert _diff(_grads(layer, x, state, None, True), _grads(layer, x, state, None, False)) < 1e-10
+    assert _max_diff(_grads(layer, x, state, None, True), _grads(layer, x, state, None, False)) < 1e-10
