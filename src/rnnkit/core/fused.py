@@ -793,10 +793,12 @@ def _compiled_loop(compiled, x: Tensor, w_ih_packed, b_ih, w_hh, b_hh, state, ma
     out = native.buffer((B, T, H), x)
     hz = native.buffer((T, B, GH), x) if training else None
     m = None if mask is None else mask.to(x.dtype).contiguous()  # the programs' mask: a number per row
+    fold = compiled.shared[mask is not None]  # hz_t keeps xz_t + hz_t, and xz need not be kept
     ops.pointwise_scan(*compiled.forward[mask is not None], x.contiguous(), w_ih_packed, b_ih, ops.pack_linear(w_hh),
-                       b_hh, GH, hs, out, hz, m)
+                       b_hh, GH, hs, out, hz, m, fold)
     final = tuple(h[T % h.shape[0]] for h in hs)
-    return out, final, ((compiled, hz, hs, m) if training else None)  # backward: the same programs
+    saved = (compiled, None if fold else x, hz, hs, m) if training else None  # backward: the same programs
+    return out, final, saved
 
 
 class _CompiledGeneric(_Kernel):
@@ -806,13 +808,13 @@ class _CompiledGeneric(_Kernel):
         self.compiled = compiled
 
     def forward(self, cell, xz, w_hh, b_hh, state, mask, training):
-        out, final, saved = _compiled_loop(self.compiled, xz, None, None, w_hh, b_hh, state, mask, training)
-        return out, final, ((xz, *saved) if training else None)
+        return _compiled_loop(self.compiled, xz, None, None, w_hh, b_hh, state, mask, training)
 
     def backward(self, cell, saved, w_hh, mask, grad_out, grad_state, needs):
-        xz, compiled, hz, hs, m = saved
+        compiled, xz, hz, hs, m = saved  # xz None: hz holds xz + hz (folded)
         ops, masked = native.ops(), mask is not None
-        dxz = native.buffer(xz.shape, xz)
+        T, B, GH = hz.shape
+        dxz = native.buffer((B, T, GH), hz)
         dhz = None if compiled.shared[masked] else native.buffer(hz.shape, hz)  # else d hz = d xz
         d = [_grad_in(g, h[0]) for g, h in zip(grad_state, hs)]  # updated in place: the initial state's
         ops.pointwise_scan_backward(*compiled.backward[masked], xz, hz, hs, m, _grad_rows(grad_out),

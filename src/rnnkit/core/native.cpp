@@ -1227,9 +1227,8 @@ void check_scan_buffers(at::TensorList tensors, const char* name) {
 // hz_t for the backward; mask (B, T) in x's dtype.
 void pointwise_scan(const Tensor& program, const Tensor& consts, const Tensor& x, const std::optional<Tensor>& packed_ih,
                     const std::optional<Tensor>& bias_ih, const Tensor& packed, const std::optional<Tensor>& bias,
-                    int64_t width,
-                    at::TensorList states, const Tensor& out, const std::optional<Tensor>& hz_all,
-                    const std::optional<Tensor>& mask) {
+                    int64_t width, at::TensorList states, const Tensor& out, const std::optional<Tensor>& hz_all,
+                    const std::optional<Tensor>& mask, bool fold) {
   const PwCode pc = checked_program(program, consts);
   check_all("a pointwise_scan buffer", x, packed, out);
   check_scan_buffers(states, "a pointwise_scan state");
@@ -1253,7 +1252,9 @@ void pointwise_scan(const Tensor& program, const Tensor& consts, const Tensor& x
     const Blocked<T_> rec(packed, 1, GH, bias);
     std::optional<Blocked<T_>> proj;
     if (projecting) proj.emplace(*packed_ih, 1, GH, bias_ih);
-    const Tensor xz_buffer = projecting ? at::empty({B, GH}, x.options()) : Tensor();
+    // fold: hz_t holds xz_t + hz_t and the program's xz_t reads zeros (a program whose gates see x
+    // and h only as their sum, pointwise.py's ``shared``): one buffer fewer to write, keep and read
+    const Tensor xz_buffer = fold ? at::zeros({B, GH}, x.options()) : projecting ? at::empty({B, GH}, x.options()) : Tensor();
     const bool keep = hz_all.has_value();
     if (keep) {
       check(*hz_all, "pointwise_scan's hz_all");
@@ -1267,7 +1268,7 @@ void pointwise_scan(const Tensor& program, const Tensor& consts, const Tensor& x
                   "rnnkit native: pointwise_scan: mask (B, T)");
     }
     if (T == 0) return;
-    std::vector<Tensor> ins = {projecting ? xz_buffer : x.select(1, 0), keep ? hz_all->select(0, 0) : hz_buffer};
+    std::vector<Tensor> ins = {fold || projecting ? xz_buffer : x.select(1, 0), keep ? hz_all->select(0, 0) : hz_buffer};
     std::vector<Tensor> outs = {out.select(1, 0)};
     for (const Tensor& st : states) ins.push_back(st.select(0, 0)), outs.push_back(st.select(0, 0));
     if (mask.has_value()) ins.push_back(mask->narrow(1, 0, 1));
@@ -1283,13 +1284,20 @@ void pointwise_scan(const Tensor& program, const Tensor& consts, const Tensor& x
       if (i % 2 == 0) {  // the products
         T_* hz = hzp + (keep ? t * B * GH : 0);
         for (int64_t q = q0; q < q1; ++q) {
-          if (projecting) (*proj)(q, xp + t * I, T * I, B, xzp, GH, false);
-          rec(q, h0 + now * B * H, H, B, hz, GH, false);
+          if (fold && projecting) {
+            (*proj)(q, xp + t * I, T * I, B, hz, GH, false);
+          } else if (fold) {  // xz_t's block into hz_t's, then the product adds to it
+            const int64_t j = q * rec.L, n = std::min<int64_t>(rec.L, GH - j);
+            for (int64_t b = 0; b < B; ++b) load(xp + (b * T + t) * GH + j, n).store(hz + b * GH + j, n);
+          } else if (projecting) {
+            (*proj)(q, xp + t * I, T * I, B, xzp, GH, false);
+          }
+          rec(q, h0 + now * B * H, H, B, hz, GH, fold);
         }
         return;
       }
       auto in_offset = [&](int64_t k) -> int64_t {
-        if (k == 0) return projecting ? 0 : t * GH;
+        if (k == 0) return fold || projecting ? 0 : t * GH;
         if (k == 1) return keep ? t * B * GH : 0;
         if (k < 2 + S) return now * B * H;
         return t;  // the mask
@@ -1306,20 +1314,21 @@ void pointwise_scan(const Tensor& program, const Tensor& consts, const Tensor& x
 // through hz_t, then a pass of products over blocks of H adding d hz_t W_hh to d h.
 // dstate: one (B, H) per state field, the final state's
 // gradient in, the initial state's out. gout (B, T, H) with unit stride along H, or none.
-void pointwise_scan_backward(const Tensor& program, const Tensor& consts, const Tensor& xz, const Tensor& hz_all,
+void pointwise_scan_backward(const Tensor& program, const Tensor& consts, const std::optional<Tensor>& xz, const Tensor& hz_all,
                              at::TensorList states, const std::optional<Tensor>& mask, const std::optional<Tensor>& gout,
                              const Tensor& packed_t, at::TensorList dstate, const Tensor& dxz,
                              const std::optional<Tensor>& dhz) {
   const PwCode pc = checked_program(program, consts);
-  check_all("a pointwise_scan_backward buffer", xz, hz_all, packed_t, dxz);
+  check_all("a pointwise_scan_backward buffer", hz_all, packed_t, dxz);
+  if (xz.has_value()) check(*xz, "pointwise_scan_backward's xz");
   if (dhz.has_value()) check(*dhz, "pointwise_scan_backward's dhz");
   check_scan_buffers(states, "a pointwise_scan_backward state");
   check_scan_buffers(dstate, "a pointwise_scan_backward state gradient");
-  TORCH_CHECK(xz.dim() == 3 && hz_all.dim() == 3 && packed_t.dim() == 4 && !states.empty() && states.size() == dstate.size(),
-              "rnnkit native: pointwise_scan_backward: xz and hz are 3-D, one gradient per state");
-  const int64_t B = xz.size(0), T = xz.size(1), GH = xz.size(2), S = states.size();
+  TORCH_CHECK(dxz.dim() == 3 && hz_all.dim() == 3 && packed_t.dim() == 4 && !states.empty() && states.size() == dstate.size(),
+              "rnnkit native: pointwise_scan_backward: dxz and hz are 3-D, one gradient per state");
+  const int64_t B = dxz.size(0), T = dxz.size(1), GH = dxz.size(2), S = states.size();
   const int64_t H = states[0].dim() == 3 ? states[0].size(2) : -1;
-  TORCH_CHECK(hz_all.size(0) == T && hz_all.size(1) == B && hz_all.size(2) == GH && dxz.sizes() == xz.sizes() &&
+  TORCH_CHECK(hz_all.size(0) == T && hz_all.size(1) == B && hz_all.size(2) == GH && (!xz.has_value() || dxz.sizes() == xz->sizes()) &&
               (!dhz.has_value() || dhz->sizes() == hz_all.sizes()) && packed_t.size(1) == GH,
               "rnnkit native: pointwise_scan_backward: xz, hz, their gradients and the weight disagree");
   for (int64_t s = 0; s < S; ++s)
@@ -1334,14 +1343,16 @@ void pointwise_scan_backward(const Tensor& program, const Tensor& consts, const 
   if (gout.has_value())
     TORCH_CHECK(gout->dim() == 3 && gout->size(0) == B && gout->size(1) == T && gout->size(2) == H && gout->stride(2) == 1 &&
                 gout->device().is_cpu(), "rnnkit native: pointwise_scan_backward: gout (B, T, H), unit stride along H");
-  AT_DISPATCH_FLOATING_TYPES(xz.scalar_type(), "rnnkit_pointwise_scan_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES(dxz.scalar_type(), "rnnkit_pointwise_scan_backward", [&] {
     using T_ = scalar_t;
     const Blocked<T_> back(packed_t, 1, H, std::nullopt);
-    const Tensor turns = at::empty({2, S, B, H}, xz.options());  // d state: turn (t + 1) % 2 in, t % 2 out
+    const Tensor turns = at::empty({2, S, B, H}, dxz.options());  // d state: turn (t + 1) % 2 in, t % 2 out
     for (int64_t s = 0; s < S; ++s) turns[T % 2][s].copy_(dstate[s]);
-    const Tensor zero = at::zeros({B, 1}, xz.options());
+    const Tensor zero = at::zeros({B, 1}, dxz.options());
     if (T > 0) {
-      std::vector<Tensor> ins = {xz.select(1, 0), hz_all.select(0, 0)};
+      // without xz (pointwise_scan's fold: hz holds xz + hz), the program's xz_t reads zeros
+      const Tensor x0 = xz.has_value() ? xz->select(1, 0) : at::zeros({B, GH}, dxz.options());
+      std::vector<Tensor> ins = {x0, hz_all.select(0, 0)};
       for (const Tensor& st : states) ins.push_back(st.select(0, 0));
       if (mask.has_value()) ins.push_back(mask->narrow(1, 0, 1));
       ins.push_back(gout.has_value() ? gout->select(1, 0) : zero);
@@ -1364,7 +1375,7 @@ void pointwise_scan_backward(const Tensor& program, const Tensor& consts, const 
         const int64_t t = T - 1 - i / 2, in_turn = (t + 1) % 2, out_turn = t % 2;
         if (i % 2 == 0) {  // the program
           auto in_offset = [&](int64_t k) -> int64_t {
-            if (k == 0) return t * GH;
+            if (k == 0) return xz.has_value() ? t * GH : 0;
             if (k == 1) return t * B * GH;
             if (k < 2 + S) return t * B * H;
             if (k < gout_index) return t;  // the mask
@@ -1410,9 +1421,10 @@ TORCH_LIBRARY(rnnkit_native, lib) {
           "bool relu) -> ()", &rnn_forward);
   lib.def("pointwise(Tensor program, Tensor consts, Tensor[] inputs, Tensor(a!)[] outputs, int width) -> ()", &pointwise);
   lib.def("pointwise_scan(Tensor program, Tensor consts, Tensor x, Tensor? packed_ih, Tensor? bias_ih, Tensor packed, "
-          "Tensor? bias, int width, Tensor(a!)[] states, Tensor(b!) out, Tensor(c!)? hz_all, Tensor? mask) -> ()",
+          "Tensor? bias, int width, Tensor(a!)[] states, Tensor(b!) out, Tensor(c!)? hz_all, Tensor? mask, "
+          "bool fold=False) -> ()",
           &pointwise_scan);
-  lib.def("pointwise_scan_backward(Tensor program, Tensor consts, Tensor xz, Tensor hz_all, Tensor[] states, Tensor? mask, "
+  lib.def("pointwise_scan_backward(Tensor program, Tensor consts, Tensor? xz, Tensor hz_all, Tensor[] states, Tensor? mask, "
           "Tensor? gout, Tensor packed_t, Tensor(a!)[] dstate, Tensor(b!) dxz, Tensor(c!)? dhz) -> ()",
           &pointwise_scan_backward);
   lib.def("rnn_backward(Tensor hs, Tensor? gout, Tensor w_hh, Tensor(a!) dh, Tensor(b!) dxz, Tensor? mask, "

@@ -307,7 +307,8 @@ def compile_cell(cell) -> Compiled | None:
 
 def _agrees(cell, compiled: Compiled) -> bool:
     """Both variants' programs against ``combine`` and autograd on random float64 values (the
-    masked one with a masked row)."""
+    masked one with a masked row); where ``shared``, also as the C++ loops run them folded, with
+    the parts (0, xz + hz)."""
     G, S = cell.num_gates, len(cell.State._fields)
     gen = torch.Generator().manual_seed(0)
     B, H = 4, 37  # a partial vector
@@ -318,22 +319,24 @@ def _agrees(cell, compiled: Compiled) -> bool:
     close = lambda a, b: torch.allclose(a, b.detach(), rtol=1e-9, atol=1e-12, equal_nan=True)  # noqa: E731
     ops = native.ops()
     for masked in (False, True):
-        leaves = [t.clone().requires_grad_() for t in (xz, hz, *state)]
         extra = [m] if masked else []
+        parts = [(xz, hz)] + [(torch.zeros_like(xz), xz + hz)] * compiled.shared[masked]
         try:
+            leaves = [t.clone().requires_grad_() for t in (xz, hz, *state)]
             h, new = cell.combine(cell.split(leaves[0]), cell.split(leaves[1]), cell.State(*leaves[2:]))
             want = [h, *new] if not masked else [h * m] + [torch.where(m.bool(), n, o) for n, o in zip(new, leaves[2:])]
             want_grads = torch.autograd.grad(want, leaves, grads, allow_unused=True)
-            got = [torch.empty(B, H, dtype=torch.float64) for _ in range(1 + S)]
-            ops.pointwise(*compiled.forward[masked], [xz, hz, *state, *extra], got, H)
-            got_grads = [torch.empty_like(t) for t in (xz, hz, *state)]
-            ops.pointwise(*compiled.backward[masked], [xz, hz, *state, *extra, *grads], got_grads, H)
+            want_grads = [torch.zeros_like(t) if g is None else g for g, t in zip(want_grads, leaves)]
+            for x_part, h_part in parts:
+                got = [torch.empty(B, H, dtype=torch.float64) for _ in range(1 + S)]
+                ops.pointwise(*compiled.forward[masked], [x_part, h_part, *state, *extra], got, H)
+                got_grads = [torch.empty_like(t) for t in (xz, hz, *state)]
+                ops.pointwise(*compiled.backward[masked], [x_part, h_part, *state, *extra, *grads], got_grads, H)
+                if compiled.shared[masked]:  # not written: d hz is d xz
+                    got_grads[1] = got_grads[0]
+                if not (all(map(close, got, want)) and all(map(close, got_grads, want_grads))):
+                    return False
         except Exception:  # noqa: BLE001 - a combine that runs only traced, or a program the op refuses
-            return False
-        if compiled.shared[masked]:
-            got_grads[1] = got_grads[0]
-        want_grads = [torch.zeros_like(t) if g is None else g for g, t in zip(want_grads, leaves)]
-        if not (all(map(close, got, want)) and all(map(close, got_grads, want_grads))):
             return False
     return True
 
