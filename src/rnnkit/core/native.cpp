@@ -986,9 +986,10 @@ Tensor linear_packed(const Tensor& x, const Tensor& packed, int64_t M, const std
 //
 // One step of a gated cell that only customises ``combine`` is elementwise over (B, H): pointwise.py
 // traces ``combine`` (and derives its backward), and hands over a program in registers of
-// PW_CHUNK values. ``pointwise`` runs it over every row of the batch in chunks of the row, all
+// PW_CHUNK values. pw_items runs it over every row of the batch in chunks of the row, all
 // instructions on one chunk while it is in the L1 cache, on all threads: one pass where torch
-// would run a dozen single-threaded ops over (B, H) each.
+// would run a dozen single-threaded ops over (B, H) each. The op ``pointwise`` runs a program once;
+// ``pointwise_scan`` and its backward, at every step of their loops over time.
 //
 // program (int64): n_regs, n_in, n_const, n_out, n_instr, then per input (tensor, block), per output
 // (register, tensor, block), then per instruction (op, dst, a, b, c). Registers 0..n_in-1 are the
@@ -1002,7 +1003,7 @@ constexpr int64_t PW_HEADER = 5;
 constexpr int64_t PW_MAX_REGS = 1024;  // and at most PW_MAX_OPERANDS inputs and outputs in a scan
 constexpr int64_t PW_MAX_OPERANDS = 64;
 
-// A checked program's parts (the op ``pointwise`` checks every program it is given).
+// A program's parts (checked_program checks every program an op is given).
 struct PwCode {
   int64_t n_regs, n_in, n_const, n_out, n_instr;
   const int64_t* in_map;   // (tensor, block) per input
