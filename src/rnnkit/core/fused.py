@@ -792,13 +792,13 @@ def _compiled_loop(compiled, x: Tensor, w_ih_packed, b_ih, w_hh, b_hh, state, ma
     hs = [_states(s, T, training) for s in state]  # inference: step t's state in row t % 2
     out = native.buffer((B, T, H), x)
     hz = native.buffer((T, B, GH), x) if training else None
-    m = None if mask is None else mask.to(x.dtype).contiguous()  # the programs' mask: a number per row
-    fold = compiled.shared[mask is not None]  # hz_t keeps xz_t + hz_t, and xz need not be kept
-    ops.pointwise_scan(*compiled.forward[mask is not None], x.contiguous(), w_ih_packed, b_ih, ops.pack_linear(w_hh),
+    masked = mask is not None
+    m = mask.to(x.dtype).contiguous() if masked else None  # the programs' mask: a number per row
+    fold = compiled.shared[masked]  # hz_t keeps xz_t + hz_t, and xz need not be kept
+    ops.pointwise_scan(*compiled.forward[masked], x.contiguous(), w_ih_packed, b_ih, ops.pack_linear(w_hh),
                        b_hh, GH, hs, out, hz, m, fold)
     final = tuple(h[T % h.shape[0]] for h in hs)
-    saved = (compiled, None if fold else x, hz, hs, m) if training else None  # backward: the same programs
-    return out, final, saved
+    return out, final, ((None if fold else x, hz, hs, m) if training else None)
 
 
 class _CompiledGeneric(_Kernel):
@@ -811,8 +811,8 @@ class _CompiledGeneric(_Kernel):
         return _compiled_loop(self.compiled, xz, None, None, w_hh, b_hh, state, mask, training)
 
     def backward(self, cell, saved, w_hh, mask, grad_out, grad_state, needs):
-        compiled, xz, hz, hs, m = saved  # xz None: hz holds xz + hz (folded)
-        ops, masked = native.ops(), mask is not None
+        xz, hz, hs, m = saved  # xz None: hz holds xz + hz (folded)
+        ops, masked, compiled = native.ops(), mask is not None, self.compiled  # the forward's programs
         T, B, GH = hz.shape
         dxz = native.buffer((B, T, GH), hz)
         dhz = None if compiled.shared[masked] else native.buffer(hz.shape, hz)  # else d hz = d xz
@@ -824,7 +824,6 @@ class _CompiledGeneric(_Kernel):
         else:
             dw, db = _weight_grads(dhz, hs[0][:-1], needs["w"], needs["b"])
         return dxz, dw, db, tuple(d)
-
 
 
 def _native_twin(kernel: _Kernel, cell, xz: Tensor) -> _Kernel:
