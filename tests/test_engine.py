@@ -139,14 +139,14 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_previous_checkpoint_loadabl
     """A child rewrites a ~24 MB checkpoint in a loop; we SIGKILL it while a temporary file exists
     (i.e. mid-write), then the last complete checkpoint must load."""
     path = tmp_path / "last.safetensors"
-    child = f"""
+    child = """
 import sys, torch
 torch.set_num_threads(1)
 from rnnkit.engine.checkpoint import save_checkpoint
 big = torch.randn(6_000_000)
 for step in range(10**6):
     big[0] = step
-    save_checkpoint(sys.argv[1], {{"model.big": big}}, {{"step": step}})
+    save_checkpoint(sys.argv[1], {"model.big": big}, {"step": step})
 """
     proc = subprocess.Popen([sys.executable, "-c", child, str(path)], env=subprocess_env())
     try:

@@ -750,7 +750,7 @@ void rnn_forward(const Tensor& xz, const Tensor& packed, const std::optional<Ten
     const T_* xp = xz.data_ptr<T_>();
     T_* hsp = hs.data_ptr<T_>();
     T_* outp = out.data_ptr<T_>();
-    auto step = [&](int64_t b, int64_t t, int64_t now, int64_t next, const T_* r, int64_t j, int64_t n) {
+    auto step = [&](int64_t b, int64_t t, int64_t /*now*/, int64_t next, const T_* r, int64_t j, int64_t n) {
       const int64_t bt = b * T + t;
       Vec<T_> h = activate(load(xp + bt * H + j, n) + load(r + j, n), relu);
       h.store(hsp + (next * B + b) * H + j, n);
