@@ -486,12 +486,13 @@ def test_stepping_equals_general_route(kind, bidirectional, batch_first, batch):
         state_ref = state_ref if len(state_ref) > 1 else state_ref[0]
 
 
-@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh", "rnn_relu", "mgu", "user_lstm"])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("route", ["cpp", "blas"])
 def test_stepping_at_batch_one_float32(kind, bias, route, monkeypatch):
     """Whole SIMD vectors and a partial one (70 = 4 x 16 + 6) through the batch-1 kernels, and
-    through torch's matmul, which takes weights above ``NATIVE_MAX_BYTES``."""
+    through torch's matmul, which takes weights above ``NATIVE_MAX_BYTES``; users' cells too (their
+    projections go through the same kernels, their ``combine`` as written)."""
     if route == "blas":
         monkeypatch.setattr(step_module, "NATIVE_MAX_BYTES", 0)
     layer = LAYERS[kind](input_size=33, hidden_size=70, num_layers=2, bias=bias).eval()

@@ -128,8 +128,11 @@ def _gru(cell, x, ins, pack, outs):
 
 
 def _generic(cell, x, ins, pack, outs):
-    """Any other gated cell: its own ``step``, the new state copied into place."""
-    h, state = cell.step(cell.project_input(x), cell.State(*ins))
+    """Any other gated cell (``combine`` its only change, as ``step_layers`` checks): GatedCell's own
+    ``step`` with both projections through ``_linear``, the new state copied into place."""
+    state = cell.State(*ins)
+    xz, hz = _linear(x, cell.weight_ih, cell.bias_ih), _linear(state.h, cell.weight_hh, cell.bias_hh)
+    h, state = cell.combine(cell.split(xz), cell.split(hz), state)
     for out, part in zip(outs, state):
         out.copy_(part)
     return h
