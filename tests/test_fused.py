@@ -490,9 +490,11 @@ def test_stepping_equals_general_route(kind, bidirectional, batch_first, batch):
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("route", ["cpp", "blas"])
 def test_stepping_at_batch_one_float32(kind, bias, route, monkeypatch):
-    """Whole SIMD vectors and a partial one (70 = 4 x 16 + 6) through the batch-1 kernels, and
-    through torch's matmul, which takes weights above ``NATIVE_MAX_BYTES``; users' cells too (their
-    projections go through the same kernels, their ``combine`` as written)."""
+    """The route without the fused kernels' loops (``_loops_for`` off): whole SIMD vectors and a
+    partial one (70 = 4 x 16 + 6) through the batch-1 kernels, and through torch's matmul, which
+    takes weights above ``NATIVE_MAX_BYTES``; users' cells too (their projections go through the
+    same kernels, their ``combine`` as written)."""
+    monkeypatch.setattr(step_module, "_loops_for", lambda x, layer: None)
     if route == "blas":
         monkeypatch.setattr(step_module, "NATIVE_MAX_BYTES", 0)
     layer = LAYERS[kind](input_size=33, hidden_size=70, num_layers=2, bias=bias).eval()
@@ -507,10 +509,46 @@ def test_stepping_at_batch_one_float32(kind, bias, route, monkeypatch):
     torch.testing.assert_close(last[:, 0], want[:, 3], atol=1e-5, rtol=0)
 
 
-def test_stepping_sees_parameter_updates():
-    layer = rnnkit.LSTM(3, 4, num_layers=2).eval()
-    x = torch.randn(1, 1, 3)
-    state = rnnkit.LSTMState(torch.zeros(2, 1, 4), torch.zeros(2, 1, 4))
+@pytest.mark.skipif(native.ops() is None, reason="the C++ loops are not built here")
+@pytest.mark.parametrize("kind", list(LAYERS))
+@pytest.mark.parametrize("batch", [1, 2, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_stepping_through_the_cpp_loops_equals_the_general_route(kind, batch, dtype, monkeypatch):
+    """A step as one call of the fused kernels' C++ loops (``_loop_step``: every batch for the LSTM
+    and the GRU, from batch 2 for the others at this size), held to the general route over a few
+    steps: both directions, two layers, H = 70 (a partial SIMD vector); the route asserted taken."""
+    taken = []
+
+    def counted(*args):
+        h = real(*args)
+        taken.append(h is not None)
+        return h
+
+    real = step_module._loop_step
+    monkeypatch.setattr(step_module, "_loop_step", counted)
+    layer = LAYERS[kind](input_size=33, hidden_size=70, num_layers=2, bidirectional=True).to(dtype).eval()
+    x = torch.randn(batch, 4, 33, dtype=dtype)
+    state_ref = state = None
+    for t in range(4):
+        out_ref, state_ref = layer(x[:, t:t + 1], state_ref)  # grad enabled: the general route
+        with torch.inference_mode():
+            out, state = layer(x[:, t:t + 1], state)
+        torch.testing.assert_close(out, out_ref.detach(), atol=TOL[dtype], rtol=0)
+        for a, b in zip(_parts(state), _parts(state_ref)):
+            torch.testing.assert_close(a, b.detach(), atol=TOL[dtype], rtol=0)
+        state_ref = tuple(s.detach() for s in _parts(state_ref))
+        state_ref = state_ref if len(state_ref) > 1 else state_ref[0]
+    expected = batch > 1 or kind in ("lstm", "gru")
+    assert taken == [True] * (3 * 4 if expected else 0)  # 3 lean steps x 2 layers x 2 directions
+
+
+@pytest.mark.parametrize("kind,batch", [("lstm", 1), ("gru", 3), ("rnn_tanh", 1), ("user_lstm", 2)])
+def test_stepping_sees_parameter_updates(kind, batch):
+    """Both caches of packed weights (the C++ loops', the route's without them) see in-place updates."""
+    layer = LAYERS[kind](input_size=3, hidden_size=4, num_layers=2).eval()
+    x = torch.randn(batch, 1, 3)
+    state = tuple(torch.zeros(2, batch, 4) for _ in layer.State._fields)
+    state = state if len(state) > 1 else state[0]
     with torch.no_grad():
         before, _ = layer(x, state)
         layer.cells[1].weight_ih.mul_(2.0)  # as an optimizer step would, in place

@@ -120,6 +120,20 @@ def test_what_does_not_compile_runs_the_autograd_loop(cell):
     assert _max_diff(_grads(layer, x, state, None, True), _grads(layer, x, state, None, False)) < 1e-10
 
 
+@pytest.mark.parametrize("cell", [SinCell, BranchCell])
+def test_stepping_a_cell_that_does_not_compile_runs_its_combine(cell):
+    """A batch stepped with a carried state: where no program compiles, the lean path's C++ loop
+    declines and the cell's ``combine`` runs as written, on the same projections."""
+    layer = rnnkit.Recurrent(cell, 3, 5).double().eval()
+    c = layer.cells[0]
+    x, h = torch.randn(4, 1, 3, dtype=torch.float64), torch.randn(1, 4, 5, dtype=torch.float64)
+    with torch.inference_mode():
+        out, state = layer(x, h)
+    want, _ = c.combine(c.split(c.project_input(x[:, 0])), c.split(c.project_hidden(h[0])), HiddenState(h[0]))
+    torch.testing.assert_close(out[:, 0], want, atol=1e-12, rtol=0)
+    torch.testing.assert_close(state[0], want, atol=1e-12, rtol=0)
+
+
 def test_dropout_compiles_only_where_it_is_off():
     """``self.training`` is part of the cache key: in eval the dropout is the identity and compiles;
     in training it is random and does not."""
