@@ -494,7 +494,7 @@ def test_stepping_at_batch_one_float32(kind, bias, route, monkeypatch):
     partial one (70 = 4 x 16 + 6) through the batch-1 kernels, and through torch's matmul, which
     takes weights above ``NATIVE_MAX_BYTES``; users' cells too (their projections go through the
     same kernels, their ``combine`` as written)."""
-    monkeypatch.setattr(step_module, "_loops_for", lambda x, layer: None)
+    monkeypatch.setattr(step_module, "_loops_for", lambda x, cells, weights: None)
     if route == "blas":
         monkeypatch.setattr(step_module, "NATIVE_MAX_BYTES", 0)
     layer = LAYERS[kind](input_size=33, hidden_size=70, num_layers=2, bias=bias).eval()

@@ -49,8 +49,14 @@ from rnnkit.core.gates import GatedCell, only_combine_customised
 _CACHE_ATTR = "_rnnkit_step_cache"
 
 
-def _key(layer) -> tuple:
-    return tuple((id(p), p.data_ptr(), p._version) for p in layer.parameters())
+def _weights(cells) -> list[Tensor]:
+    """The cells' parameters, read from ``_parameters`` (``nn.Module.parameters()`` costs tens of
+    microseconds a call, as much as a small step); ``step_layers`` checks they are the stacked weights."""
+    return [p for c in cells for p in c._parameters.values() if p is not None]
+
+
+def _key(weights) -> tuple:
+    return tuple((id(p), p.data_ptr(), p._version) for p in weights)
 
 
 # At batch 1 on the CPU a step's matmuls go to the C++ matrix-vector kernels (native.cpp), whose
@@ -95,10 +101,10 @@ def _pack(cell: GatedCell) -> tuple[Tensor, Tensor | None]:
     return w.t().contiguous(), b
 
 
-def _packed(layer, loops) -> list:
+def _packed(layer, cells, weights, loops) -> list:
     """Per cell, the packed weights of its stepper (``loops`` None) or of ``_loop_step`` (``loops`` the
     native ops), made on first use and kept until a parameter changes."""
-    key = _key(layer)
+    key = _key(weights)
     cache = getattr(layer, _CACHE_ATTR, None)
     if cache is None or cache[0] != key:
         cache = (key, {})
@@ -107,10 +113,9 @@ def _packed(layer, loops) -> list:
     if which not in cache[1]:
         with torch.no_grad():
             if loops is not None:
-                cache[1][which] = [_loop_pack(c, loops) for c in layer.cells]
+                cache[1][which] = [_loop_pack(c, loops) for c in cells]
             else:
-                cache[1][which] = [_pack(c) if STEPPERS.get(type(c).combine, _GENERIC)[0] else None
-                                   for c in layer.cells]
+                cache[1][which] = [_pack(c) if STEPPERS.get(type(c).combine, _GENERIC)[0] else None for c in cells]
     return cache[1][which]
 
 
@@ -126,14 +131,14 @@ def _packed(layer, loops) -> list:
 LOOPS_MIN_USER_WEIGHTS = 1 << 20
 
 
-def _loops_for(x: Tensor, layer) -> object | None:
-    """The native ops where ``layer`` steps a batch ``x`` (B, I) through ``_loop_step``, else ``None``."""
+def _loops_for(x: Tensor, cells, weights) -> object | None:
+    """The native ops where ``cells`` (a layer's) step a batch ``x`` (B, I) through ``_loop_step``, else ``None``."""
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
         return None
-    if any(p.dtype != x.dtype for p in layer.parameters()):
+    if any(p.dtype != x.dtype for p in weights):
         return None
     if x.shape[0] == 1:
-        cell = layer.cells[0]
+        cell = cells[0]
         combine = type(cell).combine
         if combine is RNNCell.combine:
             return None
@@ -243,24 +248,26 @@ def step_layers(layer, x: Tensor, state) -> tuple | None:
         B, T, I = x.shape
     else:
         T, B, I = x.shape
-    ref = layer.cells[0].weight_ih
+    cells = list(layer.cells)
+    ref = cells[0].weight_ih
     if T != 1 or I != layer.input_size or x.dtype != ref.dtype or x.device != ref.device:
         return None
     if torch.is_autocast_enabled(x.device.type):  # its linears would come back in half precision
         return None
     fields = layer.State._fields
     parts = (state,) if isinstance(state, Tensor) else tuple(state)
-    rows, H = len(layer.cells), layer.hidden_size
+    rows, H = len(cells), layer.hidden_size
     if len(parts) != len(fields) or any(
         not isinstance(p, Tensor) or p.shape != (rows, B, H) or p.dtype != x.dtype or p.device != x.device
         for p in parts
     ):
         return None
-    if not all(map(only_combine_customised, layer.cells)):  # the steppers run the weights themselves
+    if not all(map(only_combine_customised, cells)):  # the steppers run the weights themselves
         return None
     inp = x.reshape(B, I)
-    loops = _loops_for(inp, layer)
-    packs = _packed(layer, loops)
+    weights = _weights(cells)
+    loops = _loops_for(inp, cells, weights)
+    packs = _packed(layer, cells, weights, loops)
     new = [torch.empty_like(p) for p in parts]  # (rows, B, H) each, written row by row
     ins = [p.unbind(0) for p in parts]
     outs = [p.unbind(0) for p in new]
@@ -271,7 +278,7 @@ def step_layers(layer, x: Tensor, state) -> tuple | None:
         halves = []
         for d in range(D):
             row = k * D + d
-            cell = layer.cells[row]
+            cell = cells[row]
             args = (cell, inp, [p[row] for p in ins], packs[row], [p[row] for p in outs])
             h = _loop_step(*args, loops) if loops is not None else None
             if h is None:
