@@ -119,15 +119,18 @@ def _packed(layer, cells, weights, loops) -> list:
     return cache[1][which]
 
 
-# -- from batch 2 up: the fused kernels' C++ loops at T = 1 ----------------------------------------
+# -- the fused kernels' C++ loops at T = 1 --------------------------------------------------------
 
 # Measured on the development machine (2 threads, tokens alternated in one process), against the
-# route below (matrix-vector kernels at batch 1, a BLAS call above, torch's pointwise ops):
-# - batch 2-64, 2 layers of 256 and 512: LSTM, GRU, RNN and a user's LSTM cell 1.1-4.5x faster
-#   (against torch.nn's stepping, the route below had been 0.71-0.91x at batch 8 and 64);
+# route below (matrix-vector kernels at batch 1, a BLAS call above it, then torch's pointwise ops):
+# - batch 2, 8 and 64, 2 layers of 256 and of 512: LSTM 1.6-4.3x, GRU 1.35-3.2x, RNN 1.06-1.6x and
+#   a user's LSTM cell 1.5-5.1x faster. Against torch.nn's stepping the route below had been
+#   0.71-2.03x (below 1.0 in 17 of the 24 cases), the loops 0.79-7.9x (RNN at 2 x 256, batch 2 and
+#   8: 0.79-0.83x, where Python's few tens of microseconds a call are most of a step);
 # - batch 1: LSTM 1.02-1.50x and GRU 1.09-1.64x (1 layer of 64 to 3 of 512); the RNN 0.75-0.86x
 #   and a user's LSTM cell 0.84-0.98x up to 2 x 256, 1.37-1.49x at 3 x 512 (weights of 1M numbers
-#   a layer), so those two keep the route below at batch 1 under LOOPS_MIN_USER_WEIGHTS.
+#   a layer), so those two keep the route below at batch 1, the user's cell under
+#   LOOPS_MIN_USER_WEIGHTS.
 LOOPS_MIN_USER_WEIGHTS = 1 << 20
 
 
