@@ -612,6 +612,9 @@ def test_bench_smoke(tmp_path):
                    check=True, capture_output=True, timeout=60)
     report = json.loads(path.read_text())
     assert report["rows"] and all(r["torch_ms"] > 0 and r["rnnkit_ms"] > 0 for r in report["rows"])
+    assert [(s["kind"], s["batch"]) for s in report["stepping"]] == [("lstm", 1), ("lstm", 2), ("gru", 1), ("gru", 2)]
+    assert [c["mode"] for c in report["custom_cell"]] == ["train", "infer", "step"]
+    assert all(c["user_cell_ms"] > 0 and c["builtin_ms"] > 0 for c in report["custom_cell"])
 
 
 @pytest.mark.parametrize("kind,kwargs", [("gru", {}), ("rnn", {"nonlinearity": "tanh"}), ("rnn", {"nonlinearity": "relu"}),

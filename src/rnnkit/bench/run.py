@@ -120,27 +120,30 @@ def grid_point(kind, mode, B, H, T, repeats, peak) -> Row:
     return Row(kind, mode, B, H, T, t_torch * 1e3, t_ours * 1e3, t_torch / t_ours, gflops, gflops / peak)
 
 
-def stepping(kind, tokens, repeats) -> dict:
-    """ms per token of a 3-layer 512-wide model at batch 1, state carried, under inference_mode."""
+def _stepper(model, x, tokens):
+    """Stepping ``model`` one token at a time from ``x`` (B, 1, I), state carried, under inference_mode."""
+    def go():
+        with torch.inference_mode():
+            _, state = model(x)
+            for _ in range(tokens):
+                _, state = model(x, state)
+    return go
+
+
+def stepping(kind, tokens, repeats, batch: int = 1) -> dict:
+    """ms per token of a 3-layer 512-wide model at ``batch`` (the target's is 1), state carried."""
     theirs = TORCH[kind](512, 512, num_layers=3, batch_first=True).eval()
     ours = rnnkit.from_torch(theirs)
-    x = torch.randn(1, 1, 512)
-
-    def run(model):
-        def go():
-            with torch.inference_mode():
-                _, state = model(x)
-                for _ in range(tokens):
-                    _, state = model(x, state)
-        return go
-
-    t_torch, t_ours = compare(run(theirs), run(ours), repeats)
-    return {"kind": kind, "torch_ms_per_token": t_torch / tokens * 1e3, "rnnkit_ms_per_token": t_ours / tokens * 1e3,
-            "ratio": t_torch / t_ours}
+    x = torch.randn(batch, 1, 512)
+    t_torch, t_ours = compare(_stepper(theirs, x, tokens), _stepper(ours, x, tokens), repeats)
+    return {"kind": kind, "batch": batch, "torch_ms_per_token": t_torch / tokens * 1e3,
+            "rnnkit_ms_per_token": t_ours / tokens * 1e3, "ratio": t_torch / t_ours}
 
 
-def custom_cell(B, H, T, repeats) -> list[dict]:
-    """A user-written LSTM cell (generic kernel) vs the built-in LSTM (hand-written kernel)."""
+def custom_cell(B, H, T, repeats, tokens) -> list[dict]:
+    """A user-written LSTM cell (generic kernel) vs the built-in LSTM (hand-written kernel): training
+    and inference at (B, H, T), and stepping ``tokens`` tokens at batch 1 (3 layers of H, as
+    ``stepping``; ``steps`` is the number of tokens, the time per token)."""
     builtin = rnnkit.LSTM(INPUT, H)
     user = rnnkit.Recurrent(UserLSTMCell, INPUT, H)
     user.load_state_dict(builtin.state_dict())
@@ -150,6 +153,13 @@ def custom_cell(B, H, T, repeats) -> list[dict]:
         t_builtin, t_user = compare(make(builtin, x), make(user, x), repeats)
         rows.append({"mode": mode, "batch": B, "hidden": H, "steps": T, "builtin_ms": t_builtin * 1e3,
                      "user_cell_ms": t_user * 1e3, "slowdown": t_user / t_builtin})
+    builtin = rnnkit.LSTM(H, H, num_layers=3).eval()
+    user = rnnkit.Recurrent(UserLSTMCell, H, H, num_layers=3).eval()
+    user.load_state_dict(builtin.state_dict())
+    x = torch.randn(1, 1, H)
+    t_builtin, t_user = compare(_stepper(builtin, x, tokens), _stepper(user, x, tokens), repeats)
+    rows.append({"mode": "step", "batch": 1, "hidden": H, "steps": tokens, "builtin_ms": t_builtin / tokens * 1e3,
+                 "user_cell_ms": t_user / tokens * 1e3, "slowdown": t_user / t_builtin})
     return rows
 
 
@@ -158,12 +168,15 @@ def run_benchmark(preset: str = "full", threads: int = 2, log=print) -> dict:
     torch.manual_seed(0)
     if preset == "smoke":  # a tiny end-to-end run for the test suite: no meaningful numbers
         kinds, grid, repeats, peak_n, tokens, custom = ["lstm", "gru"], [(2, 8, 4)], 1, 128, 2, (2, 8, 4)
+        batches = (1, 2)
     elif preset == "quick":
         kinds, grid, repeats, peak_n, tokens, custom = (
             list(TORCH), [(1, 128, 64), (32, 128, 64), (32, 512, 64), (64, 512, 64)], 3, 2048, 50, (32, 256, 64))
+        batches = (1,)
     else:
         grid = [(B, H, T) for B in (1, 32, 64) for H in (128, 512) for T in (64, 256)]
         kinds, repeats, peak_n, tokens, custom = list(TORCH), 5, 2048, 200, (32, 512, 64)
+        batches = (1, 8, 64)  # the target is batch 1; 8 and 64 as sampling several sequences at once
     peaks = matmul_peak(peak_n)
     peak = peaks["peak"]
     loops = "C++" if native.ops() is not None else "Python (the C++ loops could not be built)"
@@ -176,8 +189,8 @@ def run_benchmark(preset: str = "full", threads: int = 2, log=print) -> dict:
                 row = grid_point(kind, mode, B, H, T, repeats, peak)
                 rows.append(row)
                 log(_format_row(row))
-    steps = [stepping(kind, tokens, repeats) for kind in ("lstm", "gru")]
-    custom_rows = custom_cell(*custom, repeats)
+    steps = [stepping(kind, tokens, repeats, batch) for kind in ("lstm", "gru") for batch in batches]
+    custom_rows = custom_cell(*custom, repeats, tokens)
     report = {
         "machine": {"torch": torch.__version__, "threads": threads, "python": platform.python_version(),
                     "processor": platform.processor() or platform.machine(), "matmul_peak_gflops": peak,
@@ -219,10 +232,12 @@ def format_report(report: dict) -> str:
                  f"inference ratio: geomean {s['infer_geomean_ratio']:.2f}, min {s['infer_min_ratio']:.2f}; "
                  f"training at H=512, B>=32: min {100 * s['train_peak_frac_h512_b32plus_min']:.0f}% of peak")
     for st in report["stepping"]:
-        lines.append(f"stepping 3x512 {st['kind']} batch 1: torch {st['torch_ms_per_token']:.3f} ms/token, "
+        lines.append(f"stepping 3x512 {st['kind']} batch {st['batch']}: torch {st['torch_ms_per_token']:.3f} ms/token, "
                      f"rnnkit {st['rnnkit_ms_per_token']:.3f} ms/token, ratio {st['ratio']:.2f}")
     for c in report["custom_cell"]:
-        lines.append(f"user-written LSTM cell vs built-in, {c['mode']} B={c['batch']} H={c['hidden']} T={c['steps']}: "
+        where = (f"step 3x{c['hidden']} batch 1, ms/token" if c["mode"] == "step"
+                 else f"{c['mode']} B={c['batch']} H={c['hidden']} T={c['steps']}")
+        lines.append(f"user-written LSTM cell vs built-in, {where}: "
                      f"{c['user_cell_ms']:.2f} ms vs {c['builtin_ms']:.2f} ms ({c['slowdown']:.2f}x)")
     return "\n".join(lines)
 
