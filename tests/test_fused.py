@@ -19,7 +19,7 @@ import torch
 
 import rnnkit
 from rnnkit.core import fused, layers as layers_module, native, scan as scan_module, step as step_module
-from user_cells import MGUCell, UserLSTMCell
+from user_cells import MGUCell, UserGRUCell, UserLSTMCell
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
@@ -58,6 +58,7 @@ LAYERS = {
     "rnn_relu": lambda **kw: rnnkit.RNN(nonlinearity="relu", **kw),
     "mgu": lambda **kw: rnnkit.Recurrent(MGUCell, **kw),
     "user_lstm": lambda **kw: rnnkit.Recurrent(UserLSTMCell, **kw),
+    "user_gru": lambda **kw: rnnkit.Recurrent(UserGRUCell, **kw),
 }
 
 

@@ -13,7 +13,7 @@ from rnnkit.core import fused, native, pointwise
 from rnnkit.core.gates import GatedCell, HiddenState
 
 from test_fused import _fused, _max_diff
-from user_cells import MGUCell, UserLSTMCell
+from user_cells import MGUCell, UserGRUCell, UserLSTMCell
 
 pytestmark = pytest.mark.skipif(native.ops() is None, reason="the C++ loops are not built here")
 
@@ -85,7 +85,7 @@ def _grads(layer, x, state, lengths, fused_on: bool):
 
 
 @pytest.mark.parametrize("cell,dtype,bidirectional,with_lengths", list(itertools.product(
-    [SpellingCell, MGUCell, UserLSTMCell], [torch.float64, torch.float32], [False, True], [False, True])))
+    [SpellingCell, MGUCell, UserGRUCell, UserLSTMCell], [torch.float64, torch.float32], [False, True], [False, True])))
 def test_compiled_layer_equals_the_reference(cell, dtype, bidirectional, with_lengths, monkeypatch):
     """Outputs, final states and every gradient through the compiled route against the Python
     reference loop; the route is asserted taken, in training and (``scan_projecting``) inference."""
@@ -107,6 +107,23 @@ def test_compiled_layer_equals_the_reference(cell, dtype, bidirectional, with_le
             want = layer(x, state if len(state) > 1 else state[0], lengths=lengths)
     assert calls[L * D:] == [False] * (L * D)  # inference: projecting per step, compiled
     assert _max_diff(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)) < tol
+
+
+def test_user_gru_equals_torch_gru():
+    """The user's GRU is torch's (its weights loaded), through the compiled route with 3-gate packing."""
+    theirs = torch.nn.GRU(4, 37, batch_first=True).double()
+    ours = rnnkit.Recurrent(UserGRUCell, 4, 37).double()
+    ours.load_state_dict(rnnkit.from_torch(theirs).state_dict())
+    assert fused.program_gates(ours.cells[0]) == 3 and pointwise.compiled(ours.cells[0]) is not None
+    x = torch.randn(3, 6, 4, dtype=torch.float64)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            torch.testing.assert_close(ours(x)[0], theirs(x)[0], atol=1e-12, rtol=0)
+
+
+def test_program_gates():
+    """Weights for ``pointwise_scan`` are packed for the cell's 3 or 4 gates, else for 1."""
+    assert [fused.program_gates(c(3, 5)) for c in (UserLSTMCell, UserGRUCell, MGUCell, SinCell)] == [4, 3, 1, 1]
 
 
 @pytest.mark.parametrize("cell", [SinCell, BranchCell, MeanCell])
@@ -264,6 +281,16 @@ def test_the_scan_ops_refuse_buffers_that_disagree():
         with pytest.raises(RuntimeError, match=message):
             ops.pointwise_scan(*program.forward[0], xz, None, None, packed, None, args["width"], args["hs"], out,
                                args["hz"], None)
+    x, w_ih = torch.randn(B, T, 3), cell.weight_ih.detach()
+    for gates_ih, gates_hh in ((4, 4), (1, 1)):  # packed for the 4 gates or for 1: accepted
+        ops.pointwise_scan(*program.forward[0], x, ops.pack_linear(w_ih, gates_ih), None,
+                           ops.pack_linear(cell.weight_hh.detach(), gates_hh), None, 4 * H, hs, out, hz, None)
+    with pytest.raises(RuntimeError, match="disagree on G\\*H"):  # W_ih and W_hh packed for different gates
+        ops.pointwise_scan(*program.forward[0], x, ops.pack_linear(w_ih, 1), None,
+                           ops.pack_linear(cell.weight_hh.detach(), 4), None, 4 * H, hs, out, hz, None)
+    with pytest.raises(RuntimeError, match="1, 3 or 4 gates that divide"):  # 4 gates do not divide G*H = 18
+        ops.pointwise_scan(*program.forward[0], x, None, None, ops.pack_linear(torch.randn(16, 5), 4), None, 18, hs,
+                           out, hz, None)
     packed_t = ops.pack_linear(cell.weight_hh.detach().t())
     d, dxz, dhz = [torch.zeros(B, H) for _ in range(2)], torch.empty_like(xz), torch.empty_like(hz)
     ops.pointwise_scan_backward(*program.backward[0], xz, hz, hs, None, None, packed_t, d, dxz, dhz)  # accepted

@@ -664,8 +664,9 @@ def scan_projecting(cell: GatedCell, x: Tensor, state: NamedTuple, mask: Tensor 
         if programs is None:
             return None
         with torch.no_grad():
-            out, final, _ = _compiled_loop(programs, x, ops.pack_linear(cell.weight_ih), cell.bias_ih, cell.weight_hh,
-                                           cell.bias_hh, [s.to(x.dtype) for s in state], mask, False)
+            G = program_gates(cell)
+            out, final, _ = _compiled_loop(programs, x, ops.pack_linear(cell.weight_ih, G), cell.bias_ih, cell.weight_hh,
+                                           cell.bias_hh, [s.to(x.dtype) for s in state], mask, False, gates=G)
             return out, cell.State(*(s.clone() for s in final))
     with torch.no_grad():
         hs, cs = _states(state[0].to(x.dtype), T, False), _states(state[1].to(x.dtype), T, False)
@@ -782,10 +783,18 @@ NATIVE = {type(KERNELS[LSTMCell.combine]): _NativeLSTM(), type(KERNELS[GRUCell.c
 # the compiled ``combine``; back through time one pass of its derivative and ``dh += dz W_hh``.
 # The states of every step are kept (the derivative recomputes the gates from them and hz).
 
-def _compiled_loop(compiled, x: Tensor, w_ih_packed, b_ih, w_hh, b_hh, state, mask, training: bool):
+def program_gates(cell: GatedCell) -> int:
+    """The gate count ``pointwise_scan`` takes a user's cell's weights packed for: the cell's own where
+    the blocked matmul has a register tile for it (3 or 4 gates: more rows' products share each load
+    of ``x``), else 1. The (B, G*H) products come out the same either way."""
+    return cell.num_gates if cell.num_gates in (3, 4) else 1
+
+
+def _compiled_loop(compiled, x: Tensor, w_ih_packed, b_ih, w_hh, b_hh, state, mask, training: bool, *, gates: int):
     """A cell's ``compiled`` combine over T steps in C++ (``pointwise_scan``): ``x`` is xz (B, T, G*H),
-    or with ``w_ih_packed`` (``pack_linear(W_ih)``) the input (B, T, I), projected per step. Returns
-    the outputs (B, T, H), the final state's parts and, in training, what backward needs."""
+    or with ``w_ih_packed`` (``pack_linear(W_ih, gates)``) the input (B, T, I), projected per step;
+    ``gates``: ``program_gates(cell)``. Returns the outputs (B, T, H), the final state's parts and, in
+    training, what backward needs."""
     ops = native.ops()
     B, T = x.shape[0], x.shape[1]
     GH, H = w_hh.shape
@@ -795,7 +804,7 @@ def _compiled_loop(compiled, x: Tensor, w_ih_packed, b_ih, w_hh, b_hh, state, ma
     masked = mask is not None
     m = mask.to(x.dtype).contiguous() if masked else None  # the programs' mask: a number per row
     fold = compiled.shared[masked]  # hz_t keeps xz_t + hz_t, and xz need not be kept
-    ops.pointwise_scan(*compiled.forward[masked], x.contiguous(), w_ih_packed, b_ih, ops.pack_linear(w_hh),
+    ops.pointwise_scan(*compiled.forward[masked], x.contiguous(), w_ih_packed, b_ih, ops.pack_linear(w_hh, gates),
                        b_hh, GH, hs, out, hz, m, fold)
     final = tuple(h[T % h.shape[0]] for h in hs)
     return out, final, ((None if fold else x, hz, hs, m) if training else None)
@@ -808,7 +817,8 @@ class _CompiledGeneric(_Kernel):
         self.compiled = compiled
 
     def forward(self, cell, xz, w_hh, b_hh, state, mask, training):
-        return _compiled_loop(self.compiled, xz, None, None, w_hh, b_hh, state, mask, training)
+        return _compiled_loop(self.compiled, xz, None, None, w_hh, b_hh, state, mask, training,
+                              gates=program_gates(cell))
 
     def backward(self, cell, saved, w_hh, mask, grad_out, grad_state, needs):
         xz, hz, hs, m = saved  # xz None: hz holds xz + hz (folded)

@@ -1222,7 +1222,9 @@ void check_scan_buffers(at::TensorList tensors, const char* name) {
 
 // The compiled combine over all steps (pointwise.py's forward program), one thread team throughout:
 // per step a pass of products over blocks of the G*H outputs, hz_t = h_{t-1} W_hh^T + b_hh (and,
-// given W_ih, xz_t = x_t W_ih^T + b_ih: x is then (B, T, I), else xz (B, T, G*H)), then a pass of
+// given W_ih, xz_t = x_t W_ih^T + b_ih: x is then (B, T, I), else xz (B, T, G*H)), each weight
+// packed by pack_linear for 1 gate or for the cell's 3 or 4 (measured at batch 1, 3 x 512: a 4-gate
+// cell's products 1.3x faster so), then a pass of
 // the program over (B, H). states: one (rows, B, H) buffer per state field, row 0 the initial
 // state, step t's in row t % rows (rows: T + 1, or 2 in inference); hz_all (T, B, G*H) keeps every
 // hz_t for the backward; mask (B, T) in x's dtype.
@@ -1236,23 +1238,27 @@ void pointwise_scan(const Tensor& program, const Tensor& consts, const Tensor& x
   TORCH_CHECK(!states.empty() && x.dim() == 3 && out.dim() == 3 && packed.dim() == 4 && states[0].dim() == 3,
               "rnnkit native: pointwise_scan: x, out and the states are 3-D, the weight packed");
   const int64_t B = x.size(0), T = x.size(1), H = out.size(2), rows = states[0].size(0);
-  const int64_t S = states.size(), L = packed.size(3), GH = width;
+  // the weights packed with G = 1, or with G = the cell's gates (3 or 4: blocks that hold every
+  // gate's columns, as the built-in cells' loops read theirs; the (B, G*H) products come out alike)
+  const int64_t S = states.size(), L = packed.size(3), GH = width, G = packed.size(2), Hg = GH / std::max<int64_t>(G, 1);
   TORCH_CHECK(out.size(0) == B && out.size(1) == T && packed.size(1) == H && (rows == T + 1 || rows == 2),
               "rnnkit native: pointwise_scan: out (B, T, H), the weight packed for K = H, T + 1 or 2 state rows");
+  TORCH_CHECK((G == 1 || G == 3 || G == 4) && GH % G == 0,
+              "rnnkit native: pointwise_scan: the weight packed for 1, 3 or 4 gates that divide G*H");
   for (const Tensor& st : states)
     TORCH_CHECK(st.sizes() == states[0].sizes() && st.size(1) == B && st.size(2) == H,
                 "rnnkit native: pointwise_scan: states (rows, B, H)");
   const bool projecting = packed_ih.has_value();
-  TORCH_CHECK(width >= 1 && packed.size(0) == (width + L - 1) / L && (projecting || x.size(2) == width) &&
-              (!projecting ||
-               (packed_ih->dim() == 4 && packed_ih->size(0) == packed.size(0) && packed_ih->size(1) == x.size(2))) &&
+  TORCH_CHECK(width >= 1 && packed.size(0) == (Hg + L - 1) / L && (projecting || x.size(2) == width) &&
+              (!projecting || (packed_ih->dim() == 4 && packed_ih->size(0) == packed.size(0) &&
+                               packed_ih->size(1) == x.size(2) && packed_ih->size(2) == G)) &&
               (!bias.has_value() || bias->numel() == width) && (!bias_ih.has_value() || bias_ih->numel() == width),
               "rnnkit native: pointwise_scan: the packed weights, the biases and x disagree on G*H");
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnkit_pointwise_scan", [&] {
     using T_ = scalar_t;
-    const Blocked<T_> rec(packed, 1, GH, bias);
+    const Blocked<T_> rec(packed, G, Hg, bias);
     std::optional<Blocked<T_>> proj;
-    if (projecting) proj.emplace(*packed_ih, 1, GH, bias_ih);
+    if (projecting) proj.emplace(*packed_ih, G, Hg, bias_ih);
     // fold: hz_t holds xz_t + hz_t and the program's xz_t reads zeros (a program whose gates see x
     // and h only as their sum, pointwise.py's ``shared``): one buffer fewer to write, keep and read
     const Tensor xz_buffer = fold ? at::zeros({B, GH}, x.options()) : projecting ? at::empty({B, GH}, x.options()) : Tensor();
@@ -1288,8 +1294,12 @@ void pointwise_scan(const Tensor& program, const Tensor& consts, const Tensor& x
           if (fold && projecting) {
             (*proj)(q, xp + t * I, T * I, B, hz, GH, false);
           } else if (fold) {  // xz_t's block into hz_t's, then the product adds to it
-            const int64_t j = q * rec.L, n = std::min<int64_t>(rec.L, GH - j);
-            for (int64_t b = 0; b < B; ++b) load(xp + (b * T + t) * GH + j, n).store(hz + b * GH + j, n);
+            const int64_t j = q * rec.L, n = std::min<int64_t>(rec.L, Hg - j);
+            for (int64_t b = 0; b < B; ++b) {
+              for (int64_t g = 0; g < G; ++g) {
+                load(xp + (b * T + t) * GH + g * Hg + j, n).store(hz + b * GH + g * Hg + j, n);
+              }
+            }
           } else if (projecting) {
             (*proj)(q, xp + t * I, T * I, B, xzp, GH, false);
           }

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import threading
+import types
 from collections import OrderedDict
 from typing import NamedTuple
 
@@ -353,14 +354,23 @@ class _Unkeyable(Exception):
     """An attribute whose value cannot be compared with a later one (a mutable object)."""
 
 
+_PLAIN = frozenset({bool, int, float, str, type(None)})
+_AS_IS = frozenset({type, types.FunctionType, types.BuiltinFunctionType, types.MethodType})  # hashed by identity
+
+
 def _value_key(value):
     """What a traced ``combine`` may have baked in from ``value``, as a hashable key."""
+    kind = type(value)  # the exact types first: this runs on every call of a layer (about 30 values a cell)
+    if kind in _PLAIN:
+        return value
+    if kind in _AS_IS:
+        return kind, value
     if isinstance(value, (bool, int, float, str, type(None))):
         return value
     if isinstance(value, (tuple, list)):
         return type(value).__name__, tuple(map(_value_key, value))
     if isinstance(value, dict):
-        return "dict", tuple((_value_key(k), _value_key(v)) for k, v in value.items())
+        return "dict", tuple((k if type(k) is str else _value_key(k), _value_key(v)) for k, v in value.items())
     if isinstance(value, nn.Module):
         return type(value), _attributes_key(value)
     if isinstance(value, Tensor):  # a tensor that combine reads does not trace: only its identity matters

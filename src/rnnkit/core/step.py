@@ -11,7 +11,7 @@ validation, re-packing weights, autograd bookkeeping, Python. ``step_layers`` is
   a user's cell whose ``combine`` compiles (core/pointwise.py) runs its program. The blocked
   product with the gate math right after it, in one pass of the threads, beats a BLAS call followed
   by torch's pointwise ops at every batch for the LSTM and the GRU; at batch 1 the RNN (one product
-  and a tanh) and a small user's cell (whose program lookup costs about 18 us) keep the route below;
+  and a tanh) and a small user's cell (whose program lookup costs about 11 us) keep the route below;
 - otherwise one matmul over the concatenation ``[x, h]`` against ``[W_ih, W_hh]`` packed once and
   cached (GRU: two, since its reset gate acts on ``h W_hn + b_hn`` alone; a user's cell: two, then
   its ``combine`` as written), at batch 1 on the CPU through the C++ matrix-vector kernels
@@ -44,6 +44,7 @@ from rnnkit.core import native, pointwise
 from rnnkit.core.cells.gru import GRUCell
 from rnnkit.core.cells.lstm import LSTMCell
 from rnnkit.core.cells.rnn import RNNCell
+from rnnkit.core.fused import program_gates
 from rnnkit.core.gates import GatedCell, only_combine_customised
 
 _CACHE_ATTR = "_rnnkit_step_cache"
@@ -127,11 +128,12 @@ def _packed(layer, cells, weights, loops) -> list:
 #   a user's LSTM cell 1.5-5.1x faster. Against torch.nn's stepping the route below had been
 #   0.71-2.03x (below 1.0 in 17 of the 24 cases), the loops 0.79-7.9x (RNN at 2 x 256, batch 2 and
 #   8: 0.79-0.83x, where Python's few tens of microseconds a call are most of a step);
-# - batch 1: LSTM 1.02-1.50x and GRU 1.09-1.64x (1 layer of 64 to 3 of 512); the RNN 0.75-0.86x
-#   and a user's LSTM cell 0.84-0.98x up to 2 x 256, 1.37-1.49x at 3 x 512 (weights of 1M numbers
-#   a layer), so those two keep the route below at batch 1, the user's cell under
-#   LOOPS_MIN_USER_WEIGHTS.
-LOOPS_MIN_USER_WEIGHTS = 1 << 20
+# - batch 1: LSTM 1.02-1.50x and GRU 1.09-1.64x (1 layer of 64 to 3 of 512); the RNN 0.75-0.86x,
+#   so it keeps the route below at batch 1; a user's LSTM cell (weights packed for its 4 gates)
+#   0.90-0.93x at 1 x 64, 1.00-1.08x at 2 x 128, 1.08-1.12x at 2 x 256 and 1.37-1.53x at 3 x 512,
+#   so at batch 1 a user's cell takes the loops from LOOPS_MIN_USER_WEIGHTS numbers a layer (2 x 256
+#   has 512K, 2 x 128 128K).
+LOOPS_MIN_USER_WEIGHTS = 1 << 18
 
 
 def _loops_for(x: Tensor, cells, weights) -> object | None:
@@ -158,7 +160,8 @@ def _loop_pack(cell: GatedCell, ops) -> tuple[Tensor, Tensor]:
         return ops.pack_linear(cell.weight_ih, G), ops.pack_linear(cell.weight_hh, G)
     if combine in (GRUCell.combine, RNNCell.combine):
         return ops.pack_linear(cell.weight_ih, 1), ops.pack_linear(cell.weight_hh, G)
-    return ops.pack_linear(cell.weight_ih, 1), ops.pack_linear(cell.weight_hh, 1)  # a user's cell
+    G = program_gates(cell)  # a user's cell
+    return ops.pack_linear(cell.weight_ih, G), ops.pack_linear(cell.weight_hh, G)
 
 
 def _loop_step(cell, x, ins, pack, outs, ops) -> Tensor | None:
