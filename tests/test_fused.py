@@ -515,9 +515,10 @@ def test_stepping_at_batch_one_float32(kind, bias, route, monkeypatch):
 @pytest.mark.parametrize("batch", [1, 2, 5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_stepping_through_the_cpp_loops_equals_the_general_route(kind, batch, dtype, monkeypatch):
-    """A step as one call of the fused kernels' C++ loops (``_loop_step``: every batch for the LSTM
-    and the GRU, from batch 2 for the others at this size), held to the general route over a few
-    steps: both directions, two layers, H = 70 (a partial SIMD vector); the route asserted taken."""
+    """A step as one call of the fused kernels' C++ loops (``_loop_step``: every batch but the RNN's
+    batch 1, users' cells at batch 1 with their weight threshold lowered), held to the general route
+    over a few steps: both directions, two layers, H = 70 (a partial SIMD vector); the route asserted
+    taken."""
     taken = []
 
     def counted(*args):
@@ -527,6 +528,7 @@ def test_stepping_through_the_cpp_loops_equals_the_general_route(kind, batch, dt
 
     real = step_module._loop_step
     monkeypatch.setattr(step_module, "_loop_step", counted)
+    monkeypatch.setattr(step_module, "LOOPS_MIN_USER_WEIGHTS", 0)  # users' cells at batch 1 too, at this size
     layer = LAYERS[kind](input_size=33, hidden_size=70, num_layers=2, bidirectional=True).to(dtype).eval()
     x = torch.randn(batch, 4, 33, dtype=dtype)
     state_ref = state = None
@@ -539,7 +541,7 @@ def test_stepping_through_the_cpp_loops_equals_the_general_route(kind, batch, dt
             torch.testing.assert_close(a, b.detach(), atol=TOL[dtype], rtol=0)
         state_ref = tuple(s.detach() for s in _parts(state_ref))
         state_ref = state_ref if len(state_ref) > 1 else state_ref[0]
-    expected = batch > 1 or kind in ("lstm", "gru")
+    expected = batch > 1 or not kind.startswith("rnn")
     assert taken == [True] * (3 * 4 if expected else 0)  # 3 lean steps x 2 layers x 2 directions
 
 
@@ -560,6 +562,15 @@ def test_stepping_sees_parameter_updates(kind, batch):
         want, _ = layer(x, state)
     assert not torch.allclose(before, after)
     torch.testing.assert_close(reloaded, want.detach(), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_stepping_an_empty_batch_names_the_problem(kind):
+    """A batch of 0 with a carried state leaves the lean path to the general route's message."""
+    layer = LAYERS[kind](input_size=3, hidden_size=5).eval()
+    state = tuple(torch.zeros(1, 0, 5) for _ in layer.State._fields)
+    with torch.no_grad(), pytest.raises(ValueError, match="at least one sequence"):
+        layer(torch.randn(0, 1, 3), state if len(state) > 1 else state[0])
 
 
 def test_stepping_bad_state_still_names_the_problem():

@@ -12,7 +12,8 @@ Grid: LSTM/GRU/RNN x batch {1, 32, 64} x hidden {128, 512} x T {64, 256}, input 
 training (forward+backward) and inference (forward, no_grad); per-token stepping of a 3-layer
 512-wide LSTM and GRU at batch 1 (and, in the full run, at 8 and 64); a user-written LSTM cell
 (its ``combine`` compiled, else the generic fused kernel) against the built-in one (hand-written
-kernel), same FLOPs: training and inference at B=32, H=512, T=64, and stepping 3 x 512 at batch 1.
+kernel), same FLOPs: training and inference at B=32, H=512, T=64, and stepping 3 x 512 at batch 1
+(``--quick``: H=256).
 """
 from rnnkit.bench.run import main, run_benchmark
 

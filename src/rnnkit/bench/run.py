@@ -141,9 +141,10 @@ def stepping(kind, tokens, repeats, batch: int = 1) -> dict:
 
 
 def custom_cell(B, H, T, repeats, tokens) -> list[dict]:
-    """A user-written LSTM cell (generic kernel) vs the built-in LSTM (hand-written kernel): training
-    and inference at (B, H, T), and stepping ``tokens`` tokens at batch 1 (3 layers of H, as
-    ``stepping``; ``steps`` is the number of tokens, the time per token)."""
+    """A user-written LSTM cell (its ``combine`` compiled, or the generic kernel where it cannot be)
+    vs the built-in LSTM (hand-written kernel): training and inference at (B, H, T), and stepping
+    ``tokens`` tokens at batch 1 through 3 layers of H, as ``stepping`` does. In the stepping row,
+    ``steps`` is the number of tokens and the times are per token."""
     builtin = rnnkit.LSTM(INPUT, H)
     user = rnnkit.Recurrent(UserLSTMCell, INPUT, H)
     user.load_state_dict(builtin.state_dict())

@@ -649,36 +649,56 @@ def scan_projecting(cell: GatedCell, x: Tensor, state: NamedTuple, mask: Tensor 
 
     ``x`` (B, T, I), ``state`` the cell's state of (B, H) parts, ``mask`` (B, T) or ``None``;
     returns the outputs (B, T, H) and the final state."""
-    ops = native.ops()
-    B, T = x.shape[0], x.shape[1]
     kernel = kernel_for(cell)
-    if (ops is None or kernel not in (KERNELS[LSTMCell.combine], GENERIC) or x.device.type != "cpu"
+    if (native.ops() is None or kernel not in (KERNELS[LSTMCell.combine], GENERIC) or x.device.type != "cpu"
             or x.dtype not in (torch.float32, torch.float64) or x.dtype != cell.weight_hh.dtype
             or x.dtype != cell.weight_ih.dtype or torch.is_autocast_enabled("cpu") or _functorch_active()):
         return None
-    weights = (x, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh, *state)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in weights):
+    tensors = (x, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh, *state)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return None
+    programs = None
     if kernel is GENERIC:  # a user's cell: per step x_t W_ih^T + b_ih, then the compiled combine
         programs = pointwise.compiled(cell)
         if programs is None:
             return None
-        with torch.no_grad():
-            G = program_gates(cell)
-            out, final, _ = _compiled_loop(programs, x, ops.pack_linear(cell.weight_ih, G), cell.bias_ih, cell.weight_hh,
-                                           cell.bias_hh, [s.to(x.dtype) for s in state], mask, False, gates=G)
-            return out, cell.State(*(s.clone() for s in final))
     with torch.no_grad():
-        hs, cs = _states(state[0].to(x.dtype), T, False), _states(state[1].to(x.dtype), T, False)
-        out = native.buffer((B, T, cell.hidden_size), x)  # (B, T, H)
-        ops.lstm_forward_projecting(x.contiguous(), ops.pack_linear(cell.weight_ih, 4), cell.bias_ih,
-                                    ops.pack_linear(cell.weight_hh, 4), cell.bias_hh, hs, cs, out,
-                                    mask.contiguous() if mask is not None else None)
-        last = T % 2
-        return out, cell.State(hs[last].clone(), cs[last].clone())
+        out, final = projecting_loop(cell, x, loop_weights(cell), [s.to(x.dtype) for s in state], mask, programs)
+        return out, cell.State(*(s.clone() for s in final))
 
 
-def _states(first: Tensor, T: int, training: bool) -> Tensor:
+def loop_weights(cell: GatedCell) -> tuple[Tensor, Tensor]:
+    """``(W_ih, W_hh)`` packed (``pack_linear``) as the C++ loops read them in inference: for the
+    LSTM and a user's compiled cell, whose loops project their input per step (``projecting_loop``),
+    both for the cell's gates (``program_gates``); for the GRU and the RNN, ``W_ih`` for one matmul
+    (``linear_packed``: 1 gate) and ``W_hh`` for their loops. Where the C++ loops run."""
+    ops = native.ops()
+    if type(cell).combine in (GRUCell.combine, RNNCell.combine):
+        return ops.pack_linear(cell.weight_ih, 1), ops.pack_linear(cell.weight_hh, cell.num_gates)
+    G = program_gates(cell)
+    return ops.pack_linear(cell.weight_ih, G), ops.pack_linear(cell.weight_hh, G)
+
+
+def projecting_loop(cell: GatedCell, x: Tensor, weights, state, mask, programs=None):
+    """Inference over (B, T, I) ``x`` in the C++ loop that projects its input per step, on
+    ``loop_weights(cell)``: the LSTM's (``lstm_forward_projecting``), or a user's cell's with its
+    compiled ``programs`` (``pointwise_scan``). ``state``: the cell's (B, H) parts, in x's dtype.
+    Returns the outputs (B, T, H) and the final state's parts, views of buffers that a later call
+    may reuse (copy what is kept)."""
+    w_ih, w_hh = weights
+    if programs is not None:
+        out, final, _ = _compiled_loop(programs, x, w_ih, cell.bias_ih, cell.weight_hh, cell.bias_hh, state, mask,
+                                       False, packed_hh=w_hh)
+        return out, final
+    B, T = x.shape[0], x.shape[1]
+    hs, cs = states_rows(state[0], T, False), states_rows(state[1], T, False)
+    out = native.buffer((B, T, cell.hidden_size), x)  # (B, T, H)
+    native.ops().lstm_forward_projecting(x.contiguous(), w_ih, cell.bias_ih, w_hh, cell.bias_hh, hs, cs, out,
+                                         mask.contiguous() if mask is not None else None)
+    return out, (hs[T % 2], cs[T % 2])
+
+
+def states_rows(first: Tensor, T: int, training: bool) -> Tensor:
     """(T+1, B, H) buffer for h_0 .. h_T (or c), h_0 filled in; in inference, where backward needs
     none of them, (2, B, H) with h_t in row t % 2 (the C++ loops' layout): less memory to touch."""
     hs = native.buffer((T + 1 if training else 2, *first.shape), first)
@@ -714,7 +734,7 @@ def _native_weight_grads(dhz: Tensor, hs: Tensor, needs: dict):
 class _NativeLSTM(_Kernel):
     def forward(self, cell, xz, w_hh, b_hh, state, mask, training):
         B, T, G4 = xz.shape
-        hs, cs = _states(state[0], T, training), _states(state[1], T, training)
+        hs, cs = states_rows(state[0], T, training), states_rows(state[1], T, training)
         out = native.buffer((B, T, G4 // 4), xz)
         gates = native.buffer(xz.shape, xz) if training else None
         native.ops().lstm_forward(xz, native.ops().pack_linear(w_hh, 4), b_hh, hs, cs, out, gates, mask)
@@ -733,7 +753,7 @@ class _NativeLSTM(_Kernel):
 class _NativeGRU(_Kernel):
     def forward(self, cell, xz, w_hh, b_hh, state, mask, training):
         B, T, G3 = xz.shape
-        hs = _states(state[0], T, training)
+        hs = states_rows(state[0], T, training)
         out = native.buffer((B, T, G3 // 3), xz)
         gates, hzn = (native.buffer(xz.shape, xz), native.buffer(out.shape, out)) if training else (None, None)
         native.ops().gru_forward(xz, native.ops().pack_linear(w_hh, 3), b_hh, hs, out, gates, hzn, mask)
@@ -757,7 +777,7 @@ class _NativeGRU(_Kernel):
 class _NativeRNN(_Kernel):
     def forward(self, cell, xz, w_hh, b_hh, state, mask, training):
         B, T, H = xz.shape
-        hs = _states(state[0], T, training)
+        hs = states_rows(state[0], T, training)
         out = native.buffer(xz.shape, xz)
         native.ops().rnn_forward(xz, native.ops().pack_linear(w_hh, 1), b_hh, hs, out, mask, cell.nonlinearity == "relu")
         return out, (hs[T % hs.shape[0]],), (hs,)
@@ -790,22 +810,22 @@ def program_gates(cell: GatedCell) -> int:
     return cell.num_gates if cell.num_gates in (3, 4) else 1
 
 
-def _compiled_loop(compiled, x: Tensor, w_ih_packed, b_ih, w_hh, b_hh, state, mask, training: bool, *, gates: int):
+def _compiled_loop(compiled, x: Tensor, w_ih_packed, b_ih, w_hh, b_hh, state, mask, training: bool, *, packed_hh):
     """A cell's ``compiled`` combine over T steps in C++ (``pointwise_scan``): ``x`` is xz (B, T, G*H),
-    or with ``w_ih_packed`` (``pack_linear(W_ih, gates)``) the input (B, T, I), projected per step;
-    ``gates``: ``program_gates(cell)``. Returns the outputs (B, T, H), the final state's parts and, in
-    training, what backward needs."""
+    or with ``w_ih_packed`` the input (B, T, I), projected per step; ``packed_hh``: ``w_hh`` (G*H, H)
+    packed, both weights for ``program_gates(cell)`` gates. Returns the outputs (B, T, H), the final
+    state's parts and, in training, what backward needs."""
     ops = native.ops()
     B, T = x.shape[0], x.shape[1]
     GH, H = w_hh.shape
-    hs = [_states(s, T, training) for s in state]  # inference: step t's state in row t % 2
+    hs = [states_rows(s, T, training) for s in state]  # inference: step t's state in row t % 2
     out = native.buffer((B, T, H), x)
     hz = native.buffer((T, B, GH), x) if training else None
     masked = mask is not None
     m = mask.to(x.dtype).contiguous() if masked else None  # the programs' mask: a number per row
     fold = compiled.shared[masked]  # hz_t keeps xz_t + hz_t, and xz need not be kept
-    ops.pointwise_scan(*compiled.forward[masked], x.contiguous(), w_ih_packed, b_ih, ops.pack_linear(w_hh, gates),
-                       b_hh, GH, hs, out, hz, m, fold)
+    ops.pointwise_scan(*compiled.forward[masked], x.contiguous(), w_ih_packed, b_ih, packed_hh, b_hh, GH, hs, out,
+                       hz, m, fold)
     final = tuple(h[T % h.shape[0]] for h in hs)
     return out, final, ((None if fold else x, hz, hs, m) if training else None)
 
@@ -817,8 +837,8 @@ class _CompiledGeneric(_Kernel):
         self.compiled = compiled
 
     def forward(self, cell, xz, w_hh, b_hh, state, mask, training):
-        return _compiled_loop(self.compiled, xz, None, None, w_hh, b_hh, state, mask, training,
-                              gates=program_gates(cell))
+        packed_hh = native.ops().pack_linear(w_hh, program_gates(cell))
+        return _compiled_loop(self.compiled, xz, None, None, w_hh, b_hh, state, mask, training, packed_hh=packed_hh)
 
     def backward(self, cell, saved, w_hh, mask, grad_out, grad_state, needs):
         xz, hz, hs, m = saved  # xz None: hz holds xz + hz (folded)

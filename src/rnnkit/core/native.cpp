@@ -1223,9 +1223,9 @@ void check_scan_buffers(at::TensorList tensors, const char* name) {
 // The compiled combine over all steps (pointwise.py's forward program), one thread team throughout:
 // per step a pass of products over blocks of the G*H outputs, hz_t = h_{t-1} W_hh^T + b_hh (and,
 // given W_ih, xz_t = x_t W_ih^T + b_ih: x is then (B, T, I), else xz (B, T, G*H)), each weight
-// packed by pack_linear for 1 gate or for the cell's 3 or 4 (measured at batch 1, 3 x 512: a 4-gate
-// cell's products 1.3x faster so), then a pass of
-// the program over (B, H). states: one (rows, B, H) buffer per state field, row 0 the initial
+// packed by pack_linear for 1 gate or for the cell's 3 or 4 (a 4-gate cell's products measured
+// 1.3x faster so at batch 1, 3 x 512), then a pass of the program over (B, H).
+// states: one (rows, B, H) buffer per state field, row 0 the initial
 // state, step t's in row t % rows (rows: T + 1, or 2 in inference); hz_all (T, B, G*H) keeps every
 // hz_t for the backward; mask (B, T) in x's dtype.
 void pointwise_scan(const Tensor& program, const Tensor& consts, const Tensor& x, const std::optional<Tensor>& packed_ih,

@@ -40,11 +40,10 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from rnnkit.core import native, pointwise
+from rnnkit.core import fused, native, pointwise
 from rnnkit.core.cells.gru import GRUCell
 from rnnkit.core.cells.lstm import LSTMCell
 from rnnkit.core.cells.rnn import RNNCell
-from rnnkit.core.fused import program_gates
 from rnnkit.core.gates import GatedCell, only_combine_customised
 
 _CACHE_ATTR = "_rnnkit_step_cache"
@@ -114,7 +113,7 @@ def _packed(layer, cells, weights, loops) -> list:
     if which not in cache[1]:
         with torch.no_grad():
             if loops is not None:
-                cache[1][which] = [_loop_pack(c, loops) for c in cells]
+                cache[1][which] = [fused.loop_weights(c) for c in cells]
             else:
                 cache[1][which] = [_pack(c) if STEPPERS.get(type(c).combine, _GENERIC)[0] else None for c in cells]
     return cache[1][which]
@@ -131,71 +130,55 @@ def _packed(layer, cells, weights, loops) -> list:
 # - batch 1: LSTM 1.02-1.50x and GRU 1.09-1.64x (1 layer of 64 to 3 of 512); the RNN 0.75-0.86x,
 #   so it keeps the route below at batch 1; a user's LSTM cell (weights packed for its 4 gates)
 #   0.90-0.93x at 1 x 64, 1.00-1.08x at 2 x 128, 1.08-1.12x at 2 x 256 and 1.37-1.53x at 3 x 512,
-#   so at batch 1 a user's cell takes the loops from LOOPS_MIN_USER_WEIGHTS numbers a layer (2 x 256
-#   has 512K, 2 x 128 128K).
+#   so at batch 1 a user's cell takes the loops from LOOPS_MIN_USER_WEIGHTS weights (W_ih and W_hh)
+#   in a layer (2 x 256 has 512K a layer, 2 x 128 128K).
 LOOPS_MIN_USER_WEIGHTS = 1 << 18
 
 
+def _loops_at_batch_one(cell) -> bool:
+    """Whether ``cell`` steps batch 1 faster through the loops than through the route below (above)."""
+    combine = type(cell).combine
+    if combine in STEPPERS:
+        return combine is not RNNCell.combine
+    return cell.weight_ih.numel() + cell.weight_hh.numel() >= LOOPS_MIN_USER_WEIGHTS
+
+
 def _loops_for(x: Tensor, cells, weights) -> object | None:
-    """The native ops where ``cells`` (a layer's) step a batch ``x`` (B, I) through ``_loop_step``, else ``None``."""
+    """The native ops where ``cells`` (a layer stack's) step a batch ``x`` (B, I) through ``_loop_step``,
+    else ``None``; at batch 1, where one of them is faster so (the whole stack takes one route)."""
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
         return None
     if any(p.dtype != x.dtype for p in weights):
         return None
-    if x.shape[0] == 1:
-        cell = cells[0]
-        combine = type(cell).combine
-        if combine is RNNCell.combine:
-            return None
-        if combine not in STEPPERS and cell.weight_ih.numel() + cell.weight_hh.numel() < LOOPS_MIN_USER_WEIGHTS:
-            return None
+    if x.shape[0] == 1 and not any(map(_loops_at_batch_one, cells)):
+        return None
     return native.ops()
 
 
-def _loop_pack(cell: GatedCell, ops) -> tuple[Tensor, Tensor]:
-    """``(W_ih, W_hh)`` packed as the loops of ``_loop_step`` read them (``pack_linear``)."""
-    G = cell.num_gates
-    combine = type(cell).combine
-    if combine is LSTMCell.combine:  # its loop projects the input itself, gate by gate
-        return ops.pack_linear(cell.weight_ih, G), ops.pack_linear(cell.weight_hh, G)
-    if combine in (GRUCell.combine, RNNCell.combine):
-        return ops.pack_linear(cell.weight_ih, 1), ops.pack_linear(cell.weight_hh, G)
-    G = program_gates(cell)  # a user's cell
-    return ops.pack_linear(cell.weight_ih, G), ops.pack_linear(cell.weight_hh, G)
-
-
 def _loop_step(cell, x, ins, pack, outs, ops) -> Tensor | None:
-    """One step of a batch through the C++ loops of the fused kernels (T = 1, inference: the states
-    kept in two rows, the old one read from row 0, the new written to row 1); ``None`` for a user's
-    cell whose ``combine`` does not compile, which the caller then steps as written."""
+    """One step of a batch ``x`` (B, I) through the C++ loops of the fused kernels (T = 1, inference),
+    on ``pack`` (``fused.loop_weights(cell)``), the new state copied into ``outs``; ``None`` for a
+    user's cell whose ``combine`` does not compile, which the caller then steps as written."""
     B, H = x.shape[0], cell.hidden_size
-    p_ih, p_hh = pack
     combine = type(cell).combine
-    programs = None
-    if combine not in STEPPERS:
-        programs = pointwise.compiled(cell)
-        if programs is None:
-            return None
-    states = [torch.empty(2, B, H, dtype=x.dtype) for _ in ins]
-    for rows, part in zip(states, ins):
-        rows[0].copy_(part)
-    out = torch.empty(B, 1, H, dtype=x.dtype)
     x = x.contiguous()
-    if combine is LSTMCell.combine:
-        ops.lstm_forward_projecting(x.view(B, 1, -1), p_ih, cell.bias_ih, p_hh, cell.bias_hh, *states, out, None)
-    elif programs is not None:
-        GH = cell.weight_hh.shape[0]
-        ops.pointwise_scan(*programs.forward[False], x.view(B, 1, -1), p_ih, cell.bias_ih, p_hh, cell.bias_hh, GH,
-                           states, out, None, None, programs.shared[False])
-    else:
-        GH = cell.weight_ih.shape[0]
+    if combine in (GRUCell.combine, RNNCell.combine):  # the input projected first, by one matmul
+        (p_ih, p_hh), GH = pack, cell.weight_ih.shape[0]
         xz = ops.linear_packed(x, p_ih, GH, cell.bias_ih).view(B, 1, GH)
+        states = [fused.states_rows(part, 1, False) for part in ins]  # the old state in row 0, the new one to row 1
+        out = torch.empty(B, 1, H, dtype=x.dtype)
         if combine is GRUCell.combine:
             ops.gru_forward(xz, p_hh, cell.bias_hh, *states, out, None, None, None)
         else:
             ops.rnn_forward(xz, p_hh, cell.bias_hh, *states, out, None, cell.nonlinearity == "relu")
-    for part, rows in zip(outs, states):
-        part.copy_(rows[1])
+        final = [rows[1] for rows in states]
+    else:  # the LSTM, or a user's compiled cell: the loop projects its input itself
+        programs = pointwise.compiled(cell) if combine is not LSTMCell.combine else None
+        if programs is None and combine is not LSTMCell.combine:
+            return None
+        out, final = fused.projecting_loop(cell, x.view(B, 1, -1), pack, ins, None, programs)
+    for part, new in zip(outs, final):
+        part.copy_(new)
     return out.view(B, H)
 
 
@@ -256,8 +239,8 @@ def step_layers(layer, x: Tensor, state) -> tuple | None:
         T, B, I = x.shape
     cells = list(layer.cells)
     ref = cells[0].weight_ih
-    if T != 1 or I != layer.input_size or x.dtype != ref.dtype or x.device != ref.device:
-        return None
+    if T != 1 or B == 0 or I != layer.input_size or x.dtype != ref.dtype or x.device != ref.device:
+        return None  # (an empty batch: the general route names the problem)
     if torch.is_autocast_enabled(x.device.type):  # its linears would come back in half precision
         return None
     fields = layer.State._fields
@@ -284,12 +267,11 @@ def step_layers(layer, x: Tensor, state) -> tuple | None:
         halves = []
         for d in range(D):
             row = k * D + d
-            cell = cells[row]
-            args = (cell, inp, [p[row] for p in ins], packs[row], [p[row] for p in outs])
-            h = _loop_step(*args, loops) if loops is not None else None
-            if h is None:
-                _, stepper = STEPPERS.get(type(cell).combine, _GENERIC)
-                h = stepper(*args[:3], None if loops is not None else args[3], args[4])
+            cell, state_in, state_out = cells[row], [p[row] for p in ins], [p[row] for p in outs]
+            h = _loop_step(cell, inp, state_in, packs[row], state_out, loops) if loops is not None else None
+            if h is None:  # no loops here; or (loops given) a user's cell whose combine did not compile
+                _, stepper = STEPPERS.get(type(cell).combine, _GENERIC)  # _GENERIC: no packed weights
+                h = stepper(cell, inp, state_in, packs[row] if loops is None else None, state_out)
             halves.append(h)
         inp = halves[0] if D == 1 else torch.cat(halves, dim=1)  # (B, D*H)
     output = inp.unsqueeze(1) if layer.batch_first else inp.unsqueeze(0)
