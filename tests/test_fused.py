@@ -564,6 +564,24 @@ def test_stepping_sees_parameter_updates(kind, batch):
     torch.testing.assert_close(reloaded, want.detach(), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("kind", ["lstm", "user_lstm", "gru"])
+def test_inference_sees_parameter_updates(kind):
+    """The packed weights the inference loops keep on each cell (``fused.loop_weights``) follow an
+    in-place change under no_grad, ``load_state_dict`` and a replaced parameter."""
+    layer = LAYERS[kind](input_size=3, hidden_size=4, num_layers=2).eval()
+    x = torch.randn(2, 5, 3)
+    changes = [lambda: layer.cells[1].weight_hh.mul_(2.0),
+               lambda: layer.load_state_dict({k: torch.randn_like(v) for k, v in layer.state_dict().items()}),
+               lambda: setattr(layer.cells[0], "weight_ih", torch.nn.Parameter(torch.randn_like(layer.cells[0].weight_ih)))]
+    for change in [lambda: None, *changes]:
+        with torch.no_grad():
+            change()
+            got, _ = layer(x)
+            with _fused(False):
+                want, _ = layer(x)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("kind", list(LAYERS))
 def test_stepping_an_empty_batch_names_the_problem(kind):
     """A batch of 0 with a carried state leaves the lean path to the general route's message."""

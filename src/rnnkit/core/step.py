@@ -101,22 +101,17 @@ def _pack(cell: GatedCell) -> tuple[Tensor, Tensor | None]:
     return w.t().contiguous(), b
 
 
-def _packed(layer, cells, weights, loops) -> list:
-    """Per cell, the packed weights of its stepper (``loops`` None) or of ``_loop_step`` (``loops`` the
-    native ops), made on first use and kept until a parameter changes."""
+def _packed(layer, cells, weights) -> list:
+    """Per cell, the packed weights of its stepper (the route without the C++ loops), made on first
+    use and kept until a parameter changes."""
     key = _key(weights)
     cache = getattr(layer, _CACHE_ATTR, None)
     if cache is None or cache[0] != key:
-        cache = (key, {})
-        object.__setattr__(layer, _CACHE_ATTR, cache)  # a plain attribute: not a parameter, not saved
-    which = "loops" if loops is not None else "rows"
-    if which not in cache[1]:
         with torch.no_grad():
-            if loops is not None:
-                cache[1][which] = [fused.loop_weights(c) for c in cells]
-            else:
-                cache[1][which] = [_pack(c) if STEPPERS.get(type(c).combine, _GENERIC)[0] else None for c in cells]
-    return cache[1][which]
+            packs = [_pack(c) if STEPPERS.get(type(c).combine, _GENERIC)[0] else None for c in cells]
+        cache = (key, packs)
+        object.__setattr__(layer, _CACHE_ATTR, cache)  # a plain attribute: not a parameter, not saved
+    return cache[1]
 
 
 # -- the fused kernels' C++ loops at T = 1 --------------------------------------------------------
@@ -256,7 +251,8 @@ def step_layers(layer, x: Tensor, state) -> tuple | None:
     inp = x.reshape(B, I)
     weights = _weights(cells)
     loops = _loops_for(inp, cells, weights)
-    packs = _packed(layer, cells, weights, loops)
+    # the loops' weights are packed once and kept on each cell (fused.loop_weights), the others here
+    packs = [fused.loop_weights(c) for c in cells] if loops is not None else _packed(layer, cells, weights)
     new = [torch.empty_like(p) for p in parts]  # (rows, B, H) each, written row by row
     ins = [p.unbind(0) for p in parts]
     outs = [p.unbind(0) for p in new]
