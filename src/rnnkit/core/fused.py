@@ -689,11 +689,10 @@ def loop_weights(cell: GatedCell) -> tuple[Tensor, Tensor]:
         return cached[1]
     ops = native.ops()
     with torch.no_grad():
-        G = program_gates(cell)
         if type(cell).combine in (GRUCell.combine, RNNCell.combine):
             packs = ops.pack_linear(w_ih, 1), ops.pack_linear(w_hh, cell.num_gates)
         else:
-            packs = ops.pack_linear(w_ih, G), ops.pack_linear(w_hh, G)
+            packs = ops.pack_linear(w_ih, program_gates(cell)), ops.pack_linear(w_hh, program_gates(cell))
     object.__setattr__(cell, _LOOP_WEIGHTS, (key, packs))
     return packs
 

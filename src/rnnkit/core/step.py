@@ -168,9 +168,11 @@ def _loop_step(cell, x, ins, pack, outs, ops) -> Tensor | None:
             ops.rnn_forward(xz, p_hh, cell.bias_hh, *states, out, None, cell.nonlinearity == "relu")
         final = [rows[1] for rows in states]
     else:  # the LSTM, or a user's compiled cell: the loop projects its input itself
-        programs = pointwise.compiled(cell) if combine is not LSTMCell.combine else None
-        if programs is None and combine is not LSTMCell.combine:
-            return None
+        programs = None
+        if combine is not LSTMCell.combine:
+            programs = pointwise.compiled(cell)
+            if programs is None:
+                return None
         out, final = fused.projecting_loop(cell, x.view(B, 1, -1), pack, ins, None, programs)
     for part, new in zip(outs, final):
         part.copy_(new)
