@@ -8,8 +8,10 @@ float32 (1e-5); plus gradcheck on small sizes. Parity with torch.nn itself is te
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import json
+import pickle
 import shutil
 import subprocess
 import sys
@@ -564,15 +566,17 @@ def test_stepping_sees_parameter_updates(kind, batch):
     torch.testing.assert_close(reloaded, want.detach(), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("kind", ["lstm", "user_lstm", "gru"])
-def test_inference_sees_parameter_updates(kind):
-    """The packed weights the inference loops keep on each cell (``fused.loop_weights``) follow an
-    in-place change under no_grad, ``load_state_dict`` and a replaced parameter."""
+@pytest.mark.parametrize("kind", ["lstm", "user_lstm"])
+def test_inference_packs_the_current_weights(kind):
+    """Whole-sequence inference (the loops that project their input) packs the weights on every call:
+    it sees an in-place change, ``load_state_dict``, a replaced parameter and a write through
+    ``.data``, which bypasses the version counter."""
     layer = LAYERS[kind](input_size=3, hidden_size=4, num_layers=2).eval()
     x = torch.randn(2, 5, 3)
     changes = [lambda: layer.cells[1].weight_hh.mul_(2.0),
                lambda: layer.load_state_dict({k: torch.randn_like(v) for k, v in layer.state_dict().items()}),
-               lambda: setattr(layer.cells[0], "weight_ih", torch.nn.Parameter(torch.randn_like(layer.cells[0].weight_ih)))]
+               lambda: setattr(layer.cells[0], "weight_ih", torch.nn.Parameter(torch.randn(16, 3))),
+               lambda: layer.cells[0].weight_hh.data.mul_(3.0)]
     for change in [lambda: None, *changes]:
         with torch.no_grad():
             change()
@@ -580,6 +584,50 @@ def test_inference_sees_parameter_updates(kind):
             with _fused(False):
                 want, _ = layer(x)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "user_lstm"])
+def test_stepping_sees_weights_swapped_twice(kind):
+    """A weight replaced twice through ``.data`` between two steps (its old storage freed each time,
+    so a new one may get its address back) cannot pass for the cached one: the cache keeps an alias
+    of every weight it packed. (Without the aliases this failed in most of the 20 tries.)"""
+    for _ in range(20):
+        layer = LAYERS[kind](input_size=8, hidden_size=32).eval()
+        x = torch.randn(4, 6, 8)
+        with torch.no_grad():
+            _, state = layer(x)
+            layer(x[:, :1], state)  # the lean path: packs and caches
+            cell = layer.cells[0]
+            for _ in range(2):
+                cell.weight_hh.data = torch.randn_like(cell.weight_hh)
+            got, _ = layer(x[:, :1], state)
+        want, _ = layer(x[:, :1], state)  # grad enabled: the general route
+        torch.testing.assert_close(got, want.detach(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "user_lstm"])
+def test_a_layer_made_under_inference_mode_runs_and_steps(kind):
+    """Its weights are inference tensors, without a version counter: nothing is cached for them."""
+    with torch.inference_mode():
+        layer = LAYERS[kind](input_size=3, hidden_size=4, num_layers=2).eval()
+        x = torch.randn(2, 5, 3)
+        out, state = layer(x)
+        step, _ = layer(x[:, 4:], layer(x[:, :4])[1])
+        with _fused(False):
+            want, _ = layer(x)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(step[:, 0], want[:, 4], atol=1e-5, rtol=0)
+
+
+def test_pickling_a_layer_leaves_out_its_packed_weights():
+    layer = rnnkit.LSTM(3, 4).eval()
+    x, state = torch.randn(2, 1, 3), rnnkit.LSTMState(torch.zeros(1, 2, 4), torch.zeros(1, 2, 4))
+    with torch.no_grad():
+        want, _ = layer(x, state)  # the lean path: packs and caches
+        assert step_module.CACHE_ATTR in vars(layer)
+        for other in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+            assert step_module.CACHE_ATTR not in vars(other)
+            torch.testing.assert_close(other(x, state)[0], want, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("kind", list(LAYERS))

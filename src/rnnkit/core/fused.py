@@ -667,34 +667,23 @@ def scan_projecting(cell: GatedCell, x: Tensor, state: NamedTuple, mask: Tensor 
         return out, cell.State(*(s.clone() for s in final))
 
 
-_LOOP_WEIGHTS = "_rnnkit_loop_weights"  # a cell's attribute: (key, its packed weights)
-
-
 def loop_weights(cell: GatedCell) -> tuple[Tensor, Tensor]:
     """``(W_ih, W_hh)`` packed (``pack_linear``) as the C++ loops read them in inference: for the
     LSTM and a user's compiled cell, whose loops project their input per step (``projecting_loop``),
     both for the cell's gates (``program_gates``); for the GRU and the RNN, ``W_ih`` for one matmul
     (``linear_packed``: 1 gate) and ``W_hh`` for their loops. Where the C++ loops run.
 
-    Packed once and kept on the cell (a plain attribute: not a parameter, not saved) until a weight
-    changes: the key is each weight's identity, storage and version counter, as the lean stepping
-    path's cache (step.py), so an optimizer step or ``load_state_dict`` repacks on the next call.
-    Packing both took 36 us at H=128 and 227 us at H=512, about 8% of an LSTM inference call at
-    batch 1 and T=64."""
+    Packed on every call of a whole sequence, as torch's own kernels do: a cache would miss a
+    change written through ``.data``, which bypasses the version counter. The lean stepping path
+    keeps them (step.py), where packing would be a large part of a step."""
     params = cell._parameters  # not attribute access: nn.Module's __getattr__ is slow
     w_ih, w_hh = params["weight_ih"], params["weight_hh"]
-    key = (id(w_ih), w_ih.data_ptr(), w_ih._version, id(w_hh), w_hh.data_ptr(), w_hh._version)
-    cached = cell.__dict__.get(_LOOP_WEIGHTS)
-    if cached is not None and cached[0] == key:
-        return cached[1]
     ops = native.ops()
     with torch.no_grad():
         if type(cell).combine in (GRUCell.combine, RNNCell.combine):
-            packs = ops.pack_linear(w_ih, 1), ops.pack_linear(w_hh, cell.num_gates)
-        else:
-            packs = ops.pack_linear(w_ih, program_gates(cell)), ops.pack_linear(w_hh, program_gates(cell))
-    object.__setattr__(cell, _LOOP_WEIGHTS, (key, packs))
-    return packs
+            return ops.pack_linear(w_ih, 1), ops.pack_linear(w_hh, cell.num_gates)
+        G = program_gates(cell)
+        return ops.pack_linear(w_ih, G), ops.pack_linear(w_hh, G)
 
 
 def projecting_loop(cell: GatedCell, x: Tensor, weights, state, mask, programs=None):

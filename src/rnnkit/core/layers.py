@@ -38,7 +38,7 @@ from rnnkit.core.functional import as_lengths, length_mask, reverse_padded
 from rnnkit.core.gates import GatedCell
 from rnnkit.core import scan as scan_module
 from rnnkit.core.fused import project, scan_projecting, vendor_stack
-from rnnkit.core.step import step_layers
+from rnnkit.core.step import CACHE_ATTR as STEP_CACHE, step_layers
 
 
 class Recurrent(nn.Module):
@@ -165,6 +165,13 @@ class Recurrent(nn.Module):
             x = halves[0] if D == 1 else torch.cat(halves, dim=2)  # (B, T, D*H)
         output = x if self.batch_first else x.transpose(0, 1)
         return output, self._pack_state(final_states)
+
+    def __getstate__(self):
+        """Pickling and ``copy.deepcopy`` leave out the lean stepping path's packed weights (step.py),
+        which the next step makes again."""
+        state = self.__dict__.copy()
+        state.pop(STEP_CACHE, None)
+        return state
 
     def extra_repr(self) -> str:
         parts = [f"{self.input_size}, {self.hidden_size}", f"num_layers={self.num_layers}"]

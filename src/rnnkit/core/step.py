@@ -46,7 +46,7 @@ from rnnkit.core.cells.lstm import LSTMCell
 from rnnkit.core.cells.rnn import RNNCell
 from rnnkit.core.gates import GatedCell, only_combine_customised
 
-_CACHE_ATTR = "_rnnkit_step_cache"
+CACHE_ATTR = "_rnnkit_step_cache"
 
 
 def _weights(cells) -> list[Tensor]:
@@ -101,17 +101,32 @@ def _pack(cell: GatedCell) -> tuple[Tensor, Tensor | None]:
     return w.t().contiguous(), b
 
 
-def _packed(layer, cells, weights) -> list:
-    """Per cell, the packed weights of its stepper (the route without the C++ loops), made on first
-    use and kept until a parameter changes."""
+def _packed(layer, cells, weights, loops) -> list:
+    """Per cell, its packed weights: for ``_loop_step`` (``loops`` the native ops) or for its stepper.
+
+    Made on first use and kept until a weight changes. The key is each weight's identity, storage
+    and version counter; the cache also holds an alias of each weight, so that while it lives no
+    new weight can take a freed one's address and pass for it. The loops' packs are copied out of
+    the workspace, whose blocks round a large one up to 2 MiB. A layer made under
+    ``torch.inference_mode()`` has weights without a version counter: its packs are made per call."""
+    if any(p.is_inference() for p in weights):
+        return _pack_all(cells, loops)
     key = _key(weights)
-    cache = getattr(layer, _CACHE_ATTR, None)
+    cache = getattr(layer, CACHE_ATTR, None)
     if cache is None or cache[0] != key:
-        with torch.no_grad():
-            packs = [_pack(c) if STEPPERS.get(type(c).combine, _GENERIC)[0] else None for c in cells]
-        cache = (key, packs)
-        object.__setattr__(layer, _CACHE_ATTR, cache)  # a plain attribute: not a parameter, not saved
-    return cache[1]
+        cache = (key, [p.detach() for p in weights], {})
+        object.__setattr__(layer, CACHE_ATTR, cache)  # a plain attribute: not a parameter, not pickled
+    which = "loops" if loops is not None else "rows"
+    if which not in cache[2]:
+        cache[2][which] = _pack_all(cells, loops)
+    return cache[2][which]
+
+
+def _pack_all(cells, loops) -> list:
+    with torch.no_grad():
+        if loops is not None:
+            return [tuple(w.clone() for w in fused.loop_weights(c)) for c in cells]
+        return [_pack(c) if STEPPERS.get(type(c).combine, _GENERIC)[0] else None for c in cells]
 
 
 # -- the fused kernels' C++ loops at T = 1 --------------------------------------------------------
@@ -253,8 +268,7 @@ def step_layers(layer, x: Tensor, state) -> tuple | None:
     inp = x.reshape(B, I)
     weights = _weights(cells)
     loops = _loops_for(inp, cells, weights)
-    # the loops' weights are packed once and kept on each cell (fused.loop_weights), the others here
-    packs = [fused.loop_weights(c) for c in cells] if loops is not None else _packed(layer, cells, weights)
+    packs = _packed(layer, cells, weights, loops)
     new = [torch.empty_like(p) for p in parts]  # (rows, B, H) each, written row by row
     ins = [p.unbind(0) for p in parts]
     outs = [p.unbind(0) for p in new]
