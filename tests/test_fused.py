@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import rnnkit
+from rnnkit.bench import run as bench_run
 from rnnkit.core import fused, layers as layers_module, native, scan as scan_module, step as step_module
 from user_cells import MGUCell, UserGRUCell, UserLSTMCell
 
@@ -683,6 +684,14 @@ def test_cuda_matches_cpu(kind):
     assert torch.isfinite(out).all() and all(p.grad is not None for p in layer32.parameters())
 
 
+def test_bench_pairs_quartiles():
+    """The spread the benchmark prints beside a ratio: the first and third quartiles of the pairs'
+    ratios (inclusive method: within the values), one pair giving its own ratio twice."""
+    assert bench_run._quartiles([2.0]) == (2.0, 2.0)
+    assert bench_run._quartiles([1.0, 3.0]) == (1.5, 2.5)
+    assert bench_run._quartiles([0.9, 1.0, 1.1, 1.2, 5.0]) == pytest.approx((1.0, 1.2))
+
+
 def test_bench_smoke(tmp_path):
     """The benchmark runs end to end on a tiny grid and writes valid JSON (not a timing test)."""
     path = tmp_path / "bench.json"
@@ -690,6 +699,10 @@ def test_bench_smoke(tmp_path):
                    check=True, capture_output=True, timeout=60)
     report = json.loads(path.read_text())
     assert report["rows"] and all(r["torch_ms"] > 0 and r["rnnkit_ms"] > 0 for r in report["rows"])
+    assert all(0 < r["ratio_q1"] <= r["ratio_q3"] for r in report["rows"] + report["stepping"])
+    low = min(report["rows"], key=lambda r: r["ratio"])
+    assert [low["ratio_q1"], low["ratio_q3"]] in (report["summary"]["train_min_ratio_pairs_iqr"],
+                                                  report["summary"]["infer_min_ratio_pairs_iqr"])
     assert [(s["kind"], s["batch"]) for s in report["stepping"]] == [("lstm", 1), ("lstm", 2), ("gru", 1), ("gru", 2)]
     assert [c["mode"] for c in report["custom_cell"]] == ["train", "infer", "step"]
     assert all(c["user_cell_ms"] > 0 and c["builtin_ms"] > 0 for c in report["custom_cell"])

@@ -41,6 +41,8 @@ class Row:
     torch_ms: float    # median over repeats
     rnnkit_ms: float
     ratio: float       # torch_ms / rnnkit_ms: above 1 means rnnkit is faster
+    ratio_q1: float    # the middle half of the alternated pairs' ratios (torch / rnnkit, call by
+    ratio_q3: float    # call): how far the machine's noise moved this point
     gflops: float      # rnnkit's matmul GFLOP/s
     peak_frac: float   # gflops / measured matmul peak
 
@@ -57,9 +59,11 @@ MIN_SECONDS = 0.5
 MAX_REPEATS = 100
 
 
-def compare(fn_a, fn_b, repeats: int) -> tuple[float, float]:
+def compare(fn_a, fn_b, repeats: int) -> tuple[float, float, tuple[float, float]]:
     """Median seconds of ``fn_a`` and ``fn_b``, alternated (order swapped each repeat) after a warm-up:
-    ``repeats`` of each, or more where a call is short (``MIN_SECONDS``)."""
+    ``repeats`` of each, or more where a call is short (``MIN_SECONDS``). Also the first and third
+    quartiles of the pairs' ratios a/b (a repeat's two calls ran next to each other, so the spread
+    of their ratio is the noise that did not cancel)."""
     fn_a(), fn_b()
     once = _timed(fn_a) + _timed(fn_b)
     if repeats > 1:
@@ -70,7 +74,14 @@ def compare(fn_a, fn_b, repeats: int) -> tuple[float, float]:
             b.append(_timed(fn_b)); a.append(_timed(fn_a))
         else:
             a.append(_timed(fn_a)); b.append(_timed(fn_b))
-    return statistics.median(a), statistics.median(b)
+    return statistics.median(a), statistics.median(b), _quartiles([x / y for x, y in zip(a, b)])
+
+
+def _quartiles(values: list[float]) -> tuple[float, float]:
+    if len(values) < 2:
+        return values[0], values[0]
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q3
 
 
 def matmul_peak(n: int = 2048, repeats: int = 3) -> dict:
@@ -114,10 +125,10 @@ def grid_point(kind, mode, B, H, T, repeats, peak) -> Row:
     ours = rnnkit.from_torch(theirs)
     x = torch.randn(B, T, INPUT)
     make = _train if mode == "train" else _infer
-    t_torch, t_ours = compare(make(theirs, x), make(ours, x), repeats)
+    t_torch, t_ours, (q1, q3) = compare(make(theirs, x), make(ours, x), repeats)
     flops = 2 * B * T * GATES[kind] * H * (INPUT + H) * (3 if mode == "train" else 1)
     gflops = flops / t_ours / 1e9
-    return Row(kind, mode, B, H, T, t_torch * 1e3, t_ours * 1e3, t_torch / t_ours, gflops, gflops / peak)
+    return Row(kind, mode, B, H, T, t_torch * 1e3, t_ours * 1e3, t_torch / t_ours, q1, q3, gflops, gflops / peak)
 
 
 def _stepper(model, x, tokens):
@@ -135,9 +146,9 @@ def stepping(kind, tokens, repeats, batch: int = 1) -> dict:
     theirs = TORCH[kind](512, 512, num_layers=3, batch_first=True).eval()
     ours = rnnkit.from_torch(theirs)
     x = torch.randn(batch, 1, 512)
-    t_torch, t_ours = compare(_stepper(theirs, x, tokens), _stepper(ours, x, tokens), repeats)
+    t_torch, t_ours, (q1, q3) = compare(_stepper(theirs, x, tokens), _stepper(ours, x, tokens), repeats)
     return {"kind": kind, "batch": batch, "torch_ms_per_token": t_torch / tokens * 1e3,
-            "rnnkit_ms_per_token": t_ours / tokens * 1e3, "ratio": t_torch / t_ours}
+            "rnnkit_ms_per_token": t_ours / tokens * 1e3, "ratio": t_torch / t_ours, "ratio_q1": q1, "ratio_q3": q3}
 
 
 def custom_cell(B, H, T, repeats, tokens) -> list[dict]:
@@ -151,14 +162,14 @@ def custom_cell(B, H, T, repeats, tokens) -> list[dict]:
     x = torch.randn(B, T, INPUT)
     rows = []
     for mode, make in (("train", _train), ("infer", _infer)):
-        t_builtin, t_user = compare(make(builtin, x), make(user, x), repeats)
+        t_builtin, t_user, _ = compare(make(builtin, x), make(user, x), repeats)
         rows.append({"mode": mode, "batch": B, "hidden": H, "steps": T, "builtin_ms": t_builtin * 1e3,
                      "user_cell_ms": t_user * 1e3, "slowdown": t_user / t_builtin})
     builtin = rnnkit.LSTM(H, H, num_layers=3).eval()
     user = rnnkit.Recurrent(UserLSTMCell, H, H, num_layers=3).eval()
     user.load_state_dict(builtin.state_dict())
     x = torch.randn(1, 1, H)
-    t_builtin, t_user = compare(_stepper(builtin, x, tokens), _stepper(user, x, tokens), repeats)
+    t_builtin, t_user, _ = compare(_stepper(builtin, x, tokens), _stepper(user, x, tokens), repeats)
     rows.append({"mode": "step", "batch": 1, "hidden": H, "steps": tokens, "builtin_ms": t_builtin / tokens * 1e3,
                  "user_cell_ms": t_user / tokens * 1e3, "slowdown": t_user / t_builtin})
     return rows
@@ -210,31 +221,40 @@ def _geomean(values):
 
 
 def _summary(rows: list[Row]) -> dict:
-    train = [r.ratio for r in rows if r.mode == "train"]
-    infer = [r.ratio for r in rows if r.mode == "infer"]
-    big = [r.peak_frac for r in rows if r.mode == "train" and r.hidden == 512 and r.batch >= 32]
-    return {"train_geomean_ratio": _geomean(train), "train_min_ratio": min(train, default=float("nan")),
-            "infer_geomean_ratio": _geomean(infer), "infer_min_ratio": min(infer, default=float("nan")),
-            "train_peak_frac_h512_b32plus_min": min(big, default=float("nan"))}
+    train = [r for r in rows if r.mode == "train"]
+    infer = [r for r in rows if r.mode == "infer"]
+    big = [r.peak_frac for r in train if r.hidden == 512 and r.batch >= 32]
+    summary = {"train_geomean_ratio": _geomean([r.ratio for r in train]),
+               "infer_geomean_ratio": _geomean([r.ratio for r in infer]),
+               "train_peak_frac_h512_b32plus_min": min(big, default=float("nan"))}
+    for mode, part in (("train", train), ("infer", infer)):
+        low = min(part, key=lambda r: r.ratio, default=None)
+        summary[f"{mode}_min_ratio"] = low.ratio if low else float("nan")
+        summary[f"{mode}_min_ratio_pairs_iqr"] = (low.ratio_q1, low.ratio_q3) if low else (float("nan"),) * 2
+    return summary
 
 
-HEADER = f"{'kind':5} {'mode':5} {'B':>3} {'H':>4} {'T':>4} {'torch ms':>10} {'rnnkit ms':>10} {'ratio':>6} {'GFLOP/s':>8} {'%peak':>6}"
+HEADER = (f"{'kind':5} {'mode':5} {'B':>3} {'H':>4} {'T':>4} {'torch ms':>10} {'rnnkit ms':>10} {'ratio':>6} "
+          f"{'pairs IQR':>10} {'GFLOP/s':>8} {'%peak':>6}")
 
 
 def _format_row(r: Row) -> str:
     return (f"{r.kind:5} {r.mode:5} {r.batch:3d} {r.hidden:4d} {r.steps:4d} {r.torch_ms:10.2f} {r.rnnkit_ms:10.2f} "
-            f"{r.ratio:6.2f} {r.gflops:8.1f} {100 * r.peak_frac:5.0f}%")
+            f"{r.ratio:6.2f} {r.ratio_q1:5.2f}-{r.ratio_q3:4.2f} {r.gflops:8.1f} {100 * r.peak_frac:5.0f}%")
 
 
 def format_report(report: dict) -> str:
     lines = [HEADER] + [_format_row(Row(**r)) for r in report["rows"]]
     s = report["summary"]
-    lines.append(f"training ratio: geomean {s['train_geomean_ratio']:.2f}, min {s['train_min_ratio']:.2f}; "
-                 f"inference ratio: geomean {s['infer_geomean_ratio']:.2f}, min {s['infer_min_ratio']:.2f}; "
+    iqr = {m: "-".join(f"{v:.2f}" for v in s[f"{m}_min_ratio_pairs_iqr"]) for m in ("train", "infer")}
+    lines.append(f"training ratio: geomean {s['train_geomean_ratio']:.2f}, min {s['train_min_ratio']:.2f} (pairs {iqr['train']}); "
+                 f"inference ratio: geomean {s['infer_geomean_ratio']:.2f}, min {s['infer_min_ratio']:.2f} "
+                 f"(pairs {iqr['infer']}); "
                  f"training at H=512, B>=32: min {100 * s['train_peak_frac_h512_b32plus_min']:.0f}% of peak")
     for st in report["stepping"]:
         lines.append(f"stepping 3x512 {st['kind']} batch {st['batch']}: torch {st['torch_ms_per_token']:.3f} ms/token, "
-                     f"rnnkit {st['rnnkit_ms_per_token']:.3f} ms/token, ratio {st['ratio']:.2f}")
+                     f"rnnkit {st['rnnkit_ms_per_token']:.3f} ms/token, ratio {st['ratio']:.2f} "
+                     f"(pairs {st['ratio_q1']:.2f}-{st['ratio_q3']:.2f})")
     for c in report["custom_cell"]:
         where = (f"step 3x{c['hidden']} batch 1, ms/token" if c["mode"] == "step"
                  else f"{c['mode']} B={c['batch']} H={c['hidden']} T={c['steps']}")
