@@ -6,7 +6,8 @@ grid, or as many as fill half a second, up to 100, where calls are short). Speed
 rnnkit time (above 1: rnnkit is faster); beside it, the middle half (first to third quartile) of the
 ratios of each repeat's two calls, which ran next to each other: where it straddles 1, the point is a
 draw on this machine. GFLOP/s counts the matmuls of the math
-(``2 B T G H (I + H)`` per layer forward, three times that for forward+backward) and the fraction
+(``2 B T G H (I + H)`` per layer forward, three times that for forward+backward, where the input's
+gradient is taken too, as for a layer inside a model) and the fraction
 of peak divides by a 2048^3 matmul measured in the same run (the fastest of torch's BLAS,
 oneDNN's matmul and rnnkit's own; on the development machine the last two are about 1.2x the first).
 

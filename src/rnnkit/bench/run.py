@@ -105,9 +105,11 @@ def matmul_peak(n: int = 2048, repeats: int = 3) -> dict:
 
 
 def _train(model, x):
+    """Forward and backward, the input's gradient included where ``x`` requires one (the grid's does)."""
     def run():
         for p in model.parameters():
             p.grad = None
+        x.grad = None
         out, _ = model(x)
         out.sum().backward()
     return run
@@ -123,7 +125,11 @@ def _infer(model, x):
 def grid_point(kind, mode, B, H, T, repeats, peak) -> Row:
     theirs = TORCH[kind](INPUT, H, batch_first=True)
     ours = rnnkit.from_torch(theirs)
-    x = torch.randn(B, T, INPUT)
+    # training takes the input's gradient too, as a layer inside a model does (an embedding or a
+    # layer below): then both sides do the work the FLOP count below assumes. torch.nn's oneDNN LSTM
+    # computes it whether or not it is needed; rnnkit skips it where it is not (7% of the time at
+    # 32 x 512 x 64).
+    x = torch.randn(B, T, INPUT, requires_grad=mode == "train")
     make = _train if mode == "train" else _infer
     t_torch, t_ours, (q1, q3) = compare(make(theirs, x), make(ours, x), repeats)
     flops = 2 * B * T * GATES[kind] * H * (INPUT + H) * (3 if mode == "train" else 1)
@@ -159,7 +165,7 @@ def custom_cell(B, H, T, repeats, tokens) -> list[dict]:
     builtin = rnnkit.LSTM(INPUT, H)
     user = rnnkit.Recurrent(UserLSTMCell, INPUT, H)
     user.load_state_dict(builtin.state_dict())
-    x = torch.randn(B, T, INPUT)
+    x = torch.randn(B, T, INPUT, requires_grad=True)  # as in the grid; inference runs under no_grad
     rows = []
     for mode, make in (("train", _train), ("infer", _infer)):
         t_builtin, t_user, _ = compare(make(builtin, x), make(user, x), repeats)
