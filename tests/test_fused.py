@@ -701,6 +701,10 @@ def test_bench_smoke(tmp_path):
     assert report["rows"] and all(r["torch_ms"] > 0 and r["rnnkit_ms"] > 0 for r in report["rows"])
     assert all(0 < r["ratio_q1"] <= r["ratio_q3"] for r in report["rows"] + report["stepping"])
     low = min(report["rows"], key=lambda r: r["ratio"])
+    machine = report["machine"]  # the peak measured at the start and at the end, the higher kept
+    peak = max(machine["matmul_gflops"]["peak"], machine["matmul_gflops_end"]["peak"])
+    assert machine["matmul_peak_gflops"] == peak
+    assert all(r["peak_frac"] == pytest.approx(r["gflops"] / peak) for r in report["rows"])
     assert [low["ratio_q1"], low["ratio_q3"]] in (report["summary"]["train_min_ratio_pairs_iqr"],
                                                   report["summary"]["infer_min_ratio_pairs_iqr"])
     assert [(s["kind"], s["batch"]) for s in report["stepping"]] == [("lstm", 1), ("lstm", 2), ("gru", 1), ("gru", 2)]

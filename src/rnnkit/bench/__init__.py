@@ -8,7 +8,8 @@ ratios of each repeat's two calls, which ran next to each other: where it stradd
 draw on this machine. GFLOP/s counts the matmuls of the math
 (``2 B T G H (I + H)`` per layer forward, three times that for forward+backward, where the input's
 gradient is taken too, as for a layer inside a model) and the fraction
-of peak divides by a 2048^3 matmul measured in the same run (the fastest of torch's BLAS,
+of peak divides by a 2048^3 matmul measured in the same run, at its start and its end (the higher
+of the two; each the fastest of torch's BLAS,
 oneDNN's matmul and rnnkit's own; on the development machine the last two are about 1.2x the first).
 
 Grid: LSTM/GRU/RNN x batch {1, 32, 64} x hidden {128, 512} x T {64, 256}, input 128, float32,
