@@ -961,6 +961,10 @@ PACKED_DEVICES = {"cuda"}  # where a stack with lengths goes to torch's packed-s
 #   draw, 0.93-1.03x), and training whose gates (T x B x 4H floats) pass NATIVE_LSTM_MIN_TRAIN_GATES
 #   (1.03-1.49x), where oneDNN's LSTM slows as its workspace leaves the cache. Below that, oneDNN
 #   trains 5-14% faster and keeps it.
+# Those were timed without the input's gradient, which oneDNN computes anyway. With it (stop 15,
+# alternated pairs): the C++ loops 1.07-1.42x at the grid's points above these lines (1.07 at
+# B=32, H=512, T=64), 0.83-0.91x at 32 and 64 x 128 x 64 below them, and a draw at 1 x 128 x 64
+# (0.95-1.08x); the lines stay.
 NATIVE_LSTM_MAX_STATE = 1024
 NATIVE_LSTM_MIN_TRAIN_GATES = 2 << 20
 
