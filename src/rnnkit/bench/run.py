@@ -262,9 +262,9 @@ def format_report(report: dict) -> str:
     lines = [HEADER] + [_format_row(Row(**r)) for r in report["rows"]]
     s = report["summary"]
     iqr = {m: "-".join(f"{v:.2f}" for v in s[f"{m}_min_ratio_pairs_iqr"]) for m in ("train", "infer")}
-    lines.append(f"training ratio: geomean {s['train_geomean_ratio']:.2f}, min {s['train_min_ratio']:.2f} (pairs {iqr['train']}); "
-                 f"inference ratio: geomean {s['infer_geomean_ratio']:.2f}, min {s['infer_min_ratio']:.2f} "
-                 f"(pairs {iqr['infer']}); "
+    lines.append(f"training ratio: geomean {s['train_geomean_ratio']:.2f}, min {s['train_min_ratio']:.2f} "
+                 f"(pairs {iqr['train']}); inference ratio: geomean {s['infer_geomean_ratio']:.2f}, "
+                 f"min {s['infer_min_ratio']:.2f} (pairs {iqr['infer']}); "
                  f"training at H=512, B>=32: min {100 * s['train_peak_frac_h512_b32plus_min']:.0f}% of peak")
     for st in report["stepping"]:
         lines.append(f"stepping 3x512 {st['kind']} batch {st['batch']}: torch {st['torch_ms_per_token']:.3f} ms/token, "
