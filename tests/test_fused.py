@@ -904,6 +904,36 @@ def test_cuda_autocast_state_can_be_carried(kind):
         assert part.dtype == torch.float32
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", [torch.nn.LSTM, torch.nn.GRU, torch.nn.RNN])
+def test_cuda_autocast_matches_torch_nn(kind):
+    """Under float16 autocast a built-in stack runs cuDNN as torch.nn's does, in float16: the same
+    output and final state (rnnkit's cast to the weights' dtype) and the same gradients. Under bf16
+    autocast, where torch's cast would pick float16 too, the recurrence stays in float32."""
+    theirs = kind(5, 8, num_layers=2, bidirectional=True, batch_first=True).cuda()
+    ours = rnnkit.from_torch(theirs).cuda()
+    x = torch.randn(3, 7, 5, device="cuda")
+    results = []
+    for model in (theirs, ours):
+        with torch.autocast("cuda", dtype=torch.float16):
+            out, state = model(x)
+        out.float().square().sum().backward()
+        results.append((out, state if isinstance(state, tuple) else (state,)))
+    (out_t, state_t), (out_r, state_r) = results
+    assert out_r.dtype == out_t.dtype == torch.float16 and torch.equal(out_r, out_t)
+    for a, b in zip(state_t, state_r, strict=True):
+        assert b.dtype == torch.float32 and torch.equal(a.float(), b)
+    for k in range(2):
+        for d in range(2):
+            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                ours_grad = getattr(ours.cells[k * 2 + d], name).grad
+                assert torch.equal(ours_grad, getattr(theirs, f"{name}_l{k}{'_reverse' if d else ''}").grad)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out, state = ours(x)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ours(x)[0], atol=1e-5, rtol=0)  # float16 would be ~1e-3 off
+
+
 def test_stepping_under_autocast_keeps_the_states_dtype():
     """lm's on_eval samples under the trainer's autocast: one-step calls must hand back float32 state."""
     layer = rnnkit.GRU(5, 8, num_layers=2).eval()
