@@ -7,12 +7,12 @@
 """
 from rnnkit.core import (
     CELLS, GRU, GRUCell, GatedCell, HiddenState, LAYERS, LSTM, LSTMCell, LSTMState, RNN, RNNCell, Recurrent,
-    empty_cache, from_torch, gate, to_torch,
+    empty_cache, explain, from_torch, gate, routing, to_torch,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CELLS", "GRU", "GRUCell", "GatedCell", "HiddenState", "LAYERS", "LSTM", "LSTMCell", "LSTMState", "RNN", "RNNCell",
-    "Recurrent", "__version__", "empty_cache", "from_torch", "gate", "to_torch",
+    "Recurrent", "__version__", "empty_cache", "explain", "from_torch", "gate", "routing", "to_torch",
 ]
