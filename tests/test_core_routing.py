@@ -66,9 +66,8 @@ def test_force_runs_the_named_route_and_is_scoped():
 
 
 def test_force_refuses_an_unknown_route_or_one_that_cannot_run_the_call():
-    with pytest.raises(ValueError, match="unknown route 'fast'"):
-        with routing.force("fast"):
-            pass
+    with pytest.raises(ValueError, match="unknown route 'fast'"), routing.force("fast"):
+        pass
     layer = rnnkit.Recurrent(MGUCell, 3, 4)
     with routing.force("torch-kernel"), pytest.raises(ValueError, match="cannot run this call: not a stack"):
         layer(torch.randn(2, 5, 3))

@@ -21,7 +21,8 @@ import torch
 
 import rnnkit
 from rnnkit.bench import run as bench_run
-from rnnkit.core import native, pointwise, routing, step as step_module
+from rnnkit.core import native, pointwise, routing
+from rnnkit.core import step as step_module
 from rnnkit.core.kernels import table
 from rnnkit.core.kernels.compiled import CompiledKernel
 from rnnkit.core.kernels.dispatch import FusedScan, fused_scan

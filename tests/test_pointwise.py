@@ -10,9 +10,9 @@ import torch.nn.functional as F
 
 import rnnkit
 from rnnkit.core import native, pointwise
-from rnnkit.core.kernels import compiled as compiled_module, cpp_loops
 from rnnkit.core.gates import GatedCell, HiddenState
-
+from rnnkit.core.kernels import compiled as compiled_module
+from rnnkit.core.kernels import cpp_loops
 from test_fused import _fused, _max_diff
 from user_cells import MGUCell, UserGRUCell, UserLSTMCell
 
@@ -98,7 +98,7 @@ def test_compiled_layer_equals_the_reference(cell, dtype, bidirectional, with_le
     lengths = torch.tensor([6, 2, 4]) if with_lengths else None
     calls = []
     loop = compiled_module.compiled_loop
-    spy = lambda *a, **k: calls.append(a[-1]) or loop(*a, **k)  # noqa: E731 - a[-1]: training or not
+    spy = lambda *a, **k: calls.append(a[-1]) or loop(*a, **k)
     monkeypatch.setattr(compiled_module, "compiled_loop", spy)
     monkeypatch.setattr(cpp_loops, "compiled_loop", spy)
     tol = 1e-10 if dtype == torch.float64 else 1e-5
@@ -199,7 +199,7 @@ def test_the_derivative_of_each_op():
         args = [g.input(k) for k in range(3 if name == "where" else (2 if name in binary else 1))]
         if name == "where":
             out = g.node("where", g.node("gt", args[0], g.const(0)), args[1], args[2])
-            fn = lambda c, a, b: torch.where(c > 0, a, b)  # noqa: E731
+            fn = lambda c, a, b: torch.where(c > 0, a, b)
         else:
             out = g.node(name, *args)
         seed = g.input(len(args))

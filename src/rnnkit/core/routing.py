@@ -88,8 +88,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -99,6 +99,7 @@ from rnnkit.core.cells.gru import GRUCell
 from rnnkit.core.cells.lstm import LSTMCell
 from rnnkit.core.cells.rnn import RNNCell
 from rnnkit.core.gates import only_combine_customised
+from rnnkit.core.kernels.base import Kernel
 from rnnkit.core.kernels.table import GENERIC, KERNELS, kernel_for
 from rnnkit.core.kernels.vendor import VENDOR
 
@@ -119,13 +120,22 @@ def functorch_active() -> bool:
 class Call:
     """What a route is chosen from: the call's arguments and the facts about them, computed once."""
 
-    __slots__ = ("layer", "x", "state", "lengths", "lean", "B", "T", "full", "kernel", "combine", "grad",
-                 "native", "autocast", "functorch", "_programs")
+    __slots__ = ("B", "T", "_programs", "autocast", "combine", "full", "functorch", "grad", "kernel", "layer", "lean",
+                 "lengths", "native", "state", "x")
+    lean: str | None  # None where the lean one-step path can take the call, else why not
+    B: int
+    T: int
+    kernel: Kernel | None  # the stack's kernel (kernels/table.py), None: the reference only
+    combine: Callable  # the cells' combine
+    grad: bool  # gradients wanted: grad mode on and x, a weight or the state requires them
+    native: bool  # the C++ loops run on x (the CPU, float32/float64, built), no functorch
+    autocast: bool  # autocast on for x's device
+    functorch: bool  # inside a functorch transform
 
     def __init__(self, layer, x, state, lengths):
         self.layer, self.x, self.state, self.lengths = layer, x, state, lengths
-        self.full = False
-        self._programs = ()
+        self.full = False  # the facts below ``lean`` computed (``_complete``)
+        self._programs: object = ()  # the compiled combine once looked up (``_programs``)
 
 
 # -- the facts ---------------------------------------------------------------------------------
@@ -154,7 +164,7 @@ def lean_step(layer, x, state) -> str | None:
     ref = cells[0]._parameters["weight_ih"]  # not attribute access: nn.Module's __getattr__ is slow
     if T != 1:
         return "more than one step"
-    if B == 0 or I != layer.input_size or x.dtype != ref.dtype or x.device != ref.device:
+    if B == 0 or layer.input_size != I or x.dtype != ref.dtype or x.device != ref.device:
         return "x does not match the layer"
     if torch.is_autocast_enabled(x.device.type):  # its linears would come back in half precision
         return "autocast is on"

@@ -13,7 +13,8 @@ padded steps are zero and the backward direction starts at each sequence's own l
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -76,7 +77,6 @@ def per_cell(scan: Scan):
             x = halves[0] if D == 1 else torch.cat(halves, dim=2)  # (B, T, D*H)
         return _out(layer, x), layer._pack_state(final_states)
 
-    run.scan = scan
     return run
 
 

@@ -12,7 +12,6 @@ from torch import Tensor
 
 from rnnkit.core import native
 
-
 # -- buffers shared by the loops ---------------------------------------------------------------------------------
 
 def time_major(xz: Tensor, b_hh: Tensor | None) -> Tensor:

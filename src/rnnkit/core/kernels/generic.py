@@ -129,18 +129,18 @@ def _recurrent_matmul(w_hh: Tensor, b: Tensor | None, batch: int, training: bool
     if ops is not None:
         GH, H = w_hh.shape
         packed = ops.pack_linear(w_hh)
-        forward = lambda h: ops.linear_packed(h, packed, GH, b)  # noqa: E731
+        forward = lambda h: ops.linear_packed(h, packed, GH, b)
         if training:
             packed_t = ops.pack_linear(w_hh.t())
-            backward = lambda g: ops.linear_packed(g, packed_t, H, None)  # noqa: E731
+            backward = lambda g: ops.linear_packed(g, packed_t, H, None)
     else:
         packed = _packed(w_hh, batch)
         if packed is None:
             return None
-        forward = lambda h: torch.ops.mkldnn._linear_pointwise(h, packed, b, "none", [], "")  # noqa: E731
+        forward = lambda h: torch.ops.mkldnn._linear_pointwise(h, packed, b, "none", [], "")
         if training:
             packed_t = _packed(w_hh.t(), batch)
-            backward = lambda g: torch.ops.mkldnn._linear_pointwise(g, packed_t, None, "none", [], "")  # noqa: E731
+            backward = lambda g: torch.ops.mkldnn._linear_pointwise(g, packed_t, None, "none", [], "")
     if not training:
         return forward
     return lambda h: _ConstLinear.apply(h, forward, backward)

@@ -29,7 +29,6 @@ from torch import Tensor
 
 from rnnkit.core.kernels.base import Kernel, batch_major, grad_out_time_major, mask_parts, time_major, weight_grads
 
-
 # -- LSTM ------------------------------------------------------------------------------------
 
 def _ifog(w: Tensor) -> Tensor:
