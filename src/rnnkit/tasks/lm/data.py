@@ -180,7 +180,9 @@ def read_corpus(config: LMConfig) -> str | bytes:
     if config.data is None:
         text = stdlib_corpus(config.corpus_bytes)
         return text.encode("utf-8") if config.bytes else text
-    path = DATASETS[config.data].fetch() if config.data in DATASETS and not Path(config.data).exists() else Path(config.data)
+    path = Path(config.data)
+    if config.data in DATASETS and not path.exists():
+        path = DATASETS[config.data].fetch()
     chunks = []
     for file in _text_files(path):
         raw = file.read_bytes()
