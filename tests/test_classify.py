@@ -16,8 +16,17 @@ import torch
 from rnnkit.cli.main import main
 from rnnkit.common.errors import UsageError
 from rnnkit.tasks.classify import (
-    AG_NEWS_CLASSES, ByteClassifier, ClassifyConfig, ClassifyTask, ag_news, class_names_for,
-    data_files, encode, in_validation, read_rows, to_split,
+    AG_NEWS_CLASSES,
+    ByteClassifier,
+    ClassifyConfig,
+    ClassifyTask,
+    ag_news,
+    class_names_for,
+    data_files,
+    encode,
+    in_validation,
+    read_rows,
+    to_split,
 )
 from rnnkit.tasks.download import RemoteFile
 

@@ -10,14 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
-
 import test_engine_toy
+
 from rnnkit.cli import main as cli_main
 from rnnkit.cli.command import Command, CommandSpec
-from rnnkit.cli.main import main
 from rnnkit.cli.flags import flag_name, show_default
-from rnnkit.tasks.base import TASKS
+from rnnkit.cli.main import main
 from rnnkit.engine.trainer import RunConfig, TrainConfig
+from rnnkit.tasks.base import TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--threads", "1", "--device", "cpu", "--log-every", "1", "--warmup-steps", "2"]

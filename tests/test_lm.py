@@ -314,8 +314,9 @@ def test_a_cell_of_your_own_by_module_and_class(tmp_path, capsys):
     capsys.readouterr()
     assert main(["generate", str(run), "--prompt", "the ", "--length", "10", "--seed", "0"]) == 0
     assert capsys.readouterr().out.startswith("the ")
-    from rnnkit.engine.rundir import load_run
     from user_cells import MGUCell
+
+    from rnnkit.engine.rundir import load_run
 
     cells = load_run(run).model.rnn.cells
     assert len(cells) == 2 and all(type(cell) is MGUCell for cell in cells)

@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from rnnkit.common.errors import UsageError
-from rnnkit.tasks.sort import DECODERS, SortConfig, SortModel, SortTask
-from rnnkit.tasks.sort import data
+from rnnkit.tasks.sort import DECODERS, SortConfig, SortModel, SortTask, data
 from rnnkit.tasks.sort.data import make_batch
 from rnnkit.tasks.sort.search import beam_search, decode, greedy
 
@@ -41,7 +40,7 @@ def test_test_sets_are_fixed_and_independent_of_the_data_seed():
     two = SortTask(SortConfig(data_seed=2, eval_size=5), "unused")._test_set(6)
     assert torch.equal(one.inputs, two.inputs)
     floats = data.test_set(6, 5, vocab=128, floats=True).inputs
-    assert floats.dtype == torch.float32 and 0 <= float(floats.min()) and float(floats.max()) < 1
+    assert floats.dtype == torch.float32 and float(floats.min()) >= 0 and float(floats.max()) < 1
 
 
 @pytest.mark.parametrize("int_value", [False, True])

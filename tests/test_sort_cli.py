@@ -23,7 +23,8 @@ def int_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def float_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("sort") / "floats"
-    assert main(["train", "sort", "--floats", "--min-len", "3", "--max-len", "3", "--max-input-len", "6", *TINY, "--out", str(out)]) == 0
+    assert main(["train", "sort", "--floats", "--min-len", "3", "--max-len", "3", "--max-input-len", "6", *TINY,
+                 "--out", str(out)]) == 0
     return str(out)
 
 
@@ -39,7 +40,7 @@ def run_sort(capsys, monkeypatch, args, stdin: str | bytes = ""):
 def test_numbers_on_the_command_line_give_one_line_that_is_a_permutation(int_run, capsys, monkeypatch):
     code, out, _ = run_sort(capsys, monkeypatch, [int_run, "7", "3", "9", "3"])
     assert code == 0 and out.endswith("\n") and out.count("\n") == 1
-    assert sorted(out.split()) == sorted("7 3 9 3".split())  # the default decoder points: a permutation
+    assert sorted(out.split()) == sorted(["7", "3", "9", "3"])  # the default decoder points: a permutation
 
 
 def test_stdin_gives_one_output_line_per_input_line(int_run, float_run, capsys, monkeypatch):
@@ -60,7 +61,8 @@ def test_stdin_gives_one_output_line_per_input_line(int_run, float_run, capsys, 
     ("1 2\n-1\n", "line 2: '-1' (number 1) is not an integer in [0, 10)"),
     ("1.5\n", "line 1: '1.5' (number 1) is not an integer in [0, 10)"),
     ("1 2\n\n3\n", "line 2: empty"),
-    ("1\n" + " ".join(["1"] * 257) + "\n", "line 2: 257 numbers, longer than this model supports (at most 256, its --max-input-len)"),
+    ("1\n" + " ".join(["1"] * 257) + "\n",
+     "line 2: 257 numbers, longer than this model supports (at most 256, its --max-input-len)"),
 ])
 def test_bad_lines_are_named_and_exit_with_code_2(int_run, capsys, monkeypatch, stdin, message):
     code, out, err = run_sort(capsys, monkeypatch, [int_run], stdin)

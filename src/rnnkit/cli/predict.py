@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from rnnkit.cli.command import Command
 from rnnkit.cli.flags import add_dataclass_flags, given_fields

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 from rnnkit.cli.flags import add_dataclass_flags, given_fields
 from rnnkit.common.errors import UsageError
@@ -67,7 +68,7 @@ def add_setting_flags(parser: argparse.ArgumentParser, task_cls: type[Task] | No
     names = settings(task_cls) if task_cls is not None else []
     if names:
         add_dataclass_flags(parser, task_cls.Config, f"{task_cls.name} run settings", only=names,
-                            defaults={name: "the run's" for name in names})
+                            defaults=dict.fromkeys(names, "the run's"))
 
 
 def load_selected_run(args: argparse.Namespace, device: str = "cpu"):

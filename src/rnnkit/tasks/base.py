@@ -71,8 +71,9 @@ import dataclasses
 import hashlib
 import importlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -120,7 +121,7 @@ class Task(ABC):
 
     # ---- construction ----------------------------------------------------------------------------
     @classmethod
-    def create(cls, config: Any, run_dir: Path) -> "Task":
+    def create(cls, config: Any, run_dir: Path) -> Task:
         """A fresh training run: read the training data, build vocabularies / label maps.
         Runs on every process; must not write files (that is `save_artifacts`, process 0 only)."""
         return cls(config, run_dir)
@@ -130,7 +131,7 @@ class Task(ABC):
         Called once on process 0 right after `create`. Write small JSON files; no pickle."""
 
     @classmethod
-    def from_run_dir(cls, config: Any, run_dir: Path) -> "Task":
+    def from_run_dir(cls, config: Any, run_dir: Path) -> Task:
         """Rebuild the task of an existing run from `config` (loaded from config.json) and the
         artifacts in `run_dir`. Used by --resume, eval and the task's own commands."""
         return cls(config, run_dir)

@@ -19,7 +19,14 @@ from rnnkit.common.files import atomic_write_text
 from rnnkit.tasks.base import Task, device_of, move_to, option, shard_range, step_generator
 from rnnkit.tasks.cell_spec import cell_option, resolve_cell
 from rnnkit.tasks.classify.data import (
-    Rows, Split, class_names_for, data_files, encode, in_validation, read_rows, to_split,
+    Rows,
+    Split,
+    class_names_for,
+    data_files,
+    encode,
+    in_validation,
+    read_rows,
+    to_split,
 )
 from rnnkit.tasks.classify.metrics import class_metrics, confusion_matrix, confusion_text, plot_confusion
 from rnnkit.tasks.classify.model import ByteClassifier
@@ -99,7 +106,7 @@ class ClassifyTask(Task):
         self._perm: tuple[int, Tensor] | None = None  # (epoch, permutation) cache for train_batch
 
     @classmethod
-    def create(cls, config: ClassifyConfig, run_dir: Path) -> "ClassifyTask":
+    def create(cls, config: ClassifyConfig, run_dir: Path) -> ClassifyTask:
         files = data_files(config.data)
         rows = read_rows(files.train, config.skip_bad_rows)
         task = cls(config, run_dir, class_names_for(rows, files.classes))
@@ -110,7 +117,7 @@ class ClassifyTask(Task):
         atomic_write_text(Path(run_dir) / LABELS_FILE, json.dumps({"labels": self.names}, indent=2) + "\n")
 
     @classmethod
-    def from_run_dir(cls, config: ClassifyConfig, run_dir: Path) -> "ClassifyTask":
+    def from_run_dir(cls, config: ClassifyConfig, run_dir: Path) -> ClassifyTask:
         path = Path(run_dir) / LABELS_FILE
         try:
             names = json.loads(path.read_text(encoding="utf-8"))["labels"]

@@ -37,11 +37,11 @@ class Vocab:
         self.index = {} if tokens is None else {c: i for i, c in enumerate(tokens)}
 
     @classmethod
-    def from_text(cls, text: str) -> "Vocab":
+    def from_text(cls, text: str) -> Vocab:
         return cls(sorted(set(text)))
 
     @classmethod
-    def of_bytes(cls) -> "Vocab":
+    def of_bytes(cls) -> Vocab:
         return cls(None)
 
     def __len__(self) -> int:
@@ -68,7 +68,7 @@ class Vocab:
                              f"vocabulary of {len(self)} characters")
         return ids
 
-    def decoder(self) -> "Decoder":
+    def decoder(self) -> Decoder:
         """A streaming decoder: ids in, text out (bytes are joined into UTF-8 characters as they complete)."""
         return Decoder(self)
 
@@ -80,7 +80,7 @@ class Vocab:
         return {"kind": "bytes"} if self.is_bytes else {"kind": "chars", "chars": self.tokens}
 
     @classmethod
-    def from_json(cls, doc: dict[str, Any], source: str) -> "Vocab":
+    def from_json(cls, doc: dict[str, Any], source: str) -> Vocab:
         if doc.get("kind") == "bytes":
             return cls.of_bytes()
         chars = doc.get("chars")
@@ -105,7 +105,7 @@ class Vocab:
         return doc
 
     @classmethod
-    def load(cls, path: Path) -> "Vocab":
+    def load(cls, path: Path) -> Vocab:
         return cls.from_json(cls.read_json(path), str(path))
 
 

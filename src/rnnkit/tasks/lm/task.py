@@ -91,7 +91,7 @@ class LMTask(Task):
 
     # -- construction -----------------------------------------------------------------------------
     @classmethod
-    def create(cls, config: LMConfig, run_dir: Path) -> "LMTask":
+    def create(cls, config: LMConfig, run_dir: Path) -> LMTask:
         corpus = read_corpus(config)
         vocab = Vocab.of_bytes() if config.bytes else Vocab.from_text(corpus)
         task = cls(config, run_dir, vocab, _sha256(corpus))
@@ -103,7 +103,7 @@ class LMTask(Task):
         atomic_write_text(Path(run_dir) / VOCAB_FILE, json.dumps(doc, ensure_ascii=True) + "\n")
 
     @classmethod
-    def from_run_dir(cls, config: LMConfig, run_dir: Path) -> "LMTask":
+    def from_run_dir(cls, config: LMConfig, run_dir: Path) -> LMTask:
         path = Path(run_dir) / VOCAB_FILE
         doc = Vocab.read_json(path)
         return cls(config, run_dir, Vocab.from_json(doc, str(path)), doc.get("corpus_sha256"))
