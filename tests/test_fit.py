@@ -160,9 +160,9 @@ def test_a_run_directory_of_another_model_is_refused(tmp_path):
     x, y = data()
     rnnkit.fit(Net(), (x, y), steps=2, out=tmp_path / "run", **QUIET)
     other = nn.Sequential(nn.Flatten(), nn.Linear(18, 1))
-    with pytest.raises(UsageError, match="is a run of test_fit:Net, not of torch.nn.modules.container:Sequential"):
+    with pytest.raises(UsageError, match=r"is a run of test_fit:Net, not of torch\.nn\.modules\.container:Sequential"):
         rnnkit.fit(other, (x, y), steps=4, out=tmp_path / "run", resume=True, **QUIET)
-    with pytest.raises(UsageError, match="holds a test_fit:Net model, not a torch"):
+    with pytest.raises(UsageError, match=r"holds a test_fit:Net model, not a torch"):
         rnnkit.load(tmp_path / "run", model=other)
     with pytest.raises(CheckpointError, match="does not match this run's model"):
         rnnkit.load(tmp_path / "run", model=Net(hidden=5))
@@ -171,7 +171,7 @@ def test_a_run_directory_of_another_model_is_refused(tmp_path):
 
 
 def test_the_progress_bar_ends_where_the_time_budget_will(tmp_path):
-    from rnnkit.engine.trainer import Trainer, TrainConfig
+    from rnnkit.engine.trainer import TrainConfig, Trainer
 
     class Bar:
         total = 1000

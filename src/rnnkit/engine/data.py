@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -145,7 +146,9 @@ class Batches:
                 yield batch
 
     def _tensor_epoch(self, epoch: int, skip: int) -> Iterator[Any]:
-        n = self.tensors[0].shape[0]
+        tensors = self.tensors
+        assert tensors is not None
+        n = tensors[0].shape[0]
         if self.shuffle:
             gen = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch, self.name))
             order = torch.randperm(n, generator=gen)
@@ -153,7 +156,7 @@ class Batches:
             order = torch.arange(n)
         for b in range(skip, len(self)):
             rows = order[b * self.batch_size:(b + 1) * self.batch_size]
-            yield _unwrap(tuple(t[rows] for t in self.tensors))
+            yield _unwrap(tuple(t[rows] for t in tensors))
 
 
 _END = object()
@@ -181,7 +184,8 @@ def shard(batch: Any, rank: int, world_size: int) -> Any:
     return batch
 
 
-def stream_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def stream_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int,
+                   length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Cut one long sequence (`x` of shape (N, ...), `y` of shape (N, ...)) into `batch_size` parallel
     streams and chunks of `length` steps, for stateful truncated BPTT: batch k holds steps
     [k * length, (k + 1) * length) of every stream, so row b of batch k + 1 continues row b of batch k.

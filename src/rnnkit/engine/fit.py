@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -203,7 +204,7 @@ def fit(model: nn.Module, train: Any, val: Any = None, *, loss: str | Callable =
             defaults["eval_every"] = min(len(train_batches), steps)  # once an epoch
         config = from_dict(TrainConfig, {**defaults, **options, "steps": steps}, source="rnnkit.fit")
     task = ModelTask(model, train_batches, val_batches, loss_fn, metric_fns, stateful, run_dir)
-    code, trainer = fit_task(lambda: task, config, run_dir, resume=resume, identity=f"model {model_path}",
+    _, trainer = fit_task(lambda: task, config, run_dir, resume=resume, identity=f"model {model_path}",
                              resume_command=f"rnnkit.fit(..., out={str(run_dir)!r}, resume=True)",
                              task_name=FIT, task_config=task_config)
     return FitResult(trainer.raw_model, trainer.summary())

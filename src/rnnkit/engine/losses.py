@@ -11,7 +11,7 @@ with that signature. Classification losses accept a sequence of class scores (B,
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

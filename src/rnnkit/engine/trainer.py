@@ -244,7 +244,8 @@ class Trainer:
                  resume_command: str):
         self.task, self.identity, self.config, self.run_dir, self.world = task, identity, config, run_dir, world
         self.resume_command = resume_command
-        self.step, self.stopped_by, self.last_eval = 0, "", None
+        self.step, self.stopped_by = 0, ""
+        self.last_eval: dict[str, float] | None = None
         self.metrics = MetricsLog(run_dir / METRICS)
         self.last_path = run_dir / CHECKPOINTS / "last.safetensors"
         self.best_path = run_dir / CHECKPOINTS / "best.safetensors"
