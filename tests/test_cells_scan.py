@@ -17,37 +17,43 @@ from rnnkit.core.layers import Recurrent
 from rnnkit.core.scan import scan_reference
 
 SCAN_CELLS = [MinGRUCell, MinLSTMCell]
-SCANS = [parallel_scan.scan_log_space, parallel_scan.scan_sequential]
-
-
-def recurrence_by_hand(log_a, log_b, h0, mask):
-    """h_t = a_t h_{t-1} + b_t step by step; at a padded step the state stays and the output is 0."""
+def by_hand(k, v, h0, mask):
+    """h_t = (1 - z_t) h_{t-1} + z_t g(v_t) step by step; at a padded step the state stays, the output is 0."""
     h, outs = h0, []
-    for t in range(log_a.shape[1]):
-        new = log_a[:, t].exp() * h + log_b[:, t].exp()
+    for t in range(k.shape[1]):
+        z = torch.sigmoid(k[:, t])
+        g = torch.where(v[:, t] >= 0, v[:, t] + 0.5, torch.sigmoid(v[:, t]))
+        new = (1 - z) * h + z * g
         m = mask[:, t, None]
         h = torch.where(m, new, h)
         outs.append(new * m)
     return torch.stack(outs, 1), h
 
 
-def random_coefficients(B, T, H, dtype=torch.float64, spread=3.0):
-    log_a = -F.softplus(torch.randn(B, T, H, dtype=dtype) * spread)  # a in (0, 1), some near 0 and near 1
-    log_b = torch.randn(B, T, H, dtype=dtype) * spread
+def log_space(k, v, h0, mask):
+    log_a, log_b = parallel_scan.masked_coefficients(*parallel_scan.log_coefficients(k, v), mask)
+    return parallel_scan.scan_log_space(log_a, log_b, h0)
+
+
+SCANS = [log_space, parallel_scan.scan_stepped]
+
+
+def random_inputs(B, T, H, dtype=torch.float64, spread=3.0):
+    k = torch.randn(B, T, H, dtype=dtype) * spread  # z from near 0 to near 1
+    v = torch.randn(B, T, H, dtype=dtype) * spread  # both pieces of g
     h0 = torch.randn(B, H, dtype=dtype)  # negative entries too: h0 is carried by linearity, never logged
-    return log_a, log_b, h0
+    return k, v, h0
 
 
 @pytest.mark.parametrize("run", SCANS)
 @settings(max_examples=25, deadline=None)
 @given(B=st.integers(1, 4), T=st.integers(1, 150), H=st.integers(1, 5), seed=st.integers(0, 2**31 - 1))
-def test_scan_equals_the_recurrence_stepped(run, B, T, H, seed):
+def test_scan_equals_the_recurrence_stepped_by_hand(run, B, T, H, seed):
     torch.manual_seed(seed)
-    log_a, log_b, h0 = random_coefficients(B, T, H)
-    lengths = torch.randint(1, T + 1, (B,))
-    mask = length_mask(lengths, T)
-    hs = run(*parallel_scan.masked_coefficients(log_a, log_b, mask), h0)
-    want_out, want_final = recurrence_by_hand(log_a, log_b, h0, mask)
+    k, v, h0 = random_inputs(B, T, H)
+    mask = length_mask(torch.randint(1, T + 1, (B,)), T)
+    hs = run(k, v, h0, mask)
+    want_out, want_final = by_hand(k, v, h0, mask)
     torch.testing.assert_close(hs * mask[:, :, None], want_out, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(hs[:, -1], want_final, rtol=1e-9, atol=1e-9)
 
@@ -55,27 +61,23 @@ def test_scan_equals_the_recurrence_stepped(run, B, T, H, seed):
 @pytest.mark.parametrize("run", SCANS)
 def test_scan_gradients_float64(run):
     B, T, H = 2, 70, 3  # more than one chunk of the log-space scan
-    log_a, log_b, h0 = random_coefficients(B, T, H, spread=1.0)  # states of size ~1: finite differences hold
+    k, v, h0 = random_inputs(B, T, H, spread=1.5)
     mask = length_mask(torch.tensor([70, 33]), T)
-
-    def f(log_a, log_b, h0):
-        return run(*parallel_scan.masked_coefficients(log_a, log_b, mask), h0)
-
-    inputs = [t.clone().requires_grad_() for t in (log_a, log_b, h0)]
-    assert torch.autograd.gradcheck(f, inputs)
+    inputs = [t.clone().requires_grad_() for t in (k, v, h0)]
+    assert torch.autograd.gradcheck(lambda k, v, h0: run(k, v, h0, mask), inputs)
 
 
 def test_log_space_scan_float32_long_sequence():
     """T=4096 in float32, chunked: close to the float64 recurrence (relative error)."""
-    log_a, log_b, h0 = random_coefficients(2, 4096, 8, dtype=torch.float64, spread=2.0)
-    want = parallel_scan.scan_sequential(log_a, log_b, h0)
-    got = parallel_scan.scan_log_space(log_a.float(), log_b.float(), h0.float()).double()
+    k, v, h0 = random_inputs(2, 4096, 8, spread=2.0)
+    want = parallel_scan.scan_stepped(k, v, h0, None)
+    got = log_space(k.float(), v.float(), h0.float(), None).double()
     assert ((got - want).abs() / want.abs().clamp_min(1e-3)).max() < 1e-4
 
 
 @pytest.mark.parametrize("cell_class", SCAN_CELLS)
-@pytest.mark.parametrize("run", SCANS)
-def test_cell_scan_equals_reference_loop(cell_class, run):
+@pytest.mark.parametrize("log_space", [True, False])
+def test_cell_scan_equals_reference_loop(cell_class, log_space):
     """The whole-sequence scan of a cell == stepping the cell (scan_reference), outputs, final state and
     every gradient, with random lengths and a random initial state."""
     torch.manual_seed(1)
@@ -91,7 +93,7 @@ def test_cell_scan_equals_reference_loop(cell_class, run):
         return (out, final.h, *torch.autograd.grad(loss, [x, h0, *cell.parameters()]))
 
     def parallel(*args):
-        return parallel_scan.scan(*args, linear_scan=run)
+        return parallel_scan.scan(*args, log_space=log_space)
 
     for got, want in zip(run_with(parallel), run_with(scan_reference)):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)

@@ -9,7 +9,7 @@ A GRU whose gates see the input only, so it trains as a parallel scan over time.
 
 ``g`` keeps the candidate positive, so the scan can run in log space (the paper's appendix;
 ``rnnkit.core.parallel_scan``): ``log(1 - z) = -softplus(k)``, ``log z = -softplus(-k)`` with
-``k = x W_z + b_z``. The paper's sequential listing uses ``h~ = x W_h + b_h`` without ``g``; both of
+``k = x W_z + b_z`` (``ParallelScanCell`` with ``k = x W_z + b_z``, ``v = x W_h + b_h``). The paper's sequential listing uses ``h~ = x W_h + b_h`` without ``g``; both of
 its parallel forms use ``g``, and so does this cell everywhere (step, scan, every route), so
 stepping and scanning compute the same function.
 
@@ -26,9 +26,8 @@ State: ``HiddenState(h)``, (B, H). No recurrent weights (``weight_ih`` (2H, I), 
 from __future__ import annotations
 
 from torch import Tensor
-from torch.nn import functional as F
 
-from rnnkit.core.cells.scan_cell import ParallelScanCell, log_g
+from rnnkit.core.cells.scan_cell import ParallelScanCell
 
 
 class MinGRUCell(ParallelScanCell):
@@ -36,7 +35,5 @@ class MinGRUCell(ParallelScanCell):
 
     gate_names = ("z", "h")
 
-    def log_coefficients(self, x) -> tuple[Tensor, Tensor]:
-        log_a = -F.softplus(x.z)  # log(1 - z)
-        log_b = -F.softplus(-x.z) + log_g(x.h)  # log z + log h~
-        return log_a, log_b
+    def mix_inputs(self, x) -> tuple[Tensor, Tensor]:
+        return x.z, x.h

@@ -10,9 +10,11 @@ Gate order in ``weight_ih`` is ``f, i, h``::
     f' = f / (f + i),   i' = i / (f + i)
     h' = f' * h + i' * h~
 
-In log space (``rnnkit.core.parallel_scan``), with ``d = softplus(-k_f) - softplus(-k_i) = log(i / f)``:
-``log f' = -softplus(d)`` and ``log i' = -softplus(-d)``. As for minGRU, ``g`` (from the paper's
-log-space form) is used everywhere, so stepping and scanning compute the same function.
+With ``d = softplus(-k_f) - softplus(-k_i) = log(i / f)`` (``k_f = x W_f + b_f``), ``i' = sigmoid(d)``
+and ``f' = 1 - i'``: a ``ParallelScanCell`` with ``k = d``, ``v = x W_h + b_h``. In log space
+(``rnnkit.core.parallel_scan``), ``log f' = -softplus(d)`` and ``log i' = -softplus(-d)``. As for
+minGRU, ``g`` (from the paper's log-space form) is used everywhere, so stepping and scanning
+compute the same function.
 
 State: ``HiddenState(h)``, (B, H). No recurrent weights (``weight_ih`` (3H, I), ``bias_ih`` (3H,)).
 
@@ -29,7 +31,7 @@ from __future__ import annotations
 from torch import Tensor
 from torch.nn import functional as F
 
-from rnnkit.core.cells.scan_cell import ParallelScanCell, log_g
+from rnnkit.core.cells.scan_cell import ParallelScanCell
 
 
 class MinLSTMCell(ParallelScanCell):
@@ -37,8 +39,5 @@ class MinLSTMCell(ParallelScanCell):
 
     gate_names = ("f", "i", "h")
 
-    def log_coefficients(self, x) -> tuple[Tensor, Tensor]:
-        d = F.softplus(-x.f) - F.softplus(-x.i)  # log(i / f)
-        log_a = -F.softplus(d)  # log f'
-        log_b = -F.softplus(-d) + log_g(x.h)  # log i' + log h~
-        return log_a, log_b
+    def mix_inputs(self, x) -> tuple[Tensor, Tensor]:
+        return F.softplus(-x.f) - F.softplus(-x.i), x.h  # i' = i / (f + i) = sigmoid(log(i / f))
