@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from rnnkit.cli.main import main
-from rnnkit.engine.errors import UsageError
+from rnnkit.common.errors import UsageError
 from rnnkit.tasks.classify import (
-    AG_NEWS_CLASSES, ByteClassifier, ClassifyConfig, ClassifyTask, Download, ag_news, class_names_for,
+    AG_NEWS_CLASSES, ByteClassifier, ClassifyConfig, ClassifyTask, ag_news, class_names_for,
     data_files, encode, in_validation, read_rows, to_split,
 )
-from rnnkit.tasks.files import fetch
+from rnnkit.tasks.download import RemoteFile
 
 KEYWORDS = {"alpha": "volcano", "beta": "harbour", "gamma": "quartet"}
 # the README's tuned variant (the defaults are the seed's slower model), at toy size
@@ -240,8 +240,9 @@ def test_download_verifies_the_checksum(tmp_path, monkeypatch):
     monkeypatch.setenv("RNNKIT_CACHE", str(tmp_path / "cache"))
     source = write_csv(tmp_path / "test_source.csv", [["1", "title", "body"], ["2", "t", "b"]])
     digest = hashlib.sha256(source.read_bytes()).hexdigest()
-    good = {"train.csv": Download(source.as_uri(), "sha256", digest),
-            "test.csv": Download(source.as_uri(), "md5", hashlib.md5(source.read_bytes()).hexdigest())}
+    md5 = hashlib.md5(source.read_bytes()).hexdigest()
+    good = (RemoteFile("train", source.as_uri(), "sha256", digest, "ag_news/train.csv"),
+            RemoteFile("test", source.as_uri(), "md5", md5, "ag_news/test.csv"))
     folder = ag_news(good)
     assert folder == tmp_path / "cache" / "ag_news"
     assert (folder / "train.csv").read_bytes() == source.read_bytes()
@@ -249,13 +250,14 @@ def test_download_verifies_the_checksum(tmp_path, monkeypatch):
     source.write_text("changed\n")  # cached files are not downloaded again
     assert ag_news(good) == folder
 
-    bad = Download(source.as_uri(), "sha256", digest)
-    with pytest.raises(UsageError, match="checksum mismatch .* the download was discarded"):
-        fetch(bad.url, tmp_path / "other" / "train.csv", bad.algorithm, bad.digest)
-    assert list((tmp_path / "other").iterdir()) == []
+    bad = RemoteFile("train.csv", source.as_uri(), "sha256", digest, "other/train.csv")
+    with pytest.raises(UsageError, match="checksum mismatch for train.csv .* the download was discarded"):
+        bad.fetch()
+    assert list((tmp_path / "cache" / "other").iterdir()) == []
+    absent = RemoteFile("x.csv", (tmp_path / "absent.csv").as_uri(), "sha256", digest, "x.csv")
     with pytest.raises(UsageError, match=r"could not download x.csv from file://\S*absent.csv .*--data PATH"):
-        fetch((tmp_path / "absent.csv").as_uri(), tmp_path / "x.csv", "sha256", digest)
-    assert not (tmp_path / "x.csv").exists()
+        absent.fetch()
+    assert not (tmp_path / "cache" / "x.csv").exists()
 
 
 # ---- the real AG News files, when this machine has them --------------------------------------------------

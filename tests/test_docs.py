@@ -1,15 +1,31 @@
-"""Every docstring example in the package runs, so the docs cannot drift from the code."""
+"""The documentation cannot drift from the code: every docstring example, every Python block of the
+README and the docs site runs; the site builds with ``mkdocs build --strict``; and the performance
+tables equal what ``docs/gen_performance.py`` makes from the committed benchmark JSON.
+
+Python blocks: each ```` ```python ```` block of a file runs, in order, in one namespace per file,
+in a temporary working directory (a block may write files, such as a run directory). A block that
+must not run is fenced ```` ```python-norun ```` (see CONTRIBUTING.md).
+"""
 from __future__ import annotations
 
 import doctest
 import importlib
+import importlib.util
+import os
 import pkgutil
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 import rnnkit
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+DOCS = ROOT / "docs"
 
 MODULES = sorted(
     info.name for info in pkgutil.walk_packages(rnnkit.__path__, prefix="rnnkit.")
@@ -24,12 +40,78 @@ def test_docstring_examples_run(name):
     assert result.failed == 0, f"{result.failed} of {result.attempted} examples failed in {name}"
 
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+FENCE = re.compile(r"^```python\n(.*?)^```\s*$", re.S | re.M)
+
+
+def python_blocks(text: str) -> list[tuple[int, str]]:
+    """(line number, code) of every ```python block; ```python-norun and other fences are left out."""
+    return [(text.count("\n", 0, m.start()) + 2, m.group(1)) for m in FENCE.finditer(text)]
+
+
+def test_python_blocks_are_found():
+    text = "x\n```python\na = 1\n```\n```python-norun\nb = 2\n```\n```bash\nc\n```\n```python\nd = 3\n```\n"
+    assert python_blocks(text) == [(3, "a = 1\n"), (12, "d = 3\n")]
+
+
+MARKDOWN = sorted([README, *DOCS.rglob("*.md")]) if DOCS.is_dir() else [README]
 
 
 @pytest.mark.skipif(not README.is_file(), reason="README.md is not beside the tests")
-def test_readme_python_examples_run():
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-    assert blocks, "README.md has no python examples"
-    for block in blocks:
-        exec(compile(block, "README.md", "exec"), {})
+@pytest.mark.parametrize("path", MARKDOWN, ids=[str(p.relative_to(ROOT)) for p in MARKDOWN])
+def test_markdown_python_blocks_run(path, tmp_path, monkeypatch):
+    blocks = python_blocks(path.read_text())
+    if not blocks:
+        pytest.skip(f"{path.name} has no python blocks")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": "__docs__"}
+    for line, code in blocks:
+        # blank lines first, so a traceback's line numbers are the markdown file's
+        exec(compile("\n" * (line - 1) + code, str(path), "exec"), namespace)
+
+
+def test_readme_has_python_examples():
+    assert len(python_blocks(README.read_text())) >= 3
+
+
+def _generator():
+    spec = importlib.util.spec_from_file_location("gen_performance", DOCS / "gen_performance.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(not (DOCS / "data" / "bench.json").is_file(), reason="no committed benchmark JSON")
+def test_performance_tables_match_the_benchmark_json():
+    gen = _generator()
+    report = gen.load()
+    assert gen.stale(report) == [], "run: python docs/gen_performance.py"
+    # and the README's table names the command and the machine that produced it
+    readme = README.read_text()
+    assert gen.command(report) in readme and f"{report['machine']['threads']} thread" in readme
+
+
+def test_performance_tables_follow_the_json(tmp_path):
+    """The generator really reads the numbers: a changed ratio changes the table."""
+    gen = _generator()
+    report = gen.load()
+    before = gen.summary_table(report)
+    report["rows"][0]["ratio"] = 123.0
+    assert "123.00" in gen.summary_table(report) and gen.summary_table(report) != before
+    marked = "a\n<!-- bench:summary -->\nold\n<!-- /bench:summary -->\nb\n"
+    out = gen.render(marked, ("summary",), report, "x.md")
+    assert out.startswith("a\n<!-- bench:summary -->\n") and out.endswith("<!-- /bench:summary -->\nb\n")
+    assert "old" not in out and "123.00" in out
+    with pytest.raises(ValueError, match="no <!-- bench:grid -->"):
+        gen.render(marked, ("grid",), report, "x.md")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mkdocs") is None, reason="mkdocs is not installed (pip install '.[test]')")
+@pytest.mark.skipif(not (ROOT / "mkdocs.yml").is_file(), reason="mkdocs.yml is not beside the tests")
+def test_docs_site_builds_strict(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert (tmp_path / "site" / "performance.svg").stat().st_size > 1000
+    api = (tmp_path / "site" / "api" / "index.html").read_text()
+    assert "combine" in api and "initial_state" in api    # the reference is filled from the docstrings

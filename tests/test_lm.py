@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from rnnkit.cli.main import main
-from rnnkit.engine.errors import UsageError
+from rnnkit.common.errors import UsageError
 from rnnkit.tasks import lm
+from rnnkit.tasks.download import RemoteFile
 from rnnkit.tasks.lm import CharRNN, LMConfig, LMTask, Sampler, Vocab, generate, generate_batch
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 8
@@ -201,7 +202,8 @@ def test_download_is_cached_and_checksum_verified(tmp_path, monkeypatch):
     source.write_text("to be or not to be\n" * 20)
     digest = hashlib.sha256(source.read_bytes()).hexdigest()
     monkeypatch.setenv("RNNKIT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setitem(lm.DATASETS, "fakebard", lm.RemoteText(source.as_uri(), digest, "fakebard.txt"))
+    monkeypatch.setitem(lm.DATASETS, "fakebard",
+                        RemoteFile("fakebard", source.as_uri(), "sha256", digest, "fakebard.txt"))
     assert lm.read_corpus(LMConfig(data="fakebard")) == source.read_text()
     assert (tmp_path / "cache" / "fakebard.txt").is_file()
     source.unlink()  # the second use reads the cache, never the source
@@ -209,7 +211,8 @@ def test_download_is_cached_and_checksum_verified(tmp_path, monkeypatch):
 
     other = tmp_path / "tampered.txt"
     other.write_text("something else")
-    monkeypatch.setitem(lm.DATASETS, "tampered", lm.RemoteText(other.as_uri(), digest, "tampered.txt"))
+    monkeypatch.setitem(lm.DATASETS, "tampered",
+                        RemoteFile("tampered", other.as_uri(), "sha256", digest, "tampered.txt"))
     with pytest.raises(UsageError, match=f"expected {digest}; refusing"):
         lm.read_corpus(LMConfig(data="tampered"))
     assert not (tmp_path / "cache" / "tampered.txt").exists()
@@ -236,7 +239,8 @@ def test_stream_loss_needs_two_tokens():
 
 def test_download_failure_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setenv("RNNKIT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setitem(lm.DATASETS, "gone", lm.RemoteText((tmp_path / "absent").as_uri(), "0" * 64, "gone.txt"))
+    monkeypatch.setitem(lm.DATASETS, "gone",
+                        RemoteFile("gone", (tmp_path / "absent").as_uri(), "sha256", "0" * 64, "gone.txt"))
     with pytest.raises(UsageError, match="could not download gone .*--data PATH"):
         lm.read_corpus(LMConfig(data="gone"))
 

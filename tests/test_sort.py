@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rnnkit.tasks.base import UsageError
+from rnnkit.common.errors import UsageError
 from rnnkit.tasks.sort import DECODERS, SortConfig, SortModel, SortTask
 from rnnkit.tasks.sort import data
 from rnnkit.tasks.sort.data import make_batch

@@ -14,7 +14,7 @@ import json
 from rnnkit.cli.command import Command
 from rnnkit.cli.runs import add_run_flags, load_selected_run
 from rnnkit.cli.stdin import stdin_lines
-from rnnkit.engine.errors import UsageError
+from rnnkit.common.errors import UsageError
 
 
 def add_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> None:

@@ -15,7 +15,7 @@ import torch
 from rnnkit.cli.command import Command
 from rnnkit.cli.runs import add_run_flags, load_selected_run
 from rnnkit.engine.config import add_dataclass_flags, from_dict, given_fields
-from rnnkit.engine.errors import UsageError
+from rnnkit.common.errors import UsageError
 from rnnkit.engine.rundir import read_run
 from rnnkit.tasks.base import load_task_class
 

@@ -41,7 +41,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> 
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from rnnkit.engine.errors import UsageError
+    from rnnkit.common.errors import UsageError
     from rnnkit.tasks.lm import generate_batch, start_ids
 
     loaded = load_selected_run(args)
@@ -104,7 +104,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> None
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from rnnkit.engine.errors import UsageError
+    from rnnkit.common.errors import UsageError
     from rnnkit.engine.rundir import default_run_dir
     from rnnkit.engine.trainer import RunConfig, train
 

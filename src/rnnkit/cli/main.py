@@ -15,7 +15,7 @@ import importlib
 import sys
 
 from rnnkit.cli.command import Command, CommandSpec
-from rnnkit.engine.errors import UsageError
+from rnnkit.common.errors import UsageError
 from rnnkit.engine.rundir import rnnkit_version
 
 # One line per command. Task authors add theirs here and write the module it points to.

@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rnnkit.engine.errors import UsageError
+    from rnnkit.common.errors import UsageError
     from rnnkit.tasks.sort.task import sequence_lines
 
     if args.beam is not None and args.beam < 1:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from typing import Iterator
 
-from rnnkit.engine.errors import UsageError
+from rnnkit.common.errors import UsageError
 
 
 def stdin_lines() -> Iterator[str]:

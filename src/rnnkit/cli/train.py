@@ -5,7 +5,7 @@ import argparse
 
 from rnnkit.cli.command import Command
 from rnnkit.engine.config import add_dataclass_flags, given_fields
-from rnnkit.engine.errors import UsageError
+from rnnkit.common.errors import UsageError
 from rnnkit.tasks.base import TASKS, load_task_class
 from rnnkit.engine.trainer import RunConfig, TrainConfig, train
 

@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from rnnkit.engine.errors import CheckpointError
-from rnnkit.tasks.files import atomic_write
+from rnnkit.common.files import atomic_write
 
 FORMAT = "rnnkit-checkpoint/1"  # bumped when the layout changes incompatibly
 

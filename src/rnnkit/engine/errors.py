@@ -8,7 +8,7 @@ with exit code 2 and no traceback. Say what was wrong, where it came from, and w
 """
 from __future__ import annotations
 
-from rnnkit.tasks.base import UsageError  # defined with the Task contract, below the engine
+from rnnkit.common.errors import UsageError
 
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rnnkit.tasks.files import atomic_write, atomic_write_text
+from rnnkit.common.files import atomic_write, atomic_write_text
 from rnnkit.engine.errors import UsageError
 
 CONFIG = "config.json"

@@ -62,7 +62,7 @@ Rules that make resume exact and processes agree
   otherwise `data` is a path given by `rnnkit eval RUN_DIR --data PATH` (e.g. a test CSV). Return plain
   floats; "loss" is the mean per item in nats. Use no global RNG here, or fork it
   (`torch.random.fork_rng`), so evaluating does not change the training stream.
-* Raise `UsageError` (defined below) for anything the user can fix: bad data paths, a batch
+* Raise `UsageError` (from rnnkit.common.errors, re-exported here) for anything the user can fix: bad data paths, a batch
   size that does not divide, an empty file. The CLI prints it on one line, exit code 2.
 """
 from __future__ import annotations
@@ -77,9 +77,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-
-class UsageError(Exception):
-    """A mistake the user can fix; the CLI prints its message on one line and exits with code 2."""
+from rnnkit.common.errors import UsageError  # re-exported: a task author needs only this module
 
 
 def option(default: Any, help: str, *, metavar: str | None = None, resumable: bool = False) -> Any:

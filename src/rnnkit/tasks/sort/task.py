@@ -25,7 +25,8 @@ from typing import Iterable, Iterator, Literal
 import torch
 from torch import nn
 
-from rnnkit.tasks.base import Task, UsageError, device_of, move_to, option, shard_range, step_generator
+from rnnkit.common.errors import UsageError
+from rnnkit.tasks.base import Task, device_of, move_to, option, shard_range, step_generator
 from rnnkit.tasks.sort.data import SortBatch, draw_length, make_batch, sample, test_set
 from rnnkit.tasks.sort.model import POINTS, SortModel
 from rnnkit.tasks.sort.search import choose, decode

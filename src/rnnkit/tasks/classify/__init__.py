@@ -1,0 +1,53 @@
+"""The classify task (many-to-one): labelled text in, one class per text out, read byte by byte.
+
+The text's bytes (all 256 values of UTF-8; bytes >= 128 are symbols of their own) run through a
+bidirectional multi-layer RNN; the forward direction's output at each text's own last byte and the
+backward direction's output at its first byte are each projected to `--e-dim` (128), added, and
+projected to the classes. True lengths go to the layer, so padding is never read as text.
+
+    rnnkit train classify --data ag_news/                    folder with train.csv, test.csv, classes.txt
+    rnnkit eval RUN_DIR --data ag_news/test.csv              accuracy, per-class P/R/F1, confusion.png
+    echo "Stocks fall as oil hits a record" | rnnkit predict RUN_DIR
+
+data.py: CSV rows, labels, the validation split, the AG News download; model.py: the network
+(ByteClassifier); metrics.py: confusion matrix, accuracy, F1; task.py: the config and the Task.
+
+Data. A CSV row is `label,text[,text...]` (AG News: `"3","title","description"`); see data.py for
+labels, class names and the validation split. Without `--data` the AG News CSVs are downloaded once
+into the cache (`$RNNKIT_CACHE`, default ~/.cache/rnnkit) and checked against their published checksums.
+
+Model. The defaults are one-hot bytes, a 3-layer bidirectional LSTM of 512, the forward output at the
+last byte plus the backward output at the first. What reached the best AG News accuracy per CPU
+minute is a small learned variant (README, "Text classification"):
+`--input embedding --ngrams 4 --patch 8 --cell gru --hidden 128 --layers 1 --pooling mean --dropout 0.2`.
+
+    x (B, T) bytes -> input vectors (B, T, V)     one-hot (V = 256) or a learned embedding of each byte,
+                                                  plus hashed embeddings of the 2..ngrams bytes ending there
+                                                  and of the word so far (`--words`) and the pair
+                                                  (previous word, word so far) (`--word-pairs`), all summed
+                   -> (B, T/patch, patch*V)       `--patch` consecutive bytes per RNN step (1 = one byte)
+                   -> bidirectional RNN (B, S, 2H) with each text's true length
+    ends:      f = out[b, len_b - 1, :H], g = out[b, 0, H:]
+    max/mean:  f, g = max or mean over each text's valid steps of the forward / backward halves
+    logits = W_c (W_f f + W_g g) + b                              (B, classes)
+
+>>> import torch
+>>> model = ByteClassifier(ClassifyConfig(hidden=8, e_dim=8), num_classes=3)
+>>> logits, loss = model(torch.randint(0, 256, (2, 12)), torch.tensor([12, 5]), torch.tensor([0, 2]))
+>>> tuple(logits.shape), loss.dim()
+((2, 3), 0)
+"""
+from rnnkit.tasks.classify.data import (
+    AG_NEWS, AG_NEWS_CLASSES, CLASSES_FILE, DataFiles, Rows, Split, ag_news, class_names_for, data_files, encode,
+    in_validation, label_indices, read_rows, to_split,
+)
+from rnnkit.tasks.classify.metrics import class_metrics, confusion_matrix, confusion_text, plot_confusion
+from rnnkit.tasks.classify.model import VOCAB, ByteClassifier, masked_pool, ngram_ids, word_ids
+from rnnkit.tasks.classify.task import LABELS_FILE, ClassifyConfig, ClassifyEvalOptions, ClassifyTask
+
+__all__ = [
+    "AG_NEWS", "AG_NEWS_CLASSES", "ByteClassifier", "CLASSES_FILE", "ClassifyConfig", "ClassifyEvalOptions",
+    "ClassifyTask", "DataFiles", "LABELS_FILE", "Rows", "Split", "VOCAB", "ag_news", "class_metrics",
+    "class_names_for", "confusion_matrix", "confusion_text", "data_files", "encode", "in_validation",
+    "label_indices", "masked_pool", "ngram_ids", "plot_confusion", "read_rows", "to_split", "word_ids",
+]

@@ -1,0 +1,132 @@
+"""The classify task's network (ByteClassifier): bytes -> input vectors -> bidirectional RNN -> pooled ends
+-> class logits, with the hashed n-gram and word embeddings it may add; see the package docstring for
+the equations.
+
+>>> import torch
+>>> from rnnkit.tasks.classify.task import ClassifyConfig
+>>> model = ByteClassifier(ClassifyConfig(hidden=8, e_dim=8, layers=1), num_classes=3)
+>>> logits, loss = model(torch.randint(0, 256, (2, 12)), torch.tensor([12, 5]), torch.tensor([0, 2]))
+>>> tuple(logits.shape), loss.dim()
+((2, 3), 0)
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+import rnnkit
+
+if TYPE_CHECKING:
+    from rnnkit.tasks.classify.task import ClassifyConfig
+
+VOCAB = 256                    # byte values; UTF-8 bytes >= 128 are symbols of their own
+
+
+def masked_pool(x: Tensor, lengths: Tensor, how: str) -> Tensor:
+    """Max or mean of x (B, S, C) over each row's first lengths[b] steps -> (B, C)."""
+    valid = torch.arange(x.shape[1], device=x.device)[None, :, None] < lengths[:, None, None]  # (B, S, 1)
+    if how == "max":
+        return x.masked_fill(~valid, float("-inf")).amax(dim=1)
+    return (x * valid).sum(dim=1) / lengths[:, None].to(x.dtype)
+
+
+class ByteClassifier(nn.Module):
+    """Bytes (B, T) and lengths (B,) -> class logits (B, K); see the module docstring for the equations."""
+
+    def __init__(self, config: ClassifyConfig, num_classes: int):
+        super().__init__()
+        self.config = config
+        c = config
+        width = VOCAB if c.input == "onehot" else c.embed
+        self.byte_embedding = nn.Embedding(VOCAB, c.embed) if c.input == "embedding" else None
+        self.ngram_embedding = nn.Embedding(c.buckets, c.embed) if c.ngrams > 1 or c.words else None
+        for table in (self.byte_embedding, self.ngram_embedding):
+            if table is not None:  # N(0, 1) rows, summed and concatenated, would saturate the gates at the start
+                nn.init.normal_(table.weight, std=0.1)
+        self.rnn = rnnkit.LAYERS[c.cell](c.patch * width, c.hidden, c.layers, dropout=c.dropout, bidirectional=True)
+        self.project_forward = nn.Linear(c.hidden, c.e_dim)
+        self.project_backward = nn.Linear(c.hidden, c.e_dim)
+        self.classifier = nn.Linear(c.e_dim, num_classes)
+        self.dropout = nn.Dropout(c.dropout)
+
+    def inputs(self, x: Tensor) -> Tensor:
+        """(B, T) bytes -> (B, T, width) input vectors."""
+        x = x.long()
+        if self.byte_embedding is None:
+            return F.one_hot(x, VOCAB).float()  # (B, T, 256)
+        e = self.byte_embedding(x)  # (B, T, E)
+        ids = []
+        if self.config.ngrams > 1:
+            ids.append(ngram_ids(x, self.config.ngrams, self.config.buckets))
+        if self.config.words:
+            ids.append(word_ids(x, self.config.buckets, pairs=self.config.word_pairs))
+        if ids:
+            e = e + self.ngram_embedding(torch.cat(ids, dim=2)).sum(dim=2)
+        return e
+
+    def forward(self, x: Tensor, lengths: Tensor, targets: Tensor | None = None):
+        B, T = x.shape
+        k = self.config.patch
+        e = self.inputs(x)
+        e = e * (torch.arange(T, device=x.device)[None, :] < lengths[:, None]).unsqueeze(2)  # no padding in patches
+        e = self.dropout(e)
+        if T % k:
+            e = F.pad(e, (0, 0, 0, k - T % k))
+        steps = e.reshape(B, -1, k * e.shape[2])  # (B, S, k*width), S = ceil(T / k)
+        step_lengths = (lengths + k - 1) // k
+        out, _ = self.rnn(steps, lengths=step_lengths)  # (B, S, 2H)
+        H = self.config.hidden
+        if self.config.pooling == "ends":
+            forward = out[torch.arange(B, device=x.device), step_lengths - 1, :H]  # each text's own last step
+            backward = out[:, 0, H:]  # the backward direction ends at step 0
+        else:
+            forward = masked_pool(out[:, :, :H], step_lengths, self.config.pooling)
+            backward = masked_pool(out[:, :, H:], step_lengths, self.config.pooling)
+        e_sum = self.project_forward(forward) + self.project_backward(backward)  # (B, E_DIM)
+        logits = self.classifier(self.dropout(e_sum))  # (B, K)
+        loss = F.cross_entropy(logits, targets) if targets is not None else None
+        return logits, loss
+
+
+def ngram_ids(x: Tensor, n_max: int, buckets: int) -> Tensor:
+    """Hash bucket of the n bytes ending at each position, n = 2..n_max: (B, T) -> (B, T, n_max - 1).
+    Positions before the text's start read as symbol 256, so a 3-gram at position 1 differs from one
+    in the middle. A polynomial hash modulo a prime, in int64 without overflow."""
+    prime = 2_147_483_647
+    h = x.long() + 1
+    ids = []
+    for k in range(1, n_max):
+        previous = F.pad(x.long(), (k, 0), value=VOCAB)[:, : x.shape[1]]
+        h = (h * 263 + previous + 1) % prime
+        ids.append((h * 2654435761 + k) % prime % buckets)
+    return torch.stack(ids, dim=2)
+
+
+def word_ids(x: Tensor, buckets: int, longest: int = 20, pairs: bool = False) -> Tensor:
+    """Hash bucket of the word so far at each position (B, T) -> (B, T, 1): the run of ASCII letters and
+    digits ending there, up to `longest` bytes; a byte outside words gets its own bucket. With `pairs`,
+    a second column (B, T, 2) hashes (previous word, word so far) inside words."""
+    x = x.long()
+    B, T = x.shape
+    prime = 2_147_483_647
+    is_word = ((x >= 48) & (x <= 57)) | ((x >= 65) & (x <= 90)) | ((x >= 97) & (x <= 122))  # 0-9 A-Z a-z
+    h = x + 1 + 1000 * is_word
+    alive = is_word
+    for k in range(1, longest):
+        previous = F.pad(x, (k, 0))[:, :T]
+        alive = alive & F.pad(is_word, (k, 0))[:, :T]
+        h = torch.where(alive, (h * 263 + previous + 1) % prime, h)
+    ids = [(h * 2654435761 + 97) % prime % buckets]
+    if pairs:
+        steps = torch.arange(T, device=x.device).expand(B, T)
+        is_end = is_word & ~F.pad(is_word, (0, 1))[:, 1:]  # last byte of a word
+        last_end = torch.where(is_end, steps, -1).cummax(dim=1).values  # (B, T) latest word end at or before t
+        previous_end = F.pad(last_end, (1, 0), value=-1)[:, :T]  # ... strictly before t: the previous word's
+        previous_word = h.gather(1, previous_end.clamp(min=0))
+        pair = (previous_word * 1_000_003 + h) % prime
+        ok = is_word & (previous_end >= 0)
+        ids.append(torch.where(ok, (pair * 2654435761 + 389) % prime % buckets, torch.zeros_like(h)))
+    return torch.stack(ids, dim=2)

@@ -1,0 +1,223 @@
+"""The classify task the trainer drives: its config (`rnnkit train classify` flags), the shuffled
+epochs of training rows, the loss, evaluation with per-class metrics, and prediction on texts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from rnnkit.common.errors import UsageError
+from rnnkit.common.files import atomic_write_text
+from rnnkit.tasks.base import Task, device_of, move_to, option, shard_range, step_generator
+from rnnkit.tasks.classify.data import (
+    Rows, Split, class_names_for, data_files, encode, in_validation, read_rows, to_split,
+)
+from rnnkit.tasks.classify.metrics import class_metrics, confusion_matrix, confusion_text, plot_confusion
+from rnnkit.tasks.classify.model import ByteClassifier
+
+LABELS_FILE = "labels.json"    # artifact in the run directory: the class names, in index order
+
+
+@dataclass(frozen=True)
+class ClassifyConfig:
+    data: str | None = option(None, "folder with train.csv (+ test.csv, classes.txt) or one CSV of "
+                                    "label,text rows; default: AG News, downloaded once into the cache")
+    seq_len: int = option(256, "bytes of each text the model reads; longer texts are cut (the seed's 256)")
+    val_fraction: float = option(0.05, "fraction of training rows held out for validation (by text hash)")
+    skip_bad_rows: bool = option(False, "skip malformed CSV rows and report how many, instead of stopping")
+    input: Literal["onehot", "embedding"] = option("onehot", "byte input: one-hot of depth 256 (the "
+                                                                "seed) or a learned embedding")
+    embed: int = option(64, "size of the learned byte embedding (--input embedding)")
+    ngrams: int = option(1, "also add hashed embeddings of the 2..N bytes ending at each byte (1 = off; "
+                            "needs --input embedding)")
+    words: bool = option(False, "also add a hashed embedding of the word so far at each byte (the letters "
+                                "and digits since the last other byte, at most 20; needs --input embedding)")
+    word_pairs: bool = option(False, "also add a hashed embedding of (previous word, word so far) at each "
+                                     "byte of a word (needs --words)")
+    buckets: int = option(65536, "hash buckets shared by the n-gram and word embeddings")
+    patch: int = option(1, "bytes per RNN step: their input vectors are concatenated (1 = the seed)")
+    cell: Literal["lstm", "gru"] = option("lstm", "recurrent cell")
+    hidden: int = option(512, "hidden size per direction (the seed's STATE_DIM is 512)")
+    layers: int = option(3, "stacked bidirectional layers")
+    pooling: Literal["ends", "max", "mean"] = option(
+        "ends", "what each direction contributes: ends = forward at the last byte and backward at the "
+               "first (the seed); max / mean = over each text's valid steps")
+    e_dim: int = option(128, "each direction is projected to this size and the two are added (E_DIM)")
+    dropout: float = option(0.0, "dropout on the inputs, between layers and before the classifier")
+    batch_size: int = option(128, "texts per step, summed over all processes")
+    eval_batch_size: int = option(512, "texts per forward pass in eval and predict", resumable=True)
+    data_seed: int = option(0, "seed of the training order (the validation split never depends on it)")
+
+    def __post_init__(self):
+        for name in ("seq_len", "embed", "buckets", "patch", "hidden", "layers", "e_dim", "batch_size",
+                     "eval_batch_size", "ngrams"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise UsageError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UsageError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.word_pairs and not self.words:
+            raise UsageError("--word-pairs needs --words")
+        if (self.ngrams > 1 or self.words) and self.input == "onehot":
+            raise UsageError("--ngrams > 1 and --words need --input embedding (hashed n-grams are learned "
+                             "vectors); use --ngrams 1 --no-words with --input onehot")
+
+
+
+@dataclass(frozen=True)
+class ClassifyEvalOptions:
+    skip_bad_rows: bool | None = option(None, "skip malformed rows of --data and report how many (default: "
+                                              "what the run was trained with)")
+    confusion: bool = option(True, "write the confusion matrix to RUN_DIR/confusion.txt and confusion.png")
+
+
+
+class ClassifyTask(Task):
+    name = "classify"
+    Config = ClassifyConfig
+    items_name = "samples"
+    best_metric = "accuracy"
+    higher_is_better = True
+    EvalOptions = ClassifyEvalOptions  # extra `rnnkit eval` flags
+
+    def __init__(self, config: ClassifyConfig, run_dir: Path, names: list[str]):
+        super().__init__(config, run_dir)
+        self.names = names                       # class names, in index order
+        self._train: Split | None = None         # loaded by create, or lazily for eval of the val split
+        self._val: Split | None = None
+        self._perm: tuple[int, Tensor] | None = None  # (epoch, permutation) cache for train_batch
+
+    @classmethod
+    def create(cls, config: ClassifyConfig, run_dir: Path) -> "ClassifyTask":
+        files = data_files(config.data)
+        rows = read_rows(files.train, config.skip_bad_rows)
+        task = cls(config, run_dir, class_names_for(rows, files.classes))
+        task._split_training_rows(rows, files.train)
+        return task
+
+    def save_artifacts(self, run_dir: Path) -> None:
+        atomic_write_text(Path(run_dir) / LABELS_FILE, json.dumps({"labels": self.names}, indent=2) + "\n")
+
+    @classmethod
+    def from_run_dir(cls, config: ClassifyConfig, run_dir: Path) -> "ClassifyTask":
+        path = Path(run_dir) / LABELS_FILE
+        try:
+            names = json.loads(path.read_text(encoding="utf-8"))["labels"]
+        except FileNotFoundError:
+            raise UsageError(f"{path} is missing; the run directory is incomplete") from None
+        except (ValueError, KeyError, TypeError):
+            raise UsageError(f"{path} is damaged (expected {{\"labels\": [names...]}})") from None
+        return cls(config, run_dir, names)
+
+    def _load_training_data(self) -> None:
+        """Read the training file again (eval of the validation split after `from_run_dir`)."""
+        files = data_files(self.config.data)
+        self._split_training_rows(read_rows(files.train, self.config.skip_bad_rows), files.train)
+
+    def _split_training_rows(self, rows: Rows, path: Path) -> None:
+        split, rows = to_split(rows, self.names, path, self.config)
+        if rows.skipped:
+            print(f"classify: skipped {rows.skipped} bad rows of {path}", file=sys.stderr)
+        is_val = torch.tensor([in_validation(text, self.config.val_fraction) for text in rows.texts])
+        self._train = Split(*(t[~is_val] for t in split))
+        self._val = Split(*(t[is_val] for t in split))
+        if len(self._train.y) == 0:
+            raise UsageError(f"{path}: no training rows left after holding out --val-fraction "
+                             f"{self.config.val_fraction}")
+
+    # ---- model and data ----
+    def build_model(self) -> nn.Module:
+        return ByteClassifier(self.config, len(self.names))
+
+    def train_batch(self, step: int, rank: int, world_size: int) -> Split:
+        if self._train is None:
+            self._load_training_data()
+        N = len(self._train.y)
+        B = self.config.batch_size
+        positions = torch.tensor([step * B + i for i in shard_range(B, rank, world_size)])
+        epochs, offsets = positions // N, positions % N
+        rows = torch.empty_like(positions)
+        for epoch in epochs.unique().tolist():
+            chosen = epochs == epoch
+            rows[chosen] = self._permutation(epoch)[offsets[chosen]]
+        return self._batch(self._train, rows)
+
+    def _permutation(self, epoch: int) -> Tensor:
+        if self._perm is None or self._perm[0] != epoch:
+            g = step_generator(self.config.data_seed, epoch, 0, stream="classify-epoch")
+            self._perm = (epoch, torch.randperm(len(self._train.y), generator=g))
+        return self._perm[1]
+
+    @staticmethod
+    def _batch(split: Split, rows: Tensor) -> Split:
+        lengths = split.lengths[rows]
+        return Split(split.x[rows, : int(lengths.max())], lengths, split.y[rows])
+
+    def loss(self, model: nn.Module, batch: Split) -> tuple[Tensor, int]:
+        _, loss = model(batch.x, batch.lengths, batch.y)
+        return loss, len(batch.y)
+
+    # ---- evaluation ----
+    def evaluate(self, model: nn.Module, data: str | None = None,
+                 options: ClassifyEvalOptions | None = None) -> dict[str, float]:
+        """Loss, accuracy, macro F1 and per-class P/R/F1 on the validation split or on `data`.
+        `rnnkit eval` passes options and so, by default, writes confusion.txt and confusion.png; the
+        trainer's evaluations pass none and only compute the metrics (drawing a figure at every
+        evaluation would slow training for a picture nobody asked for)."""
+        skipped = 0
+        config = self.config
+        if options is not None and options.skip_bad_rows is not None:
+            config = dataclasses.replace(config, skip_bad_rows=options.skip_bad_rows)
+        if data is None:
+            if self._val is None:
+                self._load_training_data()
+            split, source = self._val, "validation split"
+            if len(split.y) == 0:
+                split, source = self._train, "training rows (--val-fraction 0)"
+        else:
+            path = Path(data)
+            if path.is_dir():
+                files = data_files(str(path))
+                if files.test is None:
+                    raise UsageError(f"{path} has no test.csv to evaluate on; give a CSV file instead")
+                path = files.test
+            split, rows = to_split(read_rows(path, config.skip_bad_rows), self.names, path, config)
+            skipped, source = rows.skipped, str(path)
+        logits = self.logits(model, split.x, split.lengths)
+        loss = float(F.cross_entropy(logits, split.y, reduction="mean"))
+        confusion = confusion_matrix(split.y, logits.argmax(1), len(self.names))
+        metrics = {"loss": loss, **class_metrics(confusion, self.names)}
+        if data is not None:
+            metrics["rows"] = float(len(split.y))
+            metrics["skipped_rows"] = float(skipped)
+        if options is not None and options.confusion:
+            title = f"{source}: accuracy {metrics['accuracy']:.4f} on {len(split.y)} rows"
+            atomic_write_text(self.run_dir / "confusion.txt", title + "\n" + confusion_text(confusion, self.names))
+            plot_confusion(confusion, self.names, self.run_dir / "confusion.png", title)
+        return metrics
+
+    def logits(self, model: nn.Module, x: Tensor, lengths: Tensor) -> Tensor:
+        """Logits (N, K) on CPU, in batches of --eval-batch-size, rows sorted by length for less padding."""
+        device = device_of(model)
+        order = lengths.argsort(descending=True)
+        out = torch.empty(len(lengths), len(self.names))
+        with torch.no_grad():
+            for start in range(0, len(order), self.config.eval_batch_size):
+                rows = order[start: start + self.config.eval_batch_size]
+                batch = move_to(self._batch(Split(x, lengths, lengths), rows), device)
+                out[rows] = model(batch.x, batch.lengths)[0].float().cpu()
+        return out
+
+    def predict(self, model: nn.Module, texts: list[str]) -> Tensor:
+        """Class probabilities (N, K) of each text (empty texts must be refused by the caller)."""
+        x, lengths = encode([t.encode("utf-8") for t in texts], self.config.seq_len)
+        return self.logits(model, x, lengths).softmax(dim=1)
