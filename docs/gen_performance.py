@@ -10,6 +10,7 @@ README.md (``summary``) and docs/performance.md (``machine``, ``summary``, ``gri
 committed table always equals what this script makes from the committed JSON. The plot
 (``performance.svg``) is drawn at ``mkdocs build`` time by docs/hooks.py with :func:`ratio_plot`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_JSON = ROOT / "docs" / "data" / "bench.json"
-TARGETS = {ROOT / "README.md": ("summary",), ROOT / "docs" / "performance.md": ("machine", "summary", "grid",
-                                                                                "stepping", "custom")}
+TARGETS = {
+    ROOT / "README.md": ("summary",),
+    ROOT / "docs" / "performance.md": ("machine", "summary", "grid", "stepping", "custom"),
+}
 KINDS = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN"}
 MODES = {"train": "training (forward + backward)", "infer": "inference (forward)"}
 
@@ -40,8 +43,10 @@ def command(report: dict) -> str:
 def machine(report: dict) -> str:
     m = report["machine"]
     cpu = m.get("cpu") or m.get("processor") or "unknown CPU"
-    return (f"{cpu}, {m['threads']} thread(s), torch {m['torch']}, Python {m['python']}, "
-            f"step loops: {m['step_loops']}; matmul peak {m['matmul_peak_gflops']:.0f} GFLOP/s")
+    return (
+        f"{cpu}, {m['threads']} thread(s), torch {m['torch']}, Python {m['python']}, "
+        f"step loops: {m['step_loops']}; matmul peak {m['matmul_peak_gflops']:.0f} GFLOP/s"
+    )
 
 
 def _span(values: list[float]) -> str:
@@ -59,51 +64,72 @@ def summary_table(report: dict) -> str:
     """Ratios torch.nn time / rnnkit time per layer kind, batch 1 and batch >= 32, as min-max spans."""
     rows = report["rows"]
     kinds = [k for k in KINDS if any(r["kind"] == k for r in rows)]
-    out = ["| layer | training, batch 1 | training, batch >= 32 | inference, batch 1 | inference, batch >= 32 |",
-           "| --- | --- | --- | --- | --- |"]
+    out = [
+        "| layer | training, batch 1 | training, batch >= 32 | inference, batch 1 | inference, batch >= 32 |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for kind in kinds:
         cells = []
         for mode in ("train", "infer"):
             for small in (True, False):
-                cells.append(_span([r["ratio"] for r in rows if r["kind"] == kind and r["mode"] == mode
-                                    and (r["batch"] == 1) == small and (small or r["batch"] >= 32)]))
+                cells.append(
+                    _span(
+                        [
+                            r["ratio"]
+                            for r in rows
+                            if r["kind"] == kind
+                            and r["mode"] == mode
+                            and (r["batch"] == 1) == small
+                            and (small or r["batch"] >= 32)
+                        ]
+                    )
+                )
         out.append(f"| {KINDS[kind]} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 
 def grid_table(report: dict) -> str:
-    out = ["| layer | mode | batch | hidden | steps | torch.nn ms | rnnkit ms | ratio | pairs' middle half "
-           "| rnnkit GFLOP/s | of peak |",
-           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
+    out = [
+        "| layer | mode | batch | hidden | steps | torch.nn ms | rnnkit ms | ratio | pairs' middle half "
+        "| rnnkit GFLOP/s | of peak |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
+    ]
     for r in report["rows"]:
-        out.append(f"| {KINDS[r['kind']]} | {r['mode']} | {r['batch']} | {r['hidden']} | {r['steps']} | "
-                   f"{r['torch_ms']:.2f} | {r['rnnkit_ms']:.2f} | {r['ratio']:.2f} | "
-                   f"{r['ratio_q1']:.2f}-{r['ratio_q3']:.2f} | {r['gflops']:.1f} | {100 * r['peak_frac']:.0f}% |")
+        out.append(
+            f"| {KINDS[r['kind']]} | {r['mode']} | {r['batch']} | {r['hidden']} | {r['steps']} | "
+            f"{r['torch_ms']:.2f} | {r['rnnkit_ms']:.2f} | {r['ratio']:.2f} | "
+            f"{r['ratio_q1']:.2f}-{r['ratio_q3']:.2f} | {r['gflops']:.1f} | {100 * r['peak_frac']:.0f}% |"
+        )
     return "\n".join(out)
 
 
 def stepping_table(report: dict) -> str:
-    out = ["| layer (3 layers of 512) | batch | torch.nn ms/token | rnnkit ms/token | ratio | pairs' middle half |",
-           "| --- | ---: | ---: | ---: | ---: | --- |"]
+    out = [
+        "| layer (3 layers of 512) | batch | torch.nn ms/token | rnnkit ms/token | ratio | pairs' middle half |",
+        "| --- | ---: | ---: | ---: | ---: | --- |",
+    ]
     for st in report.get("stepping", []):
-        out.append(f"| {KINDS[st['kind']]} | {st['batch']} | {st['torch_ms_per_token']:.3f} | "
-                   f"{st['rnnkit_ms_per_token']:.3f} | {st['ratio']:.2f} | {st['ratio_q1']:.2f}-{st['ratio_q3']:.2f} |")
+        out.append(
+            f"| {KINDS[st['kind']]} | {st['batch']} | {st['torch_ms_per_token']:.3f} | "
+            f"{st['rnnkit_ms_per_token']:.3f} | {st['ratio']:.2f} | {st['ratio_q1']:.2f}-{st['ratio_q3']:.2f} |"
+        )
     return "\n".join(out)
 
 
 def custom_table(report: dict) -> str:
-    out = ["| what | user-written LSTM cell | built-in LSTM | user / built-in time |",
-           "| --- | ---: | ---: | ---: |"]
+    out = ["| what | user-written LSTM cell | built-in LSTM | user / built-in time |", "| --- | ---: | ---: | ---: |"]
     for c in report.get("custom_cell", []):
-        where = (f"stepping 3 x {c['hidden']}, batch 1, ms/token" if c["mode"] == "step"
-                 else f"{c['mode']}, batch {c['batch']}, hidden {c['hidden']}, {c['steps']} steps, ms")
+        where = (
+            f"stepping 3 x {c['hidden']}, batch 1, ms/token"
+            if c["mode"] == "step"
+            else f"{c['mode']}, batch {c['batch']}, hidden {c['hidden']}, {c['steps']} steps, ms"
+        )
         out.append(f"| {where} | {c['user_cell_ms']:.2f} | {c['builtin_ms']:.2f} | {c['slowdown']:.2f}x |")
     return "\n".join(out)
 
 
 def machine_block(report: dict) -> str:
-    return (f"Command: `{command(report)}`\n\n"
-            f"Machine: {machine(report)}.")
+    return f"Command: `{command(report)}`\n\nMachine: {machine(report)}."
 
 
 def overall(report: dict) -> str:
@@ -112,8 +138,10 @@ def overall(report: dict) -> str:
     for mode in ("train", "infer"):
         ratios = [r["ratio"] for r in report["rows"] if r["mode"] == mode]
         if ratios:
-            parts.append(f"{mode.replace('infer', 'inference').replace('train', 'training')} geometric mean "
-                         f"{_geomean(ratios):.2f} (minimum {min(ratios):.2f}, {len(ratios)} points)")
+            parts.append(
+                f"{mode.replace('infer', 'inference').replace('train', 'training')} geometric mean "
+                f"{_geomean(ratios):.2f} (minimum {min(ratios):.2f}, {len(ratios)} points)"
+            )
     text = "Over the whole grid: " + "; ".join(parts) + "."
     steps = [f"{KINDS[st['kind']]} {st['ratio']:.2f}" for st in report.get("stepping", []) if st["batch"] == 1]
     if steps:
@@ -122,13 +150,20 @@ def overall(report: dict) -> str:
 
 
 def summary_block(report: dict) -> str:
-    return (summary_table(report) + "\n\n" + overall(report) + "\n"
-            f"Ratio = torch.nn time / rnnkit time, float32 on the CPU; above 1, rnnkit is faster. "
-            f"Measured with `{command(report)}` on {machine(report)}.")
+    return (
+        summary_table(report) + "\n\n" + overall(report) + "\n"
+        f"Ratio = torch.nn time / rnnkit time, float32 on the CPU; above 1, rnnkit is faster. "
+        f"Measured with `{command(report)}` on {machine(report)}."
+    )
 
 
-SECTIONS = {"machine": machine_block, "summary": summary_block, "grid": grid_table, "stepping": stepping_table,
-            "custom": custom_table}
+SECTIONS = {
+    "machine": machine_block,
+    "summary": summary_block,
+    "grid": grid_table,
+    "stepping": stepping_table,
+    "custom": custom_table,
+}
 
 
 def render(text: str, names: tuple[str, ...], report: dict, source: str) -> str:
@@ -138,14 +173,17 @@ def render(text: str, names: tuple[str, ...], report: dict, source: str) -> str:
         if not pattern.search(text):
             raise ValueError(f"{source} has no <!-- bench:{name} --> ... <!-- /bench:{name} --> region")
         body = SECTIONS[name](report)
-        text = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
+        text = pattern.sub(lambda m, body=body: m.group(1) + body + "\n" + m.group(2), text)
     return text
 
 
 def stale(report: dict) -> list[Path]:
     """The target files whose committed tables differ from what ``report`` generates."""
-    return [path for path, names in TARGETS.items()
-            if render(path.read_text(), names, report, str(path)) != path.read_text()]
+    return [
+        path
+        for path, names in TARGETS.items()
+        if render(path.read_text(), names, report, str(path)) != path.read_text()
+    ]
 
 
 def ratio_plot(report: dict) -> str:
@@ -169,8 +207,7 @@ def ratio_plot(report: dict) -> str:
         errors = [[max(e, 0.0) for e in side] for side in errors]
         colours = ["tab:green" if x >= 1 else "tab:red" for x in ratios]
         # bars grow from 1 (a draw): right of it rnnkit is faster, left of it torch.nn is
-        ax.barh(range(len(part)), [x - 1 for x in ratios], left=1, xerr=errors, color=colours, alpha=0.8,
-                ecolor="0.3")
+        ax.barh(range(len(part)), [x - 1 for x in ratios], left=1, xerr=errors, color=colours, alpha=0.8, ecolor="0.3")
         ax.axvline(1.0, color="black", linewidth=0.8)
         ax.set_xscale("log")
         ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=2))
@@ -196,8 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         files = stale(report)
         for path in files:
-            print(f"{path.relative_to(ROOT)}: tables differ from {args.json}; run python docs/gen_performance.py",
-                  file=sys.stderr)
+            print(
+                f"{path.relative_to(ROOT)}: tables differ from {args.json}; run python docs/gen_performance.py",
+                file=sys.stderr,
+            )
         return 1 if files else 0
     for path, names in TARGETS.items():
         path.write_text(render(path.read_text(), names, report, str(path)))

@@ -3,6 +3,7 @@
 The SVG is generated in memory and added to the site as ``performance.svg`` (no image is committed),
 with :func:`gen_performance.ratio_plot`, the same data as the tables in performance.md.
 """
+
 from __future__ import annotations
 
 import importlib.util

@@ -16,13 +16,22 @@ import torch
 from rnnkit.cli.main import main
 from rnnkit.common.errors import UsageError
 from rnnkit.tasks.classify import (
-    AG_NEWS_CLASSES, ByteClassifier, ClassifyConfig, ClassifyTask, ag_news, class_names_for,
-    data_files, encode, in_validation, read_rows, to_split,
+    AG_NEWS_CLASSES,
+    ByteClassifier,
+    ClassifyConfig,
+    ClassifyTask,
+    ag_news,
+    class_names_for,
+    data_files,
+    encode,
+    in_validation,
+    read_rows,
+    to_split,
 )
 from rnnkit.tasks.download import RemoteFile
 
 KEYWORDS = {"alpha": "volcano", "beta": "harbour", "gamma": "quartet"}
-# the README's tuned variant (the defaults are the seed's slower model), at toy size
+# the README's tuned variant (the defaults are the slower one-hot LSTM of 3 x 512), at toy size
 TINY = ["--input", "embedding", "--ngrams", "4", "--words", "--cell", "gru", "--layers", "1", "--pooling", "mean",
         "--seq-len", "32", "--hidden", "16", "--embed", "16", "--e-dim", "16", "--buckets", "512", "--patch", "4",
         "--dropout", "0", "--batch-size", "24", "--val-fraction", "0"]
@@ -223,9 +232,9 @@ def test_padding_is_never_read(pooling, patch, cell, pairs):
     torch.testing.assert_close(batched[1:], alone)
 
 
-def test_seed_configuration_one_hot_ends():
+def test_default_configuration_one_hot_ends():
     assert ClassifyConfig() == ClassifyConfig(input="onehot", ngrams=1, words=False, patch=1, pooling="ends",
-                                              cell="lstm", hidden=512, layers=3, dropout=0.0)  # the seed's default
+                                              cell="lstm", hidden=512, layers=3, dropout=0.0)  # the defaults
     config = ClassifyConfig(hidden=8, e_dim=8)
     model = ByteClassifier(config, num_classes=4)
     assert model.rnn.input_size == 256 and model.rnn.num_layers == 3 and model.rnn.bidirectional

@@ -4,19 +4,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
 import test_engine_toy
+
 from rnnkit.cli import main as cli_main
 from rnnkit.cli.command import Command, CommandSpec
+from rnnkit.cli.flags import flag_name, show_default
 from rnnkit.cli.main import main
-from rnnkit.engine.config import flag_name
-from rnnkit.tasks.base import TASKS
 from rnnkit.engine.trainer import RunConfig, TrainConfig
+from rnnkit.tasks.base import TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--threads", "1", "--device", "cpu", "--log-every", "1", "--warmup-steps", "2"]
@@ -50,14 +51,74 @@ def test_python_dash_m_rnnkit_is_the_cli():
         2, "", "rnnkit: error: run directory /nonexistent/run does not exist\n")
 
 
-def test_every_config_field_is_a_flag_with_help_and_default(capsys):
+def flag_helps(text: str) -> dict[str, str]:
+    """Each flag of an argparse --help text -> its help, with argparse's line wrapping undone."""
+    helps: dict[str, str] = {}
+    flag = None
+    for line in text.splitlines():
+        stripped = line.strip()
+        if line.startswith("  -") and not line.startswith("   "):
+            flag = stripped.split()[0].rstrip(",")
+            helps[flag] = " ".join(stripped.split()[1:])
+        elif flag and line.startswith("    ") and stripped:
+            helps[flag] = f"{helps[flag]} {stripped}".strip()
+        else:
+            flag = None
+    return helps
+
+
+def test_every_config_field_is_a_flag_with_help_and_one_default(capsys):
     assert main(["train", "toy", "--help"]) == 0
-    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    helps = flag_helps(capsys.readouterr().out)
     for cls in (test_engine_toy.ToyConfig, TrainConfig, RunConfig):
         for f in dataclasses.fields(cls):
-            assert flag_name(f.name) in text
+            text = helps[flag_name(f.name)]
             assert " ".join(f.metadata["help"].split()) in text
-            assert f"(default: {f.default})" in text
+            assert text.count("(default:") == 1, text  # stated once: by the help text, or appended
+            if "(default:" not in f.metadata["help"]:
+                assert text.endswith(f"(default: {show_default(f.default)})")
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "lm"], ["train", "classify"], ["train", "sort"], ["demo"], ["generate", "RUN"], ["eval", "RUN"],
+    ["predict", "RUN"],
+])
+def test_help_speaks_the_users_words(argv, capsys):
+    assert main([*argv, "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "None" not in text and "True" not in text and "False" not in text
+    for flag, help_text in flag_helps(text).items():
+        assert help_text.count("(default:") <= 1, (flag, help_text)
+    lore = re.compile(r"session|stop [0-9]|the seed|the deck|seed deck|STATE_DIM|E_DIM|SEQ_LENGTH", re.I)
+    assert not lore.search(text), lore.search(text)
+
+
+def test_defaults_are_shown_as_a_user_types_them():
+    assert [show_default(v) for v in (None, True, False, (5, 10), (), 0.5, "gru")] == [
+        "none", "on", "off", "5 10", "none", "0.5", "gru"]
+
+
+def test_cell_choices_come_from_the_registry_on_every_task(capsys):
+    import rnnkit
+
+    for task in ("lm", "classify", "sort"):
+        assert main(["train", task, "--help"]) == 0
+        text = capsys.readouterr().out
+        assert "--cell {" + ",".join([*rnnkit.CELLS, "MODULE:CLASS"]) + "}" in text
+
+
+def test_demo_flags_come_from_the_training_configs(capsys):
+    from rnnkit.tasks.lm import LMConfig
+
+    assert main(["demo", "--help"]) == 0
+    helps = flag_helps(capsys.readouterr().out)
+    assert set(helps) == {"-h", "--time-budget", "--steps", "--threads", "--out", "--data"}
+    fields = {f.name: f for cls in (TrainConfig, RunConfig, LMConfig) for f in dataclasses.fields(cls)}
+    for flag, help_text in helps.items():
+        if flag != "-h":
+            declared = fields[flag[2:].replace("-", "_")].metadata["help"]
+            assert " ".join(declared.split("(default")[0].split()) in help_text
+    assert helps["--time-budget"].endswith("(default: 180.0)")
 
 
 @pytest.mark.parametrize("argv, message", [

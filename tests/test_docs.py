@@ -6,6 +6,7 @@ Python blocks: each ```` ```python ```` block of a file runs, in order, in one n
 in a temporary working directory (a block may write files, such as a run directory). A block that
 must not run is fenced ```` ```python-norun ```` (see CONTRIBUTING.md).
 """
+
 from __future__ import annotations
 
 import doctest
@@ -14,7 +15,6 @@ import importlib.util
 import os
 import pkgutil
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,8 +28,7 @@ README = ROOT / "README.md"
 DOCS = ROOT / "docs"
 
 MODULES = sorted(
-    info.name for info in pkgutil.walk_packages(rnnkit.__path__, prefix="rnnkit.")
-    if not info.name.endswith("__main__")
+    info.name for info in pkgutil.walk_packages(rnnkit.__path__, prefix="rnnkit.") if not info.name.endswith("__main__")
 )
 
 
@@ -40,12 +39,22 @@ def test_docstring_examples_run(name):
     assert result.failed == 0, f"{result.failed} of {result.attempted} examples failed in {name}"
 
 
-FENCE = re.compile(r"^```python\n(.*?)^```\s*$", re.S | re.M)
+def fences(text: str) -> list[tuple[str, int, str]]:
+    """(language, first line number, code) of every fenced block (```lang ... ```) at the start of a line."""
+    blocks, lines, i = [], text.split("\n"), 0
+    while i < len(lines):
+        m = re.match(r"^(```+)\s*([\w-]*)", lines[i])
+        if m:
+            end = next((j for j in range(i + 1, len(lines)) if lines[j].strip() == m.group(1)), len(lines))
+            blocks.append((m.group(2), i + 2, "".join(line + "\n" for line in lines[i + 1 : end])))
+            i = end
+        i += 1
+    return blocks
 
 
 def python_blocks(text: str) -> list[tuple[int, str]]:
     """(line number, code) of every ```python block; ```python-norun and other fences are left out."""
-    return [(text.count("\n", 0, m.start()) + 2, m.group(1)) for m in FENCE.finditer(text)]
+    return [(line, code) for lang, line, code in fences(text) if lang == "python"]
 
 
 def test_python_blocks_are_found():
@@ -105,13 +114,18 @@ def test_performance_tables_follow_the_json(tmp_path):
         gen.render(marked, ("grid",), report, "x.md")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("mkdocs") is None, reason="mkdocs is not installed (pip install '.[test]')")
+@pytest.mark.skipif(importlib.util.find_spec("mkdocs") is None, reason="mkdocs is not installed (.[test] has it)")
 @pytest.mark.skipif(not (ROOT / "mkdocs.yml").is_file(), reason="mkdocs.yml is not beside the tests")
 def test_docs_site_builds_strict(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     assert (tmp_path / "site" / "performance.svg").stat().st_size > 1000
     api = (tmp_path / "site" / "api" / "index.html").read_text()
-    assert "combine" in api and "initial_state" in api    # the reference is filled from the docstrings
+    assert "combine" in api and "initial_state" in api  # the reference is filled from the docstrings

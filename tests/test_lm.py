@@ -298,3 +298,38 @@ def test_demo_trains_leaves_curves_and_prints_the_next_commands(tmp_path, capsys
     for command in (f"rnnkit generate {run}", f"rnnkit train lm --resume {run}", "rnnkit train classify",
                     "rnnkit train sort"):
         assert command in out
+
+
+def test_a_cell_of_your_own_by_module_and_class(tmp_path, capsys):
+    """`--cell MODULE:CLASS` trains with a GatedCell subclass the user wrote (tests/user_cells.py), and the
+    run's later commands import it again from config.json."""
+    data = tmp_path / "corpus.txt"
+    data.write_text(TEXT)
+    run = tmp_path / "run"
+    assert main(["train", "lm", "--data", str(data), "--cell", "user_cells:MGUCell", "--hidden", "16",
+                 "--layers", "2", "--embed", "8", "--seq-len", "8", "--batch-size", "4", "--steps", "3",
+                 "--eval-every", "3", "--no-plot", "--progress", "lines", "--sample-chars", "5", "--threads", "1",
+                 "--out", str(run)]) == 0
+    assert json.loads((run / "config.json").read_text())["task_config"]["cell"] == "user_cells:MGUCell"
+    capsys.readouterr()
+    assert main(["generate", str(run), "--prompt", "the ", "--length", "10", "--seed", "0"]) == 0
+    assert capsys.readouterr().out.startswith("the ")
+    from user_cells import MGUCell
+
+    from rnnkit.engine.rundir import load_run
+
+    cells = load_run(run).model.rnn.cells
+    assert len(cells) == 2 and all(type(cell) is MGUCell for cell in cells)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("no_such_module:Cell", "--cell no_such_module:Cell: cannot import no_such_module (No module named"),
+    ("user_cells:NoSuchCell", "--cell user_cells:NoSuchCell: user_cells has no NoSuchCell"),
+    ("user_cells:gate", "--cell user_cells:gate: user_cells.gate is not a GatedCell subclass"),
+    ("not a cell", "argument --cell: invalid choice: 'not a cell' (choose from lstm, gru, rnn"),
+])
+def test_a_bad_cell_spec_is_one_line_naming_it(spec, message, tmp_path, capsys):
+    assert main(["train", "lm", "--cell", spec, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()

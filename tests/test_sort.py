@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from rnnkit.common.errors import UsageError
-from rnnkit.tasks.sort import DECODERS, SortConfig, SortModel, SortTask
-from rnnkit.tasks.sort import data
+from rnnkit.tasks.sort import DECODERS, SortConfig, SortModel, SortTask, data
 from rnnkit.tasks.sort.data import make_batch
 from rnnkit.tasks.sort.search import beam_search, decode, greedy
 
@@ -20,7 +19,7 @@ def tiny_model(decoder: str, vocab: int = 8, floats: bool = False, int_value: bo
 
 
 def test_train_batches_are_a_pure_function_of_the_step():
-    task = SortTask(SortConfig(n_min=2, n_max=9, batch_size=4), run_dir="unused")
+    task = SortTask(SortConfig(min_len=2, max_len=9, batch_size=4), run_dir="unused")
     a, b = task.train_batch(7, 0, 1), task.train_batch(7, 0, 1)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert torch.equal(a.targets, a.inputs.gather(1, a.order))
@@ -28,7 +27,7 @@ def test_train_batches_are_a_pure_function_of_the_step():
     lengths = {task.train_batch(step, 0, 1).inputs.shape for step in range(30)}
     assert {shape[0] for shape in lengths} == {4} and len(lengths) > 1  # one length per step, not always the same
     assert all(2 <= shape[1] <= 9 for shape in lengths)
-    fixed = SortTask(SortConfig(n=5, batch_size=4), run_dir="unused")
+    fixed = SortTask(SortConfig(min_len=5, max_len=5, batch_size=4), run_dir="unused")
     step7, step8 = fixed.train_batch(7, 0, 1), fixed.train_batch(8, 0, 1)
     assert step7.inputs.shape == step8.inputs.shape == (4, 5)
     assert not torch.equal(step7.inputs, step8.inputs)  # another step, other numbers
@@ -41,7 +40,7 @@ def test_test_sets_are_fixed_and_independent_of_the_data_seed():
     two = SortTask(SortConfig(data_seed=2, eval_size=5), "unused")._test_set(6)
     assert torch.equal(one.inputs, two.inputs)
     floats = data.test_set(6, 5, vocab=128, floats=True).inputs
-    assert floats.dtype == torch.float32 and 0 <= float(floats.min()) and float(floats.max()) < 1
+    assert floats.dtype == torch.float32 and float(floats.min()) >= 0 and float(floats.max()) < 1
 
 
 @pytest.mark.parametrize("int_value", [False, True])
@@ -131,13 +130,14 @@ def test_a_tiny_problem_is_learned_exactly(decoder):
 
 def test_floats_need_the_pointer_decoder():
     with pytest.raises(UsageError, match="--floats needs --decoder pointer"):
-        SortConfig(floats=True, decoder="seed")
+        SortConfig(floats=True, decoder="state-only")
 
 
 @pytest.mark.parametrize("flags, message", [
     (dict(hidden=0), "--hidden must be at least 1, got 0"),
-    (dict(n=300), r"--n must be in \[1, --max-n=256\], got 300"),
-    (dict(n_min=5, n_max=3), "need --n-min <= --n-max <= --max-n, got 5, 3, 256"),
+    (dict(min_len=300, max_len=300), "need --min-len <= --max-len <= --max-input-len, got 300, 300, 256"),
+    (dict(min_len=5, max_len=3), "need --min-len <= --max-len <= --max-input-len, got 5, 3, 256"),
+    (dict(cell="nowhere_module:Cell"), "--cell nowhere_module:Cell: cannot import nowhere_module"),
 ])
 def test_bad_config_is_a_usage_error(flags, message):
     with pytest.raises(UsageError, match=message):

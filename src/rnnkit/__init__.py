@@ -12,7 +12,17 @@ from rnnkit.core import (
 
 __version__ = "0.1.0"
 
+# Training from Python (rnnkit.engine.fit), imported on first use so `import rnnkit` stays light.
+_ENGINE = {"fit": "rnnkit.engine.fit", "load": "rnnkit.engine.fit", "stream_batches": "rnnkit.engine.data"}
+
+
+def __getattr__(name: str):
+    if name in _ENGINE:
+        import importlib
+        return getattr(importlib.import_module(_ENGINE[name]), name)
+    raise AttributeError(f"module 'rnnkit' has no attribute {name!r}")
+
 __all__ = [
     "CELLS", "GRU", "GRUCell", "GatedCell", "HiddenState", "LAYERS", "LSTM", "LSTMCell", "LSTMState", "RNN", "RNNCell",
-    "Recurrent", "__version__", "empty_cache", "from_torch", "gate", "to_torch",
+    "Recurrent", "__version__", "empty_cache", "fit", "from_torch", "gate", "load", "stream_batches", "to_torch",
 ]

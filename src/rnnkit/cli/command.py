@@ -22,8 +22,8 @@ The module is imported only when its command is used, so keep heavy imports insi
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """`rnnkit eval RUN_DIR [--data PATH] [--json] [task flags]`: the task's metrics for a trained run.
 
-A task may declare its own eval flags as a frozen dataclass `EvalOptions` on its Task class (fields via
-`option()`, e.g. sort's `--n 5 10 15`); they appear here when RUN_DIR is such a run, and the task's
+When RUN_DIR is given, its task adds its flags: the run settings its config marks resumable (sort's
+`--beam`, lm's `--eval-chars`; default: the run's value) and, when the Task class declares a frozen
+dataclass `EvalOptions`, its fields (sort's `--lengths 5 10 20`); the task's
 `evaluate(model, data, options=EvalOptions(...))` receives them.
 """
 from __future__ import annotations
@@ -13,31 +14,23 @@ import sys
 import torch
 
 from rnnkit.cli.command import Command
-from rnnkit.cli.runs import add_run_flags, load_selected_run
-from rnnkit.engine.config import add_dataclass_flags, from_dict, given_fields
-from rnnkit.common.errors import UsageError
-from rnnkit.engine.rundir import read_run
-from rnnkit.tasks.base import load_task_class
+from rnnkit.cli.flags import add_dataclass_flags, given_fields
+from rnnkit.cli.runs import add_run_flags, add_setting_flags, load_selected_run, run_task
+from rnnkit.engine.config import from_dict
 
 
 def add_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> None:
-    _add_common(parser)
-    pre = argparse.ArgumentParser(add_help=False)
-    _add_common(pre, run_dir_optional=True)
-    known, _ = pre.parse_known_args(argv)
-    try:  # the run's task may add its own eval flags; an unreadable RUN_DIR is reported by run()
-        task_cls = load_task_class(read_run(known.run_dir).task) if known.run_dir else None
-    except UsageError:
-        task_cls = None
+    parser.add_argument("run_dir", help="run directory written by `rnnkit train`")
+    _add_flags(parser)
+    task_cls = run_task(argv, _add_flags)
+    add_setting_flags(parser, task_cls)
     options = getattr(task_cls, "EvalOptions", None)
     if options is not None:
         add_dataclass_flags(parser, options, f"{task_cls.name} evaluation")
         parser.set_defaults(eval_options=options)
 
 
-def _add_common(parser: argparse.ArgumentParser, run_dir_optional: bool = False) -> None:
-    parser.add_argument("run_dir", nargs="?" if run_dir_optional else None,
-                        help="run directory written by `rnnkit train`")
+def _add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=None,
                         help="evaluate on this file in the task's format instead of the validation split")
     parser.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")

@@ -1,4 +1,4 @@
-"""`rnnkit generate` (sample from a trained language model) and `rnnkit demo` (the main job).
+"""`rnnkit generate` (sample from a trained language model) and `rnnkit demo` (train one in minutes).
 
     rnnkit generate RUN_DIR --prompt "ROMEO:" --length 500 --temperature 0.8 --seed 1
     rnnkit demo                       train an lm on the Python standard library for ~3 minutes
@@ -16,9 +16,11 @@ import sys
 from dataclasses import dataclass
 
 from rnnkit.cli.command import Command
-from rnnkit.engine.config import add_dataclass_flags, from_dict, given_fields
-from rnnkit.tasks.base import option
+from rnnkit.cli.flags import add_dataclass_flags, given_fields
 from rnnkit.cli.runs import add_run_flags, load_selected_run
+from rnnkit.common.errors import UsageError
+from rnnkit.engine.config import from_dict
+from rnnkit.tasks.base import option
 
 
 # ---- generate -------------------------------------------------------------------------------------
@@ -41,7 +43,6 @@ def add_generate_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> 
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from rnnkit.common.errors import UsageError
     from rnnkit.tasks.lm import generate_batch, start_ids
 
     loaded = load_selected_run(args)
@@ -76,6 +77,7 @@ GENERATE = Command(add_generate_arguments, run_generate)
 # evaluation on 60k characters keeps each evaluation to a few seconds.
 DEMO_TASK = dict(eval_chars=60_000, sample_chars=300)
 DEMO_TRAIN = dict(eval_every=200, log_every=10)  # lr and warmup: LMTask.train_defaults
+DEMO_TIME_BUDGET = 180.0  # seconds: long enough for recognisable Python, short enough to watch
 # optimizer steps per second planned for (the cosine schedule ends there): measured on a shared 2-core
 # CPU, about 9 with the C++ step loops and 4-5 with the Python ones, less a margin for evaluation and
 # slower machines; a faster machine ends early, a slower one by time
@@ -90,37 +92,38 @@ def default_threads() -> int:
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> None:
-    parser.add_argument("--time-budget", type=float, default=180.0,
-                        help="seconds of training, evaluation included (default: 180)")
-    parser.add_argument("--out", default=None, help="run directory to create (default: runs/lm-<timestamp>)")
-    parser.add_argument("--data", default=None,
-                        help="train on this text instead of the Python standard library's source")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="optimizer steps; the cosine schedule ends here (default: what a 2-core CPU does "
-                             f"in --time-budget, {STEPS_PER_SECOND['C++']} per second with rnnkit's C++ step loops, "
-                             f"{STEPS_PER_SECOND['Python']} without)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help=f"CPU threads for torch (default: half the cores, at most 4; here {default_threads()})")
+    from rnnkit.engine.trainer import RunConfig, TrainConfig
+    from rnnkit.tasks.lm import LMConfig
+
+    add_dataclass_flags(parser, TrainConfig, only=("time_budget", "steps", "threads"), defaults={
+        "time_budget": DEMO_TIME_BUDGET,
+        "steps": f"what a 2-core CPU does in --time-budget, {STEPS_PER_SECOND['C++']} per second with rnnkit's "
+                 f"C++ step loops, {STEPS_PER_SECOND['Python']} without",
+        "threads": f"half the cores, at most 4; here {default_threads()}"})
+    add_dataclass_flags(parser, RunConfig, only=("out",), defaults={"out": "runs/lm-<timestamp>"})
+    add_dataclass_flags(parser, LMConfig, only=("data",))
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from rnnkit.common.errors import UsageError
-    from rnnkit.engine.rundir import default_run_dir
-    from rnnkit.engine.trainer import RunConfig, train
-
-    if args.time_budget <= 0:
-        raise UsageError(f"--time-budget must be positive seconds, got {args.time_budget}")
-    run_dir = args.out or str(default_run_dir("lm"))
-    corpus = args.data or "the Python standard library's source code (offline, bundled with Python)"
-    print(f"rnnkit demo: a character language model (2-layer GRU of 256) trained on {corpus} for at most "
-          f"{args.time_budget:g} s; a sample is printed at each evaluation.", file=sys.stderr, flush=True)
-    task_flags = dict(DEMO_TASK, data=args.data)
     from rnnkit.core import native
+    from rnnkit.engine.rundir import default_run_dir
+    from rnnkit.engine.trainer import RunConfig, TrainConfig, train
+    from rnnkit.tasks.lm import LMConfig
 
+    given = given_fields(args, TrainConfig)
+    time_budget = given.get("time_budget", DEMO_TIME_BUDGET)
+    if time_budget is None or time_budget <= 0:
+        raise UsageError(f"--time-budget must be positive seconds, got {time_budget}")
+    run_dir = given_fields(args, RunConfig).get("out") or str(default_run_dir("lm"))
+    data = given_fields(args, LMConfig).get("data")
+    corpus = data or "the Python standard library's source code (offline, bundled with Python)"
+    print(f"rnnkit demo: a character language model (2-layer GRU of 256) trained on {corpus} for at most "
+          f"{time_budget:g} s; a sample is printed at each evaluation.", file=sys.stderr, flush=True)
+    task_flags = dict(DEMO_TASK, data=data)
     rate = STEPS_PER_SECOND["C++" if native.ops() is not None else "Python"]
-    steps = args.steps or max(1, int(args.time_budget * rate))
-    train_flags = dict(DEMO_TRAIN, time_budget=args.time_budget, steps=steps,
-                       threads=args.threads or default_threads())
+    steps = given.get("steps") or max(1, int(time_budget * rate))
+    train_flags = dict(DEMO_TRAIN, time_budget=time_budget, steps=steps,
+                       threads=given.get("threads") or default_threads())
     code = train("lm", task_flags, train_flags, RunConfig(out=run_dir))
     if code != 0:
         return code

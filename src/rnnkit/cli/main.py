@@ -2,7 +2,9 @@
 
     rnnkit train {classify,lm,sort} [flags]     train, or --resume RUN_DIR
     rnnkit eval RUN_DIR [--data PATH] [--json]  metrics of a trained run
-    rnnkit generate / demo / predict / sort     task commands (cli/lm.py, cli/classify.py, cli/sort.py)
+    rnnkit predict RUN_DIR [INPUT ...]          a classifier's labels, a sorter's sorted sequences
+    rnnkit generate RUN_DIR [--prompt TEXT]     text sampled from a language model
+    rnnkit demo                                 train a language model on Python's own source in minutes
     rnnkit --version
 
 User mistakes (unknown flags, bad values, missing or foreign run directories, UsageError from anywhere
@@ -22,11 +24,13 @@ from rnnkit.engine.rundir import rnnkit_version
 COMMANDS: dict[str, CommandSpec] = {
     "train": CommandSpec("rnnkit.cli.train:TRAIN", "train a task, or continue a run with --resume RUN_DIR"),
     "eval": CommandSpec("rnnkit.cli.evaluate:EVAL", "evaluate a trained run on its validation data or --data"),
+    "predict": CommandSpec("rnnkit.cli.predict:PREDICT",
+                           "apply a trained run to inputs: a classifier's labels, a sorter's sorted numbers"),
     "generate": CommandSpec("rnnkit.cli.lm:GENERATE", "sample text from a trained language model"),
-    "demo": CommandSpec("rnnkit.cli.lm:DEMO", "the main job: train a language model on Python's own source for a few minutes"),
-    "predict": CommandSpec("rnnkit.cli.classify:PREDICT", "classify texts with a trained classifier"),
-    "sort": CommandSpec("rnnkit.cli.sort:SORT", "sort numbers with a trained seq2seq sorter"),
+    "demo": CommandSpec("rnnkit.cli.lm:DEMO", "train a language model on Python's own source in a few minutes"),
 }
+# commands of earlier versions: old name -> new name; still run, with a warning, and are not listed
+RENAMED_COMMANDS: dict[str, str] = {"sort": "predict"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -64,6 +68,9 @@ def build_parser(argv: list[str]) -> Parser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in RENAMED_COMMANDS:
+        print(f"rnnkit: warning: `rnnkit {argv[0]}` is now `rnnkit {RENAMED_COMMANDS[argv[0]]}`", file=sys.stderr)
+        argv[0] = RENAMED_COMMANDS[argv[0]]
     try:
         try:
             parser = build_parser(argv)

@@ -6,7 +6,7 @@ their line ending. A line that is not UTF-8 stops with a UsageError naming its l
 from __future__ import annotations
 
 import sys
-from typing import Iterator
+from collections.abc import Iterator
 
 from rnnkit.common.errors import UsageError
 

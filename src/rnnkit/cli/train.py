@@ -4,10 +4,10 @@ from __future__ import annotations
 import argparse
 
 from rnnkit.cli.command import Command
-from rnnkit.engine.config import add_dataclass_flags, given_fields
+from rnnkit.cli.flags import add_dataclass_flags, given_fields
 from rnnkit.common.errors import UsageError
-from rnnkit.tasks.base import TASKS, load_task_class
 from rnnkit.engine.trainer import RunConfig, TrainConfig, train
+from rnnkit.tasks.base import TASKS, load_task_class
 
 
 def add_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> None:

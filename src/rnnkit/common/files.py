@@ -5,8 +5,8 @@ Used by tasks (downloaded data sets, vocabularies, plots) and by the engine (che
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:

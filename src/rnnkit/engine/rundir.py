@@ -31,6 +31,7 @@ class RunInfo:
     task: str                     # task registry name
     task_config: dict[str, Any]   # the task's config fields, as saved
     train_config: dict[str, Any]  # the trainer's config fields, as saved
+    task_class: str | None = None  # "module:Class" of the task, where config.json records it
 
     @property
     def last(self) -> Path:
@@ -55,8 +56,17 @@ def default_run_dir(task: str) -> Path:
     return Path("runs") / f"{task}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def write_config(run_dir: Path, task: str, task_config: dict, train_config: dict, version: str) -> None:
+def class_path(cls: type) -> str:
+    """"module:QualName", the import path config.json records for a run's task or model class."""
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def write_config(run_dir: Path, task: str, task_config: dict, train_config: dict, version: str,
+                 task_class: str | None = None) -> None:
+    """config.json; `task_class` ("module:Class") lets later commands find a task rnnkit does not ship."""
     doc = {"rnnkit": version, "task": task, "task_config": task_config, "train": train_config}
+    if task_class:
+        doc["task_class"] = task_class
     atomic_write_text(Path(run_dir) / CONFIG, json.dumps(doc, indent=2) + "\n")
 
 
@@ -71,7 +81,7 @@ def read_run(run_dir: str | Path) -> RunInfo:
     try:
         doc = json.loads(cfg.read_text())
         return RunInfo(path=path, task=str(doc["task"]), task_config=dict(doc["task_config"]),
-                       train_config=dict(doc["train"]))
+                       train_config=dict(doc["train"]), task_class=doc.get("task_class"))
     except (ValueError, KeyError, TypeError) as e:
         raise UsageError(f"{cfg} is not an rnnkit run config ({type(e).__name__}: {e})") from None
 

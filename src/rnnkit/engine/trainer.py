@@ -33,7 +33,7 @@ from rnnkit.engine.distributed import (
 )
 from rnnkit.engine.errors import CheckpointError, UsageError
 from rnnkit.engine.rundir import (
-    CHECKPOINTS, CURVES, METRICS, MetricsLog, default_run_dir, plot_curves, read_run, rnnkit_version,
+    CHECKPOINTS, CURVES, METRICS, MetricsLog, class_path, default_run_dir, plot_curves, read_run, rnnkit_version,
     write_config,
 )
 from rnnkit.engine.schedule import OPTIMIZERS, SCHEDULES, lr_at
@@ -129,22 +129,35 @@ def train(task_name: str, task_flags: dict[str, Any], train_flags: dict[str, Any
             raise UsageError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
                              f"or choose another --out")
 
-    if train_config.threads:
-        torch.set_num_threads(train_config.threads)
-    world = setup_world(train_config.device)
+    return launch(lambda: task_cls.from_run_dir(task_config, run_dir) if run.resume
+                  else task_cls.create(task_config, run_dir),
+                  train_config, run_dir, resume=bool(run.resume), identity=task_name,
+                  resume_command=f"rnnkit train {task_name} --resume {{run_dir}}",
+                  write_config=lambda d: write_config(d, task_name, to_dict(task_config), to_dict(train_config),
+                                                      rnnkit_version(), task_class=class_path(task_cls)))[0]
+
+
+def launch(make_task, config: "TrainConfig", run_dir: Path, *, resume: bool, identity: str, resume_command: str,
+           write_config) -> "tuple[int, Trainer]":
+    """The one path into the loop, for `rnnkit train` and `rnnkit.fit` alike: join the process group,
+    make the task (`make_task()`, on every process), on a new run write the run directory
+    (`write_config(run_dir)` and the task's artifacts, process 0 only), then train. Returns the exit
+    code and the trainer (its `summary()` says how the run ended)."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    world = setup_world(config.device)
     try:
         run_dir = Path(broadcast_object(str(run_dir), world))  # one timestamped name for all processes
-        if run.resume:
-            task = task_cls.from_run_dir(task_config, run_dir)
-        else:
-            task = task_cls.create(task_config, run_dir)
+        task = make_task()
+        if not resume:
             if world.is_main:
                 (run_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
                 task.save_artifacts(run_dir)
-                write_config(run_dir, task_name, to_dict(task_config), to_dict(train_config), rnnkit_version())
+                write_config(run_dir)
             barrier(world)
-        trainer = Trainer(task, task_name, train_config, run_dir, world)
-        return trainer.fit(resume=bool(run.resume))
+        trainer = Trainer(task, config, run_dir, world, identity=identity,
+                          resume_command=resume_command.format(run_dir=run_dir))
+        return trainer.fit(resume=resume), trainer
     finally:
         teardown_world(world)
 
@@ -176,6 +189,11 @@ class _StopSignals:
     def __exit__(self, *exc):
         for s, h in self.previous.items():
             signal.signal(s, h)
+
+
+def _interactive() -> bool:
+    """A terminal on stderr, or a Jupyter kernel (whose stderr is no terminal but shows widgets)."""
+    return sys.stderr.isatty() or "ipykernel" in sys.modules
 
 
 def _seed_everything(seed: int) -> None:
@@ -216,10 +234,18 @@ def _fmt_rate(x: float) -> str:
 
 
 class Trainer:
-    """Trains `task` under `config` in `run_dir`. Only process 0 writes files or prints."""
+    """Trains `task` under `config` in `run_dir`. Only process 0 writes files or prints.
 
-    def __init__(self, task: Task, task_name: str, config: TrainConfig, run_dir: Path, world: World):
-        self.task, self.task_name, self.config, self.run_dir, self.world = task, task_name, config, run_dir, world
+    `identity` names what the run trains (a task's name, a user model's class); a checkpoint written
+    under another identity is refused on resume. `resume_command` is what the user is told to run
+    after a signal. The trainer knows nothing else about the task."""
+
+    def __init__(self, task: Task, config: TrainConfig, run_dir: Path, world: World, *, identity: str,
+                 resume_command: str):
+        self.task, self.identity, self.config, self.run_dir, self.world = task, identity, config, run_dir, world
+        self.resume_command = resume_command
+        self.step, self.stopped_by = 0, ""
+        self.last_eval: dict[str, float] | None = None
         self.metrics = MetricsLog(run_dir / METRICS)
         self.last_path = run_dir / CHECKPOINTS / "last.safetensors"
         self.best_path = run_dir / CHECKPOINTS / "best.safetensors"
@@ -262,7 +288,7 @@ class Trainer:
         for r, (rank_tensors, _) in enumerate(per_rank):
             tensors |= {f"rank{r}.{k}": v for k, v in rank_tensors.items()}
         state = {
-            "task": self.task_name, "step": step, "elapsed": elapsed, "world_size": self.world.size,
+            "task": self.identity, "step": step, "elapsed": elapsed, "world_size": self.world.size,
             "optimizer": optim_meta, "scaler": self.scaler.state_dict() if self.scaler else None,
             "best": self.best, "log_window": self.window, "ranks": [meta for _, meta in per_rank],
             "evaluated": evaluated,
@@ -275,8 +301,8 @@ class Trainer:
         tensors, state = ckpt.load_checkpoint(self.last_path)
         path = self.last_path
         try:
-            if state["task"] != self.task_name:
-                raise CheckpointError(f"checkpoint {path} belongs to a {state['task']!r} run, not {self.task_name!r}")
+            if state["task"] != self.identity:
+                raise CheckpointError(f"checkpoint {path} belongs to a {state['task']!r} run, not {self.identity!r}")
             if state["world_size"] != self.world.size:
                 raise UsageError(f"checkpoint {path} was written by {state['world_size']} process(es); resume "
                                  f"with the same number (now {self.world.size}) so the data order stays exact")
@@ -309,10 +335,13 @@ class Trainer:
                 text = self.task.on_eval(model, step)
         finally:
             model.train()
+        if not metrics:  # nothing to evaluate on (rnnkit.fit without validation data): checkpoints only
+            return False
         if "loss" not in metrics:
             raise RuntimeError(f"{type(self.task).__name__}.evaluate must return a 'loss' entry")
         row = {"step": step, "time": round(elapsed, 3)} | {f"val_{k}": float(v) for k, v in metrics.items()}
         self.metrics.append(row)
+        self.last_eval = {k: float(v) for k, v in metrics.items()}
         self.say("eval " + " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                       for k, v in row.items() if k != "time"))
         if text:
@@ -353,12 +382,13 @@ class Trainer:
                 self.raw_model, device_ids=[world.device] if world.device.type == "cuda" else None)
         model.train()
 
-        use_bar = world.is_main and (cfg.progress == "bar" or (cfg.progress == "auto" and sys.stderr.isatty()))
+        use_bar = world.is_main and (cfg.progress == "bar" or (cfg.progress == "auto" and _interactive()))
         if use_bar:
-            from tqdm import tqdm
+            from tqdm.auto import tqdm  # a widget in Jupyter, text on a terminal
             self.bar = tqdm(total=cfg.steps, initial=step, file=sys.stderr, dynamic_ncols=True,
-                            unit="step", desc=self.task_name)
+                            unit="step", desc=self.identity)
         start, start_step = time.monotonic(), step
+        self.start = start
         self.elapsed = lambda: elapsed0 + time.monotonic() - start  # wall time over all sessions of the run
         elapsed = self.elapsed
         window_start, window_items = time.monotonic(), 0.0
@@ -379,6 +409,7 @@ class Trainer:
                         [value * n_items if math.isfinite(value) else 0.0, float(n_items),
                          0.0 if math.isfinite(value) else 1.0, float(signals.signum), float(over_time)], world)
                     if bad:
+                        self.stopped_by = "non-finite loss"
                         return self._nonfinite(step, value)
                     (self.scaler.scale(loss) if self.scaler else loss).backward()
                     grad_norm = None
@@ -396,6 +427,8 @@ class Trainer:
                     self.window = [self.window[0] + loss_sum, self.window[1] + items, self.window[2] + 1]
                     window_items += items
                     if self.bar is not None:
+                        self._bar_total(step, (step - start_step) / max(time.monotonic() - start, 1e-9),
+                                        time.monotonic() - start)
                         self.bar.update(1)
                         self.bar.set_postfix_str(f"loss {loss_sum / max(items, 1):.4f}")
                     if step % cfg.log_every == 0 or step == cfg.steps:
@@ -408,6 +441,7 @@ class Trainer:
                         break
                     if late:
                         self.say(f"time budget of {cfg.time_budget:g}s reached at step {step}")
+                        self.stopped_by = "time_budget"
                         break
                     if step % cfg.eval_every == 0 or step == cfg.steps:
                         self._save(step, elapsed(), self._evaluate(step, elapsed()))
@@ -416,15 +450,18 @@ class Trainer:
                 if stopped_by is not None:
                     self._save(step, elapsed(), False, evaluated=False)
                     exit_code = 128 + int(stopped_by)
+                    self.stopped_by = stopped_by.name
                     self.say(f"stopped by {stopped_by.name} at step {step}; checkpoint saved to {self.last_path}\n"
-                             f"resume with: rnnkit train {self.task_name} --resume {self.run_dir}")
+                             f"resume with: {self.resume_command}")
                 elif last_eval_step != step:  # time budget, or resumed at the end: evaluate and save
                     self._save(step, elapsed(), self._evaluate(step, elapsed()))
         finally:
+            self.step = step
             if self.bar is not None:
                 self.bar.close()
                 self.bar = None
         if exit_code == 0:
+            self.stopped_by = self.stopped_by or "steps"
             best = f"; best {self.best['metric']} {self.best['value']:.4g} at step {self.best['step']}" if self.best else ""
             self.say(f"done at step {step}{best}; run directory {self.run_dir}")
         return exit_code
@@ -444,11 +481,30 @@ class Trainer:
         self.metrics.append(row)
         if self.bar is None:
             eta = (self.config.steps - step) / steps_per_s if steps_per_s > 0 else float("inf")
+            if self.config.time_budget is not None:
+                eta = min(eta, max(0.0, self.config.time_budget - (time.monotonic() - self.start)))
             self.say(f"step {step}/{self.config.steps} | loss {train_loss:.4f} | lr {lr:.2e} | "
                      f"{_fmt_rate(rate)} {self.task.items_name}/s | "
                      f"{_fmt_time(eta) if math.isfinite(eta) else '?'} left")
         else:
             self.bar.set_postfix_str(f"loss {train_loss:.4f} | {_fmt_rate(rate)} {self.task.items_name}/s")
+
+    def _bar_total(self, step: int, steps_per_s: float, spent: float) -> None:
+        """Under a time budget the bar's end is the step the budget will reach at the current rate
+        (never beyond --steps), so its total and ETA follow whichever limit comes first."""
+        budget = self.config.time_budget
+        if budget is None or self.bar is None or steps_per_s <= 0:
+            return
+        projected = min(self.config.steps, step + max(1, round(steps_per_s * max(0.0, budget - spent))))
+        if projected != self.bar.total:
+            self.bar.total = projected
+            self.bar.refresh()
+
+    def summary(self) -> dict[str, Any]:
+        """How the run ended: run_dir, step, stopped_by ("steps", "time_budget", "SIGINT", "SIGTERM",
+        "non-finite loss"), the best evaluation, the last evaluation's metrics and the wall time."""
+        return {"run_dir": str(self.run_dir), "step": self.step, "stopped_by": self.stopped_by,
+                "best": self.best, "val": self.last_eval, "elapsed": round(self.elapsed(), 3)}
 
     def _nonfinite(self, step: int, value: float) -> int:
         where = (f"The last good checkpoint is {self.last_path} (step {self._ckpt_step()})"

@@ -62,8 +62,8 @@ Rules that make resume exact and processes agree
   otherwise `data` is a path given by `rnnkit eval RUN_DIR --data PATH` (e.g. a test CSV). Return plain
   floats; "loss" is the mean per item in nats. Use no global RNG here, or fork it
   (`torch.random.fork_rng`), so evaluating does not change the training stream.
-* Raise `UsageError` (from rnnkit.common.errors, re-exported here) for anything the user can fix: bad data paths, a batch
-  size that does not divide, an empty file. The CLI prints it on one line, exit code 2.
+* Raise `UsageError` (from rnnkit.common.errors, re-exported here) for anything the user can fix:
+  bad data paths, a batch size that does not divide, an empty file. The CLI prints it on one line, exit code 2.
 """
 from __future__ import annotations
 
@@ -71,6 +71,7 @@ import dataclasses
 import hashlib
 import importlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -80,10 +81,16 @@ from torch import nn
 from rnnkit.common.errors import UsageError  # re-exported: a task author needs only this module
 
 
-def option(default: Any, help: str, *, metavar: str | None = None, resumable: bool = False) -> Any:
-    """A dataclass field with its help text. `metavar` names the value in --help (default: its type,
-    e.g. INT); `resumable` marks TrainConfig fields that flags may change on `--resume`."""
-    return dataclasses.field(default=default, metadata={"help": help, "metavar": metavar, "resumable": resumable})
+def option(default: Any, help: str, *, metavar: str | None = None, resumable: bool = False,
+           parse: Callable[[str], Any] | None = None, choices: Callable[[], list[str]] | None = None) -> Any:
+    """A dataclass field with its help text, from which the CLI derives a flag (rnnkit.cli.flags).
+    `metavar` names the value in --help (default: its type, e.g. INT); `resumable` marks fields that
+    may change without changing the model (TrainConfig's on `--resume`; a task's evaluation settings,
+    which `rnnkit eval` and `rnnkit predict` accept as flags); `parse` turns the
+    flag's text into the value (raising ValueError with the reason); `choices` lists, for the help,
+    what the flag accepts when that is not a fixed Literal (e.g. `--cell`, whose registry may grow)."""
+    return dataclasses.field(default=default, metadata={"help": help, "metavar": metavar, "resumable": resumable,
+                                                        "parse": parse, "choices": choices})
 
 
 # name -> "module:Class", imported only when that task is used, so a task that is missing or broken
@@ -114,7 +121,7 @@ class Task(ABC):
 
     # ---- construction ----------------------------------------------------------------------------
     @classmethod
-    def create(cls, config: Any, run_dir: Path) -> "Task":
+    def create(cls, config: Any, run_dir: Path) -> Task:
         """A fresh training run: read the training data, build vocabularies / label maps.
         Runs on every process; must not write files (that is `save_artifacts`, process 0 only)."""
         return cls(config, run_dir)
@@ -124,7 +131,7 @@ class Task(ABC):
         Called once on process 0 right after `create`. Write small JSON files; no pickle."""
 
     @classmethod
-    def from_run_dir(cls, config: Any, run_dir: Path) -> "Task":
+    def from_run_dir(cls, config: Any, run_dir: Path) -> Task:
         """Rebuild the task of an existing run from `config` (loaded from config.json) and the
         artifacts in `run_dir`. Used by --resume, eval and the task's own commands."""
         return cls(config, run_dir)

@@ -38,16 +38,51 @@ minute is a small learned variant (README, "Text classification"):
 ((2, 3), 0)
 """
 from rnnkit.tasks.classify.data import (
-    AG_NEWS, AG_NEWS_CLASSES, CLASSES_FILE, DataFiles, Rows, Split, ag_news, class_names_for, data_files, encode,
-    in_validation, label_indices, read_rows, to_split,
+    AG_NEWS,
+    AG_NEWS_CLASSES,
+    CLASSES_FILE,
+    DataFiles,
+    Rows,
+    Split,
+    ag_news,
+    class_names_for,
+    data_files,
+    encode,
+    in_validation,
+    label_indices,
+    read_rows,
+    to_split,
 )
 from rnnkit.tasks.classify.metrics import class_metrics, confusion_matrix, confusion_text, plot_confusion
 from rnnkit.tasks.classify.model import VOCAB, ByteClassifier, masked_pool, ngram_ids, word_ids
 from rnnkit.tasks.classify.task import LABELS_FILE, ClassifyConfig, ClassifyEvalOptions, ClassifyTask
 
 __all__ = [
-    "AG_NEWS", "AG_NEWS_CLASSES", "ByteClassifier", "CLASSES_FILE", "ClassifyConfig", "ClassifyEvalOptions",
-    "ClassifyTask", "DataFiles", "LABELS_FILE", "Rows", "Split", "VOCAB", "ag_news", "class_metrics",
-    "class_names_for", "confusion_matrix", "confusion_text", "data_files", "encode", "in_validation",
-    "label_indices", "masked_pool", "ngram_ids", "plot_confusion", "read_rows", "to_split", "word_ids",
+    "AG_NEWS",
+    "AG_NEWS_CLASSES",
+    "CLASSES_FILE",
+    "LABELS_FILE",
+    "VOCAB",
+    "ByteClassifier",
+    "ClassifyConfig",
+    "ClassifyEvalOptions",
+    "ClassifyTask",
+    "DataFiles",
+    "Rows",
+    "Split",
+    "ag_news",
+    "class_metrics",
+    "class_names_for",
+    "confusion_matrix",
+    "confusion_text",
+    "data_files",
+    "encode",
+    "in_validation",
+    "label_indices",
+    "masked_pool",
+    "ngram_ids",
+    "plot_confusion",
+    "read_rows",
+    "to_split",
+    "word_ids",
 ]

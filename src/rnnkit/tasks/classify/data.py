@@ -16,8 +16,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -151,7 +152,7 @@ def _is_int(text: str) -> bool:
     return text.lstrip("-").isdigit()
 
 
-def to_split(rows: Rows, names: list[str], path: Path, config: "ClassifyConfig") -> tuple[Split, Rows]:
+def to_split(rows: Rows, names: list[str], path: Path, config: ClassifyConfig) -> tuple[Split, Rows]:
     """Encode `rows` with labels mapped to `names`; rows with unknown labels are bad rows. Returns the
     split and the rows it holds (with `skipped` counting every bad row)."""
     indices = label_indices(rows.labels, names)

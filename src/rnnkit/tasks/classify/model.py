@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-import rnnkit
+from rnnkit.tasks.cell_spec import recurrent_layer
 
 if TYPE_CHECKING:
     from rnnkit.tasks.classify.task import ClassifyConfig
@@ -46,7 +46,7 @@ class ByteClassifier(nn.Module):
         for table in (self.byte_embedding, self.ngram_embedding):
             if table is not None:  # N(0, 1) rows, summed and concatenated, would saturate the gates at the start
                 nn.init.normal_(table.weight, std=0.1)
-        self.rnn = rnnkit.LAYERS[c.cell](c.patch * width, c.hidden, c.layers, dropout=c.dropout, bidirectional=True)
+        self.rnn = recurrent_layer(c.cell, c.patch * width, c.hidden, c.layers, dropout=c.dropout, bidirectional=True)
         self.project_forward = nn.Linear(c.hidden, c.e_dim)
         self.project_backward = nn.Linear(c.hidden, c.e_dim)
         self.classifier = nn.Linear(c.e_dim, num_classes)
@@ -85,7 +85,7 @@ class ByteClassifier(nn.Module):
         else:
             forward = masked_pool(out[:, :, :H], step_lengths, self.config.pooling)
             backward = masked_pool(out[:, :, H:], step_lengths, self.config.pooling)
-        e_sum = self.project_forward(forward) + self.project_backward(backward)  # (B, E_DIM)
+        e_sum = self.project_forward(forward) + self.project_backward(backward)  # (B, e_dim)
         logits = self.classifier(self.dropout(e_sum))  # (B, K)
         loss = F.cross_entropy(logits, targets) if targets is not None else None
         return logits, loss

@@ -17,8 +17,16 @@ from torch.nn import functional as F
 from rnnkit.common.errors import UsageError
 from rnnkit.common.files import atomic_write_text
 from rnnkit.tasks.base import Task, device_of, move_to, option, shard_range, step_generator
+from rnnkit.tasks.cell_spec import cell_option, resolve_cell
 from rnnkit.tasks.classify.data import (
-    Rows, Split, class_names_for, data_files, encode, in_validation, read_rows, to_split,
+    Rows,
+    Split,
+    class_names_for,
+    data_files,
+    encode,
+    in_validation,
+    read_rows,
+    to_split,
 )
 from rnnkit.tasks.classify.metrics import class_metrics, confusion_matrix, confusion_text, plot_confusion
 from rnnkit.tasks.classify.model import ByteClassifier
@@ -29,12 +37,12 @@ LABELS_FILE = "labels.json"    # artifact in the run directory: the class names,
 @dataclass(frozen=True)
 class ClassifyConfig:
     data: str | None = option(None, "folder with train.csv (+ test.csv, classes.txt) or one CSV of "
-                                    "label,text rows; default: AG News, downloaded once into the cache")
-    seq_len: int = option(256, "bytes of each text the model reads; longer texts are cut (the seed's 256)")
+                                    "label,text rows (default: AG News, downloaded once into the cache)")
+    seq_len: int = option(256, "bytes of each text the model reads; longer texts are cut")
     val_fraction: float = option(0.05, "fraction of training rows held out for validation (by text hash)")
     skip_bad_rows: bool = option(False, "skip malformed CSV rows and report how many, instead of stopping")
-    input: Literal["onehot", "embedding"] = option("onehot", "byte input: one-hot of depth 256 (the "
-                                                                "seed) or a learned embedding")
+    input: Literal["onehot", "embedding"] = option("onehot", "byte input: one-hot of depth 256 or a "
+                                                                "learned embedding")
     embed: int = option(64, "size of the learned byte embedding (--input embedding)")
     ngrams: int = option(1, "also add hashed embeddings of the 2..N bytes ending at each byte (1 = off; "
                             "needs --input embedding)")
@@ -43,14 +51,15 @@ class ClassifyConfig:
     word_pairs: bool = option(False, "also add a hashed embedding of (previous word, word so far) at each "
                                      "byte of a word (needs --words)")
     buckets: int = option(65536, "hash buckets shared by the n-gram and word embeddings")
-    patch: int = option(1, "bytes per RNN step: their input vectors are concatenated (1 = the seed)")
-    cell: Literal["lstm", "gru"] = option("lstm", "recurrent cell")
-    hidden: int = option(512, "hidden size per direction (the seed's STATE_DIM is 512)")
+    patch: int = option(1, "bytes per RNN step: their input vectors are concatenated (1 = one byte per step)")
+    cell: str = cell_option("lstm", "recurrent cell: a built-in name, or MODULE:CLASS for a GatedCell "
+                                    "subclass of your own")
+    hidden: int = option(512, "hidden size per direction")
     layers: int = option(3, "stacked bidirectional layers")
     pooling: Literal["ends", "max", "mean"] = option(
         "ends", "what each direction contributes: ends = forward at the last byte and backward at the "
-               "first (the seed); max / mean = over each text's valid steps")
-    e_dim: int = option(128, "each direction is projected to this size and the two are added (E_DIM)")
+               "first; max / mean = over each text's valid steps")
+    e_dim: int = option(128, "each direction is projected to this size and the two are added")
     dropout: float = option(0.0, "dropout on the inputs, between layers and before the classifier")
     batch_size: int = option(128, "texts per step, summed over all processes")
     eval_batch_size: int = option(512, "texts per forward pass in eval and predict", resumable=True)
@@ -70,7 +79,7 @@ class ClassifyConfig:
         if (self.ngrams > 1 or self.words) and self.input == "onehot":
             raise UsageError("--ngrams > 1 and --words need --input embedding (hashed n-grams are learned "
                              "vectors); use --ngrams 1 --no-words with --input onehot")
-
+        resolve_cell(self.cell)  # a cell of your own that cannot be imported fails here, in one line
 
 
 @dataclass(frozen=True)
@@ -97,7 +106,7 @@ class ClassifyTask(Task):
         self._perm: tuple[int, Tensor] | None = None  # (epoch, permutation) cache for train_batch
 
     @classmethod
-    def create(cls, config: ClassifyConfig, run_dir: Path) -> "ClassifyTask":
+    def create(cls, config: ClassifyConfig, run_dir: Path) -> ClassifyTask:
         files = data_files(config.data)
         rows = read_rows(files.train, config.skip_bad_rows)
         task = cls(config, run_dir, class_names_for(rows, files.classes))
@@ -108,7 +117,7 @@ class ClassifyTask(Task):
         atomic_write_text(Path(run_dir) / LABELS_FILE, json.dumps({"labels": self.names}, indent=2) + "\n")
 
     @classmethod
-    def from_run_dir(cls, config: ClassifyConfig, run_dir: Path) -> "ClassifyTask":
+    def from_run_dir(cls, config: ClassifyConfig, run_dir: Path) -> ClassifyTask:
         path = Path(run_dir) / LABELS_FILE
         try:
             names = json.loads(path.read_text(encoding="utf-8"))["labels"]

@@ -53,7 +53,23 @@ from rnnkit.tasks.lm.model import CharRNN, LMOutput, detach_state, state_from_di
 from rnnkit.tasks.lm.task import LMBatch, LMConfig, LMTask, stream_loss
 
 __all__ = [
-    "CharRNN", "DATASETS", "Decoder", "LMBatch", "LMConfig", "LMOutput", "LMTask", "Sampler", "Vocab",
-    "detach_state", "generate", "generate_batch", "read_corpus", "split", "start_ids", "state_from_dict",
-    "state_to_dict", "stdlib_corpus", "stream_loss",
+    "DATASETS",
+    "CharRNN",
+    "Decoder",
+    "LMBatch",
+    "LMConfig",
+    "LMOutput",
+    "LMTask",
+    "Sampler",
+    "Vocab",
+    "detach_state",
+    "generate",
+    "generate_batch",
+    "read_corpus",
+    "split",
+    "start_ids",
+    "state_from_dict",
+    "state_to_dict",
+    "stdlib_corpus",
+    "stream_loss",
 ]

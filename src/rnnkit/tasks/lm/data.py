@@ -37,11 +37,11 @@ class Vocab:
         self.index = {} if tokens is None else {c: i for i, c in enumerate(tokens)}
 
     @classmethod
-    def from_text(cls, text: str) -> "Vocab":
+    def from_text(cls, text: str) -> Vocab:
         return cls(sorted(set(text)))
 
     @classmethod
-    def of_bytes(cls) -> "Vocab":
+    def of_bytes(cls) -> Vocab:
         return cls(None)
 
     def __len__(self) -> int:
@@ -68,7 +68,7 @@ class Vocab:
                              f"vocabulary of {len(self)} characters")
         return ids
 
-    def decoder(self) -> "Decoder":
+    def decoder(self) -> Decoder:
         """A streaming decoder: ids in, text out (bytes are joined into UTF-8 characters as they complete)."""
         return Decoder(self)
 
@@ -80,7 +80,7 @@ class Vocab:
         return {"kind": "bytes"} if self.is_bytes else {"kind": "chars", "chars": self.tokens}
 
     @classmethod
-    def from_json(cls, doc: dict[str, Any], source: str) -> "Vocab":
+    def from_json(cls, doc: dict[str, Any], source: str) -> Vocab:
         if doc.get("kind") == "bytes":
             return cls.of_bytes()
         chars = doc.get("chars")
@@ -105,7 +105,7 @@ class Vocab:
         return doc
 
     @classmethod
-    def load(cls, path: Path) -> "Vocab":
+    def load(cls, path: Path) -> Vocab:
         return cls.from_json(cls.read_json(path), str(path))
 
 
@@ -180,7 +180,9 @@ def read_corpus(config: LMConfig) -> str | bytes:
     if config.data is None:
         text = stdlib_corpus(config.corpus_bytes)
         return text.encode("utf-8") if config.bytes else text
-    path = DATASETS[config.data].fetch() if config.data in DATASETS and not Path(config.data).exists() else Path(config.data)
+    path = Path(config.data)
+    if config.data in DATASETS and not path.exists():
+        path = DATASETS[config.data].fetch()
     chunks = []
     for file in _text_files(path):
         raw = file.read_bytes()

@@ -5,7 +5,7 @@ samples as one batch, randomness only from a seeded torch.Generator.
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -14,6 +14,7 @@ from torch.nn import functional as F
 from rnnkit.common.errors import UsageError
 from rnnkit.tasks.base import device_of
 from rnnkit.tasks.lm.data import Vocab
+
 
 class Sampler:
     """Carries K samples' state through a model: `feed` ids, read `probs`, `draw` the next ids.

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-import rnnkit
+from rnnkit.tasks.cell_spec import recurrent_layer, resolve_cell
 
 if TYPE_CHECKING:
     from rnnkit.tasks.lm.task import LMConfig
@@ -34,8 +34,8 @@ class CharRNN(nn.Module):
         super().__init__()
         self.vocab_size = vocab_size
         self.embed = nn.Embedding(vocab_size, config.embed) if config.embed else None
-        self.rnn = rnnkit.LAYERS[config.cell](config.embed or vocab_size, config.hidden, config.layers,
-                                              dropout=config.dropout if config.layers > 1 else 0.0)
+        self.rnn = recurrent_layer(config.cell, config.embed or vocab_size, config.hidden, config.layers,
+                                   dropout=config.dropout if config.layers > 1 else 0.0)
         self.drop = nn.Dropout(config.dropout)
         self.head = nn.Linear(config.hidden, vocab_size)
 
@@ -67,6 +67,6 @@ def state_to_dict(state: Any) -> dict[str, Tensor]:
 def state_from_dict(d: dict[str, Tensor], cell: str) -> Any:
     """Inverse of `state_to_dict` for a layer of `cell`: the cell's State NamedTuple (LSTMState(h, c)),
     or the bare h tensor the layers return for a one-part state."""
-    State = rnnkit.CELLS[cell].State
+    State = resolve_cell(cell).State
     if State._fields == ("h",):
         return d["h"]

@@ -17,6 +17,7 @@ from torch.nn import functional as F
 from rnnkit.common.errors import UsageError
 from rnnkit.common.files import atomic_write_text
 from rnnkit.tasks.base import Task, device_of, option, shard_range, step_generator
+from rnnkit.tasks.cell_spec import cell_option, resolve_cell
 from rnnkit.tasks.lm.data import Vocab, read_corpus, split
 from rnnkit.tasks.lm.generate import generate
 from rnnkit.tasks.lm.model import CharRNN, detach_state, state_from_dict, state_to_dict
@@ -26,17 +27,18 @@ VOCAB_FILE = "vocab.json"
 
 @dataclass(frozen=True)
 class LMConfig:
-    data: str | None = option(None, "UTF-8 text file or folder, or a dataset name (tinyshakespeare); "
-                                    "default: the Python standard library's source code")
+    data: str | None = option(None, "UTF-8 text file or folder, or a dataset name (tinyshakespeare) "
+                                    "(default: the Python standard library's source code)")
     bytes: bool = option(False, "model raw bytes (vocabulary of 256) instead of characters; reads any file")
     corpus_bytes: int = option(3_000_000, "size cap of the default standard-library corpus, in bytes")
     val_fraction: float = option(0.1, "the last fraction of the text used for validation (nanoGPT's 0.1)")
     # Model and batch defaults: the best of short tiny-shakespeare runs for a 10-minute CPU budget
     # (GRU learns faster per second than LSTM there; more, smaller steps beat fewer, larger ones).
-    cell: Literal["lstm", "gru", "rnn"] = option("gru", "recurrent cell (the seed's is lstm)")
-    layers: int = option(2, "stacked recurrent layers (the seed has 3)")
-    hidden: int = option(256, "hidden size of each layer (the seed's STATE_DIM is 512)")
-    embed: int = option(64, "character embedding size; 0 = the seed's one-hot input of depth V")
+    cell: str = cell_option("gru", "recurrent cell: a built-in name, or MODULE:CLASS for a GatedCell "
+                                   "subclass of your own")
+    layers: int = option(2, "stacked recurrent layers")
+    hidden: int = option(256, "hidden size of each layer")
+    embed: int = option(64, "character embedding size; 0 = one-hot input of depth V (the vocabulary size)")
     dropout: float = option(0.0, "dropout between layers and before the output projection (helps long runs)")
     seq_len: int = option(32, "characters per row per step (truncated-BPTT length; the state carries on)")
     batch_size: int = option(64, "rows per step, summed over all processes")
@@ -46,7 +48,7 @@ class LMConfig:
     eval_chars: int | None = option(None, "evaluate on at most this many validation characters "
                                            "(default: all)", resumable=True)
     eval_batch_size: int = option(64, "validation rows run in parallel", resumable=True)
-    sample_chars: int = option(200, "length of the sample printed at each evaluation (0 = none)",
+    sample_chars: int = option(200, "length of the sample printed at each evaluation (0 = no sample)",
                                resumable=True)
     data_seed: int = option(0, "seed of the random windows and of each epoch's starting offset")
 
@@ -63,6 +65,7 @@ class LMConfig:
             raise UsageError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
         if not 0.0 <= self.dropout < 1.0:
             raise UsageError(f"--dropout must be in [0, 1), got {self.dropout}")
+        resolve_cell(self.cell)  # a cell of your own that cannot be imported fails here, in one line
 
 
 class LMBatch(NamedTuple):
@@ -88,7 +91,7 @@ class LMTask(Task):
 
     # -- construction -----------------------------------------------------------------------------
     @classmethod
-    def create(cls, config: LMConfig, run_dir: Path) -> "LMTask":
+    def create(cls, config: LMConfig, run_dir: Path) -> LMTask:
         corpus = read_corpus(config)
         vocab = Vocab.of_bytes() if config.bytes else Vocab.from_text(corpus)
         task = cls(config, run_dir, vocab, _sha256(corpus))
@@ -100,7 +103,7 @@ class LMTask(Task):
         atomic_write_text(Path(run_dir) / VOCAB_FILE, json.dumps(doc, ensure_ascii=True) + "\n")
 
     @classmethod
-    def from_run_dir(cls, config: LMConfig, run_dir: Path) -> "LMTask":
+    def from_run_dir(cls, config: LMConfig, run_dir: Path) -> LMTask:
         path = Path(run_dir) / VOCAB_FILE
         doc = Vocab.read_json(path)
         return cls(config, run_dir, Vocab.from_json(doc, str(path)), doc.get("corpus_sha256"))

@@ -1,7 +1,8 @@
 """Sort (many-to-one-to-many): an encoder RNN reads numbers, a decoder writes them sorted.
 
 data.py: synthetic sequences and fixed test sets; model.py: encoder and the four decoders (DECODERS);
-search.py: greedy and beam search; task.py: the Task the trainer drives, metrics, text input/output.
+search.py: greedy and beam search; task.py: the config, the Task the trainer drives, metrics, text
+input and output.
 """
 from rnnkit.tasks.sort.model import DECODERS, SortModel
 from rnnkit.tasks.sort.task import SortConfig, SortEvalOptions, SortTask

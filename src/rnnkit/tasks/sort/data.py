@@ -24,7 +24,7 @@ from torch import Tensor
 
 from rnnkit.tasks.base import step_generator
 
-TEST_SEED = 20170827  # the date on the seed deck; fixed so test sets never depend on a run's --seed
+TEST_SEED = 20170827  # a fixed constant, so test sets never depend on a run's --seed
 
 
 class SortBatch(NamedTuple):

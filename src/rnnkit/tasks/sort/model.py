@@ -1,6 +1,6 @@
-"""The sorting model: an RNN encoder and one of four decoders, from the seed deck's design to pointers.
+"""The sorting model: an RNN encoder and one of four decoders, from a bare state hand-off to pointers.
 
-Encoder: embed each number (integers: a table of V vectors, as the deck's one-hot input, plus with
+Encoder: embed each number (integers: a table of V learned vectors, one per token, plus with
 `int_value` a linear map of the magnitude x/V; floats: a linear map of the value), run a
 `num_layers`-deep, optionally bidirectional recurrent layer over them:
 
@@ -10,7 +10,7 @@ Encoder: embed each number (integers: a table of V vectors, as the deck's one-ho
 The decoder is a stack of L cells of width D*H (the two directions' states side by side), so the
 encoder's final state hands off layer by layer with no extra parameters. Decoders (DECODERS):
 
-    seed       the deck's many-to-one-to-many example: the hand-off is all the decoder gets, its inputs
+    state-only the plain many-to-one-to-many model: the hand-off is all the decoder gets, its inputs
                are zeros, y_t = W h_t over V tokens. Everything must pass through one state vector.
     teacher    the same, with the previous output token as the next input (teacher forcing in
                training: the true previous token).
@@ -51,7 +51,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from rnnkit.core import CELLS, HiddenState, Recurrent
+from rnnkit.core import HiddenState, Recurrent
+from rnnkit.tasks.cell_spec import resolve_cell
 
 
 class Memory(NamedTuple):
@@ -80,7 +81,7 @@ class CellStack(nn.Module):
     def __init__(self, cell: str, input_size: int, hidden_size: int, num_layers: int):
         super().__init__()
         self.cells = nn.ModuleList(
-            CELLS[cell](input_size if layer == 0 else hidden_size, hidden_size) for layer in range(num_layers)
+            resolve_cell(cell)(input_size if layer == 0 else hidden_size, hidden_size) for layer in range(num_layers)
         )
 
     def forward(self, x: Tensor, states: tuple) -> tuple[Tensor, tuple]:
@@ -106,12 +107,12 @@ class Additive(nn.Module):
 
 
 # ---- decoders ------------------------------------------------------------------------------------
-class SeedState(NamedTuple):
+class CellsState(NamedTuple):
     cells: tuple          # per layer cell state
 
 
-class SeedDecoder(nn.Module):
-    """The deck's decoder: state hand-off, zero inputs, V-way output per step."""
+class StateOnlyDecoder(nn.Module):
+    """The encoder's final state is all it gets: zero inputs, a V-way output per step."""
 
     def __init__(self, cell: str, vocab: int, embed: int, width: int, num_layers: int, key_size: int, attn: int):
         super().__init__()
@@ -119,13 +120,13 @@ class SeedDecoder(nn.Module):
         self.cells = CellStack(cell, embed, width, num_layers)
         self.out = nn.Linear(width, vocab)
 
-    def start(self, memory: Memory) -> SeedState:
-        return SeedState(memory.state)
+    def start(self, memory: Memory) -> CellsState:
+        return CellsState(memory.state)
 
-    def step(self, prev: Tensor, state: SeedState, memory: Memory) -> tuple[Tensor, SeedState]:
-        x = memory.outputs.new_zeros(prev.shape[0], self.embed_size)  # the deck feeds one_hot(0)-like zeros
+    def step(self, prev: Tensor, state: CellsState, memory: Memory) -> tuple[Tensor, CellsState]:
+        x = memory.outputs.new_zeros(prev.shape[0], self.embed_size)  # no input: the state carries everything
         h, cells = self.cells(x, state.cells)
-        return self.out(h), SeedState(cells)
+        return self.out(h), CellsState(cells)
 
 
 class TeacherDecoder(nn.Module):
@@ -138,13 +139,13 @@ class TeacherDecoder(nn.Module):
         self.cells = CellStack(cell, embed, width, num_layers)
         self.out = nn.Linear(width, vocab)
 
-    def start(self, memory: Memory) -> SeedState:
-        return SeedState(memory.state)
+    def start(self, memory: Memory) -> CellsState:
+        return CellsState(memory.state)
 
-    def step(self, prev: Tensor, state: SeedState, memory: Memory) -> tuple[Tensor, SeedState]:
+    def step(self, prev: Tensor, state: CellsState, memory: Memory) -> tuple[Tensor, CellsState]:
         x = self.embed(torch.where(prev < 0, self.vocab, prev))  # (B, E)
         h, cells = self.cells(x, state.cells)
-        return self.out(h), SeedState(cells)
+        return self.out(h), CellsState(cells)
 
 
 class AttentionState(NamedTuple):
@@ -211,7 +212,7 @@ class PointerDecoder(nn.Module):
 
 
 DECODERS: dict[str, type[nn.Module]] = {
-    "seed": SeedDecoder,
+    "state-only": StateOnlyDecoder,
     "teacher": TeacherDecoder,
     "attention": AttentionDecoder,
     "pointer": PointerDecoder,
@@ -243,7 +244,7 @@ class SortModel(nn.Module):
         self.embed = nn.Linear(1, embed) if floats else nn.Embedding(vocab, embed)
         # integers as numbers too: a magnitude channel makes "smaller than" one linear feature to learn
         self.value = nn.Linear(1, embed, bias=False) if int_value and not floats else None
-        self.encoder = Recurrent(CELLS[cell], embed, hidden, num_layers=num_layers, bidirectional=bidirectional)
+        self.encoder = Recurrent(resolve_cell(cell), embed, hidden, num_layers=num_layers, bidirectional=bidirectional)
         self.decoder = DECODERS[decoder](cell, vocab, embed, width, num_layers, key_size=width + embed, attn=attn)
 
     def encode(self, inputs: Tensor) -> Memory:

@@ -1,9 +1,9 @@
 """The sort task (many-to-one-to-many): its config, batches, loss, metrics and text input/output.
 
-    rnnkit train sort --n-min 2 --n-max 20 --decoder pointer       integers in [0, 128)
-    rnnkit train sort --floats --n-min 5 --n-max 15                floats in [0, 1], "Order Matters"
-    rnnkit eval RUN_DIR --n 5 10 15 20 50 [--beam 4] [--json]      accuracy per N, past training lengths too
-    echo "3 1 2" | rnnkit sort RUN_DIR                             -> "1 2 3"
+    rnnkit train sort --min-len 2 --max-len 20 --decoder pointer     integers in [0, 128)
+    rnnkit train sort --floats --min-len 5 --max-len 15              floats in [0, 1], "Order Matters"
+    rnnkit eval RUN_DIR --lengths 5 10 20 50 [--beam 4] [--json]     accuracy per length, past training's too
+    echo "3 1 2" | rnnkit predict RUN_DIR                            -> "1 2 3"
 
 Metrics, for each N on the fixed held-out set of that N (data.test_set): `accuracy@N`, the fraction of
 output elements equal to the sorted target at their position; `exact@N`, the fraction of sequences
@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
 
 from rnnkit.common.errors import UsageError
 from rnnkit.tasks.base import Task, device_of, move_to, option, shard_range, step_generator
+from rnnkit.tasks.cell_spec import cell_option, resolve_cell
 from rnnkit.tasks.sort.data import SortBatch, draw_length, make_batch, sample, test_set
 from rnnkit.tasks.sort.model import POINTS, SortModel
 from rnnkit.tasks.sort.search import choose, decode
@@ -34,52 +36,59 @@ from rnnkit.tasks.sort.search import choose, decode
 
 @dataclass(frozen=True)
 class SortConfig:
-    n: int | None = option(None, "length of every training sequence; when given, overrides --n-min/--n-max")
-    n_min: int = option(2, "shortest training sequence (lengths are drawn uniformly per step)")
-    n_max: int = option(20, "longest training sequence")
-    vocab: int = option(128, "integer tokens are drawn from [0, V) (the seed's E_DIM = 128)")
-    int_value: bool = option(False, "integers: add each token's magnitude x/V to its embedding (default: the "
-                                    "deck's one-hot-like embedding only, so order must be learned per token)")
+    min_len: int = option(2, "shortest training sequence (each step draws one length, uniformly)")
+    max_len: int = option(20, "longest training sequence (equal to --min-len: every sequence has that length)")
+    vocab: int = option(128, "integer tokens are drawn from [0, V)")
+    int_value: bool = option(False, "integers: also add each token's magnitude x/V to its embedding (off: "
+                                    "each token has only its own learned vector, so order is learned per token)")
     floats: bool = option(False, "sort floats uniform in [0, 1] instead of integers (needs --decoder pointer)")
-    decoder: Literal["seed", "teacher", "attention", "pointer"] = option(
-        "pointer", "seed: state hand-off, zero inputs (the deck); teacher: previous output as input; "
-                   "attention: Luong attention over the encoder outputs; pointer: points at input positions")
-    cell: Literal["lstm", "gru"] = option("lstm", "recurrent cell of the encoder and the decoder")
+    decoder: Literal["state-only", "teacher", "attention", "pointer"] = option(
+        "pointer", "state-only: the encoder's final state is all the decoder gets, its inputs are zeros; "
+                   "teacher: the previous output is the next input; attention: Luong attention over the "
+                   "encoder outputs; pointer: points at input positions")
+    cell: str = cell_option("lstm", "recurrent cell of the encoder and the decoder: a built-in name, or "
+                                    "MODULE:CLASS for a GatedCell subclass of your own")
     embed: int = option(64, "size of each number's embedding")
     hidden: int = option(128, "encoder hidden size per direction (the decoder's is directions x this)")
     attn: int = option(64, "size of the additive score layer of the attention and pointer decoders")
     layers: int = option(1, "layers of the encoder and of the decoder")
     bidirectional: bool = option(True, "bidirectional encoder")
     batch_size: int = option(128, "sequences per step, summed over all processes")
-    beam: int = option(1, "beam width for evaluation and `rnnkit sort` (1 = greedy)", resumable=True)
-    eval_size: int = option(1000, "held-out sequences per N (fixed sets, the same for every run)")
+    beam: int = option(1, "beam width of evaluation and prediction (1 = greedy)", resumable=True)
+    eval_size: int = option(1000, "held-out sequences per length (fixed sets, the same for every run)")
     data_seed: int = option(0, "seed of the training data stream (test sets never depend on it)")
-    max_n: int = option(256, "longest sequence eval and `rnnkit sort` accept (the seed's SEQ_LENGTH)")
+    max_input_len: int = option(256, "longest sequence `rnnkit eval` and `rnnkit predict` accept")
+
+    # spellings of earlier versions, still accepted on the command line with a warning (rnnkit.cli.flags)
+    renamed_flags: ClassVar[dict[str, tuple[str, ...]]] = {
+        "--n": ("min_len", "max_len"), "--n-min": ("min_len",), "--n-max": ("max_len",), "--max-n": ("max_input_len",),
+    }
+    renamed_values: ClassVar[dict[str, dict[str, str]]] = {"decoder": {"seed": "state-only"}}
 
     def __post_init__(self):
-        for name in ("n_min", "n_max", "vocab", "embed", "hidden", "attn", "layers", "batch_size", "beam", "eval_size",
-                     "max_n"):
+        for name in ("min_len", "max_len", "vocab", "embed", "hidden", "attn", "layers", "batch_size", "beam",
+                     "eval_size", "max_input_len"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.n is not None and not 1 <= self.n <= self.max_n:
-            raise UsageError(f"--n must be in [1, --max-n={self.max_n}], got {self.n}")
-        if self.n is None and not self.n_min <= self.n_max <= self.max_n:
-            raise UsageError(f"need --n-min <= --n-max <= --max-n, got {self.n_min}, {self.n_max}, {self.max_n}")
+        if not self.min_len <= self.max_len <= self.max_input_len:
+            raise UsageError(f"need --min-len <= --max-len <= --max-input-len, got {self.min_len}, {self.max_len}, "
+                             f"{self.max_input_len}")
         if self.floats and self.decoder not in POINTS:
             raise UsageError(f"--floats needs --decoder pointer: the {self.decoder!r} decoder emits one of V "
                              f"integer tokens, and real numbers have no vocabulary")
+        resolve_cell(self.cell)  # a cell of your own that cannot be imported fails here, in one line
 
     @property
     def lengths(self) -> tuple[int, int]:
         """(shortest, longest) training length."""
-        return (self.n, self.n) if self.n is not None else (self.n_min, self.n_max)
+        return self.min_len, self.max_len
 
 
 @dataclass(frozen=True)
 class SortEvalOptions:
-    n: tuple[int, ...] = option((), "lengths to evaluate, e.g. --n 5 10 15 20 50; "
-                                    "() means the shortest, middle and longest training length")
-    beam: int | None = option(None, "beam width; None means the run's --beam")
+    lengths: tuple[int, ...] = option((), "sequence lengths to evaluate, e.g. --lengths 5 10 20 50 "
+                                          "(default: the shortest, middle and longest training length)")
+    renamed_flags: ClassVar[dict[str, tuple[str, ...]]] = {"--n": ("lengths",)}
 
 
 class SortTask(Task):
@@ -118,18 +127,18 @@ class SortTask(Task):
 
     def evaluate(self, model: nn.Module, data: str | None = None,
                  options: SortEvalOptions | None = None) -> dict[str, float]:
-        """Metrics per N on the fixed test sets (or on the sequences of the file `data`, one per line)."""
+        """Metrics per length on the fixed test sets (or on the sequences of the file `data`, one per
+        line), decoded with the config's beam width."""
         options = options or SortEvalOptions()
-        beam = options.beam if options.beam is not None else self.config.beam
-        if beam < 1:
-            raise UsageError(f"--beam must be at least 1, got {beam}")
+        beam = self.config.beam
         if data is not None:
             groups = self._file_batches(data)
         else:
-            for n in options.n:
-                if not 1 <= n <= self.config.max_n:
-                    raise UsageError(f"--n {n} is outside the lengths this model accepts, [1, {self.config.max_n}]")
-            groups = {n: self._test_set(n) for n in (options.n or self.default_eval_lengths())}
+            for n in options.lengths:
+                if not 1 <= n <= self.config.max_input_len:
+                    raise UsageError(f"--lengths {n} is outside the lengths this model accepts, "
+                                     f"[1, {self.config.max_input_len}]")
+            groups = {n: self._test_set(n) for n in (options.lengths or self.default_eval_lengths())}
         device = device_of(model)
         per_n: dict[str, float] = {}
         totals = {"loss": 0.0, "accuracy": 0.0, "exact": 0.0}
@@ -166,13 +175,13 @@ class SortTask(Task):
         return {n: make_batch(torch.tensor(rows, dtype=dtype)) for n, rows in sorted(by_length.items())}
 
     # ---- use -------------------------------------------------------------------------------------
-    def sort_line(self, model: nn.Module, text: str, where: str, beam: int | None = None) -> str:
+    def sort_line(self, model: nn.Module, text: str, where: str) -> str:
         """One sequence as text -> the model's sorted output as text, numbers separated by single spaces.
         A pointer prints the chosen input tokens exactly as given; a token decoder prints its tokens."""
         values = parse_sequence(text, self.config, where)
         dtype = torch.float32 if self.config.floats else torch.long
         inputs = torch.tensor([values], dtype=dtype, device=device_of(model))  # (1, N)
-        beam = beam if beam is not None else self.config.beam
+        beam = self.config.beam
         with torch.no_grad():
             if model.points:
                 tokens = split_tokens(text)
@@ -226,8 +235,9 @@ def parse_sequence(text: str, config: SortConfig, where: str) -> list:
     tokens = split_tokens(text)
     if not tokens:
         raise UsageError(f"{where}: empty, expected numbers separated by spaces or commas")
-    if len(tokens) > config.max_n:
-        raise UsageError(f"{where}: {len(tokens)} numbers, longer than this model supports (at most {config.max_n})")
+    if len(tokens) > config.max_input_len:
+        raise UsageError(f"{where}: {len(tokens)} numbers, longer than this model supports (at most "
+                         f"{config.max_input_len}, its --max-input-len)")
     values = []
     for i, token in enumerate(tokens, 1):
         try:
