@@ -1,6 +1,6 @@
-"""The fast paths equal the specification: fused scan == scan_reference, lean stepping == the general route.
+"""The fast routes equal the specification: every kernel == scan_reference, lean stepping == the general route.
 
-The fused kernels (rnnkit.core.fused) are held to ``scan_reference`` -- outputs, final states and
+The kernels (rnnkit.core.kernels) are held to ``scan_reference`` -- outputs, final states and
 the gradients of x, the initial state and every weight -- for every built-in cell, for cells
 written by users, with lengths, both directions, stacking and dropout, in float64 (1e-10) and
 float32 (1e-5); plus gradcheck on small sizes. Parity with torch.nn itself is test_core_parity.
@@ -21,7 +21,12 @@ import torch
 
 import rnnkit
 from rnnkit.bench import run as bench_run
-from rnnkit.core import fused, layers as layers_module, native, scan as scan_module, step as step_module
+from rnnkit.core import native, pointwise, routing
+from rnnkit.core import step as step_module
+from rnnkit.core.kernels import table
+from rnnkit.core.kernels.compiled import CompiledKernel
+from rnnkit.core.kernels.dispatch import FusedScan, fused_scan
+from rnnkit.core.scan import scan_reference
 from user_cells import MGUCell, UserGRUCell, UserLSTMCell
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
@@ -69,14 +74,20 @@ def _parts(state):
     return tuple(state) if isinstance(state, tuple) else (state,)
 
 
-@contextlib.contextmanager
 def _fused(on: bool):
-    """Layers through the fused kernels (on) or ``scan_reference`` (off) inside the block."""
-    scan_module.FUSED = on
-    try:
-        yield
-    finally:
-        scan_module.FUSED = True
+    """Layers through the routes the table picks (on) or through ``reference`` (off) inside the block."""
+    return contextlib.nullcontext() if on else routing.force("reference")
+
+
+def _kernel(cell):
+    """The kernel the routing table gives ``cell`` over time where the C++ loops are built (or not)."""
+    kernel = table.kernel_for(cell)
+    if native.ops() is None:
+        return kernel
+    if kernel is table.GENERIC:
+        programs = pointwise.compiled(cell)
+        return CompiledKernel(programs) if programs is not None else kernel
+    return table.CPP[type(cell).combine]
 
 
 def _run(layer, x, state, lengths, fused_on: bool, seed=0):
@@ -322,7 +333,8 @@ def test_any_mask_matches_scan_reference(kind, loops):
         loss = loss + sum((f * (i + 2)).sum() for i, f in enumerate(final))
         return [out, *final, *torch.autograd.grad(loss, [x, *s, cell.weight_hh, cell.bias_hh])]
 
-    assert _max_diff(run(fused.fused_scan), run(scan_module.scan_reference)) < 1e-10
+    kernel = _kernel(cell)
+    assert _max_diff(run(lambda *a: fused_scan(*a, kernel)), run(scan_reference)) < 1e-10
 
 
 @pytest.mark.parametrize("kind", list(LAYERS))
@@ -333,11 +345,11 @@ def test_gradcheck_fused(kind, loops):
     state = [torch.randn(3, 3, dtype=torch.float64, requires_grad=True) for _ in cell.State._fields]
     w_hh = cell.weight_hh.detach().clone().requires_grad_()
     b_hh = cell.bias_hh.detach().clone().requires_grad_()
-    kernel = fused._native_twin(fused.kernel_for(cell), cell, xz)
-    assert (loops == "cpp") == (kernel in fused.NATIVE.values() or isinstance(kernel, fused._CompiledGeneric))
+    kernel = _kernel(cell)
+    assert (loops == "cpp") == (kernel in table.CPP.values() or isinstance(kernel, CompiledKernel))
 
     def f(xz, w_hh, b_hh, *state):
-        return fused.FusedScan.apply(kernel, cell, mask, xz, w_hh, b_hh, *state)
+        return FusedScan.apply(kernel, cell, mask, xz, w_hh, b_hh, *state)
 
     assert torch.autograd.gradcheck(f, (xz, w_hh, b_hh, *state), eps=1e-6, atol=1e-7)
 
@@ -435,12 +447,15 @@ def test_generic_kernel_when_no_gradient_reaches_a_step_input():
 
 
 def test_kernel_choice():
-    assert isinstance(fused.kernel_for(rnnkit.LSTMCell(2, 3)), fused._LSTMKernel)
-    assert isinstance(fused.kernel_for(rnnkit.GRUCell(2, 3)), fused._GRUKernel)
-    assert isinstance(fused.kernel_for(rnnkit.RNNCell(2, 3)), fused._RNNKernel)
-    assert fused.kernel_for(UserLSTMCell(2, 3)) is fused.GENERIC  # its own combine: never the LSTM kernel
-    assert fused.kernel_for(MGUCell(2, 3)) is fused.GENERIC
-    assert fused.kernel_for(OwnStepCell(2, 3)) is None  # its own step: the reference loop
+    from rnnkit.core.kernels.python_loops import PythonGRU, PythonLSTM, PythonRNN
+    assert isinstance(table.kernel_for(rnnkit.LSTMCell(2, 3)), PythonLSTM)
+    assert isinstance(table.kernel_for(rnnkit.GRUCell(2, 3)), PythonGRU)
+    assert isinstance(table.kernel_for(rnnkit.RNNCell(2, 3)), PythonRNN)
+    assert table.kernel_for(UserLSTMCell(2, 3)) is table.GENERIC  # its own combine: never the LSTM kernel
+    assert table.kernel_for(MGUCell(2, 3)) is table.GENERIC
+    assert table.kernel_for(OwnStepCell(2, 3)) is None  # its own step: the reference loop
+    x = torch.randn(2, 5, 2)
+    assert rnnkit.explain(rnnkit.Recurrent(OwnStepCell, 2, 3), x).name == "reference"
 
 
 def test_cell_with_its_own_step_still_runs_its_step():
@@ -494,11 +509,9 @@ def test_stepping_equals_general_route(kind, bidirectional, batch_first, batch):
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("route", ["cpp", "blas"])
 def test_stepping_at_batch_one_float32(kind, bias, route, monkeypatch):
-    """The route without the fused kernels' loops (``_loops_for`` off): whole SIMD vectors and a
-    partial one (70 = 4 x 16 + 6) through the batch-1 kernels, and through torch's matmul, which
-    takes weights above ``NATIVE_MAX_BYTES``; users' cells too (their projections go through the
-    same kernels, their ``combine`` as written)."""
-    monkeypatch.setattr(step_module, "_loops_for", lambda x, cells, weights: None)
+    """The ``step-matmul`` route: whole SIMD vectors and a partial one (70 = 4 x 16 + 6) through the
+    batch-1 kernels, and through torch's matmul, which takes weights above ``NATIVE_MAX_BYTES``;
+    users' cells too (their projections go through the same kernels, their ``combine`` as written)."""
     if route == "blas":
         monkeypatch.setattr(step_module, "NATIVE_MAX_BYTES", 0)
     layer = LAYERS[kind](input_size=33, hidden_size=70, num_layers=2, bias=bias).eval()
@@ -508,7 +521,7 @@ def test_stepping_at_batch_one_float32(kind, bias, route, monkeypatch):
     with torch.no_grad():
         want, _ = layer(x)
         _, state = layer(x[:, :3])
-        with torch.inference_mode():
+        with torch.inference_mode(), routing.force("step-matmul"):
             last, _ = layer(x[:, 3:], state)
     torch.testing.assert_close(last[:, 0], want[:, 3], atol=1e-5, rtol=0)
 
@@ -518,10 +531,10 @@ def test_stepping_at_batch_one_float32(kind, bias, route, monkeypatch):
 @pytest.mark.parametrize("batch", [1, 2, 5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_stepping_through_the_cpp_loops_equals_the_general_route(kind, batch, dtype, monkeypatch):
-    """A step as one call of the fused kernels' C++ loops (``_loop_step``: every batch but the RNN's
-    batch 1, users' cells at batch 1 with their weight threshold lowered), held to the general route
-    over a few steps: both directions, two layers, H = 70 (a partial SIMD vector); the route asserted
-    taken."""
+    """A step as one call of the kernels' C++ loops (``step-loops``, forced here for every cell and
+    batch), held to the general route over a few steps: both directions, two layers, H = 70 (a
+    partial SIMD vector); the loops asserted taken. Unforced, the table sends every batch there but
+    the RNN's batch 1 and small users' cells at batch 1 (``routing.loops_step_faster``)."""
     taken = []
 
     def counted(*args):
@@ -531,21 +544,25 @@ def test_stepping_through_the_cpp_loops_equals_the_general_route(kind, batch, dt
 
     real = step_module._loop_step
     monkeypatch.setattr(step_module, "_loop_step", counted)
-    monkeypatch.setattr(step_module, "LOOPS_MIN_USER_WEIGHTS", 0)  # users' cells at batch 1 too, at this size
     layer = LAYERS[kind](input_size=33, hidden_size=70, num_layers=2, bidirectional=True).to(dtype).eval()
     x = torch.randn(batch, 4, 33, dtype=dtype)
     state_ref = state = None
     for t in range(4):
         out_ref, state_ref = layer(x[:, t:t + 1], state_ref)  # grad enabled: the general route
         with torch.inference_mode():
-            out, state = layer(x[:, t:t + 1], state)
+            if state is None:  # the first step carries no state: a general route
+                out, state = layer(x[:, t:t + 1])
+            else:
+                natural = "step-loops" if batch > 1 or kind in ("lstm", "gru") else "step-matmul"
+                assert rnnkit.explain(layer, x[:, t:t + 1], state).name == natural
+                with routing.force("step-loops"):
+                    out, state = layer(x[:, t:t + 1], state)
         torch.testing.assert_close(out, out_ref.detach(), atol=TOL[dtype], rtol=0)
         for a, b in zip(_parts(state), _parts(state_ref)):
             torch.testing.assert_close(a, b.detach(), atol=TOL[dtype], rtol=0)
         state_ref = tuple(s.detach() for s in _parts(state_ref))
         state_ref = state_ref if len(state_ref) > 1 else state_ref[0]
-    expected = batch > 1 or not kind.startswith("rnn")
-    assert taken == [True] * (3 * 4 if expected else 0)  # 3 lean steps x 2 layers x 2 directions
+    assert taken == [True] * (3 * 4)  # 3 lean steps x 2 layers x 2 directions
 
 
 @pytest.mark.parametrize("kind,batch", [("lstm", 1), ("gru", 3), ("rnn_tanh", 1), ("user_lstm", 2)])
@@ -725,67 +742,61 @@ def test_inference_through_torchs_kernel_equals_the_reference(kind, kwargs, monk
     x = torch.randn(3, 6, 5)
     state = layer(x)[1]
     with torch.no_grad():
-        assert fused.vendor_stack(layer, x, layer._check_state(state, 3, x), None) is not None
+        assert rnnkit.explain(layer, x, state).name == "torch-kernel"
         out, final = layer(x, state)
-        monkeypatch.setattr(scan_module, "FUSED", False)
-        ref_out, ref_final = layer(x, state)
+        with routing.force("reference"):
+            ref_out, ref_final = layer(x, state)
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=0)
-    for a, b in zip(final if isinstance(final, tuple) else (final,), ref_final if isinstance(ref_final, tuple) else (ref_final,)):
+    for a, b in zip(_parts(final), _parts(ref_final)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
-    if kind != "lstm":  # training keeps rnnkit's own fused kernels, which train faster on a CPU
-        assert fused.vendor_stack(layer, x.requires_grad_(), layer._check_state(state, 3, x), None) is None
+    if kind != "lstm":  # training keeps rnnkit's own kernels, which train faster on a CPU
+        assert rnnkit.explain(layer, x.requires_grad_(), state).name == "python-loops"
 
 
 @pytest.mark.skipif(native.ops() is None, reason="the C++ loops could not be built here")
 @pytest.mark.parametrize("kind", ["gru", "rnn"])
 def test_with_the_cpp_loops_gru_and_rnn_inference_stay_in_rnnkit(kind):
     layer = rnnkit.LAYERS[kind](5, 7).eval()
-    x = torch.randn(3, 6, 5)
     with torch.no_grad():
-        assert fused.vendor_stack(layer, x, None, None) is None
+        assert rnnkit.explain(layer, torch.randn(3, 6, 5)).name == "cpp-loops"
 
 
 @pytest.mark.skipif(native.ops() is None or not torch.backends.mkldnn.is_available(),
                     reason="needs the C++ loops and torch's oneDNN")
-def test_lstm_routes_to_the_cpp_loops_where_they_measured_faster(monkeypatch):
+def test_lstm_routes_to_the_cpp_loops_where_they_measured_faster():
     """Inference, small steps (batch x hidden <= ``NATIVE_LSTM_MAX_STATE``) and training with more
     than ``NATIVE_LSTM_MIN_TRAIN_GATES`` gate values leave oneDNN for the C++ loops; the rest of
-    training stays on it. On the C++ route, the gradients are the reference's."""
-    monkeypatch.setattr(fused, "NATIVE_LSTM_MAX_STATE", 7 * 4)
-    monkeypatch.setattr(fused, "NATIVE_LSTM_MIN_TRAIN_GATES", 4 * 6 * 4 * 7)
-    layer = rnnkit.LSTM(5, 7)
-    for batch, steps, grad, routed in ((4, 3, False, False), (4, 3, True, False), (5, 3, False, False),
-                                       (5, 3, True, True), (6, 4, True, True), (5, 5, True, False),
-                                       (5, 5, False, False)):
+    training stays on it (the route asked, at the real thresholds: nothing runs). On each route the
+    gradients are the reference's."""
+    H = 32
+    layer = rnnkit.LSTM(5, H)
+    max_batch = routing.NATIVE_LSTM_MAX_STATE // H
+    long = routing.NATIVE_LSTM_MIN_TRAIN_GATES // (4 * H * (max_batch + 1)) + 1  # steps whose gates pass the line
+    for batch, steps, grad, route in ((max_batch, 3, True, "cpp-loops"), (max_batch + 1, 3, True, "torch-kernel"),
+                                      (max_batch + 1, long, True, "cpp-loops"),
+                                      (max_batch + 1, 3, False, "cpp-projecting")):
         with torch.set_grad_enabled(grad):
-            assert (fused.vendor_stack(layer, torch.randn(batch, steps, 5), None, None) is not None) == routed
+            assert rnnkit.explain(layer, torch.empty(batch, steps, 5)).name == route, (batch, steps, grad)
     x = torch.randn(5, 5, 5)
 
     def grads():
         out, (h, c) = layer(x)
         return [out, h, c, *torch.autograd.grad((out.sum() + h.sum() + 2 * c.sum()), list(layer.parameters()))]
 
-    got = grads()
-    monkeypatch.setattr(scan_module, "FUSED", False)
-    assert _max_diff(got, grads()) < 1e-5
+    with routing.force("reference"):
+        want = grads()
+    for name in ("cpp-loops", "torch-kernel"):
+        with routing.force(name):
+            assert _max_diff(grads(), want) < 1e-5
 
 
 @pytest.mark.skipif(native.ops() is None, reason="the C++ loops could not be built here")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("batch,hidden,bias", [(3, 7, True), (2, 33, False), (4, 300, True)])
-def test_lstm_inference_projecting_inside_the_loop_equals_the_reference(dtype, batch, hidden, bias, monkeypatch):
-    """LSTM inference projects its input inside the C++ loop (``scan_projecting``):
-    outputs and final states are the reference's, with lengths, both directions, two layers and a
-    state passed in; hidden 33 and 300 leave partial blocks."""
-    calls = []  # whether each (layer, direction) came back from the projecting loop
-    real = fused.scan_projecting
-
-    def spy(*args):
-        result = real(*args)
-        calls.append(result is not None)
-        return result
-
-    monkeypatch.setattr(layers_module, "scan_projecting", spy)
+def test_lstm_inference_projecting_inside_the_loop_equals_the_reference(dtype, batch, hidden, bias):
+    """LSTM inference projects its input inside the C++ loop (``cpp-projecting``): outputs and
+    final states are the reference's, with lengths, both directions, two layers and a state passed
+    in; hidden 33 and 300 leave partial blocks."""
     layer = rnnkit.LSTM(6, hidden, num_layers=2, bidirectional=True, bias=bias).to(dtype).eval()
     x = torch.randn(batch, 9, 6, dtype=dtype)
     state = tuple(torch.randn(4, batch, hidden, dtype=dtype) for _ in range(2))
@@ -796,47 +807,33 @@ def test_lstm_inference_projecting_inside_the_loop_equals_the_reference(dtype, b
             out, final = layer(x, state, lengths=lengths)
         return [out, *final]
 
-    got = run()
-    assert calls == [True] * 4
     with torch.no_grad():
-        assert real(layer.cells[0], x, layer.State(*(s[0] for s in state)), None) is not None
-    monkeypatch.setattr(scan_module, "FUSED", False)
-    assert _max_diff(got, run()) < TOL[dtype]
-    assert real(layer.cells[0], x, layer.State(*(s[0] for s in state)), None) is None  # gradients wanted
+        assert rnnkit.explain(layer, x, state, lengths).name == "cpp-projecting"
+    got = run()
+    with routing.force("reference"):
+        assert _max_diff(got, run()) < TOL[dtype]
+    assert rnnkit.explain(layer, x, state, lengths).name == "cpp-loops"  # gradients wanted
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
-def test_lengths_through_torchs_packed_kernel_equal_the_reference(kind, monkeypatch):
+def test_lengths_through_torchs_packed_kernel_equal_the_reference(kind):
     """With lengths, a stack on CUDA goes to torch's packed-sequence kernel (cuDNN). The same route,
-    allowed here on the CPU (``PACKED_DEVICES``), gives the reference's outputs, final states and,
-    for the LSTM, every gradient: unsorted lengths, both directions, two layers, a state passed in.
-    (GRU and RNN route on the CPU only in inference without the C++ loops.)"""
-    monkeypatch.setattr(fused, "PACKED_DEVICES", {"cpu", "cuda"})
-    if kind != "lstm":
-        monkeypatch.setitem(native._state, "ops", None)
-    else:  # a step this small runs the C++ loops
-        monkeypatch.setattr(fused, "NATIVE_LSTM_MAX_STATE", 0)
+    forced here on the CPU, gives the reference's outputs, final states and every gradient:
+    unsorted lengths, both directions, two layers, a state passed in."""
     layer = rnnkit.LAYERS[kind](5, 7, num_layers=2, bidirectional=True).eval()
     x = torch.randn(3, 6, 5)
     lengths = torch.tensor([4, 6, 2])
     with torch.no_grad():
         state = layer(x)[1]
-    grad = kind == "lstm"
-
-    def run():
+    assert rnnkit.explain(layer, x, state, lengths).name != "torch-kernel"  # on the CPU, not by choice
+    parts = _parts(state)
+    with routing.force("torch-kernel"):
+        got = _run(layer, x, parts, lengths, True)
         with torch.no_grad():
-            out, final = layer(x, state, lengths=lengths)
-        return [out, *(final if isinstance(final, tuple) else (final,))]
-
-    with torch.set_grad_enabled(grad):
-        assert fused.vendor_stack(layer, x, layer._check_state(state, 3, x), lengths) is not None
-    if grad:  # every gradient, x's and the state's (permuted inside) included
-        parts = tuple(state) if isinstance(state, tuple) else (state,)
-        assert _max_diff(_run(layer, x, parts, lengths, True), _run(layer, x, parts, lengths, False)) < 1e-5
-        return
-    got = run()
-    monkeypatch.setattr(scan_module, "FUSED", False)
-    assert _max_diff(got, run()) < 1e-5
+            got_inference = layer(x, state, lengths=lengths)
+    want = _run(layer, x, parts, lengths, False)
+    assert _max_diff(got, want) < 1e-5
+    assert _max_diff([got_inference[0], *_parts(got_inference[1])], want[:1 + len(parts)]) < 1e-5
 
 
 class ScaledMGUCell(MGUCell):
@@ -868,9 +865,10 @@ def _grads_and_outputs(layer, x, h0):
 def test_a_cells_own_parameters_get_their_gradients(monkeypatch):
     layer = rnnkit.Recurrent(ScaledMGUCell, 3, 4, num_layers=2).double()
     x, h0 = torch.randn(2, 5, 3, dtype=torch.float64), torch.randn(2, 2, 4, dtype=torch.float64)
+    assert rnnkit.explain(layer, x, h0).name == "reference"  # a parameter of its own
     fast, names = _grads_and_outputs(layer, x, h0)
-    monkeypatch.setattr(scan_module, "FUSED", False)
-    reference, _ = _grads_and_outputs(layer, x, h0)
+    with routing.force("reference"):
+        reference, _ = _grads_and_outputs(layer, x, h0)
     assert "cells.0.scale" in names
     for name, a, b in zip(("output", *names), fast, reference):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=0, msg=name)
@@ -882,9 +880,10 @@ def test_an_overridden_input_projection_is_honoured_by_every_path(monkeypatch):
     with torch.no_grad():
         out, state = layer(x)                      # whole sequence, no gradient
         step_out, _ = layer(x[:, :1], state)      # one step with a carried state
-        monkeypatch.setattr(scan_module, "FUSED", False)
-        ref_out, ref_state = layer(x)
-        ref_step, _ = layer(x[:, :1], ref_state)
+        assert rnnkit.explain(layer, x).name == "reference"  # its own projection
+        with routing.force("reference"):
+            ref_out, ref_state = layer(x)
+            ref_step, _ = layer(x[:, :1], ref_state)
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=0)
     torch.testing.assert_close(step_out, ref_step, atol=1e-5, rtol=0)
 

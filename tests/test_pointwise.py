@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 
 import rnnkit
-from rnnkit.core import fused, native, pointwise
+from rnnkit.core import native, pointwise
 from rnnkit.core.gates import GatedCell, HiddenState
-
+from rnnkit.core.kernels import compiled as compiled_module
+from rnnkit.core.kernels import cpp_loops
 from test_fused import _fused, _max_diff
 from user_cells import MGUCell, UserGRUCell, UserLSTMCell
 
@@ -88,7 +89,7 @@ def _grads(layer, x, state, lengths, fused_on: bool):
     [SpellingCell, MGUCell, UserGRUCell, UserLSTMCell], [torch.float64, torch.float32], [False, True], [False, True])))
 def test_compiled_layer_equals_the_reference(cell, dtype, bidirectional, with_lengths, monkeypatch):
     """Outputs, final states and every gradient through the compiled route against the Python
-    reference loop; the route is asserted taken, in training and (``scan_projecting``) inference."""
+    reference loop; the route is asserted taken, in training and (``cpp-projecting``) inference."""
     B, T, I, H, L = 3, 6, 4, 37, 2  # H off the vector width
     layer = rnnkit.Recurrent(cell, I, H, num_layers=L, bidirectional=bidirectional).to(dtype)
     D = 2 if bidirectional else 1
@@ -96,8 +97,10 @@ def test_compiled_layer_equals_the_reference(cell, dtype, bidirectional, with_le
     state = tuple(torch.randn(L * D, B, H, dtype=dtype) for _ in layer.State._fields)
     lengths = torch.tensor([6, 2, 4]) if with_lengths else None
     calls = []
-    loop = fused._compiled_loop
-    monkeypatch.setattr(fused, "_compiled_loop", lambda *a, **k: calls.append(a[-1]) or loop(*a, **k))
+    loop = compiled_module.compiled_loop
+    spy = lambda *a, **k: calls.append(a[-1]) or loop(*a, **k)
+    monkeypatch.setattr(compiled_module, "compiled_loop", spy)
+    monkeypatch.setattr(cpp_loops, "compiled_loop", spy)
     tol = 1e-10 if dtype == torch.float64 else 1e-5
     assert _max_diff(_grads(layer, x, state, lengths, True), _grads(layer, x, state, lengths, False)) < tol
     assert calls == [True] * (L * D)  # training: every (layer, direction) compiled
@@ -114,7 +117,7 @@ def test_user_gru_equals_torch_gru():
     theirs = torch.nn.GRU(4, 37, batch_first=True).double()
     ours = rnnkit.Recurrent(UserGRUCell, 4, 37).double()
     ours.load_state_dict(rnnkit.from_torch(theirs).state_dict())
-    assert fused.program_gates(ours.cells[0]) == 3 and pointwise.compiled(ours.cells[0]) is not None
+    assert compiled_module.program_gates(ours.cells[0]) == 3 and pointwise.compiled(ours.cells[0]) is not None
     x = torch.randn(3, 6, 4, dtype=torch.float64)
     for grad in (True, False):
         with torch.set_grad_enabled(grad):
@@ -123,7 +126,7 @@ def test_user_gru_equals_torch_gru():
 
 def test_program_gates():
     """Weights for ``pointwise_scan`` are packed for the cell's 3 or 4 gates, else for 1."""
-    assert [fused.program_gates(c(3, 5)) for c in (UserLSTMCell, UserGRUCell, MGUCell, SinCell)] == [4, 3, 1, 1]
+    assert [compiled_module.program_gates(c(3, 5)) for c in (UserLSTMCell, UserGRUCell, MGUCell, SinCell)] == [4, 3, 1, 1]
 
 
 @pytest.mark.parametrize("cell", [SinCell, BranchCell, MeanCell])
@@ -196,7 +199,7 @@ def test_the_derivative_of_each_op():
         args = [g.input(k) for k in range(3 if name == "where" else (2 if name in binary else 1))]
         if name == "where":
             out = g.node("where", g.node("gt", args[0], g.const(0)), args[1], args[2])
-            fn = lambda c, a, b: torch.where(c > 0, a, b)  # noqa: E731
+            fn = lambda c, a, b: torch.where(c > 0, a, b)
         else:
             out = g.node(name, *args)
         seed = g.input(len(args))

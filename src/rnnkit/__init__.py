@@ -7,7 +7,7 @@
 """
 from rnnkit.core import (
     CELLS, GRU, GRUCell, GatedCell, HiddenState, LAYERS, LSTM, LSTMCell, LSTMState, RNN, RNNCell, Recurrent,
-    empty_cache, from_torch, gate, to_torch,
+    empty_cache, explain, from_torch, gate, routing, to_torch,
 )
 
 __version__ = "0.1.0"
@@ -24,5 +24,6 @@ def __getattr__(name: str):
 
 __all__ = [
     "CELLS", "GRU", "GRUCell", "GatedCell", "HiddenState", "LAYERS", "LSTM", "LSTMCell", "LSTMState", "RNN", "RNNCell",
-    "Recurrent", "__version__", "empty_cache", "fit", "from_torch", "gate", "load", "stream_batches", "to_torch",
+    "Recurrent", "__version__", "empty_cache", "explain", "fit", "from_torch", "gate", "load", "routing",
+    "stream_batches", "to_torch",
 ]

@@ -13,7 +13,7 @@ import torch
 
 import rnnkit
 from rnnkit.core import native
-from rnnkit.core.fused import onednn_matmul_works
+from rnnkit.core.kernels.generic import onednn_matmul_works
 from rnnkit.core.cells.lstm import LSTMCell, LSTMState
 
 INPUT = 128

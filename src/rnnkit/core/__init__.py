@@ -4,8 +4,10 @@ from rnnkit.core.gates import GatedCell, HiddenState, gate
 from rnnkit.core.interop import from_torch, to_torch
 from rnnkit.core.layers import GRU, LAYERS, LSTM, RNN, Recurrent
 from rnnkit.core.native import empty_cache
+from rnnkit.core import routing
+from rnnkit.core.routing import explain
 
 __all__ = [
     "CELLS", "GRU", "GRUCell", "GatedCell", "HiddenState", "LAYERS", "LSTM", "LSTMCell", "LSTMState", "RNN", "RNNCell",
-    "Recurrent", "empty_cache", "from_torch", "gate", "to_torch",
+    "Recurrent", "empty_cache", "explain", "from_torch", "gate", "routing", "to_torch",
 ]

@@ -2,8 +2,8 @@
 
 ``Recurrent(cell, ...)`` runs any :class:`~rnnkit.core.gates.GatedCell` subclass; ``LSTM``,
 ``GRU`` and ``RNN`` are it with the built-in cells and torch.nn's constructor arguments.
-Layers know nothing about gates: they only call ``cell.project_input`` (all steps in one
-matmul) and ``scan`` (the cell stepped over time).
+Layers know nothing about gates: a call runs the route the routing table chooses
+(core/routing.py; ``rnnkit.explain(layer, x)`` names it), every route the same function.
 
 Call: ``output, state = layer(x, state=None, lengths=None)``
 
@@ -27,18 +27,16 @@ in training mode only, as torch.nn does.
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from rnnkit.core.cells import GRUCell, LSTMCell, RNNCell
-from rnnkit.core.functional import as_lengths, length_mask, reverse_padded
 from rnnkit.core.gates import GatedCell
-from rnnkit.core import scan as scan_module
-from rnnkit.core.fused import project, scan_projecting, vendor_stack
-from rnnkit.core.step import CACHE_ATTR as STEP_CACHE, step_layers
+from rnnkit.core.routing import choose_route
+from rnnkit.core.step import CACHE_ATTR as STEP_CACHE
 
 
 class Recurrent(nn.Module):
@@ -116,55 +114,8 @@ class Recurrent(nn.Module):
 
     # -- forward -------------------------------------------------------------------------
     def forward(self, x: Tensor, state=None, lengths: Tensor | Sequence[int] | None = None):
-        if state is not None and lengths is None and not torch.is_grad_enabled():
-            stepped = step_layers(self, x, state)  # T == 1 with a carried state: the lean path
-            if stepped is not None:
-                return stepped
-        if not isinstance(x, Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        layout = "(B, T, input_size)" if self.batch_first else "(T, B, input_size)"
-        if x.dim() != 3 or x.shape[2] != self.input_size:
-            raise ValueError(f"x must have shape {layout} with input_size={self.input_size}, got {tuple(x.shape)}")
-        if not x.dtype.is_floating_point:
-            raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
-        _check_like("x", x, self.cells[0].weight_ih, what="the layer's parameters")
-        if not self.batch_first:
-            x = x.transpose(0, 1)
-        B, T, _ = x.shape
-        if B == 0 or T == 0:
-            raise ValueError(f"x must have at least one sequence and one step, got shape {tuple(x.shape)}")
-        lengths_t = as_lengths(lengths, B, T, x.device) if lengths is not None else None
-        mask = length_mask(lengths_t, T) if lengths_t is not None else None  # (B, T)
-
-        if scan_module.FUSED:  # torch's own kernel where it is the fastest, the state in torch's layout
-            routed = vendor_stack(self, x, None if state is None else self._check_state(state, B, x), lengths_t)
-            if routed is not None:
-                output, final = routed
-                output = output if self.batch_first else output.transpose(0, 1)
-                return output, final[0] if len(final) == 1 else self.State(*final)
-        states = self._unpack_state(state, B, x)
-
-        D = self.num_directions
-        final_states = []
-        for layer in range(self.num_layers):
-            if layer > 0 and self.dropout > 0 and self.training:
-                x = F.dropout(x, self.dropout, training=True)
-            halves = []
-            for direction in range(D):
-                row = layer * D + direction
-                cell = self.cells[row]
-                x_dir = reverse_padded(x, lengths_t) if direction == 1 else x
-                projected = scan_projecting(cell, x_dir, states[row], mask) if scan_module.FUSED else None
-                if projected is not None:  # inference: the input projection inside the C++ loop
-                    out, final = projected
-                else:
-                    xz = project(cell, x_dir) if scan_module.FUSED else cell.project_input(x_dir)
-                    out, final = scan_module.scan(cell, xz, states[row], mask)  # (B, T, H)
-                halves.append(reverse_padded(out, lengths_t) if direction == 1 else out)
-                final_states.append(final)
-            x = halves[0] if D == 1 else torch.cat(halves, dim=2)  # (B, T, D*H)
-        output = x if self.batch_first else x.transpose(0, 1)
-        return output, self._pack_state(final_states)
+        route = choose_route(self, x, state, lengths)  # validates x; the route validates state and lengths
+        return route.run(self, x, state, lengths)
 
     def __getstate__(self):
         """Pickling and ``copy.deepcopy`` leave out the lean stepping path's packed weights (step.py),

@@ -1,6 +1,6 @@
 """The C++ step loops (``native.cpp``), compiled on first use and cached; ``None`` where they can't be.
 
-The fused kernels in ``fused.py`` prepare their buffers with torch ops and then run a loop over
+The kernels in ``core/kernels/`` prepare their buffers with torch ops and then run a loop over
 time; on the CPU, ``ops()`` gives the same loops in C++ (``torch.ops.rnnkit_native``), which take
 about a microsecond per step where the Python loop takes tens. They are built with the system's
 C++ compiler against the installed torch the first time a layer needs them (about 15 seconds,
@@ -27,6 +27,18 @@ import torch
 SOURCE = Path(__file__).with_name("native.cpp")
 _state: dict = {}  # "ops": the loaded namespace or None, once decided
 _lock = threading.Lock()
+
+
+FLOATS = (torch.float32, torch.float64)  # the dtypes the C++ loops are compiled for
+
+
+def ops_for(x: torch.Tensor):
+    """``ops()`` where the C++ loops can run on ``x``'s device and dtype (the CPU, float32 or
+    float64), else ``None``: the one test of where they run, used by the routing table and the
+    kernels' own matmul choices."""
+    if x.device.type != "cpu" or x.dtype not in FLOATS:
+        return None
+    return ops()
 
 
 def enabled() -> bool:

@@ -1,0 +1,112 @@
+"""What every kernel shares: the kernel contract, buffers, masks and the batched weight gradients.
+
+A kernel runs one cell kind over time for one (layer, direction): a Python loop
+(``python_loops.py``), a C++ loop (``cpp_loops.py``), a user's compiled cell (``compiled.py``) or
+the generic autograd loop (``generic.py``). ``dispatch.py`` wraps any of them in one autograd
+Function; ``table.py`` says which cell gets which. This floor imports none of them.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from rnnkit.core import native
+
+# -- buffers shared by the loops ---------------------------------------------------------------------------------
+
+def time_major(xz: Tensor, b_hh: Tensor | None) -> Tensor:
+    """(B, T, G*H) -> a fresh contiguous (T, B, G*H), with ``b_hh`` added if given."""
+    B, T, GH = xz.shape
+    out = torch.empty(T, B, GH, dtype=xz.dtype, device=xz.device)
+    if b_hh is None:
+        out.copy_(xz.transpose(0, 1))
+    else:
+        torch.add(xz.transpose(0, 1), b_hh, out=out)
+    return out
+
+
+def mask_parts(mask: Tensor | None, dtype) -> tuple[Tensor | None, Tensor | None]:
+    """(B, T) bool -> time-major (T, B, 1) bool and the same as ``dtype`` (or ``None, None``)."""
+    if mask is None:
+        return None, None
+    m = mask.t().unsqueeze(-1).contiguous()  # (T, B, 1)
+    return m, m.to(dtype)
+
+
+def grad_out_time_major(grad_out: Tensor | None, like: Tensor, mf: Tensor | None) -> Tensor:
+    """Output gradient (B, T, H) -> (T, B, H), zero at padded steps (outputs there are constant zero)."""
+    if grad_out is None:
+        return torch.zeros_like(like)
+    g = grad_out.transpose(0, 1)
+    return g * mf if mf is not None else g
+
+
+def weight_grads(dz: Tensor, h_prev: Tensor | None, need_w: bool, need_b: bool):
+    """``dW = dz^T h_prev`` and ``db = sum dz`` over all steps at once; dz (T, B, G*H) and h_prev (T, B, H),
+    or both batch-major (``h_prev`` may be None when ``need_w`` is False)."""
+    flat = dz.reshape(-1, dz.shape[-1])
+    dw = flat.t().mm(h_prev.reshape(-1, h_prev.shape[-1])) if need_w else None
+    db = flat.sum(0) if need_b else None
+    return dw, db
+
+
+# -- the kernel contract --------------------------------------------------------------------
+
+class Kernel:
+    """One cell kind's loop over time, forward and backward, in a common signature.
+
+    ``forward(cell, xz, w_hh, b_hh, state, mask, training)``: ``xz`` (B, T, G*H) the input
+    projection of every step, ``state`` the cell's initial state of (B, H) parts, ``mask`` (B, T)
+    bool or ``None``; returns the outputs (B, T, H), the final state's parts and what backward
+    needs (``None`` in inference). ``backward(cell, saved, w_hh, mask, grad_out, grad_state,
+    needs)`` returns ``d xz``, ``d W_hh``, ``d b_hh`` and the initial state's gradients.
+    ``dense_inputs``: whether ``xz`` and ``mask`` must be contiguous (the loops read rows directly).
+    """
+
+    dense_inputs = True
+
+    def forward(self, cell, xz, w_hh, b_hh, state, mask, training):
+        raise NotImplementedError
+
+    def backward(self, cell, saved, w_hh, mask, grad_out, grad_state, needs):
+        raise NotImplementedError
+
+
+def batch_major(result):
+    """A Python loop's (T, B, H) outputs -> (B, T, H), contiguous as torch.nn returns them."""
+    out, final, saved = result
+    return out.transpose(0, 1).contiguous(), final, saved
+
+
+def states_rows(first: Tensor, T: int, training: bool) -> Tensor:
+    """(T+1, B, H) buffer for h_0 .. h_T (or c), h_0 filled in; in inference, where backward needs
+    none of them, (2, B, H) with h_t in row t % 2 (the C++ loops' layout): less memory to touch."""
+    hs = native.buffer((T + 1 if training else 2, *first.shape), first)
+    hs[0] = first
+    return hs
+
+
+def grad_in(grad: Tensor | None, like: Tensor) -> Tensor:
+    """An incoming state gradient as a fresh contiguous buffer the C++ loop may update in place."""
+    return torch.zeros_like(like, memory_format=torch.contiguous_format) if grad is None else grad.clone(
+        memory_format=torch.contiguous_format)
+
+
+def grad_rows(grad_out: Tensor | None) -> Tensor | None:
+    """The output gradient (B, T, H) with a contiguous last dimension (what the C++ loops read)."""
+    if grad_out is None or grad_out.stride(-1) == 1:
+        return grad_out
+    return native.buffer(grad_out.shape, grad_out).copy_(grad_out)
+
+
+def batch_major_states(hs: Tensor) -> Tensor:
+    """h_0 .. h_{T-1} of the time-major states ``hs`` (T+1, B, H) as a batch-major (B*T, H) copy,
+    row for row with a batch-major ``dxz``."""
+    T, B, H = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
+    return native.buffer((B, T, H), hs).copy_(hs[:-1].transpose(0, 1)).view(B * T, H)
+
+
+def native_weight_grads(dhz: Tensor, hs: Tensor, needs: dict):
+    """``weight_grads`` for batch-major ``dhz`` (B, T, G*H) and the time-major states ``hs`` (T+1, B, H)."""
+    return weight_grads(dhz, batch_major_states(hs) if needs["w"] else None, needs["w"], needs["b"])
+

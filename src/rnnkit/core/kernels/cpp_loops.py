@@ -1,0 +1,160 @@
+"""The built-in cells' loops over time in C++ (native.cpp), and the loops that project their input.
+
+The same functions as the Python loops (``python_loops.py``), on the CPU in float32 and float64
+where ``native.ops()`` is built. Their buffers are batch-major like the layer's (no transposes),
+the states time-major; the C++ backward computes every gate derivative from the saved activations
+inside the loop and runs its own recurrent matmul, split across threads by blocks of hidden units,
+each block's gate math right after its product, so the only work here is allocation and the
+batched weight gradients.
+
+``Projection`` is the input projection of all steps into a workspace buffer (training, and the
+GRU's and RNN's inference). In inference the LSTM and a user's compiled cell project their input
+inside the loop instead (``projecting_loop``, on ``loop_weights``).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from rnnkit.core import native
+from rnnkit.core.cells.gru import GRUCell
+from rnnkit.core.cells.rnn import RNNCell
+from rnnkit.core.gates import GatedCell
+from rnnkit.core.kernels.base import Kernel, batch_major_states, grad_in, grad_rows, native_weight_grads, states_rows
+from rnnkit.core.kernels.compiled import compiled_loop, program_gates
+
+
+class Projection(torch.autograd.Function):
+    """``x W^T + b`` for all steps, (B, T, I) -> (B, T, G*H), written into a workspace buffer (F.linear
+    would take a fresh block on every call). Backward is F.linear's: ``dx = g W``, ``dW = g^T x``,
+    ``db = sum g``, with ``dx`` in the workspace too."""
+
+    @staticmethod
+    def forward(ctx, x, w, b):
+        B, T, I = x.shape
+        flat = x.reshape(B * T, I)
+        out = native.buffer((B, T, w.shape[0]), x)  # (B, T, G*H)
+        if b is None:
+            torch.mm(flat, w.t(), out=out.view(B * T, -1))
+        else:
+            torch.addmm(b, flat, w.t(), out=out.view(B * T, -1))
+        ctx.save_for_backward(flat, w)
+        ctx.shape, ctx.has_bias = x.shape, b is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        flat, w = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.mm(g, w, out=native.buffer(flat.shape, flat)).view(ctx.shape)
+        if ctx.needs_input_grad[1]:
+            dw = g.t().mm(flat)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = g.sum(0)
+        return dx, dw, db
+
+
+# -- inference with the input projected inside the loop ----------------------------------------
+
+def loop_weights(cell: GatedCell) -> tuple[Tensor, Tensor]:
+    """``(W_ih, W_hh)`` packed (``pack_linear``) as the C++ loops read them in inference: for the
+    LSTM and a user's compiled cell, whose loops project their input per step (``projecting_loop``),
+    both for the cell's gates (``program_gates``); for the GRU and the RNN, ``W_ih`` for one matmul
+    (``linear_packed``: 1 gate) and ``W_hh`` for their loops. Where the C++ loops run.
+
+    Packed on every call of a whole sequence, as torch's own kernels do: a cache would miss a
+    change written through ``.data``, which bypasses the version counter. The lean stepping path
+    keeps them (step.py), where packing would be a large part of a step."""
+    params = cell._parameters  # not attribute access: nn.Module's __getattr__ is slow
+    w_ih, w_hh = params["weight_ih"], params["weight_hh"]
+    ops = native.ops()
+    with torch.no_grad():
+        if type(cell).combine in (GRUCell.combine, RNNCell.combine):
+            return ops.pack_linear(w_ih, 1), ops.pack_linear(w_hh, cell.num_gates)
+        G = program_gates(cell)
+        return ops.pack_linear(w_ih, G), ops.pack_linear(w_hh, G)
+
+
+def projecting_loop(cell: GatedCell, x: Tensor, weights, state, mask, programs=None):
+    """Inference over (B, T, I) ``x`` in the C++ loop that projects its input per step, on
+    ``loop_weights(cell)``: the LSTM's (``lstm_forward_projecting``), or a user's cell's with its
+    compiled ``programs`` (``pointwise_scan``). ``state``: the cell's (B, H) parts, in x's dtype.
+    Returns the outputs (B, T, H) and the final state's parts, views of buffers that a later call
+    may reuse (copy what is kept)."""
+    w_ih, w_hh = weights
+    if programs is not None:
+        out, final, _ = compiled_loop(programs, x, w_ih, cell.bias_ih, cell.weight_hh, cell.bias_hh, state, mask,
+                                       False, packed_hh=w_hh)
+        return out, final
+    B, T = x.shape[0], x.shape[1]
+    hs, cs = states_rows(state[0], T, False), states_rows(state[1], T, False)
+    out = native.buffer((B, T, cell.hidden_size), x)  # (B, T, H)
+    native.ops().lstm_forward_projecting(x.contiguous(), w_ih, cell.bias_ih, w_hh, cell.bias_hh, hs, cs, out,
+                                         mask.contiguous() if mask is not None else None)
+    return out, (hs[T % 2], cs[T % 2])
+
+
+# -- the built-in cells' loops as kernels ------------------------------------------------------
+
+class CppLSTM(Kernel):
+    def forward(self, cell, xz, w_hh, b_hh, state, mask, training):
+        B, T, G4 = xz.shape
+        hs, cs = states_rows(state[0], T, training), states_rows(state[1], T, training)
+        out = native.buffer((B, T, G4 // 4), xz)
+        gates = native.buffer(xz.shape, xz) if training else None
+        native.ops().lstm_forward(xz, native.ops().pack_linear(w_hh, 4), b_hh, hs, cs, out, gates, mask)
+        last = T % hs.shape[0]
+        return out, (hs[last], cs[last]), (gates, hs, cs)
+
+    def backward(self, cell, saved, w_hh, mask, grad_out, grad_state, needs):
+        gates, hs, cs = saved
+        dh, dc = grad_in(grad_state[0], hs[0]), grad_in(grad_state[1], cs[0])
+        dxz = native.buffer(gates.shape, gates)
+        native.ops().lstm_backward(gates, cs, grad_rows(grad_out), w_hh, dh, dc, dxz, mask)
+        dw, db = native_weight_grads(dxz, hs, needs)
+        return dxz, dw, db, (dh, dc)
+
+
+class CppGRU(Kernel):
+    def forward(self, cell, xz, w_hh, b_hh, state, mask, training):
+        B, T, G3 = xz.shape
+        hs = states_rows(state[0], T, training)
+        out = native.buffer((B, T, G3 // 3), xz)
+        gates, hzn = (native.buffer(xz.shape, xz), native.buffer(out.shape, out)) if training else (None, None)
+        native.ops().gru_forward(xz, native.ops().pack_linear(w_hh, 3), b_hh, hs, out, gates, hzn, mask)
+        return out, (hs[T % hs.shape[0]],), (gates, hzn, hs)
+
+    def backward(self, cell, saved, w_hh, mask, grad_out, grad_state, needs):
+        gates, hzn, hs = saved
+        dh = grad_in(grad_state[0], hs[0])
+        dxz, dhn = native.buffer(gates.shape, gates), native.buffer(hzn.shape, hzn)  # d hz's r, z parts are d xz's; its n part
+        native.ops().gru_backward(gates, hzn, hs, grad_rows(grad_out), w_hh, dh, dxz, dhn, mask)
+        H = hzn.shape[-1]
+        rz = dxz.view(-1, 3 * H)[:, : 2 * H]  # a strided view, no copy
+        dw = None
+        if needs["w"]:
+            h_prev = batch_major_states(hs)
+            dw = torch.cat((rz.t().mm(h_prev), dhn.view(-1, H).t().mm(h_prev)))
+        db = torch.cat((rz.sum(0), dhn.view(-1, H).sum(0))) if needs["b"] else None
+        return dxz, dw, db, (dh,)
+
+
+class CppRNN(Kernel):
+    def forward(self, cell, xz, w_hh, b_hh, state, mask, training):
+        B, T, H = xz.shape
+        hs = states_rows(state[0], T, training)
+        out = native.buffer(xz.shape, xz)
+        native.ops().rnn_forward(xz, native.ops().pack_linear(w_hh, 1), b_hh, hs, out, mask, cell.nonlinearity == "relu")
+        return out, (hs[T % hs.shape[0]],), (hs,)
+
+    def backward(self, cell, saved, w_hh, mask, grad_out, grad_state, needs):
+        (hs,) = saved
+        dh = grad_in(grad_state[0], hs[0])
+        T, B, H = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
+        dxz = native.buffer((B, T, H), hs)
+        native.ops().rnn_backward(hs, grad_rows(grad_out), w_hh, dh, dxz, mask, cell.nonlinearity == "relu")
+        dw, db = native_weight_grads(dxz, hs, needs)
+        return dxz, dw, db, (dh,)
+

@@ -1,0 +1,62 @@
+"""One autograd Function for every kernel: ``fused_scan`` runs a cell over time through a given kernel.
+
+``scan_reference`` (core/scan.py) steps a cell with autograd, which records about ten nodes per
+step and computes the recurrent weight gradient as T small matmuls. Here one (layer, direction) is
+one ``torch.autograd.Function`` whose backward through time is the kernel's own (``base.Kernel``):
+``d xz`` goes back to autograd, so ``d W_ih`` is one matmul too (the projection's backward). In
+inference the kernel's forward runs alone, under ``no_grad``. Which kernel a cell gets is decided
+by the routing table (core/routing.py) from the kernel table (``table.py``); this module takes it
+as given.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from rnnkit.core.gates import GatedCell
+from rnnkit.core.kernels.base import Kernel
+
+
+class FusedScan(torch.autograd.Function):
+    """``scan`` of one cell over (B, T, G*H) with the backward through time written by hand."""
+
+    @staticmethod
+    def forward(ctx, kernel, cell, mask, xz, w_hh, b_hh, *state):
+        with torch.autocast(xz.device.type, enabled=False):
+            out, final, saved = kernel.forward(cell, xz, w_hh, b_hh, cell.State(*state), mask, True)
+        ctx.kernel, ctx.cell, ctx.saved, ctx.mask = kernel, cell, saved, mask
+        ctx.save_for_backward(w_hh)  # the kernels keep what else they need in ``saved``
+        ctx.set_materialize_grads(False)  # every kernel takes None for an output no gradient reached
+        return (out, *(s.clone() for s in final))
+
+    @staticmethod
+    def backward(ctx, grad_out, *grad_state):
+        (w_hh,) = ctx.saved_tensors
+        needs = {"w": ctx.needs_input_grad[4], "b": ctx.needs_input_grad[5]}
+        with torch.autocast(w_hh.device.type, enabled=False):
+            dxz, dw, db, dstate = ctx.kernel.backward(
+                ctx.cell, ctx.saved, w_hh, ctx.mask, grad_out, grad_state, needs
+            )
+        return (None, None, None, dxz, dw, db, *dstate)
+
+
+def fused_scan(cell: GatedCell, xz: Tensor, state: NamedTuple, mask: Tensor | None, kernel: Kernel):
+    """``scan_reference(cell, xz, state, mask)``'s function through ``kernel``: the outputs (B, T, H)
+    and the final state. ``xz`` (B, T, G*H) may arrive in half precision under autocast; the
+    recurrence runs in the weights' dtype."""
+    w_hh, b_hh = cell.weight_hh, cell.bias_hh
+    dtype = w_hh.dtype
+    if xz.dtype != dtype:  # autocast: the input projection may arrive in half precision
+        xz = xz.to(dtype)
+    state = tuple(s.to(dtype) for s in state)
+    if kernel.dense_inputs:  # the loops read rows directly: dense buffers (a no-op when they are)
+        xz, mask = xz.contiguous(), mask.contiguous() if mask is not None else None
+    tensors = (xz, w_hh, b_hh, *state)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        out, *final = FusedScan.apply(kernel, cell, mask, xz, w_hh, b_hh, *state)
+        return out, cell.State(*final)
+    with torch.no_grad(), torch.autocast(xz.device.type, enabled=False):
+        out, final, _ = kernel.forward(cell, xz, w_hh, b_hh, cell.State(*state), mask, False)
+    return out, cell.State(*(s.clone() for s in final))  # clones: the states buffer is not kept alive

@@ -1,0 +1,490 @@
+"""Which implementation runs a layer call: the routing table, in one function.
+
+``choose_route(layer, x, state, lengths)`` returns the :class:`Route` that ``Recurrent.forward``
+runs, from what the caller can see: the device and dtype, whether gradients are wanted, autocast
+and functorch, the shapes, the cell and the layer's options. ``explain(layer, x)`` (``rnnkit.explain``)
+returns the same choice without running anything, with the reason every earlier route was passed
+over; each call's route is also logged at DEBUG level on the ``rnnkit.routing`` logger. Every route
+computes the same function (the tests hold each to ``reference``); they differ in speed only.
+
+The table, tried in order; the first route that can compute the call, and that measured fastest
+where that is the question, is taken:
+
+1. ``step-loops``: one step of each cell through the C++ loops with T = 1, weights packed once and
+   cached (step.py). Taken for one step (T = 1) with a carried state, no lengths, gradients off and
+   no autocast, on the CPU in float32/float64 where the C++ loops are built; at batch 1 only where
+   a cell of the stack steps faster so (``loops_step_faster``: not the RNN, a user's cell from
+   ``LOOPS_MIN_USER_WEIGHTS``).
+2. ``step-matmul``: one step through ``[x, h] @ [W_ih, W_hh]`` packed once and cached, then the gate
+   math in torch ops; at batch 1 on the CPU the C++ matrix-vector kernels (step.py). Any other such
+   step.
+3. ``torch-kernel``: the whole stack in torch's own kernel, oneDNN's LSTM on the CPU and cuDNN on
+   CUDA (kernels/vendor.py). A stack of one built-in cell as shipped, no dropout in training, no
+   functorch; on CUDA always (with lengths, its packed-sequence kernel, ``PACKED_DEVICES``); on the
+   CPU in float32 without autocast or lengths, the LSTM where the C++ loops measured slower
+   (``lstm_loops_faster``) and the GRU and RNN in inference where the C++ loops are not built.
+4. ``cpp-projecting``: inference in the C++ loop that projects its input per step
+   (kernels/cpp_loops.py). Gradients not wanted, the CPU in float32/float64 where the C++ loops are
+   built, no autocast; the LSTM, or a user's cell whose ``combine`` compiles.
+5. ``cpp-loops``: a built-in cell's C++ loop over time, its backward in C++ too
+   (kernels/cpp_loops.py). A built-in cell on the CPU in float32/float64 where the loops are built.
+6. ``cpp-compiled``: a user's ``combine`` compiled to a program and run over time in C++
+   (kernels/compiled.py). A user's cell (only ``combine`` changed) whose ``combine`` compiles, where
+   ``cpp-loops`` would run.
+7. ``python-loops``: a built-in cell's loop over time in torch ops, its backward written by hand
+   (kernels/python_loops.py). A built-in cell anywhere else: another device or dtype, the C++ loops
+   not built.
+8. ``generic``: a user's ``combine`` stepped in torch ops, the backward through time one autograd
+   call (kernels/generic.py). A user's cell that changes only ``combine``, anywhere else.
+9. ``reference``: ``cell.project_input``, then ``cell.step`` over time with autograd (core/scan.py).
+   Anything else: a cell that rewrites ``step`` or a projection or has parameters of its own, a
+   stack of mixed cell classes, a call inside a functorch transform (vmap, grad).
+
+The measurements behind the thresholds (development machine, 2 threads, alternated pairs):
+
+- ``lstm_loops_faster``: the C++ loops against oneDNN's LSTM on the CPU (float32) over batch 1-64,
+  H 128 and 512, T 64 and 256. Inference: the C++ loops everywhere, with the projection inside the
+  loop 1.04-2.06x up to batch x hidden 1024 and a draw beyond (0.97-1.06x at T=64). Training: the
+  C++ loops for a small step, batch x hidden <= ``NATIVE_LSTM_MAX_STATE`` (1.04-1.64x; a draw at
+  2048, 0.93-1.03x), and where the gates (T x B x 4H values) pass ``NATIVE_LSTM_MIN_TRAIN_GATES``
+  (1.03-1.49x), where oneDNN slows as its workspace leaves the cache; between the two oneDNN trains
+  5-14% faster. With the input's gradient taken (which oneDNN computes anyway): the C++ loops
+  1.07-1.42x above these lines, 0.83-0.91x at 32 and 64 x 128 x 64 below them.
+- GRU and RNN: the C++ loops beat torch's kernels on the CPU in training and inference; where they
+  are not built, torch's kernel wins inference over the Python loops.
+- CUDA with lengths (``PACKED_DEVICES``): torch.nn's packed path measured 1.6-2.5x faster than the
+  per-step loop (H100, B=64, H=512, T=256, training); routed, rnnkit runs at 0.95-0.96x of it. On
+  the CPU torch's packed path is slow, so lengths keep rnnkit's kernels there.
+- cpp-projecting against projecting beforehand (one matmul, then the loop), LSTM, batch 1-64,
+  H 128 and 512: 1.03-1.27x.
+- step-loops against step-matmul (tokens alternated in one process): batch 2, 8 and 64, 2 layers of
+  256 and of 512: LSTM 1.6-4.3x, GRU 1.35-3.2x, RNN 1.06-1.6x, a user's LSTM cell 1.5-5.1x. Batch 1:
+  LSTM 1.02-1.50x and GRU 1.09-1.64x (1 layer of 64 to 3 of 512); the RNN 0.75-0.86x, so it steps
+  batch 1 through step-matmul; a user's LSTM cell 0.90-0.93x at 1 x 64, 1.00-1.08x at 2 x 128,
+  1.08-1.12x at 2 x 256 and 1.37-1.53x at 3 x 512, so at batch 1 a user's cell takes step-loops from
+  ``LOOPS_MIN_USER_WEIGHTS`` weights (W_ih and W_hh) in a layer.
+
+Choices inside a route, each a kernel's own and documented where it is made: step-matmul's
+matrix-vector kernels up to ``step.NATIVE_MAX_BYTES``; the generic kernel's recurrent matmul
+(rnnkit's blocked matmul, oneDNN from ``generic.DNN_MIN_MACS``, or at::mm); buffers from the C++
+workspace from ``native.WORKSPACE_MIN_BYTES``.
+
+Choosing a route: ``with routing.force("reference"):`` runs every layer call inside the block
+through that route (a ``contextvars.ContextVar``: scoped to the block, the thread and the task);
+a route that cannot compute a call raises ``ValueError`` saying why. Tests and the benchmark use
+it to compare routes. A new route is one ``Route`` entry in ``ROUTES``: its name, what it runs,
+when it is taken, ``supports`` (``None`` where it can compute a call, else why not), ``faster``
+and ``run`` (for a route that runs each cell over time, ``stack.per_cell(scan)``).
+
+>>> import torch, rnnkit
+>>> lstm = rnnkit.LSTM(8, 16)
+>>> rnnkit.explain(lstm, torch.randn(4, 10, 8)).name in ("cpp-loops", "torch-kernel", "python-loops")
+True
+>>> with rnnkit.routing.force("reference"):
+...     out, _ = lstm(torch.randn(4, 10, 8))
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from rnnkit.core import native, pointwise, stack, step
+from rnnkit.core.cells.gru import GRUCell
+from rnnkit.core.cells.lstm import LSTMCell
+from rnnkit.core.cells.rnn import RNNCell
+from rnnkit.core.gates import only_combine_customised
+from rnnkit.core.kernels.base import Kernel
+from rnnkit.core.kernels.table import GENERIC, KERNELS, kernel_for
+from rnnkit.core.kernels.vendor import VENDOR
+
+LOG = logging.getLogger("rnnkit.routing")
+
+NATIVE_LSTM_MAX_STATE = 1024  # batch x hidden: LSTM training at or below this runs the C++ loops
+NATIVE_LSTM_MIN_TRAIN_GATES = 2 << 20  # T x B x 4H: LSTM training above this runs the C++ loops
+PACKED_DEVICES = ("cuda",)  # where a built-in stack with lengths runs torch's packed-sequence kernel
+LOOPS_MIN_USER_WEIGHTS = 1 << 18  # W_ih + W_hh elements: a user's cell steps batch 1 through the loops from here
+
+
+def functorch_active() -> bool:
+    """Whether a functorch transform (vmap, grad, ...) is running: only the reference runs there."""
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active and active())
+
+
+class Call:
+    """What a route is chosen from: the call's arguments and the facts about them, computed once."""
+
+    __slots__ = ("B", "T", "_programs", "autocast", "combine", "full", "functorch", "grad", "kernel", "layer", "lean",
+                 "lengths", "native", "state", "x")
+    lean: str | None  # None where the lean one-step path can take the call, else why not
+    B: int
+    T: int
+    kernel: Kernel | None  # the stack's kernel (kernels/table.py), None: the reference only
+    combine: Callable  # the cells' combine
+    grad: bool  # gradients wanted: grad mode on and x, a weight or the state requires them
+    native: bool  # the C++ loops run on x (the CPU, float32/float64, built), no functorch
+    autocast: bool  # autocast on for x's device
+    functorch: bool  # inside a functorch transform
+
+    def __init__(self, layer, x, state, lengths):
+        self.layer, self.x, self.state, self.lengths = layer, x, state, lengths
+        self.full = False  # the facts below ``lean`` computed (``_complete``)
+        self._programs: object = ()  # the compiled combine once looked up (``_programs``)
+
+
+# -- the facts ---------------------------------------------------------------------------------
+
+def _lean(layer, x, state, lengths) -> str | None:
+    if state is None:
+        return "no state carried"
+    if lengths is not None:
+        return "lengths given"
+    if torch.is_grad_enabled():
+        return "gradients are on"
+    return lean_step(layer, x, state)
+
+
+def lean_step(layer, x, state) -> str | None:
+    """``None`` where a call with a carried state, no lengths and gradients off is one step the lean
+    path (step.py) can take as it is, else why not (the general routes then validate and name a
+    problem)."""
+    if not isinstance(x, Tensor) or x.dim() != 3:
+        return "x is not a (B, T, I) tensor"
+    if layer.batch_first:
+        B, T, I = x.shape
+    else:
+        T, B, I = x.shape
+    cells = layer.cells
+    ref = cells[0]._parameters["weight_ih"]  # not attribute access: nn.Module's __getattr__ is slow
+    if T != 1:
+        return "more than one step"
+    if B == 0 or layer.input_size != I or x.dtype != ref.dtype or x.device != ref.device:
+        return "x does not match the layer"
+    if torch.is_autocast_enabled(x.device.type):  # its linears would come back in half precision
+        return "autocast is on"
+    if functorch_active():
+        return "inside a functorch transform"
+    parts = (state,) if isinstance(state, Tensor) else tuple(state)
+    rows, H = len(cells), layer.hidden_size
+    if len(parts) != len(layer.State._fields) or any(
+        not isinstance(p, Tensor) or p.shape != (rows, B, H) or p.dtype != x.dtype or p.device != x.device
+        for p in parts
+    ):
+        return "the state does not match the layer"
+    if not all(map(only_combine_customised, cells)):  # the steppers run the weights themselves
+        return "a cell changes more than combine"
+    return None
+
+
+def validate(layer, x) -> None:
+    """The checks of ``x`` every whole-sequence route relies on, with messages for the user."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    layout = "(B, T, input_size)" if layer.batch_first else "(T, B, input_size)"
+    if x.dim() != 3 or x.shape[2] != layer.input_size:
+        raise ValueError(f"x must have shape {layout} with input_size={layer.input_size}, got {tuple(x.shape)}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    ref = layer.cells[0].weight_ih
+    if x.device != ref.device:
+        raise ValueError(f"x is on {x.device} but the layer's parameters are on {ref.device}")
+    if x.dtype != ref.dtype:
+        raise TypeError(f"x has dtype {x.dtype} but the layer's parameters have dtype {ref.dtype}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"x must have at least one sequence and one step, got shape {tuple(x.shape)}")
+
+
+def _complete(call: Call) -> Call:
+    """The facts the whole-sequence routes need (``x`` validated first)."""
+    layer, x = call.layer, call.x
+    validate(layer, x)
+    cells = layer.cells
+    call.B, call.T = (x.shape[0], x.shape[1]) if layer.batch_first else (x.shape[1], x.shape[0])
+    first = cells[0]
+    same = all(type(c) is type(first) for c in cells)
+    call.kernel = kernel_for(first) if same and all(map(only_combine_customised, cells)) else None
+    call.combine = type(first).combine
+    call.functorch = functorch_active()
+    call.autocast = torch.is_autocast_enabled(x.device.type)
+    call.native = not call.functorch and native.ops_for(x) is not None
+    state = call.state
+    parts = (state,) if isinstance(state, Tensor) else tuple(state) if isinstance(state, (tuple, list)) else ()
+    call.grad = torch.is_grad_enabled() and (
+        x.requires_grad
+        or any(p.requires_grad for c in cells for p in c._parameters.values() if p is not None)
+        or any(isinstance(p, Tensor) and p.requires_grad for p in parts)
+    )
+    call.full = True
+    return call
+
+
+def _programs(call: Call):
+    """The user's cell's compiled ``combine`` (core/pointwise.py), or ``None``; looked up once a call."""
+    if call._programs == ():
+        call._programs = pointwise.compiled(call.layer.cells[0]) if call.kernel is GENERIC and call.native else None
+    return call._programs
+
+
+def _builtin(call: Call) -> bool:
+    return call.kernel is not None and call.kernel is KERNELS.get(call.combine)
+
+
+def lstm_loops_faster(call: Call) -> bool:
+    """Whether an LSTM stack runs this call faster on the C++ loops than on oneDNN (measured: above)."""
+    B, T, H = call.B, call.T, call.layer.hidden_size
+    return not call.grad or B * H <= NATIVE_LSTM_MAX_STATE or T * B * 4 * H > NATIVE_LSTM_MIN_TRAIN_GATES
+
+
+def loops_step_faster(cell) -> bool:
+    """Whether ``cell`` steps batch 1 faster through step-loops than step-matmul (measured: above)."""
+    combine = type(cell).combine
+    if combine in (LSTMCell.combine, GRUCell.combine, RNNCell.combine):
+        return combine is not RNNCell.combine
+    return cell.weight_ih.numel() + cell.weight_hh.numel() >= LOOPS_MIN_USER_WEIGHTS
+
+
+# -- each route's conditions: supports (None or why not) and faster ------------------------------
+
+def _step_loops_supports(call: Call) -> str | None:
+    if call.lean is not None:
+        return call.lean
+    x = call.x
+    if native.ops_for(x) is None:
+        return "the C++ loops do not run here (the CPU, float32/float64, built)"
+    if any(p.dtype != x.dtype for p in step.weights(call.layer.cells)):
+        return "the weights' dtypes differ from x's"
+    return None
+
+
+def _step_loops_faster(call: Call) -> bool:
+    x = call.x
+    return (x.shape[0] if call.layer.batch_first else x.shape[1]) > 1 or any(map(loops_step_faster, call.layer.cells))
+
+
+def _step_matmul_supports(call: Call) -> str | None:
+    return call.lean
+
+
+def _vendor_supports(call: Call) -> str | None:
+    layer = call.layer
+    if not _builtin(call) or call.combine not in VENDOR:
+        return "not a stack of one built-in cell as shipped"
+    if layer.training and layer.dropout > 0:
+        return "dropout in training (torch's kernel draws another random stream)"
+    if call.functorch:
+        return "inside a functorch transform"
+    device = call.x.device.type
+    if device == "cpu":
+        if call.autocast:
+            return "CPU autocast"
+        if call.x.dtype not in native.FLOATS:
+            return "not float32/float64"
+    elif device != "cuda":
+        return f"no torch kernel routed on {device}"
+    return None
+
+
+def _vendor_faster(call: Call) -> bool:
+    device = call.x.device.type
+    if call.lengths is not None and device not in PACKED_DEVICES:
+        return False
+    if device != "cpu":
+        return True
+    if call.x.dtype != torch.float32:
+        return False
+    if call.combine is LSTMCell.combine:
+        return torch.backends.mkldnn.is_available() and not (native.ops() is not None and lstm_loops_faster(call))
+    return not call.grad and native.ops() is None  # the C++ loops beat torch's GRU and RNN
+
+
+def _cpp_projecting_supports(call: Call) -> str | None:
+    if call.grad:
+        return "gradients are wanted"
+    if not call.native or call.autocast:
+        return "the C++ loops do not run here (the CPU, float32/float64, built, no autocast)"
+    if call.kernel is KERNELS[LSTMCell.combine] or (call.kernel is GENERIC and _programs(call) is not None):
+        return None
+    return "neither the LSTM nor a user's cell whose combine compiles"
+
+
+def _cpp_loops_supports(call: Call) -> str | None:
+    if not _builtin(call):
+        return "not a built-in cell as shipped"
+    return None if call.native else "the C++ loops do not run here (the CPU, float32/float64, built)"
+
+
+def _cpp_compiled_supports(call: Call) -> str | None:
+    if call.kernel is not GENERIC:
+        return "not a user's cell that changes only combine"
+    if not call.native:
+        return "the C++ loops do not run here (the CPU, float32/float64, built)"
+    return None if _programs(call) is not None else "its combine does not compile (core/pointwise.py)"
+
+
+def _python_loops_supports(call: Call) -> str | None:
+    if not _builtin(call):
+        return "not a built-in cell as shipped"
+    return "inside a functorch transform" if call.functorch else None
+
+
+def _generic_supports(call: Call) -> str | None:
+    if call.kernel is not GENERIC:
+        return "not a user's cell that changes only combine"
+    return "inside a functorch transform" if call.functorch else None
+
+
+def _always(call: Call):
+    return None
+
+
+def _yes(call: Call) -> bool:
+    return True
+
+
+# -- the table -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Route:
+    """One implementation of a layer call: its name, what it runs, when the table takes it."""
+
+    name: str  # what ``force`` and ``explain`` call it
+    runs: str  # the implementation, in words
+    when: str  # the condition the table takes it under, in words
+    supports: Callable[[Call], str | None] = field(repr=False, compare=False)  # None: it can compute the call
+    faster: Callable[[Call], bool] = field(repr=False, compare=False)  # where it measured fastest
+    run: Callable = field(repr=False, compare=False)  # (layer, x, state, lengths) -> (output, state)
+    step: bool = False  # runs only the lean one-step calls (the call's facts for the others not needed)
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.runs}"
+
+
+ROUTES: tuple[Route, ...] = (
+    Route("step-loops", "one step of each cell through the C++ loops with T = 1, weights packed once",
+          "one step with a carried state, gradients off, on the CPU where the C++ loops are built",
+          _step_loops_supports, _step_loops_faster,
+          lambda layer, x, state, lengths: step.step_layers(layer, x, state, loops=True), step=True),
+    Route("step-matmul", "one step through [x, h] @ [W_ih, W_hh] packed once, then the gate math in torch ops",
+          "one step with a carried state and gradients off",
+          _step_matmul_supports, _yes,
+          lambda layer, x, state, lengths: step.step_layers(layer, x, state, loops=False), step=True),
+    Route("torch-kernel", "the whole stack in torch's own kernel (oneDNN's LSTM on the CPU, cuDNN on CUDA)",
+          "a built-in cell as shipped, where torch's kernel measured fastest",
+          _vendor_supports, _vendor_faster, stack.run_vendor),
+    Route("cpp-projecting", "inference in the C++ loop that projects its input per step",
+          "inference on the CPU where the C++ loops are built: the LSTM or a user's compiled cell",
+          _cpp_projecting_supports, _yes, stack.per_cell(stack.scan_cpp_projecting)),
+    Route("cpp-loops", "a built-in cell's C++ loop over time, backward in C++",
+          "a built-in cell on the CPU where the C++ loops are built",
+          _cpp_loops_supports, _yes, stack.per_cell(stack.scan_cpp)),
+    Route("cpp-compiled", "a user's combine compiled to a program, run over time in C++",
+          "a user's cell whose combine compiles, on the CPU where the C++ loops are built",
+          _cpp_compiled_supports, _yes, stack.per_cell(stack.scan_cpp_compiled)),
+    Route("python-loops", "a built-in cell's loop over time in torch ops, backward written by hand",
+          "a built-in cell where the C++ loops do not run",
+          _python_loops_supports, _yes, stack.per_cell(stack.scan_python)),
+    Route("generic", "a user's combine stepped in torch ops, backward through time by one autograd call",
+          "a user's cell that changes only combine, where it does not compile",
+          _generic_supports, _yes, stack.per_cell(stack.scan_generic)),
+    Route("reference", "cell.project_input, then cell.step over time with autograd (the specification)",
+          "anything else: a cell that changes step, a projection or has parameters of its own; functorch",
+          _always, _yes, stack.per_cell(stack.scan_cell_reference)),
+)
+ROUTE_NAMES = {route.name: route for route in ROUTES}
+
+_FORCED: contextvars.ContextVar[Route | None] = contextvars.ContextVar("rnnkit_forced_route", default=None)
+
+
+@contextlib.contextmanager
+def force(name: str) -> Iterator[Route]:
+    """Run every layer call inside the block through the route ``name`` (one of ``ROUTE_NAMES``).
+
+    Scoped to the block and to the thread or task that entered it. A call the route cannot
+    compute raises ``ValueError`` with the reason, rather than quietly taking another route.
+    """
+    if name not in ROUTE_NAMES:
+        raise ValueError(f"unknown route {name!r}; routes: {', '.join(ROUTE_NAMES)}")
+    token = _FORCED.set(ROUTE_NAMES[name])
+    try:
+        yield ROUTE_NAMES[name]
+    finally:
+        _FORCED.reset(token)
+
+
+def choose_route(layer, x, state=None, lengths=None) -> Route:
+    """The route ``layer(x, state, lengths)`` runs (the table in this module's docstring).
+
+    Raises what the layer call would raise for a malformed ``x``; ``state`` and ``lengths`` are
+    validated by the route that runs."""
+    call = Call(layer, x, state, lengths)
+    call.lean = _lean(layer, x, state, lengths)
+    forced = _FORCED.get()
+    if forced is not None:
+        if not forced.step:
+            _complete(call)
+        why = forced.supports(call)
+        if why is not None:
+            raise ValueError(f"route {forced.name!r} cannot run this call: {why}")
+        route = forced
+    else:
+        route = _choose(call)
+    if LOG.isEnabledFor(logging.DEBUG):
+        LOG.debug("%s: %s", type(layer).__name__, route.name)
+    return route
+
+
+def _choose(call: Call, passed: list | None = None) -> Route:
+    for route in ROUTES:
+        if not route.step and not call.full:
+            _complete(call)
+        why = route.supports(call)
+        if why is None and route.faster(call):
+            return route
+        if passed is not None:
+            passed.append((route.name, why if why is not None else "measured slower here"))
+    raise AssertionError("the reference route takes every call")  # unreachable: reference supports all
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """The route of one call and why each route before it in the table was passed over."""
+
+    route: Route
+    passed: tuple[tuple[str, str], ...]  # (route name, why not), in the table's order
+
+    @property
+    def name(self) -> str:
+        return self.route.name
+
+    def __str__(self) -> str:
+        lines = [f"{self.route.name}: {self.route.runs}", f"  taken: {self.route.when}"]
+        lines += [f"  not {name}: {why}" for name, why in self.passed]
+        return "\n".join(lines)
+
+
+def explain(layer, x, state=None, lengths=None) -> Explanation:
+    """Which route ``layer(x, state, lengths)`` would run, and why, without running it.
+
+    ``str()`` of the result reads as a few lines; ``.name`` is the route's name. Inside
+    ``force(name)`` it is the forced route (or the ``ValueError`` the call would raise).
+
+    >>> import torch, rnnkit
+    >>> gru = rnnkit.GRU(4, 8).eval()
+    >>> _, h = gru(torch.randn(1, 3, 4))
+    >>> with torch.no_grad():
+    ...     print(rnnkit.explain(gru, torch.randn(1, 1, 4), h).name in ("step-loops", "step-matmul"))
+    True
+    """
+    if _FORCED.get() is not None:
+        return Explanation(choose_route(layer, x, state, lengths), ())
+    call = Call(layer, x, state, lengths)
+    call.lean = _lean(layer, x, state, lengths)
+    passed: list = []
+    route = _choose(call, passed)
+    return Explanation(route, tuple(passed))
