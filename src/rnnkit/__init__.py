@@ -1,4 +1,5 @@
-"""rnnkit: recurrent neural networks on PyTorch, built from the seed deck's gate primitive.
+"""rnnkit: recurrent neural networks on PyTorch: fast RNN, LSTM and GRU layers, and cells of your
+own, each built from one gate primitive, act(x A + h B + b).
 
 >>> import torch, rnnkit
 >>> out, (h, c) = rnnkit.LSTM(8, 16)(torch.randn(2, 5, 8))
