@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.nn import functional as F
 
-from rnnkit.core import parallel_scan
+import rnnkit
+from rnnkit.core import parallel_scan, routing
 from rnnkit.core.cells import CELLS, MinGRUCell, MinLSTMCell
 from rnnkit.core.functional import length_mask
 from rnnkit.core.gates import HiddenState
@@ -202,3 +203,36 @@ def test_layer_gradients_float64(cell_class):
         return out, h
 
     assert torch.autograd.gradcheck(f, (x, h0, *[p.detach().clone().requires_grad_() for p in params]))
+
+
+@pytest.mark.parametrize("cell_class", SCAN_CELLS)
+def test_layers_of_scan_cells_take_the_parallel_scan_route(cell_class):
+    layer = Recurrent(cell_class, input_size=3, hidden_size=4, num_layers=2)
+    x = torch.randn(2, 5, 3)
+    assert rnnkit.explain(layer, x).name == "parallel-scan"
+    with torch.no_grad():  # one step with a carried state too: O(1), no lean path needed
+        assert rnnkit.explain(layer, x[:, :1], torch.zeros(2, 2, 4)).name == "parallel-scan"
+
+
+@pytest.mark.parametrize("cell_class", SCAN_CELLS)
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_parallel_scan_route_equals_the_reference_route(cell_class, batch_first):
+    """Outputs, state and every gradient, with lengths, both directions, two layers and a state in."""
+    layer = Recurrent(cell_class, input_size=3, hidden_size=4, num_layers=2, bidirectional=True,
+                      batch_first=batch_first).double()
+    x = torch.randn(4, 7, 3, dtype=torch.float64) if batch_first else torch.randn(7, 4, 3, dtype=torch.float64)
+    x.requires_grad_()
+    h0 = torch.randn(4, 4, 4, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([7, 3, 1, 6])
+
+    def run():
+        out, h = layer(x, h0, lengths=lengths)
+        loss = (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum() + h.pow(2).sum()
+        return (out, h, *torch.autograd.grad(loss, [x, h0, *layer.parameters()]))
+
+    assert rnnkit.explain(layer, x, h0, lengths).name == "parallel-scan"
+    fast = run()
+    with routing.force("reference"):
+        slow = run()
+    for got, want in zip(fast, slow):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)

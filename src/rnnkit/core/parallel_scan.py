@@ -100,7 +100,8 @@ class _StepScan(torch.autograd.Function):
         z, g, hs = (torch.empty(B, T, H, dtype=k.dtype, device=k.device) for _ in range(3))
         valid = mask[:, :, None].to(k.dtype).unbind(1) if mask is not None else [None] * T
         h = h0
-        for k_t, v_t, m_t, z_t, g_t, h_t in zip(k.unbind(1), v.unbind(1), valid, z.unbind(1), g.unbind(1), hs.unbind(1)):
+        steps = zip(k.unbind(1), v.unbind(1), valid, z.unbind(1), g.unbind(1), hs.unbind(1))
+        for k_t, v_t, m_t, z_t, g_t, h_t in steps:
             torch.sigmoid(k_t, out=z_t)
             if m_t is not None:
                 z_t.mul_(m_t)  # a padded step: z = 0, the state carried
@@ -158,3 +159,11 @@ def scan(cell, xz: Tensor, state: NamedTuple, mask: Tensor | None, *, log_space:
     final = hs[:, -1]  # a padded step carries the state, so the last step holds each sequence's own
     out = hs * mask[:, :, None] if mask is not None else hs
     return out, type(state)(final)
+
+
+def scan_layer(cell, x: Tensor, state: NamedTuple, mask: Tensor | None) -> tuple[Tensor, NamedTuple]:
+    """The ``parallel-scan`` route's scan of one (layer, direction): ``x`` (B, T, I) projected in one
+    matmul, then ``scan``. Under autocast the projection may come back in half precision: the scan
+    runs in the weights' dtype."""
+    xz = cell.project_input(x)  # (B, T, G*H)
+    return scan(cell, xz.to(cell.weight_ih.dtype), state, mask)
