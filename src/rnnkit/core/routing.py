@@ -10,6 +10,18 @@ computes the same function (the tests hold each to ``reference``); they differ i
 The table, tried in order; the first route that can compute the call, and that measured fastest
 where that is the question, is taken:
 
+0. ``traced-ops``: while ``torch.compile``, ``torch.export`` or ``torch.onnx.export(dynamo=True)``
+   traces the call (``torch.compiler.is_compiling()``), a built-in cell's loop over time is one
+   registered operator per (layer, direction) (core/ops.py: ``torch.ops.rnnkit.lstm_scan`` and its
+   training and backward twins), the input projection, lengths, directions and dropout torch ops
+   around it: a graph with symbolic batch size and length, the same kernels inside. Under that
+   tracer only this route and ``reference`` (a user's cell, stepped in torch ops: the graph holds
+   one copy of the step per time step, so each new length is traced again) are taken. Under
+   ``torch.jit.trace`` (which ``torch.onnx.export(dynamo=False)`` runs) only ``torch-kernel`` is
+   taken, whose ``aten::lstm``/``gru``/``rnn_*`` node runs at any batch size and length and
+   exports to ONNX's LSTM/GRU/RNN; a call it cannot take (lengths, a user's cell, dropout in
+   training) raises ``RuntimeError`` rather than record a graph that would be wrong at another
+   shape or with other inputs.
 1. ``step-loops``: one step of each cell through the C++ loops with T = 1, weights packed once and
    cached (step.py). Taken for one step (T = 1) with a carried state, no lengths, gradients off and
    no autocast, on the CPU in float32/float64 where the C++ loops are built; at batch 1 only where
@@ -94,7 +106,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from rnnkit.core import native, pointwise, stack, step
+from rnnkit.core import native, ops, pointwise, stack, step
 from rnnkit.core.cells.gru import GRUCell
 from rnnkit.core.cells.lstm import LSTMCell
 from rnnkit.core.cells.rnn import RNNCell
@@ -121,7 +133,7 @@ class Call:
     """What a route is chosen from: the call's arguments and the facts about them, computed once."""
 
     __slots__ = ("B", "T", "_programs", "autocast", "combine", "full", "functorch", "grad", "kernel", "layer", "lean",
-                 "lengths", "native", "state", "x")
+                 "lengths", "native", "state", "tracer", "x")
     lean: str | None  # None where the lean one-step path can take the call, else why not
     B: int
     T: int
@@ -131,14 +143,33 @@ class Call:
     native: bool  # the C++ loops run on x (the CPU, float32/float64, built), no functorch
     autocast: bool  # autocast on for x's device
     functorch: bool  # inside a functorch transform
+    tracer: str | None  # which PyTorch tracer records the call (``tracer()``), None in an eager call
 
     def __init__(self, layer, x, state, lengths):
         self.layer, self.x, self.state, self.lengths = layer, x, state, lengths
+        self.tracer = tracer()
         self.full = False  # the facts below ``lean`` computed (``_complete``)
         self._programs: object = ()  # the compiled combine once looked up (``_programs``)
 
 
 # -- the facts ---------------------------------------------------------------------------------
+
+TRACERS = {
+    "dynamo": "torch.compile / torch.export",
+    "jit": "torch.jit.trace (and torch.onnx.export(dynamo=False), which runs it)",
+}
+
+
+def tracer() -> str | None:
+    """Which of PyTorch's tracers records the call: ``"jit"`` (``torch.jit.trace``, the legacy ONNX
+    exporter), ``"dynamo"`` (``torch.compile``, ``torch.export``, the ONNX exporter with
+    ``dynamo=True``), or ``None`` for an eager call."""
+    if torch.jit.is_tracing():
+        return "jit"
+    if torch.compiler.is_compiling():
+        return "dynamo"
+    return None
+
 
 def _lean(layer, x, state, lengths) -> str | None:
     if state is None:
@@ -251,6 +282,14 @@ def loops_step_faster(cell) -> bool:
 
 # -- each route's conditions: supports (None or why not) and faster ------------------------------
 
+def _traced_ops_supports(call: Call) -> str | None:
+    if call.tracer != "dynamo":
+        return "not traced by torch.compile or torch.export (eager calls take the measured routes)"
+    if not _builtin(call):
+        return "not a built-in cell as shipped"
+    return "inside a functorch transform" if call.functorch else None
+
+
 def _step_loops_supports(call: Call) -> str | None:
     if call.lean is not None:
         return call.lean
@@ -275,6 +314,8 @@ def _vendor_supports(call: Call) -> str | None:
     layer = call.layer
     if not _builtin(call) or call.combine not in VENDOR:
         return "not a stack of one built-in cell as shipped"
+    if call.tracer == "jit" and call.lengths is not None:
+        return "lengths under torch.jit.trace (its packed-sequence graph holds this batch's lengths and order)"
     if layer.training and layer.dropout > 0:
         return "dropout in training (torch's kernel draws another random stream)"
     if call.functorch:
@@ -291,6 +332,8 @@ def _vendor_supports(call: Call) -> str | None:
 
 
 def _vendor_faster(call: Call) -> bool:
+    if call.tracer == "jit":
+        return True  # the one route torch.jit.trace records correctly
     device = call.x.device.type
     if call.lengths is not None and device not in PACKED_DEVICES:
         return False
@@ -360,12 +403,16 @@ class Route:
     faster: Callable[[Call], bool] = field(repr=False, compare=False)  # where it measured fastest
     run: Callable = field(repr=False, compare=False)  # (layer, x, state, lengths) -> (output, state)
     step: bool = False  # runs only the lean one-step calls (the call's facts for the others not needed)
+    tracers: tuple[str, ...] = ()  # the tracers (``tracer()``) that record this route as a correct graph
 
     def __str__(self) -> str:
         return f"{self.name}: {self.runs}"
 
 
 ROUTES: tuple[Route, ...] = (
+    Route("traced-ops", "each cell's loop over time as one registered operator (torch.ops.rnnkit), the rest torch ops",
+          "a built-in cell while torch.compile or torch.export traces the call",
+          _traced_ops_supports, _yes, stack.per_cell(ops.scan_cell), tracers=("dynamo",)),
     Route("step-loops", "one step of each cell through the C++ loops with T = 1, weights packed once",
           "one step with a carried state, gradients off, on the CPU where the C++ loops are built",
           _step_loops_supports, _step_loops_faster,
@@ -376,7 +423,7 @@ ROUTES: tuple[Route, ...] = (
           lambda layer, x, state, lengths: step.step_layers(layer, x, state, loops=False), step=True),
     Route("torch-kernel", "the whole stack in torch's own kernel (oneDNN's LSTM on the CPU, cuDNN on CUDA)",
           "a built-in cell as shipped, where torch's kernel measured fastest",
-          _vendor_supports, _vendor_faster, stack.run_vendor),
+          _vendor_supports, _vendor_faster, stack.run_vendor, tracers=("jit",)),
     Route("cpp-projecting", "inference in the C++ loop that projects its input per step",
           "inference on the CPU where the C++ loops are built: the LSTM or a user's compiled cell",
           _cpp_projecting_supports, _yes, stack.per_cell(stack.scan_cpp_projecting)),
@@ -394,7 +441,7 @@ ROUTES: tuple[Route, ...] = (
           _generic_supports, _yes, stack.per_cell(stack.scan_generic)),
     Route("reference", "cell.project_input, then cell.step over time with autograd (the specification)",
           "anything else: a cell that changes step, a projection or has parameters of its own; functorch",
-          _always, _yes, stack.per_cell(stack.scan_cell_reference)),
+          _always, _yes, stack.per_cell(stack.scan_cell_reference), tracers=("dynamo",)),
 )
 ROUTE_NAMES = {route.name: route for route in ROUTES}
 
@@ -423,8 +470,9 @@ def choose_route(layer, x, state=None, lengths=None) -> Route:
     Raises what the layer call would raise for a malformed ``x``; ``state`` and ``lengths`` are
     validated by the route that runs."""
     call = Call(layer, x, state, lengths)
-    call.lean = _lean(layer, x, state, lengths)
-    forced = _FORCED.get()
+    call.lean = _lean(layer, x, state, lengths) if call.tracer is None else f"traced by {TRACERS[call.tracer]}"
+    # torch.compile cannot read a ContextVar: a forced route applies to eager (and jit-traced) calls
+    forced = _FORCED.get() if call.tracer != "dynamo" else None
     if forced is not None:
         if not forced.step:
             _complete(call)
@@ -434,21 +482,32 @@ def choose_route(layer, x, state=None, lengths=None) -> Route:
         route = forced
     else:
         route = _choose(call)
-    if LOG.isEnabledFor(logging.DEBUG):
+    if call.tracer is None and LOG.isEnabledFor(logging.DEBUG):  # torch.compile cannot trace logging
         LOG.debug("%s: %s", type(layer).__name__, route.name)
     return route
 
 
 def _choose(call: Call, passed: list | None = None) -> Route:
+    if call.tracer is not None and passed is None:
+        passed = []  # the reasons go into the error if no route can be traced
     for route in ROUTES:
         if not route.step and not call.full:
             _complete(call)
-        why = route.supports(call)
+        if call.tracer is not None and call.tracer not in route.tracers:
+            why: str | None = f"{TRACERS[call.tracer]} would not record it as a correct graph"
+        else:
+            why = route.supports(call)
         if why is None and route.faster(call):
             return route
         if passed is not None:
             passed.append((route.name, why if why is not None else "measured slower here"))
-    raise AssertionError("the reference route takes every call")  # unreachable: reference supports all
+    # only a traced call gets here (the reference takes every eager call)
+    reasons = "; ".join(f"{name}: {why}" for name, why in passed or () if not why.endswith("correct graph"))
+    raise RuntimeError(
+        f"{type(call.layer).__name__} cannot be recorded by {TRACERS[call.tracer or 'jit']} for this call ({reasons}). "
+        "Use torch.export.export or torch.onnx.export(..., dynamo=True), which record rnnkit's operators "
+        "at any batch size and length (docs: shipping)"
+    )
 
 
 @dataclass(frozen=True)
