@@ -10,7 +10,7 @@ computes the same function (the tests hold each to ``reference``); they differ i
 The table, tried in order; the first route that can compute the call, and that measured fastest
 where that is the question, is taken:
 
-0. ``traced-ops``: while ``torch.compile``, ``torch.export`` or ``torch.onnx.export(dynamo=True)``
+1. ``traced-ops``: while ``torch.compile``, ``torch.export`` or ``torch.onnx.export(dynamo=True)``
    traces the call (``torch.compiler.is_compiling()``), a built-in cell's loop over time is one
    registered operator per (layer, direction) (core/ops.py: ``torch.ops.rnnkit.lstm_scan`` and its
    training and backward twins), the input projection, lengths, directions and dropout torch ops
@@ -22,37 +22,37 @@ where that is the question, is taken:
    exports to ONNX's LSTM/GRU/RNN; a call it cannot take (lengths, a user's cell, dropout in
    training) raises ``RuntimeError`` rather than record a graph that would be wrong at another
    shape or with other inputs.
-1. ``step-loops``: one step of each cell through the C++ loops with T = 1, weights packed once and
+2. ``step-loops``: one step of each cell through the C++ loops with T = 1, weights packed once and
    cached (step.py). Taken for one step (T = 1) with a carried state, no lengths, gradients off and
    no autocast, on the CPU in float32/float64 where the C++ loops are built; at batch 1 only where
    a cell of the stack steps faster so (``loops_step_faster``: not the RNN, a user's cell from
    ``LOOPS_MIN_USER_WEIGHTS``).
-2. ``step-matmul``: one step through ``[x, h] @ [W_ih, W_hh]`` packed once and cached, then the gate
+3. ``step-matmul``: one step through ``[x, h] @ [W_ih, W_hh]`` packed once and cached, then the gate
    math in torch ops; at batch 1 on the CPU the C++ matrix-vector kernels (step.py). Any other such
    step.
-3. ``torch-kernel``: the whole stack in torch's own kernel, oneDNN's LSTM on the CPU and cuDNN on
+4. ``torch-kernel``: the whole stack in torch's own kernel, oneDNN's LSTM on the CPU and cuDNN on
    CUDA (kernels/vendor.py). A stack of one built-in cell as shipped, no dropout in training, no
    functorch; on CUDA always (with lengths, its packed-sequence kernel, ``PACKED_DEVICES``); on the
    CPU in float32 without autocast or lengths, the LSTM where the C++ loops measured slower
    (``lstm_loops_faster``) and the GRU and RNN in inference where the C++ loops are not built.
-4. ``cpp-projecting``: inference in the C++ loop that projects its input per step
+5. ``cpp-projecting``: inference in the C++ loop that projects its input per step
    (kernels/cpp_loops.py). Gradients not wanted, the CPU in float32/float64 where the C++ loops are
    built, no autocast; the LSTM, or a user's cell whose ``combine`` compiles.
-5. ``cpp-loops``: a built-in cell's C++ loop over time, its backward in C++ too
+6. ``cpp-loops``: a built-in cell's C++ loop over time, its backward in C++ too
    (kernels/cpp_loops.py). A built-in cell on the CPU in float32/float64 where the loops are built.
-6. ``cpp-compiled``: a user's ``combine`` compiled to a program and run over time in C++
+7. ``cpp-compiled``: a user's ``combine`` compiled to a program and run over time in C++
    (kernels/compiled.py). A user's cell (only ``combine`` changed) whose ``combine`` compiles, where
    ``cpp-loops`` would run.
-7. ``python-loops``: a built-in cell's loop over time in torch ops, its backward written by hand
+8. ``python-loops``: a built-in cell's loop over time in torch ops, its backward written by hand
    (kernels/python_loops.py). A built-in cell anywhere else: another device or dtype, the C++ loops
    not built.
-8. ``generic``: a user's ``combine`` stepped in torch ops, the backward through time one autograd
+9. ``generic``: a user's ``combine`` stepped in torch ops, the backward through time one autograd
    call (kernels/generic.py). A user's cell that changes only ``combine``, anywhere else.
-9. ``parallel-scan``: a stack of cells whose gates read the input only (``ParallelScanCell``:
+10. ``parallel-scan``: a stack of cells whose gates read the input only (``ParallelScanCell``:
    minGRU, minLSTM), each (layer, direction) one input projection and one scan over time
    (core/parallel_scan.py: stepped with a hand-written backward on the CPU, the log-space parallel
    scan elsewhere). Not inside a functorch transform.
-10. ``reference``: ``cell.project_input``, then ``cell.step`` over time with autograd (core/scan.py).
+11. ``reference``: ``cell.project_input``, then ``cell.step`` over time with autograd (core/scan.py).
    Anything else: a cell that rewrites ``step`` or a projection or has parameters of its own, a
    stack of mixed cell classes, a call inside a functorch transform (vmap, grad).
 
