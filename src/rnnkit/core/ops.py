@@ -25,7 +25,7 @@ same functions the eager routes run.
 
 >>> import torch, rnnkit
 >>> from rnnkit.core import ops
->>> xz, w_hh = torch.randn(2, 5, 12), torch.randn(12, 3)
+>>> xz, w_hh = torch.randn(2, 5, 9), torch.randn(9, 3)   # GRU: 3 gates of H = 3
 >>> out, h = torch.ops.rnnkit.gru_scan(xz, w_hh, None, torch.zeros(2, 3), None, False)
 >>> tuple(out.shape), tuple(h.shape)
 ((2, 5, 3), (2, 3))
