@@ -85,6 +85,14 @@ def test_markdown_python_blocks_run(path, tmp_path, monkeypatch):
         exec(compile("\n" * (line - 1) + code, str(path), "exec"), namespace)
 
 
+@pytest.mark.parametrize("path", MARKDOWN, ids=[str(p.relative_to(ROOT)) for p in MARKDOWN])
+def test_markdown_norun_blocks_compile(path):
+    """A ```python-norun block is not run, but it is still Python: it must compile."""
+    for lang, line, code in fences(path.read_text()):
+        if lang == "python-norun":
+            compile("\n" * (line - 1) + code, str(path), "exec")
+
+
 def test_readme_has_python_examples():
     assert len(python_blocks(README.read_text())) >= 3
 
