@@ -93,6 +93,14 @@ def test_markdown_norun_blocks_compile(path):
             compile("\n" * (line - 1) + code, str(path), "exec")
 
 
+@pytest.mark.parametrize("path", [p for p in (README, ROOT / "CONTRIBUTING.md") if p.is_file()], ids=lambda p: p.name)
+def test_relative_links_resolve(path):
+    """The README and CONTRIBUTING link into the repository (docs pages are checked by mkdocs --strict)."""
+    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", path.read_text())
+    missing = [link for link in links if "://" not in link and not (path.parent / link).exists()]
+    assert not missing, f"{path.name} links to files that do not exist: {missing}"
+
+
 def test_readme_has_python_examples():
     assert len(python_blocks(README.read_text())) >= 3
 
