@@ -415,6 +415,8 @@ class Route:
     run: Callable = field(repr=False, compare=False)  # (layer, x, state, lengths) -> (output, state)
     step: bool = False  # runs only the lean one-step calls (the call's facts for the others not needed)
     tracers: tuple[str, ...] = ()  # the tracers (``tracer()``) that record this route as a correct graph
+    traced_only: bool = False  # taken only under a tracer: an eager call passes it over at no cost (a lean
+    # step would otherwise pay for the whole-sequence facts, ``_complete``, before reaching its route)
 
     def __str__(self) -> str:
         return f"{self.name}: {self.runs}"
@@ -423,7 +425,7 @@ class Route:
 ROUTES: tuple[Route, ...] = (
     Route("traced-ops", "each cell's loop over time as one registered operator (torch.ops.rnnkit), the rest torch ops",
           "a built-in cell while torch.compile or torch.export traces the call",
-          _traced_ops_supports, _yes, stack.per_cell(ops.scan_cell), tracers=("dynamo",)),
+          _traced_ops_supports, _yes, stack.per_cell(ops.scan_cell), tracers=("dynamo",), traced_only=True),
     Route("step-loops", "one step of each cell through the C++ loops with T = 1, weights packed once",
           "one step with a carried state, gradients off, on the CPU where the C++ loops are built",
           _step_loops_supports, _step_loops_faster,
@@ -505,6 +507,11 @@ def _choose(call: Call, passed: list | None = None) -> Route:
     if call.tracer is not None and passed is None:
         passed = []  # the reasons go into the error if no route can be traced
     for route in ROUTES:
+        if route.traced_only and call.tracer is None:
+            if passed is not None:
+                passed.append((route.name, "not traced by torch.compile or torch.export (eager calls take the "
+                                           "measured routes)"))
+            continue
         if not route.step and not call.full:
             _complete(call)
         if call.tracer is not None and call.tracer not in route.tracers:
