@@ -160,7 +160,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str = "cpu")
     from rnnkit.tasks.base import load_task_class
 
     info = read_run(run_dir)
-    task_cls = load_task_class(info.task)
+    task_cls = load_task_class(info.task, info.task_class)
     config = from_dict(task_cls.Config, info.task_config, source=f"{info.path / CONFIG}")
     path = {"best": info.best, "last": info.last}[checkpoint]
     if checkpoint == "best" and not path.exists():
