@@ -143,8 +143,8 @@ def run_task(task_cls: type[Task], task_flags: dict[str, Any], train_flags: dict
                                                       rnnkit_version(), task_class=class_path(task_cls)))
 
 
-def launch(make_task, config: "TrainConfig", run_dir: Path, *, resume: bool, identity: str, resume_command: str,
-           write_config) -> "tuple[int, Trainer]":
+def launch(make_task, config: TrainConfig, run_dir: Path, *, resume: bool, identity: str, resume_command: str,
+           write_config) -> tuple[int, Trainer]:
     """The one path into the loop, for `rnnkit train` and `rnnkit.fit` alike: join the process group,
     make the task (`make_task()`, on every process), on a new run write the run directory
     (`write_config(run_dir)` and the task's artifacts, process 0 only), then train. Returns the exit

@@ -22,7 +22,7 @@ Baselines, each a function (history, H, m) -> H values:
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -86,6 +86,18 @@ def lag_window(h: int, m: int) -> int:
     return max(2 * m, 3 * h, 12)
 
 
+def choose_window(train: np.ndarray, h: int, m: int) -> int:
+    """The window the network reads, chosen on the training part alone: the candidate lengths (H, 2H,
+    3H, 4H, 6H, and m, 2m, 3m with a season; at least 12) are scored with the linear model over 5 rolling
+    origins inside `train`, as the held-out origins score the models, and the best is kept."""
+    candidates = sorted({max(12, h), 2 * h, 3 * h, 4 * h, 6 * h} | ({m, 2 * m, 3 * m} if m > 1 else set()))
+    scores = {}
+    for L in candidates:
+        if len(train) >= ORIGINS * h + L + 2 * h + max(m, 1):
+            scores[L] = score(train, h, m, lambda x, hh, mm, L=L: linear(x, hh, mm, window=L))["rolling_mase"]
+    return min(scores, key=lambda L: scores[L]) if scores else lag_window(h, m)
+
+
 def linear(history: np.ndarray, h: int, m: int, window: int | None = None, alpha: float = 1.0) -> np.ndarray:
     """Ridge regression per horizon step on the last `window` values, all relative to the window's
     last value and scaled by the history's mean absolute step."""
@@ -129,7 +141,7 @@ def _statsmodels() -> bool:
 def ets(history: np.ndarray, h: int, m: int) -> np.ndarray:
     from statsmodels.tsa.holtwinters import ExponentialSmoothing
 
-    seasonal = "add" if 1 < m and len(history) >= 2 * m + 2 else None
+    seasonal = "add" if m > 1 and len(history) >= 2 * m + 2 else None
     fit = ExponentialSmoothing(history, trend="add", damped_trend=True, seasonal=seasonal,
                                seasonal_periods=m if seasonal else None,
                                initialization_method="estimated").fit()
@@ -187,7 +199,7 @@ def baselines() -> dict[str, Forecaster]:
     return table
 
 
-def score(values: np.ndarray, horizon: int, m: int, forecaster: Forecaster | Callable[[int], np.ndarray],
+def score(values: np.ndarray, horizon: int, m: int, forecaster: Callable[..., np.ndarray],
           by_origin: bool = False) -> dict[str, float]:
     """MASE and sMAPE at the single origin and averaged over the rolling origins. `forecaster` is a
     baseline (history, H, m) -> H values, or with `by_origin` a function origin -> H values."""
@@ -197,7 +209,7 @@ def score(values: np.ndarray, horizon: int, m: int, forecaster: Forecaster | Cal
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # statsmodels' convergence chatter
             try:
-                f = forecaster(origin) if by_origin else forecaster(history, horizon, m)  # type: ignore[call-arg]
+                f = forecaster(origin) if by_origin else forecaster(history, horizon, m)
             except (ValueError, np.linalg.LinAlgError):
                 f = np.full(horizon, np.nan)
         f = np.asarray(f, dtype=np.float64)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,7 +150,7 @@ def _regular(values: np.ndarray, dates: list[tuple[dt.date, str]], path: Path, n
              period: int | None) -> Series:
     precision = dates[0][1]
     days = [d for d, _ in dates]
-    if any(b <= a for a, b in zip(days, days[1:])):
+    if any(b <= a for a, b in itertools.pairwise(days)):
         raise UsageError(f"{path}: dates must increase from row to row")
     if precision == "year":
         freq, index = "year", [d.year for d in days]
@@ -173,7 +174,8 @@ def _regular(values: np.ndarray, dates: list[tuple[dt.date, str]], path: Path, n
     full[[i - start for i in index]] = values
     series_dates = [_shift(_iso(days[0], freq), freq, k) for k in range(len(full))]
     if freq == "day" or freq == "week" or freq == "step":
-        step_days = 7 if freq == "week" else 1 if freq == "day" else int(np.median(np.diff([d.toordinal() for d in days])))
+        ordinals = np.diff([d.toordinal() for d in days])
+        step_days = 7 if freq == "week" else 1 if freq == "day" else int(np.median(ordinals))
         series_dates = [(days[0] + dt.timedelta(days=step_days * k)).isoformat() for k in range(len(full))]
     full, filled = _interpolate(full, name)
     return Series(full, series_dates, freq, period or SEASON.get(freq, 1), name, filled)

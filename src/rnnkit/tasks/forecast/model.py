@@ -36,11 +36,15 @@ class ForecastNet(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(hidden, horizon * outputs)
         self.ar = nn.Linear(window, horizon)  # the linear autoregression (median output only)
+        # the recurrent part starts silent: training begins at the autoregression's least-squares
+        # solution and moves away only where the data pull it
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
 
     def forward(self, z: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
         """z: (B, L) relative window; phase: (B, L) position of each step in the season.
         Returns (B, H, 1 + len(quantiles)): the median forecast, then each quantile (relative, scaled)."""
-        B, L = z.shape
+        B = z.shape[0]
         feats = [z.unsqueeze(-1)]
         if self.period > 1:
             angle = (2 * math.pi / self.period) * phase

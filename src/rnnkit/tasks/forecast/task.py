@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -47,11 +47,16 @@ class ForecastConfig:
                                        "quarter 8, month 18, week 13, day 14)", metavar="H")
     period: int | None = option(None, "season length (default: M4's for the frequency: year 1, quarter 4, "
                                       "month 12, week 52, day 7)", metavar="M")
-    window: int | None = option(None, "recent values the network reads (default: max(2 M, 3 H, 12))",
+    window: int | None = option(None, "recent values the network reads (default: the best of a few lengths "
+                                      "for a linear model on the training part's own rolling origins)",
                                 metavar="L")
     hidden: int = option(32, "recurrent hidden size")
     cell: Literal["gru", "lstm"] = option("gru", "recurrent cell")
     dropout: float = option(0.0, "dropout before the output layer")
+    scaling: Literal["window", "series"] = option("window", "unit of each input window (after subtracting its "
+                                                            "last value): its own standard deviation, so "
+                                                            "shapes read alike at any amplitude, or the "
+                                                            "series' mean absolute step")
     quantiles: tuple[float, ...] = option((0.1, 0.9), "quantiles forecast beside the median (the interval "
                                                       "drawn in forecast.png)")
     batch_size: int = option(64, "windows per step, summed over all processes")
@@ -70,7 +75,7 @@ class ForecastTask(Task):
     name = "forecast"
     Config = ForecastConfig
     items_name = "windows"
-    train_defaults = {"steps": 400, "lr": 3e-3, "warmup_steps": 20, "weight_decay": 1e-4,
+    train_defaults: ClassVar[dict[str, Any]] = {"steps": 400, "lr": 3e-3, "warmup_steps": 20, "weight_decay": 1e-4,
                       "eval_every": 100_000, "log_every": 50}
 
     def __init__(self, config: ForecastConfig, run_dir: Path, setup: dict[str, Any] | None = None):
@@ -106,9 +111,17 @@ class ForecastTask(Task):
         return cls(config, run_dir, setup=json.loads(path.read_text()))
 
     # ---- model and training ----------------------------------------------------------------------
+    def window_scale(self, X: np.ndarray) -> np.ndarray:
+        """(K, 1) unit of each window: the series' mean absolute step, or with --scaling window the
+        window's own standard deviation (floored at a tenth of the series' unit)."""
+        unit = self.setup["scale"]
+        if self.config.scaling == "series":
+            return np.full((len(X), 1), unit)
+        return np.maximum(X.std(axis=1, keepdims=True), 0.1 * unit)
+
     def relative(self, X: np.ndarray, Y: np.ndarray | None = None):
-        """Windows (K, L) and targets (K, H) relative to each window's last value, in units of scale."""
-        last, scale = X[:, -1:], self.setup["scale"]
+        """Windows (K, L) and targets (K, H) relative to each window's last value, in its unit."""
+        last, scale = X[:, -1:], self.window_scale(X)
         z = torch.tensor((X - last) / scale, dtype=torch.float32)
         return (z, None) if Y is None else (z, torch.tensor((Y - last) / scale, dtype=torch.float32))
 
@@ -145,7 +158,7 @@ class ForecastTask(Task):
         model.eval()
         with torch.no_grad():
             out = model(z.to(device_of(model)), phase.to(device_of(model)))[0].double().cpu().numpy()  # (H, Q)
-        values = x[0, -1] + s["scale"] * out
+        values = x[0, -1] + self.window_scale(x)[0, 0] * out
         result = {"median": values[:, 0]}
         for k, q in enumerate(self.config.quantiles, start=1):
             result[f"q{q:g}"] = values[:, k]
@@ -223,9 +236,9 @@ def plan(series: Series, config: ForecastConfig) -> dict[str, Any]:
         raise UsageError(f"{config.data or 'the series'} has no dates to infer a horizon from; give --horizon H")
     H = config.horizon or HORIZONS[series.freq]
     m = config.period or series.period
-    L = config.window or bl.lag_window(H, m)
-    bl.check_horizon(len(series), H, m, L, config.data or "the series")
+    bl.check_horizon(len(series), H, m, config.window or bl.lag_window(H, m), config.data or "the series")
     train_end = bl.origins(len(series), H)[-1]  # the earliest rolling origin
+    L = config.window or bl.choose_window(series.values[:train_end], H, m)
     return {"horizon": H, "period": m, "window": L, "train_end": train_end,
             "scale": bl.level_scale(series.values[:train_end]), "freq": series.freq,
             "start": series.dates[0] if series.dates else None, "column": series.name, "filled": series.filled}
