@@ -36,7 +36,11 @@ where that is the question, is taken:
    not built.
 8. ``generic``: a user's ``combine`` stepped in torch ops, the backward through time one autograd
    call (kernels/generic.py). A user's cell that changes only ``combine``, anywhere else.
-9. ``reference``: ``cell.project_input``, then ``cell.step`` over time with autograd (core/scan.py).
+9. ``parallel-scan``: a stack of cells whose gates read the input only (``ParallelScanCell``:
+   minGRU, minLSTM), each (layer, direction) one input projection and one scan over time
+   (core/parallel_scan.py: stepped with a hand-written backward on the CPU, the log-space parallel
+   scan elsewhere). Not inside a functorch transform.
+10. ``reference``: ``cell.project_input``, then ``cell.step`` over time with autograd (core/scan.py).
    Anything else: a cell that rewrites ``step`` or a projection or has parameters of its own, a
    stack of mixed cell classes, a call inside a functorch transform (vmap, grad).
 
@@ -94,10 +98,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from rnnkit.core import native, pointwise, stack, step
+from rnnkit.core import native, parallel_scan, pointwise, stack, step
 from rnnkit.core.cells.gru import GRUCell
 from rnnkit.core.cells.lstm import LSTMCell
 from rnnkit.core.cells.rnn import RNNCell
+from rnnkit.core.cells.scan_cell import ParallelScanCell
 from rnnkit.core.gates import only_combine_customised
 from rnnkit.core.kernels.base import Kernel
 from rnnkit.core.kernels.table import GENERIC, KERNELS, kernel_for
@@ -339,6 +344,12 @@ def _generic_supports(call: Call) -> str | None:
     return "inside a functorch transform" if call.functorch else None
 
 
+def _parallel_scan_supports(call: Call) -> str | None:
+    if not all(isinstance(c, ParallelScanCell) for c in call.layer.cells):
+        return "not a stack of parallel-scan cells (minGRU, minLSTM)"
+    return "inside a functorch transform" if call.functorch else None
+
+
 def _always(call: Call):
     return None
 
@@ -392,6 +403,9 @@ ROUTES: tuple[Route, ...] = (
     Route("generic", "a user's combine stepped in torch ops, backward through time by one autograd call",
           "a user's cell that changes only combine, where it does not compile",
           _generic_supports, _yes, stack.per_cell(stack.scan_generic)),
+    Route("parallel-scan", "each cell's input projection, then one linear scan over time (core/parallel_scan.py)",
+          "a stack of cells whose gates read the input only (minGRU, minLSTM)",
+          _parallel_scan_supports, _yes, stack.per_cell(parallel_scan.scan_layer)),
     Route("reference", "cell.project_input, then cell.step over time with autograd (the specification)",
           "anything else: a cell that changes step, a projection or has parameters of its own; functorch",
           _always, _yes, stack.per_cell(stack.scan_cell_reference)),
