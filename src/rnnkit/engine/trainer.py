@@ -98,13 +98,15 @@ class RunConfig:
 # ---- entry point used by the CLI ------------------------------------------------------------------
 def train(task_name: str, task_flags: dict[str, Any], train_flags: dict[str, Any], run: RunConfig) -> int:
     """Start or resume a run. `task_flags` / `train_flags` hold only the flags given explicitly."""
-    return run_task(load_task_class(task_name), task_flags, train_flags, run)[0]
+    task_cls = load_task_class(task_name)
+    return run_task(task_cls, task_flags, train_flags, run, name=task_cls.name if ":" in task_name else task_name)[0]
 
 
 def run_task(task_cls: type[Task], task_flags: dict[str, Any], train_flags: dict[str, Any],
-             run: RunConfig) -> tuple[int, Trainer]:
-    """`train` for a Task class: (exit code, trainer); `rnnkit.train` calls it from Python."""
-    task_name = task_cls.name
+             run: RunConfig, name: str | None = None) -> tuple[int, Trainer]:
+    """`train` for a Task class: (exit code, trainer); `rnnkit.train` calls it from Python. `name`
+    is what the run is called (default: the class's registry name)."""
+    task_name = name or task_cls.name
     if run.resume:
         if run.out:
             raise UsageError("--out and --resume exclude each other: a resumed run stays in its directory")
