@@ -1,6 +1,6 @@
 """The forecast task on real series, several seeds: rolling MASE and sMAPE beside the baselines.
 
-    python tools/forecast_benchmark.py --data-dir DIR [--seeds 0 1 2] [--threads 1] [train options]
+    python tools/forecast_benchmark.py DIR [--seeds 0 1 2] [--threads 1] [--option NAME VALUE ...]
 
 DIR holds sunspots.csv (yearly, H=6), co2.csv (weekly, H=13) and elnino.csv (year x month, H=18). Prints
 one table per series (the network's numbers are means over the seeds) and the geometric mean over the
@@ -29,7 +29,7 @@ SERIES = {"sunspots": ("sunspots.csv", None, 6), "co2": ("co2.csv", "co2", 13), 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--data-dir", required=True)
+    p.add_argument("data_dir", metavar="DIR", help="folder with sunspots.csv, co2.csv and elnino.csv")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--series", nargs="+", default=list(SERIES))
