@@ -1,5 +1,8 @@
 """Core: cells (gates -> one step), layers (a cell over time), interop with torch.nn."""
-from rnnkit.core.cells import CELLS, GRUCell, LSTMCell, LSTMState, RNNCell
+from rnnkit.core.cells import (
+    CELLS, GRUCell, LayerNormGRUCell, LayerNormLSTMCell, LSTMCell, LSTMState, MinGRUCell, MinLSTMCell, ParallelScanCell,
+    RNNCell,
+)
 from rnnkit.core.gates import GatedCell, HiddenState, gate
 from rnnkit.core.interop import from_torch, to_torch
 from rnnkit.core.layers import GRU, LAYERS, LSTM, RNN, Recurrent
@@ -10,4 +13,5 @@ from rnnkit.core.routing import explain
 __all__ = [
     "CELLS", "GRU", "GRUCell", "GatedCell", "HiddenState", "LAYERS", "LSTM", "LSTMCell", "LSTMState", "RNN", "RNNCell",
     "Recurrent", "empty_cache", "explain", "from_torch", "gate", "routing", "to_torch",
+    "LayerNormGRUCell", "LayerNormLSTMCell", "MinGRUCell", "MinLSTMCell", "ParallelScanCell",
 ]
