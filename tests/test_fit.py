@@ -170,6 +170,16 @@ def test_a_run_directory_of_another_model_is_refused(tmp_path):
         rnnkit.fit(Net(), (x, y), steps=2, out=tmp_path / "run", **QUIET)
 
 
+def test_eval_of_a_fit_run_says_how_to_load_it(tmp_path, capsys):
+    from rnnkit.cli.main import main
+
+    x, y = data()
+    rnnkit.fit(Net(), (x, y), steps=2, out=tmp_path / "run", **QUIET)
+    assert main(["eval", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "was trained from Python with rnnkit.fit on a test_fit:Net model; load it with rnnkit.load(" in err
+
+
 def test_the_progress_bar_ends_where_the_time_budget_will(tmp_path):
     from rnnkit.engine.trainer import TrainConfig, Trainer
 

@@ -210,6 +210,36 @@ def fit(model: nn.Module, train: Any, val: Any = None, *, loss: str | Callable =
     return FitResult(trainer.raw_model, trainer.summary())
 
 
+def train(task: str | type[Task], *, out: str | Path | None = None, resume: bool = False,
+          **options: Any) -> FitResult:
+    """Train a task (a name such as "forecast", or a Task subclass) from Python, as
+    `rnnkit train TASK` does: `options` are the task's config fields and TrainConfig's.
+
+        model, summary = rnnkit.train("forecast", data="co2.csv", horizon=13, steps=300, out="runs/co2")
+        print(summary["report"])                  # the task's closing text (forecast: its table)
+
+    With `resume=True`, `out` is continued from its last checkpoint."""
+    from rnnkit.engine.trainer import RunConfig, run_task
+    from rnnkit.tasks.base import load_task_class
+
+    task_cls = load_task_class(task) if isinstance(task, str) else task
+    task_fields = {f.name for f in dataclasses.fields(task_cls.Config)}
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(options) - task_fields - train_fields)
+    if unknown:
+        raise UsageError(f"rnnkit.train({task_cls.name!r}) got unknown option(s) {', '.join(unknown)}; the task's "
+                         f"are {', '.join(sorted(task_fields))}, the training options "
+                         f"{', '.join(sorted(train_fields))}")
+    tupled = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+    run = RunConfig(out=None if resume else (str(out) if out is not None else None),
+                    resume=str(out) if resume else None)
+    if resume and out is None:
+        raise UsageError("resume=True needs out=, the run directory to continue")
+    _, trainer = run_task(task_cls, {k: v for k, v in tupled.items() if k in task_fields},
+                          {k: v for k, v in tupled.items() if k in train_fields}, run)
+    return FitResult(trainer.raw_model, trainer.summary())
+
+
 def fit_task(make_task: Callable[[], Task], config: TrainConfig, run_dir: Path, *, resume: bool, identity: str,
              resume_command: str, task_name: str, task_config: dict[str, Any],
              task_class: str | None = None):
