@@ -201,6 +201,14 @@ class Task(ABC):
     def load_tensor_state(self, state: dict[str, torch.Tensor]) -> None:
         """Restore what `tensor_state` returned (tensors arrive on CPU)."""
 
+    @classmethod
+    def write_data(cls, data: Any, directory: Path) -> str:
+        """Data given in memory from Python (`rnnkit.train(task, data=...)` with something other than a
+        path): write it into `directory` in the task's file format and return the file's path, which
+        becomes the config's `data`. Tasks that read no in-memory data keep this refusal."""
+        raise UsageError(f"the {cls.name} task reads its data from files: pass data= a path, "
+                         f"not a {type(data).__name__}")
+
     def on_end(self, model: nn.Module) -> str | None:
         """Optional text printed when training ends (process 0, eval mode, no grad), e.g. forecast's
         table against its baselines; the run's summary keeps it as "report"."""

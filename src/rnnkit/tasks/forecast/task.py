@@ -96,6 +96,14 @@ class ForecastTask(Task):
         self.phase = torch.tensor((np.arange(len(X))[:, None] + np.arange(s["window"])) % max(s["period"], 1),
                                   dtype=torch.float32)
 
+    @classmethod
+    def write_data(cls, data: Any, directory: Path) -> str:
+        """In-memory numbers (a list, an array, a tensor) as a one-column CSV file."""
+        values = np.asarray(data, dtype=np.float64).reshape(-1)
+        path = Path(directory) / "series.csv"
+        atomic_write_text(path, "value\n" + "".join(f"{v!r}\n" for v in values.tolist()))
+        return str(path)
+
     def where(self) -> str:
         return self.config.data or "the series"
 
