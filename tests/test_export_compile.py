@@ -78,7 +78,10 @@ def test_compile_fullgraph(name, option, train):
     assert _compile_and_compare(LAYERS[name](**kwargs), call, train) == 1
 
 
-@pytest.mark.parametrize("name", ["LSTM", "GRU"])
+STEPPING = ("LSTM", "GRU")
+
+
+@pytest.mark.parametrize("name", STEPPING)
 def test_compile_stepping(name):
     """Generation: one step at a time with the state carried, gradients off."""
     layer = LAYERS[name](num_layers=2)
@@ -87,17 +90,20 @@ def test_compile_stepping(name):
     assert graphs == 1
 
 
-def test_compile_a_users_cell():
+@pytest.mark.parametrize("train", [True, False], ids=["training", "inference"])
+def test_compile_a_users_cell(train):
     """A user's cell compiles into one graph with eager's results, in training; its loop over time is
     unrolled (one copy of the step per step), so a new length traces the call again."""
     torch._dynamo.reset()
-    layer = rnnkit.Recurrent(MGUCell, I, H)
+    layer = rnnkit.Recurrent(MGUCell, I, H).train(train)
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager", dynamic=True)
     for B in (3, 5):
-        x = torch.randn(B, 3, I, requires_grad=True)
+        x = torch.randn(B, 3, I, requires_grad=train)
         out, _ = compiled(x)
         ref, _ = layer(x)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        if not train:
+            continue
         grad, expected = (torch.autograd.grad(o.sum(), x)[0] for o in (out, ref))
         torch.testing.assert_close(grad, expected, atol=1e-5, rtol=1e-5)
 
@@ -179,3 +185,18 @@ def test_onnx_runs_in_onnxruntime_at_other_shapes(name, tmp_path):
         assert len(got) == len(expected)
         for g, e in zip(got, expected):
             torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+
+
+def test_shipping_tables_are_generated_from_these_tests():
+    """docs/shipping.md's and the README's tables are what docs/gen_shipping.py makes from the
+    parametrization above: run ``python docs/gen_shipping.py`` after changing it."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "docs" / "gen_shipping.py"
+    if not script.is_file():
+        pytest.skip("docs/ is not beside the tests")
+    spec = importlib.util.spec_from_file_location("gen_shipping", script)
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    assert gen.stale() == [], "run: python docs/gen_shipping.py"
