@@ -247,11 +247,14 @@ def test_the_flag_check_catches_a_flag_that_does_not_exist():
 
 
 def _benchmark_flags() -> set[str]:
-    from rnnkit.bench import main
+    from rnnkit.bench import cells, main
 
-    with pytest.raises(SystemExit), contextlib.redirect_stdout(io.StringIO()) as out:
-        main(["--help"])
-    return set(re.findall(r"--[a-z][a-z0-9-]*", out.getvalue()))
+    flags = set()
+    for bench in (main, cells.main):  # python -m rnnkit.bench, python -m rnnkit.bench.cells
+        with pytest.raises(SystemExit), contextlib.redirect_stdout(io.StringIO()) as out:
+            bench(["--help"])
+        flags |= set(re.findall(r"--[a-z][a-z0-9-]*", out.getvalue()))
+    return flags
 
 
 def test_every_flag_the_docs_mention_exists():

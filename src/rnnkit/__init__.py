@@ -9,7 +9,7 @@ own, each built from one gate primitive, act(x A + h B + b).
 from rnnkit.core import (
     CELLS, GRU, GRUCell, GatedCell, HiddenState, LAYERS, LSTM, LSTMCell, LSTMState, RNN, RNNCell, Recurrent,
     empty_cache, explain, from_torch, gate, routing, to_torch,
-    LayerNormGRUCell, LayerNormLSTMCell, MinGRUCell, MinLSTMCell, ParallelScanCell,
+    LayerNormGRUCell, LayerNormLSTMCell, MinGRUCell, MinLSTMCell, ParallelScanCell, Regularised,
 )
 
 __version__ = "0.1.0"
@@ -31,5 +31,5 @@ __all__ = [
     "CELLS", "GRU", "GRUCell", "GatedCell", "HiddenState", "LAYERS", "LSTM", "LSTMCell", "LSTMState", "RNN", "RNNCell",
     "Recurrent", "Task", "__version__", "empty_cache", "explain", "fit", "from_torch", "gate", "load", "load_run",
     "register_task", "routing", "stream_batches", "to_torch", "train",
-    "LayerNormGRUCell", "LayerNormLSTMCell", "MinGRUCell", "MinLSTMCell", "ParallelScanCell",
+    "LayerNormGRUCell", "LayerNormLSTMCell", "MinGRUCell", "MinLSTMCell", "ParallelScanCell", "Regularised",
 ]

@@ -1,4 +1,5 @@
-"""The cells' benchmark rows: minGRU, minLSTM and the layer-normalised LSTM against the LSTM, training.
+"""The cells' benchmark rows: minGRU, minLSTM, the layer-normalised LSTM and the regularised LSTM against
+the LSTM, training.
 
 ``python -m rnnkit.bench.cells`` times forward and backward (the input's gradient included, as for
 a layer inside a model) of one layer of each cell at B=32, H=512, input 512, T in {256, 1024, 4096},
@@ -7,7 +8,8 @@ so a shared machine's drift hits all of them; a row gives the median time of eac
 the LSTM's, with the middle half (first to third quartile) of the per-repeat ratios (the LSTM's
 and the cell's calls of the same repeat). Targets: minGRU and minLSTM at least 4x faster than the
 LSTM at T=1024; the LayerNorm LSTM within 1.5x of its time (at T=256 only: it trains on the
-reference loop). ``--json PATH`` writes the rows.
+reference loop); the LSTM with variational dropout and weight-drop (``Regularised``) within 1.15x of
+it (at T=256). ``--json PATH`` writes the rows.
 
 The LSTM is ``rnnkit.LSTM`` on whatever route it takes (``rnnkit.explain`` names it in each row).
 """
@@ -23,13 +25,23 @@ import torch
 import rnnkit
 from rnnkit.bench.run import _quartiles, _train
 from rnnkit.core.cells import LayerNormLSTMCell, MinGRUCell, MinLSTMCell
+from rnnkit.core.regularise import Regularised
 
-CELLS = {"mingru": MinGRUCell, "minlstm": MinLSTMCell, "ln-lstm": LayerNormLSTMCell}
+# each row's layer, built from (input size, hidden size)
+CELLS = {
+    "mingru": lambda I, H: rnnkit.Recurrent(MinGRUCell, I, H),
+    "minlstm": lambda I, H: rnnkit.Recurrent(MinLSTMCell, I, H),
+    "ln-lstm": lambda I, H: rnnkit.Recurrent(LayerNormLSTMCell, I, H),
+    # the LSTM with AWD-LSTM's variational dropout (input and output) and weight-drop
+    "lstm+regularised": lambda I, H: Regularised(rnnkit.LSTM(I, H), input_dropout=0.25, output_dropout=0.25,
+                                                 weight_drop=0.5, generator=torch.Generator().manual_seed(0)),
+}
 # speedup over the LSTM the row must reach (LSTM time / cell time): at least 4x for the scan cells
 # (at T=1024, the stated target; the other lengths are reported against the same line), at most
 # 1.5x slower for the LayerNorm LSTM
-TARGETS = {"mingru": 4.0, "minlstm": 4.0, "ln-lstm": 1 / 1.5}
-LN_MAX_STEPS = 256  # the LayerNorm LSTM's rows stop here
+TARGETS = {"mingru": 4.0, "minlstm": 4.0, "ln-lstm": 1 / 1.5, "lstm+regularised": 1 / 1.15}
+SHORT_ONLY = {"ln-lstm", "lstm+regularised"}  # rows up to SHORT_MAX_STEPS only
+SHORT_MAX_STEPS = 256
 
 
 def rotated(fns: dict, repeats: int) -> dict[str, list[float]]:
@@ -51,7 +63,7 @@ def rows_at(T: int, cells: list[str], B: int, H: int, I: int, repeats: int) -> l
     torch.manual_seed(0)
     x = torch.randn(B, T, I, requires_grad=True)
     lstm = rnnkit.LSTM(I, H)
-    layers = {name: rnnkit.Recurrent(CELLS[name], I, H) for name in cells}
+    layers = {name: CELLS[name](I, H) for name in cells}
     times = rotated({"lstm": _train(lstm, x), **{name: _train(layer, x) for name, layer in layers.items()}}, repeats)
     lstm_s = statistics.median(times["lstm"])
     rows = []
@@ -64,19 +76,21 @@ def rows_at(T: int, cells: list[str], B: int, H: int, I: int, repeats: int) -> l
             "lstm_ms": lstm_s * 1e3, "cell_ms": cell_s * 1e3,
             "speedup": speedup, "speedup_q1": q1, "speedup_q3": q3,  # LSTM time / cell time
             "target": TARGETS[name], "met": speedup >= TARGETS[name],
-            "lstm_route": rnnkit.explain(lstm, x).name, "cell_route": rnnkit.explain(layer, x).name,
+            "lstm_route": rnnkit.explain(lstm, x).name,
+            "cell_route": rnnkit.explain(getattr(layer, "layer", layer), x).name,
         })
     return rows
 
 
 def run_cells_benchmark(steps=(256, 1024, 4096), repeats: int = 3, threads: int = 2, B: int = 32, H: int = 512,
-                        I: int = 512, long_repeats: int = 1, log=print) -> list[dict]:
-    """The rows for every ``T`` in ``steps``; the LayerNorm LSTM up to ``LN_MAX_STEPS`` only (it trains on
-    the reference loop, minutes a call beyond), and from T=4096 on ``long_repeats`` repeats."""
+                        I: int = 512, long_repeats: int = 1, names=tuple(CELLS), log=print) -> list[dict]:
+    """The rows for every ``T`` in ``steps``; the LayerNorm LSTM (it trains on the reference loop, minutes a
+    call beyond) and the regularised LSTM up to ``SHORT_MAX_STEPS`` only, and from T=4096 on
+    ``long_repeats`` repeats."""
     torch.set_num_threads(threads)
     rows = []
     for T in steps:
-        cells = [name for name in CELLS if name != "ln-lstm" or T <= LN_MAX_STEPS]
+        cells = [name for name in names if name not in SHORT_ONLY or T <= SHORT_MAX_STEPS]
         for row in rows_at(T, cells, B, H, I, long_repeats if T >= 4096 else repeats):
             log(format_row(row))
             rows.append(row)
@@ -84,7 +98,7 @@ def run_cells_benchmark(steps=(256, 1024, 4096), repeats: int = 3, threads: int 
 
 
 def format_row(row: dict) -> str:
-    return (f"{row['cell']:>8} T={row['steps']:<5} lstm {row['lstm_ms']:9.1f} ms  cell {row['cell_ms']:9.1f} ms"
+    return (f"{row['cell']:>16} T={row['steps']:<5} lstm {row['lstm_ms']:9.1f} ms  cell {row['cell_ms']:9.1f} ms"
             f"  speedup {row['speedup']:5.2f}x [{row['speedup_q1']:.2f}-{row['speedup_q3']:.2f}]"
             f"  target {row['target']:.2f}x {'met' if row['met'] else 'MISSED'}"
             f"  (routes: {row['lstm_route']}, {row['cell_route']})")
@@ -99,10 +113,11 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--input", type=int, default=512)
+    parser.add_argument("--cells", nargs="+", choices=list(CELLS), default=list(CELLS), help="rows to run")
     parser.add_argument("--json", help="write the rows to this JSON file")
     args = parser.parse_args(argv)
     rows = run_cells_benchmark(tuple(args.steps), args.repeats, args.threads, args.batch, args.hidden, args.input,
-                               args.long_repeats)
+                               args.long_repeats, tuple(args.cells))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

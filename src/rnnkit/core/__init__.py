@@ -7,11 +7,12 @@ from rnnkit.core.gates import GatedCell, HiddenState, gate
 from rnnkit.core.interop import from_torch, to_torch
 from rnnkit.core.layers import GRU, LAYERS, LSTM, RNN, Recurrent
 from rnnkit.core.native import empty_cache
+from rnnkit.core.regularise import Regularised
 from rnnkit.core import routing
 from rnnkit.core.routing import explain
 
 __all__ = [
     "CELLS", "GRU", "GRUCell", "GatedCell", "HiddenState", "LAYERS", "LSTM", "LSTMCell", "LSTMState", "RNN", "RNNCell",
     "Recurrent", "empty_cache", "explain", "from_torch", "gate", "routing", "to_torch",
-    "LayerNormGRUCell", "LayerNormLSTMCell", "MinGRUCell", "MinLSTMCell", "ParallelScanCell",
+    "LayerNormGRUCell", "LayerNormLSTMCell", "MinGRUCell", "MinLSTMCell", "ParallelScanCell", "Regularised",
 ]
