@@ -512,8 +512,8 @@ def choose_route(layer, x, state=None, lengths=None) -> Route:
     validated by the route that runs."""
     # a lean step, at every generated token: the table's first rows in one pass (tracer() first:
     # torch.compile cannot read the ContextVar)
-    if state is not None and lengths is None and not torch.is_grad_enabled() and tracer() is None and (
-            _FORCED.get() is None):
+    if state is not None and lengths is None and tracer() is None and _FORCED.get() is None and (
+            not torch.is_grad_enabled()):
         route = _lean_route(layer, x, state)
         if route is not None:
             if LOG.isEnabledFor(logging.DEBUG):
