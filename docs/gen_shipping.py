@@ -50,8 +50,10 @@ def tables() -> dict[str, str]:
     again = f"{YES}, traced again at a new length"
     rows.append(f"| a user's cell | plain | {again} | {again} |")
     matrix = "\n".join(rows)
-    rows = ["| layer | `torch.export` (dynamic B and T, lengths, state in and out) | ONNX through onnxruntime |",
-            "|---|---|---|"]
+    rows = [
+        "| layer | `torch.export` (dynamic B and T, lengths, state in and out) | ONNX through onnxruntime |",
+        "|---|---|---|",
+    ]
     for name in t.LAYERS:
         onnx = f"{YES}: ONNX `{name}` node ({_options(t.ONNX_LAYERS[name])})" if name in t.ONNX_LAYERS else "no"
         rows.append(f"| {name} (2 layers, bidirectional) | {YES} | {onnx} |")

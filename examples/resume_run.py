@@ -7,6 +7,7 @@ The first call is cut short by a time budget, as Ctrl-C or a SIGTERM from a sche
 resume=True, restores the weights, optimizer, random streams and data position, and logs the same
 losses a run that was never interrupted would have logged.
 """
+
 import argparse
 import tempfile
 
@@ -21,7 +22,7 @@ args = parser.parse_args()
 
 torch.manual_seed(0)
 x = torch.randn(2048, 30, 4)
-y = (x[..., 0].cumsum(1)[:, -1] > 0).long()        # the sign of a running sum: two classes
+y = (x[..., 0].cumsum(1)[:, -1] > 0).long()  # the sign of a running sum: two classes
 steps, out = (40 if args.quick else 600), tempfile.mkdtemp() + "/run"
 
 
@@ -31,15 +32,34 @@ def make_model():
 
 
 class SelectLast(nn.Module):
-    def forward(self, out):                          # the GRU's (output, state) -> last step's output
+    def forward(self, out):  # the GRU's (output, state) -> last step's output
         return out[0][:, -1]
 
 
 train, val = (x[:1792], y[:1792]), (x[1792:], y[1792:])
-_, first = rnnkit.fit(make_model(), train, val=val, loss="cross_entropy", metrics=["accuracy"], steps=steps,
-                      time_budget=0.5, out=out, threads=1)
+_, first = rnnkit.fit(
+    make_model(),
+    train,
+    val=val,
+    loss="cross_entropy",
+    metrics=["accuracy"],
+    steps=steps,
+    time_budget=0.5,
+    out=out,
+    threads=1,
+)
 print(f"first call stopped by {first['stopped_by']} at step {first['step']}")
 # the same call with resume=True; the time budget of the first call is lifted (None: no limit)
-model, summary = rnnkit.fit(make_model(), train, val=val, loss="cross_entropy", metrics=["accuracy"], steps=steps,
-                            out=out, resume=True, time_budget=None, threads=1)
+model, summary = rnnkit.fit(
+    make_model(),
+    train,
+    val=val,
+    loss="cross_entropy",
+    metrics=["accuracy"],
+    steps=steps,
+    out=out,
+    resume=True,
+    time_budget=None,
+    threads=1,
+)
 print(f"resumed and finished at step {summary['step']}: validation accuracy {summary['val']['accuracy']:.3f}")

@@ -1,4 +1,5 @@
 """Shared test fixtures: seeded randomness on one thread, the shared data folder."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,5 +1,6 @@
 """The classify task: data reading and its errors, encoding, the model's length contract, training to
 100% on a small generated set, save/load of label names, eval, predict from stdin, the download cache."""
+
 from __future__ import annotations
 
 import csv
@@ -32,9 +33,37 @@ from rnnkit.tasks.download import RemoteFile
 
 KEYWORDS = {"alpha": "volcano", "beta": "harbour", "gamma": "quartet"}
 # the README's tuned variant (the defaults are the slower one-hot LSTM of 3 x 512), at toy size
-TINY = ["--input", "embedding", "--ngrams", "4", "--words", "--cell", "gru", "--layers", "1", "--pooling", "mean",
-        "--seq-len", "32", "--hidden", "16", "--embed", "16", "--e-dim", "16", "--buckets", "512", "--patch", "4",
-        "--dropout", "0", "--batch-size", "24", "--val-fraction", "0"]
+TINY = [
+    "--input",
+    "embedding",
+    "--ngrams",
+    "4",
+    "--words",
+    "--cell",
+    "gru",
+    "--layers",
+    "1",
+    "--pooling",
+    "mean",
+    "--seq-len",
+    "32",
+    "--hidden",
+    "16",
+    "--embed",
+    "16",
+    "--e-dim",
+    "16",
+    "--buckets",
+    "512",
+    "--patch",
+    "4",
+    "--dropout",
+    "0",
+    "--batch-size",
+    "24",
+    "--val-fraction",
+    "0",
+]
 
 
 def write_csv(path: Path, rows: list[list[str]]) -> Path:
@@ -61,9 +90,28 @@ def trained(tmp_path_factory) -> Path:
     data = write_csv(folder / "train.csv", generated_rows(24))
     run = folder / "run"
     torch.manual_seed(0)
-    code = main(["train", "classify", "--data", str(data), "--out", str(run), *TINY, "--steps", "30",
-                 "--lr", "1e-2", "--warmup-steps", "5", "--eval-every", "30", "--progress", "lines",
-                 "--no-plot"])
+    code = main(
+        [
+            "train",
+            "classify",
+            "--data",
+            str(data),
+            "--out",
+            str(run),
+            *TINY,
+            "--steps",
+            "30",
+            "--lr",
+            "1e-2",
+            "--warmup-steps",
+            "5",
+            "--eval-every",
+            "30",
+            "--progress",
+            "lines",
+            "--no-plot",
+        ]
+    )
     assert code == 0
     assert not (run / "confusion.png").exists() and not (run / "confusion.txt").exists()  # training draws nothing
     return run
@@ -85,6 +133,7 @@ def test_overfits_a_small_set_to_100_percent(trained, capsys):
 
 def test_eval_without_data_writes_the_confusion_matrix_unless_told_not_to(tmp_path, trained, capsys):
     import shutil
+
     run = tmp_path / "copy"
     shutil.copytree(trained, run)
     for name in ("confusion.txt", "confusion.png"):
@@ -93,8 +142,9 @@ def test_eval_without_data_writes_the_confusion_matrix_unless_told_not_to(tmp_pa
     assert not (run / "confusion.txt").exists() and not (run / "confusion.png").exists()
     assert main(["eval", str(run), "--json"]) == 0
     assert (run / "confusion.png").stat().st_size > 0
-    assert (run / "confusion.txt").read_text().startswith(
-        "training rows (--val-fraction 0): accuracy 1.0000 on 24 rows\n")  # the fixture holds out no rows
+    assert (
+        (run / "confusion.txt").read_text().startswith("training rows (--val-fraction 0): accuracy 1.0000 on 24 rows\n")
+    )  # the fixture holds out no rows
 
 
 def test_label_names_survive_save_and_load(trained):
@@ -149,13 +199,30 @@ def test_bad_rows_are_named_by_file_and_line(tmp_path, case):
 
 def test_training_stops_at_a_bad_row_unless_skipped(tmp_path, capsys):
     rows = generated_rows(12)
-    data = write_csv(tmp_path / "train.csv", rows[:5] + [["beta"]] + rows[5:])
-    assert main(["train", "classify", "--data", str(data), "--out", str(tmp_path / "r1"), *TINY,
-                 "--steps", "1"]) == 2
+    data = write_csv(tmp_path / "train.csv", [*rows[:5], ["beta"], *rows[5:]])
+    assert main(["train", "classify", "--data", str(data), "--out", str(tmp_path / "r1"), *TINY, "--steps", "1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"rnnkit: error: {data}, line 6: expected 3 fields") and "\n" not in err
-    assert main(["train", "classify", "--data", str(data), "--out", str(tmp_path / "r2"), *TINY, "--steps", "1",
-                 "--skip-bad-rows", "--progress", "lines", "--no-plot"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "classify",
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / "r2"),
+                *TINY,
+                "--steps",
+                "1",
+                "--skip-bad-rows",
+                "--progress",
+                "lines",
+                "--no-plot",
+            ]
+        )
+        == 0
+    )
     assert f"skipped 1 bad rows of {data}" in capsys.readouterr().err
 
 
@@ -217,12 +284,25 @@ def test_validation_split_is_a_stable_hash_of_the_text():
 
 
 # ---- model -----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("pooling,patch,cell,pairs", [("ends", 1, "lstm", False), ("max", 3, "gru", True),
-                                                     ("mean", 2, "lstm", True)])
+@pytest.mark.parametrize(
+    "pooling,patch,cell,pairs", [("ends", 1, "lstm", False), ("max", 3, "gru", True), ("mean", 2, "lstm", True)]
+)
 def test_padding_is_never_read(pooling, patch, cell, pairs):
     """A text's logits are the same alone and in a batch padded for a longer text (random bytes)."""
-    config = ClassifyConfig(input="embedding", ngrams=4, words=True, pooling=pooling, patch=patch, cell=cell,
-                            hidden=8, embed=8, e_dim=8, buckets=64, layers=2, word_pairs=pairs)
+    config = ClassifyConfig(
+        input="embedding",
+        ngrams=4,
+        words=True,
+        pooling=pooling,
+        patch=patch,
+        cell=cell,
+        hidden=8,
+        embed=8,
+        e_dim=8,
+        buckets=64,
+        layers=2,
+        word_pairs=pairs,
+    )
     model = ByteClassifier(config, num_classes=3).eval()
     x = torch.randint(0, 256, (2, 11))
     x[:, ::3] = 32  # spaces, so there are words and word pairs
@@ -233,8 +313,9 @@ def test_padding_is_never_read(pooling, patch, cell, pairs):
 
 
 def test_default_configuration_one_hot_ends():
-    assert ClassifyConfig() == ClassifyConfig(input="onehot", ngrams=1, words=False, patch=1, pooling="ends",
-                                              cell="lstm", hidden=512, layers=3, dropout=0.0)  # the defaults
+    assert ClassifyConfig() == ClassifyConfig(
+        input="onehot", ngrams=1, words=False, patch=1, pooling="ends", cell="lstm", hidden=512, layers=3, dropout=0.0
+    )  # the defaults
     config = ClassifyConfig(hidden=8, e_dim=8)
     model = ByteClassifier(config, num_classes=4)
     assert model.rnn.input_size == 256 and model.rnn.num_layers == 3 and model.rnn.bidirectional
@@ -250,8 +331,10 @@ def test_download_verifies_the_checksum(tmp_path, monkeypatch):
     source = write_csv(tmp_path / "test_source.csv", [["1", "title", "body"], ["2", "t", "b"]])
     digest = hashlib.sha256(source.read_bytes()).hexdigest()
     md5 = hashlib.md5(source.read_bytes()).hexdigest()
-    good = (RemoteFile("train", source.as_uri(), "sha256", digest, "ag_news/train.csv"),
-            RemoteFile("test", source.as_uri(), "md5", md5, "ag_news/test.csv"))
+    good = (
+        RemoteFile("train", source.as_uri(), "sha256", digest, "ag_news/train.csv"),
+        RemoteFile("test", source.as_uri(), "md5", md5, "ag_news/test.csv"),
+    )
     folder = ag_news(good)
     assert folder == tmp_path / "cache" / "ag_news"
     assert (folder / "train.csv").read_bytes() == source.read_bytes()
@@ -306,6 +389,7 @@ def test_byte_order_mark_and_blank_lines_are_ignored(tmp_path):
 
 def test_word_features_hash_whole_words_and_pairs():
     from rnnkit.tasks.classify import word_ids
+
     ids = word_ids(torch.tensor([list(b"the cat. the cat dog")]), 1000, pairs=True)[0]  # (T, 2)
     words, pairs = ids[:, 0], ids[:, 1]
     assert words[:3].tolist() == words[9:12].tolist() and words[4:7].tolist() == words[13:16].tolist()

@@ -1,4 +1,5 @@
 """CLI specifications: flags come from the config dataclasses; user errors are one line, exit code 2."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -10,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import test_engine_toy
 
+import test_engine_toy
 from rnnkit.cli import main as cli_main
 from rnnkit.cli.command import Command, CommandSpec
 from rnnkit.cli.flags import flag_name, show_default
@@ -45,10 +46,18 @@ def test_version(capsys):
 
 def test_python_dash_m_rnnkit_is_the_cli():
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-m", "rnnkit", "eval", "/nonexistent/run"], env=env,
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "rnnkit", "eval", "/nonexistent/run"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert (out.returncode, out.stdout, out.stderr) == (
-        2, "", "rnnkit: error: run directory /nonexistent/run does not exist\n")
+        2,
+        "",
+        "rnnkit: error: run directory /nonexistent/run does not exist\n",
+    )
 
 
 def flag_helps(text: str) -> dict[str, str]:
@@ -79,10 +88,18 @@ def test_every_config_field_is_a_flag_with_help_and_one_default(capsys):
                 assert text.endswith(f"(default: {show_default(f.default)})")
 
 
-@pytest.mark.parametrize("argv", [
-    ["train", "lm"], ["train", "classify"], ["train", "sort"], ["demo"], ["generate", "RUN"], ["eval", "RUN"],
-    ["predict", "RUN"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "lm"],
+        ["train", "classify"],
+        ["train", "sort"],
+        ["demo"],
+        ["generate", "RUN"],
+        ["eval", "RUN"],
+        ["predict", "RUN"],
+    ],
+)
 def test_help_speaks_the_users_words(argv, capsys):
     assert main([*argv, "--help"]) == 0
     text = capsys.readouterr().out
@@ -95,7 +112,14 @@ def test_help_speaks_the_users_words(argv, capsys):
 
 def test_defaults_are_shown_as_a_user_types_them():
     assert [show_default(v) for v in (None, True, False, (5, 10), (), 0.5, "gru")] == [
-        "none", "on", "off", "5 10", "none", "0.5", "gru"]
+        "none",
+        "on",
+        "off",
+        "5 10",
+        "none",
+        "0.5",
+        "gru",
+    ]
 
 
 def test_cell_choices_come_from_the_registry_on_every_task(capsys):
@@ -121,16 +145,19 @@ def test_demo_flags_come_from_the_training_configs(capsys):
     assert helps["--time-budget"].endswith("(default: 180.0)")
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["train", "toy", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
-    (["train", "toy", "--steps", "many"], "argument --steps: expected int, got 'many'"),
-    (["train", "toy", "--optimizer", "adam"], "argument --optimizer: invalid choice: 'adam'"),
-    (["train", "toy", "--lr", "-1"], "--lr must be a positive number, got -1.0"),
-    (["train", "nosuchtask"], "invalid choice: 'nosuchtask'"),
-    (["frobnicate"], "invalid choice: 'frobnicate'"),
-    (["eval", "/nonexistent/run"], "run directory /nonexistent/run does not exist"),
-    (["train", "toy", "--resume", "/nonexistent/run"], "run directory /nonexistent/run does not exist"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "toy", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+        (["train", "toy", "--steps", "many"], "argument --steps: expected int, got 'many'"),
+        (["train", "toy", "--optimizer", "adam"], "argument --optimizer: invalid choice: 'adam'"),
+        (["train", "toy", "--lr", "-1"], "--lr must be a positive number, got -1.0"),
+        (["train", "nosuchtask"], "invalid choice: 'nosuchtask'"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+        (["eval", "/nonexistent/run"], "run directory /nonexistent/run does not exist"),
+        (["train", "toy", "--resume", "/nonexistent/run"], "run directory /nonexistent/run does not exist"),
+    ],
+)
 def test_user_errors_are_one_line_with_exit_code_2(argv, message, capsys):
     assert main(argv) == 2
     line = one_error_line(capsys)
@@ -193,8 +220,10 @@ def test_progress_lines_when_stderr_is_not_a_terminal_and_a_bar_on_request(tmp_p
     assert main(["train", "toy", "--out", str(tmp_path / "a"), *FAST, "--steps", "3", "--no-plot"]) == 0
     err = capsys.readouterr().err
     assert "step 3/3 | loss " in err and "tokens/s" in err and "left" in err
-    assert main(["train", "toy", "--out", str(tmp_path / "b"), *FAST, "--steps", "3", "--no-plot",
-                 "--progress", "bar"]) == 0
+    assert (
+        main(["train", "toy", "--out", str(tmp_path / "b"), *FAST, "--steps", "3", "--no-plot", "--progress", "bar"])
+        == 0
+    )
     err = capsys.readouterr().err
     assert "3/3" in err and "step 3/3 | loss" not in err
 

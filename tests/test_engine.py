@@ -3,6 +3,7 @@
 All runs use the toy task of test_engine_toy.py (a torch.nn.GRU on random data, with dropout and a
 hidden state carried between steps), so these tests do not depend on rnnkit.core or the real tasks.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import test_engine_toy  # noqa: F401  (registers the "toy" task)
+import test_engine_toy
 from rnnkit.cli.main import main
 from rnnkit.engine.checkpoint import load_checkpoint, save_checkpoint
 from rnnkit.engine.errors import CheckpointError, UsageError
@@ -88,8 +89,10 @@ def test_resume_refuses_changed_model_flags_and_foreign_tasks(trained_run, capsy
     assert main(["train", "toy", "--resume", str(trained_run), "--hidden", "3"]) == 2
     assert main(["train", "toy", "--resume", str(trained_run), "--lr", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["rnnkit: error: --hidden cannot change on --resume (the run has 16)",
-                   "rnnkit: error: --lr cannot change on --resume (the run has 0.003)"]
+    assert err == [
+        "rnnkit: error: --hidden cannot change on --resume (the run has 16)",
+        "rnnkit: error: --lr cannot change on --resume (the run has 0.003)",
+    ]
 
 
 # ---- checkpoints --------------------------------------------------------------------------------------
@@ -116,6 +119,7 @@ def test_corrupt_checkpoint_is_refused_with_one_line_naming_the_file(trained_run
         last.write_bytes(b"")
     else:  # a valid safetensors file that rnnkit did not write
         from safetensors.torch import save_file
+
         save_file({"weight": torch.zeros(2)}, str(last))
     with pytest.raises(CheckpointError, match=str(last)):
         load_checkpoint(last)
@@ -194,7 +198,10 @@ def test_sigint_from_outside_saves_prints_resume_and_exits_nonzero(tmp_path):
     run = tmp_path / "run"
     proc = subprocess.Popen(
         [sys.executable, TOY, "train", "toy", "--out", str(run), *FAST, "--steps", "100000", "--sleep", "0.02"],
-        env=subprocess_env(), stderr=subprocess.PIPE, text=True)
+        env=subprocess_env(),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         for line in proc.stderr:  # plain log lines (stderr is a pipe); interrupt once training runs
             if line.startswith("step 3/"):
@@ -237,16 +244,52 @@ def _free_port() -> int:
 def test_two_processes_with_half_batches_take_the_same_first_step_as_one_process(tmp_path):
     """Plain SGD with lr 1 makes the step equal the gradient: w1 = w0 - g. Two gloo processes with
     batch 4 each must produce the same weights (hence gradients) as one process with batch 8."""
-    flags = ["--steps", "1", "--optimizer", "sgd", "--momentum", "0", "--weight-decay", "0", "--lr", "1",
-             "--grad-clip", "0", "--warmup-steps", "0", "--schedule", "constant", "--dropout", "0",
-             "--batch-size", "8", "--threads", "1", "--device", "cpu", "--no-plot"]
+    flags = [
+        "--steps",
+        "1",
+        "--optimizer",
+        "sgd",
+        "--momentum",
+        "0",
+        "--weight-decay",
+        "0",
+        "--lr",
+        "1",
+        "--grad-clip",
+        "0",
+        "--warmup-steps",
+        "0",
+        "--schedule",
+        "constant",
+        "--dropout",
+        "0",
+        "--batch-size",
+        "8",
+        "--threads",
+        "1",
+        "--device",
+        "cpu",
+        "--no-plot",
+    ]
     port = _free_port()
     procs = []
     for rank in range(2):
-        env = subprocess_env() | {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-                                  "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "GLOO_SOCKET_IFNAME": "lo"}
-        procs.append(subprocess.Popen([sys.executable, TOY, "train", "toy", "--out", str(tmp_path / "ddp"), *flags],
-                                      env=env, stderr=subprocess.PIPE, text=True))
+        env = subprocess_env() | {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "GLOO_SOCKET_IFNAME": "lo",
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, TOY, "train", "toy", "--out", str(tmp_path / "ddp"), *flags],
+                env=env,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     try:
         assert main(["train", "toy", "--out", str(tmp_path / "one"), *flags]) == 0
         outs = [p.communicate(timeout=60)[1] for p in procs]
@@ -262,7 +305,7 @@ def test_two_processes_with_half_batches_take_the_same_first_step_as_one_process
     torch.manual_seed(TrainConfig().seed)
     w0 = test_engine_toy.ToyModel(16, 0.0).state_dict()
     for k in one:
-        assert not torch.equal(one[k], w0[f"{k[len('model.'):]}"])  # a real step happened
+        assert not torch.equal(one[k], w0[f"{k[len('model.') :]}"])  # a real step happened
         torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-6)
 
 
@@ -272,12 +315,32 @@ def test_a_registered_user_task_trains_and_evaluates_in_a_fresh_process_without_
     the task finds it; `rnnkit train module:Class` trains one by its path."""
     assert json.loads((trained_run / "config.json").read_text())["task_class"] == "test_engine_toy:ToyTask"
     env = subprocess_env()
-    done = subprocess.run([sys.executable, "-m", "rnnkit", "eval", str(trained_run), "--json"], env=env,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "rnnkit", "eval", str(trained_run), "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert set(json.loads(done.stdout)) == {"loss", "mae"}
-    done = subprocess.run([sys.executable, "-m", "rnnkit", "train", "test_engine_toy:ToyTask", "--out",
-                           str(trained_run.parent / "by-path"), *FAST, "--steps", "2"], env=env,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rnnkit",
+            "train",
+            "test_engine_toy:ToyTask",
+            "--out",
+            str(trained_run.parent / "by-path"),
+            *FAST,
+            "--steps",
+            "2",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert json.loads((trained_run.parent / "by-path" / "config.json").read_text())["task"] == "toy"

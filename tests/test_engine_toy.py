@@ -8,6 +8,7 @@ step slow. Run as a script it is the `rnnkit` CLI with this task registered as "
 
 It is registered with `register_task`, as a user's task would be: nothing in rnnkit names it.
 """
+
 from __future__ import annotations
 
 import json
@@ -89,7 +90,7 @@ class ToyTask(Task):
             os.kill(os.getpid(), signal.SIGTERM)
         if step == self.config.nan_at:
             x = x * float("nan")
-        return x[rows.start:rows.stop], y[rows.start:rows.stop]
+        return x[rows.start : rows.stop], y[rows.start : rows.stop]
 
     def loss(self, model, batch):
         x, y = batch
@@ -118,4 +119,5 @@ class ToyTask(Task):
 if __name__ == "__main__":
     torch.set_num_threads(1)
     from rnnkit.cli.main import main
+
     sys.exit(main(sys.argv[1:]))

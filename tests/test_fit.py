@@ -1,4 +1,5 @@
 """rnnkit.fit: a user's model and data through the engine, exact resume, stateful TBPTT, errors."""
+
 from __future__ import annotations
 
 import json
@@ -66,6 +67,7 @@ def sigterm_at(call: int):
         if calls[0] == call:
             os.kill(os.getpid(), signal.SIGTERM)
         return nn.functional.mse_loss(output, target)
+
     return loss
 
 
@@ -94,14 +96,24 @@ def test_an_interrupted_and_resumed_run_logs_the_same_losses_step_for_step(tmp_p
     torch.manual_seed(99)  # the resumed run must not depend on the global RNG it starts with
     x, y = data()
     if kind == "tensors":
-        _, resumed = rnnkit.fit(Net(), (x, y), val=data(32), batch_size=16, steps=14, lr=1e-2,
-                                out=tmp_path / "cut", resume=True, **QUIET)
+        _, resumed = rnnkit.fit(
+            Net(), (x, y), val=data(32), batch_size=16, steps=14, lr=1e-2, out=tmp_path / "cut", resume=True, **QUIET
+        )
     elif kind == "dataloader":
         loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)
         _, resumed = rnnkit.fit(Net(), loader, steps=14, lr=1e-2, out=tmp_path / "cut", resume=True, **QUIET)
     else:
-        _, resumed = rnnkit.fit(Streamer(), series(), val=series()[:2], stateful=True, steps=14, lr=1e-2,
-                                out=tmp_path / "cut", resume=True, **QUIET)
+        _, resumed = rnnkit.fit(
+            Streamer(),
+            series(),
+            val=series()[:2],
+            stateful=True,
+            steps=14,
+            lr=1e-2,
+            out=tmp_path / "cut",
+            resume=True,
+            **QUIET,
+        )
     assert resumed["step"] == 14
     whole_losses = train_losses(tmp_path / "whole")
     assert [s for s, _ in whole_losses] == list(range(1, 15))
@@ -111,8 +123,9 @@ def test_an_interrupted_and_resumed_run_logs_the_same_losses_step_for_step(tmp_p
 
 def test_fit_returns_the_trained_model_and_load_brings_it_back(tmp_path):
     x, y = data()
-    model, summary = rnnkit.fit(Net(), (x, y), val=data(32), metrics=["mae"], epochs=3, batch_size=16, lr=1e-2,
-                                out=tmp_path / "run", **QUIET)
+    model, summary = rnnkit.fit(
+        Net(), (x, y), val=data(32), metrics=["mae"], epochs=3, batch_size=16, lr=1e-2, out=tmp_path / "run", **QUIET
+    )
     assert summary["step"] == 18 and summary["stopped_by"] == "steps"  # 3 epochs of 6 batches
     assert set(summary["val"]) == {"loss", "mae"} and summary["best"]["metric"] == "loss"
     first = train_losses(tmp_path / "run")[0][1]
@@ -197,6 +210,7 @@ def test_the_progress_bar_ends_where_the_time_budget_will(tmp_path):
 
         def refresh(self):
             pass
+
     trainer = Trainer.__new__(Trainer)
     trainer.config, trainer.bar = TrainConfig(steps=1000, time_budget=10.0), Bar()
     trainer._bar_total(step=20, steps_per_s=5.0, spent=4.0)  # 6 s left at 5 steps/s: 30 more steps
@@ -236,13 +250,27 @@ def test_fit_under_two_processes_takes_the_same_first_step_as_one(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
-    ranks = [{"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "GLOO_SOCKET_IFNAME": "lo",
-              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)} for r in range(2)]
-    procs = [subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path / "two")], stderr=subprocess.PIPE, text=True,
-                              env=env | rank) for rank in ranks]
+    ranks = [
+        {
+            "RANK": str(r),
+            "LOCAL_RANK": str(r),
+            "WORLD_SIZE": "2",
+            "GLOO_SOCKET_IFNAME": "lo",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+        for r in range(2)
+    ]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(tmp_path / "two")], stderr=subprocess.PIPE, text=True, env=env | rank
+        )
+        for rank in ranks
+    ]
     try:
-        one = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path / "one")], env=env, capture_output=True,
-                             text=True, timeout=120)
+        one = subprocess.run(
+            [sys.executable, "-c", CHILD, str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=120
+        )
         errs = [p.communicate(timeout=120)[1] for p in procs]
     finally:
         for p in procs:

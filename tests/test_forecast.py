@@ -1,4 +1,5 @@
 """The forecast task: reading series, the M4 metrics and baselines, no look-ahead, the CLI verbs."""
+
 from __future__ import annotations
 
 import json
@@ -44,10 +45,16 @@ def test_a_weekly_file_with_an_empty_value_and_a_missing_week_reads_as_a_regular
 
 def test_a_year_by_month_table_reads_as_one_monthly_series(tmp_path):
     f = tmp_path / "t.csv"
-    months = ",".join(m.upper() for m in ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep",
-                                          "oct", "nov", "dec"])
-    f.write_text(f'"YEAR",{months}\n1990,' + ",".join(str(i) for i in range(12)) + "\n1991," +
-                 ",".join(str(12 + i) for i in range(12)) + "\n")
+    months = ",".join(
+        m.upper() for m in ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"]
+    )
+    f.write_text(
+        f'"YEAR",{months}\n1990,'
+        + ",".join(str(i) for i in range(12))
+        + "\n1991,"
+        + ",".join(str(12 + i) for i in range(12))
+        + "\n"
+    )
     s = read_csv(f)
     assert (s.freq, s.period, len(s)) == ("month", 12, 24)
     assert s.values.tolist() == list(range(24)) and s.dates[0] == "1990-01" and s.dates[-1] == "1991-12"
@@ -108,9 +115,20 @@ def test_the_network_never_trains_on_a_value_at_or_after_the_first_rolling_origi
     changed[origin:] += 100.0  # only the held-out part differs
     losses = []
     for name, series in (("a", x), ("b", changed)):
-        rnnkit.train("forecast", values=series.tolist(), horizon=6, period=12, steps=15, seed=3,
-                                baselines=False, out=str(tmp_path / name), threads=1, progress="lines",
-                                plot=False, log_every=1)
+        rnnkit.train(
+            "forecast",
+            values=series.tolist(),
+            horizon=6,
+            period=12,
+            steps=15,
+            seed=3,
+            baselines=False,
+            out=str(tmp_path / name),
+            threads=1,
+            progress="lines",
+            plot=False,
+            log_every=1,
+        )
         rows = [json.loads(r) for r in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         losses.append([r["train_loss"] for r in rows if "train_loss" in r])
         setup = json.loads((tmp_path / name / "forecast_setup.json").read_text())
@@ -121,8 +139,25 @@ def test_the_network_never_trains_on_a_value_at_or_after_the_first_rolling_origi
 def test_train_forecast_then_forecast_and_eval_from_the_command_line(tmp_path, capsys):
     data = write_monthly(tmp_path / "sales.csv", seasonal())
     run = tmp_path / "run"
-    assert main(["train", "forecast", "--data", str(data), "--column", "sales", "--horizon", "6",
-                 "--no-baselines", "--out", str(run), *QUICK]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "forecast",
+                "--data",
+                str(data),
+                "--column",
+                "sales",
+                "--horizon",
+                "6",
+                "--no-baselines",
+                "--out",
+                str(run),
+                *QUICK,
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert "| rnnkit (gru) |" in err and "rolling MASE" in err
     for name in ("forecast.md", "forecast.json", "forecast.png", "forecast_setup.json"):
@@ -147,9 +182,18 @@ def test_train_forecast_then_forecast_and_eval_from_the_command_line(tmp_path, c
 
 
 def test_forecast_from_python_on_a_list(tmp_path):
-    model, summary = rnnkit.train("forecast", values=seasonal().tolist(), horizon=6, period=12, steps=30,
-                                  out=str(tmp_path / "run"), threads=1, progress="lines", plot=False,
-                                  baselines=False)
+    model, summary = rnnkit.train(
+        "forecast",
+        values=seasonal().tolist(),
+        horizon=6,
+        period=12,
+        steps=30,
+        out=str(tmp_path / "run"),
+        threads=1,
+        progress="lines",
+        plot=False,
+        baselines=False,
+    )
     assert "| rnnkit (gru) |" in summary["report"]
     run = rnnkit.load_run(tmp_path / "run")
     dates, values = run.task.forecast(run.model)

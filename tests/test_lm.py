@@ -1,4 +1,5 @@
 """The lm task: data, vocabulary, stateful training, generation, the generate command."""
+
 from __future__ import annotations
 
 import hashlib
@@ -18,13 +19,13 @@ from rnnkit.tasks.lm import CharRNN, LMConfig, LMTask, Sampler, Vocab, generate,
 TEXT = "the quick brown fox jumps over the lazy dog. " * 8
 
 
-
-
 def tiny_task(tmp_path, text=TEXT, **overrides) -> LMTask:
     path = tmp_path / "corpus.txt"
     path.write_text(text, encoding="utf-8")
-    fields = dict(data=str(path), hidden=32, layers=1, embed=16, seq_len=16, batch_size=4, dropout=0.0,
-                  sample_chars=20) | overrides
+    fields = (
+        dict(data=str(path), hidden=32, layers=1, embed=16, seq_len=16, batch_size=4, dropout=0.0, sample_chars=20)
+        | overrides
+    )
     return LMTask.create(LMConfig(**fields), tmp_path / "run")
 
 
@@ -64,8 +65,9 @@ def test_stateful_rows_read_on_contiguously_and_carry_state(tmp_path):
     # the second step starts from the first step's final state: same loss as running both chunks as one
     loss1, _ = task.loss(model, b1)
     x, y = torch.cat([b0.x, b1.x], 1), torch.cat([b0.y, b1.y], 1)
-    whole = torch.nn.functional.cross_entropy(model(x).logits[:, 16:].reshape(-1, len(task.vocab)),
-                                              y[:, 16:].reshape(-1))
+    whole = torch.nn.functional.cross_entropy(
+        model(x).logits[:, 16:].reshape(-1, len(task.vocab)), y[:, 16:].reshape(-1)
+    )
     assert torch.allclose(loss1, whole, atol=1e-5)
 
 
@@ -202,8 +204,9 @@ def test_download_is_cached_and_checksum_verified(tmp_path, monkeypatch):
     source.write_text("to be or not to be\n" * 20)
     digest = hashlib.sha256(source.read_bytes()).hexdigest()
     monkeypatch.setenv("RNNKIT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setitem(lm.DATASETS, "fakebard",
-                        RemoteFile("fakebard", source.as_uri(), "sha256", digest, "fakebard.txt"))
+    monkeypatch.setitem(
+        lm.DATASETS, "fakebard", RemoteFile("fakebard", source.as_uri(), "sha256", digest, "fakebard.txt")
+    )
     assert lm.read_corpus(LMConfig(data="fakebard")) == source.read_text()
     assert (tmp_path / "cache" / "fakebard.txt").is_file()
     source.unlink()  # the second use reads the cache, never the source
@@ -211,8 +214,9 @@ def test_download_is_cached_and_checksum_verified(tmp_path, monkeypatch):
 
     other = tmp_path / "tampered.txt"
     other.write_text("something else")
-    monkeypatch.setitem(lm.DATASETS, "tampered",
-                        RemoteFile("tampered", other.as_uri(), "sha256", digest, "tampered.txt"))
+    monkeypatch.setitem(
+        lm.DATASETS, "tampered", RemoteFile("tampered", other.as_uri(), "sha256", digest, "tampered.txt")
+    )
     with pytest.raises(UsageError, match=f"expected {digest}; refusing"):
         lm.read_corpus(LMConfig(data="tampered"))
     assert not (tmp_path / "cache" / "tampered.txt").exists()
@@ -223,8 +227,10 @@ def test_validation_text_shorter_than_two_characters_is_refused(tmp_path, text, 
     data = tmp_path / "short.txt"
     data.write_text(text)
     config = LMConfig(data=str(data), val_fraction=0.05)
-    message = (f"--data {data}: the validation text (the last --val-fraction 0.05 of {len(text)} characters) "
-               f"is {val} characters; it needs at least 2")
+    message = (
+        f"--data {data}: the validation text (the last --val-fraction 0.05 of {len(text)} characters) "
+        f"is {val} characters; it needs at least 2"
+    )
     with pytest.raises(UsageError, match=re.escape(message)):
         LMTask.create(config, tmp_path)
 
@@ -239,8 +245,9 @@ def test_stream_loss_needs_two_tokens():
 
 def test_download_failure_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setenv("RNNKIT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setitem(lm.DATASETS, "gone",
-                        RemoteFile("gone", (tmp_path / "absent").as_uri(), "sha256", "0" * 64, "gone.txt"))
+    monkeypatch.setitem(
+        lm.DATASETS, "gone", RemoteFile("gone", (tmp_path / "absent").as_uri(), "sha256", "0" * 64, "gone.txt")
+    )
     with pytest.raises(UsageError, match="could not download gone .*--data PATH"):
         lm.read_corpus(LMConfig(data="gone"))
 
@@ -266,20 +273,46 @@ def test_train_then_generate_streams_from_the_run(tmp_path, capsys):
     data = tmp_path / "corpus.txt"
     data.write_text(TEXT)
     run = tmp_path / "run"
-    code = main(["train", "lm", "--data", str(data), "--hidden", "16", "--layers", "1", "--embed", "8",
-                 "--seq-len", "8", "--batch-size", "4", "--steps", "6", "--eval-every", "3", "--no-plot",
-                 "--progress", "lines", "--sample-chars", "10", "--threads", "1", "--out", str(run)])
+    code = main(
+        [
+            "train",
+            "lm",
+            "--data",
+            str(data),
+            "--hidden",
+            "16",
+            "--layers",
+            "1",
+            "--embed",
+            "8",
+            "--seq-len",
+            "8",
+            "--batch-size",
+            "4",
+            "--steps",
+            "6",
+            "--eval-every",
+            "3",
+            "--no-plot",
+            "--progress",
+            "lines",
+            "--sample-chars",
+            "10",
+            "--threads",
+            "1",
+            "--out",
+            str(run),
+        ]
+    )
     assert code == 0
     assert json.loads((run / "vocab.json").read_text())["kind"] == "chars"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("val_bpc" in r for r in rows)
     assert "sample at step 3" in capsys.readouterr().err
-    assert main(["generate", str(run), "--prompt", "the ", "--length", "25", "--seed", "3",
-                 "--num-samples", "2"]) == 0
+    assert main(["generate", str(run), "--prompt", "the ", "--length", "25", "--seed", "3", "--num-samples", "2"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("the ") and "--- sample 2 ---\nthe " in out
-    assert main(["generate", str(run), "--prompt", "the ", "--length", "25", "--seed", "3",
-                 "--num-samples", "2"]) == 0
+    assert main(["generate", str(run), "--prompt", "the ", "--length", "25", "--seed", "3", "--num-samples", "2"]) == 0
     assert capsys.readouterr().out == out  # same seed, same text
     assert main(["generate", str(run), "--prompt", "XYZ"]) == 2
     assert "'X' (U+0058)" in capsys.readouterr().err
@@ -291,12 +324,18 @@ def test_demo_trains_leaves_curves_and_prints_the_next_commands(tmp_path, capsys
     data = tmp_path / "corpus.txt"
     data.write_text(TEXT * 15)  # the demo reads 64 rows x 32 characters per step
     run = tmp_path / "demo"
-    assert main(["demo", "--data", str(data), "--time-budget", "30", "--steps", "2", "--threads", "1",
-                 "--out", str(run)]) == 0
+    assert (
+        main(["demo", "--data", str(data), "--time-budget", "30", "--steps", "2", "--threads", "1", "--out", str(run)])
+        == 0
+    )
     out = capsys.readouterr().out
     assert (run / "curves.png").is_file() and (run / "checkpoints" / "best.safetensors").is_file()
-    for command in (f"rnnkit generate {run}", f"rnnkit train lm --resume {run}", "rnnkit train classify",
-                    "rnnkit train sort"):
+    for command in (
+        f"rnnkit generate {run}",
+        f"rnnkit train lm --resume {run}",
+        "rnnkit train classify",
+        "rnnkit train sort",
+    ):
         assert command in out
 
 
@@ -306,28 +345,62 @@ def test_a_cell_of_your_own_by_module_and_class(tmp_path, capsys):
     data = tmp_path / "corpus.txt"
     data.write_text(TEXT)
     run = tmp_path / "run"
-    assert main(["train", "lm", "--data", str(data), "--cell", "user_cells:MGUCell", "--hidden", "16",
-                 "--layers", "2", "--embed", "8", "--seq-len", "8", "--batch-size", "4", "--steps", "3",
-                 "--eval-every", "3", "--no-plot", "--progress", "lines", "--sample-chars", "5", "--threads", "1",
-                 "--out", str(run)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "lm",
+                "--data",
+                str(data),
+                "--cell",
+                "user_cells:MGUCell",
+                "--hidden",
+                "16",
+                "--layers",
+                "2",
+                "--embed",
+                "8",
+                "--seq-len",
+                "8",
+                "--batch-size",
+                "4",
+                "--steps",
+                "3",
+                "--eval-every",
+                "3",
+                "--no-plot",
+                "--progress",
+                "lines",
+                "--sample-chars",
+                "5",
+                "--threads",
+                "1",
+                "--out",
+                str(run),
+            ]
+        )
+        == 0
+    )
     assert json.loads((run / "config.json").read_text())["task_config"]["cell"] == "user_cells:MGUCell"
     capsys.readouterr()
     assert main(["generate", str(run), "--prompt", "the ", "--length", "10", "--seed", "0"]) == 0
     assert capsys.readouterr().out.startswith("the ")
-    from user_cells import MGUCell
-
     from rnnkit.engine.rundir import load_run
+    from user_cells import MGUCell
 
     cells = load_run(run).model.rnn.cells
     assert len(cells) == 2 and all(type(cell) is MGUCell for cell in cells)
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("no_such_module:Cell", "--cell no_such_module:Cell: cannot import no_such_module (No module named"),
-    ("user_cells:NoSuchCell", "--cell user_cells:NoSuchCell: user_cells has no NoSuchCell"),
-    ("user_cells:gate", "--cell user_cells:gate: user_cells.gate is not a GatedCell subclass"),
-    ("not a cell", "argument --cell: invalid choice: 'not a cell' (choose from lstm, gru, rnn"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("no_such_module:Cell", "--cell no_such_module:Cell: cannot import no_such_module (No module named"),
+        ("user_cells:NoSuchCell", "--cell user_cells:NoSuchCell: user_cells has no NoSuchCell"),
+        ("user_cells:gate", "--cell user_cells:gate: user_cells.gate is not a GatedCell subclass"),
+        ("not a cell", "argument --cell: invalid choice: 'not a cell' (choose from lstm, gru, rnn"),
+    ],
+)
 def test_a_bad_cell_spec_is_one_line_naming_it(spec, message, tmp_path, capsys):
     assert main(["train", "lm", "--cell", spec, "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err

@@ -1,4 +1,5 @@
 """The sort task: data, the four decoders, greedy and beam search, learning (issue 7)."""
+
 from __future__ import annotations
 
 import pytest
@@ -10,8 +11,6 @@ from rnnkit.tasks.sort.data import make_batch
 from rnnkit.tasks.sort.search import beam_search, decode, greedy
 
 TINY = dict(embed=8, hidden=8, attn=8)
-
-
 
 
 def tiny_model(decoder: str, vocab: int = 8, floats: bool = False, int_value: bool = False) -> SortModel:
@@ -133,12 +132,15 @@ def test_floats_need_the_pointer_decoder():
         SortConfig(floats=True, decoder="state-only")
 
 
-@pytest.mark.parametrize("flags, message", [
-    (dict(hidden=0), "--hidden must be at least 1, got 0"),
-    (dict(min_len=300, max_len=300), "need --min-len <= --max-len <= --max-input-len, got 300, 300, 256"),
-    (dict(min_len=5, max_len=3), "need --min-len <= --max-len <= --max-input-len, got 5, 3, 256"),
-    (dict(cell="nowhere_module:Cell"), "--cell nowhere_module:Cell: cannot import nowhere_module"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (dict(hidden=0), "--hidden must be at least 1, got 0"),
+        (dict(min_len=300, max_len=300), "need --min-len <= --max-len <= --max-input-len, got 300, 300, 256"),
+        (dict(min_len=5, max_len=3), "need --min-len <= --max-len <= --max-input-len, got 5, 3, 256"),
+        (dict(cell="nowhere_module:Cell"), "--cell nowhere_module:Cell: cannot import nowhere_module"),
+    ],
+)
 def test_bad_config_is_a_usage_error(flags, message):
     with pytest.raises(UsageError, match=message):
         SortConfig(**flags)

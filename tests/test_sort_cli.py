@@ -1,4 +1,5 @@
 """`rnnkit train sort`, `rnnkit eval RUN --lengths ...` and `rnnkit predict RUN`: text in, text out, user errors."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -9,8 +10,25 @@ import pytest
 
 from rnnkit.cli.main import main
 
-TINY = ["--embed", "8", "--hidden", "8", "--attn", "8", "--eval-size", "8", "--steps", "2", "--eval-every", "2",
-        "--threads", "1", "--no-plot", "--progress", "lines"]
+TINY = [
+    "--embed",
+    "8",
+    "--hidden",
+    "8",
+    "--attn",
+    "8",
+    "--eval-size",
+    "8",
+    "--steps",
+    "2",
+    "--eval-every",
+    "2",
+    "--threads",
+    "1",
+    "--no-plot",
+    "--progress",
+    "lines",
+]
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +41,25 @@ def int_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def float_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("sort") / "floats"
-    assert main(["train", "sort", "--floats", "--min-len", "3", "--max-len", "3", "--max-input-len", "6", *TINY,
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "sort",
+                "--floats",
+                "--min-len",
+                "3",
+                "--max-len",
+                "3",
+                "--max-input-len",
+                "6",
+                *TINY,
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     return str(out)
 
 
@@ -52,18 +87,25 @@ def test_stdin_gives_one_output_line_per_input_line(int_run, float_run, capsys, 
     assert [sorted(line.split()) for line in lines] == [["1", "2", "5"], ["6", "7", "8", "9"], ["0"]]
     code, out, _ = run_sort(capsys, monkeypatch, [float_run, "--beam", "2"], "0.5, 0.25 0.125\n0.9 0.1\n")
     assert code == 0 and [sorted(line.split(" ")) for line in out.splitlines()] == [
-        ["0.125", "0.25", "0.5"], ["0.1", "0.9"]]  # the input tokens, exactly as written
+        ["0.125", "0.25", "0.5"],
+        ["0.1", "0.9"],
+    ]  # the input tokens, exactly as written
 
 
-@pytest.mark.parametrize("stdin, message", [
-    ("1 2\n3 x 4\n", "line 2: 'x' (number 2) is not a number"),
-    ("1 2\n3 10\n", "line 2: '10' (number 2) is not an integer in [0, 10)"),
-    ("1 2\n-1\n", "line 2: '-1' (number 1) is not an integer in [0, 10)"),
-    ("1.5\n", "line 1: '1.5' (number 1) is not an integer in [0, 10)"),
-    ("1 2\n\n3\n", "line 2: empty"),
-    ("1\n" + " ".join(["1"] * 257) + "\n",
-     "line 2: 257 numbers, longer than this model supports (at most 256, its --max-input-len)"),
-])
+@pytest.mark.parametrize(
+    "stdin, message",
+    [
+        ("1 2\n3 x 4\n", "line 2: 'x' (number 2) is not a number"),
+        ("1 2\n3 10\n", "line 2: '10' (number 2) is not an integer in [0, 10)"),
+        ("1 2\n-1\n", "line 2: '-1' (number 1) is not an integer in [0, 10)"),
+        ("1.5\n", "line 1: '1.5' (number 1) is not an integer in [0, 10)"),
+        ("1 2\n\n3\n", "line 2: empty"),
+        (
+            "1\n" + " ".join(["1"] * 257) + "\n",
+            "line 2: 257 numbers, longer than this model supports (at most 256, its --max-input-len)",
+        ),
+    ],
+)
 def test_bad_lines_are_named_and_exit_with_code_2(int_run, capsys, monkeypatch, stdin, message):
     code, out, err = run_sort(capsys, monkeypatch, [int_run], stdin)
     assert code == 2 and message in err and err.count("\n") == 1
@@ -130,8 +172,26 @@ def test_floats_with_a_token_decoder_is_a_usage_error(tmp_path, capsys):
 def test_earlier_spellings_still_work_with_a_warning(int_run, tmp_path, capsys, monkeypatch):
     out = tmp_path / "old"
     capsys.readouterr()
-    assert main(["train", "sort", "--n", "3", "--max-n", "8", "--decoder", "seed", "--vocab", "10", *TINY,
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "sort",
+                "--n",
+                "3",
+                "--max-n",
+                "8",
+                "--decoder",
+                "seed",
+                "--vocab",
+                "10",
+                *TINY,
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert "rnnkit: warning: --n is now --min-len and --max-len" in err
     assert "rnnkit: warning: --max-n is now --max-input-len" in err

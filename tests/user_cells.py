@@ -1,10 +1,10 @@
 """Cells written the way a user writes them (only ``combine``), shared by the tests."""
+
 from __future__ import annotations
 
 import torch
 
 from rnnkit.bench.run import UserLSTMCell  # the benchmark's LSTM written from gates
-
 from rnnkit.core.gates import GatedCell, HiddenState, gate
 
 __all__ = ["MGUCell", "UserGRUCell", "UserLSTMCell"]

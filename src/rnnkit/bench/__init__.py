@@ -22,6 +22,7 @@ kernel), same FLOPs: training and inference at B=32, H=512, T=64, and stepping 3
 Each row names the route rnnkit's call took (``rnnkit.explain``, core/routing.py); ``--route NAME``
 runs rnnkit's side through one route (``rnnkit.routing.force``) to measure it alone.
 """
+
 from rnnkit.bench.run import main, run_benchmark
 
 __all__ = ["main", "run_benchmark"]

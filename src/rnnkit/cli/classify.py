@@ -6,6 +6,7 @@ With no TEXT, reads one text per line from stdin. Prints one line per text: the 
     rnnkit predict runs/classify-... "Stocks fall as oil hits a record"        -> Business
     printf 'Stocks fall\\nNew chip is out\\n' | rnnkit predict RUN_DIR --json
 """
+
 from __future__ import annotations
 
 import json

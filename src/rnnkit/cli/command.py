@@ -19,6 +19,7 @@ and one line in COMMANDS: `"generate": CommandSpec("rnnkit.cli.lm:GENERATE", "sa
 The module is imported only when its command is used, so keep heavy imports inside `run` where cheap
 `--help` matters.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,4 +39,4 @@ class Command:
 @dataclass(frozen=True)
 class CommandSpec:
     target: str  # "module:ATTRIBUTE" of the Command, imported only when this command runs
-    help: str    # one line for `rnnkit --help`, available without importing the module
+    help: str  # one line for `rnnkit --help`, available without importing the module

@@ -5,6 +5,7 @@ When RUN_DIR is given, its task adds its flags: the run settings its config mark
 dataclass `EvalOptions`, its fields (sort's `--lengths 5 10 20`); the task's
 `evaluate(model, data, options=EvalOptions(...))` receives them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,14 +26,15 @@ def add_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     task_cls = run_task(argv, _add_flags)
     add_setting_flags(parser, task_cls)
     options = getattr(task_cls, "EvalOptions", None)
-    if options is not None:
+    if task_cls is not None and options is not None:
         add_dataclass_flags(parser, options, f"{task_cls.name} evaluation")
         parser.set_defaults(eval_options=options)
 
 
 def _add_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", default=None,
-                        help="evaluate on this file in the task's format instead of the validation split")
+    parser.add_argument(
+        "--data", default=None, help="evaluate on this file in the task's format instead of the validation split"
+    )
     parser.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     add_run_flags(parser, device="auto")
 
@@ -48,8 +50,11 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(metrics))
     else:
-        print(f"{loaded.info.task} run {loaded.info.path}, {loaded.checkpoint.name} (step {loaded.step}), "
-              f"{args.data or 'validation split'}:", file=sys.stdout)
+        print(
+            f"{loaded.info.task} run {loaded.info.path}, {loaded.checkpoint.name} (step {loaded.step}), "
+            f"{args.data or 'validation split'}:",
+            file=sys.stdout,
+        )
         for k, v in metrics.items():
             print(f"  {k:<20} {v:.6g}")
     return 0

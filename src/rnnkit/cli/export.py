@@ -12,11 +12,13 @@ function (tokens (B, T) and the state in, logits and the state out; T = 1 is one
 the metric is computed by running the file over the validation text chunk by chunk with the state
 carried). Each task's part is one entry of EXPORTERS.
 """
+
 from __future__ import annotations
 
 import argparse
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -69,11 +71,14 @@ def _classifier(loaded, fmt: str, out: Path) -> nn.Module:
     ort = _onnxruntime()
     from rnnkit.core import onnx_ops
 
-    onnx_ops.export(model, (x, lengths), out, dynamic_shapes=dims, input_names=["tokens", "lengths"],
-                    output_names=["logits"])
+    onnx_ops.export(
+        model, (x, lengths), out, dynamic_shapes=dims, input_names=["tokens", "lengths"], output_names=["logits"]
+    )
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    return _Exported(lambda x, lengths: torch.from_numpy(
-        session.run(None, {"tokens": x.numpy(), "lengths": lengths.numpy()})[0]), patch)
+    return _Exported(
+        lambda x, lengths: torch.from_numpy(session.run(None, {"tokens": x.numpy(), "lengths": lengths.numpy()})[0]),
+        patch,
+    )
 
 
 class _Step(nn.Module):
@@ -85,7 +90,7 @@ class _Step(nn.Module):
         self.model = model
 
     def forward(self, idx, *parts):
-        rnn = self.model.rnn
+        rnn: Any = self.model.rnn  # an rnnkit layer: State, num_layers, num_directions, hidden_size
         state = rnn.State(*parts) if len(parts) > 1 else parts[0]
         out = self.model(idx, None, state)
         final = out.state if isinstance(out.state, tuple) else (out.state,)
@@ -103,7 +108,7 @@ class _ExportedLM(nn.Module):
     def forward(self, idx, targets=None, state=None):
         from rnnkit.tasks.lm.model import LMOutput
 
-        rnn = self.rnn
+        rnn: Any = self.rnn  # an rnnkit layer: State, num_layers, num_directions, hidden_size
         if state is None:
             shape = (rnn.num_layers * rnn.num_directions, idx.shape[0], rnn.hidden_size)
             parts = tuple(torch.zeros(shape) for _ in rnn.State._fields)
@@ -130,11 +135,19 @@ def _language_model(loaded, fmt: str, out: Path) -> nn.Module:
     from rnnkit.core import onnx_ops
 
     inputs = ["tokens", *(f"state_{n}" for n in names)]
-    onnx_ops.export(model, (idx, *parts), out, dynamic_shapes=dims, input_names=inputs,
-                    output_names=["logits", *(f"next_{n}" for n in names)])
+    onnx_ops.export(
+        model,
+        (idx, *parts),
+        out,
+        dynamic_shapes=dims,
+        input_names=inputs,
+        output_names=["logits", *(f"next_{n}" for n in names)],
+    )
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    return _ExportedLM(lambda *a: [torch.from_numpy(r) for r in session.run(
-        None, {name: t.numpy() for name, t in zip(inputs, a)})], rnn)
+    return _ExportedLM(
+        lambda *a: [torch.from_numpy(r) for r in session.run(None, {name: t.numpy() for name, t in zip(inputs, a)})],
+        rnn,
+    )
 
 
 def _onnxruntime():
@@ -151,8 +164,12 @@ EXPORTERS = {"classify": _classifier, "lm": _language_model}
 
 def add_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     parser.add_argument("run_dir", help="run directory written by `rnnkit train`")
-    parser.add_argument("--format", choices=["onnx", "pt2"], required=True,
-                        help="onnx: an ONNX model (onnxruntime); pt2: a torch.export program")
+    parser.add_argument(
+        "--format",
+        choices=["onnx", "pt2"],
+        required=True,
+        help="onnx: an ONNX model (onnxruntime); pt2: a torch.export program",
+    )
     parser.add_argument("--out", required=True, help="the file to write")
     add_run_flags(parser, device="cpu")
 

@@ -22,6 +22,7 @@ A config may keep old flag spellings working: a class attribute `renamed_flags =
 maps an old flag to the field(s) it now sets (hidden from the help; using it prints a warning), and
 `renamed_values = {"decoder": {"seed": "state-only"}}` does the same for old values of a field.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,6 +69,7 @@ def _parser_for(tp: Any, optional: bool, parse=None, renamed: dict | None = None
         except ValueError as e:
             reason = str(e) if parse is not None else f"expected {tp.__name__}, got {text!r}"
             raise argparse.ArgumentTypeError(reason) from None
+
     convert.__name__ = getattr(tp, "__name__", "value")  # argparse names the type in "invalid <name> value"
     return convert
 
@@ -98,8 +100,13 @@ class _RenamedFlag(argparse.Action):
             setattr(namespace, name, values)
 
 
-def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, title: str | None = None,
-                        defaults: dict[str, Any] | None = None, only: typing.Iterable[str] | None = None) -> None:
+def add_dataclass_flags(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    title: str | None = None,
+    defaults: dict[str, Any] | None = None,
+    only: typing.Iterable[str] | None = None,
+) -> None:
     """Add one flag per field of dataclass `cls` (or per field named in `only`). Flags not given on the
     command line are absent from the parsed namespace (default SUPPRESS), so callers can tell given
     from defaulted. `defaults` overrides the default shown in the help for some fields (a task's
@@ -124,14 +131,27 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, title: str |
             choices = list(get_args(tp))
             convert = _parser_for(type(choices[0]), optional, renamed=renamed_values.get(f.name), flag=flag)
             group.add_argument(flag, choices=choices, type=convert, **kw)
-        elif get_origin(tp) is tuple and len(get_args(tp)) == 2 and get_args(tp)[1] is Ellipsis \
-                and get_args(tp)[0] in (int, float, str):
+        elif (
+            get_origin(tp) is tuple
+            and len(get_args(tp)) == 2
+            and get_args(tp)[1] is Ellipsis
+            and get_args(tp)[0] in (int, float, str)
+        ):
             item = get_args(tp)[0]
-            group.add_argument(flag, type=_parser_for(item, False, f.metadata.get("parse")), nargs="+",
-                               metavar=metavar or item.__name__.upper(), **kw)
+            group.add_argument(
+                flag,
+                type=_parser_for(item, False, f.metadata.get("parse")),
+                nargs="+",
+                metavar=metavar or item.__name__.upper(),
+                **kw,
+            )
         elif tp in (int, float, str):
-            group.add_argument(flag, type=_parser_for(tp, optional, f.metadata.get("parse")),
-                               metavar=metavar or tp.__name__.upper(), **kw)
+            group.add_argument(
+                flag,
+                type=_parser_for(tp, optional, f.metadata.get("parse")),
+                metavar=metavar or tp.__name__.upper(),
+                **kw,
+            )
         else:
             raise TypeError(f"{cls.__name__}.{f.name}: unsupported flag type {hints[f.name]!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -141,9 +161,15 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, title: str |
         tp, optional = _unwrap_optional(hints[names[0]])
         item, nargs = (get_args(tp)[0], "+") if get_origin(tp) is tuple else (tp, None)
         new = flag_name(names[0]) if len(names) == 1 else " and ".join(map(flag_name, names)) + ", both set to it"
-        group.add_argument(old, action=_RenamedFlag, fields=tuple(names), new=new, nargs=nargs,
-                           type=_parser_for(item, optional, fields[names[0]].metadata.get("parse")),
-                           help=argparse.SUPPRESS)
+        group.add_argument(
+            old,
+            action=_RenamedFlag,
+            fields=tuple(names),
+            new=new,
+            nargs=nargs,
+            type=_parser_for(item, optional, fields[names[0]].metadata.get("parse")),
+            help=argparse.SUPPRESS,
+        )
 
 
 def given_fields(namespace: argparse.Namespace, cls: type) -> dict[str, Any]:

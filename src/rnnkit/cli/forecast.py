@@ -6,6 +6,7 @@ same file with newer rows). One `date,value` line per step, or with `--json` one
 
     rnnkit forecast runs/co2 --data co2-2002.csv
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,12 @@ from rnnkit.common.errors import UsageError
 
 def add_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     parser.add_argument("run_dir", help="run directory written by `rnnkit train forecast`")
-    parser.add_argument("--data", default=None, metavar="FILE",
-                        help="forecast after the end of this CSV file (default: the run's training data)")
+    parser.add_argument(
+        "--data",
+        default=None,
+        metavar="FILE",
+        help="forecast after the end of this CSV file (default: the run's training data)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object with every quantile")
     add_run_flags(parser)
 

@@ -8,6 +8,7 @@
 character). With --num-samples K the K samples are drawn as one batch; the first streams live and the
 others follow, each after a `--- sample k ---` line.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,9 @@ class GenerateOptions:
     length: int = option(500, "characters to generate")
     temperature: float = option(0.8, "softmax temperature; 0 = greedy")
     top_k: int | None = option(None, "sample only among the K likeliest characters", metavar="K")
-    top_p: float | None = option(None, "sample only among the likeliest characters whose probability reaches P",
-                                 metavar="P")
+    top_p: float | None = option(
+        None, "sample only among the likeliest characters whose probability reaches P", metavar="P"
+    )
     seed: int | None = option(None, "random seed; the same seed gives the same text")
     num_samples: int = option(1, "samples to draw, as one batch")
 
@@ -51,8 +53,9 @@ def run_generate(args: argparse.Namespace) -> int:
     g = from_dict(GenerateOptions, given_fields(args, GenerateOptions), source="flags")
     vocab = loaded.task.vocab
     start_ids(vocab, g.prompt)  # a bad prompt character fails here, before anything is printed
-    stream = generate_batch(loaded.model, vocab, g.prompt, g.length, g.temperature, g.top_k, g.top_p, g.seed,
-                            g.num_samples)
+    stream = generate_batch(
+        loaded.model, vocab, g.prompt, g.length, g.temperature, g.top_k, g.top_p, g.seed, g.num_samples
+    )
     out = sys.stdout
     rest: list[list[str]] = [[] for _ in range(g.num_samples - 1)]
     out.write(g.prompt)
@@ -95,11 +98,17 @@ def add_demo_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> None
     from rnnkit.engine.trainer import RunConfig, TrainConfig
     from rnnkit.tasks.lm import LMConfig
 
-    add_dataclass_flags(parser, TrainConfig, only=("time_budget", "steps", "threads"), defaults={
-        "time_budget": DEMO_TIME_BUDGET,
-        "steps": f"what a 2-core CPU does in --time-budget, {STEPS_PER_SECOND['C++']} per second with rnnkit's "
-                 f"C++ step loops, {STEPS_PER_SECOND['Python']} without",
-        "threads": f"half the cores, at most 4; here {default_threads()}"})
+    add_dataclass_flags(
+        parser,
+        TrainConfig,
+        only=("time_budget", "steps", "threads"),
+        defaults={
+            "time_budget": DEMO_TIME_BUDGET,
+            "steps": f"what a 2-core CPU does in --time-budget, {STEPS_PER_SECOND['C++']} per second with rnnkit's "
+            f"C++ step loops, {STEPS_PER_SECOND['Python']} without",
+            "threads": f"half the cores, at most 4; here {default_threads()}",
+        },
+    )
     add_dataclass_flags(parser, RunConfig, only=("out",), defaults={"out": "runs/lm-<timestamp>"})
     add_dataclass_flags(parser, LMConfig, only=("data",))
 
@@ -117,17 +126,23 @@ def run_demo(args: argparse.Namespace) -> int:
     run_dir = given_fields(args, RunConfig).get("out") or str(default_run_dir("lm"))
     data = given_fields(args, LMConfig).get("data")
     corpus = data or "the Python standard library's source code (offline, bundled with Python)"
-    print(f"rnnkit demo: a character language model (2-layer GRU of 256) trained on {corpus} for at most "
-          f"{time_budget:g} s; a sample is printed at each evaluation.", file=sys.stderr, flush=True)
+    print(
+        f"rnnkit demo: a character language model (2-layer GRU of 256) trained on {corpus} for at most "
+        f"{time_budget:g} s; a sample is printed at each evaluation.",
+        file=sys.stderr,
+        flush=True,
+    )
     task_flags = dict(DEMO_TASK, data=data)
     rate = STEPS_PER_SECOND["C++" if native.ops() is not None else "Python"]
     steps = given.get("steps") or max(1, int(time_budget * rate))
-    train_flags = dict(DEMO_TRAIN, time_budget=time_budget, steps=steps,
-                       threads=given.get("threads") or default_threads())
+    train_flags = dict(
+        DEMO_TRAIN, time_budget=time_budget, steps=steps, threads=given.get("threads") or default_threads()
+    )
     code = train("lm", task_flags, train_flags, RunConfig(out=run_dir))
     if code != 0:
         return code
-    print(f"""
+    print(
+        f"""
 Run directory: {run_dir}  (curves.png, metrics.jsonl, checkpoints/, vocab.json)
 
 Sample from it:      rnnkit generate {run_dir} --prompt "def " --length 400 --temperature 0.7
@@ -136,7 +151,8 @@ Evaluate it:         rnnkit eval {run_dir}
 Shakespeare instead: rnnkit train lm --data tinyshakespeare --time-budget 600
 The other tasks:     rnnkit train classify --time-budget 600      (AG News topics, many-to-one)
                      rnnkit train sort --time-budget 300          (sorting sequences, many-to-one-to-many)""",
-          flush=True)
+        flush=True,
+    )
     return 0
 
 

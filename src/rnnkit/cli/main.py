@@ -10,6 +10,7 @@
 User mistakes (unknown flags, bad values, missing or foreign run directories, UsageError from anywhere
 below) end with one line on stderr and exit code 2; there is no traceback for them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,9 @@ from rnnkit.engine.rundir import rnnkit_version
 COMMANDS: dict[str, CommandSpec] = {
     "train": CommandSpec("rnnkit.cli.train:TRAIN", "train a task, or continue a run with --resume RUN_DIR"),
     "eval": CommandSpec("rnnkit.cli.evaluate:EVAL", "evaluate a trained run on its validation data or --data"),
-    "predict": CommandSpec("rnnkit.cli.predict:PREDICT",
-                           "apply a trained run to inputs: a classifier's labels, a sorter's sorted numbers"),
+    "predict": CommandSpec(
+        "rnnkit.cli.predict:PREDICT", "apply a trained run to inputs: a classifier's labels, a sorter's sorted numbers"
+    ),
     "generate": CommandSpec("rnnkit.cli.lm:GENERATE", "sample text from a trained language model"),
     "forecast": CommandSpec("rnnkit.cli.forecast:FORECAST", "forecast the next values of a series with a trained run"),
     "export": CommandSpec("rnnkit.cli.export:EXPORT", "write a trained run's model as ONNX or a torch.export program"),
@@ -63,7 +65,7 @@ def build_parser(argv: list[str]) -> Parser:
         p = sub.add_parser(name, help=spec.help, description=spec.help)
         if chosen is not None and argv[chosen] == name:
             command = load_command(name)
-            command.add_arguments(p, argv[chosen + 1:])
+            command.add_arguments(p, argv[chosen + 1 :])
             p.set_defaults(run=command.run, trailing=command.trailing)
     return parser
 
@@ -88,8 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rnnkit: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a path the user gave that cannot be read or written: their fix, one line
-        print(f"rnnkit: error: {e.strerror or e}: {e.filename}" if e.filename else f"rnnkit: error: {e}",
-              file=sys.stderr)
+        print(
+            f"rnnkit: error: {e.strerror or e}: {e.filename}" if e.filename else f"rnnkit: error: {e}", file=sys.stderr
+        )
         return 2
     except KeyboardInterrupt:
         print("rnnkit: interrupted", file=sys.stderr)

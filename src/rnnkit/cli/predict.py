@@ -9,6 +9,7 @@ With no INPUT on the command line, inputs are read one per line from stdin and e
 as its line arrives. A language model generates rather than predicts: `rnnkit generate RUN_DIR`.
 Each task's part lives in its own module (PREDICTORS); `--help` after RUN_DIR lists the task's flags.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,9 +27,9 @@ from rnnkit.engine.config import from_dict
 
 @dataclass(frozen=True)
 class Predictor:
-    inputs: str                      # help of the INPUT arguments: what one input is
+    inputs: str  # help of the INPUT arguments: what one input is
     run: Callable[[Any, list[str] | None, Any], int]  # (loaded run, inputs or None for stdin, options) -> exit code
-    Options: type | None = None      # frozen dataclass of the task's own predict flags (fields via option())
+    Options: type | None = None  # frozen dataclass of the task's own predict flags (fields via option())
 
 
 # task name -> "module:ATTRIBUTE" of its Predictor, imported only when used
@@ -51,12 +52,17 @@ def add_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     parser.add_argument("run_dir", help="run directory written by `rnnkit train`")
     task_cls = run_task(argv, add_run_flags)
     predictor = predictor_for(task_cls.name) if task_cls is not None and task_cls.name in PREDICTORS else None
-    parser.add_argument("inputs", nargs="*", metavar="INPUT",
-                        help=predictor.inputs if predictor else "the inputs, one per argument (default: one per "
-                                                                "line from stdin); what an input is depends on the run")
+    parser.add_argument(
+        "inputs",
+        nargs="*",
+        metavar="INPUT",
+        help=predictor.inputs
+        if predictor
+        else "the inputs, one per argument (default: one per line from stdin); what an input is depends on the run",
+    )
     add_run_flags(parser)
     add_setting_flags(parser, task_cls)
-    if predictor is not None and predictor.Options is not None:
+    if task_cls is not None and predictor is not None and predictor.Options is not None:
         add_dataclass_flags(parser, predictor.Options, f"{task_cls.name} output")
 
 

@@ -7,6 +7,7 @@ The run's task is known only once RUN_DIR is, so `run_task(argv)` reads it from 
 before the parser is built; the task config's resumable fields (a sort run's `--beam`, an lm run's
 `--eval-chars`) then become flags whose default is the run's own value.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,9 @@ from rnnkit.tasks.base import Task, option
 
 @dataclass(frozen=True)
 class RunOptions:
-    checkpoint: Literal["best", "last"] = option("best", "which checkpoint to use (best falls back to last "
-                                                         "when no evaluation has finished)")
+    checkpoint: Literal["best", "last"] = option(
+        "best", "which checkpoint to use (best falls back to last when no evaluation has finished)"
+    )
     device: Literal["auto", "cpu", "cuda"] = option("cpu", "where to run the model (auto: cuda when available)")
 
 
@@ -67,9 +69,14 @@ def settings(task_cls: type[Task]) -> list[str]:
 def add_setting_flags(parser: argparse.ArgumentParser, task_cls: type[Task] | None) -> None:
     """The run's resumable task settings as flags, defaulting to the run's values."""
     names = settings(task_cls) if task_cls is not None else []
-    if names:
-        add_dataclass_flags(parser, task_cls.Config, f"{task_cls.name} run settings", only=names,
-                            defaults=dict.fromkeys(names, "the run's"))
+    if task_cls is not None and names:
+        add_dataclass_flags(
+            parser,
+            task_cls.Config,
+            f"{task_cls.name} run settings",
+            only=names,
+            defaults=dict.fromkeys(names, "the run's"),
+        )
 
 
 def load_selected_run(args: argparse.Namespace, device: str = "cpu"):

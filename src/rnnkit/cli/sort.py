@@ -10,6 +10,7 @@ code 2; blank lines at the very end of the input are ignored, as they are in `rn
     $ echo "5 3 9, 1" | rnnkit predict runs/sort-ptr
     1 3 5 9
 """
+
 from __future__ import annotations
 
 from rnnkit.cli.predict import Predictor

@@ -3,6 +3,7 @@
 Lines are yielded as they arrive (so `rnnkit sort` answers each line before the next is typed), without
 their line ending. A line that is not UTF-8 stops with a UsageError naming its line number.
 """
+
 from __future__ import annotations
 
 import sys

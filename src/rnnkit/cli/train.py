@@ -1,4 +1,5 @@
 """`rnnkit train TASK [flags]`: flags come from the task's Config, TrainConfig and RunConfig."""
+
 from __future__ import annotations
 
 import argparse
@@ -12,14 +13,19 @@ from rnnkit.tasks.base import load_task_class, task_names
 
 def add_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     names = task_names()
-    tasks = parser.add_subparsers(dest="task", metavar="TASK", required=True,
-                                  help=f"one of {', '.join(names)}, or module:Class for a task of your own")
+    tasks = parser.add_subparsers(
+        dest="task",
+        metavar="TASK",
+        required=True,
+        help=f"one of {', '.join(names)}, or module:Class for a task of your own",
+    )
     chosen = next((a for a in argv if not a.startswith("-")), None)
     if chosen and ":" in chosen and chosen not in names:
         names.append(chosen)  # a user's Task subclass by its import path
     for name in names:
-        p = tasks.add_parser(name, help=f"train the {name} task",
-                             description=f"Train the {name} task. Engine flags apply to every task.")
+        p = tasks.add_parser(
+            name, help=f"train the {name} task", description=f"Train the {name} task. Engine flags apply to every task."
+        )
         if name == chosen:
             task_cls = load_task_class(name)
             try:

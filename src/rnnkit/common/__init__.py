@@ -2,6 +2,7 @@
 
 Tasks, the engine and the CLI import these from here; nothing here imports them.
 """
+
 from rnnkit.common.errors import UsageError
 from rnnkit.common.files import atomic_write, atomic_write_text
 

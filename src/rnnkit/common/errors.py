@@ -6,6 +6,7 @@ with exit code 2 and no traceback. Say what was wrong, where it came from, and w
 
     raise UsageError(f"--batch-size must be a multiple of the 2 processes, got 7")
 """
+
 from __future__ import annotations
 
 

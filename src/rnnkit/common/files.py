@@ -2,6 +2,7 @@
 
 Used by tasks (downloaded data sets, vocabularies, plots) and by the engine (checkpoints, config.json).
 """
+
 from __future__ import annotations
 
 import os

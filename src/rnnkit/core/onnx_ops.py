@@ -13,7 +13,10 @@ sequence's own last valid step's, as rnnkit's.
 
 Requires ``onnxscript`` (the ``export`` extra).
 """
+
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,8 +30,11 @@ def _rows(kind: str, H: int) -> np.ndarray:
 
 
 def _translation(kind: str):
-    from onnxscript import ir
-    from onnxscript import opset18 as op
+    from onnxscript import ir, opset18
+
+    # opset18's signatures type each input by ONNX element type (FLOAT, INT64, ...); a translation
+    # function receives untyped graph values, which those signatures cannot describe
+    op: Any = opset18
 
     def translate(xz, w_hh, b_hh, *rest):
         *state, mask, relu = rest
@@ -43,8 +49,11 @@ def _translation(kind: str):
         Rb = zeros if b_hh is None else op.Gather(b_hh, index, axis=0)
         B = op.Unsqueeze(op.Concat(zeros, Rb, axis=0), op.Constant(value_ints=[0]))
         X = op.Transpose(xz, perm=[1, 0, 2])  # (T, B, G*H)
-        lens = None if mask is None else op.ReduceSum(op.Cast(mask, to=ir.DataType.INT32), op.Constant(value_ints=[1]),
-                                                      keepdims=0)
+        lens = (
+            None
+            if mask is None
+            else op.ReduceSum(op.Cast(mask, to=ir.DataType.INT32), op.Constant(value_ints=[1]), keepdims=0)
+        )
         initial = [op.Unsqueeze(s, op.Constant(value_ints=[0])) for s in state]
         if kind == "lstm":
             Y, Y_h, Y_c = op.LSTM(X, W, R, B, lens, initial[0], initial[1], hidden_size=H)
@@ -74,5 +83,6 @@ def export(model: torch.nn.Module, args: tuple, path, *, dynamic_shapes=None, **
     """``torch.onnx.export(model, args, path, dynamo=True)`` with rnnkit's translations; returns the
     ONNXProgram. ``dynamic_shapes`` as for ``torch.export.export``."""
     table = {**translations(), **kwargs.pop("custom_translation_table", {})}
-    return torch.onnx.export(model, args, str(path), dynamo=True, dynamic_shapes=dynamic_shapes,
-                             custom_translation_table=table, **kwargs)
+    return torch.onnx.export(
+        model, args, str(path), dynamo=True, dynamic_shapes=dynamic_shapes, custom_translation_table=table, **kwargs
+    )

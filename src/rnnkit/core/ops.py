@@ -30,6 +30,7 @@ same functions the eager routes run.
 >>> tuple(out.shape), tuple(h.shape)
 ((2, 5, 3), (2, 3))
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -122,7 +123,7 @@ def _schemas(spec: Spec) -> dict[str, str]:
         "scan": f"{args} -> (Tensor, {final})",
         "scan_train": f"{args} -> (Tensor, {final}, {saved})",
         "scan_backward": f"({saved_in}, Tensor w_hh, Tensor? mask, Tensor? grad_out, {grad_state}, bool relu) "
-                         f"-> (Tensor, Tensor, Tensor, {d_state})",
+        f"-> (Tensor, Tensor, Tensor, {d_state})",
     }
 
 
@@ -166,13 +167,12 @@ def _define(spec: Spec) -> None:
         op.register_fake(fake)
 
     def backward_impl(*args):
-        saved, (w_hh, mask, grad_out), rest = args[:n_saved], args[n_saved:n_saved + 3], args[n_saved + 3:]
+        saved, (w_hh, mask, grad_out), rest = args[:n_saved], args[n_saved : n_saved + 3], args[n_saved + 3 :]
         *grad_state, relu = rest
         kernel = spec.cpp if _cpp(w_hh) else spec.python
         mask = mask.contiguous() if mask is not None else None
         needs = {"w": True, "b": True}
-        dxz, dw, db, dstate = kernel.backward(_Cell(relu), tuple(saved), w_hh, mask, grad_out, tuple(grad_state),
-                                              needs)
+        dxz, dw, db, dstate = kernel.backward(_Cell(relu), tuple(saved), w_hh, mask, grad_out, tuple(grad_state), needs)
         return tuple(_fresh([dxz.contiguous(), dw.contiguous(), db.contiguous(), *(d.contiguous() for d in dstate)]))
 
     def backward_fake(*args):
@@ -180,18 +180,23 @@ def _define(spec: Spec) -> None:
         hs = saved[-1]  # (T+1, B, H) in every kernel's layout
         T, B, H = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
         GH = w_hh.shape[0]
-        return (w_hh.new_empty(B, T, GH), w_hh.new_empty(w_hh.shape), w_hh.new_empty(GH),
-                *(w_hh.new_empty(B, H) for _ in range(n)))
+        return (
+            w_hh.new_empty(B, T, GH),
+            w_hh.new_empty(w_hh.shape),
+            w_hh.new_empty(GH),
+            *(w_hh.new_empty(B, H) for _ in range(n)),
+        )
 
-    bwd = torch.library.custom_op(f"{lib_name}_scan_backward", backward_impl, mutates_args=(),
-                                  schema=schemas["scan_backward"])
+    bwd = torch.library.custom_op(
+        f"{lib_name}_scan_backward", backward_impl, mutates_args=(), schema=schemas["scan_backward"]
+    )
     bwd.register_fake(backward_fake)
     backward_op = getattr(torch.ops.rnnkit, f"{spec.kind}_scan_backward").default
 
     def setup_context(ctx, inputs, output):
         _xz, w_hh, b_hh, *rest = inputs
         mask, relu = rest[n], rest[n + 1]
-        ctx.save_for_backward(w_hh, mask, *output[1 + n:])
+        ctx.save_for_backward(w_hh, mask, *output[1 + n :])
         ctx.relu, ctx.has_bias = relu, b_hh is not None
 
     def autograd_backward(ctx, grad_out, *grads):
@@ -207,16 +212,20 @@ for _spec in SPECS.values():
     _define(_spec)
 
 
-def scan(kind: str, xz: Tensor, w_hh: Tensor, b_hh: Tensor | None, state: tuple, mask: Tensor | None,
-         relu: bool = False) -> tuple[Tensor, tuple]:
+def scan(
+    kind: str, xz: Tensor, w_hh: Tensor, b_hh: Tensor | None, state: tuple, mask: Tensor | None, relu: bool = False
+) -> tuple[Tensor, tuple]:
     """A built-in cell of ``kind`` over ``xz`` (B, T, G*H) from ``state`` through its operator: the
     training one where gradients are wanted, else the inference one. Returns the outputs (B, T, H)
     and the final state's parts."""
     tensors = (xz, w_hh, b_hh, *state)
     # torch.export records the inference operator: an exported program is run, not trained, and
     # the ONNX exporter translates that one (core/onnx_ops.py)
-    train = (torch.is_grad_enabled() and not torch.compiler.is_exporting()
-             and any(t is not None and t.requires_grad for t in tensors))
+    train = (
+        torch.is_grad_enabled()
+        and not torch.compiler.is_exporting()
+        and any(t is not None and t.requires_grad for t in tensors)
+    )
     namespace = torch.ops.rnnkit
     op = getattr(namespace, f"{kind}_scan_train" if train else f"{kind}_scan")
     out, *rest = op(xz, w_hh, b_hh, *state, mask, relu)

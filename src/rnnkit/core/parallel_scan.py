@@ -29,15 +29,15 @@ Masks: ``mask`` (B, T), True at valid steps; at a padded step the state is carri
 >>> [round(h, 4) for h in scan_log_space(log_a, log_b, torch.zeros(1, 1)).flatten().tolist()]
 [1.0, 1.5, 1.75]
 """
-from __future__ import annotations
 
-from typing import NamedTuple
+from __future__ import annotations
 
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
 from rnnkit.core.cells.scan_cell import log_candidate
+from rnnkit.core.gates import HiddenState
 
 LOG_SCAN_CHUNK = 64  # steps per chunk of the log-space scan (its float32 error grows with the chunk)
 
@@ -135,7 +135,7 @@ def scan_stepped(k: Tensor, v: Tensor, h0: Tensor, mask: Tensor | None) -> Tenso
     return _StepScan.apply(k, v, h0, mask)
 
 
-def scan(cell, xz: Tensor, state: NamedTuple, mask: Tensor | None, *, log_space: bool | None = None):
+def scan(cell, xz: Tensor, state: HiddenState, mask: Tensor | None, *, log_space: bool | None = None):
     """``scan_reference(cell, xz, state, mask)`` for a ``ParallelScanCell``, all steps at once.
 
     ``xz`` (B, T, G*H) is the input projection, ``state`` the cell's ``HiddenState`` (B, H), ``mask``
@@ -158,10 +158,10 @@ def scan(cell, xz: Tensor, state: NamedTuple, mask: Tensor | None, *, log_space:
         hs = scan_stepped(k, v, h0, mask.contiguous() if mask is not None else None)  # (B, T, H)
     final = hs[:, -1]  # a padded step carries the state, so the last step holds each sequence's own
     out = hs * mask[:, :, None] if mask is not None else hs
-    return out, type(state)(final)
+    return out, HiddenState(final)
 
 
-def scan_layer(cell, x: Tensor, state: NamedTuple, mask: Tensor | None) -> tuple[Tensor, NamedTuple]:
+def scan_layer(cell, x: Tensor, state: HiddenState, mask: Tensor | None) -> tuple[Tensor, HiddenState]:
     """The ``parallel-scan`` route's scan of one (layer, direction): ``x`` (B, T, I) projected in one
     matmul, then ``scan``. Under autocast the projection may come back in half precision: the scan
     runs in the weights' dtype."""

@@ -8,6 +8,7 @@ there are zero, which gives packed-sequence semantics without packing.
 Every other route of the routing table (core/routing.py) computes this function faster; the tests
 hold each of them to it, running the reference through ``routing.force("reference")``.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -27,7 +28,7 @@ def scan_reference(cell: GatedCell, xz: Tensor, state: NamedTuple, mask: Tensor 
         h, new_state = cell.step(xz_t, state)
         if m is not None:
             m = m[:, None]
-            new_state = type(state)(*(torch.where(m, new, old) for new, old in zip(new_state, state)))
+            new_state = state._make(torch.where(m, new, old) for new, old in zip(new_state, state))
             h = h * m
         state = new_state
         outputs.append(h)

@@ -14,6 +14,7 @@ execute code. Because everything is one file, atomicity is the classic sequence:
 file in the same directory, fsync it, `os.replace` it over the old one, fsync the directory. A crash
 or `kill -9` at any moment leaves either the old or the new checkpoint, both complete.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,11 +25,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from rnnkit.engine.errors import CheckpointError
 from rnnkit.common.files import atomic_write
+from rnnkit.engine.errors import CheckpointError
 
 FORMAT = "rnnkit-checkpoint/1"  # bumped when the layout changes incompatibly
-
 
 
 def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
@@ -47,11 +47,14 @@ def _open(path: Path):
         handle = safe_open(str(path), framework="pt", device="cpu")
         metadata = handle.metadata() or {}
     except Exception as e:  # safetensors raises several types for bad headers / truncation
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a safetensors file "
-                              f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or not a safetensors file "
+            f"({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        ) from None
     if metadata.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {path} was not written by rnnkit "
-                              f"(format {metadata.get('format')!r}, expected {FORMAT!r})")
+        raise CheckpointError(
+            f"checkpoint {path} was not written by rnnkit (format {metadata.get('format')!r}, expected {FORMAT!r})"
+        )
     try:
         state = json.loads(metadata["state"])
     except (KeyError, ValueError):
@@ -64,14 +67,15 @@ def load_checkpoint(path: Path, prefix: str = "") -> tuple[dict[str, torch.Tenso
     against the file size when opening, so a truncated file fails here, never later."""
     handle, state = _open(path)
     try:
-        tensors = {k: handle.get_tensor(k) for k in handle.keys() if k.startswith(prefix)}
+        # safetensors' handle has keys() but is not iterable itself
+        tensors = {k: handle.get_tensor(k) for k in handle.keys() if k.startswith(prefix)}  # noqa: SIM118
     except Exception as e:
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__})") from None
     return tensors, state
 
 
 def strip_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def load_model_weights(path: Path, model: torch.nn.Module) -> dict[str, Any]:
@@ -100,8 +104,9 @@ def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
-                        meta: dict[str, Any], path: Path) -> None:
+def optimizer_from_flat(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: Path
+) -> None:
     state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():  # names as "<index>.<key>" (the "optim." prefix stripped)
         idx, key = name.split(".", 1)

@@ -12,6 +12,7 @@ gives `--length INT` and `--cell {lstm,gru}`. Supported field types: int, float,
 (`--flag/--no-flag`), `X | None` of those, `Literal[...]` (becomes `choices`) and `tuple[X, ...]` of
 int, float or str (one or more values: `--n 5 10 15`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,6 @@ import typing
 from typing import Any, Literal, get_args, get_origin
 
 from rnnkit.engine.errors import UsageError
-
-
 
 
 def flag_name(field_name: str) -> str:
@@ -45,12 +44,14 @@ def _parser_for(tp: Any, optional: bool, name: str):
             return tp(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {tp.__name__}, got {text!r}") from None
+
     parse.__name__ = tp.__name__  # argparse names the type in "invalid <name> value"
     return parse
 
 
-def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, title: str | None = None,
-                        defaults: dict[str, Any] | None = None) -> None:
+def add_dataclass_flags(
+    parser: argparse.ArgumentParser, cls: type, title: str | None = None, defaults: dict[str, Any] | None = None
+) -> None:
     """Add one flag per field of dataclass `cls`. Flags not given on the command line are absent
     from the parsed namespace (default SUPPRESS), so callers can tell given from defaulted.
     `defaults` overrides the default shown in the help for some fields (a task's train_defaults)."""
@@ -69,14 +70,23 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, title: str |
         elif get_origin(tp) is Literal:
             choices = list(get_args(tp))
             group.add_argument(flag_name(f.name), choices=choices, type=type(choices[0]), **kw)
-        elif get_origin(tp) is tuple and len(get_args(tp)) == 2 and get_args(tp)[1] is Ellipsis \
-                and get_args(tp)[0] in (int, float, str):
+        elif (
+            get_origin(tp) is tuple
+            and len(get_args(tp)) == 2
+            and get_args(tp)[1] is Ellipsis
+            and get_args(tp)[0] in (int, float, str)
+        ):
             item = get_args(tp)[0]
-            group.add_argument(flag_name(f.name), type=_parser_for(item, False, f.name), nargs="+",
-                               metavar=item.__name__.upper(), **kw)
+            group.add_argument(
+                flag_name(f.name), type=_parser_for(item, False, f.name), nargs="+", metavar=item.__name__.upper(), **kw
+            )
         elif tp in (int, float, str):
-            group.add_argument(flag_name(f.name), type=_parser_for(tp, optional, f.name),
-                               metavar=f.metadata.get("metavar") or tp.__name__.upper(), **kw)
+            group.add_argument(
+                flag_name(f.name),
+                type=_parser_for(tp, optional, f.name),
+                metavar=f.metadata.get("metavar") or tp.__name__.upper(),
+                **kw,
+            )
         else:
             raise TypeError(f"{cls.__name__}.{f.name}: unsupported flag type {hints[f.name]!r}")
 

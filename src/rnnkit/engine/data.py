@@ -14,6 +14,7 @@ taken next:
 `stream_batches` lays one long sequence out for stateful truncated BPTT: row b of every batch
 continues row b of the batch before it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -47,13 +48,22 @@ def as_tensors(data: Any) -> tuple[torch.Tensor, ...] | None:
 class Batches:
     """One batch per call of `next()`, with a resumable position (see the module docstring)."""
 
-    def __init__(self, data: Any, *, batch_size: int = 32, shuffle: bool = True, seed: int = 0,
-                 drop_last: bool = False, name: str = "train"):
+    def __init__(
+        self,
+        data: Any,
+        *,
+        batch_size: int = 32,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        name: str = "train",
+    ):
         self.name, self.seed, self.shuffle, self.batch_size, self.drop_last = name, seed, shuffle, batch_size, drop_last
         self.tensors = as_tensors(data)
         if self.tensors is None and not hasattr(data, "__iter__"):
-            raise UsageError(f"{name} data must be tensors, a DataLoader or an iterable of batches; "
-                             f"got {type(data).__name__}")
+            raise UsageError(
+                f"{name} data must be tensors, a DataLoader or an iterable of batches; got {type(data).__name__}"
+            )
         if batch_size < 1:
             raise UsageError(f"batch_size must be at least 1, got {batch_size}")
         self.data = data
@@ -87,8 +97,11 @@ class Batches:
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
         self._it = None
         if self.one_pass and (self.epoch or self.index):
-            warnings.warn(f"{self.name} data is an iterator, which cannot be replayed: the resumed run "
-                          f"continues from wherever it now stands, not from batch {self.index}", stacklevel=2)
+            warnings.warn(
+                f"{self.name} data is an iterator, which cannot be replayed: the resumed run "
+                f"continues from wherever it now stands, not from batch {self.index}",
+                stacklevel=2,
+            )
 
     # ---- reading ---------------------------------------------------------------------------------
     def next(self) -> tuple[Any, bool]:
@@ -101,8 +114,10 @@ class Batches:
             if self.index == 0:
                 raise UsageError(f"{self.name} data is empty: it yielded no batch") from None
             if self.one_pass:
-                raise UsageError(f"{self.name} data ran out after {self.index} batches; give an iterable that "
-                                 f"can be read again (a list, a DataLoader) or fewer steps") from None
+                raise UsageError(
+                    f"{self.name} data ran out after {self.index} batches; give an iterable that "
+                    f"can be read again (a list, a DataLoader) or fewer steps"
+                ) from None
             self.epoch, self.index = self.epoch + 1, 0
             self._it = self._open(self.epoch, skip=0)
             try:
@@ -118,7 +133,7 @@ class Batches:
         if self.tensors is not None:
             n = self.tensors[0].shape[0]
             for start in range(0, n, self.batch_size):
-                yield _unwrap(tuple(t[start:start + self.batch_size] for t in self.tensors))
+                yield _unwrap(tuple(t[start : start + self.batch_size] for t in self.tensors))
         else:
             yield from self.data
 
@@ -155,7 +170,7 @@ class Batches:
         else:
             order = torch.arange(n)
         for b in range(skip, len(self)):
-            rows = order[b * self.batch_size:(b + 1) * self.batch_size]
+            rows = order[b * self.batch_size : (b + 1) * self.batch_size]
             yield _unwrap(tuple(t[rows] for t in tensors))
 
 
@@ -174,7 +189,7 @@ def shard(batch: Any, rank: int, world_size: int) -> Any:
         if batch.shape[0] % world_size:
             raise UsageError(f"a batch of {batch.shape[0]} rows cannot be split evenly over {world_size} processes")
         per = batch.shape[0] // world_size
-        return batch[rank * per:(rank + 1) * per]
+        return batch[rank * per : (rank + 1) * per]
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):
         return type(batch)(*(shard(x, rank, world_size) for x in batch))
     if isinstance(batch, (tuple, list)):
@@ -184,8 +199,9 @@ def shard(batch: Any, rank: int, world_size: int) -> Any:
     return batch
 
 
-def stream_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int,
-                   length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def stream_batches(
+    x: torch.Tensor, y: torch.Tensor, batch_size: int, length: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Cut one long sequence (`x` of shape (N, ...), `y` of shape (N, ...)) into `batch_size` parallel
     streams and chunks of `length` steps, for stateful truncated BPTT: batch k holds steps
     [k * length, (k + 1) * length) of every stream, so row b of batch k + 1 continues row b of batch k.
@@ -197,9 +213,10 @@ def stream_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int,
     per_stream = x.shape[0] // batch_size
     chunks = per_stream // length
     if chunks == 0:
-        raise UsageError(f"a sequence of {x.shape[0]} steps is too short for {batch_size} streams of "
-                         f"at least {length} steps each")
+        raise UsageError(
+            f"a sequence of {x.shape[0]} steps is too short for {batch_size} streams of at least {length} steps each"
+        )
     used = batch_size * per_stream
     xs = x[:used].reshape(batch_size, per_stream, *x.shape[1:])  # (B, N/B, ...)
     ys = y[:used].reshape(batch_size, per_stream, *y.shape[1:])
-    return [(xs[:, k * length:(k + 1) * length], ys[:, k * length:(k + 1) * length]) for k in range(chunks)]
+    return [(xs[:, k * length : (k + 1) * length], ys[:, k * length : (k + 1) * length]) for k in range(chunks)]

@@ -4,6 +4,7 @@ Under `torchrun --nproc-per-node N -m rnnkit train ...` the environment carries 
 LOCAL_RANK; we then join a process group (gloo on CPU, NCCL on CUDA). A plain `rnnkit train` is a
 world of one and never touches torch.distributed.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,8 +19,8 @@ from rnnkit.engine.errors import UsageError
 
 @dataclass(frozen=True)
 class World:
-    rank: int        # this process's index in [0, size)
-    size: int        # number of processes (1 without torchrun)
+    rank: int  # this process's index in [0, size)
+    size: int  # number of processes (1 without torchrun)
     local_rank: int  # index on this machine; picks the CUDA device
     device: torch.device  # where this process computes
 

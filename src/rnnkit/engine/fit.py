@@ -16,6 +16,7 @@ and curves.png, best and last checkpoints in `out`, exact resume with `resume=Tr
 saving a checkpoint, a stop on a non-finite loss, data parallel under torchrun. The keyword options
 are the fields of `TrainConfig` (`rnnkit train --help` lists them with their defaults).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,8 +41,8 @@ FIT = "fit"  # config.json's "task" for a run of rnnkit.fit
 
 
 class FitResult(NamedTuple):
-    model: nn.Module          # the trained model (its weights after the last step), in train mode
-    summary: dict[str, Any]   # run_dir, step, stopped_by, best, val (the last evaluation), elapsed
+    model: nn.Module  # the trained model (its weights after the last step), in train mode
+    summary: dict[str, Any]  # run_dir, step, stopped_by, best, val (the last evaluation), elapsed
 
 
 # ---- the model, data and loss, as a task ----------------------------------------------------------
@@ -51,13 +52,21 @@ class ModelTask(Task):
     name = FIT
     items_name = "samples"
 
-    def __init__(self, model: nn.Module, train: Batches, val: Batches | None, loss: Callable,
-                 metrics: dict[str, Callable], stateful: bool, run_dir: Path):
+    def __init__(
+        self,
+        model: nn.Module,
+        train: Batches,
+        val: Batches | None,
+        loss: Callable,
+        metrics: dict[str, Callable],
+        stateful: bool,
+        run_dir: Path,
+    ):
         super().__init__(None, run_dir)
         self.model, self.train, self.val, self.loss_fn, self.metrics = model, train, val, loss, metrics
         self.stateful = stateful
-        self.state: Any = None       # the carried recurrent state (stateful), detached
-        self.checked = False         # the first batch went through the model
+        self.state: Any = None  # the carried recurrent state (stateful), detached
+        self.checked = False  # the first batch went through the model
 
     def build_model(self) -> nn.Module:
         return self.model
@@ -76,12 +85,16 @@ class ModelTask(Task):
             if self.checked:
                 raise
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UsageError(f"the model cannot take the first {where} batch (inputs {_describe(inputs)}, "
-                             f"target {_describe(target)}): {first}") from None
+            raise UsageError(
+                f"the model cannot take the first {where} batch (inputs {_describe(inputs)}, "
+                f"target {_describe(target)}): {first}"
+            ) from None
         if self.stateful:
             if not (isinstance(out, tuple) and len(out) == 2):
-                raise UsageError(f"with stateful=True the model must return (output, state); "
-                                 f"{type(model).__name__} returned {type(out).__name__}")
+                raise UsageError(
+                    f"with stateful=True the model must return (output, state); "
+                    f"{type(model).__name__} returned {type(out).__name__}"
+                )
             out, self.state = out[0], _detach(out[1])
         elif isinstance(out, tuple):
             out = out[0]
@@ -92,8 +105,10 @@ class ModelTask(Task):
         value = self.loss_fn(out, target)
         if not (isinstance(value, torch.Tensor) and value.dim() == 0):
             shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise UsageError(f"the loss must be a scalar tensor (the batch mean), got {shape} from "
-                             f"{getattr(self.loss_fn, '__name__', 'loss')}; reduce it, e.g. with .mean()")
+            raise UsageError(
+                f"the loss must be a scalar tensor (the batch mean), got {shape} from "
+                f"{getattr(self.loss_fn, '__name__', 'loss')}; reduce it, e.g. with .mean()"
+            )
         self.checked = True
         return value, _rows(target)
 
@@ -124,8 +139,9 @@ class ModelTask(Task):
         self.state = move_to(carried, device_of(self.model))
 
 
-def evaluate_batches(model: nn.Module, batches, forward, loss_fn: Callable,
-                     metrics: dict[str, Callable]) -> dict[str, float]:
+def evaluate_batches(
+    model: nn.Module, batches, forward, loss_fn: Callable, metrics: dict[str, Callable]
+) -> dict[str, float]:
     """Row-weighted means of the loss and each metric over `batches`; `forward(model, batch, where)`
     gives (output, target)."""
     device = device_of(model)
@@ -143,10 +159,22 @@ def evaluate_batches(model: nn.Module, batches, forward, loss_fn: Callable,
 
 
 # ---- the public calls -----------------------------------------------------------------------------
-def fit(model: nn.Module, train: Any, val: Any = None, *, loss: str | Callable = "mse",
-        metrics: Sequence[str | Callable] = (), batch_size: int = 32, epochs: int | None = None,
-        steps: int | None = None, stateful: bool = False, shuffle: bool | None = None,
-        out: str | Path | None = None, resume: bool = False, **options: Any) -> FitResult:
+def fit(
+    model: nn.Module,
+    train: Any,
+    val: Any = None,
+    *,
+    loss: str | Callable = "mse",
+    metrics: Sequence[str | Callable] = (),
+    batch_size: int = 32,
+    epochs: int | None = None,
+    steps: int | None = None,
+    stateful: bool = False,
+    shuffle: bool | None = None,
+    out: str | Path | None = None,
+    resume: bool = False,
+    **options: Any,
+) -> FitResult:
     """Train `model` on `train` and return `(model, summary)`; the run directory is `out`.
 
     train, val   tensors `(x, y)` (batches of `batch_size` rows are cut, shuffled each epoch unless
@@ -164,8 +192,10 @@ def fit(model: nn.Module, train: Any, val: Any = None, *, loss: str | Callable =
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(options) - known - {"steps"})
     if unknown:
-        raise UsageError(f"rnnkit.fit got unknown option(s) {', '.join(unknown)}; the training options are "
-                         f"{', '.join(sorted(known - {'steps'}))}")
+        raise UsageError(
+            f"rnnkit.fit got unknown option(s) {', '.join(unknown)}; the training options are "
+            f"{', '.join(sorted(known - {'steps'}))}"
+        )
     seed = options.get("seed", TrainConfig.seed)
     shuffle = (not stateful) if shuffle is None else shuffle
     train_batches = Batches(train, batch_size=batch_size, shuffle=shuffle, seed=seed, drop_last=stateful)
@@ -179,15 +209,22 @@ def fit(model: nn.Module, train: Any, val: Any = None, *, loss: str | Callable =
             raise UsageError("the training data has no len(); say how long to train with steps=N")
         steps = (epochs or 1) * len(train_batches)
     model_path = class_path(type(model))
-    task_config = {"model": model_path, "loss": loss_name, "metrics": list(metric_fns), "stateful": stateful,
-                   "batch_size": batch_size}
+    task_config = {
+        "model": model_path,
+        "loss": loss_name,
+        "metrics": list(metric_fns),
+        "stateful": stateful,
+        "batch_size": batch_size,
+    }
     run_dir = Path(out) if out is not None else default_run_dir(type(model).__name__.lower())
     if resume:
         info = read_run(run_dir)
         if info.task != FIT or info.task_config.get("model") != model_path:
             trained = info.task_config.get("model") if info.task == FIT else f"the {info.task!r} task"
-            raise UsageError(f"{run_dir} is a run of {trained}, not of {model_path}; resume it with the same "
-                             f"model, or train this one in a new directory")
+            raise UsageError(
+                f"{run_dir} is a run of {trained}, not of {model_path}; resume it with the same "
+                f"model, or train this one in a new directory"
+            )
         if not info.last.is_file():
             raise UsageError(f"{run_dir} has no checkpoint to resume from ({info.last} is missing)")
         saved = from_dict(TrainConfig, info.train_config, source=f"{run_dir}/config.json")
@@ -198,20 +235,29 @@ def fit(model: nn.Module, train: Any, val: Any = None, *, loss: str | Callable =
     else:
         if (run_dir / "config.json").exists():
             raise UsageError(f"{run_dir} already holds a run; continue it with resume=True or choose another out")
-        defaults = {"warmup_steps": min(100, steps // 20), "eval_every": min(500, steps),
-                    "log_every": max(1, min(50, steps // 10))}
+        defaults = {
+            "warmup_steps": min(100, steps // 20),
+            "eval_every": min(500, steps),
+            "log_every": max(1, min(50, steps // 10)),
+        }
         if train_batches.has_len():
             defaults["eval_every"] = min(len(train_batches), steps)  # once an epoch
         config = from_dict(TrainConfig, {**defaults, **options, "steps": steps}, source="rnnkit.fit")
     task = ModelTask(model, train_batches, val_batches, loss_fn, metric_fns, stateful, run_dir)
-    _, trainer = fit_task(lambda: task, config, run_dir, resume=resume, identity=f"model {model_path}",
-                             resume_command=f"rnnkit.fit(..., out={str(run_dir)!r}, resume=True)",
-                             task_name=FIT, task_config=task_config)
+    _, trainer = fit_task(
+        lambda: task,
+        config,
+        run_dir,
+        resume=resume,
+        identity=f"model {model_path}",
+        resume_command=f"rnnkit.fit(..., out={str(run_dir)!r}, resume=True)",
+        task_name=FIT,
+        task_config=task_config,
+    )
     return FitResult(trainer.raw_model, trainer.summary())
 
 
-def train(task: str | type[Task], *, out: str | Path | None = None, resume: bool = False,
-          **options: Any) -> FitResult:
+def train(task: str | type[Task], *, out: str | Path | None = None, resume: bool = False, **options: Any) -> FitResult:
     """Train a task (a name such as "forecast", or a Task subclass) from Python, as
     `rnnkit train TASK` does: `options` are the task's config fields and TrainConfig's.
 
@@ -230,9 +276,11 @@ def train(task: str | type[Task], *, out: str | Path | None = None, resume: bool
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(options) - task_fields - train_fields)
     if unknown:
-        raise UsageError(f"rnnkit.train({task_cls.name!r}) got unknown option(s) {', '.join(unknown)}; the task's "
-                         f"are {', '.join(sorted(task_fields))}, the training options "
-                         f"{', '.join(sorted(train_fields))}")
+        raise UsageError(
+            f"rnnkit.train({task_cls.name!r}) got unknown option(s) {', '.join(unknown)}; the task's "
+            f"are {', '.join(sorted(task_fields))}, the training options "
+            f"{', '.join(sorted(train_fields))}"
+        )
     if resume and out is None:
         raise UsageError("resume=True needs out=, the run directory to continue")
     out = Path(out) if out is not None else default_run_dir(task_cls.name)
@@ -246,23 +294,45 @@ def train(task: str | type[Task], *, out: str | Path | None = None, resume: bool
         options["data"] = str(data)
     tupled = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
     run = RunConfig(out=None if resume else str(out), resume=str(out) if resume else None)
-    _, trainer = run_task(task_cls, {k: v for k, v in tupled.items() if k in task_fields},
-                          {k: v for k, v in tupled.items() if k in train_fields}, run)
+    _, trainer = run_task(
+        task_cls,
+        {k: v for k, v in tupled.items() if k in task_fields},
+        {k: v for k, v in tupled.items() if k in train_fields},
+        run,
+    )
     return FitResult(trainer.raw_model, trainer.summary())
 
 
-def fit_task(make_task: Callable[[], Task], config: TrainConfig, run_dir: Path, *, resume: bool, identity: str,
-             resume_command: str, task_name: str, task_config: dict[str, Any],
-             task_class: str | None = None):
+def fit_task(
+    make_task: Callable[[], Task],
+    config: TrainConfig,
+    run_dir: Path,
+    *,
+    resume: bool,
+    identity: str,
+    resume_command: str,
+    task_name: str,
+    task_config: dict[str, Any],
+    task_class: str | None = None,
+):
     """A task's run through the engine (what `fit` and each task's Python entry point call):
     returns (exit code, trainer)."""
-    return launch(make_task, config, run_dir, resume=resume, identity=identity, resume_command=resume_command,
-                  write_config=lambda d: write_config(d, task_name, task_config, to_dict(config), rnnkit_version(),
-                                                      task_class=task_class))
+    return launch(
+        make_task,
+        config,
+        run_dir,
+        resume=resume,
+        identity=identity,
+        resume_command=resume_command,
+        write_config=lambda d: write_config(
+            d, task_name, task_config, to_dict(config), rnnkit_version(), task_class=task_class
+        ),
+    )
 
 
-def load(run_dir: str | Path, model: nn.Module | None = None, checkpoint: str = "best",
-         device: str = "cpu") -> nn.Module:
+def load(
+    run_dir: str | Path, model: nn.Module | None = None, checkpoint: str = "best", device: str = "cpu"
+) -> nn.Module:
     """The trained model of a run directory, in eval mode, in one call.
 
     For a run of `rnnkit.fit`, pass a model built as it was for training (its weights are replaced);
@@ -375,4 +445,3 @@ def _unflatten(spec: Any, tensors: dict[str, torch.Tensor]) -> Any:
     for part in qualname.split("."):
         cls = getattr(cls, part)
     return cls(*items)
-

@@ -9,6 +9,7 @@ with that signature. Classification losses accept a sequence of class scores (B,
     cross_entropy  softmax cross-entropy of class scores against integer classes, in nats
     accuracy       fraction of rows whose highest score is the target class
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -23,15 +24,18 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def _classes(output: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if output.dim() != target.dim() + 1 or output.shape[:-1] != target.shape:
-        raise UsageError(f"class scores of shape {tuple(output.shape)} do not fit integer targets of shape "
-                         f"{tuple(target.shape)}: expected scores (..., C) over targets (...)")
+        raise UsageError(
+            f"class scores of shape {tuple(output.shape)} do not fit integer targets of shape "
+            f"{tuple(target.shape)}: expected scores (..., C) over targets (...)"
+        )
     return output.reshape(-1, output.shape[-1]), target.reshape(-1)
 
 
 def _same_shape(name: str, output: torch.Tensor, target: torch.Tensor) -> None:
     if output.shape != target.shape:
-        raise UsageError(f"{name}: the model's output has shape {tuple(output.shape)} but the target has "
-                         f"shape {tuple(target.shape)}")
+        raise UsageError(
+            f"{name}: the model's output has shape {tuple(output.shape)} but the target has shape {tuple(target.shape)}"
+        )
 
 
 def mse(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -62,6 +66,8 @@ def resolve(spec: str | LossFn, table: dict[str, LossFn], what: str) -> tuple[st
     if callable(spec):
         return getattr(spec, "__name__", what), spec
     if spec not in table:
-        raise UsageError(f"unknown {what} {spec!r}; choose from {', '.join(table)} or pass a function "
-                         f"(output, target) -> scalar tensor")
+        raise UsageError(
+            f"unknown {what} {spec!r}; choose from {', '.join(table)} or pass a function "
+            f"(output, target) -> scalar tensor"
+        )
     return spec, table[spec]

@@ -1,13 +1,14 @@
 """Run directories: everything a run needs to be evaluated, resumed or used later.
 
-    RUN_DIR/
-      config.json                 {"rnnkit": version, "task": "lm", "task_config": {...}, "train": {...}}
-      <task artifacts>            vocab.json, labels.json, ... (Task.save_artifacts)
-      metrics.jsonl               one JSON object per log line / evaluation
-      curves.png                  train and validation loss vs step and vs wall time
-      checkpoints/last.safetensors  latest checkpoint (resume from here)
-      checkpoints/best.safetensors  best evaluation so far (eval and task commands use this)
+RUN_DIR/
+  config.json                 {"rnnkit": version, "task": "lm", "task_config": {...}, "train": {...}}
+  <task artifacts>            vocab.json, labels.json, ... (Task.save_artifacts)
+  metrics.jsonl               one JSON object per log line / evaluation
+  curves.png                  train and validation loss vs step and vs wall time
+  checkpoints/last.safetensors  latest checkpoint (resume from here)
+  checkpoints/best.safetensors  best evaluation so far (eval and task commands use this)
 """
+
 from __future__ import annotations
 
 import json
@@ -27,9 +28,9 @@ CHECKPOINTS = "checkpoints"
 
 @dataclass(frozen=True)
 class RunInfo:
-    path: Path                    # the run directory
-    task: str                     # task registry name
-    task_config: dict[str, Any]   # the task's config fields, as saved
+    path: Path  # the run directory
+    task: str  # task registry name
+    task_config: dict[str, Any]  # the task's config fields, as saved
     train_config: dict[str, Any]  # the trainer's config fields, as saved
     task_class: str | None = None  # "module:Class" of the task, where config.json records it
 
@@ -45,10 +46,12 @@ class RunInfo:
 def rnnkit_version() -> str:
     """The installed distribution's version, else rnnkit.__version__ (running from a source tree)."""
     from importlib import metadata
+
     try:
         return metadata.version("rnnkit")
     except metadata.PackageNotFoundError:
         import rnnkit
+
         return getattr(rnnkit, "__version__", "unknown")
 
 
@@ -57,12 +60,13 @@ def default_run_dir(task: str) -> Path:
 
 
 def class_path(cls: type) -> str:
-    """"module:QualName", the import path config.json records for a run's task or model class."""
+    """ "module:QualName", the import path config.json records for a run's task or model class."""
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
-def write_config(run_dir: Path, task: str, task_config: dict, train_config: dict, version: str,
-                 task_class: str | None = None) -> None:
+def write_config(
+    run_dir: Path, task: str, task_config: dict, train_config: dict, version: str, task_class: str | None = None
+) -> None:
     """config.json; `task_class` ("module:Class") lets later commands find a task rnnkit does not ship."""
     doc = {"rnnkit": version, "task": task, "task_config": task_config, "train": train_config}
     if task_class:
@@ -80,8 +84,13 @@ def read_run(run_dir: str | Path) -> RunInfo:
         raise UsageError(f"{path} is not an rnnkit run directory (no {CONFIG})")
     try:
         doc = json.loads(cfg.read_text())
-        return RunInfo(path=path, task=str(doc["task"]), task_config=dict(doc["task_config"]),
-                       train_config=dict(doc["train"]), task_class=doc.get("task_class"))
+        return RunInfo(
+            path=path,
+            task=str(doc["task"]),
+            task_config=dict(doc["task_config"]),
+            train_config=dict(doc["train"]),
+            task_class=doc.get("task_class"),
+        )
     except (ValueError, KeyError, TypeError) as e:
         raise UsageError(f"{cfg} is not an rnnkit run config ({type(e).__name__}: {e})") from None
 
@@ -116,6 +125,7 @@ class MetricsLog:
 def plot_curves(metrics: MetricsLog, png: Path) -> None:
     """Train and validation loss against step and against wall time, written atomically."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -137,14 +147,13 @@ def plot_curves(metrics: MetricsLog, png: Path) -> None:
     plt.close(fig)
 
 
-
 @dataclass(frozen=True)
 class LoadedRun:
-    info: RunInfo           # what config.json says
-    task: Any               # the Task, rebuilt with Task.from_run_dir
-    model: Any              # the task's model with the checkpoint's weights, in eval mode
-    checkpoint: Path        # the checkpoint file the weights came from
-    step: int               # training step at which that checkpoint was written
+    info: RunInfo  # what config.json says
+    task: Any  # the Task, rebuilt with Task.from_run_dir
+    model: Any  # the task's model with the checkpoint's weights, in eval mode
+    checkpoint: Path  # the checkpoint file the weights came from
+    step: int  # training step at which that checkpoint was written
 
 
 def load_run(run_dir: str | Path, checkpoint: str = "best", device: str = "cpu") -> LoadedRun:
@@ -161,9 +170,11 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str = "cpu")
 
     info = read_run(run_dir)
     if info.task == "fit" and not info.task_class:
-        raise UsageError(f"{info.path} was trained from Python with rnnkit.fit on a "
-                         f"{info.task_config.get('model', 'user')} model; load it with "
-                         f"rnnkit.load({str(info.path)!r}, model=...) and evaluate it in Python")
+        raise UsageError(
+            f"{info.path} was trained from Python with rnnkit.fit on a "
+            f"{info.task_config.get('model', 'user')} model; load it with "
+            f"rnnkit.load({str(info.path)!r}, model=...) and evaluate it in Python"
+        )
     task_cls = load_task_class(info.task, info.task_class)
     config = from_dict(task_cls.Config, info.task_config, source=f"{info.path / CONFIG}")
     path = {"best": info.best, "last": info.last}[checkpoint]

@@ -7,10 +7,11 @@ The schedule is a pure function of the step, so resuming needs only the step, ne
     constant (after W):  lr(step) = lr
 with S = --steps, W = --warmup-steps, r = --min-lr-ratio.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 

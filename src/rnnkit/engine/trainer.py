@@ -10,6 +10,7 @@ loss, a signal, the time budget) so all processes agree, backward, clip, optimiz
 Exit codes returned: 0 done (steps or time budget reached), 1 non-finite loss, 128 + signal number
 after SIGINT / SIGTERM (130 / 143) with a checkpoint saved.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,11 +30,25 @@ from torch import nn
 from rnnkit.engine import checkpoint as ckpt
 from rnnkit.engine.config import from_dict, to_dict
 from rnnkit.engine.distributed import (
-    World, all_reduce_sum, barrier, broadcast_object, gather_objects, setup_world, teardown_world,
+    World,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    gather_objects,
+    setup_world,
+    teardown_world,
 )
 from rnnkit.engine.errors import CheckpointError, UsageError
 from rnnkit.engine.rundir import (
-    CHECKPOINTS, CURVES, METRICS, MetricsLog, class_path, default_run_dir, plot_curves, read_run, rnnkit_version,
+    CHECKPOINTS,
+    CURVES,
+    METRICS,
+    MetricsLog,
+    class_path,
+    default_run_dir,
+    plot_curves,
+    read_run,
+    rnnkit_version,
     write_config,
 )
 from rnnkit.engine.schedule import OPTIMIZERS, SCHEDULES, lr_at
@@ -43,8 +58,11 @@ from rnnkit.tasks.base import Task, load_task_class, move_to, option
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = option(1000, "optimizer steps in total; the cosine schedule ends here", resumable=True)
-    time_budget: float | None = option(None, "stop after this many seconds of wall time (per invocation), "
-                                             "then evaluate and save (default: no limit)", resumable=True)
+    time_budget: float | None = option(
+        None,
+        "stop after this many seconds of wall time (per invocation), then evaluate and save (default: no limit)",
+        resumable=True,
+    )
     optimizer: Literal["adamw", "sgd"] = option("adamw", "optimizer")
     lr: float = option(3e-3, "peak learning rate")
     weight_decay: float = option(0.01, "weight decay (decoupled for AdamW)")
@@ -56,20 +74,23 @@ class TrainConfig:
     eval_every: int = option(500, "evaluate and checkpoint every N steps (and at the end)", resumable=True)
     log_every: int = option(50, "log the mean train loss every N steps", resumable=True)
     seed: int = option(1337, "seed for model initialisation, data order and dropout")
-    device: Literal["auto", "cpu", "cuda"] = option("auto", "where to train; auto picks cuda when available",
-                                                    resumable=True)
+    device: Literal["auto", "cpu", "cuda"] = option(
+        "auto", "where to train; auto picks cuda when available", resumable=True
+    )
     amp: Literal["off", "bf16", "fp16"] = option("off", "mixed-precision autocast on CUDA", resumable=True)
     threads: int | None = option(None, "CPU threads for torch (default: torch's choice)", resumable=True)
     plot: bool = option(True, "redraw RUN_DIR/curves.png at each evaluation", resumable=True)
-    progress: Literal["auto", "bar", "lines"] = option("auto", "progress display on stderr: a tqdm bar, "
-                                                       "plain log lines, or auto (bar on a terminal)",
-                                                       resumable=True)
+    progress: Literal["auto", "bar", "lines"] = option(
+        "auto", "progress display on stderr: a tqdm bar, plain log lines, or auto (bar on a terminal)", resumable=True
+    )
 
     def __post_init__(self):
         checks = [
             (self.steps >= 1, f"--steps must be at least 1, got {self.steps}"),
-            (self.time_budget is None or self.time_budget > 0,
-             f"--time-budget must be positive seconds, got {self.time_budget}"),
+            (
+                self.time_budget is None or self.time_budget > 0,
+                f"--time-budget must be positive seconds, got {self.time_budget}",
+            ),
             (self.lr > 0 and math.isfinite(self.lr), f"--lr must be a positive number, got {self.lr}"),
             (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
             (0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}"),
@@ -90,9 +111,13 @@ class TrainConfig:
 @dataclass(frozen=True)
 class RunConfig:
     out: str | None = option(None, "run directory to create (default: runs/<task>-<timestamp>)", metavar="DIR")
-    resume: str | None = option(None, "continue the run in this directory from its last checkpoint; its "
-                                      "saved config is used, and flags may change only the steps, time "
-                                      "budget, evaluation/logging cadence and devices", metavar="RUN_DIR")
+    resume: str | None = option(
+        None,
+        "continue the run in this directory from its last checkpoint; its "
+        "saved config is used, and flags may change only the steps, time "
+        "budget, evaluation/logging cadence and devices",
+        metavar="RUN_DIR",
+    )
 
 
 # ---- entry point used by the CLI ------------------------------------------------------------------
@@ -102,8 +127,13 @@ def train(task_name: str, task_flags: dict[str, Any], train_flags: dict[str, Any
     return run_task(task_cls, task_flags, train_flags, run, name=task_cls.name if ":" in task_name else task_name)[0]
 
 
-def run_task(task_cls: type[Task], task_flags: dict[str, Any], train_flags: dict[str, Any],
-             run: RunConfig, name: str | None = None) -> tuple[int, Trainer]:
+def run_task(
+    task_cls: type[Task],
+    task_flags: dict[str, Any],
+    train_flags: dict[str, Any],
+    run: RunConfig,
+    name: str | None = None,
+) -> tuple[int, Trainer]:
     """`train` for a Task class: (exit code, trainer); `rnnkit.train` calls it from Python. `name`
     is what the run is called (default: the class's registry name)."""
     task_name = name or task_cls.name
@@ -112,19 +142,22 @@ def run_task(task_cls: type[Task], task_flags: dict[str, Any], train_flags: dict
             raise UsageError("--out and --resume exclude each other: a resumed run stays in its directory")
         info = read_run(run.resume)
         if info.task != task_name:
-            raise UsageError(f"{info.path} is a {info.task!r} run; resume it with `rnnkit train {info.task} "
-                             f"--resume {info.path}`")
+            raise UsageError(
+                f"{info.path} is a {info.task!r} run; resume it with `rnnkit train {info.task} --resume {info.path}`"
+            )
         task_config = from_dict(task_cls.Config, info.task_config, source=f"{info.path}/config.json")
         for name, value in task_flags.items():
             if getattr(task_config, name) != value:
-                raise UsageError(f"--{name.replace('_', '-')} cannot change on --resume (the run has "
-                                 f"{getattr(task_config, name)!r})")
+                raise UsageError(
+                    f"--{name.replace('_', '-')} cannot change on --resume (the run has {getattr(task_config, name)!r})"
+                )
         saved = from_dict(TrainConfig, info.train_config, source=f"{info.path}/config.json")
         fixed = {f.name for f in TrainConfig.__dataclass_fields__.values() if not f.metadata["resumable"]}
         for name, value in train_flags.items():
             if name in fixed and getattr(saved, name) != value:
-                raise UsageError(f"--{name.replace('_', '-')} cannot change on --resume (the run has "
-                                 f"{getattr(saved, name)!r})")
+                raise UsageError(
+                    f"--{name.replace('_', '-')} cannot change on --resume (the run has {getattr(saved, name)!r})"
+                )
         train_config = from_dict(TrainConfig, {**to_dict(saved), **train_flags})
         if not info.last.is_file():
             raise UsageError(f"{info.path} has no checkpoint to resume from ({info.last} is missing)")
@@ -134,19 +167,26 @@ def run_task(task_cls: type[Task], task_flags: dict[str, Any], train_flags: dict
         train_config = from_dict(TrainConfig, {**task_cls.train_defaults, **train_flags}, source="flags")
         run_dir = Path(run.out) if run.out else default_run_dir(task_name)
         if (run_dir / "config.json").exists():
-            raise UsageError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
-                             f"or choose another --out")
+            raise UsageError(
+                f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out"
+            )
 
-    return launch(lambda: task_cls.from_run_dir(task_config, run_dir) if run.resume
-                  else task_cls.create(task_config, run_dir),
-                  train_config, run_dir, resume=bool(run.resume), identity=task_name,
-                  resume_command=f"rnnkit train {task_name} --resume {{run_dir}}",
-                  write_config=lambda d: write_config(d, task_name, to_dict(task_config), to_dict(train_config),
-                                                      rnnkit_version(), task_class=class_path(task_cls)))
+    return launch(
+        lambda: task_cls.from_run_dir(task_config, run_dir) if run.resume else task_cls.create(task_config, run_dir),
+        train_config,
+        run_dir,
+        resume=bool(run.resume),
+        identity=task_name,
+        resume_command=f"rnnkit train {task_name} --resume {{run_dir}}",
+        write_config=lambda d: write_config(
+            d, task_name, to_dict(task_config), to_dict(train_config), rnnkit_version(), task_class=class_path(task_cls)
+        ),
+    )
 
 
-def launch(make_task, config: TrainConfig, run_dir: Path, *, resume: bool, identity: str, resume_command: str,
-           write_config) -> tuple[int, Trainer]:
+def launch(
+    make_task, config: TrainConfig, run_dir: Path, *, resume: bool, identity: str, resume_command: str, write_config
+) -> tuple[int, Trainer]:
     """The one path into the loop, for `rnnkit train` and `rnnkit.fit` alike: join the process group,
     make the task (`make_task()`, on every process), on a new run write the run directory
     (`write_config(run_dir)` and the task's artifacts, process 0 only), then train. Returns the exit
@@ -163,8 +203,9 @@ def launch(make_task, config: TrainConfig, run_dir: Path, *, resume: bool, ident
                 task.save_artifacts(run_dir)
                 write_config(run_dir)
             barrier(world)
-        trainer = Trainer(task, config, run_dir, world, identity=identity,
-                          resume_command=resume_command.format(run_dir=run_dir))
+        trainer = Trainer(
+            task, config, run_dir, world, identity=identity, resume_command=resume_command.format(run_dir=run_dir)
+        )
         return trainer.fit(resume=resume), trainer
     finally:
         teardown_world(world)
@@ -183,15 +224,16 @@ class _StopSignals:
         if self.signum:
             raise KeyboardInterrupt
         self.signum = signum
-        self.say(f"{signal.Signals(signum).name} received: saving a checkpoint after this step "
-                 f"(send it again to abort without saving)")
+        self.say(
+            f"{signal.Signals(signum).name} received: saving a checkpoint after this step "
+            f"(send it again to abort without saving)"
+        )
 
     def __enter__(self):
         for s in (signal.SIGINT, signal.SIGTERM):
-            try:
+            # ValueError: not the main thread (e.g. embedded use); signals stay as they were
+            with contextlib.suppress(ValueError):
                 self.previous[s] = signal.signal(s, self._handle)
-            except ValueError:  # not the main thread (e.g. embedded use); signals stay as they were
-                pass
         return self
 
     def __exit__(self, *exc):
@@ -215,9 +257,12 @@ def _rng_state(device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str,
     if device.type == "cuda":
         tensors["cuda"] = torch.cuda.get_rng_state(device)
     py = random.getstate()
-    npy = np.random.get_state()
-    return tensors, {"python": [py[0], list(py[1]), py[2]],
-                     "numpy": [npy[0], npy[1].tolist(), int(npy[2]), int(npy[3]), float(npy[4])]}
+    npy = np.random.get_state(legacy=True)
+    assert isinstance(npy, tuple)  # the legacy form: ("MT19937", keys, pos, has_gauss, cached_gaussian)
+    return tensors, {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [npy[0], npy[1].tolist(), int(npy[2]), int(npy[3]), float(npy[4])],
+    }
 
 
 def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any], device: torch.device) -> None:
@@ -248,13 +293,15 @@ class Trainer:
     under another identity is refused on resume. `resume_command` is what the user is told to run
     after a signal. The trainer knows nothing else about the task."""
 
-    def __init__(self, task: Task, config: TrainConfig, run_dir: Path, world: World, *, identity: str,
-                 resume_command: str):
+    def __init__(
+        self, task: Task, config: TrainConfig, run_dir: Path, world: World, *, identity: str, resume_command: str
+    ):
         self.task, self.identity, self.config, self.run_dir, self.world = task, identity, config, run_dir, world
         self.resume_command = resume_command
         self.step, self.stopped_by = 0, ""
         self.report: str | None = None
         self.last_eval: dict[str, float] | None = None
+        self.best: dict[str, Any] | None = None  # {"metric", "value", "step"} of the best evaluation
         self.metrics = MetricsLog(run_dir / METRICS)
         self.last_path = run_dir / CHECKPOINTS / "last.safetensors"
         self.best_path = run_dir / CHECKPOINTS / "best.safetensors"
@@ -285,9 +332,11 @@ class Trainer:
         """Gather every process's RNG / task state, then process 0 writes last (and best).
         `evaluated`: whether this step was evaluated (False after a signal), so a resume knows."""
         rng_tensors, rng_meta = _rng_state(self.world.device)
-        mine = ({f"rng.{k}": v.cpu() for k, v in rng_tensors.items()}
-                | {f"task.{k}": v.detach().cpu() for k, v in self.task.tensor_state().items()},
-                {"rng": rng_meta, "data_state": self.task.data_state()})
+        mine = (
+            {f"rng.{k}": v.cpu() for k, v in rng_tensors.items()}
+            | {f"task.{k}": v.detach().cpu() for k, v in self.task.tensor_state().items()},
+            {"rng": rng_meta, "data_state": self.task.data_state()},
+        )
         per_rank = gather_objects(mine, self.world)
         if not self.world.is_main:
             return
@@ -297,9 +346,15 @@ class Trainer:
         for r, (rank_tensors, _) in enumerate(per_rank):
             tensors |= {f"rank{r}.{k}": v for k, v in rank_tensors.items()}
         state = {
-            "task": self.identity, "step": step, "elapsed": elapsed, "world_size": self.world.size,
-            "optimizer": optim_meta, "scaler": self.scaler.state_dict() if self.scaler else None,
-            "best": self.best, "log_window": self.window, "ranks": [meta for _, meta in per_rank],
+            "task": self.identity,
+            "step": step,
+            "elapsed": elapsed,
+            "world_size": self.world.size,
+            "optimizer": optim_meta,
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "best": self.best,
+            "log_window": self.window,
+            "ranks": [meta for _, meta in per_rank],
             "evaluated": evaluated,
         }
         ckpt.save_checkpoint(self.last_path, tensors, state)
@@ -313,8 +368,10 @@ class Trainer:
             if state["task"] != self.identity:
                 raise CheckpointError(f"checkpoint {path} belongs to a {state['task']!r} run, not {self.identity!r}")
             if state["world_size"] != self.world.size:
-                raise UsageError(f"checkpoint {path} was written by {state['world_size']} process(es); resume "
-                                 f"with the same number (now {self.world.size}) so the data order stays exact")
+                raise UsageError(
+                    f"checkpoint {path} was written by {state['world_size']} process(es); resume "
+                    f"with the same number (now {self.world.size}) so the data order stays exact"
+                )
             ckpt.load_model_weights(path, self.raw_model)
             ckpt.optimizer_from_flat(self.optimizer, ckpt.strip_prefix(tensors, "optim."), state["optimizer"], path)
             if self.scaler and state.get("scaler"):
@@ -351,16 +408,19 @@ class Trainer:
         row = {"step": step, "time": round(elapsed, 3)} | {f"val_{k}": float(v) for k, v in metrics.items()}
         self.metrics.append(row)
         self.last_eval = {k: float(v) for k, v in metrics.items()}
-        self.say("eval " + " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                      for k, v in row.items() if k != "time"))
+        self.say(
+            "eval "
+            + " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items() if k != "time")
+        )
         if text:
             self.say(text)
         if self.config.plot:
             plot_curves(self.metrics, self.run_dir / CURVES)
         key = self.task.best_metric
         value = float(metrics[key])
-        better = (self.best is None or
-                  (value > self.best["value"] if self.task.higher_is_better else value < self.best["value"]))
+        better = self.best is None or (
+            value > self.best["value"] if self.task.higher_is_better else value < self.best["value"]
+        )
         if better and math.isfinite(value):
             self.best = {"metric": key, "value": value, "step": step}
             return True
@@ -372,7 +432,7 @@ class Trainer:
         _seed_everything(cfg.seed)
         self.raw_model = task.build_model().to(world.device)
         self.optimizer = OPTIMIZERS[cfg.optimizer](self.raw_model.parameters(), cfg)
-        self.best: dict[str, Any] | None = None
+        self.best = None
         self.window = [0.0, 0.0, 0]  # loss * items, items, steps since the last log line (global)
         step, elapsed0 = 0, 0.0
         if world.is_main:  # temporary files of a writer that was killed mid-checkpoint
@@ -392,14 +452,17 @@ class Trainer:
         model: nn.Module = self.raw_model
         if world.distributed:
             model = nn.parallel.DistributedDataParallel(
-                self.raw_model, device_ids=[world.device] if world.device.type == "cuda" else None)
+                self.raw_model, device_ids=[world.device] if world.device.type == "cuda" else None
+            )
         model.train()
 
         use_bar = world.is_main and (cfg.progress == "bar" or (cfg.progress == "auto" and _interactive()))
         if use_bar:
             from tqdm.auto import tqdm  # a widget in Jupyter, text on a terminal
-            self.bar = tqdm(total=cfg.steps, initial=step, file=sys.stderr, dynamic_ncols=True,
-                            unit="step", desc=self.identity)
+
+            self.bar = tqdm(
+                total=cfg.steps, initial=step, file=sys.stderr, dynamic_ncols=True, unit="step", desc=self.identity
+            )
         start, start_step = time.monotonic(), step
         self.start = start
         self.elapsed = lambda: elapsed0 + time.monotonic() - start  # wall time over all invocations of the run
@@ -419,8 +482,15 @@ class Trainer:
                     value = float(loss.detach())
                     over_time = cfg.time_budget is not None and time.monotonic() - start >= cfg.time_budget
                     loss_sum, items, bad, sig, late = all_reduce_sum(
-                        [value * n_items if math.isfinite(value) else 0.0, float(n_items),
-                         0.0 if math.isfinite(value) else 1.0, float(signals.signum), float(over_time)], world)
+                        [
+                            value * n_items if math.isfinite(value) else 0.0,
+                            float(n_items),
+                            0.0 if math.isfinite(value) else 1.0,
+                            float(signals.signum),
+                            float(over_time),
+                        ],
+                        world,
+                    )
                     if bad:
                         self.stopped_by = "non-finite loss"
                         return self._nonfinite(step, value)
@@ -440,8 +510,9 @@ class Trainer:
                     self.window = [self.window[0] + loss_sum, self.window[1] + items, self.window[2] + 1]
                     window_items += items
                     if self.bar is not None:
-                        self._bar_total(step, (step - start_step) / max(time.monotonic() - start, 1e-9),
-                                        time.monotonic() - start)
+                        self._bar_total(
+                            step, (step - start_step) / max(time.monotonic() - start, 1e-9), time.monotonic() - start
+                        )
                         self.bar.update(1)
                         self.bar.set_postfix_str(f"loss {loss_sum / max(items, 1):.4f}")
                     if step % cfg.log_every == 0 or step == cfg.steps:
@@ -464,8 +535,10 @@ class Trainer:
                     self._save(step, elapsed(), False, evaluated=False)
                     exit_code = 128 + int(stopped_by)
                     self.stopped_by = stopped_by.name
-                    self.say(f"stopped by {stopped_by.name} at step {step}; checkpoint saved to {self.last_path}\n"
-                             f"resume with: {self.resume_command}")
+                    self.say(
+                        f"stopped by {stopped_by.name} at step {step}; "
+                        f"checkpoint saved to {self.last_path}\nresume with: {self.resume_command}"
+                    )
                 elif last_eval_step != step:  # time budget, or resumed at the end: evaluate and save
                     self._save(step, elapsed(), self._evaluate(step, elapsed()))
         finally:
@@ -476,20 +549,26 @@ class Trainer:
         if exit_code == 0:
             self.stopped_by = self.stopped_by or "steps"
             self._report()
-            best = f"; best {self.best['metric']} {self.best['value']:.4g} at step {self.best['step']}" if self.best else ""
+            best = ""
+            if self.best:
+                best = f"; best {self.best['metric']} {self.best['value']:.4g} at step {self.best['step']}"
             self.say(f"done at step {step}{best}; run directory {self.run_dir}")
         return exit_code
 
-    def _log_train(self, step: int, lr: float, rate: float, grad_norm: float | None,
-                   steps_per_s: float) -> None:
+    def _log_train(self, step: int, lr: float, rate: float, grad_norm: float | None, steps_per_s: float) -> None:
         """Append the window's mean train loss to metrics.jsonl and show it; resets the window."""
         loss_sum, items, n = self.window
         self.window = [0.0, 0.0, 0]
         if not self.world.is_main or n == 0:
             return
         train_loss = loss_sum / max(items, 1.0)
-        row = {"step": step, "time": round(self.elapsed(), 3), "train_loss": train_loss, "lr": lr,
-               f"{self.task.items_name}_per_s": round(rate, 1)}
+        row = {
+            "step": step,
+            "time": round(self.elapsed(), 3),
+            "train_loss": train_loss,
+            "lr": lr,
+            f"{self.task.items_name}_per_s": round(rate, 1),
+        }
         if grad_norm is not None:
             row["grad_norm"] = grad_norm
         self.metrics.append(row)
@@ -497,9 +576,11 @@ class Trainer:
             eta = (self.config.steps - step) / steps_per_s if steps_per_s > 0 else float("inf")
             if self.config.time_budget is not None:
                 eta = min(eta, max(0.0, self.config.time_budget - (time.monotonic() - self.start)))
-            self.say(f"step {step}/{self.config.steps} | loss {train_loss:.4f} | lr {lr:.2e} | "
-                     f"{_fmt_rate(rate)} {self.task.items_name}/s | "
-                     f"{_fmt_time(eta) if math.isfinite(eta) else '?'} left")
+            self.say(
+                f"step {step}/{self.config.steps} | loss {train_loss:.4f} | lr {lr:.2e} | "
+                f"{_fmt_rate(rate)} {self.task.items_name}/s | "
+                f"{_fmt_time(eta) if math.isfinite(eta) else '?'} left"
+            )
         else:
             self.bar.set_postfix_str(f"loss {train_loss:.4f} | {_fmt_rate(rate)} {self.task.items_name}/s")
 
@@ -531,15 +612,26 @@ class Trainer:
     def summary(self) -> dict[str, Any]:
         """How the run ended: run_dir, step, stopped_by ("steps", "time_budget", "SIGINT", "SIGTERM",
         "non-finite loss"), the best evaluation, the last evaluation's metrics and the wall time."""
-        return {"run_dir": str(self.run_dir), "step": self.step, "stopped_by": self.stopped_by,
-                "best": self.best, "val": self.last_eval, "elapsed": round(self.elapsed(), 3),
-                "report": self.report}
+        return {
+            "run_dir": str(self.run_dir),
+            "step": self.step,
+            "stopped_by": self.stopped_by,
+            "best": self.best,
+            "val": self.last_eval,
+            "elapsed": round(self.elapsed(), 3),
+            "report": self.report,
+        }
 
     def _nonfinite(self, step: int, value: float) -> int:
-        where = (f"The last good checkpoint is {self.last_path} (step {self._ckpt_step()})"
-                 if self.last_path.exists() else "No checkpoint was written before it")
-        self.say(f"error: training loss is {value if not math.isfinite(value) else 'non-finite on another process'}"
-                 f" at step {step + 1}; stopped without saving. {where}. Try a lower --lr or --grad-clip.")
+        where = (
+            f"The last good checkpoint is {self.last_path} (step {self._ckpt_step()})"
+            if self.last_path.exists()
+            else "No checkpoint was written before it"
+        )
+        self.say(
+            f"error: training loss is {value if not math.isfinite(value) else 'non-finite on another process'}"
+            f" at step {step + 1}; stopped without saving. {where}. Try a lower --lr or --grad-clip."
+        )
         return 1
 
     def _ckpt_step(self) -> Any:

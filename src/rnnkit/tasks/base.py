@@ -67,6 +67,7 @@ Rules that make resume exact and processes agree
 * Raise `UsageError` (from rnnkit.common.errors, re-exported here) for anything the user can fix:
   bad data paths, a batch size that does not divide, an empty file. The CLI prints it on one line, exit code 2.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -83,16 +84,25 @@ from torch import nn
 from rnnkit.common.errors import UsageError  # re-exported: a task author needs only this module
 
 
-def option(default: Any, help: str, *, metavar: str | None = None, resumable: bool = False,
-           parse: Callable[[str], Any] | None = None, choices: Callable[[], list[str]] | None = None) -> Any:
+def option(
+    default: Any,
+    help: str,
+    *,
+    metavar: str | None = None,
+    resumable: bool = False,
+    parse: Callable[[str], Any] | None = None,
+    choices: Callable[[], list[str]] | None = None,
+) -> Any:
     """A dataclass field with its help text, from which the CLI derives a flag (rnnkit.cli.flags).
     `metavar` names the value in --help (default: its type, e.g. INT); `resumable` marks fields that
     may change without changing the model (TrainConfig's on `--resume`; a task's evaluation settings,
     which `rnnkit eval` and `rnnkit predict` accept as flags); `parse` turns the
     flag's text into the value (raising ValueError with the reason); `choices` lists, for the help,
     what the flag accepts when that is not a fixed Literal (e.g. `--cell`, whose registry may grow)."""
-    return dataclasses.field(default=default, metadata={"help": help, "metavar": metavar, "resumable": resumable,
-                                                        "parse": parse, "choices": choices})
+    return dataclasses.field(
+        default=default,
+        metadata={"help": help, "metavar": metavar, "resumable": resumable, "parse": parse, "choices": choices},
+    )
 
 
 # name -> "module:Class", imported only when that task is used, so a task that is missing or broken
@@ -131,8 +141,8 @@ def task_names() -> list[str]:
 class Task(ABC):
     """One trainable task. See the module docstring for the call order and the rules."""
 
-    name: ClassVar[str]                  # registry key, e.g. "lm"; stored in config.json
-    Config: ClassVar[type]               # frozen dataclass of model + data flags (fields via option())
+    name: ClassVar[str]  # registry key, e.g. "lm"; stored in config.json
+    Config: ClassVar[type]  # frozen dataclass of model + data flags (fields via option())
     items_name: ClassVar[str] = "samples"  # unit of `n_items` for throughput: "tokens" or "samples"
     best_metric: ClassVar[str] = "loss"  # key of evaluate()'s dict that picks the best checkpoint
     higher_is_better: ClassVar[bool] = False  # True for e.g. best_metric = "accuracy"
@@ -206,8 +216,9 @@ class Task(ABC):
         """Data given in memory from Python (`rnnkit.train(task, data=...)` with something other than a
         path): write it into `directory` in the task's file format and return the file's path, which
         becomes the config's `data`. Tasks that read no in-memory data keep this refusal."""
-        raise UsageError(f"the {cls.name} task reads its data from files: pass data= a path, "
-                         f"not a {type(data).__name__}")
+        raise UsageError(
+            f"the {cls.name} task reads its data from files: pass data= a path, not a {type(data).__name__}"
+        )
 
     def on_end(self, model: nn.Module) -> str | None:
         """Optional text printed when training ends (process 0, eval mode, no grad), e.g. forecast's

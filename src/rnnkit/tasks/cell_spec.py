@@ -13,6 +13,7 @@ spec, so later commands (eval, predict, generate, --resume) import the same clas
 >>> type(layer).__name__, layer.num_layers
 ('GRU', 2)
 """
+
 from __future__ import annotations
 
 import importlib
@@ -37,8 +38,10 @@ def parse_cell(text: str) -> str:
     """The `--cell` text checked for its form (a registry name or MODULE:CLASS); ValueError otherwise."""
     if text in CELLS or _USER_CELL.match(text):
         return text
-    raise ValueError(f"invalid choice: {text!r} (choose from {', '.join(CELLS)}, or MODULE:CLASS for a "
-                     f"GatedCell subclass of your own)")
+    raise ValueError(
+        f"invalid choice: {text!r} (choose from {', '.join(CELLS)}, or MODULE:CLASS for a "
+        f"GatedCell subclass of your own)"
+    )
 
 
 def cell_option(default: str, help: str) -> Any:
@@ -60,8 +63,9 @@ def resolve_cell(spec: str) -> type[GatedCell]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise UsageError(f"--cell {spec}: cannot import {module_name} ({e}); put it on PYTHONPATH or in the "
-                         f"current directory") from None
+        raise UsageError(
+            f"--cell {spec}: cannot import {module_name} ({e}); put it on PYTHONPATH or in the current directory"
+        ) from None
     cls = getattr(module, class_name, None)
     if cls is None:
         raise UsageError(f"--cell {spec}: {module_name} has no {class_name}")

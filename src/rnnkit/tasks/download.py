@@ -9,6 +9,7 @@ there. file:// URLs work (tests, mirrors).
                                   "tinyshakespeare.txt")
     text = TINY_SHAKESPEARE.fetch().read_text()
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -41,10 +42,10 @@ def file_digest(path: Path, algorithm: str) -> str:
 class RemoteFile:
     """A published file, downloaded once into the cache and verified against its checksum."""
 
-    name: str        # what messages call it, e.g. "tinyshakespeare" or "AG News train.csv"
-    url: str         # where it comes from (file:// works, for tests and mirrors)
-    algorithm: str   # hashlib name of the published checksum, e.g. "sha256"
-    digest: str      # the published checksum, hex
+    name: str  # what messages call it, e.g. "tinyshakespeare" or "AG News train.csv"
+    url: str  # where it comes from (file:// works, for tests and mirrors)
+    algorithm: str  # hashlib name of the published checksum, e.g. "sha256"
+    digest: str  # the published checksum, hex
     cache_path: str  # where it lives under cache_dir(), e.g. "ag_news/train.csv"
 
     @property
@@ -68,13 +69,17 @@ class RemoteFile:
                     hasher.update(chunk)
                     out.write(chunk)
             if hasher.hexdigest() != self.digest:
-                raise UsageError(f"checksum mismatch for {self.name} from {self.url}: {self.algorithm} "
-                                 f"{hasher.hexdigest()}, expected {self.digest}; refusing to use it, the "
-                                 f"download was discarded")
+                raise UsageError(
+                    f"checksum mismatch for {self.name} from {self.url}: {self.algorithm} "
+                    f"{hasher.hexdigest()}, expected {self.digest}; refusing to use it, the "
+                    f"download was discarded"
+                )
 
         try:
             atomic_write(dest, download)
         except (OSError, http.client.HTTPException) as e:  # URLError is an OSError; IncompleteRead is neither
-            raise UsageError(f"could not download {self.name} from {self.url} ({getattr(e, 'reason', e)}); "
-                             f"download it yourself and pass --data PATH") from None
+            raise UsageError(
+                f"could not download {self.name} from {self.url} ({getattr(e, 'reason', e)}); "
+                f"download it yourself and pass --data PATH"
+            ) from None
         return dest

@@ -5,6 +5,7 @@ A kernel runs one cell kind over time for one (layer, direction): a Python loop
 the generic autograd loop (``generic.py``). ``dispatch.py`` wraps any of them in one autograd
 Function; ``table.py`` says which cell gets which. This floor imports none of them.
 """
+
 from __future__ import annotations
 
 import torch
@@ -13,6 +14,7 @@ from torch import Tensor
 from rnnkit.core import native
 
 # -- buffers shared by the loops ---------------------------------------------------------------------------------
+
 
 def time_major(xz: Tensor, b_hh: Tensor | None) -> Tensor:
     """(B, T, G*H) -> a fresh contiguous (T, B, G*H), with ``b_hh`` added if given."""
@@ -45,12 +47,16 @@ def weight_grads(dz: Tensor, h_prev: Tensor | None, need_w: bool, need_b: bool):
     """``dW = dz^T h_prev`` and ``db = sum dz`` over all steps at once; dz (T, B, G*H) and h_prev (T, B, H),
     or both batch-major (``h_prev`` may be None when ``need_w`` is False)."""
     flat = dz.reshape(-1, dz.shape[-1])
-    dw = flat.t().mm(h_prev.reshape(-1, h_prev.shape[-1])) if need_w else None
+    dw = None
+    if need_w:
+        assert h_prev is not None, "need_w asks for h_prev"
+        dw = flat.t().mm(h_prev.reshape(-1, h_prev.shape[-1]))
     db = flat.sum(0) if need_b else None
     return dw, db
 
 
 # -- the kernel contract --------------------------------------------------------------------
+
 
 class Kernel:
     """One cell kind's loop over time, forward and backward, in a common signature.
@@ -88,8 +94,11 @@ def states_rows(first: Tensor, T: int, training: bool) -> Tensor:
 
 def grad_in(grad: Tensor | None, like: Tensor) -> Tensor:
     """An incoming state gradient as a fresh contiguous buffer the C++ loop may update in place."""
-    return torch.zeros_like(like, memory_format=torch.contiguous_format) if grad is None else grad.clone(
-        memory_format=torch.contiguous_format)
+    return (
+        torch.zeros_like(like, memory_format=torch.contiguous_format)
+        if grad is None
+        else grad.clone(memory_format=torch.contiguous_format)
+    )
 
 
 def grad_rows(grad_out: Tensor | None) -> Tensor | None:
@@ -109,4 +118,3 @@ def batch_major_states(hs: Tensor) -> Tensor:
 def native_weight_grads(dhz: Tensor, hs: Tensor, needs: dict):
     """``weight_grads`` for batch-major ``dhz`` (B, T, G*H) and the time-major states ``hs`` (T+1, B, H)."""
     return weight_grads(dhz, batch_major_states(hs) if needs["w"] else None, needs["w"], needs["b"])
-

@@ -5,6 +5,7 @@ the compiled ``combine``; back through time one pass of its derivative and ``dh 
 states of every step are kept (the derivative recomputes the gates from them and ``hz``). CPU,
 float32 and float64, where the C++ loops are built.
 """
+
 from __future__ import annotations
 
 from torch import Tensor
@@ -35,8 +36,9 @@ def compiled_loop(compiled, x: Tensor, w_ih_packed, b_ih, w_hh, b_hh, state, mas
     masked = mask is not None
     m = mask.to(x.dtype).contiguous() if masked else None  # the programs' mask: a number per row
     fold = compiled.shared[masked]  # hz_t keeps xz_t + hz_t, and xz need not be kept
-    ops.pointwise_scan(*compiled.forward[masked], x.contiguous(), w_ih_packed, b_ih, packed_hh, b_hh, GH, hs, out,
-                       hz, m, fold)
+    ops.pointwise_scan(
+        *compiled.forward[masked], x.contiguous(), w_ih_packed, b_ih, packed_hh, b_hh, GH, hs, out, hz, m, fold
+    )
     final = tuple(h[T % h.shape[0]] for h in hs)
     return out, final, ((None if fold else x, hz, hs, m) if training else None)
 
@@ -58,11 +60,11 @@ class CompiledKernel(Kernel):
         dxz = native.buffer((B, T, GH), hz)
         dhz = None if compiled.shared[masked] else native.buffer(hz.shape, hz)  # else d hz = d xz
         d = [grad_in(g, h[0]) for g, h in zip(grad_state, hs)]  # updated in place: the initial state's
-        ops.pointwise_scan_backward(*compiled.backward[masked], xz, hz, hs, m, grad_rows(grad_out),
-                                    ops.pack_linear(w_hh.t()), d, dxz, dhz)
+        ops.pointwise_scan_backward(
+            *compiled.backward[masked], xz, hz, hs, m, grad_rows(grad_out), ops.pack_linear(w_hh.t()), d, dxz, dhz
+        )
         if dhz is None:
             dw, db = native_weight_grads(dxz, hs[0], needs)
         else:
             dw, db = weight_grads(dhz, hs[0][:-1], needs["w"], needs["b"])
         return dxz, dw, db, tuple(d)
-

@@ -11,10 +11,11 @@ large float32 sizes (``DNN_MIN_MACS``, ``DNN_MIN_WEIGHT``), else at::mm.
 Where the C++ loops are built and ``combine`` compiles (core/pointwise.py), ``compiled.py`` takes
 this kernel's place.
 """
+
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -33,13 +34,13 @@ def _masked(state, new_state, h, m_t):
 class _GenericSaved(NamedTuple):
     """What the generic backward needs: the recorded graph's ends and the recurrent matmul's inputs."""
 
-    anchor: Tensor       # scalar leaf: the graph's entry to every step's input gates
-    state: tuple         # initial state parts, leaves of the recorded graph
-    x_sink: list         # [buffer, rows written]: each backward call's (T, B, G*H) for d xz, from _Gates
-    h_sink: list         # the same for d hz = dz, the recurrent pre-activations
-    h_prev: list         # T detached h_{t-1} (B, H), for dW_hh = dz^T h_prev
-    out: Tensor          # (T, B, H) recorded outputs
-    final: tuple         # recorded final state parts
+    anchor: Tensor  # scalar leaf: the graph's entry to every step's input gates
+    state: tuple  # initial state parts, leaves of the recorded graph
+    x_sink: list  # [buffer, rows written]: each backward call's (T, B, G*H) for d xz, from _Gates
+    h_sink: list  # the same for d hz = dz, the recurrent pre-activations
+    h_prev: list  # T detached h_{t-1} (B, H), for dW_hh = dz^T h_prev
+    out: Tensor  # (T, B, H) recorded outputs
+    final: tuple  # recorded final state parts
 
 
 class _Gates(torch.autograd.Function):
@@ -64,7 +65,8 @@ class _Gates(torch.autograd.Function):
         return (row if ctx.through else None), None, None, None, None
 
 
-def generic_forward(cell: GatedCell, xz, w_hh, b_hh, state: NamedTuple, mask, training: bool):
+# `state` is the cell's own NamedTuple (HiddenState, LSTMState, ...): typed Any, its fields vary by cell
+def generic_forward(cell: GatedCell, xz, w_hh, b_hh, state: Any, mask, training: bool):
     """Step ``cell.combine`` over time.
 
     In training, autograd records every step with the recurrent weights detached: the graph holds
@@ -82,7 +84,8 @@ def generic_forward(cell: GatedCell, xz, w_hh, b_hh, state: NamedTuple, mask, tr
     with torch.set_grad_enabled(training):
         if training:
             anchor = xz.new_zeros(()).requires_grad_()
-            x_sink, h_sink = [None, set()], [None, set()]
+            x_sink: list[Any] = [None, set()]  # [gradient rows, steps written], filled by _Gates
+            h_sink: list[Any] = [None, set()]
             state = type(state)(*(s.detach().requires_grad_() for s in state))
         init, xl = state, xz.detach().unbind(1)
         h_prev, outs = [], []
@@ -163,8 +166,11 @@ def generic_backward(cell: GatedCell, saved: _GenericSaved, w_hh, mask, grad_out
     ends += list(zip(saved.final, grad_state))
     ends = [(o, g) for o, g in ends if g is not None and o.requires_grad]
     inputs = (saved.anchor, *saved.state)
-    grads = torch.autograd.grad([o for o, _ in ends], inputs, [g for _, g in ends],
-                                retain_graph=True, allow_unused=True) if ends else (None,) * len(inputs)
+    grads = (
+        torch.autograd.grad([o for o, _ in ends], inputs, [g for _, g in ends], retain_graph=True, allow_unused=True)
+        if ends
+        else (None,) * len(inputs)
+    )
     dstate = [torch.zeros_like(i) if g is None else g for g, i in zip(grads[1:], saved.state)]
     for buffer, written in (saved.x_sink, saved.h_sink):  # filled by the _Gates nodes during autograd.grad
         for t in set(range(T)) - written:  # steps no gradient reached
@@ -221,4 +227,3 @@ def onednn_matmul_works() -> bool:
     except (RuntimeError, AttributeError, TypeError):
         return False
     return bool(torch.allclose(y, x @ w.t(), atol=1e-5))
-

@@ -22,6 +22,7 @@ Masks (B, T) follow ``scan_reference`` exactly: where ``mask`` is False a sequen
 carried unchanged and its output is zero; backward multiplies the precomputed factors by the mask
 (no gradient into that step's gates) and lets the state's gradient pass through.
 """
+
 from __future__ import annotations
 
 import torch
@@ -30,6 +31,7 @@ from torch import Tensor
 from rnnkit.core.kernels.base import Kernel, batch_major, grad_out_time_major, mask_parts, time_major, weight_grads
 
 # -- LSTM ------------------------------------------------------------------------------------
+
 
 def _ifog(w: Tensor) -> Tensor:
     """Rows (or columns, last dim) in torch's gate order ``i, f, g, o`` -> ``i, f, o, g``.
@@ -52,8 +54,11 @@ def lstm_forward(xz, w_hh, b_hh, h0, c0, mask, training: bool):
     H = G4 // 4
     z = xz.new_empty(T, B, G4)  # time-major xz + b_hh in i, f, o, g order; activated in place
     xt = xz.transpose(0, 1)
-    for dst, src in ((slice(0, 2 * H), slice(0, 2 * H)), (slice(2 * H, 3 * H), slice(3 * H, 4 * H)),
-                     (slice(3 * H, 4 * H), slice(2 * H, 3 * H))):
+    for dst, src in (
+        (slice(0, 2 * H), slice(0, 2 * H)),
+        (slice(2 * H, 3 * H), slice(3 * H, 4 * H)),
+        (slice(3 * H, 4 * H), slice(2 * H, 3 * H)),
+    ):
         if b_hh is None:
             z[..., dst].copy_(xt[..., src])
         else:
@@ -115,7 +120,7 @@ def lstm_backward(saved, w_hh, mask, grad_out, grad_h, grad_c, needs):
     torch.mul(tc, o - o * o, out=dz4[:, :, 3])
     A = o * (1 - tc * tc)  # d c_t / d h_t through h_t = o * tanh(c_t)
     f_carry = f
-    if mf is not None:
+    if m is not None and mf is not None:  # mask_parts gives both or neither
         dz.view(T, B, 4 * H).mul_(mf)
         A.mul_(mf)
         f_carry = torch.where(m, f, torch.ones((), dtype=f.dtype, device=f.device))
@@ -148,6 +153,7 @@ def lstm_backward(saved, w_hh, mask, grad_out, grad_h, grad_c, needs):
 
 
 # -- GRU -------------------------------------------------------------------------------------
+
 
 def gru_forward(xz, w_hh, b_hh, h0, mask, training: bool):
     """GRU over time in torch's convention ``n = tanh(x_n + r * (h W_hn + b_hn))``."""
@@ -202,7 +208,7 @@ def gru_backward(saved, w_hh, mask, grad_out, grad_h, needs):
     torch.mul(dn_pre * hzn, r - r * r, out=P3[:, :, 0])
     torch.mul(h_prev - n, z - z * z, out=P3[:, :, 1])
     z_carry = z
-    if mf is not None:
+    if m is not None and mf is not None:  # mask_parts gives both or neither
         P.mul_(mf)
         z_carry = torch.where(m, z, torch.ones((), dtype=z.dtype, device=z.device))
     Q = P.clone()
@@ -226,6 +232,7 @@ def gru_backward(saved, w_hh, mask, grad_out, grad_h, needs):
 
 
 # -- Elman RNN -------------------------------------------------------------------------------
+
 
 def rnn_forward(xz, w_hh, b_hh, h0, mask, training: bool, relu: bool):
     T, B = xz.shape[1], xz.shape[0]
@@ -253,7 +260,7 @@ def rnn_forward(xz, w_hh, b_hh, h0, mask, training: bool, relu: bool):
 def rnn_backward(saved, w_hh, mask, grad_out, grad_h, needs, relu: bool):
     (hs,) = saved
     T = hs.shape[0] - 1
-    m, mf = mask_parts(mask, hs.dtype)
+    _, mf = mask_parts(mask, hs.dtype)
     h = hs[1:]  # at valid steps the activation itself; padded steps are zeroed by the mask
     P = (h > 0).to(h.dtype) if relu else 1 - h * h
     if mf is not None:
@@ -279,6 +286,7 @@ def rnn_backward(saved, w_hh, mask, grad_out, grad_h, needs, relu: bool):
 
 # -- the three as kernels -----------------------------------------------------------------
 
+
 class PythonLSTM(Kernel):
     def forward(self, cell, xz, w_hh, b_hh, state, mask, training):
         return batch_major(lstm_forward(xz, w_hh, b_hh, state[0], state[1], mask, training))
@@ -301,4 +309,3 @@ class PythonRNN(Kernel):
 
     def backward(self, cell, saved, w_hh, mask, grad_out, grad_state, needs):
         return rnn_backward(saved, w_hh, mask, grad_out, grad_state[0], needs, cell.nonlinearity == "relu")
-

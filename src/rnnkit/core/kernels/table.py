@@ -8,6 +8,7 @@ those to its C++ twin. Keyed on the function, not the class, so a subclass that 
 own) has no kernel and runs ``scan_reference``. The routing table (core/routing.py) picks among
 these; the kernels themselves import nothing from here.
 """
+
 from __future__ import annotations
 
 from rnnkit.core.cells.gru import GRUCell

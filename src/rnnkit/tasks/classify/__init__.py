@@ -37,6 +37,7 @@ minute is a small learned variant (README, "Text classification"):
 >>> tuple(logits.shape), loss.dim()
 ((2, 3), 0)
 """
+
 from rnnkit.tasks.classify.data import (
     AG_NEWS,
     AG_NEWS_CLASSES,

@@ -11,6 +11,7 @@ machine and run, and duplicate texts never straddle the split.
 >>> x.tolist(), lengths.tolist()
 ([[104, 105, 0, 0], [195, 169, 116, 195]], [2, 4])
 """
+
 from __future__ import annotations
 
 import csv
@@ -31,21 +32,21 @@ from rnnkit.tasks.download import RemoteFile
 if TYPE_CHECKING:
     from rnnkit.tasks.classify.task import ClassifyConfig
 
-CLASSES_FILE = "classes.txt"   # optional next to the data: one class name a line, class 1 first
+CLASSES_FILE = "classes.txt"  # optional next to the data: one class name a line, class 1 first
 AG_NEWS_CLASSES = ["World", "Sports", "Business", "Sci/Tech"]
 
 
 class Rows(NamedTuple):
-    texts: list[bytes]   # UTF-8 bytes of each text (text fields joined by one space)
-    labels: list[str]    # the label field of each row, as written
-    lines: list[int]     # the line of each row in its file, for messages
-    skipped: int         # malformed rows skipped (only with --skip-bad-rows)
+    texts: list[bytes]  # UTF-8 bytes of each text (text fields joined by one space)
+    labels: list[str]  # the label field of each row, as written
+    lines: list[int]  # the line of each row in its file, for messages
+    skipped: int  # malformed rows skipped (only with --skip-bad-rows)
 
 
 class Split(NamedTuple):
-    x: Tensor        # (N, seq_len) uint8 bytes, zero after each text's end
+    x: Tensor  # (N, seq_len) uint8 bytes, zero after each text's end
     lengths: Tensor  # (N,) int64 in [1, seq_len]
-    y: Tensor        # (N,) int64 class index
+    y: Tensor  # (N,) int64 class index
 
 
 def read_rows(path: Path, skip_bad_rows: bool) -> Rows:
@@ -137,7 +138,7 @@ def label_indices(labels: list[str], names: list[str]) -> list[int | None]:
     """Index of each label: its name in `names`, or a 1-based class number; None when unknown."""
     by_name = {name: i for i, name in enumerate(names)}
     numbers_are_names = all(_is_int(n) for n in names)
-    out = []
+    out: list[int | None] = []
     for label in labels:
         if label in by_name:
             out.append(by_name[label])
@@ -159,12 +160,19 @@ def to_split(rows: Rows, names: list[str], path: Path, config: ClassifyConfig) -
     if None in indices:
         k = indices.index(None)
         if not config.skip_bad_rows:
-            raise UsageError(f"{path}, line {rows.lines[k]}: unknown label {rows.labels[k]!r}; the classes are "
-                             f"{', '.join(names)} (or 1..{len(names)}) (fix the row, or pass --skip-bad-rows)")
+            raise UsageError(
+                f"{path}, line {rows.lines[k]}: unknown label {rows.labels[k]!r}; the classes are "
+                f"{', '.join(names)} (or 1..{len(names)}) (fix the row, or pass --skip-bad-rows)"
+            )
         keep = [k for k, i in enumerate(indices) if i is not None]
         if not keep:
             raise UsageError(f"{path} has no row with a known label; the classes are {', '.join(names)}")
-        rows = Rows(*([column[k] for k in keep] for column in rows[:3]), rows.skipped + len(indices) - len(keep))
+        rows = Rows(
+            [rows.texts[k] for k in keep],
+            [rows.labels[k] for k in keep],
+            [rows.lines[k] for k in keep],
+            rows.skipped + len(indices) - len(keep),
+        )
         indices = [indices[k] for k in keep]
     x, lengths = encode(rows.texts, config.seq_len)
     return Split(x, lengths, torch.tensor(indices, dtype=torch.int64)), rows
@@ -176,7 +184,7 @@ def encode(texts: list[bytes], seq_len: int) -> tuple[Tensor, Tensor]:
     lengths = np.zeros(len(texts), dtype=np.int64)
     for i, text in enumerate(texts):
         cut = text[:seq_len]
-        x[i, :len(cut)] = np.frombuffer(cut, dtype=np.uint8)
+        x[i, : len(cut)] = np.frombuffer(cut, dtype=np.uint8)
         lengths[i] = len(cut)
     return torch.from_numpy(x), torch.from_numpy(lengths)
 
@@ -187,29 +195,40 @@ def in_validation(text: bytes, fraction: float) -> bool:
     return value < fraction
 
 
-
 # ---- where the files are ------------------------------------------------------------------------------
 class DataFiles(NamedTuple):
-    train: Path            # training CSV
-    test: Path | None      # held-out CSV (`eval --data FOLDER` uses it)
-    classes: Path | None   # classes.txt, when there is one
+    train: Path  # training CSV
+    test: Path | None  # held-out CSV (`eval --data FOLDER` uses it)
+    classes: Path | None  # classes.txt, when there is one
 
 
 # The original AG News CSVs (Zhang et al. 2015) at the mirror torchtext's AG_NEWS loader uses, with its
 # published MD5 for train.csv and the SHA-256 of the original test.csv.
 AG_NEWS: tuple[RemoteFile, ...] = (
-    RemoteFile("AG News train.csv",
-               "https://raw.githubusercontent.com/mhjabreel/CharCnn_Keras/master/data/ag_news_csv/train.csv",
-               "md5", "b1a00f826fdfbd249f79597b59e1dc12", "ag_news/train.csv"),
-    RemoteFile("AG News test.csv",
-               "https://raw.githubusercontent.com/mhjabreel/CharCnn_Keras/master/data/ag_news_csv/test.csv",
-               "sha256", "521465c2428ed7f02f8d6db6ffdd4b5447c1c701962353eb2c40d548c3c85699", "ag_news/test.csv"),
+    RemoteFile(
+        "AG News train.csv",
+        "https://raw.githubusercontent.com/mhjabreel/CharCnn_Keras/master/data/ag_news_csv/train.csv",
+        "md5",
+        "b1a00f826fdfbd249f79597b59e1dc12",
+        "ag_news/train.csv",
+    ),
+    RemoteFile(
+        "AG News test.csv",
+        "https://raw.githubusercontent.com/mhjabreel/CharCnn_Keras/master/data/ag_news_csv/test.csv",
+        "sha256",
+        "521465c2428ed7f02f8d6db6ffdd4b5447c1c701962353eb2c40d548c3c85699",
+        "ag_news/test.csv",
+    ),
 )
+
+
 def ag_news(files: tuple[RemoteFile, ...] = AG_NEWS) -> Path:
     """The AG News folder in the cache (train.csv, test.csv, classes.txt), downloading what is missing."""
     folder = None
     for remote in files:
         folder = remote.fetch().parent
+    if folder is None:
+        raise ValueError("ag_news() needs at least one file to fetch")
     classes = folder / CLASSES_FILE
     if not classes.is_file():
         atomic_write_text(classes, "\n".join(AG_NEWS_CLASSES) + "\n")

@@ -6,6 +6,7 @@ recall and F1, and the confusion matrix as text and as a figure.
 >>> cm.tolist(), class_metrics(cm, ["a", "b"])["accuracy"]
 ([[1, 1], [0, 2]], 0.75)
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -39,13 +40,15 @@ def class_metrics(confusion: Tensor, names: list[str]) -> dict[str, float]:
 def confusion_text(confusion: Tensor, names: list[str]) -> str:
     width = max(max(len(n) for n in names), len(str(int(confusion.max()))), 6)
     head = "true \\ predicted".ljust(width + 2) + " ".join(n.rjust(width) for n in names)
-    rows = [names[i].ljust(width + 2) + " ".join(str(int(v)).rjust(width) for v in confusion[i])
-            for i in range(len(names))]
+    rows = [
+        names[i].ljust(width + 2) + " ".join(str(int(v)).rjust(width) for v in confusion[i]) for i in range(len(names))
+    ]
     return "\n".join([head, *rows]) + "\n"
 
 
 def plot_confusion(confusion: Tensor, names: list[str], path: Path, title: str) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -59,8 +62,9 @@ def plot_confusion(confusion: Tensor, names: list[str], path: Path, title: str) 
     ax.set_title(title, fontsize=9)
     for i in range(cm.shape[0]):
         for j in range(cm.shape[1]):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center",
-                    color="white" if cm[i, j] > cm.max() / 2 else "black")
+            ax.text(
+                j, i, str(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > cm.max() / 2 else "black"
+            )
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)

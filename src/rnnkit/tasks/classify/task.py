@@ -1,6 +1,7 @@
 """The classify task the trainer drives: its config (`rnnkit train classify` flags), the shuffled
 epochs of training rows, the loss, evaluation with per-class metrics, and prediction on texts.
 """
+
 from __future__ import annotations
 
 import csv
@@ -33,34 +34,44 @@ from rnnkit.tasks.classify.data import (
 from rnnkit.tasks.classify.metrics import class_metrics, confusion_matrix, confusion_text, plot_confusion
 from rnnkit.tasks.classify.model import ByteClassifier
 
-LABELS_FILE = "labels.json"    # artifact in the run directory: the class names, in index order
+LABELS_FILE = "labels.json"  # artifact in the run directory: the class names, in index order
 
 
 @dataclass(frozen=True)
 class ClassifyConfig:
-    data: str | None = option(None, "folder with train.csv (+ test.csv, classes.txt) or one CSV of "
-                                    "label,text rows (default: AG News, downloaded once into the cache)")
+    data: str | None = option(
+        None,
+        "folder with train.csv (+ test.csv, classes.txt) or one CSV of "
+        "label,text rows (default: AG News, downloaded once into the cache)",
+    )
     seq_len: int = option(256, "bytes of each text the model reads; longer texts are cut")
     val_fraction: float = option(0.05, "fraction of training rows held out for validation (by text hash)")
     skip_bad_rows: bool = option(False, "skip malformed CSV rows and report how many, instead of stopping")
-    input: Literal["onehot", "embedding"] = option("onehot", "byte input: one-hot of depth 256 or a "
-                                                                "learned embedding")
+    input: Literal["onehot", "embedding"] = option("onehot", "byte input: one-hot of depth 256 or a learned embedding")
     embed: int = option(64, "size of the learned byte embedding (--input embedding)")
-    ngrams: int = option(1, "also add hashed embeddings of the 2..N bytes ending at each byte (1 = off; "
-                            "needs --input embedding)")
-    words: bool = option(False, "also add a hashed embedding of the word so far at each byte (the letters "
-                                "and digits since the last other byte, at most 20; needs --input embedding)")
-    word_pairs: bool = option(False, "also add a hashed embedding of (previous word, word so far) at each "
-                                     "byte of a word (needs --words)")
+    ngrams: int = option(
+        1, "also add hashed embeddings of the 2..N bytes ending at each byte (1 = off; needs --input embedding)"
+    )
+    words: bool = option(
+        False,
+        "also add a hashed embedding of the word so far at each byte (the letters "
+        "and digits since the last other byte, at most 20; needs --input embedding)",
+    )
+    word_pairs: bool = option(
+        False, "also add a hashed embedding of (previous word, word so far) at each byte of a word (needs --words)"
+    )
     buckets: int = option(65536, "hash buckets shared by the n-gram and word embeddings")
     patch: int = option(1, "bytes per RNN step: their input vectors are concatenated (1 = one byte per step)")
-    cell: str = cell_option("lstm", "recurrent cell: a built-in name, or MODULE:CLASS for a GatedCell "
-                                    "subclass of your own")
+    cell: str = cell_option(
+        "lstm", "recurrent cell: a built-in name, or MODULE:CLASS for a GatedCell subclass of your own"
+    )
     hidden: int = option(512, "hidden size per direction")
     layers: int = option(3, "stacked bidirectional layers")
     pooling: Literal["ends", "max", "mean"] = option(
-        "ends", "what each direction contributes: ends = forward at the last byte and backward at the "
-               "first; max / mean = over each text's valid steps")
+        "ends",
+        "what each direction contributes: ends = forward at the last byte and backward at the "
+        "first; max / mean = over each text's valid steps",
+    )
     e_dim: int = option(128, "each direction is projected to this size and the two are added")
     dropout: float = option(0.0, "dropout on the inputs, between layers and before the classifier")
     batch_size: int = option(128, "texts per step, summed over all processes")
@@ -68,8 +79,18 @@ class ClassifyConfig:
     data_seed: int = option(0, "seed of the training order (the validation split never depends on it)")
 
     def __post_init__(self):
-        for name in ("seq_len", "embed", "buckets", "patch", "hidden", "layers", "e_dim", "batch_size",
-                     "eval_batch_size", "ngrams"):
+        for name in (
+            "seq_len",
+            "embed",
+            "buckets",
+            "patch",
+            "hidden",
+            "layers",
+            "e_dim",
+            "batch_size",
+            "eval_batch_size",
+            "ngrams",
+        ):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -79,17 +100,19 @@ class ClassifyConfig:
         if self.word_pairs and not self.words:
             raise UsageError("--word-pairs needs --words")
         if (self.ngrams > 1 or self.words) and self.input == "onehot":
-            raise UsageError("--ngrams > 1 and --words need --input embedding (hashed n-grams are learned "
-                             "vectors); use --ngrams 1 --no-words with --input onehot")
+            raise UsageError(
+                "--ngrams > 1 and --words need --input embedding (hashed n-grams are learned "
+                "vectors); use --ngrams 1 --no-words with --input onehot"
+            )
         resolve_cell(self.cell)  # a cell of your own that cannot be imported fails here, in one line
 
 
 @dataclass(frozen=True)
 class ClassifyEvalOptions:
-    skip_bad_rows: bool | None = option(None, "skip malformed rows of --data and report how many (default: "
-                                              "what the run was trained with)")
+    skip_bad_rows: bool | None = option(
+        None, "skip malformed rows of --data and report how many (default: what the run was trained with)"
+    )
     confusion: bool = option(True, "write the confusion matrix to RUN_DIR/confusion.txt and confusion.png")
-
 
 
 class ClassifyTask(Task):
@@ -102,8 +125,8 @@ class ClassifyTask(Task):
 
     def __init__(self, config: ClassifyConfig, run_dir: Path, names: list[str]):
         super().__init__(config, run_dir)
-        self.names = names                       # class names, in index order
-        self._train: Split | None = None         # loaded by create, or lazily for eval of the val split
+        self.names = names  # class names, in index order
+        self._train: Split | None = None  # loaded by create, or lazily for eval of the val split
         self._val: Split | None = None
         self._perm: tuple[int, Tensor] | None = None  # (epoch, permutation) cache for train_batch
 
@@ -126,7 +149,7 @@ class ClassifyTask(Task):
         except FileNotFoundError:
             raise UsageError(f"{path} is missing; the run directory is incomplete") from None
         except (ValueError, KeyError, TypeError):
-            raise UsageError(f"{path} is damaged (expected {{\"labels\": [names...]}})") from None
+            raise UsageError(f'{path} is damaged (expected {{"labels": [names...]}})') from None
         return cls(config, run_dir, names)
 
     def _load_training_data(self) -> None:
@@ -142,17 +165,24 @@ class ClassifyTask(Task):
         self._train = Split(*(t[~is_val] for t in split))
         self._val = Split(*(t[is_val] for t in split))
         if len(self._train.y) == 0:
-            raise UsageError(f"{path}: no training rows left after holding out --val-fraction "
-                             f"{self.config.val_fraction}")
+            raise UsageError(
+                f"{path}: no training rows left after holding out --val-fraction {self.config.val_fraction}"
+            )
 
     # ---- model and data ----
     def build_model(self) -> nn.Module:
         return ByteClassifier(self.config, len(self.names))
 
-    def train_batch(self, step: int, rank: int, world_size: int) -> Split:
-        if self._train is None:
+    def _splits(self) -> tuple[Split, Split]:
+        """The training and validation splits, read on first use."""
+        if self._train is None or self._val is None:
             self._load_training_data()
-        N = len(self._train.y)
+        assert self._train is not None and self._val is not None  # _load_training_data set both
+        return self._train, self._val
+
+    def train_batch(self, step: int, rank: int, world_size: int) -> Split:
+        train, _ = self._splits()
+        N = len(train.y)
         B = self.config.batch_size
         positions = torch.tensor([step * B + i for i in shard_range(B, rank, world_size)])
         epochs, offsets = positions // N, positions % N
@@ -160,12 +190,12 @@ class ClassifyTask(Task):
         for epoch in epochs.unique().tolist():
             chosen = epochs == epoch
             rows[chosen] = self._permutation(epoch)[offsets[chosen]]
-        return self._batch(self._train, rows)
+        return self._batch(train, rows)
 
     def _permutation(self, epoch: int) -> Tensor:
         if self._perm is None or self._perm[0] != epoch:
             g = step_generator(self.config.data_seed, epoch, 0, stream="classify-epoch")
-            self._perm = (epoch, torch.randperm(len(self._train.y), generator=g))
+            self._perm = (epoch, torch.randperm(len(self._splits()[0].y), generator=g))
         return self._perm[1]
 
     @staticmethod
@@ -178,8 +208,9 @@ class ClassifyTask(Task):
         return loss, len(batch.y)
 
     # ---- evaluation ----
-    def evaluate(self, model: nn.Module, data: str | None = None,
-                 options: ClassifyEvalOptions | None = None) -> dict[str, float]:
+    def evaluate(
+        self, model: nn.Module, data: str | None = None, options: ClassifyEvalOptions | None = None
+    ) -> dict[str, float]:
         """Loss, accuracy, macro F1 and per-class P/R/F1 on the validation split or on `data`.
         `rnnkit eval` passes options and so, by default, writes confusion.txt and confusion.png; the
         trainer's evaluations pass none and only compute the metrics (drawing a figure at every
@@ -189,11 +220,10 @@ class ClassifyTask(Task):
         if options is not None and options.skip_bad_rows is not None:
             config = dataclasses.replace(config, skip_bad_rows=options.skip_bad_rows)
         if data is None:
-            if self._val is None:
-                self._load_training_data()
-            split, source = self._val, "validation split"
+            train, val = self._splits()
+            split, source = val, "validation split"
             if len(split.y) == 0:
-                split, source = self._train, "training rows (--val-fraction 0)"
+                split, source = train, "training rows (--val-fraction 0)"
         else:
             path = Path(data)
             if path.is_dir():
@@ -223,7 +253,7 @@ class ClassifyTask(Task):
         out = torch.empty(len(lengths), len(self.names))
         with torch.no_grad():
             for start in range(0, len(order), self.config.eval_batch_size):
-                rows = order[start: start + self.config.eval_batch_size]
+                rows = order[start : start + self.config.eval_batch_size]
                 batch = move_to(self._batch(Split(x, lengths, lengths), rows), device)
                 out[rows] = model(batch.x, batch.lengths)[0].float().cpu()
         return out
@@ -231,11 +261,17 @@ class ClassifyTask(Task):
     @classmethod
     def write_data(cls, data: Any, directory: Path) -> str:
         """In-memory examples: (texts, labels), two lists of the same length, or a list of (label, text)."""
-        if isinstance(data, tuple) and len(data) == 2 and len(data[0]) == len(data[1]) and data[0] \
-                and all(isinstance(t, str) for t in data[0]):
+        if (
+            isinstance(data, tuple)
+            and len(data) == 2
+            and len(data[0]) == len(data[1])
+            and data[0]
+            and all(isinstance(t, str) for t in data[0])
+        ):
             pairs = list(zip(data[1], data[0]))
-        elif isinstance(data, (list, tuple)) and data and all(isinstance(p, (list, tuple)) and len(p) == 2
-                                                             for p in data):
+        elif (
+            isinstance(data, (list, tuple)) and data and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in data)
+        ):
             pairs = [(label, text) for label, text in data]
         else:
             raise UsageError("a classifier's data= is a path, (texts, labels) or a list of (label, text) pairs")

@@ -19,6 +19,7 @@ Baselines, each a function (history, H, m) -> H values:
                     when m > 1), ARIMA chosen by AIC among a few orders (see `arima`) and the Theta
                     method; present when statsmodels is installed
 """
+
 from __future__ import annotations
 
 import warnings
@@ -60,8 +61,10 @@ def check_horizon(n: int, horizon: int, m: int, window: int, name: str = "the se
         raise UsageError(f"--horizon must be at least 1, got {horizon}")
     need = ORIGINS * horizon + window + horizon + max(m, 1)
     if n < need:
-        raise UsageError(f"horizon {horizon} is too long for {name} of {n} values: 5 rolling origins and a "
-                         f"{window}-step window need at least {need} (at most {_max_horizon(n, m, window)} here)")
+        raise UsageError(
+            f"horizon {horizon} is too long for {name} of {n} values: 5 rolling origins and a "
+            f"{window}-step window need at least {need} (at most {_max_horizon(n, m, window)} here)"
+        )
 
 
 def _max_horizon(n: int, m: int, window: int) -> int:
@@ -142,9 +145,14 @@ def ets(history: np.ndarray, h: int, m: int) -> np.ndarray:
     from statsmodels.tsa.holtwinters import ExponentialSmoothing
 
     seasonal = "add" if m > 1 and len(history) >= 2 * m + 2 else None
-    fit = ExponentialSmoothing(history, trend="add", damped_trend=True, seasonal=seasonal,
-                               seasonal_periods=m if seasonal else None,
-                               initialization_method="estimated").fit()
+    fit = ExponentialSmoothing(
+        history,
+        trend="add",
+        damped_trend=True,
+        seasonal=seasonal,
+        seasonal_periods=m if seasonal else None,
+        initialization_method="estimated",
+    ).fit()
     return np.asarray(fit.forecast(h))
 
 
@@ -161,7 +169,7 @@ def arima(history: np.ndarray, h: int, m: int) -> np.ndarray:
         out = list(history)
         for k in range(h):
             out.append(out[-m] + step[k])
-        return np.array(out[len(history):])
+        return np.array(out[len(history) :])
     if 1 < m <= 24 and len(history) >= 3 * m:
         candidates = [((1, 0, 0), (1, 0, 0, m)), ((1, 0, 1), (1, 0, 0, m)), ((2, 0, 0), (1, 0, 1, m))]
         trend = "c"
@@ -199,13 +207,14 @@ def baselines() -> dict[str, Forecaster]:
     return table
 
 
-def score(values: np.ndarray, horizon: int, m: int, forecaster: Callable[..., np.ndarray],
-          by_origin: bool = False) -> dict[str, float]:
+def score(
+    values: np.ndarray, horizon: int, m: int, forecaster: Callable[..., np.ndarray], by_origin: bool = False
+) -> dict[str, float]:
     """MASE and sMAPE at the single origin and averaged over the rolling origins. `forecaster` is a
     baseline (history, H, m) -> H values, or with `by_origin` a function origin -> H values."""
     rows = []
     for origin in origins(len(values), horizon):
-        history, truth = values[:origin], values[origin:origin + horizon]
+        history, truth = values[:origin], values[origin : origin + horizon]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # statsmodels' convergence chatter
             try:
@@ -214,6 +223,9 @@ def score(values: np.ndarray, horizon: int, m: int, forecaster: Callable[..., np
                 f = np.full(horizon, np.nan)
         f = np.asarray(f, dtype=np.float64)
         rows.append((mase(truth, f, history, m), smape(truth, f)))
-    return {"mase": rows[0][0], "smape": rows[0][1],
-            "rolling_mase": float(np.mean([r[0] for r in rows])),
-            "rolling_smape": float(np.mean([r[1] for r in rows]))}
+    return {
+        "mase": rows[0][0],
+        "smape": rows[0][1],
+        "rolling_mase": float(np.mean([r[0] for r in rows])),
+        "rolling_smape": float(np.mean([r[1] for r in rows])),
+    }

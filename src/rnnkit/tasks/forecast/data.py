@@ -13,6 +13,7 @@ inserted, and missing values (empty cells, NA) are filled by linear interpolatio
 neighbours, so the series is regular. The season length `m` follows the M4 competition's
 conventions for the frequency (year 1, quarter 4, month 12, week 52, day 7); `period=` overrides it.
 """
+
 from __future__ import annotations
 
 import csv
@@ -33,31 +34,41 @@ MISSING = {"", "na", "nan", "n/a", "null", "none", "-", "."}
 
 @dataclass(frozen=True)
 class Series:
-    values: np.ndarray        # (N,) float64, regular steps, gaps filled
-    dates: list[str]          # (N,) ISO dates (YYYY, YYYY-MM or YYYY-MM-DD), one per value
-    freq: str                 # "year", "quarter", "month", "week", "day" or "step" (no dates)
-    period: int               # season length m used by seasonal naive and MASE
-    name: str                 # the value column's name
-    filled: int = 0           # how many values were missing and interpolated
+    values: np.ndarray  # (N,) float64, regular steps, gaps filled
+    dates: list[str]  # (N,) ISO dates (YYYY, YYYY-MM or YYYY-MM-DD), one per value
+    freq: str  # "year", "quarter", "month", "week", "day" or "step" (no dates)
+    period: int  # season length m used by seasonal naive and MASE
+    name: str  # the value column's name
+    filled: int = 0  # how many values were missing and interpolated
 
     def __len__(self) -> int:
         return len(self.values)
 
     def next_dates(self, h: int) -> list[str]:
         """The `h` dates that follow the last one."""
-        return [_shift(self.dates[-1], self.freq, k) for k in range(1, h + 1)] if self.dates else \
-            [str(len(self.values) + k) for k in range(h)]
+        return (
+            [_shift(self.dates[-1], self.freq, k) for k in range(1, h + 1)]
+            if self.dates
+            else [str(len(self.values) + k) for k in range(h)]
+        )
 
 
-def from_values(values, name: str = "value", period: int = 1, dates: list[str] | None = None,
-                freq: str = "step") -> Series:
+def from_values(
+    values, name: str = "value", period: int = 1, dates: list[str] | None = None, freq: str = "step"
+) -> Series:
     """A Series from numbers in memory (a list, a NumPy array, a tensor); NaN gaps are interpolated."""
     arr = np.asarray(values, dtype=np.float64).reshape(-1)
     if arr.size == 0:
         raise UsageError(f"series {name!r} is empty")
     arr, filled = _interpolate(arr, name)
-    return Series(arr, list(dates) if dates else [str(i) for i in range(len(arr))], freq if dates else "step",
-                  period, name, filled)
+    return Series(
+        arr,
+        list(dates) if dates else [str(i) for i in range(len(arr))],
+        freq if dates else "step",
+        period,
+        name,
+        filled,
+    )
 
 
 def read_csv(path: str | Path, column: str | None = None, period: int | None = None) -> Series:
@@ -114,8 +125,13 @@ def _numbers(texts: list[str], path: Path, column: str) -> np.ndarray:
 
 def _parse_date(text: str) -> tuple[dt.date, str] | None:
     """(date, precision) with precision "day", "month" or "year"; None when `text` is no date."""
-    for fmt, precision in (("%Y-%m-%d", "day"), ("%Y%m%d", "day"), ("%Y/%m/%d", "day"), ("%Y-%m", "month"),
-                           ("%Y", "year")):
+    for fmt, precision in (
+        ("%Y-%m-%d", "day"),
+        ("%Y%m%d", "day"),
+        ("%Y/%m/%d", "day"),
+        ("%Y-%m", "month"),
+        ("%Y", "year"),
+    ):
         try:
             d = dt.datetime.strptime(text[:10] if precision == "day" and "-" in text else text, fmt).date()
         except ValueError:
@@ -146,8 +162,7 @@ def _months(d: dt.date) -> int:
     return d.year * 12 + d.month - 1
 
 
-def _regular(values: np.ndarray, dates: list[tuple[dt.date, str]], path: Path, name: str,
-             period: int | None) -> Series:
+def _regular(values: np.ndarray, dates: list[tuple[dt.date, str]], path: Path, name: str, period: int | None) -> Series:
     precision = dates[0][1]
     days = [d for d, _ in dates]
     if any(b <= a for a, b in itertools.pairwise(days)):
@@ -182,8 +197,13 @@ def _regular(values: np.ndarray, dates: list[tuple[dt.date, str]], path: Path, n
 
 
 def _iso(d: dt.date, freq: str) -> str:
-    return str(d.year) if freq == "year" else f"{d.year:04d}-{d.month:02d}" if freq in ("month", "quarter") \
+    return (
+        str(d.year)
+        if freq == "year"
+        else f"{d.year:04d}-{d.month:02d}"
+        if freq in ("month", "quarter")
         else d.isoformat()
+    )
 
 
 def _shift(date: str, freq: str, k: int) -> str:

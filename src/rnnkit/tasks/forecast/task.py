@@ -14,6 +14,7 @@ all on the same split, in one table (`forecast.md`, `forecast.json`) and a plot 
 The periodic evaluation's `loss` (which picks the best checkpoint) is the error on training windows
 only: the held-out origins are reported, never used to choose anything.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,27 +39,40 @@ ARTIFACT = "forecast_setup.json"
 
 @dataclass(frozen=True)
 class ForecastConfig:
-    data: str | None = option(None, "CSV file: a date column and value columns, or a year x month table",
-                              metavar="FILE")
-    column: str | None = option(None, "the value column to forecast (needed when the file has several)",
-                                metavar="NAME")
+    data: str | None = option(
+        None, "CSV file: a date column and value columns, or a year x month table", metavar="FILE"
+    )
+    column: str | None = option(None, "the value column to forecast (needed when the file has several)", metavar="NAME")
     values: tuple[float, ...] = option((), "the series itself, instead of --data (from Python: a list)")
-    horizon: int | None = option(None, "values to forecast (default: M4's horizon for the frequency: year 6, "
-                                       "quarter 8, month 18, week 13, day 14)", metavar="H")
-    period: int | None = option(None, "season length (default: M4's for the frequency: year 1, quarter 4, "
-                                      "month 12, week 52, day 7)", metavar="M")
-    window: int | None = option(None, "recent values the network reads (default: the best of a few lengths "
-                                      "for a linear model on the training part's own rolling origins)",
-                                metavar="L")
+    horizon: int | None = option(
+        None,
+        "values to forecast (default: M4's horizon for the frequency: year 6, quarter 8, month 18, week 13, day 14)",
+        metavar="H",
+    )
+    period: int | None = option(
+        None,
+        "season length (default: M4's for the frequency: year 1, quarter 4, month 12, week 52, day 7)",
+        metavar="M",
+    )
+    window: int | None = option(
+        None,
+        "recent values the network reads (default: the best of a few lengths "
+        "for a linear model on the training part's own rolling origins)",
+        metavar="L",
+    )
     hidden: int = option(32, "recurrent hidden size")
     cell: Literal["gru", "lstm"] = option("gru", "recurrent cell")
     dropout: float = option(0.0, "dropout before the output layer")
-    scaling: Literal["window", "series"] = option("window", "unit of each input window (after subtracting its "
-                                                            "last value): its own standard deviation, so "
-                                                            "shapes read alike at any amplitude, or the "
-                                                            "series' mean absolute step")
-    quantiles: tuple[float, ...] = option((0.1, 0.9), "quantiles forecast beside the median (the interval "
-                                                      "drawn in forecast.png)")
+    scaling: Literal["window", "series"] = option(
+        "window",
+        "unit of each input window (after subtracting its "
+        "last value): its own standard deviation, so "
+        "shapes read alike at any amplitude, or the "
+        "series' mean absolute step",
+    )
+    quantiles: tuple[float, ...] = option(
+        (0.1, 0.9), "quantiles forecast beside the median (the interval drawn in forecast.png)"
+    )
     batch_size: int = option(64, "windows per step, summed over all processes")
     baselines: bool = option(True, "score the baselines beside the network when training ends")
 
@@ -75,8 +89,14 @@ class ForecastTask(Task):
     name = "forecast"
     Config = ForecastConfig
     items_name = "windows"
-    train_defaults: ClassVar[dict[str, Any]] = {"steps": 400, "lr": 3e-3, "warmup_steps": 20, "weight_decay": 1e-4,
-                      "eval_every": 100_000, "log_every": 50}
+    train_defaults: ClassVar[dict[str, Any]] = {
+        "steps": 400,
+        "lr": 3e-3,
+        "warmup_steps": 20,
+        "weight_decay": 1e-4,
+        "eval_every": 100_000,
+        "log_every": 50,
+    }
 
     def __init__(self, config: ForecastConfig, run_dir: Path, setup: dict[str, Any] | None = None):
         super().__init__(config, run_dir)
@@ -87,14 +107,17 @@ class ForecastTask(Task):
         self.report_text: str | None = None
         self.table: dict[str, dict[str, float]] = {}
         s = self.setup
-        self.train_values = self.series.values[:s["train_end"]]
+        self.train_values = self.series.values[: s["train_end"]]
         X, Y = bl.windows(self.train_values, s["window"], s["horizon"])
         if len(X) < 2:
-            raise UsageError(f"{self.where()}: too few values before the first rolling origin to train on "
-                             f"({len(self.train_values)} for a {s['window']}-step window and horizon {s['horizon']})")
+            raise UsageError(
+                f"{self.where()}: too few values before the first rolling origin to train on "
+                f"({len(self.train_values)} for a {s['window']}-step window and horizon {s['horizon']})"
+            )
         self.z, self.target = self.relative(X, Y)
-        self.phase = torch.tensor((np.arange(len(X))[:, None] + np.arange(s["window"])) % max(s["period"], 1),
-                                  dtype=torch.float32)
+        self.phase = torch.tensor(
+            (np.arange(len(X))[:, None] + np.arange(s["window"])) % max(s["period"], 1), dtype=torch.float32
+        )
 
     @classmethod
     def write_data(cls, data: Any, directory: Path) -> str:
@@ -144,7 +167,7 @@ class ForecastTask(Task):
     def train_batch(self, step: int, rank: int, world_size: int) -> Any:
         rows = shard_range(self.config.batch_size, rank, world_size)
         idx = torch.randint(0, len(self.z), (self.config.batch_size,), generator=step_generator(self.seed, step))
-        idx = idx[rows.start:rows.stop]
+        idx = idx[rows.start : rows.stop]
         return self.z[idx], self.phase[idx], self.target[idx]
 
     def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, int]:
@@ -187,8 +210,7 @@ class ForecastTask(Task):
 
     def evaluate(self, model: nn.Module, data: str | None = None, options: Any = None) -> dict[str, float]:
         s = self.setup
-        series = self.series if data is None else read_csv(data, self.config.column or s.get("column"),
-                                                           s["period"])
+        series = self.series if data is None else read_csv(data, self.config.column or s.get("column"), s["period"])
         # training windows only (the held-out origins never pick a checkpoint): at most 512, evenly spaced
         pick = np.unique(np.linspace(0, len(self.z) - 1, min(512, len(self.z))).astype(int))
         z, phase, target = self.z[pick], self.phase[pick], self.target[pick]
@@ -200,8 +222,9 @@ class ForecastTask(Task):
         H, m = self.setup["horizon"], self.setup["period"]
         offset = self.offset(series)
         bl.check_horizon(len(series), H, m, self.setup["window"], self.where())
-        return bl.score(series.values, H, m, lambda o: self.predict(model, series.values[:o], offset)["median"],
-                        by_origin=True)
+        return bl.score(
+            series.values, H, m, lambda o: self.predict(model, series.values[:o], offset)["median"], by_origin=True
+        )
 
     # ---- the end of training: the table and the plot --------------------------------------------
     def on_end(self, model: nn.Module) -> str | None:
@@ -217,12 +240,15 @@ class ForecastTask(Task):
         for row in rows.values():
             row["relative"] = row["rolling_mase"] / reference if reference else float("nan")
         self.table = rows
-        text = format_table(rows, f"{series.name}: {len(series)} values, {series.freq}, H={H}, m={m}, "
-                                  f"window {s['window']}, {bl.ORIGINS} rolling origins")
+        text = format_table(
+            rows,
+            f"{series.name}: {len(series)} values, {series.freq}, H={H}, m={m}, "
+            f"window {s['window']}, {bl.ORIGINS} rolling origins",
+        )
         atomic_write_text(self.run_dir / "forecast.md", text + "\n")
         atomic_write_text(self.run_dir / "forecast.json", json.dumps(rows, indent=2) + "\n")
         dates, fc = self.forecast(model)
-        held = self.predict(model, series.values[:len(series) - H], self.offset(series))
+        held = self.predict(model, series.values[: len(series) - H], self.offset(series))
         plot(series, H, held, dates, fc, self.run_dir / "forecast.png")
         self.report_text = text
         return text
@@ -247,13 +273,22 @@ def plan(series: Series, config: ForecastConfig) -> dict[str, Any]:
     bl.check_horizon(len(series), H, m, config.window or bl.lag_window(H, m), config.data or "the series")
     train_end = bl.origins(len(series), H)[-1]  # the earliest rolling origin
     L = config.window or bl.choose_window(series.values[:train_end], H, m)
-    return {"horizon": H, "period": m, "window": L, "train_end": train_end,
-            "scale": bl.level_scale(series.values[:train_end]), "freq": series.freq,
-            "start": series.dates[0] if series.dates else None, "column": series.name, "filled": series.filled}
+    return {
+        "horizon": H,
+        "period": m,
+        "window": L,
+        "train_end": train_end,
+        "scale": bl.level_scale(series.values[:train_end]),
+        "freq": series.freq,
+        "start": series.dates[0] if series.dates else None,
+        "column": series.name,
+        "filled": series.filled,
+    }
 
 
 def _steps_between(a: str, b: str, freq: str) -> int:
     import datetime as dt
+
     if freq == "year":
         return int(b[:4]) - int(a[:4])
     if freq in ("month", "quarter"):
@@ -264,20 +299,32 @@ def _steps_between(a: str, b: str, freq: str) -> int:
 
 
 def format_table(rows: dict[str, dict[str, float]], title: str) -> str:
-    lines = [title, "",
-             "| model | MASE | sMAPE | rolling MASE | rolling sMAPE | rolling MASE / seasonal naive |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        title,
+        "",
+        "| model | MASE | sMAPE | rolling MASE | rolling sMAPE | rolling MASE / seasonal naive |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for name, r in rows.items():
-        lines.append(f"| {name} | {r['mase']:.3f} | {r['smape']:.2f} | {r['rolling_mase']:.3f} | "
-                     f"{r['rolling_smape']:.2f} | {r['relative']:.3f} |")
+        lines.append(
+            f"| {name} | {r['mase']:.3f} | {r['smape']:.2f} | {r['rolling_mase']:.3f} | "
+            f"{r['rolling_smape']:.2f} | {r['relative']:.3f} |"
+        )
     return "\n".join(lines)
 
 
-def plot(series: Series, horizon: int, held: dict[str, np.ndarray], dates: list[str],
-         future: dict[str, np.ndarray], png: Path) -> None:
+def plot(
+    series: Series,
+    horizon: int,
+    held: dict[str, np.ndarray],
+    dates: list[str],
+    future: dict[str, np.ndarray],
+    png: Path,
+) -> None:
     """History, the held-out truth and the network's forecast of it, and the forecast after the end,
     each with its quantile interval."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -285,10 +332,12 @@ def plot(series: Series, horizon: int, held: dict[str, np.ndarray], dates: list[
     shown = min(n, max(8 * horizon, 4 * series.period, 60))
     t = np.arange(n - shown, n)
     fig, ax = plt.subplots(figsize=(10, 4))
-    ax.plot(t, series.values[n - shown:], color="black", lw=1, label="history")
-    ax.plot(np.arange(n - horizon, n), series.values[n - horizon:], color="tab:green", lw=2, label="held-out truth")
-    for fc, start, color, label in ((held, n - horizon, "tab:blue", "forecast of the held-out part"),
-                                    (future, n, "tab:red", "forecast")):
+    ax.plot(t, series.values[n - shown :], color="black", lw=1, label="history")
+    ax.plot(np.arange(n - horizon, n), series.values[n - horizon :], color="tab:green", lw=2, label="held-out truth")
+    for fc, start, color, label in (
+        (held, n - horizon, "tab:blue", "forecast of the held-out part"),
+        (future, n, "tab:red", "forecast"),
+    ):
         steps = np.arange(start, start + horizon)
         ax.plot(steps, fc["median"], color=color, lw=2, label=label)
         bands = sorted(k for k in fc if k != "median")
@@ -303,4 +352,3 @@ def plot(series: Series, horizon: int, held: dict[str, np.ndarray], dates: list[
     fig.tight_layout()
     atomic_write(png, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
-

@@ -47,6 +47,7 @@ Generation runs the prompt once, then one step per character with the carried st
 >>> len("".join(generate(model, vocab, prompt="he", length=10, seed=0)))
 10
 """
+
 from rnnkit.tasks.lm.data import DATASETS, Decoder, Vocab, read_corpus, split, stdlib_corpus
 from rnnkit.tasks.lm.generate import Sampler, generate, generate_batch, start_ids
 from rnnkit.tasks.lm.model import CharRNN, LMOutput, detach_state, state_from_dict, state_to_dict

@@ -5,6 +5,7 @@ a named download, or the Python standard library's source), split into training 
 >>> vocab.encode("hell"), vocab.decode([3, 2])
 ([1, 0, 2, 2], 'ol')
 """
+
 from __future__ import annotations
 
 import codecs
@@ -45,7 +46,7 @@ class Vocab:
         return cls(None)
 
     def __len__(self) -> int:
-        return 256 if self.is_bytes else len(self.tokens)
+        return 256 if self.tokens is None else len(self.tokens)
 
     def encode(self, text: str | bytes, source: str = "text") -> list[int]:
         """Token ids of `text`; a character outside the vocabulary is a UsageError naming it."""
@@ -53,7 +54,7 @@ class Vocab:
 
     def encode_tensor(self, text: str | bytes, source: str = "text") -> Tensor:
         """Token ids of `text` as a (N,) int64 tensor (vectorised: corpora are megabytes)."""
-        if self.is_bytes:
+        if self.tokens is None:
             raw = text.encode("utf-8") if isinstance(text, str) else bytes(text)
             return torch.frombuffer(bytearray(raw), dtype=torch.uint8).long()
         if isinstance(text, bytes):
@@ -64,8 +65,10 @@ class Vocab:
         bad = (table[ids] != codes).nonzero()
         if len(bad):
             c = chr(int(codes[bad[0, 0]]))
-            raise UsageError(f"{source} has the character {c!r} (U+{ord(c):04X}), which is not in the model's "
-                             f"vocabulary of {len(self)} characters")
+            raise UsageError(
+                f"{source} has the character {c!r} (U+{ord(c):04X}), which is not in the model's "
+                f"vocabulary of {len(self)} characters"
+            )
         return ids
 
     def decoder(self) -> Decoder:
@@ -84,9 +87,12 @@ class Vocab:
         if doc.get("kind") == "bytes":
             return cls.of_bytes()
         chars = doc.get("chars")
-        if doc.get("kind") != "chars" or not isinstance(chars, list) or not all(
-                isinstance(c, str) and len(c) == 1 for c in chars):
-            raise UsageError(f"{source} is damaged (expected {{\"kind\": \"chars\", \"chars\": [...]}})")
+        if (
+            doc.get("kind") != "chars"
+            or not isinstance(chars, list)
+            or not all(isinstance(c, str) and len(c) == 1 for c in chars)
+        ):
+            raise UsageError(f'{source} is damaged (expected {{"kind": "chars", "chars": [...]}})')
         return cls(chars)
 
     def save(self, path: Path) -> None:
@@ -119,7 +125,9 @@ class Decoder:
     def __call__(self, ids: list[int]) -> str:
         if self.utf8 is not None:
             return self.utf8.decode(bytes(ids))
-        return "".join(self.vocab.tokens[i] for i in ids)
+        tokens = self.vocab.tokens
+        assert tokens is not None  # a character vocabulary: a byte one decodes through utf8 above
+        return "".join(tokens[i] for i in ids)
 
     def flush(self) -> str:
         return self.utf8.decode(b"", final=True) if self.utf8 is not None else ""
@@ -130,8 +138,10 @@ DATASETS: dict[str, RemoteFile] = {
     "tinyshakespeare": RemoteFile(
         "tinyshakespeare",
         "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
-        "sha256", "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
-        "tinyshakespeare.txt"),
+        "sha256",
+        "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+        "tinyshakespeare.txt",
+    ),
 }
 
 
@@ -145,8 +155,7 @@ def stdlib_corpus(max_bytes: int) -> str:
     tables left out) ordered by the sha256 of their relative path, each file taken whole while the total stays within
     `max_bytes`. The same text on every run of the same Python."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = [p for p in root.rglob("*.py")
-             if not _SKIP_DIRS.intersection(p.relative_to(root).parts[:-1])]
+    files = [p for p in root.rglob("*.py") if not _SKIP_DIRS.intersection(p.relative_to(root).parts[:-1])]
     files.sort(key=lambda p: hashlib.sha256(p.relative_to(root).as_posix().encode()).hexdigest())
     parts, total = [], 0
     for p in files:
@@ -167,8 +176,11 @@ def _text_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not any(
-            part.startswith(".") for part in p.relative_to(path).parts))
+        files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
         if not files:
             raise UsageError(f"--data {path}: the folder has no files")
         return files
@@ -183,18 +195,21 @@ def read_corpus(config: LMConfig) -> str | bytes:
     path = Path(config.data)
     if config.data in DATASETS and not path.exists():
         path = DATASETS[config.data].fetch()
-    chunks = []
+    raw_chunks: list[bytes] = []
+    text_chunks: list[str] = []
     for file in _text_files(path):
         raw = file.read_bytes()
         if config.bytes:
-            chunks.append(raw)
+            raw_chunks.append(raw)
             continue
         try:
-            chunks.append(raw.decode("utf-8"))
+            text_chunks.append(raw.decode("utf-8"))
         except UnicodeDecodeError as e:
-            raise UsageError(f"{file} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
-                             f"convert it, or train on raw bytes with --bytes") from None
-    corpus = (b"" if config.bytes else "").join(chunks)
+            raise UsageError(
+                f"{file} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                f"convert it, or train on raw bytes with --bytes"
+            ) from None
+    corpus: str | bytes = b"".join(raw_chunks) if config.bytes else "".join(text_chunks)
     if len(corpus) < 2:
         raise UsageError(f"--data {path}: the text is empty")
     return corpus

@@ -2,6 +2,7 @@
 state (O(length), never re-running the prefix). Temperature, top-k and top-p (nucleus) sampling, many
 samples as one batch, randomness only from a seeded torch.Generator.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,8 +24,15 @@ class Sampler:
     probability reaches p (nucleus). Randomness comes only from a torch.Generator seeded with `seed`.
     """
 
-    def __init__(self, model: nn.Module, num_samples: int = 1, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        num_samples: int = 1,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+    ):
         if temperature < 0 or not math.isfinite(temperature):
             raise UsageError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
         if top_k is not None and top_k < 1:
@@ -52,9 +60,14 @@ class Sampler:
         out = self.model(ids.to(self.device), None, self.state)
         self.state, self.logits = out.state, out.logits[:, -1].float()  # (K, V)
 
+    def _logits(self) -> Tensor:
+        if self.logits is None:
+            raise RuntimeError("feed the prompt before drawing: there are no logits yet")
+        return self.logits
+
     def probs(self) -> Tensor:
         """(K, V) distribution of the next token after temperature, top-k and top-p."""
-        logits = self.logits
+        logits = self._logits()
         if self.temperature == 0:
             return F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
         logits = logits / self.temperature
@@ -73,7 +86,7 @@ class Sampler:
     def draw(self) -> Tensor:
         """(K,) next ids, sampled from `probs` (argmax when temperature is 0)."""
         if self.temperature == 0:
-            return self.logits.argmax(-1)
+            return self._logits().argmax(-1)
         return torch.multinomial(self.probs(), 1, generator=self.generator).squeeze(1)
 
 
@@ -87,9 +100,17 @@ def start_ids(vocab: Vocab, prompt: str) -> list[int]:
     return [vocab.index.get("\n", 0)]
 
 
-def generate_batch(model: nn.Module, vocab: Vocab, prompt: str = "", length: int = 200,
-                   temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                   seed: int | None = None, num_samples: int = 1) -> Iterator[tuple[str, ...]]:
+def generate_batch(
+    model: nn.Module,
+    vocab: Vocab,
+    prompt: str = "",
+    length: int = 200,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    num_samples: int = 1,
+) -> Iterator[tuple[str, ...]]:
     """Sample `num_samples` continuations of `prompt` as one batch; yields, per step, a tuple with each
     sample's new text (one character; with --bytes, possibly '' until a UTF-8 character completes).
     The prompt runs once; each step feeds one token with the carried state."""
@@ -115,8 +136,16 @@ def generate_batch(model: nn.Module, vocab: Vocab, prompt: str = "", length: int
         model.train(was_training)
 
 
-def generate(model: nn.Module, vocab: Vocab, prompt: str = "", length: int = 200, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None, seed: int | None = None) -> Iterator[str]:
+def generate(
+    model: nn.Module,
+    vocab: Vocab,
+    prompt: str = "",
+    length: int = 200,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+) -> Iterator[str]:
     """One sample, as an iterator of characters (see `generate_batch`)."""
     for (piece,) in generate_batch(model, vocab, prompt, length, temperature, top_k, top_p, seed, 1):
         if piece:

@@ -1,6 +1,7 @@
 """The lm task the trainer drives: its config (`rnnkit train lm` flags), batches from the stateful or
 random windows, the loss with the carried state, and evaluation in bits per character.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -8,7 +9,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -27,29 +28,36 @@ VOCAB_FILE = "vocab.json"
 
 @dataclass(frozen=True)
 class LMConfig:
-    data: str | None = option(None, "UTF-8 text file or folder, or a dataset name (tinyshakespeare) "
-                                    "(default: the Python standard library's source code)")
+    data: str | None = option(
+        None,
+        "UTF-8 text file or folder, or a dataset name (tinyshakespeare) "
+        "(default: the Python standard library's source code)",
+    )
     bytes: bool = option(False, "model raw bytes (vocabulary of 256) instead of characters; reads any file")
     corpus_bytes: int = option(3_000_000, "size cap of the default standard-library corpus, in bytes")
     val_fraction: float = option(0.1, "the last fraction of the text used for validation (nanoGPT's 0.1)")
     # Model and batch defaults: the best of short tiny-shakespeare runs for a 10-minute CPU budget
     # (GRU learns faster per second than LSTM there; more, smaller steps beat fewer, larger ones).
-    cell: str = cell_option("gru", "recurrent cell: a built-in name, or MODULE:CLASS for a GatedCell "
-                                   "subclass of your own")
+    cell: str = cell_option(
+        "gru", "recurrent cell: a built-in name, or MODULE:CLASS for a GatedCell subclass of your own"
+    )
     layers: int = option(2, "stacked recurrent layers")
     hidden: int = option(256, "hidden size of each layer")
     embed: int = option(64, "character embedding size; 0 = one-hot input of depth V (the vocabulary size)")
     dropout: float = option(0.0, "dropout between layers and before the output projection (helps long runs)")
     seq_len: int = option(32, "characters per row per step (truncated-BPTT length; the state carries on)")
     batch_size: int = option(64, "rows per step, summed over all processes")
-    windows: Literal["stateful", "random"] = option("stateful", "stateful: each row reads on where it "
-                                                    "stopped and carries the state; random: fresh random "
-                                                    "windows from a zero state")
-    eval_chars: int | None = option(None, "evaluate on at most this many validation characters "
-                                           "(default: all)", resumable=True)
+    windows: Literal["stateful", "random"] = option(
+        "stateful",
+        "stateful: each row reads on where it "
+        "stopped and carries the state; random: fresh random "
+        "windows from a zero state",
+    )
+    eval_chars: int | None = option(
+        None, "evaluate on at most this many validation characters (default: all)", resumable=True
+    )
     eval_batch_size: int = option(64, "validation rows run in parallel", resumable=True)
-    sample_chars: int = option(200, "length of the sample printed at each evaluation (0 = no sample)",
-                               resumable=True)
+    sample_chars: int = option(200, "length of the sample printed at each evaluation (0 = no sample)", resumable=True)
     data_seed: int = option(0, "seed of the random windows and of each epoch's starting offset")
 
     def __post_init__(self):
@@ -69,9 +77,9 @@ class LMConfig:
 
 
 class LMBatch(NamedTuple):
-    x: Tensor      # (b, T) input ids, this process's rows
-    y: Tensor      # (b, T) next ids
-    reset: bool    # start from a zero state (first chunk of an epoch, or random windows)
+    x: Tensor  # (b, T) input ids, this process's rows
+    y: Tensor  # (b, T) next ids
+    reset: bool  # start from a zero state (first chunk of an epoch, or random windows)
 
 
 class LMTask(Task):
@@ -79,7 +87,7 @@ class LMTask(Task):
     Config = LMConfig
     items_name = "chars"
     # tuned on tiny shakespeare with --time-budget 600 on a 2-core CPU (README, "Quality")
-    train_defaults = {"steps": 2100, "lr": 6e-3, "warmup_steps": 30}
+    train_defaults: ClassVar[dict[str, Any]] = {"steps": 2100, "lr": 6e-3, "warmup_steps": 30}
 
     def __init__(self, config: LMConfig, run_dir: Path, vocab: Vocab, corpus_sha256: str | None = None):
         super().__init__(config, run_dir)
@@ -93,7 +101,7 @@ class LMTask(Task):
     @classmethod
     def create(cls, config: LMConfig, run_dir: Path) -> LMTask:
         corpus = read_corpus(config)
-        vocab = Vocab.of_bytes() if config.bytes else Vocab.from_text(corpus)
+        vocab = Vocab.of_bytes() if isinstance(corpus, bytes) else Vocab.from_text(corpus)  # bytes iff --bytes
         task = cls(config, run_dir, vocab, _sha256(corpus))
         task._set_corpus(corpus)
         return task
@@ -113,9 +121,11 @@ class LMTask(Task):
         train, val = split(corpus, c.val_fraction)
         if len(val) < 2:  # validation predicts each token from the ones before it: it needs two
             unit = "bytes" if c.bytes else "characters"
-            raise UsageError(f"--data {c.data or '(standard library)'}: the validation text (the last "
-                             f"--val-fraction {c.val_fraction:g} of {len(corpus)} {unit}) is {len(val)} {unit}; "
-                             f"it needs at least 2: use a longer text or a larger --val-fraction")
+            raise UsageError(
+                f"--data {c.data or '(standard library)'}: the validation text (the last "
+                f"--val-fraction {c.val_fraction:g} of {len(corpus)} {unit}) is {len(val)} {unit}; "
+                f"it needs at least 2: use a longer text or a larger --val-fraction"
+            )
         self._train = self.vocab.encode_tensor(train, "the training text")
         self._val = self.vocab.encode_tensor(val, "the validation text")
 
@@ -125,8 +135,10 @@ class LMTask(Task):
         if isinstance(data, (list, tuple)) and all(isinstance(d, str) for d in data):
             data = "\n\n".join(data).encode("utf-8")
         if not isinstance(data, (bytes, bytearray)) or not data:
-            raise UsageError("a language model's data= is a path, bytes, or a list of strings (documents); "
-                             f"got {type(data).__name__}{' (empty)' if not data else ''}")
+            raise UsageError(
+                "a language model's data= is a path, bytes, or a list of strings (documents); "
+                f"got {type(data).__name__}{' (empty)' if not data else ''}"
+            )
         path = Path(directory) / "text.txt"
         atomic_write(path, lambda tmp: Path(tmp).write_bytes(bytes(data)))
         return str(path)
@@ -137,43 +149,54 @@ class LMTask(Task):
             return
         corpus = read_corpus(self.config)
         if self.corpus_sha256 and _sha256(corpus) != self.corpus_sha256:
-            raise UsageError(f"the text of --data {self.config.data or '(standard library)'} changed since "
-                             f"this run was created (sha256 differs); its data order cannot be resumed")
+            raise UsageError(
+                f"the text of --data {self.config.data or '(standard library)'} changed since "
+                f"this run was created (sha256 differs); its data order cannot be resumed"
+            )
         self._set_corpus(corpus)
 
     # -- model and data ---------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
         return CharRNN(len(self.vocab), self.config)
 
+    def _ids(self, which: str) -> Tensor:
+        """The training or validation token ids, reading the corpus on first use."""
+        self._ensure_corpus()
+        ids = self._train if which == "train" else self._val
+        assert ids is not None  # _ensure_corpus set both
+        return ids
+
     def _layout(self) -> tuple[int, int]:
         """(row length, steps per epoch) of the stateful stream."""
-        c, n = self.config, len(self._train)
+        c, n = self.config, len(self._ids("train"))
         row = n // c.batch_size
         steps = (row - 1 - (c.seq_len - 1)) // c.seq_len  # room for a [0, T) offset and the last target
         if steps < 1:
-            raise UsageError(f"the training text ({n} tokens) is too short for --batch-size {c.batch_size} x "
-                             f"--seq-len {c.seq_len}: each row needs at least {2 * c.seq_len + 1} tokens; "
-                             f"use a smaller --batch-size or --seq-len")
+            raise UsageError(
+                f"the training text ({n} tokens) is too short for --batch-size {c.batch_size} x "
+                f"--seq-len {c.seq_len}: each row needs at least {2 * c.seq_len + 1} tokens; "
+                f"use a smaller --batch-size or --seq-len"
+            )
         return row, steps
 
     def train_batch(self, step: int, rank: int, world_size: int) -> LMBatch:
-        self._ensure_corpus()
+        train = self._ids("train")
         c = self.config
         rows = shard_range(c.batch_size, rank, world_size)
         T = c.seq_len
         if c.windows == "random":
-            n = len(self._train)
+            n = len(train)
             if n < T + 1:
                 raise UsageError(f"the training text ({n} tokens) is shorter than --seq-len {c.seq_len} + 1")
             starts = torch.randint(0, n - T, (c.batch_size,), generator=step_generator(c.data_seed, step))
-            starts, reset = starts[rows.start:rows.stop], True
+            starts, reset = starts[rows.start : rows.stop], True
         else:
             row_len, per_epoch = self._layout()
             epoch, k = divmod(step, per_epoch)
             offset = int(torch.randint(0, T, (1,), generator=step_generator(c.data_seed, epoch, stream="offset")))
             starts = torch.arange(rows.start, rows.stop) * row_len + offset + k * T
             reset = k == 0
-        chunk = self._train[starts[:, None] + torch.arange(T + 1)]  # (b, T+1)
+        chunk = train[starts[:, None] + torch.arange(T + 1)]  # (b, T+1)
         return LMBatch(chunk[:, :-1], chunk[:, 1:], reset)
 
     def loss(self, model: nn.Module, batch: LMBatch) -> tuple[Tensor, int]:
@@ -187,15 +210,15 @@ class LMTask(Task):
         return out.loss, batch.y.numel()
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, data: str | None = None) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, data: str | None = None, options: Any = None) -> dict[str, float]:
+        # options: unused, the language model has no evaluation flags
         if data is None:
-            self._ensure_corpus()
-            ids = self._val
+            ids = self._ids("val")
         else:
             corpus = read_corpus(LMConfig(data=data, bytes=self.config.bytes))
             ids = self.vocab.encode_tensor(corpus, source=data)
         if self.config.eval_chars is not None:
-            ids = ids[:self.config.eval_chars]
+            ids = ids[: self.config.eval_chars]
         nats = stream_loss(model, ids, self.config.eval_batch_size, self.config.seq_len * 2)
         return {"loss": nats, "bpc": nats / math.log(2)}
 
@@ -223,15 +246,16 @@ def stream_loss(model: nn.Module, ids: Tensor, rows: int, chunk: int) -> float:
     row_len = (n - 1) // rows  # inputs per row; the targets are shifted by one
     device = device_of(model)
     x_all = ids[: rows * row_len].view(rows, row_len)
-    y_all = ids[1: rows * row_len + 1].view(rows, row_len)
+    y_all = ids[1 : rows * row_len + 1].view(rows, row_len)
     total, state = 0.0, None
     for t in range(0, row_len, chunk):
-        x = x_all[:, t:t + chunk].to(device)
-        y = y_all[:, t:t + chunk].to(device)
+        x = x_all[:, t : t + chunk].to(device)
+        y = y_all[:, t : t + chunk].to(device)
         out = model(x, None, state)
         state = out.state
-        total += float(F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]).float(), y.reshape(-1),
-                                       reduction="sum"))
+        total += float(
+            F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]).float(), y.reshape(-1), reduction="sum")
+        )
     return total / (rows * row_len)
 
 

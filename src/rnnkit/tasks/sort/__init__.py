@@ -4,6 +4,7 @@ data.py: synthetic sequences and fixed test sets; model.py: encoder and the four
 search.py: greedy and beam search; task.py: the config, the Task the trainer drives, metrics, text
 input and output.
 """
+
 from rnnkit.tasks.sort.model import DECODERS, SortModel
 from rnnkit.tasks.sort.task import SortConfig, SortEvalOptions, SortTask
 

@@ -15,6 +15,7 @@ run of every decoder is scored on the same sequences.
 >>> tuple(batch.inputs.shape), bool((batch.targets == batch.inputs.sort(dim=1).values).all())
 ((2, 5), True)
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple

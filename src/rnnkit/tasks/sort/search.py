@@ -13,12 +13,23 @@ the input length N, so there is no end token and no length normalisation. With K
 >>> sorted(decode(model, x, beam=3)[0].tolist()) == sorted(x[0].tolist())   # always a permutation
 True
 """
+
 from __future__ import annotations
+
+from typing import Any, Protocol, cast
 
 import torch
 from torch import Tensor
 
 from rnnkit.tasks.sort.model import SortModel, map_tensors
+
+
+class Decoder(Protocol):
+    """The step contract every decoder in sort/model.py speaks."""
+
+    def start(self, memory: Any) -> Any: ...
+
+    def step(self, prev: Tensor, state: Any, memory: Any) -> tuple[Tensor, Any]: ...
 
 
 def greedy(model: SortModel, inputs: Tensor) -> Tensor:
@@ -34,13 +45,14 @@ def beam_search(model: SortModel, inputs: Tensor, beam: int) -> Tensor:
     memory = model.encode(inputs)
     rows = torch.arange(B, device=inputs.device).repeat_interleave(K)  # hypothesis b*K + k reads sequence b
     memory = map_tensors(lambda t: t[rows], memory)
-    state = model.decoder.start(memory)
+    decoder = cast(Decoder, model.decoder)  # one of sort/model.py's DECODERS
+    state = decoder.start(memory)
     scores = torch.full((B, K), float("-inf"), device=inputs.device)
     scores[:, 0] = 0.0  # one live hypothesis to start, so the K beams do not begin as copies
     prev = torch.full((B * K,), -1, dtype=torch.long, device=inputs.device)
     history = torch.zeros(B, K, 0, dtype=torch.long, device=inputs.device)
     for _ in range(N):
-        logits, state = model.decoder.step(prev, state, memory)  # (B*K, C)
+        logits, state = decoder.step(prev, state, memory)  # (B*K, C)
         C = logits.shape[1]
         candidates = scores[:, :, None] + torch.log_softmax(logits, dim=1).view(B, K, C)  # (B, K, C)
         scores, flat = candidates.view(B, K * C).topk(min(K, K * C), dim=1)  # (B, K)
@@ -52,7 +64,7 @@ def beam_search(model: SortModel, inputs: Tensor, beam: int) -> Tensor:
             choice = torch.cat([choice, choice[:, :1].expand(B, pad)], dim=1)
         history = torch.cat([history.gather(1, parent[:, :, None].expand_as(history)), choice[:, :, None]], dim=2)
         source = (torch.arange(B, device=inputs.device)[:, None] * K + parent).reshape(B * K)
-        state = map_tensors(lambda t: t[source], state)
+        state = map_tensors(lambda t, source=source: t[source], state)
         prev = choice.reshape(B * K)
     return history[:, 0]  # topk sorts descending: beam 0 is the best
 

@@ -14,6 +14,7 @@ sorted entirely right; `loss@N`, the teacher-forced cross-entropy per element (n
 >>> parse_sequence("3, 1 2", SortConfig(vocab=10), where="line 1")
 [3, 1, 2]
 """
+
 from __future__ import annotations
 
 import math
@@ -21,7 +22,7 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, cast
 
 import torch
 from torch import nn
@@ -39,15 +40,23 @@ class SortConfig:
     min_len: int = option(2, "shortest training sequence (each step draws one length, uniformly)")
     max_len: int = option(20, "longest training sequence (equal to --min-len: every sequence has that length)")
     vocab: int = option(128, "integer tokens are drawn from [0, V)")
-    int_value: bool = option(False, "integers: also add each token's magnitude x/V to its embedding (off: "
-                                    "each token has only its own learned vector, so order is learned per token)")
+    int_value: bool = option(
+        False,
+        "integers: also add each token's magnitude x/V to its embedding (off: "
+        "each token has only its own learned vector, so order is learned per token)",
+    )
     floats: bool = option(False, "sort floats uniform in [0, 1] instead of integers (needs --decoder pointer)")
     decoder: Literal["state-only", "teacher", "attention", "pointer"] = option(
-        "pointer", "state-only: the encoder's final state is all the decoder gets, its inputs are zeros; "
-                   "teacher: the previous output is the next input; attention: Luong attention over the "
-                   "encoder outputs; pointer: points at input positions")
-    cell: str = cell_option("lstm", "recurrent cell of the encoder and the decoder: a built-in name, or "
-                                    "MODULE:CLASS for a GatedCell subclass of your own")
+        "pointer",
+        "state-only: the encoder's final state is all the decoder gets, its inputs are zeros; "
+        "teacher: the previous output is the next input; attention: Luong attention over the "
+        "encoder outputs; pointer: points at input positions",
+    )
+    cell: str = cell_option(
+        "lstm",
+        "recurrent cell of the encoder and the decoder: a built-in name, or "
+        "MODULE:CLASS for a GatedCell subclass of your own",
+    )
     embed: int = option(64, "size of each number's embedding")
     hidden: int = option(128, "encoder hidden size per direction (the decoder's is directions x this)")
     attn: int = option(64, "size of the additive score layer of the attention and pointer decoders")
@@ -61,21 +70,39 @@ class SortConfig:
 
     # spellings of earlier versions, still accepted on the command line with a warning (rnnkit.cli.flags)
     renamed_flags: ClassVar[dict[str, tuple[str, ...]]] = {
-        "--n": ("min_len", "max_len"), "--n-min": ("min_len",), "--n-max": ("max_len",), "--max-n": ("max_input_len",),
+        "--n": ("min_len", "max_len"),
+        "--n-min": ("min_len",),
+        "--n-max": ("max_len",),
+        "--max-n": ("max_input_len",),
     }
     renamed_values: ClassVar[dict[str, dict[str, str]]] = {"decoder": {"seed": "state-only"}}
 
     def __post_init__(self):
-        for name in ("min_len", "max_len", "vocab", "embed", "hidden", "attn", "layers", "batch_size", "beam",
-                     "eval_size", "max_input_len"):
+        for name in (
+            "min_len",
+            "max_len",
+            "vocab",
+            "embed",
+            "hidden",
+            "attn",
+            "layers",
+            "batch_size",
+            "beam",
+            "eval_size",
+            "max_input_len",
+        ):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not self.min_len <= self.max_len <= self.max_input_len:
-            raise UsageError(f"need --min-len <= --max-len <= --max-input-len, got {self.min_len}, {self.max_len}, "
-                             f"{self.max_input_len}")
+            raise UsageError(
+                f"need --min-len <= --max-len <= --max-input-len, got {self.min_len}, {self.max_len}, "
+                f"{self.max_input_len}"
+            )
         if self.floats and self.decoder not in POINTS:
-            raise UsageError(f"--floats needs --decoder pointer: the {self.decoder!r} decoder emits one of V "
-                             f"integer tokens, and real numbers have no vocabulary")
+            raise UsageError(
+                f"--floats needs --decoder pointer: the {self.decoder!r} decoder emits one of V "
+                f"integer tokens, and real numbers have no vocabulary"
+            )
         resolve_cell(self.cell)  # a cell of your own that cannot be imported fails here, in one line
 
     @property
@@ -86,8 +113,11 @@ class SortConfig:
 
 @dataclass(frozen=True)
 class SortEvalOptions:
-    lengths: tuple[int, ...] = option((), "sequence lengths to evaluate, e.g. --lengths 5 10 20 50 "
-                                          "(default: the shortest, middle and longest training length)")
+    lengths: tuple[int, ...] = option(
+        (),
+        "sequence lengths to evaluate, e.g. --lengths 5 10 20 50 "
+        "(default: the shortest, middle and longest training length)",
+    )
     renamed_flags: ClassVar[dict[str, tuple[str, ...]]] = {"--n": ("lengths",)}
 
 
@@ -105,8 +135,18 @@ class SortTask(Task):
 
     def build_model(self) -> nn.Module:
         c = self.config
-        return SortModel(c.decoder, c.vocab, c.floats, embed=c.embed, hidden=c.hidden, num_layers=c.layers,
-                         bidirectional=c.bidirectional, cell=c.cell, attn=c.attn, int_value=c.int_value)
+        return SortModel(
+            c.decoder,
+            c.vocab,
+            c.floats,
+            embed=c.embed,
+            hidden=c.hidden,
+            num_layers=c.layers,
+            bidirectional=c.bidirectional,
+            cell=c.cell,
+            attn=c.attn,
+            int_value=c.int_value,
+        )
 
     # ---- training --------------------------------------------------------------------------------
     def train_batch(self, step: int, rank: int, world_size: int) -> SortBatch:
@@ -125,8 +165,9 @@ class SortTask(Task):
         lo, hi = self.config.lengths
         return sorted({lo, (lo + hi) // 2, hi})
 
-    def evaluate(self, model: nn.Module, data: str | None = None,
-                 options: SortEvalOptions | None = None) -> dict[str, float]:
+    def evaluate(
+        self, model: nn.Module, data: str | None = None, options: SortEvalOptions | None = None
+    ) -> dict[str, float]:
         """Metrics per length on the fixed test sets (or on the sequences of the file `data`, one per
         line), decoded with the config's beam width."""
         options = options or SortEvalOptions()
@@ -136,8 +177,9 @@ class SortTask(Task):
         else:
             for n in options.lengths:
                 if not 1 <= n <= self.config.max_input_len:
-                    raise UsageError(f"--lengths {n} is outside the lengths this model accepts, "
-                                     f"[1, {self.config.max_input_len}]")
+                    raise UsageError(
+                        f"--lengths {n} is outside the lengths this model accepts, [1, {self.config.max_input_len}]"
+                    )
             groups = {n: self._test_set(n) for n in (options.lengths or self.default_eval_lengths())}
         device = device_of(model)
         per_n: dict[str, float] = {}
@@ -163,8 +205,9 @@ class SortTask(Task):
         except OSError as e:
             raise UsageError(f"cannot read --data {path}: {e.strerror}") from None
         except UnicodeDecodeError as e:
-            raise UsageError(f"cannot read --data {path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at "
-                             f"offset {e.start})") from None
+            raise UsageError(
+                f"cannot read --data {path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})"
+            ) from None
         by_length: dict[int, list] = {}
         for number, line in sequence_lines(lines):
             values = parse_sequence(line, self.config, where=f"{path} line {number}")
@@ -181,13 +224,14 @@ class SortTask(Task):
         values = parse_sequence(text, self.config, where)
         dtype = torch.float32 if self.config.floats else torch.long
         inputs = torch.tensor([values], dtype=dtype, device=device_of(model))  # (1, N)
+        sorter = cast(SortModel, model)  # this task's model (build_model)
         beam = self.config.beam
         with torch.no_grad():
-            if model.points:
+            if sorter.points:
                 tokens = split_tokens(text)
-                positions = choose(model, inputs, beam)[0].tolist()
+                positions = choose(sorter, inputs, beam)[0].tolist()
                 return " ".join(tokens[p] for p in positions)
-            return " ".join(str(v) for v in decode(model, inputs, beam)[0].tolist())
+            return " ".join(str(v) for v in decode(sorter, inputs, beam)[0].tolist())
 
 
 @torch.no_grad()
@@ -195,9 +239,9 @@ def score(model: nn.Module, batch: SortBatch, beam: int, chunk: int = 1000) -> d
     """Teacher-forced loss, per-element accuracy and exact match of `model` on `batch`."""
     loss_sum, right, exact, total = 0.0, 0, 0, 0
     for start in range(0, batch.inputs.shape[0], chunk):
-        inputs, targets, order = (t[start:start + chunk] for t in batch)
+        inputs, targets, order = (t[start : start + chunk] for t in batch)
         _, loss = model(inputs, order)
-        output = decode(model, inputs, beam)  # (b, N)
+        output = decode(cast(SortModel, model), inputs, beam)  # (b, N): the sort task's model
         hit = output == targets
         loss_sum += float(loss) * inputs.shape[0]
         right += int(hit.sum())
@@ -236,8 +280,10 @@ def parse_sequence(text: str, config: SortConfig, where: str) -> list:
     if not tokens:
         raise UsageError(f"{where}: empty, expected numbers separated by spaces or commas")
     if len(tokens) > config.max_input_len:
-        raise UsageError(f"{where}: {len(tokens)} numbers, longer than this model supports (at most "
-                         f"{config.max_input_len}, its --max-input-len)")
+        raise UsageError(
+            f"{where}: {len(tokens)} numbers, longer than this model supports (at most "
+            f"{config.max_input_len}, its --max-input-len)"
+        )
     values = []
     for i, token in enumerate(tokens, 1):
         try:
@@ -246,12 +292,15 @@ def parse_sequence(text: str, config: SortConfig, where: str) -> list:
             raise UsageError(f"{where}: {token!r} (number {i}) is not a number") from None
         if config.floats:
             if not (math.isfinite(value) and 0.0 <= value <= 1.0):
-                raise UsageError(f"{where}: {token!r} (number {i}) is outside [0, 1], the range this float "
-                                 f"model was trained on")
+                raise UsageError(
+                    f"{where}: {token!r} (number {i}) is outside [0, 1], the range this float model was trained on"
+                )
             values.append(value)
         else:
             if not (value.is_integer() and 0 <= value < config.vocab):
-                raise UsageError(f"{where}: {token!r} (number {i}) is not an integer in [0, {config.vocab}), "
-                                 f"the tokens this model knows")
+                raise UsageError(
+                    f"{where}: {token!r} (number {i}) is not an integer in [0, {config.vocab}), "
+                    f"the tokens this model knows"
+                )
             values.append(int(value))
     return values
