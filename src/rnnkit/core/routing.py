@@ -96,7 +96,7 @@ from torch import Tensor
 
 from rnnkit.core import native, pointwise, stack, step
 from rnnkit.core.cells.gru import GRUCell
-from rnnkit.core.cells.lstm import LSTMCell
+from rnnkit.core.cells.lstm import LSTMCell, ProjectedLSTMCell
 from rnnkit.core.cells.rnn import RNNCell
 from rnnkit.core.gates import only_combine_customised
 from rnnkit.core.kernels.base import Kernel
@@ -271,10 +271,16 @@ def _step_matmul_supports(call: Call) -> str | None:
     return call.lean
 
 
+def _projected(call: Call) -> bool:
+    return type(call.layer.cells[0]) is ProjectedLSTMCell
+
+
 def _vendor_supports(call: Call) -> str | None:
     layer = call.layer
-    if not _builtin(call) or call.combine not in VENDOR:
+    if not _projected(call) and (not _builtin(call) or call.combine not in VENDOR):
         return "not a stack of one built-in cell as shipped"
+    if call.lengths is not None and _has_empty(call.lengths):
+        return "an empty sequence (length 0), which torch's packed kernel refuses"
     if layer.training and layer.dropout > 0:
         return "dropout in training (torch's kernel draws another random stream)"
     if call.functorch:
@@ -290,8 +296,16 @@ def _vendor_supports(call: Call) -> str | None:
     return None
 
 
+def _has_empty(lengths) -> bool:
+    if isinstance(lengths, Tensor):
+        return bool((lengths == 0).any())
+    return isinstance(lengths, (list, tuple)) and 0 in lengths
+
+
 def _vendor_faster(call: Call) -> bool:
     device = call.x.device.type
+    if _projected(call):  # torch.nn.LSTM's proj_size: the other kernels compute no projection
+        return True
     if call.lengths is not None and device not in PACKED_DEVICES:
         return False
     if device != "cpu":
@@ -435,7 +449,7 @@ def choose_route(layer, x, state=None, lengths=None) -> Route:
     else:
         route = _choose(call)
     if LOG.isEnabledFor(logging.DEBUG):
-        LOG.debug("%s: %s", type(layer).__name__, route.name)
+        LOG.debug("%s: %s", type(getattr(layer, "layer", layer)).__name__, route.name)  # layers.py's _Bound
     return route
 
 
@@ -475,7 +489,7 @@ def explain(layer, x, state=None, lengths=None) -> Explanation:
     ``force(name)`` it is the forced route (or the ``ValueError`` the call would raise).
 
     >>> import torch, rnnkit
-    >>> gru = rnnkit.GRU(4, 8).eval()
+    >>> gru = rnnkit.GRU(4, 8, batch_first=True).eval()
     >>> _, h = gru(torch.randn(1, 3, 4))
     >>> with torch.no_grad():
     ...     print(rnnkit.explain(gru, torch.randn(1, 1, 4), h).name in ("step-loops", "step-matmul"))
