@@ -30,6 +30,11 @@ KINDS = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN"}
 MODES = {"train": "training (forward + backward)", "infer": "inference (forward)"}
 
 
+def _name(kind: str) -> str:
+    """A layer kind as the docs write it: LSTM for lstm; a kind this script does not know, as it is."""
+    return KINDS.get(kind, kind)
+
+
 def load(path: Path = BENCH_JSON) -> dict:
     return json.loads(path.read_text())
 
@@ -63,7 +68,7 @@ def _geomean(values: list[float]) -> float:
 def summary_table(report: dict) -> str:
     """Ratios torch.nn time / rnnkit time per layer kind, batch 1 and batch >= 32, as min-max spans."""
     rows = report["rows"]
-    kinds = [k for k in KINDS if any(r["kind"] == k for r in rows)]
+    kinds = list(dict.fromkeys(r["kind"] for r in rows))  # in the order the benchmark ran them
     out = [
         "| layer | training, batch 1 | training, batch >= 32 | inference, batch 1 | inference, batch >= 32 |",
         "| --- | --- | --- | --- | --- |",
@@ -84,7 +89,7 @@ def summary_table(report: dict) -> str:
                         ]
                     )
                 )
-        out.append(f"| {KINDS[kind]} | " + " | ".join(cells) + " |")
+        out.append(f"| {_name(kind)} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 
@@ -96,7 +101,7 @@ def grid_table(report: dict) -> str:
     ]
     for r in report["rows"]:
         out.append(
-            f"| {KINDS[r['kind']]} | {r['mode']} | {r['batch']} | {r['hidden']} | {r['steps']} | "
+            f"| {_name(r['kind'])} | {r['mode']} | {r['batch']} | {r['hidden']} | {r['steps']} | "
             f"{r['torch_ms']:.2f} | {r['rnnkit_ms']:.2f} | {r['ratio']:.2f} | "
             f"{r['ratio_q1']:.2f}-{r['ratio_q3']:.2f} | {r['gflops']:.1f} | {100 * r['peak_frac']:.0f}% |"
         )
@@ -110,7 +115,7 @@ def stepping_table(report: dict) -> str:
     ]
     for st in report.get("stepping", []):
         out.append(
-            f"| {KINDS[st['kind']]} | {st['batch']} | {st['torch_ms_per_token']:.3f} | "
+            f"| {_name(st['kind'])} | {st['batch']} | {st['torch_ms_per_token']:.3f} | "
             f"{st['rnnkit_ms_per_token']:.3f} | {st['ratio']:.2f} | {st['ratio_q1']:.2f}-{st['ratio_q3']:.2f} |"
         )
     return "\n".join(out)
@@ -143,7 +148,7 @@ def overall(report: dict) -> str:
                 f"{_geomean(ratios):.2f} (minimum {min(ratios):.2f}, {len(ratios)} points)"
             )
     text = "Over the whole grid: " + "; ".join(parts) + "."
-    steps = [f"{KINDS[st['kind']]} {st['ratio']:.2f}" for st in report.get("stepping", []) if st["batch"] == 1]
+    steps = [f"{_name(st['kind'])} {st['ratio']:.2f}" for st in report.get("stepping", []) if st["batch"] == 1]
     if steps:
         text += " Stepping one token at a time through 3 layers of 512 at batch 1: " + ", ".join(steps) + "."
     return text
@@ -200,7 +205,7 @@ def ratio_plot(report: dict) -> str:
     fig, axes = plt.subplots(1, 2, figsize=(11, 0.28 * len(rows) / 2 + 1.5), sharey=True)
     for ax, mode in zip(axes, ("train", "infer")):
         part = [r for r in rows if r["mode"] == mode]
-        labels = [f"{KINDS[r['kind']]} {r['batch']} x {r['hidden']} x {r['steps']}" for r in part]
+        labels = [f"{_name(r['kind'])} {r['batch']} x {r['hidden']} x {r['steps']}" for r in part]
         ratios = [r["ratio"] for r in part]
         # the whiskers: the middle half of the alternated pairs' ratios
         errors = [[r["ratio"] - r["ratio_q1"] for r in part], [r["ratio_q3"] - r["ratio"] for r in part]]

@@ -9,14 +9,21 @@ must not run is fenced ```` ```python-norun ```` (see CONTRIBUTING.md).
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import doctest
+import functools
 import importlib
 import importlib.util
+import io
+import json
 import os
 import pkgutil
 import re
+import shlex
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -129,3 +136,120 @@ def test_docs_site_builds_strict(tmp_path):
     assert (tmp_path / "site" / "performance.svg").stat().st_size > 1000
     api = (tmp_path / "site" / "api" / "index.html").read_text()
     assert "combine" in api and "initial_state" in api  # the reference is filled from the docstrings
+
+
+# ---- the command lines the docs show use flags that exist --------------------------------------------
+# flags of other programs the docs mention (pip, torchrun, mkdocs, pytest, ruff)
+OTHER_TOOLS = {"--nproc-per-node", "--strict", "--site-dir", "--fix", "--check", "--unsafe-fixes"}
+
+
+def _command_lines(text: str) -> list[list[str]]:
+    """The argv after `rnnkit` of every command in the docs' shell blocks, e.g. ["train", "lm", "--data", "X"]."""
+    lines = []
+    for block in (code for lang, _, code in fences(text) if lang in ("bash", "sh", "console", "")):
+        for command in re.split(r"\|\||&&|\||;", block.replace("\\\n", " ")):
+            for line in command.splitlines():
+                try:
+                    tokens = shlex.split(line, comments=True)
+                except ValueError:  # an unbalanced quote in a line that is not a command
+                    continue
+                if "rnnkit" in tokens:
+                    lines.append(tokens[tokens.index("rnnkit") + 1 :])
+    return lines
+
+
+def _parser_options(argv: list[str]) -> set[str]:
+    """Every option string the parser accepts for `rnnkit ARGV...`, walking into subcommands."""
+    from rnnkit.cli.main import build_parser
+
+    parser, rest, known = build_parser(argv), list(argv), set()
+    while parser is not None:
+        child = None
+        for action in parser._actions:
+            if action.help != argparse.SUPPRESS:  # old spellings, hidden from the help, are not to be documented
+                known.update(action.option_strings)
+            if isinstance(action, argparse._SubParsersAction):
+                word = next((a for a in rest if not a.startswith("-")), None)
+                if word in action.choices:
+                    child, rest = action.choices[word], rest[rest.index(word) + 1 :]
+        parser = child
+    return known
+
+
+@functools.cache
+def _run_dirs() -> dict[str, str]:
+    """A minimal run directory per task (config.json only): commands such as `eval` and `predict` add
+    the flags of the run's task, which they read from RUN_DIR/config.json."""
+    from rnnkit.tasks.base import TASKS
+
+    root = Path(tempfile.mkdtemp(prefix="rnnkit-docs-runs-"))
+    dirs = {}
+    for name in TASKS:
+        (root / name).mkdir()
+        (root / name / "config.json").write_text(json.dumps({"task": name, "task_config": {}, "train": {}}))
+        dirs[name] = str(root / name)
+    return dirs
+
+
+def _options(argv: list[str]) -> set[str]:
+    """The flags of `rnnkit ARGV...`; for a command that takes a run directory, with any task's run there."""
+    known = _parser_options(argv)
+    if argv[0] not in ("train", "demo"):
+        for run_dir in _run_dirs().values():
+            known |= _parser_options([argv[0], run_dir])
+    return known
+
+
+DOCUMENTED = [p for p in MARKDOWN if p.is_file()] + [p for p in (ROOT / "CONTRIBUTING.md",) if p.is_file()]
+
+
+@pytest.mark.parametrize("path", DOCUMENTED, ids=[str(p.relative_to(ROOT)) for p in DOCUMENTED])
+def test_documented_commands_use_existing_flags(path):
+    unknown = []
+    for argv in _command_lines(path.read_text()):
+        if not argv or argv[0].startswith("-") or argv[0] not in _commands():
+            continue
+        known = _options(argv)
+        unknown += [
+            f"rnnkit {' '.join(argv)}: {flag}"
+            for a in argv
+            if a.startswith("--") and (flag := a.split("=")[0]) not in known
+        ]
+    assert not unknown, "flags that rnnkit does not have:\n" + "\n".join(unknown)
+
+
+def _commands() -> set[str]:
+    from rnnkit.cli.main import COMMANDS
+
+    return set(COMMANDS)
+
+
+def test_the_flag_check_catches_a_flag_that_does_not_exist():
+    lines = _command_lines("```bash\nrnnkit train lm --steps 5 --no-such-flag 1 | rnnkit eval R --json\n```\n")
+    assert lines == [["train", "lm", "--steps", "5", "--no-such-flag", "1"], ["eval", "R", "--json"]]
+    assert "--steps" in _options(lines[0]) and "--no-such-flag" not in _options(lines[0])
+
+
+def _benchmark_flags() -> set[str]:
+    from rnnkit.bench import main
+
+    with pytest.raises(SystemExit), contextlib.redirect_stdout(io.StringIO()) as out:
+        main(["--help"])
+    return set(re.findall(r"--[a-z][a-z0-9-]*", out.getvalue()))
+
+
+def test_every_flag_the_docs_mention_exists():
+    """Any `--flag` written anywhere in the README, CONTRIBUTING or the docs (prose included) is a flag of
+    some rnnkit command, of the benchmark, or of another tool the docs name."""
+    from rnnkit.tasks.base import TASKS
+
+    known = OTHER_TOOLS | _benchmark_flags()
+    for argv in [[name, "RUN_DIR"] for name in _commands()] + [["train", task] for task in TASKS]:
+        known |= _options(argv)
+    unknown = {
+        f"{path.relative_to(ROOT)}: {flag}"
+        for path in DOCUMENTED
+        for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", path.read_text())
+        if flag not in known
+    }
+    assert not unknown, "flags that do not exist:\n" + "\n".join(sorted(unknown))

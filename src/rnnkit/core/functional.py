@@ -31,6 +31,10 @@ def as_lengths(lengths: Tensor | Sequence[int], batch_size: int, max_len: int, d
         values = torch.tensor(items, dtype=torch.int64, device=device)
     if values.shape[0] != batch_size:
         raise ValueError(f"lengths must have shape (B={batch_size},), got {tuple(values.shape)}")
+    if torch.compiler.is_compiling():
+        # a traced program (torch.compile, torch.export) cannot branch on values it has not seen:
+        # the range is checked where the call runs eagerly
+        return values
     low, high = int(values.min()), int(values.max())
     if low < 0 or high > max_len:  # 0 is an empty sequence: zero outputs, the initial state
         bad = int(values.argmin()) if low < 0 else int(values.argmax())

@@ -1,10 +1,14 @@
-"""The C++ step loops (``native.cpp``), compiled on first use and cached; ``None`` where they can't be.
+"""The C++ step loops, compiled on first use and cached; ``None`` where they can't be.
+
+Sources, compiled into one library: ``native.cpp`` (the built-in cells' loops, the workspace, the
+matmul ops), ``pointwise.cpp`` (a user's compiled cell, core/pointwise.py) and ``native.h`` (what
+both share).
 
 The kernels in ``core/kernels/`` prepare their buffers with torch ops and then run a loop over
 time; on the CPU, ``ops()`` gives the same loops in C++ (``torch.ops.rnnkit_native``), which take
 about a microsecond per step where the Python loop takes tens. They are built with the system's
 C++ compiler against the installed torch the first time a layer needs them (about 15 seconds,
-said once on stderr), into ``$RNNKIT_CACHE`` or ``~/.cache/rnnkit``, keyed by the source, the
+said once on stderr), into ``$RNNKIT_CACHE`` or ``~/.cache/rnnkit``, keyed by the sources, the
 torch version and the flags, so a later process only loads the library. A machine without a
 compiler, or ``RNNKIT_NATIVE=0``, keeps the Python loops: same results, slower.
 """
@@ -24,7 +28,9 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("native.cpp")
+HERE = Path(__file__).parent
+SOURCES = (HERE / "native.cpp", HERE / "pointwise.cpp")  # the translation units, compiled into one library
+HEADERS = (HERE / "native.h",)  # what they share: in the cache key too
 _state: dict = {}  # "ops": the loaded namespace or None, once decided
 _lock = threading.Lock()
 
@@ -84,11 +90,19 @@ def _build(target: Path, flags: list[str]) -> None:
     print("rnnkit: compiling the C++ step loops for this machine (once, about 15 s)", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        proc = subprocess.run([cxx, str(SOURCE), "-o", str(built), *flags], capture_output=True, text=True)
-        if proc.returncode != 0:
-            lines = proc.stderr.splitlines()
-            first = next((line for line in lines if "error" in line), lines[-1] if lines else f"exit {proc.returncode}")
-            raise RuntimeError(f"{cxx} failed: {first.strip()}")
+        objects = [Path(tmp) / f"{source.stem}.o" for source in SOURCES]
+        # each source compiled in its own process (they take about equally long), then linked
+        compiles = [subprocess.Popen([cxx, "-c", str(source), "-o", str(obj), *flags], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True) for source, obj in zip(SOURCES, objects)]
+        results = [(proc.returncode, err) for proc in compiles for _, err in [proc.communicate()]]
+        if all(code == 0 for code, _ in results):
+            link = subprocess.run([cxx, *map(str, objects), "-o", str(built), *flags], capture_output=True, text=True)
+            results = [(link.returncode, link.stderr)]
+        for code, err in results:
+            if code != 0:
+                lines = err.splitlines()
+                first = next((line for line in lines if "error" in line), lines[-1] if lines else f"exit {code}")
+                raise RuntimeError(f"{cxx} failed: {first.strip()}")
         os.replace(built, target)
 
 
@@ -108,7 +122,8 @@ def _load():
     try:
         flags = _flags()
         key = hashlib.sha256(
-            "\0".join([SOURCE.read_text(), torch.__version__, sysconfig.get_platform(), *flags]).encode()
+            "\0".join([*(p.read_text() for p in (*SOURCES, *HEADERS)), torch.__version__, sysconfig.get_platform(),
+                       *flags]).encode()
         ).hexdigest()[:16]
         target = _cache_dir() / f"rnnkit_native-{key}.so"
         if not target.exists():

@@ -10,33 +10,49 @@ computes the same function (the tests hold each to ``reference``); they differ i
 The table, tried in order; the first route that can compute the call, and that measured fastest
 where that is the question, is taken:
 
-1. ``step-loops``: one step of each cell through the C++ loops with T = 1, weights packed once and
+1. ``traced-ops``: while ``torch.compile``, ``torch.export`` or ``torch.onnx.export(dynamo=True)``
+   traces the call (``torch.compiler.is_compiling()``), a built-in cell's loop over time is one
+   registered operator per (layer, direction) (core/ops.py: ``torch.ops.rnnkit.lstm_scan`` and its
+   training and backward twins), the input projection, lengths, directions and dropout torch ops
+   around it: a graph with symbolic batch size and length, the same kernels inside. Under that
+   tracer only this route and ``reference`` (a user's cell, stepped in torch ops: the graph holds
+   one copy of the step per time step, so each new length is traced again) are taken. Under
+   ``torch.jit.trace`` (which ``torch.onnx.export(dynamo=False)`` runs) only ``torch-kernel`` is
+   taken, whose ``aten::lstm``/``gru``/``rnn_*`` node runs at any batch size and length and
+   exports to ONNX's LSTM/GRU/RNN; a call it cannot take (lengths, a user's cell, dropout in
+   training) raises ``RuntimeError`` rather than record a graph that would be wrong at another
+   shape or with other inputs.
+2. ``step-loops``: one step of each cell through the C++ loops with T = 1, weights packed once and
    cached (step.py). Taken for one step (T = 1) with a carried state, no lengths, gradients off and
    no autocast, on the CPU in float32/float64 where the C++ loops are built; at batch 1 only where
    a cell of the stack steps faster so (``loops_step_faster``: not the RNN, a user's cell from
    ``LOOPS_MIN_USER_WEIGHTS``).
-2. ``step-matmul``: one step through ``[x, h] @ [W_ih, W_hh]`` packed once and cached, then the gate
+3. ``step-matmul``: one step through ``[x, h] @ [W_ih, W_hh]`` packed once and cached, then the gate
    math in torch ops; at batch 1 on the CPU the C++ matrix-vector kernels (step.py). Any other such
    step.
-3. ``torch-kernel``: the whole stack in torch's own kernel, oneDNN's LSTM on the CPU and cuDNN on
+4. ``torch-kernel``: the whole stack in torch's own kernel, oneDNN's LSTM on the CPU and cuDNN on
    CUDA (kernels/vendor.py). A stack of one built-in cell as shipped, no dropout in training, no
    functorch; on CUDA always (with lengths, its packed-sequence kernel, ``PACKED_DEVICES``); on the
    CPU in float32 without autocast or lengths, the LSTM where the C++ loops measured slower
    (``lstm_loops_faster``) and the GRU and RNN in inference where the C++ loops are not built.
-4. ``cpp-projecting``: inference in the C++ loop that projects its input per step
+5. ``cpp-projecting``: inference in the C++ loop that projects its input per step
    (kernels/cpp_loops.py). Gradients not wanted, the CPU in float32/float64 where the C++ loops are
    built, no autocast; the LSTM, or a user's cell whose ``combine`` compiles.
-5. ``cpp-loops``: a built-in cell's C++ loop over time, its backward in C++ too
+6. ``cpp-loops``: a built-in cell's C++ loop over time, its backward in C++ too
    (kernels/cpp_loops.py). A built-in cell on the CPU in float32/float64 where the loops are built.
-6. ``cpp-compiled``: a user's ``combine`` compiled to a program and run over time in C++
+7. ``cpp-compiled``: a user's ``combine`` compiled to a program and run over time in C++
    (kernels/compiled.py). A user's cell (only ``combine`` changed) whose ``combine`` compiles, where
    ``cpp-loops`` would run.
-7. ``python-loops``: a built-in cell's loop over time in torch ops, its backward written by hand
+8. ``python-loops``: a built-in cell's loop over time in torch ops, its backward written by hand
    (kernels/python_loops.py). A built-in cell anywhere else: another device or dtype, the C++ loops
    not built.
-8. ``generic``: a user's ``combine`` stepped in torch ops, the backward through time one autograd
+9. ``generic``: a user's ``combine`` stepped in torch ops, the backward through time one autograd
    call (kernels/generic.py). A user's cell that changes only ``combine``, anywhere else.
-9. ``reference``: ``cell.project_input``, then ``cell.step`` over time with autograd (core/scan.py).
+10. ``parallel-scan``: a stack of cells whose gates read the input only (``ParallelScanCell``:
+   minGRU, minLSTM), each (layer, direction) one input projection and one scan over time
+   (core/parallel_scan.py: stepped with a hand-written backward on the CPU, the log-space parallel
+   scan elsewhere). Not inside a functorch transform.
+11. ``reference``: ``cell.project_input``, then ``cell.step`` over time with autograd (core/scan.py).
    Anything else: a cell that rewrites ``step`` or a projection or has parameters of its own, a
    stack of mixed cell classes, a call inside a functorch transform (vmap, grad).
 
@@ -94,10 +110,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from rnnkit.core import native, pointwise, stack, step
+from rnnkit.core import native, ops, parallel_scan, pointwise, stack, step
 from rnnkit.core.cells.gru import GRUCell
 from rnnkit.core.cells.lstm import LSTMCell, ProjectedLSTMCell
 from rnnkit.core.cells.rnn import RNNCell
+from rnnkit.core.cells.scan_cell import ParallelScanCell
 from rnnkit.core.gates import only_combine_customised
 from rnnkit.core.kernels.base import Kernel
 from rnnkit.core.kernels.table import GENERIC, KERNELS, kernel_for
@@ -121,7 +138,7 @@ class Call:
     """What a route is chosen from: the call's arguments and the facts about them, computed once."""
 
     __slots__ = ("B", "T", "_programs", "autocast", "combine", "full", "functorch", "grad", "kernel", "layer", "lean",
-                 "lengths", "native", "state", "x")
+                 "lengths", "native", "state", "tracer", "x")
     lean: str | None  # None where the lean one-step path can take the call, else why not
     B: int
     T: int
@@ -131,14 +148,33 @@ class Call:
     native: bool  # the C++ loops run on x (the CPU, float32/float64, built), no functorch
     autocast: bool  # autocast on for x's device
     functorch: bool  # inside a functorch transform
+    tracer: str | None  # which PyTorch tracer records the call (``tracer()``), None in an eager call
 
     def __init__(self, layer, x, state, lengths):
         self.layer, self.x, self.state, self.lengths = layer, x, state, lengths
+        self.tracer = tracer()
         self.full = False  # the facts below ``lean`` computed (``_complete``)
         self._programs: object = ()  # the compiled combine once looked up (``_programs``)
 
 
 # -- the facts ---------------------------------------------------------------------------------
+
+TRACERS = {
+    "dynamo": "torch.compile / torch.export",
+    "jit": "torch.jit.trace (and torch.onnx.export(dynamo=False), which runs it)",
+}
+
+
+def tracer() -> str | None:
+    """Which of PyTorch's tracers records the call: ``"jit"`` (``torch.jit.trace``, the legacy ONNX
+    exporter), ``"dynamo"`` (``torch.compile``, ``torch.export``, the ONNX exporter with
+    ``dynamo=True``), or ``None`` for an eager call."""
+    if torch.jit.is_tracing():
+        return "jit"
+    if torch.compiler.is_compiling():
+        return "dynamo"
+    return None
+
 
 def _lean(layer, x, state, lengths) -> str | None:
     if state is None:
@@ -251,6 +287,14 @@ def loops_step_faster(cell) -> bool:
 
 # -- each route's conditions: supports (None or why not) and faster ------------------------------
 
+def _traced_ops_supports(call: Call) -> str | None:
+    if call.tracer != "dynamo":
+        return "not traced by torch.compile or torch.export (eager calls take the measured routes)"
+    if not _builtin(call):
+        return "not a built-in cell as shipped"
+    return "inside a functorch transform" if call.functorch else None
+
+
 def _step_loops_supports(call: Call) -> str | None:
     if call.lean is not None:
         return call.lean
@@ -279,7 +323,9 @@ def _vendor_supports(call: Call) -> str | None:
     layer = call.layer
     if not _projected(call) and (not _builtin(call) or call.combine not in VENDOR):
         return "not a stack of one built-in cell as shipped"
-    if call.lengths is not None and _has_empty(call.lengths):
+    if call.tracer == "jit" and call.lengths is not None:
+        return "lengths under torch.jit.trace (its packed-sequence graph holds this batch's lengths and order)"
+    if call.lengths is not None and call.tracer is None and _has_empty(call.lengths):
         return "an empty sequence (length 0), which torch's packed kernel refuses"
     if layer.training and layer.dropout > 0:
         return "dropout in training (torch's kernel draws another random stream)"
@@ -303,6 +349,8 @@ def _has_empty(lengths) -> bool:
 
 
 def _vendor_faster(call: Call) -> bool:
+    if call.tracer == "jit":
+        return True  # the one route torch.jit.trace records correctly
     device = call.x.device.type
     if _projected(call):  # torch.nn.LSTM's proj_size: the other kernels compute no projection
         return True
@@ -353,6 +401,12 @@ def _generic_supports(call: Call) -> str | None:
     return "inside a functorch transform" if call.functorch else None
 
 
+def _parallel_scan_supports(call: Call) -> str | None:
+    if not all(isinstance(c, ParallelScanCell) for c in call.layer.cells):
+        return "not a stack of parallel-scan cells (minGRU, minLSTM)"
+    return "inside a functorch transform" if call.functorch else None
+
+
 def _always(call: Call):
     return None
 
@@ -374,12 +428,16 @@ class Route:
     faster: Callable[[Call], bool] = field(repr=False, compare=False)  # where it measured fastest
     run: Callable = field(repr=False, compare=False)  # (layer, x, state, lengths) -> (output, state)
     step: bool = False  # runs only the lean one-step calls (the call's facts for the others not needed)
+    tracers: tuple[str, ...] = ()  # the tracers (``tracer()``) that record this route as a correct graph
 
     def __str__(self) -> str:
         return f"{self.name}: {self.runs}"
 
 
 ROUTES: tuple[Route, ...] = (
+    Route("traced-ops", "each cell's loop over time as one registered operator (torch.ops.rnnkit), the rest torch ops",
+          "a built-in cell while torch.compile or torch.export traces the call",
+          _traced_ops_supports, _yes, stack.per_cell(ops.scan_cell), tracers=("dynamo",)),
     Route("step-loops", "one step of each cell through the C++ loops with T = 1, weights packed once",
           "one step with a carried state, gradients off, on the CPU where the C++ loops are built",
           _step_loops_supports, _step_loops_faster,
@@ -390,7 +448,7 @@ ROUTES: tuple[Route, ...] = (
           lambda layer, x, state, lengths: step.step_layers(layer, x, state, loops=False), step=True),
     Route("torch-kernel", "the whole stack in torch's own kernel (oneDNN's LSTM on the CPU, cuDNN on CUDA)",
           "a built-in cell as shipped, where torch's kernel measured fastest",
-          _vendor_supports, _vendor_faster, stack.run_vendor),
+          _vendor_supports, _vendor_faster, stack.run_vendor, tracers=("jit",)),
     Route("cpp-projecting", "inference in the C++ loop that projects its input per step",
           "inference on the CPU where the C++ loops are built: the LSTM or a user's compiled cell",
           _cpp_projecting_supports, _yes, stack.per_cell(stack.scan_cpp_projecting)),
@@ -406,9 +464,12 @@ ROUTES: tuple[Route, ...] = (
     Route("generic", "a user's combine stepped in torch ops, backward through time by one autograd call",
           "a user's cell that changes only combine, where it does not compile",
           _generic_supports, _yes, stack.per_cell(stack.scan_generic)),
+    Route("parallel-scan", "each cell's input projection, then one linear scan over time (core/parallel_scan.py)",
+          "a stack of cells whose gates read the input only (minGRU, minLSTM)",
+          _parallel_scan_supports, _yes, stack.per_cell(parallel_scan.scan_layer)),
     Route("reference", "cell.project_input, then cell.step over time with autograd (the specification)",
           "anything else: a cell that changes step, a projection or has parameters of its own; functorch",
-          _always, _yes, stack.per_cell(stack.scan_cell_reference)),
+          _always, _yes, stack.per_cell(stack.scan_cell_reference), tracers=("dynamo",)),
 )
 ROUTE_NAMES = {route.name: route for route in ROUTES}
 
@@ -437,8 +498,9 @@ def choose_route(layer, x, state=None, lengths=None) -> Route:
     Raises what the layer call would raise for a malformed ``x``; ``state`` and ``lengths`` are
     validated by the route that runs."""
     call = Call(layer, x, state, lengths)
-    call.lean = _lean(layer, x, state, lengths)
-    forced = _FORCED.get()
+    call.lean = _lean(layer, x, state, lengths) if call.tracer is None else f"traced by {TRACERS[call.tracer]}"
+    # torch.compile cannot read a ContextVar: a forced route applies to eager (and jit-traced) calls
+    forced = _FORCED.get() if call.tracer != "dynamo" else None
     if forced is not None:
         if not forced.step:
             _complete(call)
@@ -448,21 +510,32 @@ def choose_route(layer, x, state=None, lengths=None) -> Route:
         route = forced
     else:
         route = _choose(call)
-    if LOG.isEnabledFor(logging.DEBUG):
+    if call.tracer is None and LOG.isEnabledFor(logging.DEBUG):  # torch.compile cannot trace logging
         LOG.debug("%s: %s", type(getattr(layer, "layer", layer)).__name__, route.name)  # layers.py's _Bound
     return route
 
 
 def _choose(call: Call, passed: list | None = None) -> Route:
+    if call.tracer is not None and passed is None:
+        passed = []  # the reasons go into the error if no route can be traced
     for route in ROUTES:
         if not route.step and not call.full:
             _complete(call)
-        why = route.supports(call)
+        if call.tracer is not None and call.tracer not in route.tracers:
+            why: str | None = f"{TRACERS[call.tracer]} would not record it as a correct graph"
+        else:
+            why = route.supports(call)
         if why is None and route.faster(call):
             return route
         if passed is not None:
             passed.append((route.name, why if why is not None else "measured slower here"))
-    raise AssertionError("the reference route takes every call")  # unreachable: reference supports all
+    # only a traced call gets here (the reference takes every eager call)
+    reasons = "; ".join(f"{name}: {why}" for name, why in passed or () if not why.endswith("correct graph"))
+    raise RuntimeError(
+        f"{type(call.layer).__name__} cannot be recorded by {TRACERS[call.tracer or 'jit']} for this call ({reasons}). "
+        "Use torch.export.export or torch.onnx.export(..., dynamo=True), which record rnnkit's operators "
+        "at any batch size and length (docs: shipping)"
+    )
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,141 @@
+"""torch.compile(fullgraph=True) and torch.export of every layer and option: one graph, eager's
+results, and no new graph when the batch size or the length changes."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import rnnkit
+from rnnkit.core.gates import GatedCell, HiddenState, gate
+
+I, H = 5, 7
+SHAPES = ((3, 6), (4, 9))  # (B, T) of successive calls: the first traces, the second must reuse its graph
+
+
+class MGUCell(GatedCell):
+    """A user's cell (minimal gated unit): only ``combine`` written."""
+
+    gate_names = ("f", "n")
+
+    def combine(self, x, h, state):
+        f = gate(torch.sigmoid, x.f, h.f)
+        h_new = (1 - f) * state.h + f * torch.tanh(x.n + f * h.n)
+        return h_new, HiddenState(h_new)
+
+
+LAYERS = {
+    "LSTM": lambda **kw: rnnkit.LSTM(I, H, **kw),
+    "GRU": lambda **kw: rnnkit.GRU(I, H, **kw),
+    "RNN": lambda **kw: rnnkit.RNN(I, H, nonlinearity="relu", **kw),
+}
+# option -> (layer keywords, call keywords from (B, T, layer))
+OPTIONS = {
+    "plain": ({}, lambda B, T, layer: {}),
+    "lengths, bidirectional": (
+        dict(bidirectional=True),
+        lambda B, T, layer: dict(lengths=torch.randint(1, T + 1, (B,)))),
+    "dropout": (dict(num_layers=2, dropout=0.3), lambda B, T, layer: {}),
+    "initial state": (dict(num_layers=2), lambda B, T, layer: dict(state=_state(layer, B))),
+}
+
+
+def _state(layer, B):
+    parts = [torch.randn(layer.num_layers * layer.num_directions, B, H) for _ in layer.State._fields]
+    return layer.State(*parts) if len(parts) > 1 else parts[0]
+
+
+def _compile_and_compare(layer, call, train: bool, backend="aot_eager"):
+    """Call ``layer`` compiled and eagerly at each of SHAPES; returns the number of graphs traced."""
+    torch._dynamo.reset()
+    counters.clear()
+    layer.train(train)
+    compiled = torch.compile(layer, fullgraph=True, backend=backend, dynamic=True)
+    for B, T in SHAPES:
+        x = torch.randn(B, T, I, requires_grad=train)
+        kwargs = call(B, T, layer)
+        torch.manual_seed(1)
+        out, state = compiled(x, **kwargs)
+        torch.manual_seed(1)  # the same dropout masks (aot_eager draws them as eager does)
+        ref, ref_state = layer(x, **kwargs)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(state, ref_state, atol=1e-5, rtol=1e-5)
+        if train:
+            grad = torch.autograd.grad(out.sum(), [x, *layer.parameters()])
+            expected = torch.autograd.grad(ref.sum(), [x, *layer.parameters()])
+            for g, e in zip(grad, expected):
+                torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+    return counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["training", "inference"])
+@pytest.mark.parametrize("option", list(OPTIONS))
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_compile_fullgraph(name, option, train):
+    if option == "dropout" and not train:
+        pytest.skip("dropout acts in training only")
+    kwargs, call = OPTIONS[option]
+    assert _compile_and_compare(LAYERS[name](**kwargs), call, train) == 1
+
+
+@pytest.mark.parametrize("name", ["LSTM", "GRU"])
+def test_compile_stepping(name):
+    """Generation: one step at a time with the state carried, gradients off."""
+    layer = LAYERS[name](num_layers=2)
+    with torch.no_grad():
+        graphs = _compile_and_compare(layer, lambda B, T, layer: dict(state=_state(layer, B)), False)
+    assert graphs == 1
+
+
+def test_compile_a_users_cell():
+    """A user's cell compiles into one graph with eager's results, in training; its loop over time is
+    unrolled (one copy of the step per step), so a new length traces the call again."""
+    torch._dynamo.reset()
+    layer = rnnkit.Recurrent(MGUCell, I, H)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager", dynamic=True)
+    for B in (3, 5):
+        x = torch.randn(B, 3, I, requires_grad=True)
+        out, _ = compiled(x)
+        ref, _ = layer(x)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        grad, expected = (torch.autograd.grad(o.sum(), x)[0] for o in (out, ref))
+        torch.testing.assert_close(grad, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_compile_inductor_lstm():
+    """The default backend (Inductor) too, on one small case."""
+    layer = rnnkit.LSTM(I, H)
+    assert _compile_and_compare(layer, OPTIONS["plain"][1], False, backend="inductor") == 1
+
+
+class Tagger(torch.nn.Module):
+    """A stack with lengths and an initial state in, the outputs and the final state out."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.rnn = layer
+
+    def forward(self, x, lengths, state):
+        return self.rnn(x, state, lengths)
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_export_dynamic_batch_and_length(name):
+    """torch.export with symbolic B and T and lengths as an input; the program runs at other B and T
+    with eager's results."""
+    layer = LAYERS[name](num_layers=2, bidirectional=True).eval()
+    model = Tagger(layer)
+
+    def inputs(B, T):
+        return torch.randn(B, T, I), torch.randint(1, T + 1, (B,)), _state(layer, B)
+
+    B, T = torch.export.Dim("B", min=2), torch.export.Dim("T", min=2)
+    state_dims = layer.State(*({1: B} for _ in layer.State._fields)) if name == "LSTM" else {1: B}
+    program = torch.export.export(model, inputs(3, 6), dynamic_shapes=({0: B, 1: T}, {0: B}, state_dims))
+    assert any("rnnkit" in str(node.target) for node in program.graph.nodes)
+    for shape in ((5, 11), (2, 3)):
+        args = inputs(*shape)
+        out, state = program.module()(*args)
+        ref, ref_state = model(*args)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(state, ref_state, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,107 @@
+"""rnnkit's operators (core/ops.py) pass torch.library.opcheck, and PyTorch's legacy tracers either
+record a layer correctly or refuse with a clear error: never a graph that is silently wrong."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rnnkit
+from rnnkit.core import native
+from rnnkit.core.gates import GatedCell, HiddenState, gate
+
+B, T, H = 3, 5, 4
+
+
+def _args(kind: str, masked: bool, grad: bool, dtype=torch.float64):
+    G, parts = {"lstm": (4, 2), "gru": (3, 1), "rnn": (1, 1)}[kind]
+    gen = torch.Generator().manual_seed(0)
+    make = lambda *shape: torch.randn(*shape, generator=gen, dtype=dtype).requires_grad_(grad)
+    mask = torch.arange(T)[None, :] < torch.tensor([5, 2, 4])[:, None] if masked else None
+    return (make(B, T, G * H), make(G * H, H), make(G * H), *(make(B, H) for _ in range(parts)), mask, False)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_operators_pass_opcheck(kind, masked):
+    """Schema, fake kernel (shapes from shapes), autograd formula and the backward operator, checked
+    by torch.library.opcheck, for the inference and the training operator."""
+    torch.library.opcheck(getattr(torch.ops.rnnkit, f"{kind}_scan"), _args(kind, masked, grad=False))
+    torch.library.opcheck(getattr(torch.ops.rnnkit, f"{kind}_scan_train"), _args(kind, masked, grad=True))
+    saved_out = getattr(torch.ops.rnnkit, f"{kind}_scan_train")(*_args(kind, masked, grad=False))
+    n = 2 if kind == "lstm" else 1
+    saved, w_hh, mask = saved_out[1 + n:], _args(kind, masked, False)[1], _args(kind, masked, False)[-2]
+    grad_out = torch.randn(B, T, H, dtype=torch.float64)
+    grads = tuple(torch.randn(B, H, dtype=torch.float64) for _ in range(n))
+    torch.library.opcheck(getattr(torch.ops.rnnkit, f"{kind}_scan_backward"), (*saved, w_hh, mask, grad_out, *grads,
+                                                                                False))
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_operators_gradients_match_the_reference(kind):
+    """The training operator's registered backward gives the reference loop's gradients."""
+    layer = {"lstm": rnnkit.LSTM, "gru": rnnkit.GRU}[kind](4, H, bidirectional=True).double()
+    x = torch.randn(B, T, 4, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([5, 2, 4])
+    from rnnkit.core import ops, stack
+    out, _ = stack.per_cell(ops.scan_cell)(layer, x, None, lengths)
+    grads = torch.autograd.grad(out.square().sum(), [x, *layer.parameters()])
+    with rnnkit.routing.force("reference"):
+        ref, _ = layer(x, lengths=lengths)
+    expected = torch.autograd.grad(ref.square().sum(), [x, *layer.parameters()])
+    torch.testing.assert_close(out, ref)
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e)
+
+
+@pytest.mark.parametrize("cls", [rnnkit.LSTM, rnnkit.GRU, rnnkit.RNN])
+def test_jit_trace_records_a_graph_that_runs_at_other_shapes(cls):
+    """torch.jit.trace records torch's own aten::lstm/gru/rnn node, so the traced module (saved and
+    loaded, without rnnkit's operators) runs at another batch size and length with eager's results."""
+    layer = cls(4, 6, num_layers=2, bidirectional=True).eval()
+    traced = torch.jit.trace(layer, torch.randn(3, 5, 4))
+    x = torch.randn(2, 9, 4)
+    torch.testing.assert_close(traced(x)[0], layer(x)[0], atol=1e-5, rtol=1e-5)
+
+
+class _MGU(GatedCell):
+    gate_names = ("f", "n")
+
+    def combine(self, x, h, state):
+        f = gate(torch.sigmoid, x.f, h.f)
+        h_new = (1 - f) * state.h + f * torch.tanh(x.n + f * h.n)
+        return h_new, HiddenState(h_new)
+
+
+@pytest.mark.parametrize("what", ["lengths", "user cell", "dropout"])
+def test_jit_trace_refuses_what_it_cannot_record(what):
+    layer = rnnkit.Recurrent(_MGU, 4, 6) if what == "user cell" else rnnkit.LSTM(4, 6, num_layers=2, dropout=0.5)
+    layer.train(what == "dropout")
+    x = torch.randn(3, 5, 4)
+    call = (lambda x: layer(x, lengths=torch.tensor([5, 2, 4]))[0]) if what == "lengths" else (lambda x: layer(x)[0])
+    with pytest.raises(RuntimeError, match=r"cannot be recorded by torch\.jit\.trace.*torch\.export"):
+        torch.jit.trace(call, x)
+
+
+def test_legacy_onnx_export_is_correct_at_other_shapes(tmp_path):
+    """torch.onnx.export(dynamo=False) writes ONNX's LSTM, not a constant: onnxruntime matches eager
+    at another batch size and length."""
+    ort = pytest.importorskip("onnxruntime")
+    layer = rnnkit.LSTM(4, 6, num_layers=2).eval()
+    path = tmp_path / "lstm.onnx"
+    torch.onnx.export(layer, (torch.randn(3, 5, 4),), str(path), dynamo=False, input_names=["x"],
+                      output_names=["y", "h", "c"], dynamic_axes={"x": {0: "B", 1: "T"}, "y": {0: "B", 1: "T"}})
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(2, 9, 4)
+    (y, *_) = session.run(None, {"x": x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(y), layer(x)[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(native.ops() is None, reason="the C++ loops are not built")
+def test_native_and_python_operators_agree():
+    """The operator runs the C++ loops on float64 CPU tensors and the Python loops elsewhere (here
+    bfloat16): the same function."""
+    args = _args("gru", True, grad=False, dtype=torch.float32)
+    out, _ = torch.ops.rnnkit.gru_scan(*args)
+    low = tuple(a.bfloat16() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+    out16, _ = torch.ops.rnnkit.gru_scan(*low)
+    torch.testing.assert_close(out16.float(), out, atol=0.05, rtol=0.05)
