@@ -40,9 +40,9 @@ def _options(module: nn.Module) -> tuple[tuple, dict]:
     if isinstance(module, nn.RNNBase):
         kwargs = dict(num_layers=module.num_layers, bias=module.bias, batch_first=module.batch_first,
                       dropout=module.dropout, bidirectional=module.bidirectional)
-        if isinstance(module, nn.LSTM):
+        if module.mode == "LSTM":
             kwargs["proj_size"] = module.proj_size
-        if isinstance(module, nn.RNN):
+        if module.mode.startswith("RNN_"):
             kwargs["nonlinearity"] = module.nonlinearity
         return (module.input_size, module.hidden_size), kwargs
     kwargs = dict(bias=module.bias)

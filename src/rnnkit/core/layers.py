@@ -1,7 +1,7 @@
 """Recurrent layers: a cell run over whole sequences, stacked and in both directions.
 
 ``LSTM``, ``GRU`` and ``RNN`` are torch.nn's classes with rnnkit's kernels: they subclass
-``torch.nn.LSTM``/``GRU``/``RNN``, so the constructor (argument order, names and defaults,
+``torch.nn.RNNBase`` and take ``torch.nn.LSTM``/``GRU``/``RNN``'s methods, so the constructor (argument order, names and defaults,
 ``batch_first=False``, ``proj_size``, ``device``, ``dtype``), the parameters (``weight_ih_l0``,
 ``bias_hh_l1_reverse``, ``weight_hr_l0``), ``all_weights``, ``flatten_parameters()``, the
 initialisation, the warnings, the errors and the pickled state are torch.nn's own. Only
@@ -134,6 +134,14 @@ class _Stack:
         return PackedSequence(data, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices), state
 
 
+def _lengths_option(options: dict) -> Tensor | Sequence[int] | None:
+    """The keyword-only extras of a layer call: ``lengths``, nothing else."""
+    lengths = options.pop("lengths", None)
+    if options:
+        raise TypeError(f"forward() got an unexpected keyword argument {next(iter(options))!r}")
+    return lengths
+
+
 def _map_state(state, fn):
     if isinstance(state, Tensor):
         return fn(state)
@@ -190,8 +198,9 @@ class Recurrent(_Stack, nn.Module):
         )
         self.State = type(self.cells[0]).State
 
-    def forward(self, input, hx=None, *, lengths: Tensor | Sequence[int] | None = None):
-        return self._call(self, input, hx, lengths)
+    def forward(self, input, hx=None, **options):
+        """torch.nn's ``forward(input, hx=None)`` and rnnkit's ``lengths=`` keyword (module docstring)."""
+        return self._call(self, input, hx, _lengths_option(options))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """torch.nn's names load too: ``weight_ih_l1_reverse`` is ``cells.3.weight_ih`` (D = 2), so a
@@ -244,7 +253,7 @@ class _Bound:
 
 
 class _TorchContract(_Stack):
-    """torch.nn.RNNBase's subclasses with rnnkit's forward. Nothing but torch.nn's own state is kept
+    """torch.nn.RNNBase subclasses with rnnkit's forward. Nothing but torch.nn's own state is kept
     on the module (the bound cells and the stepping cache are plain attributes left out of pickles),
     so ``torch.save(model)`` loads with ``weights_only=True`` once the class is a safe global."""
 
@@ -299,12 +308,16 @@ class _TorchContract(_Stack):
                 cell._parameters[name] = w.get(name)  # the layer's own tensors, not copies
         return cell
 
-    def forward(self, input, hx=None, *, lengths: Tensor | Sequence[int] | None = None):
+    def forward(self, input, hx=None, **options):
+        """torch.nn's ``forward(input, hx=None)``; rnnkit's ``lengths=`` keyword (see the module
+        docstring). ``**options`` rather than a keyword-only parameter: torch.onnx's exporter fills
+        every named parameter's default in positionally."""
+        lengths = _lengths_option(options)
         if not self._plain_call(input, hx):
             if lengths is not None:
                 raise ValueError("lengths= takes a batched (T, B, I) or (B, T, I) tensor input")
             # anything torch.nn would refuse gets torch.nn's own error (and anything else it computes)
-            return super().forward(input, hx)
+            return self._torch_forward(input, hx)
         return self._call(self._bound(), input, hx, lengths)
 
     def _plain_call(self, input, hx) -> bool:
@@ -344,30 +357,92 @@ class _TorchContract(_Stack):
         state.pop(STEP_CACHE, None)
         return state
 
+    # The bound cells are made eagerly wherever the weights are made or replaced, so that a call
+    # (under torch.compile too) finds them ready; ``_bound`` remakes them for any other change.
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._bound()
 
-class LSTM(_TorchContract, nn.LSTM):
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)
+        self._bound()
+        return result
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if _VIEWS_ATTR in self.__dict__ and name in self._flat_weights_names:
+            self._bound()
+
+
+# The classes subclass torch.nn.RNNBase, whose __init__ makes the parameters, and take the rest of
+# torch.nn.LSTM/GRU/RNN's methods as they are; they do not subclass those three themselves, which
+# torch.compile (dynamo) refuses to trace by class.
+
+class LSTM(_TorchContract, nn.RNNBase):
     """``torch.nn.LSTM`` (same constructor, parameters and call) with rnnkit's kernels; the state
-    is ``LSTMState(h, c)``, a tuple. See ``rnnkit.core.cells.lstm`` for the equations."""
+    is ``LSTMState(h, c)``, a tuple. See ``rnnkit.core.cells.lstm`` for the equations.
+
+    ``LSTM(input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
+    bidirectional=False, proj_size=0, device=None, dtype=None)``"""
 
     cell_class = LSTMCell
     State = LSTMState
+    _torch_forward = nn.LSTM.forward
+    get_expected_cell_size = nn.LSTM.get_expected_cell_size
+    check_forward_args = nn.LSTM.check_forward_args
+    permute_hidden = nn.LSTM.permute_hidden
+
+    def __init__(self, *args, **kwargs):
+        super().__init__("LSTM", *args, **kwargs)
+        self._bound()
 
     def _state_sizes(self) -> tuple[int, ...]:
         return (self.proj_size or self.hidden_size, self.hidden_size)
 
 
-class GRU(_TorchContract, nn.GRU):
+class GRU(_TorchContract, nn.RNNBase):
     """``torch.nn.GRU`` (same constructor, parameters and call) with rnnkit's kernels (see
-    ``rnnkit.core.cells.gru``)."""
+    ``rnnkit.core.cells.gru``).
+
+    ``GRU(input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
+    bidirectional=False, device=None, dtype=None)``"""
 
     cell_class = GRUCell
+    _torch_forward = nn.GRU.forward
+
+    def __init__(self, *args, **kwargs):
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        super().__init__("GRU", *args, **kwargs)
+        self._bound()
 
 
-class RNN(_TorchContract, nn.RNN):
+class RNN(_TorchContract, nn.RNNBase):
     """``torch.nn.RNN`` (same constructor, parameters and call; ``nonlinearity`` "tanh" or
-    "relu") with rnnkit's kernels."""
+    "relu") with rnnkit's kernels.
+
+    ``RNN(input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True, batch_first=False,
+    dropout=0.0, bidirectional=False, device=None, dtype=None)``"""
 
     cell_class = RNNCell
+    _torch_forward = nn.RNN.forward
+
+    def __init__(self, *args, **kwargs):  # torch.nn.RNN's, word for word in effect
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        if len(args) > 3:
+            self.nonlinearity = args[3]
+            args = args[:3] + args[4:]
+        else:
+            self.nonlinearity = kwargs.pop("nonlinearity", "tanh")
+        if self.nonlinearity == "tanh":
+            mode = "RNN_TANH"
+        elif self.nonlinearity == "relu":
+            mode = "RNN_RELU"
+        else:
+            raise ValueError(f"Unknown nonlinearity '{self.nonlinearity}'. Select from 'tanh' or 'relu'.")
+        super().__init__(mode, *args, **kwargs)
+        self._bound()
 
 
 # layer classes by cell name, for `--cell` choices (tasks build their RNNs from it)
