@@ -85,6 +85,22 @@ def test_markdown_python_blocks_run(path, tmp_path, monkeypatch):
         exec(compile("\n" * (line - 1) + code, str(path), "exec"), namespace)
 
 
+@pytest.mark.parametrize("path", MARKDOWN, ids=[str(p.relative_to(ROOT)) for p in MARKDOWN])
+def test_markdown_norun_blocks_compile(path):
+    """A ```python-norun block is not run, but it is still Python: it must compile."""
+    for lang, line, code in fences(path.read_text()):
+        if lang == "python-norun":
+            compile("\n" * (line - 1) + code, str(path), "exec")
+
+
+@pytest.mark.parametrize("path", [p for p in (README, ROOT / "CONTRIBUTING.md") if p.is_file()], ids=lambda p: p.name)
+def test_relative_links_resolve(path):
+    """The README and CONTRIBUTING link into the repository (docs pages are checked by mkdocs --strict)."""
+    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", path.read_text())
+    missing = [link for link in links if "://" not in link and not (path.parent / link).exists()]
+    assert not missing, f"{path.name} links to files that do not exist: {missing}"
+
+
 def test_readme_has_python_examples():
     assert len(python_blocks(README.read_text())) >= 3
 
@@ -231,11 +247,14 @@ def test_the_flag_check_catches_a_flag_that_does_not_exist():
 
 
 def _benchmark_flags() -> set[str]:
-    from rnnkit.bench import main
+    from rnnkit.bench import cells, main
 
-    with pytest.raises(SystemExit), contextlib.redirect_stdout(io.StringIO()) as out:
-        main(["--help"])
-    return set(re.findall(r"--[a-z][a-z0-9-]*", out.getvalue()))
+    flags = set()
+    for bench in (main, cells.main):  # python -m rnnkit.bench, python -m rnnkit.bench.cells
+        with pytest.raises(SystemExit), contextlib.redirect_stdout(io.StringIO()) as out:
+            bench(["--help"])
+        flags |= set(re.findall(r"--[a-z][a-z0-9-]*", out.getvalue()))
+    return flags
 
 
 def test_every_flag_the_docs_mention_exists():

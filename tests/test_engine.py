@@ -264,3 +264,20 @@ def test_two_processes_with_half_batches_take_the_same_first_step_as_one_process
     for k in one:
         assert not torch.equal(one[k], w0[f"{k[len('model.'):]}"])  # a real step happened
         torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-6)
+
+
+# ---- a user's task ---------------------------------------------------------------------------------------
+def test_a_registered_user_task_trains_and_evaluates_in_a_fresh_process_without_editing_rnnkit(trained_run):
+    """config.json records the task's import path, so `rnnkit eval RUN` in a process that never imported
+    the task finds it; `rnnkit train module:Class` trains one by its path."""
+    assert json.loads((trained_run / "config.json").read_text())["task_class"] == "test_engine_toy:ToyTask"
+    env = subprocess_env()
+    done = subprocess.run([sys.executable, "-m", "rnnkit", "eval", str(trained_run), "--json"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert set(json.loads(done.stdout)) == {"loss", "mae"}
+    done = subprocess.run([sys.executable, "-m", "rnnkit", "train", "test_engine_toy:ToyTask", "--out",
+                           str(trained_run.parent / "by-path"), *FAST, "--steps", "2"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((trained_run.parent / "by-path" / "config.json").read_text())["task"] == "toy"

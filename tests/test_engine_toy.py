@@ -5,6 +5,8 @@ It has everything a real task can have: a carried hidden state (like lm's trunca
 step slow. Run as a script it is the `rnnkit` CLI with this task registered as "toy":
 
     python tests/test_engine_toy.py train toy --out /tmp/run --steps 5
+
+It is registered with `register_task`, as a user's task would be: nothing in rnnkit names it.
 """
 from __future__ import annotations
 
@@ -23,9 +25,9 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 if SRC not in sys.path:
     sys.path.insert(0, SRC)
 
-from rnnkit.engine import Task, TASKS, UsageError, device_of, move_to, option, shard_range, step_generator  # noqa: E402
+from rnnkit.engine import Task, UsageError, device_of, move_to, option, shard_range, step_generator  # noqa: E402
+from rnnkit.tasks.base import register_task  # noqa: E402
 
-TASKS["toy"] = "test_engine_toy:ToyTask"
 IN = 4  # input features per time step
 
 
@@ -53,6 +55,7 @@ class ToyModel(nn.Module):
         return self.head(self.drop(out)).squeeze(-1), h  # (B, T)
 
 
+@register_task
 class ToyTask(Task):
     name = "toy"
     Config = ToyConfig

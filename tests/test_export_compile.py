@@ -78,7 +78,10 @@ def test_compile_fullgraph(name, option, train):
     assert _compile_and_compare(LAYERS[name](**kwargs), call, train) == 1
 
 
-@pytest.mark.parametrize("name", ["LSTM", "GRU"])
+STEPPING = ("LSTM", "GRU")
+
+
+@pytest.mark.parametrize("name", STEPPING)
 def test_compile_stepping(name):
     """Generation: one step at a time with the state carried, gradients off."""
     layer = LAYERS[name](num_layers=2)
@@ -87,17 +90,20 @@ def test_compile_stepping(name):
     assert graphs == 1
 
 
-def test_compile_a_users_cell():
+@pytest.mark.parametrize("train", [True, False], ids=["training", "inference"])
+def test_compile_a_users_cell(train):
     """A user's cell compiles into one graph with eager's results, in training; its loop over time is
     unrolled (one copy of the step per step), so a new length traces the call again."""
     torch._dynamo.reset()
-    layer = rnnkit.Recurrent(MGUCell, I, H, batch_first=True)
+    layer = rnnkit.Recurrent(MGUCell, I, H, batch_first=True).train(train)
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager", dynamic=True)
     for B in (3, 5):
-        x = torch.randn(B, 3, I, requires_grad=True)
+        x = torch.randn(B, 3, I, requires_grad=train)
         out, _ = compiled(x)
         ref, _ = layer(x)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        if not train:
+            continue
         grad, expected = (torch.autograd.grad(o.sum(), x)[0] for o in (out, ref))
         torch.testing.assert_close(grad, expected, atol=1e-5, rtol=1e-5)
 
@@ -139,3 +145,58 @@ def test_export_dynamic_batch_and_length(name):
         ref, ref_state = model(*args)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(state, ref_state, atol=1e-5, rtol=1e-5)
+
+
+ONNX_LAYERS = {"LSTM": dict(num_layers=2, bidirectional=True), "GRU": dict(bidirectional=True), "RNN": {}}
+
+
+@pytest.mark.parametrize("name", list(ONNX_LAYERS))
+def test_onnx_runs_in_onnxruntime_at_other_shapes(name, tmp_path):
+    """torch.onnx.export(dynamo=True) with rnnkit's translations writes ONNX's own LSTM/GRU/RNN nodes
+    (lengths as sequence_lens, the initial state in, the final state out); onnxruntime matches
+    eager within 1e-5 at batch sizes and lengths other than the example's."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from rnnkit.core import onnx_ops
+
+    layer = LAYERS[name](**ONNX_LAYERS[name]).eval()
+    model = Tagger(layer).eval()
+
+    def inputs(B, T):
+        return torch.randn(B, T, I), torch.randint(1, T + 1, (B,)), _state(layer, B)
+
+    B, T = torch.export.Dim("B", min=2), torch.export.Dim("T", min=2)
+    state_dims = layer.State(*({1: B} for _ in layer.State._fields)) if name == "LSTM" else {1: B}
+    path = tmp_path / "model.onnx"
+    onnx_ops.export(model, inputs(3, 6), path, dynamic_shapes=({0: B, 1: T}, {0: B}, state_dims))
+    import onnx
+
+    kinds = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert name in kinds and "Loop" not in kinds  # onnxruntime's own recurrent kernel runs
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for shape in ((5, 11), (2, 3)):
+        x, lengths, state = inputs(*shape)
+        parts = state if isinstance(state, tuple) else (state,)
+        feeds = dict(zip([i.name for i in session.get_inputs()], [t.numpy() for t in (x, lengths, *parts)]))
+        got = [torch.from_numpy(a) for a in session.run(None, feeds)]
+        with torch.no_grad():
+            out, final = model(x, lengths, state)
+        expected = [out, *(final if isinstance(final, tuple) else (final,))]
+        assert len(got) == len(expected)
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+
+
+def test_shipping_tables_are_generated_from_these_tests():
+    """docs/shipping.md's and the README's tables are what docs/gen_shipping.py makes from the
+    parametrization above: run ``python docs/gen_shipping.py`` after changing it."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "docs" / "gen_shipping.py"
+    if not script.is_file():
+        pytest.skip("docs/ is not beside the tests")
+    spec = importlib.util.spec_from_file_location("gen_shipping", script)
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    assert gen.stale() == [], "run: python docs/gen_shipping.py"

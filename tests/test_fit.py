@@ -170,6 +170,16 @@ def test_a_run_directory_of_another_model_is_refused(tmp_path):
         rnnkit.fit(Net(), (x, y), steps=2, out=tmp_path / "run", **QUIET)
 
 
+def test_eval_of_a_fit_run_says_how_to_load_it(tmp_path, capsys):
+    from rnnkit.cli.main import main
+
+    x, y = data()
+    rnnkit.fit(Net(), (x, y), steps=2, out=tmp_path / "run", **QUIET)
+    assert main(["eval", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "was trained from Python with rnnkit.fit on a test_fit:Net model; load it with rnnkit.load(" in err
+
+
 def test_the_progress_bar_ends_where_the_time_budget_will(tmp_path):
     from rnnkit.engine.trainer import TrainConfig, Trainer
 
@@ -184,3 +194,54 @@ def test_the_progress_bar_ends_where_the_time_budget_will(tmp_path):
     assert trainer.bar.total == 50
     trainer._bar_total(step=20, steps_per_s=500.0, spent=4.0)  # the budget outlasts the steps
     assert trainer.bar.total == 1000
+
+
+CHILD = """
+import sys, torch
+torch.set_num_threads(1)
+import rnnkit
+from torch import nn
+torch.manual_seed(0)
+x = torch.randn(8, 5, 3); y = x.sum((1, 2))
+torch.manual_seed(1)
+class Last(nn.Module):
+    def forward(self, out):
+        return out[0][:, -1]
+model = nn.Sequential(rnnkit.GRU(3, 8, batch_first=True), Last(), nn.Linear(8, 1), nn.Flatten(0))
+rnnkit.fit(model, (x, y), batch_size=8, steps=1, shuffle=False, optimizer="sgd", momentum=0.0, weight_decay=0.0,
+           lr=1.0, grad_clip=0.0, warmup_steps=0, schedule="constant", out=sys.argv[1], threads=1, device="cpu",
+           plot=False, progress="lines")
+"""
+
+
+def test_fit_under_two_processes_takes_the_same_first_step_as_one(tmp_path):
+    """Plain SGD with lr 1: the step is the gradient. Two gloo processes with 4 rows each of a batch of 8
+    must write the same weights as one process with all 8 (DistributedDataParallel averages)."""
+    import socket
+    import subprocess
+    import sys
+
+    from rnnkit.engine.checkpoint import load_checkpoint
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
+    ranks = [{"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "GLOO_SOCKET_IFNAME": "lo",
+              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)} for r in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path / "two")], stderr=subprocess.PIPE, text=True,
+                              env=env | rank) for rank in ranks]
+    try:
+        one = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path / "one")], env=env, capture_output=True,
+                             text=True, timeout=120)
+        errs = [p.communicate(timeout=120)[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert one.returncode == 0 and [p.returncode for p in procs] == [0, 0], (one.stderr, errs)
+    w1, _ = load_checkpoint(tmp_path / "one" / "checkpoints" / "last.safetensors", prefix="model.")
+    w2, state = load_checkpoint(tmp_path / "two" / "checkpoints" / "last.safetensors", prefix="model.")
+    assert state["world_size"] == 2 and state["step"] == 1 and w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=1e-6)

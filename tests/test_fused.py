@@ -722,6 +722,8 @@ def test_bench_smoke(tmp_path):
     report = json.loads(path.read_text())
     assert report["rows"] and all(r["torch_ms"] > 0 and r["rnnkit_ms"] > 0 for r in report["rows"])
     assert all(0 < r["ratio_q1"] <= r["ratio_q3"] for r in report["rows"] + report["stepping"])
+    assert all(r["route"] in routing.ROUTE_NAMES for r in report["rows"] + report["stepping"])
+    assert {s["route"] for s in report["stepping"]} <= {"step-loops", "step-matmul"}
     low = min(report["rows"], key=lambda r: r["ratio"])
     machine = report["machine"]  # the peak measured at the start and at the end, the higher kept
     peak = max(machine["matmul_gflops"]["peak"], machine["matmul_gflops_end"]["peak"])

@@ -9,12 +9,15 @@ own, each built from one gate primitive, act(x A + h B + b).
 from rnnkit.core import (
     CELLS, GRU, GRUCell, GatedCell, HiddenState, LAYERS, LSTM, LSTMCell, LSTMState, RNN, RNNCell, Recurrent,
     convert, empty_cache, explain, from_torch, gate, routing, to_torch,
+    LayerNormGRUCell, LayerNormLSTMCell, MinGRUCell, MinLSTMCell, ParallelScanCell, Regularised,
 )
 
 __version__ = "0.1.0"
 
 # Training from Python (rnnkit.engine.fit), imported on first use so `import rnnkit` stays light.
-_ENGINE = {"fit": "rnnkit.engine.fit", "load": "rnnkit.engine.fit", "stream_batches": "rnnkit.engine.data"}
+_ENGINE = {"fit": "rnnkit.engine.fit", "load": "rnnkit.engine.fit", "train": "rnnkit.engine.fit",
+           "load_run": "rnnkit.engine.rundir", "stream_batches": "rnnkit.engine.data",
+           "register_task": "rnnkit.tasks.base", "Task": "rnnkit.tasks.base"}
 
 
 def __getattr__(name: str):
@@ -23,8 +26,10 @@ def __getattr__(name: str):
         return getattr(importlib.import_module(_ENGINE[name]), name)
     raise AttributeError(f"module 'rnnkit' has no attribute {name!r}")
 
+
 __all__ = [
     "CELLS", "GRU", "GRUCell", "GatedCell", "HiddenState", "LAYERS", "LSTM", "LSTMCell", "LSTMState", "RNN", "RNNCell",
-    "Recurrent", "__version__", "convert", "empty_cache", "explain", "fit", "from_torch", "gate", "load", "routing",
-    "stream_batches", "to_torch",
+    "Recurrent", "Task", "__version__", "convert", "empty_cache", "explain", "fit", "from_torch", "gate", "load", "load_run",
+    "register_task", "routing", "stream_batches", "to_torch", "train",
+    "LayerNormGRUCell", "LayerNormLSTMCell", "MinGRUCell", "MinLSTMCell", "ParallelScanCell", "Regularised",
 ]

@@ -18,6 +18,9 @@ training (forward+backward) and inference (forward, no_grad); per-token stepping
 (its ``combine`` compiled, else the generic fused kernel) against the built-in one (hand-written
 kernel), same FLOPs: training and inference at B=32, H=512, T=64, and stepping 3 x 512 at batch 1
 (``--quick``: H=256).
+
+Each row names the route rnnkit's call took (``rnnkit.explain``, core/routing.py); ``--route NAME``
+runs rnnkit's side through one route (``rnnkit.routing.force``) to measure it alone.
 """
 from rnnkit.bench.run import main, run_benchmark
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import platform
@@ -12,7 +13,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 import rnnkit
-from rnnkit.core import native
+from rnnkit.core import native, routing
 from rnnkit.core.kernels.generic import onednn_matmul_works
 from rnnkit.core.cells.lstm import LSTMCell, LSTMState
 
@@ -45,6 +46,7 @@ class Row:
     ratio_q3: float    # call): how far the machine's noise moved this point
     gflops: float      # rnnkit's matmul GFLOP/s
     peak_frac: float   # gflops / measured matmul peak
+    route: str = ""    # the route rnnkit's call took (rnnkit.explain; core/routing.py)
 
 
 def _timed(fn) -> float:
@@ -134,7 +136,10 @@ def grid_point(kind, mode, B, H, T, repeats, peak) -> Row:
     t_torch, t_ours, (q1, q3) = compare(make(theirs, x), make(ours, x), repeats)
     flops = 2 * B * T * GATES[kind] * H * (INPUT + H) * (3 if mode == "train" else 1)
     gflops = flops / t_ours / 1e9
-    return Row(kind, mode, B, H, T, t_torch * 1e3, t_ours * 1e3, t_torch / t_ours, q1, q3, gflops, gflops / peak)
+    with torch.set_grad_enabled(mode == "train"):
+        route = rnnkit.explain(ours, x).name
+    return Row(kind, mode, B, H, T, t_torch * 1e3, t_ours * 1e3, t_torch / t_ours, q1, q3, gflops, gflops / peak,
+               route)
 
 
 def _stepper(model, x, tokens):
@@ -153,8 +158,11 @@ def stepping(kind, tokens, repeats, batch: int = 1) -> dict:
     ours = rnnkit.from_torch(theirs)
     x = torch.randn(batch, 1, 512)
     t_torch, t_ours, (q1, q3) = compare(_stepper(theirs, x, tokens), _stepper(ours, x, tokens), repeats)
+    with torch.inference_mode():
+        route = rnnkit.explain(ours, x, ours(x)[1]).name
     return {"kind": kind, "batch": batch, "torch_ms_per_token": t_torch / tokens * 1e3,
-            "rnnkit_ms_per_token": t_ours / tokens * 1e3, "ratio": t_torch / t_ours, "ratio_q1": q1, "ratio_q3": q3}
+            "rnnkit_ms_per_token": t_ours / tokens * 1e3, "ratio": t_torch / t_ours, "ratio_q1": q1, "ratio_q3": q3,
+            "route": route}
 
 
 def custom_cell(B, H, T, repeats, tokens) -> list[dict]:
@@ -250,12 +258,12 @@ def _summary(rows: list[Row]) -> dict:
 
 
 HEADER = (f"{'kind':5} {'mode':5} {'B':>3} {'H':>4} {'T':>4} {'torch ms':>10} {'rnnkit ms':>10} {'ratio':>6} "
-          f"{'pairs IQR':>10} {'GFLOP/s':>8} {'%peak':>6}")
+          f"{'pairs IQR':>10} {'GFLOP/s':>8} {'%peak':>6}  route")
 
 
 def _format_row(r: Row) -> str:
     return (f"{r.kind:5} {r.mode:5} {r.batch:3d} {r.hidden:4d} {r.steps:4d} {r.torch_ms:10.2f} {r.rnnkit_ms:10.2f} "
-            f"{r.ratio:6.2f} {r.ratio_q1:5.2f}-{r.ratio_q3:4.2f} {r.gflops:8.1f} {100 * r.peak_frac:5.0f}%")
+            f"{r.ratio:6.2f} {r.ratio_q1:5.2f}-{r.ratio_q3:4.2f} {r.gflops:8.1f} {100 * r.peak_frac:5.0f}%  {r.route}")
 
 
 def format_report(report: dict) -> str:
@@ -269,7 +277,7 @@ def format_report(report: dict) -> str:
     for st in report["stepping"]:
         lines.append(f"stepping 3x512 {st['kind']} batch {st['batch']}: torch {st['torch_ms_per_token']:.3f} ms/token, "
                      f"rnnkit {st['rnnkit_ms_per_token']:.3f} ms/token, ratio {st['ratio']:.2f} "
-                     f"(pairs {st['ratio_q1']:.2f}-{st['ratio_q3']:.2f})")
+                     f"(pairs {st['ratio_q1']:.2f}-{st['ratio_q3']:.2f})" + (f", {st['route']}" if st.get("route") else ""))
     for c in report["custom_cell"]:
         where = (f"step 3x{c['hidden']} batch 1, ms/token" if c["mode"] == "step"
                  else f"{c['mode']} B={c['batch']} H={c['hidden']} T={c['steps']}")
@@ -284,9 +292,14 @@ def main(argv=None) -> None:
     parser.add_argument("--smoke", action="store_true", help="a tiny run that only checks the benchmark works")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    parser.add_argument("--route", choices=list(routing.ROUTE_NAMES), default=None,
+                        help="run rnnkit's side through this route (rnnkit.routing.force); a point the route cannot "
+                             "run stops the benchmark with the reason (default: the route each call would take)")
     args = parser.parse_args(argv)
     preset = "smoke" if args.smoke else "quick" if args.quick else "full"
-    report = run_benchmark(preset, args.threads, log=lambda line: print(line, flush=True))
+    with routing.force(args.route) if args.route else contextlib.nullcontext():
+        report = run_benchmark(preset, args.threads, log=lambda line: print(line, flush=True))
+    report["forced_route"] = args.route
     print()
     print(format_report(report))
     if args.json:

@@ -27,6 +27,8 @@ COMMANDS: dict[str, CommandSpec] = {
     "predict": CommandSpec("rnnkit.cli.predict:PREDICT",
                            "apply a trained run to inputs: a classifier's labels, a sorter's sorted numbers"),
     "generate": CommandSpec("rnnkit.cli.lm:GENERATE", "sample text from a trained language model"),
+    "forecast": CommandSpec("rnnkit.cli.forecast:FORECAST", "forecast the next values of a series with a trained run"),
+    "export": CommandSpec("rnnkit.cli.export:EXPORT", "write a trained run's model as ONNX or a torch.export program"),
     "demo": CommandSpec("rnnkit.cli.lm:DEMO", "train a language model on Python's own source in a few minutes"),
 }
 # commands of earlier versions: old name -> new name; still run, with a warning, and are not listed

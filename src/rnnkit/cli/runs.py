@@ -53,7 +53,8 @@ def run_task(argv: list[str], add_flags: Callable[[argparse.ArgumentParser], Non
     if not known.run_dir:
         return None
     try:
-        return load_task_class(read_run(known.run_dir).task)
+        info = read_run(known.run_dir)
+        return load_task_class(info.task, info.task_class)
     except UsageError:
         return None
 

@@ -7,14 +7,17 @@ from rnnkit.cli.command import Command
 from rnnkit.cli.flags import add_dataclass_flags, given_fields
 from rnnkit.common.errors import UsageError
 from rnnkit.engine.trainer import RunConfig, TrainConfig, train
-from rnnkit.tasks.base import TASKS, load_task_class
+from rnnkit.tasks.base import load_task_class, task_names
 
 
 def add_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    names = task_names()
     tasks = parser.add_subparsers(dest="task", metavar="TASK", required=True,
-                                  help=f"one of {', '.join(TASKS)}")
+                                  help=f"one of {', '.join(names)}, or module:Class for a task of your own")
     chosen = next((a for a in argv if not a.startswith("-")), None)
-    for name in TASKS:
+    if chosen and ":" in chosen and chosen not in names:
+        names.append(chosen)  # a user's Task subclass by its import path
+    for name in names:
         p = tasks.add_parser(name, help=f"train the {name} task",
                              description=f"Train the {name} task. Engine flags apply to every task.")
         if name == chosen:

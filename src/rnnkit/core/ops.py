@@ -213,7 +213,10 @@ def scan(kind: str, xz: Tensor, w_hh: Tensor, b_hh: Tensor | None, state: tuple,
     training one where gradients are wanted, else the inference one. Returns the outputs (B, T, H)
     and the final state's parts."""
     tensors = (xz, w_hh, b_hh, *state)
-    train = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    # torch.export records the inference operator: an exported program is run, not trained, and
+    # the ONNX exporter translates that one (core/onnx_ops.py)
+    train = (torch.is_grad_enabled() and not torch.compiler.is_exporting()
+             and any(t is not None and t.requires_grad for t in tensors))
     namespace = torch.ops.rnnkit
     op = getattr(namespace, f"{kind}_scan_train" if train else f"{kind}_scan")
     out, *rest = op(xz, w_hh, b_hh, *state, mask, relu)

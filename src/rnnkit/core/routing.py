@@ -190,32 +190,59 @@ def lean_step(layer, x, state) -> str | None:
     """``None`` where a call with a carried state, no lengths and gradients off is one step the lean
     path (step.py) can take as it is, else why not (the general routes then validate and name a
     problem)."""
+    return _lean_step(layer, x, state)[0]
+
+
+def _lean_step(layer, x, state) -> tuple[str | None, list, int]:
+    """``lean_step``'s answer, and where it is ``None`` the layer's cells and the batch size."""
     if not isinstance(x, Tensor) or x.dim() != 3:
-        return "x is not a (B, T, I) tensor"
+        return "x is not a (B, T, I) tensor", [], 0
     if layer.batch_first:
         B, T, I = x.shape
     else:
         T, B, I = x.shape
-    cells = layer.cells
-    ref = cells[0]._parameters["weight_ih"]  # not attribute access: nn.Module's __getattr__ is slow
+    cells = list(layer._modules["cells"]._modules.values())  # not attribute access: nn.Module's is slow
+    ref = cells[0]._parameters["weight_ih"]
     if T != 1:
-        return "more than one step"
+        return "more than one step", [], 0
     if B == 0 or layer.input_size != I or x.dtype != ref.dtype or x.device != ref.device:
-        return "x does not match the layer"
+        return "x does not match the layer", [], 0
     if torch.is_autocast_enabled(x.device.type):  # its linears would come back in half precision
-        return "autocast is on"
+        return "autocast is on", [], 0
     if functorch_active():
-        return "inside a functorch transform"
+        return "inside a functorch transform", [], 0
     parts = (state,) if isinstance(state, Tensor) else tuple(state)
     rows, H = len(cells), layer.hidden_size
     if len(parts) != len(layer.State._fields) or any(
         not isinstance(p, Tensor) or p.shape != (rows, B, H) or p.dtype != x.dtype or p.device != x.device
         for p in parts
     ):
-        return "the state does not match the layer"
+        return "the state does not match the layer", [], 0
     if not all(map(only_combine_customised, cells)):  # the steppers run the weights themselves
-        return "a cell changes more than combine"
+        return "a cell changes more than combine", [], 0
+    return None, cells, B
+
+
+def _step_loops_why(x: Tensor, cells: list, B: int) -> str | None:
+    """``None`` where a lean step of ``cells`` (batch ``B``) takes step-loops: they can run and measured
+    faster; else why not."""
+    if native.ops_for(x) is None:
+        return "the C++ loops do not run here (the CPU, float32/float64, built)"
+    if any(p.dtype != x.dtype for p in step.weights(cells)):
+        return "the weights' dtypes differ from x's"
+    if B == 1 and not any(map(loops_step_faster, cells)):
+        return "measured slower here"
     return None
+
+
+def _lean_route(layer, x, state) -> Route | None:
+    """The route of a lean step (an eager call with a carried state, no lengths, gradients off) in
+    one pass over the checks, since it runs at every generated token; ``None`` where the lean path
+    cannot take the call (the table then says why). The same choice as the table's first rows."""
+    why, cells, B = _lean_step(layer, x, state)
+    if why is not None:
+        return None
+    return STEP_MATMUL if _step_loops_why(x, cells, B) is not None else STEP_LOOPS
 
 
 def validate(layer, x) -> None:
@@ -298,17 +325,14 @@ def _traced_ops_supports(call: Call) -> str | None:
 def _step_loops_supports(call: Call) -> str | None:
     if call.lean is not None:
         return call.lean
-    x = call.x
-    if native.ops_for(x) is None:
-        return "the C++ loops do not run here (the CPU, float32/float64, built)"
-    if any(p.dtype != x.dtype for p in step.weights(call.layer.cells)):
-        return "the weights' dtypes differ from x's"
-    return None
+    _, cells, B = _lean_step(call.layer, call.x, call.state)
+    why = _step_loops_why(call.x, cells, B)
+    return None if why == "measured slower here" else why
 
 
 def _step_loops_faster(call: Call) -> bool:
-    x = call.x
-    return (x.shape[0] if call.layer.batch_first else x.shape[1]) > 1 or any(map(loops_step_faster, call.layer.cells))
+    _, cells, B = _lean_step(call.layer, call.x, call.state)
+    return _step_loops_why(call.x, cells, B) is None
 
 
 def _step_matmul_supports(call: Call) -> str | None:
@@ -429,6 +453,8 @@ class Route:
     run: Callable = field(repr=False, compare=False)  # (layer, x, state, lengths) -> (output, state)
     step: bool = False  # runs only the lean one-step calls (the call's facts for the others not needed)
     tracers: tuple[str, ...] = ()  # the tracers (``tracer()``) that record this route as a correct graph
+    traced_only: bool = False  # taken only under a tracer: an eager call passes it over at no cost (a lean
+    # step would otherwise pay for the whole-sequence facts, ``_complete``, before reaching its route)
 
     def __str__(self) -> str:
         return f"{self.name}: {self.runs}"
@@ -437,7 +463,7 @@ class Route:
 ROUTES: tuple[Route, ...] = (
     Route("traced-ops", "each cell's loop over time as one registered operator (torch.ops.rnnkit), the rest torch ops",
           "a built-in cell while torch.compile or torch.export traces the call",
-          _traced_ops_supports, _yes, stack.per_cell(ops.scan_cell), tracers=("dynamo",)),
+          _traced_ops_supports, _yes, stack.per_cell(ops.scan_cell), tracers=("dynamo",), traced_only=True),
     Route("step-loops", "one step of each cell through the C++ loops with T = 1, weights packed once",
           "one step with a carried state, gradients off, on the CPU where the C++ loops are built",
           _step_loops_supports, _step_loops_faster,
@@ -472,6 +498,7 @@ ROUTES: tuple[Route, ...] = (
           _always, _yes, stack.per_cell(stack.scan_cell_reference), tracers=("dynamo",)),
 )
 ROUTE_NAMES = {route.name: route for route in ROUTES}
+STEP_LOOPS, STEP_MATMUL = ROUTE_NAMES["step-loops"], ROUTE_NAMES["step-matmul"]
 
 _FORCED: contextvars.ContextVar[Route | None] = contextvars.ContextVar("rnnkit_forced_route", default=None)
 
@@ -497,6 +524,13 @@ def choose_route(layer, x, state=None, lengths=None) -> Route:
 
     Raises what the layer call would raise for a malformed ``x``; ``state`` and ``lengths`` are
     validated by the route that runs."""
+    if state is not None and lengths is None and _FORCED.get() is None and not torch.is_grad_enabled() and (
+            tracer() is None):  # a lean step, at every generated token: the table's first rows in one pass
+        route = _lean_route(layer, x, state)
+        if route is not None:
+            if LOG.isEnabledFor(logging.DEBUG):
+                LOG.debug("%s: %s", type(layer).__name__, route.name)
+            return route
     call = Call(layer, x, state, lengths)
     call.lean = _lean(layer, x, state, lengths) if call.tracer is None else f"traced by {TRACERS[call.tracer]}"
     # torch.compile cannot read a ContextVar: a forced route applies to eager (and jit-traced) calls
@@ -519,6 +553,11 @@ def _choose(call: Call, passed: list | None = None) -> Route:
     if call.tracer is not None and passed is None:
         passed = []  # the reasons go into the error if no route can be traced
     for route in ROUTES:
+        if route.traced_only and call.tracer is None:
+            if passed is not None:
+                passed.append((route.name, "not traced by torch.compile or torch.export (eager calls take the "
+                                           "measured routes)"))
+            continue
         if not route.step and not call.full:
             _complete(call)
         if call.tracer is not None and call.tracer not in route.tracers:

@@ -210,6 +210,47 @@ def fit(model: nn.Module, train: Any, val: Any = None, *, loss: str | Callable =
     return FitResult(trainer.raw_model, trainer.summary())
 
 
+def train(task: str | type[Task], *, out: str | Path | None = None, resume: bool = False,
+          **options: Any) -> FitResult:
+    """Train a task (a name such as "forecast", or a Task subclass) from Python, as
+    `rnnkit train TASK` does: `options` are the task's config fields and TrainConfig's.
+
+        model, summary = rnnkit.train("forecast", data="co2.csv", horizon=13, steps=300, out="runs/co2")
+        print(summary["report"])                  # the task's closing text (forecast: its table)
+
+    `data` may also be data in memory, which the task writes into the run directory in its own file
+    format (Task.write_data): a language model takes bytes or a list of strings, a classifier
+    (texts, labels) or (label, text) pairs, a forecaster a list of numbers. With `resume=True`, `out`
+    is continued from its last checkpoint."""
+    from rnnkit.engine.trainer import RunConfig, run_task
+    from rnnkit.tasks.base import load_task_class
+
+    task_cls = load_task_class(task) if isinstance(task, str) else task
+    task_fields = {f.name for f in dataclasses.fields(task_cls.Config)}
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(options) - task_fields - train_fields)
+    if unknown:
+        raise UsageError(f"rnnkit.train({task_cls.name!r}) got unknown option(s) {', '.join(unknown)}; the task's "
+                         f"are {', '.join(sorted(task_fields))}, the training options "
+                         f"{', '.join(sorted(train_fields))}")
+    if resume and out is None:
+        raise UsageError("resume=True needs out=, the run directory to continue")
+    out = Path(out) if out is not None else default_run_dir(task_cls.name)
+    data = options.get("data")
+    if data is not None and not isinstance(data, (str, Path)) and not resume:
+        if (out / "config.json").exists():
+            raise UsageError(f"{out} already holds a run; continue it with resume=True or choose another out")
+        out.mkdir(parents=True, exist_ok=True)  # in-memory data: written into the run directory
+        options["data"] = task_cls.write_data(data, out)
+    elif isinstance(data, Path):
+        options["data"] = str(data)
+    tupled = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+    run = RunConfig(out=None if resume else str(out), resume=str(out) if resume else None)
+    _, trainer = run_task(task_cls, {k: v for k, v in tupled.items() if k in task_fields},
+                          {k: v for k, v in tupled.items() if k in train_fields}, run)
+    return FitResult(trainer.raw_model, trainer.summary())
+
+
 def fit_task(make_task: Callable[[], Task], config: TrainConfig, run_dir: Path, *, resume: bool, identity: str,
              resume_command: str, task_name: str, task_config: dict[str, Any],
              task_class: str | None = None):

@@ -160,7 +160,11 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str = "cpu")
     from rnnkit.tasks.base import load_task_class
 
     info = read_run(run_dir)
-    task_cls = load_task_class(info.task)
+    if info.task == "fit" and not info.task_class:
+        raise UsageError(f"{info.path} was trained from Python with rnnkit.fit on a "
+                         f"{info.task_config.get('model', 'user')} model; load it with "
+                         f"rnnkit.load({str(info.path)!r}, model=...) and evaluate it in Python")
+    task_cls = load_task_class(info.task, info.task_class)
     config = from_dict(task_cls.Config, info.task_config, source=f"{info.path / CONFIG}")
     path = {"best": info.best, "last": info.last}[checkpoint]
     if checkpoint == "best" and not path.exists():

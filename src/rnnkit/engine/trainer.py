@@ -99,6 +99,14 @@ class RunConfig:
 def train(task_name: str, task_flags: dict[str, Any], train_flags: dict[str, Any], run: RunConfig) -> int:
     """Start or resume a run. `task_flags` / `train_flags` hold only the flags given explicitly."""
     task_cls = load_task_class(task_name)
+    return run_task(task_cls, task_flags, train_flags, run, name=task_cls.name if ":" in task_name else task_name)[0]
+
+
+def run_task(task_cls: type[Task], task_flags: dict[str, Any], train_flags: dict[str, Any],
+             run: RunConfig, name: str | None = None) -> tuple[int, Trainer]:
+    """`train` for a Task class: (exit code, trainer); `rnnkit.train` calls it from Python. `name`
+    is what the run is called (default: the class's registry name)."""
+    task_name = name or task_cls.name
     if run.resume:
         if run.out:
             raise UsageError("--out and --resume exclude each other: a resumed run stays in its directory")
@@ -134,11 +142,11 @@ def train(task_name: str, task_flags: dict[str, Any], train_flags: dict[str, Any
                   train_config, run_dir, resume=bool(run.resume), identity=task_name,
                   resume_command=f"rnnkit train {task_name} --resume {{run_dir}}",
                   write_config=lambda d: write_config(d, task_name, to_dict(task_config), to_dict(train_config),
-                                                      rnnkit_version(), task_class=class_path(task_cls)))[0]
+                                                      rnnkit_version(), task_class=class_path(task_cls)))
 
 
-def launch(make_task, config: "TrainConfig", run_dir: Path, *, resume: bool, identity: str, resume_command: str,
-           write_config) -> "tuple[int, Trainer]":
+def launch(make_task, config: TrainConfig, run_dir: Path, *, resume: bool, identity: str, resume_command: str,
+           write_config) -> tuple[int, Trainer]:
     """The one path into the loop, for `rnnkit train` and `rnnkit.fit` alike: join the process group,
     make the task (`make_task()`, on every process), on a new run write the run directory
     (`write_config(run_dir)` and the task's artifacts, process 0 only), then train. Returns the exit
@@ -245,6 +253,7 @@ class Trainer:
         self.task, self.identity, self.config, self.run_dir, self.world = task, identity, config, run_dir, world
         self.resume_command = resume_command
         self.step, self.stopped_by = 0, ""
+        self.report: str | None = None
         self.last_eval: dict[str, float] | None = None
         self.metrics = MetricsLog(run_dir / METRICS)
         self.last_path = run_dir / CHECKPOINTS / "last.safetensors"
@@ -462,6 +471,7 @@ class Trainer:
                 self.bar = None
         if exit_code == 0:
             self.stopped_by = self.stopped_by or "steps"
+            self._report()
             best = f"; best {self.best['metric']} {self.best['value']:.4g} at step {self.best['step']}" if self.best else ""
             self.say(f"done at step {step}{best}; run directory {self.run_dir}")
         return exit_code
@@ -500,11 +510,26 @@ class Trainer:
             self.bar.total = projected
             self.bar.refresh()
 
+    def _report(self) -> None:
+        """The task's closing text (Task.on_end), on process 0."""
+        if not self.world.is_main:
+            return
+        model = self.raw_model
+        model.eval()
+        try:
+            with torch.no_grad():
+                self.report = self.task.on_end(model)
+        finally:
+            model.train()
+        if self.report:
+            self.say(self.report)
+
     def summary(self) -> dict[str, Any]:
         """How the run ended: run_dir, step, stopped_by ("steps", "time_budget", "SIGINT", "SIGTERM",
         "non-finite loss"), the best evaluation, the last evaluation's metrics and the wall time."""
         return {"run_dir": str(self.run_dir), "step": self.step, "stopped_by": self.stopped_by,
-                "best": self.best, "val": self.last_eval, "elapsed": round(self.elapsed(), 3)}
+                "best": self.best, "val": self.last_eval, "elapsed": round(self.elapsed(), 3),
+                "report": self.report}
 
     def _nonfinite(self, step: int, value: float) -> int:
         where = (f"The last good checkpoint is {self.last_path} (step {self._ckpt_step()})"

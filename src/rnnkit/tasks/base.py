@@ -7,13 +7,15 @@ The trainer (engine/trainer.py) owns everything that is the same for every task:
 learning-rate schedule, clipping, devices and mixed precision, DistributedDataParallel, progress,
 metrics, plots, checkpoints and resume. A task owns its data, model, loss and metrics.
 
-To write a task, subclass `Task` and register it in `TASKS` below with one line:
+To write a task, subclass `Task` and decorate it with `register_task` (or, in an installed package,
+declare it as an entry point in the "rnnkit.tasks" group); nothing in rnnkit needs editing:
 
     @dataclass(frozen=True)
     class SortConfig:                        # model + data flags; becomes `rnnkit train sort --...`
         length: int = option(10, "length of each sequence to sort")
         batch_size: int = option(64, "sequences per step, summed over all processes")
 
+    @register_task
     class SortTask(Task):
         name = "sort"
         Config = SortConfig
@@ -94,12 +96,36 @@ def option(default: Any, help: str, *, metavar: str | None = None, resumable: bo
 
 
 # name -> "module:Class", imported only when that task is used, so a task that is missing or broken
-# never stops the CLI or the other tasks. One line per task.
+# never stops the CLI or the other tasks: rnnkit's own tasks, then those added by `register_task`.
+# Installed packages add theirs as entry points in the "rnnkit.tasks" group (name = "module:Class").
 TASKS: dict[str, str] = {
     "classify": "rnnkit.tasks.classify:ClassifyTask",
+    "forecast": "rnnkit.tasks.forecast:ForecastTask",
     "lm": "rnnkit.tasks.lm:LMTask",
     "sort": "rnnkit.tasks.sort:SortTask",
 }
+ENTRY_POINTS = "rnnkit.tasks"
+
+
+def register_task(cls: type[Task]) -> type[Task]:
+    """Class decorator: make a Task subclass available by its `name`, without editing rnnkit.
+
+        @register_task
+        class MyTask(Task):
+            name = "mine"
+            ...
+
+    A run records the class's import path in config.json, so `rnnkit eval RUN` finds it again in a
+    later process as long as its module can be imported (on PYTHONPATH or in the current directory)."""
+    TASKS[cls.name] = f"{cls.__module__}:{cls.__qualname__}"
+    return cls
+
+
+def task_names() -> list[str]:
+    """rnnkit's tasks, the registered ones and those installed packages declare as entry points."""
+    from importlib.metadata import entry_points
+
+    return sorted(set(TASKS) | {ep.name for ep in entry_points(group=ENTRY_POINTS)})
 
 
 class Task(ABC):
@@ -175,20 +201,54 @@ class Task(ABC):
     def load_tensor_state(self, state: dict[str, torch.Tensor]) -> None:
         """Restore what `tensor_state` returned (tensors arrive on CPU)."""
 
+    @classmethod
+    def write_data(cls, data: Any, directory: Path) -> str:
+        """Data given in memory from Python (`rnnkit.train(task, data=...)` with something other than a
+        path): write it into `directory` in the task's file format and return the file's path, which
+        becomes the config's `data`. Tasks that read no in-memory data keep this refusal."""
+        raise UsageError(f"the {cls.name} task reads its data from files: pass data= a path, "
+                         f"not a {type(data).__name__}")
 
-def load_task_class(name: str) -> type[Task]:
-    """The Task subclass registered under `name`; a one-line UsageError if missing or broken."""
-    if name not in TASKS:
-        raise UsageError(f"unknown task {name!r}; choose from {', '.join(sorted(TASKS))}")
-    module_name, _, class_name = TASKS[name].partition(":")
+    def on_end(self, model: nn.Module) -> str | None:
+        """Optional text printed when training ends (process 0, eval mode, no grad), e.g. forecast's
+        table against its baselines; the run's summary keeps it as "report"."""
+        return None
+
+
+def load_task_class(name: str, where: str | None = None) -> type[Task]:
+    """The Task subclass called `name`: registered, declared by an entry point, at `where` (the
+    "module:Class" a run's config.json records), or `name` itself when it is "module:Class".
+    A one-line UsageError if it is missing or broken."""
+    from importlib.metadata import entry_points
+
+    path = TASKS.get(name) or next((ep.value for ep in entry_points(group=ENTRY_POINTS) if ep.name == name), None)
+    path = path or where or (name if ":" in name else None)
+    if path is None:
+        raise UsageError(f"unknown task {name!r}; choose from {', '.join(task_names())}, or give module:Class")
+    module_name, _, class_name = path.partition(":")
     try:
-        module = importlib.import_module(module_name)
+        module = _import(module_name)
     except ImportError as e:
         raise UsageError(f"task {name!r} is not available: {e}") from None
-    cls = getattr(module, class_name, None)
+    cls: Any = module
+    for part in class_name.split("."):
+        cls = getattr(cls, part, None)
     if not (isinstance(cls, type) and issubclass(cls, Task)):
         raise UsageError(f"task {name!r}: {module_name} has no Task subclass {class_name}")
     return cls
+
+
+def _import(module_name: str):
+    """Import `module_name`, looking in the current directory too (a user's task beside their runs)."""
+    import sys
+
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError:
+        if "" in sys.path or "." in sys.path:
+            raise
+        sys.path.append(".")
+        return importlib.import_module(module_name)
 
 
 # ---- helpers for task authors ------------------------------------------------------------------

@@ -8,10 +8,10 @@ A GRU whose gates see the input only, so it trains as a parallel scan over time.
     h' = (1 - z) * h + z * h~
 
 ``g`` keeps the candidate positive, so the scan can run in log space (the paper's appendix;
-``rnnkit.core.parallel_scan``): ``log(1 - z) = -softplus(k)``, ``log z = -softplus(-k)`` with
-``k = x W_z + b_z`` (``ParallelScanCell`` with ``k = x W_z + b_z``, ``v = x W_h + b_h``). The paper's sequential listing uses ``h~ = x W_h + b_h`` without ``g``; both of
-its parallel forms use ``g``, and so does this cell everywhere (step, scan, every route), so
-stepping and scanning compute the same function.
+``rnnkit.core.parallel_scan``): ``log(1 - z) = -softplus(k)``, ``log z = -softplus(-k)``; this is a
+``ParallelScanCell`` with ``k = x W_z + b_z`` and ``v = x W_h + b_h``. The paper's plain listings use
+``h~ = x W_h + b_h`` without ``g``, its log-space form uses ``g``; this cell uses ``g`` everywhere
+(step, scan, every route), so stepping and scanning compute the same function.
 
 State: ``HiddenState(h)``, (B, H). No recurrent weights (``weight_ih`` (2H, I), ``bias_ih`` (2H,)).
 

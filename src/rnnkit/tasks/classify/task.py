@@ -3,19 +3,21 @@ epochs of training rows, the loss, evaluation with per-class metrics, and predic
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from rnnkit.common.errors import UsageError
-from rnnkit.common.files import atomic_write_text
+from rnnkit.common.files import atomic_write, atomic_write_text
 from rnnkit.tasks.base import Task, device_of, move_to, option, shard_range, step_generator
 from rnnkit.tasks.cell_spec import cell_option, resolve_cell
 from rnnkit.tasks.classify.data import (
@@ -225,6 +227,23 @@ class ClassifyTask(Task):
                 batch = move_to(self._batch(Split(x, lengths, lengths), rows), device)
                 out[rows] = model(batch.x, batch.lengths)[0].float().cpu()
         return out
+
+    @classmethod
+    def write_data(cls, data: Any, directory: Path) -> str:
+        """In-memory examples: (texts, labels), two lists of the same length, or a list of (label, text)."""
+        if isinstance(data, tuple) and len(data) == 2 and len(data[0]) == len(data[1]) and data[0] \
+                and all(isinstance(t, str) for t in data[0]):
+            pairs = list(zip(data[1], data[0]))
+        elif isinstance(data, (list, tuple)) and data and all(isinstance(p, (list, tuple)) and len(p) == 2
+                                                             for p in data):
+            pairs = [(label, text) for label, text in data]
+        else:
+            raise UsageError("a classifier's data= is a path, (texts, labels) or a list of (label, text) pairs")
+        path = Path(directory) / "train.csv"
+        rows = io.StringIO()
+        csv.writer(rows, lineterminator="\n").writerows([str(label), text] for label, text in pairs)
+        atomic_write(path, lambda tmp: Path(tmp).write_text(rows.getvalue(), encoding="utf-8"))
+        return str(path)
 
     def predict(self, model: nn.Module, texts: list[str]) -> Tensor:
         """Class probabilities (N, K) of each text (empty texts must be refused by the caller)."""

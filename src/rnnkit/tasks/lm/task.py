@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from rnnkit.common.errors import UsageError
-from rnnkit.common.files import atomic_write_text
+from rnnkit.common.files import atomic_write, atomic_write_text
 from rnnkit.tasks.base import Task, device_of, option, shard_range, step_generator
 from rnnkit.tasks.cell_spec import cell_option, resolve_cell
 from rnnkit.tasks.lm.data import Vocab, read_corpus, split
@@ -118,6 +118,18 @@ class LMTask(Task):
                              f"it needs at least 2: use a longer text or a larger --val-fraction")
         self._train = self.vocab.encode_tensor(train, "the training text")
         self._val = self.vocab.encode_tensor(val, "the validation text")
+
+    @classmethod
+    def write_data(cls, data: Any, directory: Path) -> str:
+        """In-memory text: bytes, or a list of strings (documents, joined by blank lines)."""
+        if isinstance(data, (list, tuple)) and all(isinstance(d, str) for d in data):
+            data = "\n\n".join(data).encode("utf-8")
+        if not isinstance(data, (bytes, bytearray)) or not data:
+            raise UsageError("a language model's data= is a path, bytes, or a list of strings (documents); "
+                             f"got {type(data).__name__}{' (empty)' if not data else ''}")
+        path = Path(directory) / "text.txt"
+        atomic_write(path, lambda tmp: Path(tmp).write_bytes(bytes(data)))
+        return str(path)
 
     def _ensure_corpus(self) -> None:
         """Read the corpus after `from_run_dir` (resume, eval), checking it is the run's text."""

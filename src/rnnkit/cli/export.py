@@ -1,0 +1,117 @@
+"""`rnnkit export RUN_DIR --format onnx|pt2 --out FILE`: a trained run's model as one file to ship.
+
+`--format onnx` writes an ONNX model (rnnkit's recurrent layers as ONNX's own LSTM/GRU/RNN nodes,
+docs/shipping.md) and needs the `export` extra (onnx, onnxscript, onnxruntime); `--format pt2`
+writes a `torch.export` program (`torch.export.save`; load it with `torch.export.load` after
+`import rnnkit.core.ops`). Batch size and length stay dynamic. The command then evaluates the run's
+validation split twice, with the eager model and through the written file (onnxruntime for ONNX),
+prints both metrics and fails (exit code 1) if they differ.
+
+Tasks: the classifier (tokens and lengths in, class logits out). Each task's part is one entry of
+EXPORTERS.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rnnkit.cli.command import Command
+from rnnkit.cli.runs import add_run_flags, load_selected_run
+from rnnkit.common.errors import UsageError
+
+TOLERANCE = 1e-4  # largest difference between the two metrics that counts as reproduced
+
+
+class _Logits(nn.Module):
+    """The classifier with its tokens padded to whole patches: (B, T) bytes and lengths -> logits."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, lengths):
+        return self.model(x, lengths)[0]
+
+
+class _Exported(nn.Module):
+    """The written file behind the model's call signature, so the task's own evaluation runs it."""
+
+    def __init__(self, run, patch: int):
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(()), requires_grad=False)  # the task reads the device from it
+        self.call, self.patch = run, patch
+
+    def forward(self, x, lengths):
+        pad = -x.shape[1] % self.patch  # the program's length is a whole number of patches
+        if pad:
+            x = torch.nn.functional.pad(x, (0, pad))
+        return self.call(x.long(), lengths.long()), None  # the file was written for int64 tokens and lengths
+
+
+def _classifier(loaded, fmt: str, out: Path) -> nn.Module:
+    model = _Logits(loaded.model).eval()
+    patch = loaded.task.config.patch
+    x = torch.randint(0, 256, (3, 4 * patch))
+    lengths = torch.tensor([4 * patch, 2 * patch, 1])
+    B, steps = torch.export.Dim("batch", min=2), torch.export.Dim("patches", min=2)
+    dims = ({0: B, 1: patch * steps}, {0: B})
+    if fmt == "pt2":
+        program = torch.export.export(model, (x, lengths), dynamic_shapes=dims)
+        torch.export.save(program, str(out))
+        loaded_program = torch.export.load(str(out)).module()
+        return _Exported(lambda x, lengths: loaded_program(x, lengths), patch)
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise UsageError('--format onnx needs onnxruntime: pip install "rnnkit[export]"') from None
+    from rnnkit.core import onnx_ops
+
+    onnx_ops.export(model, (x, lengths), out, dynamic_shapes=dims, input_names=["tokens", "lengths"],
+                    output_names=["logits"])
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    return _Exported(lambda x, lengths: torch.from_numpy(
+        session.run(None, {"tokens": x.numpy(), "lengths": lengths.numpy()})[0]), patch)
+
+
+# task name -> (loaded run, format, output path) -> the written file as a module with the model's signature
+EXPORTERS = {"classify": _classifier}
+
+
+def add_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    parser.add_argument("run_dir", help="run directory written by `rnnkit train`")
+    parser.add_argument("--format", choices=["onnx", "pt2"], required=True,
+                        help="onnx: an ONNX model (onnxruntime); pt2: a torch.export program")
+    parser.add_argument("--out", required=True, help="the file to write")
+    add_run_flags(parser, device="cpu")
+
+
+def run(args: argparse.Namespace) -> int:
+    loaded = load_selected_run(args, device="cpu")
+    name = loaded.info.task
+    if name not in EXPORTERS:
+        raise UsageError(f"rnnkit export does not handle {name} runs yet; it exports: {', '.join(EXPORTERS)}")
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise UsageError(f"--out: no directory {out.parent}")
+    loaded.model.eval()
+    with tempfile.TemporaryDirectory():
+        exported = EXPORTERS[name](loaded, args.format, out)
+    with torch.no_grad():
+        eager = loaded.task.evaluate(loaded.model)
+        shipped = loaded.task.evaluate(exported)
+    print(f"wrote {out} ({args.format})")
+    worst = 0.0
+    for key, value in eager.items():
+        worst = max(worst, abs(float(value) - float(shipped[key])))
+        print(f"  {key:<20} eager {float(value):.6g}   {args.format} {float(shipped[key]):.6g}")
+    if worst > TOLERANCE:
+        print(f"the exported file does not reproduce the run's metrics (largest difference {worst:.3g})")
+        return 1
+    return 0
+
+
+EXPORT = Command(add_arguments, run)

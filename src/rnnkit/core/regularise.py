@@ -1,0 +1,98 @@
+"""Regularisers around a recurrent layer that leave its recurrence, and so its fast route, untouched.
+
+``Regularised(layer, ...)`` wraps any ``Recurrent`` (every cell, built-in or a user's) with two of
+AWD-LSTM's regularisers (Merity, Keskar & Socher 2017), in training mode only:
+
+- variational dropout (Gal & Ghahramani 2016) on the layer's input and output: one mask per
+  sequence, the same at every step, ``x * m / (1 - p)`` with ``m`` (B, 1, F) Bernoulli(1 - p);
+- weight-drop (DropConnect, Wan et al. 2013) on every cell's recurrent weights ``weight_hh``: one
+  mask per call, shared by the batch and every step, ``W_hh * M / (1 - p)``.
+
+The dropped weights are swapped in for the call (``torch.func.functional_call``), so the layer runs
+the route it would run anyway, the C++ loops included, and the gradient reaches ``weight_hh``
+through the mask. Cells without recurrent weights (minGRU, minLSTM) have nothing to weight-drop.
+Masks come from ``generator`` (a seeded ``torch.Generator`` makes a run reproducible) or torch's
+global generator; ``sample_masks`` draws them, and ``forward(..., masks=...)`` takes given ones.
+
+Not here: zoneout and dropout of the recurrent state inside the recurrence, which change each step's
+math and would need the kernels to apply them.
+
+>>> import torch, rnnkit
+>>> layer = rnnkit.Regularised(rnnkit.LSTM(8, 16), input_dropout=0.1, output_dropout=0.2, weight_drop=0.5,
+...                            generator=torch.Generator().manual_seed(0))
+>>> out, (h, c) = layer(torch.randn(4, 10, 8), lengths=[10, 3, 7, 1])
+>>> tuple(out.shape)
+(4, 10, 16)
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+
+class Masks(NamedTuple):
+    """One call's masks, already scaled by ``1 / (1 - p)``; ``None`` where that regulariser is off."""
+
+    input: Tensor | None  # (B, 1, I), batch-first
+    output: Tensor | None  # (B, 1, D*H), batch-first
+    weights: dict[str, Tensor]  # parameter name ("cells.0.weight_hh") -> (G*H, H)
+
+
+def _mask(shape, p: float, like: Tensor, generator) -> Tensor:
+    keep = torch.full(shape, 1.0 - p, dtype=like.dtype, device=like.device)
+    return torch.bernoulli(keep, generator=generator).div_(1.0 - p)
+
+
+class Regularised(nn.Module):
+    """``layer`` with variational dropout on its input and output and weight-drop on ``weight_hh``."""
+
+    def __init__(self, layer: nn.Module, *, input_dropout: float = 0.0, output_dropout: float = 0.0,
+                 weight_drop: float = 0.0, generator: torch.Generator | None = None):
+        super().__init__()
+        for name, p in (("input_dropout", input_dropout), ("output_dropout", output_dropout),
+                        ("weight_drop", weight_drop)):
+            if not 0.0 <= float(p) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {p!r}")
+        self.layer = layer
+        self.input_dropout = float(input_dropout)
+        self.output_dropout = float(output_dropout)
+        self.weight_drop = float(weight_drop)
+        self.generator = generator
+
+    def sample_masks(self, x: Tensor) -> Masks:
+        """The masks of one training call on ``x`` (in the layer's layout)."""
+        B = x.shape[0] if self.layer.batch_first else x.shape[1]
+        width = self.layer.hidden_size * self.layer.num_directions
+        gen = self.generator
+        inp = _mask((B, 1, x.shape[-1]), self.input_dropout, x, gen) if self.input_dropout else None
+        out = _mask((B, 1, width), self.output_dropout, x, gen) if self.output_dropout else None
+        weights = {}
+        if self.weight_drop:
+            for name, w in self.layer.named_parameters():
+                if name.endswith("weight_hh"):
+                    weights[name] = _mask(w.shape, self.weight_drop, w, gen)
+        return Masks(inp, out, weights)
+
+    def forward(self, x: Tensor, state=None, lengths=None, *, masks: Masks | None = None):
+        if not self.training:
+            return self.layer(x, state, lengths=lengths)
+        masks = masks if masks is not None else self.sample_masks(x)
+        time_major = not self.layer.batch_first
+
+        def apply(t: Tensor, m: Tensor | None) -> Tensor:
+            if m is None:
+                return t
+            return t * (m.transpose(0, 1) if time_major else m)  # (1, B, F) for (T, B, F)
+
+        x = apply(x, masks.input)
+        params = dict(self.layer.named_parameters())
+        dropped = {name: params[name] * m for name, m in masks.weights.items()}
+        output, state = functional_call(self.layer, dropped, (x, state), {"lengths": lengths}, strict=False)
+        return apply(output, masks.output), state
+
+    def extra_repr(self) -> str:
+        return (f"input_dropout={self.input_dropout}, output_dropout={self.output_dropout}, "
+                f"weight_drop={self.weight_drop}")

@@ -1,0 +1,130 @@
+"""Layer-normalised LSTM and GRU: each step against its equations written out (random gains, not the
+initial ones), the layer against each sequence run alone, one step at a time against the whole
+sequence, gradients in float64."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+import rnnkit
+from rnnkit.core.cells import CELLS, LayerNormGRUCell, LayerNormLSTMCell
+from rnnkit.core.layers import Recurrent
+
+LN_CELLS = [LayerNormLSTMCell, LayerNormGRUCell]
+
+
+def ln(v, gain, bias):
+    """Layer normalisation over the last dim, written out."""
+    mean = v.mean(-1, keepdim=True)
+    var = ((v - mean) ** 2).mean(-1, keepdim=True)
+    return (v - mean) / torch.sqrt(var + 1e-5) * gain + bias
+
+
+def randomised(cell):
+    """Every parameter random (gains away from 1, normalisation biases away from 0)."""
+    with torch.no_grad():
+        for p in cell.parameters():
+            p.copy_(torch.randn_like(p))
+    return cell
+
+
+def test_ln_lstm_step_is_its_equations():
+    cell = randomised(LayerNormLSTMCell(3, 4).double())
+    x, h, c = (torch.randn(5, n, dtype=torch.float64) for n in (3, 4, 4))
+    z = ln(x @ cell.weight_ih.T, cell.gamma_ih, cell.bias_ih) + ln(h @ cell.weight_hh.T, cell.gamma_hh, cell.bias_hh)
+    i, f, g, o = z.chunk(4, dim=-1)  # torch.nn.LSTM's gate order
+    c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    h_new = torch.sigmoid(o) * torch.tanh(ln(c_new, cell.gamma_c, cell.beta_c))
+    out, state = cell(x, (h, c))
+    torch.testing.assert_close(out, h_new)
+    torch.testing.assert_close(state.c, c_new)  # the carried state is not normalised
+    torch.testing.assert_close(state.h, h_new)
+
+
+def test_ln_gru_step_is_its_equations():
+    cell = randomised(LayerNormGRUCell(3, 4).double())
+    x, h = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    a_r, a_z, a_n = ln(x @ cell.weight_ih.T, cell.gamma_ih, cell.bias_ih).chunk(3, dim=-1)
+    b_r, b_z, b_n = ln(h @ cell.weight_hh.T, cell.gamma_hh, cell.bias_hh).chunk(3, dim=-1)
+    r, z = torch.sigmoid(a_r + b_r), torch.sigmoid(a_z + b_z)
+    n = torch.tanh(a_n + r * b_n)
+    out, _ = cell(x, h)
+    torch.testing.assert_close(out, (1 - z) * n + z * h)
+
+
+@pytest.mark.parametrize("cell_class", LN_CELLS)
+def test_initial_gains_and_biases(cell_class):
+    cell = cell_class(3, 4)
+    gains = [p for name, p in cell.named_parameters() if name.startswith("gamma")]
+    assert gains and all(torch.equal(p, torch.ones_like(p)) for p in gains)
+    if cell_class is LayerNormLSTMCell:
+        assert torch.equal(cell.beta_c, torch.zeros(4))
+    bound = 1 / 4**0.5
+    assert all(p.abs().max() <= bound for p in (cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh))
+    assert cell.weight_ih.std() > 0.1  # random, not constant
+
+
+@pytest.mark.parametrize("name, cell_class", [("ln-lstm", LayerNormLSTMCell), ("ln-gru", LayerNormGRUCell)])
+def test_registry_names(name, cell_class):
+    assert CELLS[name] is cell_class
+
+
+def each_alone(layer, x, lengths):
+    """The layer on each sequence alone, cut to its length: outputs padded back with zeros, states stacked."""
+    outs, states = [], []
+    for b, n in enumerate(lengths):
+        out, state = layer(x[b : b + 1, :n])
+        outs.append(F.pad(out, (0, 0, 0, x.shape[1] - n)))
+        states.append(state)
+    parts = [torch.cat(p, dim=1) for p in zip(*[(s,) if isinstance(s, torch.Tensor) else s for s in states])]
+    return torch.cat(outs), parts
+
+
+@pytest.mark.parametrize("cell_class", LN_CELLS)
+def test_layer_equals_each_sequence_run_alone(cell_class):
+    layer = Recurrent(cell_class, input_size=3, hidden_size=4, num_layers=2, bidirectional=True, batch_first=True).double()
+    randomised(layer)
+    x = torch.randn(4, 9, 3, dtype=torch.float64)
+    lengths = [9, 2, 5, 1]
+    out, state = layer(x, lengths=lengths)
+    want_out, want_state = each_alone(layer, x, lengths)
+    torch.testing.assert_close(out, want_out)
+    for got, want in zip((state,) if isinstance(state, torch.Tensor) else state, want_state):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("cell_class", LN_CELLS)
+def test_stepping_with_a_carried_state_equals_the_whole_sequence(cell_class):
+    layer = randomised(Recurrent(cell_class, input_size=3, hidden_size=6, num_layers=2, batch_first=True)).eval()
+    x = torch.randn(2, 10, 3)
+    with torch.no_grad():
+        whole, final = layer(x)
+        state, steps = None, []
+        for t in range(10):
+            out, state = layer(x[:, t : t + 1], state)
+            steps.append(out)
+    torch.testing.assert_close(torch.cat(steps, 1), whole, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(state, final, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cell_class", LN_CELLS)
+def test_layer_gradients_float64(cell_class):
+    layer = randomised(Recurrent(cell_class, input_size=2, hidden_size=3, bidirectional=True, batch_first=True).double())
+    names = [n for n, _ in layer.named_parameters()]
+    x = torch.randn(2, 5, 2, dtype=torch.float64, requires_grad=True)
+
+    def f(x, *weights):
+        with torch.nn.utils.stateless._reparametrize_module(layer, dict(zip(names, weights))):
+            out, _ = layer(x, lengths=[5, 3])
+        return out
+
+    assert torch.autograd.gradcheck(f, (x, *[p.detach().clone().requires_grad_() for p in layer.parameters()]))
+
+
+@pytest.mark.parametrize("cell_class", LN_CELLS)
+def test_route_is_the_reference(cell_class):
+    """Parameters beyond the stacked weights (the gains) keep these cells off the fused kernels, which
+    would not return their gradients: the reference loop runs them (docs/cells.md has the timing)."""
+    layer = Recurrent(cell_class, input_size=3, hidden_size=4, batch_first=True)
+    assert rnnkit.explain(layer, torch.randn(2, 5, 3)).name == "reference"

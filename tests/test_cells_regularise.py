@@ -1,0 +1,105 @@
+"""Variational dropout and weight-drop around a layer: exact against the layer run by hand with the same
+masks, for every cell and on the layer's own route; off in eval; reproducible from a seeded generator."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rnnkit
+from rnnkit.core.regularise import Regularised
+
+
+def wrapped(cell, batch_first=True, seed=0):
+    layer = rnnkit.Recurrent(rnnkit.CELLS[cell], input_size=3, hidden_size=4, num_layers=2, bidirectional=True,
+                             batch_first=batch_first).double()
+    return Regularised(layer, input_dropout=0.3, output_dropout=0.4, weight_drop=0.5,
+                       generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("cell", list(rnnkit.CELLS))
+def test_equals_the_layer_run_by_hand_with_the_same_masks(cell):
+    reg = wrapped(cell)
+    x = torch.randn(3, 6, 3, dtype=torch.float64)
+    lengths = [6, 2, 4]
+    masks = reg.sample_masks(x)
+    out, state = reg(x, lengths=lengths, masks=masks)
+    loss = out.pow(2).sum()
+    grads = torch.autograd.grad(loss, list(reg.layer.parameters()))
+
+    by_hand = rnnkit.Recurrent(rnnkit.CELLS[cell], input_size=3, hidden_size=4, num_layers=2,
+                               bidirectional=True, batch_first=True).double()
+    by_hand.load_state_dict(reg.layer.state_dict())
+    with torch.no_grad():
+        for name, m in masks.weights.items():
+            by_hand.get_parameter(name).mul_(m)
+    want_out, want_state = by_hand(x * masks.input, lengths=lengths)
+    want_out = want_out * masks.output
+    torch.testing.assert_close(out, want_out)
+    for got, want in zip(state if isinstance(state, tuple) else (state,),
+                         want_state if isinstance(want_state, tuple) else (want_state,)):
+        torch.testing.assert_close(got, want)
+    want_grads = dict(zip([n for n, _ in by_hand.named_parameters()],
+                          torch.autograd.grad(want_out.pow(2).sum(), list(by_hand.parameters()))))
+    for (name, _), got in zip(reg.layer.named_parameters(), grads):
+        want = want_grads[name] * masks.weights[name] if name in masks.weights else want_grads[name]
+        torch.testing.assert_close(got, want, msg=name)  # d/dW of (W * M) is the mask times d/d(W * M)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_the_layer_keeps_its_route(cell):
+    reg = Regularised(rnnkit.LAYERS[cell](3, 4, batch_first=True), weight_drop=0.5)
+    x = torch.randn(2, 5, 3)
+    route = rnnkit.explain(reg.layer, x).name
+    seen = []
+    handler = _Catch(seen)
+    rnnkit.routing.LOG.addHandler(handler)
+    rnnkit.routing.LOG.setLevel("DEBUG")
+    try:
+        reg(x)
+    finally:
+        rnnkit.routing.LOG.removeHandler(handler)
+        rnnkit.routing.LOG.setLevel("NOTSET")
+    assert seen and all(route in message for message in seen)
+
+
+class _Catch:
+    level = 0
+
+    def __init__(self, seen):
+        self.seen = seen
+
+    def handle(self, record):
+        self.seen.append(record.getMessage())
+
+
+def test_masks_are_per_sequence_and_shared_over_time_and_layouts_agree():
+    reg = wrapped("gru")
+    x = torch.randn(3, 6, 3, dtype=torch.float64)
+    masks = reg.sample_masks(x)
+    assert masks.input.shape == (3, 1, 3) and masks.output.shape == (3, 1, 8)
+    assert set(masks.weights) == {f"cells.{i}.weight_hh" for i in range(4)}
+    assert set(masks.input.unique().tolist()) <= {0.0, 1 / 0.7}
+    time_major = wrapped("gru", batch_first=False)
+    time_major.layer.load_state_dict(reg.layer.state_dict())
+    out, _ = reg(x, masks=masks)
+    out_t, _ = time_major(x.transpose(0, 1), masks=masks)
+    torch.testing.assert_close(out_t.transpose(0, 1), out)
+
+
+def test_off_in_eval_and_reproducible_from_the_generator():
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    a, b = wrapped("lstm", seed=7), wrapped("lstm", seed=7)
+    b.layer.load_state_dict(a.layer.state_dict())
+    torch.testing.assert_close(a(x)[0], b(x)[0])  # same seed, same masks
+    assert not torch.equal(a(x)[0], b.eval()(x)[0])
+    torch.testing.assert_close(b(x)[0], b.layer(x)[0])  # eval: the layer itself
+
+
+def test_scan_cells_have_no_recurrent_weights_to_drop():
+    reg = Regularised(rnnkit.Recurrent(rnnkit.MinGRUCell, 3, 4, batch_first=True), weight_drop=0.5)
+    assert reg.sample_masks(torch.randn(2, 5, 3)).weights == {}
+
+
+def test_probabilities_are_checked():
+    with pytest.raises(ValueError, match=r"weight_drop must be in \[0, 1\), got 1.0"):
+        Regularised(rnnkit.LSTM(3, 4, batch_first=True), weight_drop=1.0)
