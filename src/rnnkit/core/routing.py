@@ -193,6 +193,15 @@ def lean_step(layer, x, state) -> str | None:
     return _lean_step(layer, x, state)[0]
 
 
+def _cells(layer) -> list:
+    """The layer's cells without nn.Module's slow attribute access: a ``Recurrent``'s submodules, or
+    the cells a torch.nn-contract layer binds to its weights (layers.py's ``_Bound``, a plain list)."""
+    modules = layer.__dict__.get("_modules")
+    if modules is not None and "cells" in modules:
+        return list(modules["cells"]._modules.values())
+    return list(layer.cells)
+
+
 def _lean_step(layer, x, state) -> tuple[str | None, list, int]:
     """``lean_step``'s answer, and where it is ``None`` the layer's cells and the batch size."""
     if not isinstance(x, Tensor) or x.dim() != 3:
@@ -201,7 +210,7 @@ def _lean_step(layer, x, state) -> tuple[str | None, list, int]:
         B, T, I = x.shape
     else:
         T, B, I = x.shape
-    cells = list(layer._modules["cells"]._modules.values())  # not attribute access: nn.Module's is slow
+    cells = _cells(layer)
     ref = cells[0]._parameters["weight_ih"]
     if T != 1:
         return "more than one step", [], 0
