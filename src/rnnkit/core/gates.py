@@ -1,6 +1,6 @@
-"""The seed's gate primitive and the base class every gated cell is built on.
+"""The gate primitive and the base class every gated cell is built on.
 
-The 2017 deck builds each of its cells from one primitive,
+Every cell is built from one primitive,
 
     gate = act(x A + h B + b),
 
@@ -66,7 +66,7 @@ WEIGHT_NAMES = {"weight_ih", "weight_hh", "bias_ih", "bias_hh"}
 
 
 def gate(act: Callable[[Tensor], Tensor], x_part: Tensor, h_part: Tensor) -> Tensor:
-    """The seed's primitive: ``act(x A + b + h B + b')`` given the two affine parts."""
+    """The gate primitive: ``act(x A + b + h B + b')`` given the two affine parts."""
     return act(x_part + h_part)
 
 

@@ -398,7 +398,7 @@ class Trainer:
                             unit="step", desc=self.identity)
         start, start_step = time.monotonic(), step
         self.start = start
-        self.elapsed = lambda: elapsed0 + time.monotonic() - start  # wall time over all sessions of the run
+        self.elapsed = lambda: elapsed0 + time.monotonic() - start  # wall time over all invocations of the run
         elapsed = self.elapsed
         window_start, window_items = time.monotonic(), 0.0
         exit_code, stopped_by = 0, None

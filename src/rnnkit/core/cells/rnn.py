@@ -1,4 +1,4 @@
-"""Basic (Elman) RNN cell, the deck's first cell: a single gate whose output is the state::
+"""Basic (Elman) RNN cell: a single gate whose output is the state::
 
     h' = act(x W_ih + b_ih + h W_hh + b_hh),    act = tanh (default) or relu
 
