@@ -172,7 +172,8 @@ def run(text: str, backend: str, *, emsize: int = 200, nhid: int = 200, nlayers:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", required=True, help="a text file, e.g. a corpus of plays or articles")
+    parser.add_argument("--data", help="a text file, e.g. a corpus of plays or articles")
+    parser.add_argument("--quick", action="store_true", help="a few steps of both backends on a small made-up text")
     parser.add_argument("--backend", choices=["torch", "rnnkit"], default="rnnkit")
     parser.add_argument("--compare", action="store_true", help="run both backends, compare losses and speed")
     parser.add_argument("--epochs", type=int, default=1)
@@ -187,8 +188,15 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    with open(args.data, encoding="utf-8") as f:
-        text = f.read()
+    if args.quick:
+        words = "the old king sees the quiet sea and the brave queen finds a red ship".split()
+        text = "\n".join(" ".join(words[(i * 7 + j) % len(words)] for j in range(8)) for i in range(200))
+        args.compare, args.max_batches, args.emsize, args.nhid, args.batch_size = True, 10, 16, 16, 4
+    elif args.data is None:
+        parser.error("--data is required (or --quick)")
+    else:
+        with open(args.data, encoding="utf-8") as f:
+            text = f.read()
     options = dict(emsize=args.emsize, nhid=args.nhid, nlayers=args.nlayers, epochs=args.epochs,
                    batch_size=args.batch_size, bptt=args.bptt, dropout=args.dropout, max_batches=args.max_batches)
     backends = ["torch", "rnnkit"] if args.compare else [args.backend]

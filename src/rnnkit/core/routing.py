@@ -533,8 +533,8 @@ def choose_route(layer, x, state=None, lengths=None) -> Route:
 
     Raises what the layer call would raise for a malformed ``x``; ``state`` and ``lengths`` are
     validated by the route that runs."""
-    if state is not None and lengths is None and _FORCED.get() is None and not torch.is_grad_enabled() and (
-            tracer() is None):  # a lean step, at every generated token: the table's first rows in one pass
+    if state is not None and lengths is None and tracer() is None and _FORCED.get() is None and (
+            not torch.is_grad_enabled()):  # a lean step, at every generated token: the table's first rows in one pass
         route = _lean_route(layer, x, state)
         if route is not None:
             if LOG.isEnabledFor(logging.DEBUG):
