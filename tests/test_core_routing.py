@@ -85,3 +85,17 @@ def test_each_call_logs_its_route(caplog):
 def test_no_module_level_route_switch_remains():
     from rnnkit.core import scan
     assert not hasattr(scan, "FUSED")
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("make", [lambda: rnnkit.LSTM(6, 8, num_layers=2), lambda: rnnkit.GRU(6, 8),
+                                  lambda: rnnkit.RNN(6, 8), lambda: rnnkit.Recurrent(MGUCell, 6, 8)])
+def test_a_lean_steps_one_pass_agrees_with_the_table(make, batch):
+    """choose_route decides a lean step in one pass (it runs at every generated token); explain walks
+    the whole table: the two name the same route, so a route added above the step rows is seen by both."""
+    layer = make().eval()
+    x = torch.randn(batch, 1, 6)
+    with torch.inference_mode():
+        _, state = layer(torch.randn(batch, 3, 6))
+        assert routing.choose_route(layer, x, state) is rnnkit.explain(layer, x, state).route
+        assert routing.choose_route(layer, x, state).name in ("step-loops", "step-matmul")

@@ -36,3 +36,25 @@ def test_export_reproduces_the_classifiers_metrics(classifier_run, fmt, tmp_path
 
 def test_export_names_the_tasks_it_handles(tmp_path, capsys):
     assert main(["export", str(tmp_path), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 2
+
+
+def test_export_reproduces_the_language_models_metrics(tmp_path, capsys):
+    """The language model as a step function (tokens and state in, logits and state out), run over
+    the validation text chunk by chunk through onnxruntime: the run's loss and bits per character."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from test_lm import TEXT
+
+    data = tmp_path / "corpus.txt"
+    data.write_text(TEXT)
+    run = tmp_path / "run"
+    assert main(["train", "lm", "--data", str(data), "--hidden", "16", "--layers", "2", "--embed", "8",
+                 "--seq-len", "8", "--batch-size", "4", "--steps", "4", "--eval-every", "4", "--no-plot",
+                 "--progress", "lines", "--threads", "1", "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["export", str(run), "--format", "onnx", "--out", str(tmp_path / "lm.onnx")]) == 0
+    lines = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+    metrics = {words[0]: (float(words[2]), float(words[4])) for words in lines}
+    assert set(metrics) >= {"loss", "bpc"}
+    for eager, shipped in metrics.values():
+        assert abs(eager - shipped) <= 1e-4

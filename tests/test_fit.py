@@ -125,6 +125,15 @@ def test_fit_returns_the_trained_model_and_load_brings_it_back(tmp_path):
     torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
 
 
+def test_resuming_a_finished_run_returns_its_last_evaluation(tmp_path):
+    x, y = data()
+    args = dict(val=data(32), metrics=["mae"], epochs=1, batch_size=16, out=tmp_path / "run", **QUIET)
+    _, first = rnnkit.fit(Net(), (x, y), **args)
+    _, again = rnnkit.fit(Net(), (x, y), resume=True, **args)  # nothing left to train
+    assert again["step"] == first["step"] == 6
+    assert again["val"] == first["val"] and set(again["val"]) == {"loss", "mae"}
+
+
 def test_stateful_carries_the_detached_state_and_resets_it_each_epoch(tmp_path):
     model = Streamer()
     batches = series()

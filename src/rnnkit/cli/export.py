@@ -7,8 +7,10 @@ writes a `torch.export` program (`torch.export.save`; load it with `torch.export
 validation split twice, with the eager model and through the written file (onnxruntime for ONNX),
 prints both metrics and fails (exit code 1) if they differ.
 
-Tasks: the classifier (tokens and lengths in, class logits out). Each task's part is one entry of
-EXPORTERS.
+Tasks: the classifier (tokens and lengths in, class logits out) and the language model as a step
+function (tokens (B, T) and the state in, logits and the state out; T = 1 is one generation step, and
+the metric is computed by running the file over the validation text chunk by chunk with the state
+carried). Each task's part is one entry of EXPORTERS.
 """
 from __future__ import annotations
 
@@ -64,10 +66,7 @@ def _classifier(loaded, fmt: str, out: Path) -> nn.Module:
         torch.export.save(program, str(out))
         loaded_program = torch.export.load(str(out)).module()
         return _Exported(lambda x, lengths: loaded_program(x, lengths), patch)
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise UsageError('--format onnx needs onnxruntime: pip install "rnnkit[export]"') from None
+    ort = _onnxruntime()
     from rnnkit.core import onnx_ops
 
     onnx_ops.export(model, (x, lengths), out, dynamic_shapes=dims, input_names=["tokens", "lengths"],
@@ -77,8 +76,77 @@ def _classifier(loaded, fmt: str, out: Path) -> nn.Module:
         session.run(None, {"tokens": x.numpy(), "lengths": lengths.numpy()})[0]), patch)
 
 
+class _Step(nn.Module):
+    """A language model as a step function: tokens (B, T) and the state's parts (L*D, B, H) in,
+    logits (B, T, V) and the new state's parts out; at T = 1 one generation step."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx, *parts):
+        rnn = self.model.rnn
+        state = rnn.State(*parts) if len(parts) > 1 else parts[0]
+        out = self.model(idx, None, state)
+        final = out.state if isinstance(out.state, tuple) else (out.state,)
+        return (out.logits, *final)
+
+
+class _ExportedLM(nn.Module):
+    """The written step function behind the language model's call ``model(idx, None, state)``."""
+
+    def __init__(self, run, rnn: nn.Module):
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(()), requires_grad=False)  # the task reads the device from it
+        self.call, self.rnn = run, rnn
+
+    def forward(self, idx, targets=None, state=None):
+        from rnnkit.tasks.lm.model import LMOutput
+
+        rnn = self.rnn
+        if state is None:
+            shape = (rnn.num_layers * rnn.num_directions, idx.shape[0], rnn.hidden_size)
+            parts = tuple(torch.zeros(shape) for _ in rnn.State._fields)
+        else:
+            parts = tuple(state) if isinstance(state, tuple) else (state,)
+        logits, *final = self.call(idx.long(), *parts)
+        return LMOutput(logits, None, rnn.State(*final) if len(final) > 1 else final[0])
+
+
+def _language_model(loaded, fmt: str, out: Path) -> nn.Module:
+    model = _Step(loaded.model).eval()
+    rnn = loaded.model.rnn
+    names = rnn.State._fields
+    parts = tuple(torch.zeros(rnn.num_layers * rnn.num_directions, 3, rnn.hidden_size) for _ in names)
+    idx = torch.randint(0, loaded.model.vocab_size, (3, 4))
+    B, T = torch.export.Dim("batch", min=1), torch.export.Dim("steps", min=1)
+    dims = ({0: B, 1: T}, tuple({1: B} for _ in names))  # forward(idx, *parts): the parts are one argument
+    if fmt == "pt2":
+        program = torch.export.export(model, (idx, *parts), dynamic_shapes=dims)
+        torch.export.save(program, str(out))
+        loaded_program = torch.export.load(str(out)).module()
+        return _ExportedLM(lambda *a: loaded_program(*a), rnn)
+    ort = _onnxruntime()
+    from rnnkit.core import onnx_ops
+
+    inputs = ["tokens", *(f"state_{n}" for n in names)]
+    onnx_ops.export(model, (idx, *parts), out, dynamic_shapes=dims, input_names=inputs,
+                    output_names=["logits", *(f"next_{n}" for n in names)])
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    return _ExportedLM(lambda *a: [torch.from_numpy(r) for r in session.run(
+        None, {name: t.numpy() for name, t in zip(inputs, a)})], rnn)
+
+
+def _onnxruntime():
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise UsageError('--format onnx needs onnxruntime: pip install "rnnkit[export]"') from None
+    return ort
+
+
 # task name -> (loaded run, format, output path) -> the written file as a module with the model's signature
-EXPORTERS = {"classify": _classifier}
+EXPORTERS = {"classify": _classifier, "lm": _language_model}
 
 
 def add_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> None:

@@ -382,6 +382,10 @@ class Trainer:
             step, elapsed0 = self._load()
             if world.is_main:
                 self.metrics.truncate_after(step)
+                # the evaluation a finished run ends with, so its summary holds it when nothing is left to do
+                evaluated = [r for r in self.metrics.rows() if "val_loss" in r]
+                if evaluated:
+                    self.last_eval = {k[4:]: v for k, v in evaluated[-1].items() if k.startswith("val_")}
             self.say(f"resuming {self.run_dir} at step {step}")
         elif world.rank > 0:  # distinct dropout streams per process; process 0 matches a 1-process run
             torch.manual_seed(cfg.seed + 1_000_003 * world.rank)
