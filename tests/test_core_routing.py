@@ -88,8 +88,8 @@ def test_no_module_level_route_switch_remains():
 
 
 @pytest.mark.parametrize("batch", [1, 2])
-@pytest.mark.parametrize("make", [lambda: rnnkit.LSTM(6, 8, num_layers=2), lambda: rnnkit.GRU(6, 8),
-                                  lambda: rnnkit.RNN(6, 8), lambda: rnnkit.Recurrent(MGUCell, 6, 8)])
+@pytest.mark.parametrize("make", [lambda: rnnkit.LSTM(6, 8, num_layers=2, batch_first=True), lambda: rnnkit.GRU(6, 8, batch_first=True),
+                                  lambda: rnnkit.RNN(6, 8, batch_first=True), lambda: rnnkit.Recurrent(MGUCell, 6, 8, batch_first=True)])
 def test_a_lean_steps_one_pass_agrees_with_the_table(make, batch):
     """choose_route decides a lean step in one pass (it runs at every generated token); explain walks
     the whole table: the two name the same route, so a route added above the step rows is seen by both."""
