@@ -83,7 +83,7 @@ def each_alone(layer, x, lengths):
 
 @pytest.mark.parametrize("cell_class", LN_CELLS)
 def test_layer_equals_each_sequence_run_alone(cell_class):
-    layer = Recurrent(cell_class, input_size=3, hidden_size=4, num_layers=2, bidirectional=True).double()
+    layer = Recurrent(cell_class, input_size=3, hidden_size=4, num_layers=2, bidirectional=True, batch_first=True).double()
     randomised(layer)
     x = torch.randn(4, 9, 3, dtype=torch.float64)
     lengths = [9, 2, 5, 1]
@@ -96,7 +96,7 @@ def test_layer_equals_each_sequence_run_alone(cell_class):
 
 @pytest.mark.parametrize("cell_class", LN_CELLS)
 def test_stepping_with_a_carried_state_equals_the_whole_sequence(cell_class):
-    layer = randomised(Recurrent(cell_class, input_size=3, hidden_size=6, num_layers=2)).eval()
+    layer = randomised(Recurrent(cell_class, input_size=3, hidden_size=6, num_layers=2, batch_first=True)).eval()
     x = torch.randn(2, 10, 3)
     with torch.no_grad():
         whole, final = layer(x)
@@ -110,7 +110,7 @@ def test_stepping_with_a_carried_state_equals_the_whole_sequence(cell_class):
 
 @pytest.mark.parametrize("cell_class", LN_CELLS)
 def test_layer_gradients_float64(cell_class):
-    layer = randomised(Recurrent(cell_class, input_size=2, hidden_size=3, bidirectional=True).double())
+    layer = randomised(Recurrent(cell_class, input_size=2, hidden_size=3, bidirectional=True, batch_first=True).double())
     names = [n for n, _ in layer.named_parameters()]
     x = torch.randn(2, 5, 2, dtype=torch.float64, requires_grad=True)
 
@@ -126,5 +126,5 @@ def test_layer_gradients_float64(cell_class):
 def test_route_is_the_reference(cell_class):
     """Parameters beyond the stacked weights (the gains) keep these cells off the fused kernels, which
     would not return their gradients: the reference loop runs them (docs/cells.md has the timing)."""
-    layer = Recurrent(cell_class, input_size=3, hidden_size=4)
+    layer = Recurrent(cell_class, input_size=3, hidden_size=4, batch_first=True)
     assert rnnkit.explain(layer, torch.randn(2, 5, 3)).name == "reference"

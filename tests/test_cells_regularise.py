@@ -27,7 +27,7 @@ def test_equals_the_layer_run_by_hand_with_the_same_masks(cell):
     grads = torch.autograd.grad(loss, list(reg.layer.parameters()))
 
     by_hand = rnnkit.Recurrent(rnnkit.CELLS[cell], input_size=3, hidden_size=4, num_layers=2,
-                               bidirectional=True).double()
+                               bidirectional=True, batch_first=True).double()
     by_hand.load_state_dict(reg.layer.state_dict())
     with torch.no_grad():
         for name, m in masks.weights.items():
@@ -47,7 +47,7 @@ def test_equals_the_layer_run_by_hand_with_the_same_masks(cell):
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_the_layer_keeps_its_route(cell):
-    reg = Regularised(rnnkit.LAYERS[cell](3, 4), weight_drop=0.5)
+    reg = Regularised(rnnkit.LAYERS[cell](3, 4, batch_first=True), weight_drop=0.5)
     x = torch.randn(2, 5, 3)
     route = rnnkit.explain(reg.layer, x).name
     seen = []
@@ -96,10 +96,10 @@ def test_off_in_eval_and_reproducible_from_the_generator():
 
 
 def test_scan_cells_have_no_recurrent_weights_to_drop():
-    reg = Regularised(rnnkit.Recurrent(rnnkit.MinGRUCell, 3, 4), weight_drop=0.5)
+    reg = Regularised(rnnkit.Recurrent(rnnkit.MinGRUCell, 3, 4, batch_first=True), weight_drop=0.5)
     assert reg.sample_masks(torch.randn(2, 5, 3)).weights == {}
 
 
 def test_probabilities_are_checked():
     with pytest.raises(ValueError, match=r"weight_drop must be in \[0, 1\), got 1.0"):
-        Regularised(rnnkit.LSTM(3, 4), weight_drop=1.0)
+        Regularised(rnnkit.LSTM(3, 4, batch_first=True), weight_drop=1.0)

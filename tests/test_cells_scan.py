@@ -163,7 +163,7 @@ def manual_layer(layer, x, lengths):
 def test_layer_equals_each_sequence_run_alone(cell_class):
     """Bidirectional, two layers, random lengths: padded outputs zero, the final state at each sequence's
     own end, the backward direction from each sequence's own end."""
-    layer = Recurrent(cell_class, input_size=3, hidden_size=4, num_layers=2, bidirectional=True).double()
+    layer = Recurrent(cell_class, input_size=3, hidden_size=4, num_layers=2, bidirectional=True, batch_first=True).double()
     x = torch.randn(4, 9, 3, dtype=torch.float64)
     lengths = [9, 2, 5, 1]
     out, h = layer(x, lengths=lengths)
@@ -175,7 +175,7 @@ def test_layer_equals_each_sequence_run_alone(cell_class):
 @pytest.mark.parametrize("cell_class", SCAN_CELLS)
 def test_stepping_with_a_carried_state_equals_the_whole_sequence(cell_class):
     """One token at a time (O(1) a step, the state carried) == the whole sequence at once."""
-    layer = Recurrent(cell_class, input_size=3, hidden_size=6, num_layers=3).eval()
+    layer = Recurrent(cell_class, input_size=3, hidden_size=6, num_layers=3, batch_first=True).eval()
     x = torch.randn(2, 12, 3)
     h0 = torch.randn(3, 2, 6)
     whole, h_whole = layer(x, h0)
@@ -190,7 +190,7 @@ def test_stepping_with_a_carried_state_equals_the_whole_sequence(cell_class):
 
 @pytest.mark.parametrize("cell_class", SCAN_CELLS)
 def test_layer_gradients_float64(cell_class):
-    layer = Recurrent(cell_class, input_size=2, hidden_size=3, num_layers=2, bidirectional=True).double()
+    layer = Recurrent(cell_class, input_size=2, hidden_size=3, num_layers=2, bidirectional=True, batch_first=True).double()
     x = torch.randn(2, 6, 2, dtype=torch.float64, requires_grad=True)
     h0 = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
     params = list(layer.parameters())
@@ -207,7 +207,7 @@ def test_layer_gradients_float64(cell_class):
 
 @pytest.mark.parametrize("cell_class", SCAN_CELLS)
 def test_layers_of_scan_cells_take_the_parallel_scan_route(cell_class):
-    layer = Recurrent(cell_class, input_size=3, hidden_size=4, num_layers=2)
+    layer = Recurrent(cell_class, input_size=3, hidden_size=4, num_layers=2, batch_first=True)
     x = torch.randn(2, 5, 3)
     assert rnnkit.explain(layer, x).name == "parallel-scan"
     with torch.no_grad():  # one step with a carried state too: O(1), no lean path needed

@@ -2,6 +2,8 @@
 sequence run alone, gradients are right, a user-defined cell works everywhere, bad input is named."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -14,11 +16,11 @@ from user_cells import MGUCell
 
 
 
-LAYERS = {
-    "lstm": lambda **kw: rnnkit.LSTM(**kw),
-    "gru": lambda **kw: rnnkit.GRU(**kw),
-    "rnn": lambda **kw: rnnkit.RNN(**kw),
-    "mgu": lambda **kw: rnnkit.Recurrent(MGUCell, **kw),
+LAYERS = {  # batch-first: the tests below feed (B, T, I)
+    "lstm": lambda **kw: rnnkit.LSTM(batch_first=True, **kw),
+    "gru": lambda **kw: rnnkit.GRU(batch_first=True, **kw),
+    "rnn": lambda **kw: rnnkit.RNN(batch_first=True, **kw),
+    "mgu": lambda **kw: rnnkit.Recurrent(MGUCell, batch_first=True, **kw),
 }
 
 
@@ -36,7 +38,7 @@ def test_layer_equals_manual_loop_over_its_cell(kind):
     state = None
     steps = []
     for t in range(x.shape[1]):
-        h, state = cell(x[:, t], state)
+        h, state = cell.advance(x[:, t], state)
         steps.append(h)
     torch.testing.assert_close(out, torch.stack(steps, 1), atol=1e-12, rtol=0)
     for got, want in zip(_state_rows(final, 0), state):
@@ -112,7 +114,8 @@ def test_property_reverse_padded_is_an_involution_within_lengths(lengths):
 def test_user_defined_cell_trains_stacked_bidirectional_with_lengths():
     """A gate-defined cell learns a toy task: is the first valid token 1 or 0?"""
     g = torch.Generator().manual_seed(0)
-    model = rnnkit.Recurrent(MGUCell, input_size=2, hidden_size=16, num_layers=2, bidirectional=True)
+    model = rnnkit.Recurrent(MGUCell, input_size=2, hidden_size=16, num_layers=2, bidirectional=True,
+                             batch_first=True)
     head = torch.nn.Linear(32, 2)
     opt = torch.optim.Adam([*model.parameters(), *head.parameters()], lr=1e-2)
     losses = []
@@ -144,58 +147,78 @@ def test_dropout_between_layers_respects_train_and_eval():
 
 
 def test_state_in_and_out_uses_torch_layout():
-    layer = rnnkit.LSTM(3, 4, num_layers=2, bidirectional=True)
+    layer = rnnkit.LSTM(3, 4, num_layers=2, bidirectional=True, batch_first=True)
     out, state = layer(torch.randn(5, 6, 3))
     assert isinstance(state, rnnkit.LSTMState) and tuple(state.h.shape) == (4, 5, 4)
     out2, state2 = layer(torch.randn(5, 1, 3), state)  # carried state, one step
     assert tuple(out2.shape) == (5, 1, 8)
-    gru_out, h = rnnkit.GRU(3, 4)(torch.randn(5, 6, 3))
-    assert isinstance(h, torch.Tensor) and tuple(h.shape) == (1, 5, 4)
+    gru_out, h = rnnkit.GRU(3, 4)(torch.randn(6, 5, 3))  # time-major by default, as torch.nn
+    assert isinstance(h, torch.Tensor) and tuple(h.shape) == (1, 5, 4) and tuple(gru_out.shape) == (6, 5, 4)
 
 
-# -- bad input: the call that received it names the argument, the expected and the actual ------
+# -- bad input: torch.nn's own errors for torch.nn's arguments, named ones for rnnkit's extras -------
+
+@pytest.mark.parametrize("call", [
+    lambda l: l([1.0]),
+    lambda l: l(torch.randn(2, 4, 5)),
+    lambda l: l(torch.randn(2, 4, 3, dtype=torch.float64)),
+    lambda l: l(torch.randn(4, 2, 3), torch.zeros(1, 2, 5)),
+    lambda l: l(torch.randn(4, 2, 3), (torch.zeros(1, 2, 5), torch.zeros(2, 2, 5))),
+    lambda l: l(torch.randn(4, 2, 3), (torch.zeros(1, 2, 5), torch.zeros(1, 2, 5, dtype=torch.float64))),
+    lambda l: l(torch.randn(4, 3), (torch.zeros(1, 1, 5), torch.zeros(1, 1, 5))),
+])
+def test_bad_input_raises_torch_nn_error(call):
+    torch.manual_seed(0)
+    with pytest.raises(Exception) as theirs:
+        call(torch.nn.LSTM(3, 5))
+    with pytest.raises(type(theirs.value)) as ours:
+        call(rnnkit.LSTM(3, 5))
+    assert str(ours.value) == str(theirs.value)
+
 
 @pytest.mark.parametrize("call,error,message", [
-    (lambda l: l([1.0]), TypeError, "x must be a torch.Tensor"),
-    (lambda l: l(torch.randn(2, 3)), ValueError, r"x must have shape \(B, T, input_size\) with input_size=3, got \(2, 3\)"),
-    (lambda l: l(torch.randn(2, 4, 5)), ValueError, "input_size=3, got \\(2, 4, 5\\)"),
-    (lambda l: l(torch.randint(0, 3, (2, 4, 3))), TypeError, "floating-point"),
-    (lambda l: l(torch.randn(2, 4, 3, dtype=torch.float64)), TypeError, "x has dtype torch.float64"),
-    (lambda l: l(torch.randn(2, 4, 3), lengths=[4, 5]), ValueError, r"lengths must be in \[1, T=4\], got 5 at batch index 1"),
-    (lambda l: l(torch.randn(2, 4, 3), lengths=[0, 4]), ValueError, r"got 0 at batch index 0"),
+    (lambda l: l(torch.randn(2, 4, 3), lengths=[4, 5]), ValueError, r"lengths must be in \[0, T=4\], got 5 at batch index 1"),
+    (lambda l: l(torch.randn(2, 4, 3), lengths=[-1, 4]), ValueError, r"got -1 at batch index 0"),
     (lambda l: l(torch.randn(2, 4, 3), lengths=[4]), ValueError, r"lengths must have shape \(B=2,\)"),
     (lambda l: l(torch.randn(2, 4, 3), lengths=torch.tensor([1.0, 2.0])), TypeError, "lengths must hold integers"),
     (lambda l: l(torch.randn(2, 4, 3), lengths="ab"), TypeError, "list of ints"),
-    (lambda l: l(torch.randn(2, 4, 3), torch.zeros(1, 2, 5)), TypeError, r"state must be a tuple \(h, c\)"),
-    (lambda l: l(torch.randn(2, 4, 3), (torch.zeros(1, 2, 5), torch.zeros(2, 2, 5))), ValueError,
-     r"state.c must have shape \(num_layers\*D=1, B=2, H=5\), got \(2, 2, 5\)"),
-    (lambda l: l(torch.randn(2, 4, 3), (torch.zeros(1, 2, 5), torch.zeros(1, 2, 5, dtype=torch.float64))),
-     TypeError, "state.c has dtype torch.float64 but x has dtype torch.float32"),
 ])
-def test_bad_input_is_named(call, error, message):
+def test_bad_lengths_are_named(call, error, message):
     with pytest.raises(error, match=message):
-        call(rnnkit.LSTM(3, 5))
+        call(rnnkit.LSTM(3, 5, batch_first=True))
 
 
-def test_bad_constructor_arguments():
-    with pytest.raises(ValueError, match="hidden_size must be a positive int, got 0"):
-        rnnkit.GRU(3, 0)
-    with pytest.raises(ValueError, match="nonlinearity must be one of"):
+def test_bad_constructor_arguments_raise_torch_nn_errors():
+    for args, kwargs in [((3, 0), {}), ((3, 4), {"dropout": 1.5}), ((3, 4), {"num_layers": 0}),
+                         ((3, 4), {"bias": 1}), ((3, 4), {"proj_size": 4})]:
+        with pytest.raises(Exception) as theirs:
+            torch.nn.LSTM(*args, **kwargs)
+        with pytest.raises(type(theirs.value), match=re.escape(str(theirs.value))):
+            rnnkit.LSTM(*args, **kwargs)
+    with pytest.raises(ValueError, match="Unknown nonlinearity 'sigmoid'"):
         rnnkit.RNN(3, 4, nonlinearity="sigmoid")
-    with pytest.raises(ValueError, match="dropout must be in"):
-        rnnkit.LSTM(3, 4, dropout=1.5)
+    with pytest.raises(ValueError, match="proj_size argument is only supported for LSTM"):
+        rnnkit.GRU(3, 4, proj_size=2)
 
 
-def test_gru_state_must_be_a_tensor_of_the_right_shape():
+def test_user_cell_layer_state_must_be_of_the_right_shape():
     with pytest.raises(ValueError, match=r"state.h must have shape \(num_layers\*D=2, B=2, H=4\), got \(1, 2, 4\)"):
-        rnnkit.GRU(3, 4, bidirectional=True)(torch.randn(2, 5, 3), torch.zeros(1, 2, 4))
+        rnnkit.Recurrent(MGUCell, 3, 4, bidirectional=True)(torch.randn(5, 2, 3), torch.zeros(1, 2, 4))
 
 
 def test_cell_state_of_the_wrong_kind_is_named():
+    """A cell's own contract (``advance``) names a malformed state; its torch.nn call raises torch.nn's errors."""
     x = torch.randn(2, 3)
     with pytest.raises(TypeError, match=r"state must be a tuple \(h, c\)"):
-        rnnkit.LSTMCell(3, 4)(x, torch.zeros(2, 2, 4))  # a stacked tensor is not (h, c)
+        rnnkit.LSTMCell(3, 4).advance(x, torch.zeros(2, 2, 4))  # a stacked tensor is not (h, c)
     with pytest.raises(TypeError, match=r"state must be a tuple \(h, c\)"):
-        rnnkit.LSTMCell(3, 4)(x, (torch.zeros(2, 4),))
+        rnnkit.LSTMCell(3, 4).advance(x, (torch.zeros(2, 4),))
     with pytest.raises(ValueError, match=r"state.h must have shape \(B=2, H=4\), got \(1, 4\)"):
-        rnnkit.GRUCell(3, 4)(x, torch.zeros(1, 4))
+        rnnkit.GRUCell(3, 4).advance(x, torch.zeros(1, 4))
+    for ours, theirs, hx in [(rnnkit.GRUCell, torch.nn.GRUCell, torch.zeros(1, 4)),
+                             (rnnkit.LSTMCell, torch.nn.LSTMCell, torch.zeros(2, 2, 4)),
+                             (rnnkit.RNNCell, torch.nn.RNNCell, torch.zeros(2, 5))]:
+        with pytest.raises(Exception) as want:
+            theirs(3, 4)(x, hx)
+        with pytest.raises(type(want.value), match=re.escape(str(want.value))):
+            ours(3, 4)(x, hx)

@@ -31,7 +31,7 @@ def test_every_route_is_in_the_internals_page():
 
 
 def test_explain_names_the_route_and_runs_nothing():
-    layer = rnnkit.GRU(3, 4, num_layers=2)
+    layer = rnnkit.GRU(3, 4, num_layers=2, batch_first=True)
     x = torch.randn(2, 5, 3, requires_grad=True)
     explanation = rnnkit.explain(layer, x)
     assert explanation.name in routing.ROUTE_NAMES
@@ -41,7 +41,7 @@ def test_explain_names_the_route_and_runs_nothing():
 
 
 def test_a_user_cell_is_never_routed_to_torchs_kernel():
-    layer = rnnkit.Recurrent(MGUCell, 3, 4)
+    layer = rnnkit.Recurrent(MGUCell, 3, 4, batch_first=True)
     explanation = rnnkit.explain(layer, torch.randn(2, 5, 3))
     assert explanation.name in ("cpp-compiled", "generic")
     assert dict(explanation.passed)["torch-kernel"] == "not a stack of one built-in cell as shipped"
@@ -49,11 +49,11 @@ def test_a_user_cell_is_never_routed_to_torchs_kernel():
 
 def test_explain_raises_what_the_call_raises():
     with pytest.raises(ValueError, match="input_size=3"):
-        rnnkit.explain(rnnkit.LSTM(3, 4), torch.randn(2, 5, 7))
+        rnnkit.explain(rnnkit.LSTM(3, 4, batch_first=True), torch.randn(2, 5, 7))
 
 
 def test_force_runs_the_named_route_and_is_scoped():
-    layer = rnnkit.LSTM(3, 4)
+    layer = rnnkit.LSTM(3, 4, batch_first=True)
     x = torch.randn(2, 5, 3)
     with routing.force("reference") as route:
         assert route.name == "reference" and rnnkit.explain(layer, x).name == "reference"
@@ -68,7 +68,7 @@ def test_force_runs_the_named_route_and_is_scoped():
 def test_force_refuses_an_unknown_route_or_one_that_cannot_run_the_call():
     with pytest.raises(ValueError, match="unknown route 'fast'"), routing.force("fast"):
         pass
-    layer = rnnkit.Recurrent(MGUCell, 3, 4)
+    layer = rnnkit.Recurrent(MGUCell, 3, 4, batch_first=True)
     with routing.force("torch-kernel"), pytest.raises(ValueError, match="cannot run this call: not a stack"):
         layer(torch.randn(2, 5, 3))
     with routing.force("step-matmul"), pytest.raises(ValueError, match="no state carried"):
@@ -76,7 +76,7 @@ def test_force_refuses_an_unknown_route_or_one_that_cannot_run_the_call():
 
 
 def test_each_call_logs_its_route(caplog):
-    layer = rnnkit.RNN(3, 4)
+    layer = rnnkit.RNN(3, 4, batch_first=True)
     with caplog.at_level(logging.DEBUG, logger="rnnkit.routing"):
         layer(torch.randn(2, 5, 3))
     assert any(r.name == "rnnkit.routing" and r.getMessage().startswith("RNN: ") for r in caplog.records)
@@ -88,8 +88,8 @@ def test_no_module_level_route_switch_remains():
 
 
 @pytest.mark.parametrize("batch", [1, 2])
-@pytest.mark.parametrize("make", [lambda: rnnkit.LSTM(6, 8, num_layers=2), lambda: rnnkit.GRU(6, 8),
-                                  lambda: rnnkit.RNN(6, 8), lambda: rnnkit.Recurrent(MGUCell, 6, 8)])
+@pytest.mark.parametrize("make", [lambda: rnnkit.LSTM(6, 8, num_layers=2, batch_first=True), lambda: rnnkit.GRU(6, 8, batch_first=True),
+                                  lambda: rnnkit.RNN(6, 8, batch_first=True), lambda: rnnkit.Recurrent(MGUCell, 6, 8, batch_first=True)])
 def test_a_lean_steps_one_pass_agrees_with_the_table(make, batch):
     """choose_route decides a lean step in one pass (it runs at every generated token); explain walks
     the whole table: the two name the same route, so a route added above the step rows is seen by both."""

@@ -25,9 +25,9 @@ class MGUCell(GatedCell):
 
 
 LAYERS = {
-    "LSTM": lambda **kw: rnnkit.LSTM(I, H, **kw),
-    "GRU": lambda **kw: rnnkit.GRU(I, H, **kw),
-    "RNN": lambda **kw: rnnkit.RNN(I, H, nonlinearity="relu", **kw),
+    "LSTM": lambda **kw: rnnkit.LSTM(I, H, **kw, batch_first=True),
+    "GRU": lambda **kw: rnnkit.GRU(I, H, **kw, batch_first=True),
+    "RNN": lambda **kw: rnnkit.RNN(I, H, nonlinearity="relu", **kw, batch_first=True),
 }
 # option -> (layer keywords, call keywords from (B, T, layer))
 OPTIONS = {
@@ -36,7 +36,7 @@ OPTIONS = {
         dict(bidirectional=True),
         lambda B, T, layer: dict(lengths=torch.randint(1, T + 1, (B,)))),
     "dropout": (dict(num_layers=2, dropout=0.3), lambda B, T, layer: {}),
-    "initial state": (dict(num_layers=2), lambda B, T, layer: dict(state=_state(layer, B))),
+    "initial state": (dict(num_layers=2), lambda B, T, layer: dict(hx=_state(layer, B))),
 }
 
 
@@ -86,7 +86,7 @@ def test_compile_stepping(name):
     """Generation: one step at a time with the state carried, gradients off."""
     layer = LAYERS[name](num_layers=2)
     with torch.no_grad():
-        graphs = _compile_and_compare(layer, lambda B, T, layer: dict(state=_state(layer, B)), False)
+        graphs = _compile_and_compare(layer, lambda B, T, layer: dict(hx=_state(layer, B)), False)
     assert graphs == 1
 
 
@@ -95,7 +95,7 @@ def test_compile_a_users_cell(train):
     """A user's cell compiles into one graph with eager's results, in training; its loop over time is
     unrolled (one copy of the step per step), so a new length traces the call again."""
     torch._dynamo.reset()
-    layer = rnnkit.Recurrent(MGUCell, I, H).train(train)
+    layer = rnnkit.Recurrent(MGUCell, I, H, batch_first=True).train(train)
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager", dynamic=True)
     for B in (3, 5):
         x = torch.randn(B, 3, I, requires_grad=train)
@@ -110,7 +110,7 @@ def test_compile_a_users_cell(train):
 
 def test_compile_inductor_lstm():
     """The default backend (Inductor) too, on one small case."""
-    layer = rnnkit.LSTM(I, H)
+    layer = rnnkit.LSTM(I, H, batch_first=True)
     assert _compile_and_compare(layer, OPTIONS["plain"][1], False, backend="inductor") == 1
 
 
@@ -122,7 +122,7 @@ class Tagger(torch.nn.Module):
         self.rnn = layer
 
     def forward(self, x, lengths, state):
-        return self.rnn(x, state, lengths)
+        return self.rnn(x, state, lengths=lengths)
 
 
 @pytest.mark.parametrize("name", list(LAYERS))

@@ -39,7 +39,7 @@ def test_operators_pass_opcheck(kind, masked):
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
 def test_operators_gradients_match_the_reference(kind):
     """The training operator's registered backward gives the reference loop's gradients."""
-    layer = {"lstm": rnnkit.LSTM, "gru": rnnkit.GRU}[kind](4, H, bidirectional=True).double()
+    layer = {"lstm": rnnkit.LSTM, "gru": rnnkit.GRU}[kind](4, H, bidirectional=True, batch_first=True).double()
     x = torch.randn(B, T, 4, dtype=torch.float64, requires_grad=True)
     lengths = torch.tensor([5, 2, 4])
     from rnnkit.core import ops, stack
@@ -74,7 +74,7 @@ class _MGU(GatedCell):
 
 @pytest.mark.parametrize("what", ["lengths", "user cell", "dropout"])
 def test_jit_trace_refuses_what_it_cannot_record(what):
-    layer = rnnkit.Recurrent(_MGU, 4, 6) if what == "user cell" else rnnkit.LSTM(4, 6, num_layers=2, dropout=0.5)
+    layer = rnnkit.Recurrent(_MGU, 4, 6, batch_first=True) if what == "user cell" else rnnkit.LSTM(4, 6, num_layers=2, dropout=0.5, batch_first=True)
     layer.train(what == "dropout")
     x = torch.randn(3, 5, 4)
     call = (lambda x: layer(x, lengths=torch.tensor([5, 2, 4]))[0]) if what == "lengths" else (lambda x: layer(x)[0])
@@ -86,7 +86,7 @@ def test_legacy_onnx_export_is_correct_at_other_shapes(tmp_path):
     """torch.onnx.export(dynamo=False) writes ONNX's LSTM, not a constant: onnxruntime matches eager
     at another batch size and length."""
     ort = pytest.importorskip("onnxruntime")
-    layer = rnnkit.LSTM(4, 6, num_layers=2).eval()
+    layer = rnnkit.LSTM(4, 6, num_layers=2, batch_first=True).eval()
     path = tmp_path / "lstm.onnx"
     torch.onnx.export(layer, (torch.randn(3, 5, 4),), str(path), dynamo=False, input_names=["x"],
                       output_names=["y", "h", "c"], dynamic_axes={"x": {0: "B", 1: "T"}, "y": {0: "B", 1: "T"}})

@@ -60,13 +60,13 @@ class OwnStepCell(MGUCell):
 
 
 LAYERS = {
-    "lstm": lambda **kw: rnnkit.LSTM(**kw),
-    "gru": lambda **kw: rnnkit.GRU(**kw),
-    "rnn_tanh": lambda **kw: rnnkit.RNN(**kw),
-    "rnn_relu": lambda **kw: rnnkit.RNN(nonlinearity="relu", **kw),
-    "mgu": lambda **kw: rnnkit.Recurrent(MGUCell, **kw),
-    "user_lstm": lambda **kw: rnnkit.Recurrent(UserLSTMCell, **kw),
-    "user_gru": lambda **kw: rnnkit.Recurrent(UserGRUCell, **kw),
+    "lstm": lambda **kw: rnnkit.LSTM(**{"batch_first": True, **kw}),
+    "gru": lambda **kw: rnnkit.GRU(**{"batch_first": True, **kw}),
+    "rnn_tanh": lambda **kw: rnnkit.RNN(**{"batch_first": True, **kw}),
+    "rnn_relu": lambda **kw: rnnkit.RNN(nonlinearity="relu", **{"batch_first": True, **kw}),
+    "mgu": lambda **kw: rnnkit.Recurrent(MGUCell, **{"batch_first": True, **kw}),
+    "user_lstm": lambda **kw: rnnkit.Recurrent(UserLSTMCell, **{"batch_first": True, **kw}),
+    "user_gru": lambda **kw: rnnkit.Recurrent(UserGRUCell, **{"batch_first": True, **kw}),
 }
 
 
@@ -267,7 +267,7 @@ def test_the_workspace_reuses_a_freed_buffer_and_frees_on_request():
     del b
     assert ops.release_workspace() == 4 << 20
     assert ops.release_workspace() == 0
-    out, _ = rnnkit.GRU(4, 256)(torch.randn(8, 200, 4))  # its buffers of 1 MiB or more: the workspace's
+    out, _ = rnnkit.GRU(4, 256, batch_first=True)(torch.randn(8, 200, 4))  # its buffers of 1 MiB or more: the workspace's
     out.sum().backward()
     del out
     assert rnnkit.empty_cache() > 0
@@ -406,10 +406,9 @@ def test_nan_propagates(kind):
 
 def test_a_strided_bias_at_batch_one():
     """The C++ loops read the bias as an array: a strided one must be made dense first."""
-    layer = rnnkit.GRU(4, 8)
-    cell = layer.cells[0]
-    cell.bias_hh = torch.nn.Parameter(torch.randn(48)[::2])
-    assert not cell.bias_hh.is_contiguous()
+    layer = rnnkit.GRU(4, 8, batch_first=True)
+    layer.bias_hh_l0 = torch.nn.Parameter(torch.randn(48)[::2])
+    assert not layer.cells[0].bias_hh.is_contiguous()
     x, h0 = torch.randn(1, 5, 4), (torch.randn(1, 1, 8),)
     got = _run(layer, x, h0, [5], fused_on=True)
     want = _run(layer, x, h0, [5], fused_on=False)
@@ -433,7 +432,7 @@ class InputFreeCell(rnnkit.GatedCell):
 
 
 def test_generic_kernel_when_no_gradient_reaches_a_step_input():
-    layer = rnnkit.Recurrent(InputFreeCell, 3, 4).double()
+    layer = rnnkit.Recurrent(InputFreeCell, 3, 4, batch_first=True).double()
     x, h0 = torch.randn(2, 5, 3, dtype=torch.float64), torch.randn(1, 2, 4, dtype=torch.float64)
 
     def grads(fused_on):
@@ -455,11 +454,11 @@ def test_kernel_choice():
     assert table.kernel_for(MGUCell(2, 3)) is table.GENERIC
     assert table.kernel_for(OwnStepCell(2, 3)) is None  # its own step: the reference loop
     x = torch.randn(2, 5, 2)
-    assert rnnkit.explain(rnnkit.Recurrent(OwnStepCell, 2, 3), x).name == "reference"
+    assert rnnkit.explain(rnnkit.Recurrent(OwnStepCell, 2, 3, batch_first=True), x).name == "reference"
 
 
 def test_cell_with_its_own_step_still_runs_its_step():
-    layer = rnnkit.Recurrent(OwnStepCell, input_size=3, hidden_size=4).double()
+    layer = rnnkit.Recurrent(OwnStepCell, input_size=3, hidden_size=4, batch_first=True).double()
     x = torch.randn(2, 5, 3, dtype=torch.float64)
     out, _ = layer(x)
     cell = layer.cells[0]
@@ -638,28 +637,35 @@ def test_a_layer_made_under_inference_mode_runs_and_steps(kind):
 
 
 def test_pickling_a_layer_leaves_out_its_packed_weights():
-    layer = rnnkit.LSTM(3, 4).eval()
+    layer = rnnkit.LSTM(3, 4, batch_first=True).eval()
     x, state = torch.randn(2, 1, 3), rnnkit.LSTMState(torch.zeros(1, 2, 4), torch.zeros(1, 2, 4))
     with torch.no_grad():
-        want, _ = layer(x, state)  # the lean path: packs and caches
-        assert step_module.CACHE_ATTR in vars(layer)
+        want, _ = layer(x, state)  # the lean path: packs and caches (on the layer's bound cells)
+        assert step_module.CACHE_ATTR in vars(layer._bound())
         for other in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
-            assert step_module.CACHE_ATTR not in vars(other)
+            assert set(other.__getstate__()) == set(torch.nn.LSTM(3, 4).__getstate__())  # torch.nn's state only
+            assert step_module.CACHE_ATTR not in vars(other._bound())
             torch.testing.assert_close(other(x, state)[0], want, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("kind", list(LAYERS))
 def test_stepping_an_empty_batch_names_the_problem(kind):
-    """A batch of 0 with a carried state leaves the lean path to the general route's message."""
+    """A batch of 0 with a carried state leaves the lean path to the general route's message (a
+    torch.nn class: torch.nn's answer, an empty output)."""
     layer = LAYERS[kind](input_size=3, hidden_size=5).eval()
     state = tuple(torch.zeros(1, 0, 5) for _ in layer.State._fields)
+    if isinstance(layer, torch.nn.RNNBase):
+        with torch.no_grad():
+            out, _ = layer(torch.randn(0, 1, 3), state if len(state) > 1 else state[0])
+        assert tuple(out.shape) == (0, 1, 5)
+        return
     with torch.no_grad(), pytest.raises(ValueError, match="at least one sequence"):
         layer(torch.randn(0, 1, 3), state if len(state) > 1 else state[0])
 
 
 def test_stepping_bad_state_still_names_the_problem():
-    with torch.no_grad(), pytest.raises(ValueError, match=r"state.c must have shape"):
-        rnnkit.LSTM(3, 5)(torch.randn(2, 1, 3), (torch.zeros(1, 2, 5), torch.zeros(2, 2, 5)))
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"Expected hidden\[1\] size \(1, 2, 5\), got \[2, 2, 5\]"):
+        rnnkit.LSTM(3, 5, batch_first=True)(torch.randn(2, 1, 3), (torch.zeros(1, 2, 5), torch.zeros(2, 2, 5)))
 
 
 @pytest.mark.parametrize("kind", ["gru", "mgu"])
@@ -674,7 +680,7 @@ def test_backward_twice_with_retain_graph(kind):
 
 
 def test_cpu_autocast_keeps_dtypes_consistent():
-    layer = rnnkit.LSTM(8, 16, num_layers=2)
+    layer = rnnkit.LSTM(8, 16, num_layers=2, batch_first=True)
     x = torch.randn(4, 6, 8)
     want, _ = layer(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -740,7 +746,7 @@ def test_inference_through_torchs_kernel_equals_the_reference(kind, kwargs, monk
     since they are faster than torch's (oneDNN for the LSTM in float32).
     """
     monkeypatch.setitem(native._state, "ops", None)
-    layer = rnnkit.LAYERS[kind](5, 7, num_layers=2, bidirectional=True, **kwargs).eval()
+    layer = rnnkit.LAYERS[kind](5, 7, num_layers=2, bidirectional=True, **kwargs, batch_first=True).eval()
     x = torch.randn(3, 6, 5)
     state = layer(x)[1]
     with torch.no_grad():
@@ -758,7 +764,7 @@ def test_inference_through_torchs_kernel_equals_the_reference(kind, kwargs, monk
 @pytest.mark.skipif(native.ops() is None, reason="the C++ loops could not be built here")
 @pytest.mark.parametrize("kind", ["gru", "rnn"])
 def test_with_the_cpp_loops_gru_and_rnn_inference_stay_in_rnnkit(kind):
-    layer = rnnkit.LAYERS[kind](5, 7).eval()
+    layer = rnnkit.LAYERS[kind](5, 7, batch_first=True).eval()
     with torch.no_grad():
         assert rnnkit.explain(layer, torch.randn(3, 6, 5)).name == "cpp-loops"
 
@@ -771,7 +777,7 @@ def test_lstm_routes_to_the_cpp_loops_where_they_measured_faster():
     training stays on it (the route asked, at the real thresholds: nothing runs). On each route the
     gradients are the reference's."""
     H = 32
-    layer = rnnkit.LSTM(5, H)
+    layer = rnnkit.LSTM(5, H, batch_first=True)
     max_batch = routing.NATIVE_LSTM_MAX_STATE // H
     long = routing.NATIVE_LSTM_MIN_TRAIN_GATES // (4 * H * (max_batch + 1)) + 1  # steps whose gates pass the line
     for batch, steps, grad, route in ((max_batch, 3, True, "cpp-loops"), (max_batch + 1, 3, True, "torch-kernel"),
@@ -799,7 +805,7 @@ def test_lstm_inference_projecting_inside_the_loop_equals_the_reference(dtype, b
     """LSTM inference projects its input inside the C++ loop (``cpp-projecting``): outputs and
     final states are the reference's, with lengths, both directions, two layers and a state passed
     in; hidden 33 and 300 leave partial blocks."""
-    layer = rnnkit.LSTM(6, hidden, num_layers=2, bidirectional=True, bias=bias).to(dtype).eval()
+    layer = rnnkit.LSTM(6, hidden, num_layers=2, bidirectional=True, bias=bias, batch_first=True).to(dtype).eval()
     x = torch.randn(batch, 9, 6, dtype=dtype)
     state = tuple(torch.randn(4, batch, hidden, dtype=dtype) for _ in range(2))
     lengths = ([9, 4, 7, 1] * 2)[:batch]
@@ -822,7 +828,7 @@ def test_lengths_through_torchs_packed_kernel_equal_the_reference(kind):
     """With lengths, a stack on CUDA goes to torch's packed-sequence kernel (cuDNN). The same route,
     forced here on the CPU, gives the reference's outputs, final states and every gradient:
     unsorted lengths, both directions, two layers, a state passed in."""
-    layer = rnnkit.LAYERS[kind](5, 7, num_layers=2, bidirectional=True).eval()
+    layer = rnnkit.LAYERS[kind](5, 7, num_layers=2, bidirectional=True, batch_first=True).eval()
     x = torch.randn(3, 6, 5)
     lengths = torch.tensor([4, 6, 2])
     with torch.no_grad():
@@ -865,7 +871,7 @@ def _grads_and_outputs(layer, x, h0):
 
 
 def test_a_cells_own_parameters_get_their_gradients(monkeypatch):
-    layer = rnnkit.Recurrent(ScaledMGUCell, 3, 4, num_layers=2).double()
+    layer = rnnkit.Recurrent(ScaledMGUCell, 3, 4, num_layers=2, batch_first=True).double()
     x, h0 = torch.randn(2, 5, 3, dtype=torch.float64), torch.randn(2, 2, 4, dtype=torch.float64)
     assert rnnkit.explain(layer, x, h0).name == "reference"  # a parameter of its own
     fast, names = _grads_and_outputs(layer, x, h0)
@@ -877,7 +883,7 @@ def test_a_cells_own_parameters_get_their_gradients(monkeypatch):
 
 
 def test_an_overridden_input_projection_is_honoured_by_every_path(monkeypatch):
-    layer = rnnkit.Recurrent(DoubledInputLSTMCell, 3, 4, num_layers=2).eval()
+    layer = rnnkit.Recurrent(DoubledInputLSTMCell, 3, 4, num_layers=2, batch_first=True).eval()
     x = torch.randn(2, 5, 3)
     with torch.no_grad():
         out, state = layer(x)                      # whole sequence, no gradient
@@ -894,7 +900,7 @@ def test_an_overridden_input_projection_is_honoured_by_every_path(monkeypatch):
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
 def test_cuda_autocast_state_can_be_carried(kind):
     """Under autocast the returned state keeps the weights' dtype, so it can go back in (lm training)."""
-    layer = rnnkit.LAYERS[kind](5, 8, num_layers=2).cuda()
+    layer = rnnkit.LAYERS[kind](5, 8, num_layers=2, batch_first=True).cuda()
     x = torch.randn(2, 4, 5, device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         _, state = layer(x)
@@ -937,7 +943,7 @@ def test_cuda_autocast_matches_torch_nn(kind):
 
 def test_stepping_under_autocast_keeps_the_states_dtype():
     """lm's on_eval samples under the trainer's autocast: one-step calls must hand back float32 state."""
-    layer = rnnkit.GRU(5, 8, num_layers=2).eval()
+    layer = rnnkit.GRU(5, 8, num_layers=2, batch_first=True).eval()
     x = torch.randn(2, 1, 5)
     _, state = layer(x)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):

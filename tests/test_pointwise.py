@@ -91,7 +91,7 @@ def test_compiled_layer_equals_the_reference(cell, dtype, bidirectional, with_le
     """Outputs, final states and every gradient through the compiled route against the Python
     reference loop; the route is asserted taken, in training and (``cpp-projecting``) inference."""
     B, T, I, H, L = 3, 6, 4, 37, 2  # H off the vector width
-    layer = rnnkit.Recurrent(cell, I, H, num_layers=L, bidirectional=bidirectional).to(dtype)
+    layer = rnnkit.Recurrent(cell, I, H, num_layers=L, bidirectional=bidirectional, batch_first=True).to(dtype)
     D = 2 if bidirectional else 1
     x = torch.randn(B, T, I, dtype=dtype)
     state = tuple(torch.randn(L * D, B, H, dtype=dtype) for _ in layer.State._fields)
@@ -115,7 +115,7 @@ def test_compiled_layer_equals_the_reference(cell, dtype, bidirectional, with_le
 def test_user_gru_equals_torch_gru():
     """The user's GRU is torch's (its weights loaded), through the compiled route with 3-gate packing."""
     theirs = torch.nn.GRU(4, 37, batch_first=True).double()
-    ours = rnnkit.Recurrent(UserGRUCell, 4, 37).double()
+    ours = rnnkit.Recurrent(UserGRUCell, 4, 37, batch_first=True).double()
     ours.load_state_dict(rnnkit.from_torch(theirs).state_dict())
     assert compiled_module.program_gates(ours.cells[0]) == 3 and pointwise.compiled(ours.cells[0]) is not None
     x = torch.randn(3, 6, 4, dtype=torch.float64)
@@ -133,7 +133,7 @@ def test_program_gates():
 def test_what_does_not_compile_runs_the_autograd_loop(cell):
     """An op the programs lack, a branch on values, a reduction: no program, and the layer still
     computes the reference's outputs and gradients (the generic autograd kernel)."""
-    layer = rnnkit.Recurrent(cell, 3, 5).double()
+    layer = rnnkit.Recurrent(cell, 3, 5, batch_first=True).double()
     assert pointwise.compiled(layer.cells[0]) is None
     x = torch.randn(2, 4, 3, dtype=torch.float64)
     state = (torch.randn(1, 2, 5, dtype=torch.float64),)
@@ -144,7 +144,7 @@ def test_what_does_not_compile_runs_the_autograd_loop(cell):
 def test_stepping_a_cell_that_does_not_compile_runs_its_combine(cell):
     """A batch stepped with a carried state: where no program compiles, the lean path's C++ loop
     declines and the cell's ``combine`` runs as written, on the same projections."""
-    layer = rnnkit.Recurrent(cell, 3, 5).double().eval()
+    layer = rnnkit.Recurrent(cell, 3, 5, batch_first=True).double().eval()
     c = layer.cells[0]
     x, h = torch.randn(4, 1, 3, dtype=torch.float64), torch.randn(1, 4, 5, dtype=torch.float64)
     with torch.inference_mode():
@@ -164,7 +164,7 @@ def test_dropout_compiles_only_where_it_is_off():
 
 def test_a_changed_constant_is_traced_again():
     """A plain attribute ``combine`` reads is part of the key: changing it changes the result."""
-    layer = rnnkit.Recurrent(SpellingCell, 3, 5, offset=1.0).double()
+    layer = rnnkit.Recurrent(SpellingCell, 3, 5, offset=1.0, batch_first=True).double()
     x = torch.randn(2, 4, 3, dtype=torch.float64)
     with torch.no_grad():
         before = layer(x)[0]
@@ -255,7 +255,7 @@ def test_pointwise_refuses_a_bad_program_or_operand():
 def test_compiled_without_bias_and_with_one_hidden_unit():
     """No biases (the matmuls take None) and H = 1 (the mask is then an ordinary column)."""
     for H, bias in ((5, False), (1, True)):
-        layer = rnnkit.Recurrent(UserLSTMCell, 3, H, bias=bias).double()
+        layer = rnnkit.Recurrent(UserLSTMCell, 3, H, bias=bias, batch_first=True).double()
         assert pointwise.compiled(layer.cells[0]) is not None
         x = torch.randn(2, 4, 3, dtype=torch.float64)
         state = tuple(torch.randn(1, 2, H, dtype=torch.float64) for _ in range(2))
@@ -340,7 +340,7 @@ def test_cells_differing_in_any_attribute_get_their_own_programs():
     variants = [dict(act=torch.nn.Tanh(), config={"scale": [1.0]}), dict(act=torch.nn.ReLU(), config={"scale": [1.0]}),
                 dict(act=torch.sigmoid, config={"scale": [1.0]}), dict(act=torch.sigmoid, config={"scale": [3.0]})]
     for kwargs in variants:
-        layer = rnnkit.Recurrent(ActivationCell, 3, 4, **kwargs).double()
+        layer = rnnkit.Recurrent(ActivationCell, 3, 4, **kwargs, batch_first=True).double()
         assert pointwise.compiled(layer.cells[0]) is not None
         with torch.no_grad():
             got = layer(x)[0]
@@ -369,7 +369,7 @@ def test_too_many_gates_for_the_scan_keep_the_autograd_loop():
             n = torch.tanh(sum(a + b for a, b in zip(x, h)))
             return n, HiddenState(n)
 
-    layer = rnnkit.Recurrent(ManyGates, 3, 2).double()
+    layer = rnnkit.Recurrent(ManyGates, 3, 2, batch_first=True).double()
     assert pointwise.compiled(layer.cells[0]) is None
     x = torch.randn(2, 3, 3, dtype=torch.float64)
     state = (torch.randn(1, 2, 2, dtype=torch.float64),)

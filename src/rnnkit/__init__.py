@@ -2,13 +2,13 @@
 own, each built from one gate primitive, act(x A + h B + b).
 
 >>> import torch, rnnkit
->>> out, (h, c) = rnnkit.LSTM(8, 16)(torch.randn(2, 5, 8))
+>>> out, (h, c) = rnnkit.LSTM(8, 16)(torch.randn(5, 2, 8))  # torch.nn's contract: (T, B, I)
 >>> tuple(out.shape)
-(2, 5, 16)
+(5, 2, 16)
 """
 from rnnkit.core import (
     CELLS, GRU, GRUCell, GatedCell, HiddenState, LAYERS, LSTM, LSTMCell, LSTMState, RNN, RNNCell, Recurrent,
-    empty_cache, explain, from_torch, gate, routing, to_torch,
+    convert, empty_cache, explain, from_torch, gate, routing, to_torch,
     LayerNormGRUCell, LayerNormLSTMCell, MinGRUCell, MinLSTMCell, ParallelScanCell, Regularised,
 )
 
@@ -29,7 +29,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "CELLS", "GRU", "GRUCell", "GatedCell", "HiddenState", "LAYERS", "LSTM", "LSTMCell", "LSTMState", "RNN", "RNNCell",
-    "Recurrent", "Task", "__version__", "empty_cache", "explain", "fit", "from_torch", "gate", "load", "load_run",
+    "Recurrent", "Task", "__version__", "convert", "empty_cache", "explain", "fit", "from_torch", "gate", "load", "load_run",
     "register_task", "routing", "stream_batches", "to_torch", "train",
     "LayerNormGRUCell", "LayerNormLSTMCell", "MinGRUCell", "MinLSTMCell", "ParallelScanCell", "Regularised",
 ]

@@ -29,11 +29,11 @@ from rnnkit.core.regularise import Regularised
 
 # each row's layer, built from (input size, hidden size)
 CELLS = {
-    "mingru": lambda I, H: rnnkit.Recurrent(MinGRUCell, I, H),
-    "minlstm": lambda I, H: rnnkit.Recurrent(MinLSTMCell, I, H),
-    "ln-lstm": lambda I, H: rnnkit.Recurrent(LayerNormLSTMCell, I, H),
+    "mingru": lambda I, H: rnnkit.Recurrent(MinGRUCell, I, H, batch_first=True),
+    "minlstm": lambda I, H: rnnkit.Recurrent(MinLSTMCell, I, H, batch_first=True),
+    "ln-lstm": lambda I, H: rnnkit.Recurrent(LayerNormLSTMCell, I, H, batch_first=True),
     # the LSTM with AWD-LSTM's variational dropout (input and output) and weight-drop
-    "lstm+regularised": lambda I, H: Regularised(rnnkit.LSTM(I, H), input_dropout=0.25, output_dropout=0.25,
+    "lstm+regularised": lambda I, H: Regularised(rnnkit.LSTM(I, H, batch_first=True), input_dropout=0.25, output_dropout=0.25,
                                                  weight_drop=0.5, generator=torch.Generator().manual_seed(0)),
 }
 # speedup over the LSTM the row must reach (LSTM time / cell time): at least 4x for the scan cells
@@ -62,7 +62,7 @@ def rows_at(T: int, cells: list[str], B: int, H: int, I: int, repeats: int) -> l
     """One row per cell at sequence length ``T``, each against the LSTM timed in the same repeats."""
     torch.manual_seed(0)
     x = torch.randn(B, T, I, requires_grad=True)
-    lstm = rnnkit.LSTM(I, H)
+    lstm = rnnkit.LSTM(I, H, batch_first=True)
     layers = {name: CELLS[name](I, H) for name in cells}
     times = rotated({"lstm": _train(lstm, x), **{name: _train(layer, x) for name, layer in layers.items()}}, repeats)
     lstm_s = statistics.median(times["lstm"])

@@ -170,8 +170,8 @@ def custom_cell(B, H, T, repeats, tokens) -> list[dict]:
     vs the built-in LSTM (hand-written kernel): training and inference at (B, H, T), and stepping
     ``tokens`` tokens at batch 1 through 3 layers of H, as ``stepping`` does. In the stepping row,
     ``steps`` is the number of tokens and the times are per token."""
-    builtin = rnnkit.LSTM(INPUT, H)
-    user = rnnkit.Recurrent(UserLSTMCell, INPUT, H)
+    builtin = rnnkit.LSTM(INPUT, H, batch_first=True)
+    user = rnnkit.Recurrent(UserLSTMCell, INPUT, H, batch_first=True)
     user.load_state_dict(builtin.state_dict())
     x = torch.randn(B, T, INPUT, requires_grad=True)  # as in the grid; inference runs under no_grad
     rows = []
@@ -179,8 +179,8 @@ def custom_cell(B, H, T, repeats, tokens) -> list[dict]:
         t_builtin, t_user, _ = compare(make(builtin, x), make(user, x), repeats)
         rows.append({"mode": mode, "batch": B, "hidden": H, "steps": T, "builtin_ms": t_builtin * 1e3,
                      "user_cell_ms": t_user * 1e3, "slowdown": t_user / t_builtin})
-    builtin = rnnkit.LSTM(H, H, num_layers=3).eval()
-    user = rnnkit.Recurrent(UserLSTMCell, H, H, num_layers=3).eval()
+    builtin = rnnkit.LSTM(H, H, num_layers=3, batch_first=True).eval()
+    user = rnnkit.Recurrent(UserLSTMCell, H, H, num_layers=3, batch_first=True).eval()
     user.load_state_dict(builtin.state_dict())
     x = torch.randn(1, 1, H)
     t_builtin, t_user, _ = compare(_stepper(builtin, x, tokens), _stepper(user, x, tokens), repeats)

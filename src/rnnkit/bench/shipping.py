@@ -74,13 +74,13 @@ def _ort(model, args, dynamic_shapes, names):
 
 def _cases():
     torch.manual_seed(0)
-    ours = Classifier(rnnkit.LSTM(64, 128, num_layers=2)).eval()
+    ours = Classifier(rnnkit.LSTM(64, 128, num_layers=2, batch_first=True)).eval()
     theirs = Classifier(nn.LSTM(64, 128, num_layers=2, batch_first=True)).eval()
     theirs.load_state_dict(dict(zip(theirs.state_dict(), ours.state_dict().values())))
     tokens, lengths = torch.randint(0, 256, (32, 64)), torch.randint(16, 65, (32,))
     B, T = torch.export.Dim("B", min=2), torch.export.Dim("T", min=2)
     yield ("classifier, B=32, T=64", ours, theirs, (tokens, lengths), ({0: B, 1: T}, {0: B}), ["tokens", "lengths"])
-    ours = LMStep(rnnkit.LSTM(64, 256, num_layers=2)).eval()
+    ours = LMStep(rnnkit.LSTM(64, 256, num_layers=2, batch_first=True)).eval()
     theirs = LMStep(nn.LSTM(64, 256, num_layers=2, batch_first=True)).eval()
     token, h, c = torch.randint(0, 256, (1, 1)), torch.randn(2, 1, 256), torch.randn(2, 1, 256)
     yield ("LM step, batch 1, 2 x 256", ours, theirs, (token, h, c), None, ["token", "h", "c"])

@@ -4,7 +4,7 @@ from rnnkit.core.cells import (
     RNNCell,
 )
 from rnnkit.core.gates import GatedCell, HiddenState, gate
-from rnnkit.core.interop import from_torch, to_torch
+from rnnkit.core.interop import convert, from_torch, to_torch
 from rnnkit.core.layers import GRU, LAYERS, LSTM, RNN, Recurrent
 from rnnkit.core.native import empty_cache
 from rnnkit.core.regularise import Regularised
@@ -13,6 +13,6 @@ from rnnkit.core.routing import explain
 
 __all__ = [
     "CELLS", "GRU", "GRUCell", "GatedCell", "HiddenState", "LAYERS", "LSTM", "LSTMCell", "LSTMState", "RNN", "RNNCell",
-    "Recurrent", "empty_cache", "explain", "from_torch", "gate", "routing", "to_torch",
+    "Recurrent", "convert", "empty_cache", "explain", "from_torch", "gate", "routing", "to_torch",
     "LayerNormGRUCell", "LayerNormLSTMCell", "MinGRUCell", "MinLSTMCell", "ParallelScanCell", "Regularised",
 ]

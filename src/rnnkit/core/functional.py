@@ -7,7 +7,7 @@ RNN starts at each sequence's own last valid step.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -36,10 +36,10 @@ def as_lengths(lengths: Tensor | Sequence[int], batch_size: int, max_len: int, d
         # the range is checked where the call runs eagerly
         return values
     low, high = int(values.min()), int(values.max())
-    if low < 1 or high > max_len:
-        bad = int(values.argmin()) if low < 1 else int(values.argmax())
+    if low < 0 or high > max_len:  # 0 is an empty sequence: zero outputs, the initial state
+        bad = int(values.argmin()) if low < 0 else int(values.argmax())
         raise ValueError(
-            f"lengths must be in [1, T={max_len}], got {int(values[bad])} at batch index {bad}"
+            f"lengths must be in [0, T={max_len}], got {int(values[bad])} at batch index {bad}"
         )
     return values
 

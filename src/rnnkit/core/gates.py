@@ -36,7 +36,8 @@ from __future__ import annotations
 
 import math
 from collections import namedtuple
-from typing import Callable, ClassVar, NamedTuple
+from collections.abc import Callable
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -91,7 +92,7 @@ class GatedCell(nn.Module):
         if cls.gate_names:
             cls.Gates = namedtuple(f"{cls.__name__}Gates", cls.gate_names)
 
-    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, *, device=None, dtype=None):
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None):
         super().__init__()
         if not self.gate_names:
             raise TypeError(f"{type(self).__name__} must name its gates in `gate_names`")
@@ -150,7 +151,10 @@ class GatedCell(nn.Module):
         zeros = [torch.zeros(batch_size, self.hidden_size, device=device, dtype=dtype) for _ in self.State._fields]
         return self.State(*zeros)
 
-    def forward(self, x: Tensor, state=None) -> tuple[Tensor, NamedTuple]:
+    def advance(self, x: Tensor, state=None) -> tuple[Tensor, NamedTuple]:
+        """The cell contract: ``h_t, state_t = cell.advance(x_t, state_{t-1})``, ``x_t`` (B, I), every
+        state field (B, H), ``state=None`` meaning zeros. A cell of your own is called so
+        (``cell(x, state)`` is the same); the built-in cells' ``cell(x, hx)`` is torch.nn's."""
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a torch.Tensor of shape (B, {self.input_size}), got {type(x).__name__}")
         if x.dim() != 2 or x.shape[1] != self.input_size:
@@ -170,6 +174,42 @@ class GatedCell(nn.Module):
                 got = tuple(part.shape) if isinstance(part, Tensor) else type(part).__name__
                 raise ValueError(f"state.{name} must have shape (B={x.shape[0]}, H={self.hidden_size}), got {got}")
         return self.step(self.project_input(x), state)
+
+    def forward(self, x: Tensor, state=None) -> tuple[Tensor, NamedTuple]:
+        return self.advance(x, state)
+
+    def _torch_call(self, input, hx, theirs: Callable):
+        """torch.nn's cell call, ``hx' = cell(input, hx)``: ``input`` (B, I) or unbatched (I,), ``hx``
+        the state's parts (a tensor for one field); returns the new state in the same form. A call
+        torch.nn would refuse is handed to torch.nn's ``forward`` (``theirs``), so its errors are
+        torch.nn's own."""
+        fields = self.State._fields
+        if not self._plain_torch_call(input, hx):
+            return theirs(self, input, hx)
+        batched = input.dim() == 2
+        if not batched:
+            input = input.unsqueeze(0)
+            if hx is not None:
+                hx = hx.unsqueeze(0) if len(fields) == 1 else tuple(p.unsqueeze(0) for p in hx)
+        _, state = self.advance(input, hx)
+        if not batched:
+            state = self.State(*(p.squeeze(0) for p in state))
+        return state[0] if len(fields) == 1 else state
+
+    def _plain_torch_call(self, input, hx) -> bool:
+        if not isinstance(input, Tensor) or input.dim() not in (1, 2) or input.shape[-1] != self.input_size:
+            return False
+        w = self._parameters["weight_ih"]
+        if input.dtype != w.dtype or input.device != w.device or input.numel() == 0:
+            return False
+        if hx is None:
+            return True
+        parts = (hx,) if len(self.State._fields) == 1 else hx
+        if isinstance(parts, Tensor) or not isinstance(parts, (tuple, list)) or len(parts) != len(self.State._fields):
+            return False
+        want = (*input.shape[:-1], self.hidden_size)
+        return all(isinstance(p, Tensor) and tuple(p.shape) == want and p.dtype == input.dtype
+                   and p.device == input.device for p in parts)
 
     def extra_repr(self) -> str:
         return f"{self.input_size}, {self.hidden_size}, bias={self.bias}"

@@ -1,15 +1,23 @@
-"""Exact conversion between rnnkit layers and torch.nn.LSTM / GRU / RNN.
+"""Exact conversion between rnnkit and torch.nn: one module, or every recurrent module in a model.
 
-Both sides keep each (layer, direction)'s weights in the same stacked layout and gate order,
-so conversion is a copy: torch's ``weight_ih_l{k}{_reverse}`` is rnnkit's
-``cells[k*D + d].weight_ih``. ``batch_first`` is carried over, so the converted layer takes
-the same tensors and returns the same outputs, states and gradients.
+rnnkit's ``LSTM``, ``GRU``, ``RNN`` and cells hold torch.nn's parameters under torch.nn's names,
+so conversion is a state_dict copy: the converted module computes the same function (outputs,
+states, gradients) with the same constructor options (``batch_first``, ``proj_size``, ...),
+device, dtype, ``requires_grad`` and train/eval mode.
+
+``convert(model)`` replaces every torch.nn recurrent layer and cell inside any ``nn.Module`` by
+rnnkit's, in place, and returns the model; ``convert(model, to="torch")`` does the inverse, for
+shipping a model where rnnkit is not installed. ``from_torch`` and ``to_torch`` convert one
+module.
 
 >>> import torch, rnnkit
->>> theirs = torch.nn.GRU(4, 6, num_layers=2, batch_first=True)
->>> ours = rnnkit.from_torch(theirs)
->>> x = torch.randn(2, 3, 4)
->>> torch.allclose(ours(x)[0], theirs(x)[0], atol=1e-6)
+>>> model = torch.nn.Sequential(torch.nn.GRU(4, 6, num_layers=2))
+>>> x = torch.randn(3, 2, 4)
+>>> want = model(x)[0][0]
+>>> model = rnnkit.convert(model)
+>>> type(model[0]).__module__, torch.allclose(model(x)[0][0], want, atol=1e-6)
+('rnnkit.core.layers', True)
+>>> type(rnnkit.convert(model, to="torch")[0]) is torch.nn.GRU
 True
 """
 from __future__ import annotations
@@ -17,68 +25,89 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rnnkit.core.layers import GRU, LSTM, RNN, Recurrent
+from rnnkit.core.cells import GRUCell, LSTMCell, RNNCell
+from rnnkit.core.layers import GRU, LSTM, RNN
 
-# torch class -> the rnnkit layer with the same math
-_PAIRS = {nn.LSTM: LSTM, nn.GRU: GRU, nn.RNN: RNN}
-_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
-
-
-def _torch_name(name: str, layer: int, direction: int) -> str:
-    return f"{name}_l{layer}{'_reverse' if direction else ''}"
-
-
-def _copy(src, dst, src_name, dst_name) -> None:
-    with torch.no_grad():
-        getattr(dst, dst_name).copy_(getattr(src, src_name))
+# torch.nn class -> rnnkit's class with the same contract (exact types: a subclass is left alone)
+TO_RNNKIT: dict[type, type] = {
+    nn.LSTM: LSTM, nn.GRU: GRU, nn.RNN: RNN, nn.LSTMCell: LSTMCell, nn.GRUCell: GRUCell, nn.RNNCell: RNNCell,
+}
+TO_TORCH: dict[type, type] = {ours: theirs for theirs, ours in TO_RNNKIT.items()}
 
 
-def from_torch(module: nn.Module) -> Recurrent:
-    """A ``torch.nn.LSTM``/``GRU``/``RNN`` -> the rnnkit layer computing the same function."""
-    kind = type(module)
-    if kind not in _PAIRS:
-        raise TypeError(f"from_torch expects torch.nn.LSTM, GRU or RNN, got {kind.__name__}")
-    if getattr(module, "proj_size", 0):
-        raise ValueError(f"from_torch does not support LSTM proj_size, got proj_size={module.proj_size}")
-    kwargs = dict(
-        num_layers=module.num_layers, bias=module.bias, batch_first=module.batch_first,
-        dropout=module.dropout, bidirectional=module.bidirectional,
-    )
-    if kind is nn.RNN:
+def _options(module: nn.Module) -> tuple[tuple, dict]:
+    """The constructor arguments that rebuild ``module`` (a layer or cell of either side)."""
+    if isinstance(module, nn.RNNBase):
+        kwargs = dict(num_layers=module.num_layers, bias=module.bias, batch_first=module.batch_first,
+                      dropout=module.dropout, bidirectional=module.bidirectional)
+        if module.mode == "LSTM":
+            kwargs["proj_size"] = module.proj_size
+        if module.mode.startswith("RNN_"):
+            kwargs["nonlinearity"] = module.nonlinearity
+        return (module.input_size, module.hidden_size), kwargs
+    kwargs = dict(bias=module.bias)
+    if getattr(module, "nonlinearity", None) is not None:
         kwargs["nonlinearity"] = module.nonlinearity
-    ref = next(module.parameters())
-    layer = _PAIRS[kind](module.input_size, module.hidden_size, **kwargs).to(device=ref.device, dtype=ref.dtype)
-    _transfer(module, layer, to_torch=False)
-    layer.train(module.training)
-    return layer
+    return (module.input_size, module.hidden_size), kwargs
 
 
-def to_torch(layer: Recurrent) -> nn.Module:
-    """A built-in rnnkit layer (LSTM, GRU, RNN) -> the equivalent ``torch.nn`` module."""
-    kinds = {ours: theirs for theirs, ours in _PAIRS.items()}
-    if type(layer) not in kinds:
-        raise TypeError(f"to_torch expects rnnkit.LSTM, GRU or RNN, got {type(layer).__name__}")
-    kwargs = dict(
-        num_layers=layer.num_layers, bias=layer.bias, batch_first=layer.batch_first,
-        dropout=layer.dropout, bidirectional=layer.bidirectional,
-    )
-    if isinstance(layer, RNN):
-        kwargs["nonlinearity"] = layer.nonlinearity
-    ref = layer.cells[0].weight_ih
-    module = kinds[type(layer)](layer.input_size, layer.hidden_size, **kwargs).to(device=ref.device, dtype=ref.dtype)
-    _transfer(module, layer, to_torch=True)
-    module.train(layer.training)
-    return module
+def _rebuild(module: nn.Module, cls: type) -> nn.Module:
+    """``module`` as an instance of ``cls``: same options, weights, device, dtype, requires_grad, mode."""
+    args, kwargs = _options(module)
+    ref = next(iter(module.parameters()), None)
+    factory = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
+    with torch.random.fork_rng(devices=[]):  # the new module's random init is overwritten: leave the seed be
+        new = cls(*args, **kwargs, **factory)
+    new.load_state_dict(module.state_dict(), strict=True)
+    for theirs, ours in zip(module.parameters(), new.parameters()):
+        ours.requires_grad_(theirs.requires_grad)
+    new.train(module.training)
+    return new
 
 
-def _transfer(module: nn.Module, layer: Recurrent, to_torch: bool) -> None:
-    D = layer.num_directions
-    names = _NAMES if layer.bias else _NAMES[:2]
-    for k in range(layer.num_layers):
-        for d in range(D):
-            cell = layer.cells[k * D + d]
-            for name in names:
-                if to_torch:
-                    _copy(cell, module, name, _torch_name(name, k, d))
-                else:
-                    _copy(module, cell, _torch_name(name, k, d), name)
+def from_torch(module: nn.Module) -> nn.Module:
+    """A ``torch.nn`` LSTM, GRU, RNN or cell -> the rnnkit module computing the same function."""
+    cls = TO_RNNKIT.get(type(module))
+    if cls is None:
+        raise TypeError(
+            f"from_torch expects torch.nn.LSTM, GRU or RNN or one of their cells, got {type(module).__name__}")
+    return _rebuild(module, cls)
+
+
+def to_torch(module: nn.Module) -> nn.Module:
+    """An rnnkit LSTM, GRU, RNN or cell -> the equivalent ``torch.nn`` module."""
+    cls = TO_TORCH.get(type(module))
+    if cls is None:
+        raise TypeError(
+            f"to_torch expects rnnkit.LSTM, GRU or RNN or one of their cells, got {type(module).__name__}")
+    return _rebuild(module, cls)
+
+
+def convert(model: nn.Module, to: str = "rnnkit") -> nn.Module:
+    """Replace every recurrent layer and cell inside ``model`` (the model itself included) by the
+    other side's: ``to="rnnkit"`` (torch.nn's -> rnnkit's) or ``to="torch"``. Submodules are
+    replaced in place; the returned module is ``model`` or, if ``model`` itself is converted, its
+    replacement. Weights, options, device, dtype, ``requires_grad`` and train/eval mode are kept;
+    a module shared by several parents stays shared."""
+    if to not in ("rnnkit", "torch"):
+        raise ValueError(f"to must be 'rnnkit' or 'torch', got {to!r}")
+    table = TO_RNNKIT if to == "rnnkit" else TO_TORCH
+    done: dict[int, nn.Module] = {}
+
+    def swap(module: nn.Module) -> nn.Module:
+        if id(module) in done:
+            return done[id(module)]
+        cls = table.get(type(module))
+        if cls is not None:
+            new = _rebuild(module, cls)
+        else:
+            new = module
+            for name, child in list(module._modules.items()):
+                if child is not None:
+                    replacement = swap(child)
+                    if replacement is not child:
+                        module._modules[name] = replacement
+        done[id(module)] = new
+        return new
+
+    return swap(model)

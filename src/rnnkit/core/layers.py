@@ -1,49 +1,167 @@
 """Recurrent layers: a cell run over whole sequences, stacked and in both directions.
 
-``Recurrent(cell, ...)`` runs any :class:`~rnnkit.core.gates.GatedCell` subclass; ``LSTM``,
-``GRU`` and ``RNN`` are it with the built-in cells and torch.nn's constructor arguments.
-Layers know nothing about gates: a call runs the route the routing table chooses
-(core/routing.py; ``rnnkit.explain(layer, x)`` names it), every route the same function.
+``LSTM``, ``GRU`` and ``RNN`` are torch.nn's classes with rnnkit's kernels: they subclass
+``torch.nn.RNNBase`` and take ``torch.nn.LSTM``/``GRU``/``RNN``'s methods, so the constructor (argument order, names and defaults,
+``batch_first=False``, ``proj_size``, ``device``, ``dtype``), the parameters (``weight_ih_l0``,
+``bias_hh_l1_reverse``, ``weight_hr_l0``), ``all_weights``, ``flatten_parameters()``, the
+initialisation, the warnings, the errors and the pickled state are torch.nn's own. Only
+``forward`` is rnnkit's: it runs the route the routing table chooses (core/routing.py;
+``rnnkit.explain(layer, x)`` names it), every route the same function.
+``Recurrent(cell, ...)`` runs any :class:`~rnnkit.core.gates.GatedCell` subclass with the same
+call; its cells are submodules (``cells.0.weight_ih``), since a cell of your own may hold more
+than torch's four weights.
 
-Call: ``output, state = layer(x, state=None, lengths=None)``
+Call: ``output, h_n = layer(input, hx=None, *, lengths=None)``, torch.nn's contract:
 
-- ``x``: (B, T, I) (batch_first, the default) or (T, B, I) with ``batch_first=False``;
-- ``output``: (B, T, D*H), D = 2 if bidirectional (forward and backward halves concatenated);
-- ``state``: torch.nn's layout, ``h`` (num_layers*D, B, H), for LSTM ``LSTMState(h, c)``;
-  row ``layer*D + direction`` belongs to that layer and direction;
-- ``lengths`` (B,), a tensor on any device or a list of ints in ``[1, T]``: sequence b uses
-  only its first ``lengths[b]`` steps. Outputs at padded steps are zero; the returned state is
-  each sequence's state after its own last valid step; the backward direction starts at each
-  sequence's own last valid step. These are torch's packed-sequence semantics.
+- ``input``: (T, B, I), or (B, T, I) with ``batch_first=True``; (T, I) unbatched; or a
+  ``PackedSequence`` (sorted or not), which gives a ``PackedSequence`` output;
+- ``output``: (T, B, D*H) (or batch-first, unbatched, packed like the input), D = 2 if
+  bidirectional, the forward and backward halves concatenated; with ``proj_size`` P, D*P;
+- ``h_n``: (num_layers*D, B, H), for an LSTM ``LSTMState(h_n, c_n)``, a tuple; row
+  ``layer*D + direction`` belongs to that layer and direction;
+- ``lengths`` (rnnkit's, keyword-only) (B,), a tensor on any device or a list of ints in
+  ``[0, T]``: sequence b uses only its first ``lengths[b]`` steps, as a packed sequence would.
+  Outputs at padded steps are zero; the returned state is each sequence's state after its own
+  last valid step (the initial state for an empty sequence); the backward direction starts at
+  each sequence's own last valid step.
 
 Dropout (probability ``dropout``) is applied to the outputs of every layer but the last,
 in training mode only, as torch.nn does.
 
 >>> import torch, rnnkit
 >>> lstm = rnnkit.LSTM(input_size=8, hidden_size=16, num_layers=2, bidirectional=True)
->>> out, (h, c) = lstm(torch.randn(3, 5, 8), lengths=[5, 2, 4])
+>>> out, (h, c) = lstm(torch.randn(5, 3, 8), lengths=[5, 2, 4])  # (T, B, I)
 >>> tuple(out.shape), tuple(h.shape)
-((3, 5, 32), (4, 3, 16))
+((5, 3, 32), (4, 3, 16))
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
-from rnnkit.core.cells import GRUCell, LSTMCell, RNNCell
-from rnnkit.core.gates import GatedCell
+from rnnkit.core.cells import GRUCell, LSTMCell, LSTMState, RNNCell
+from rnnkit.core.cells.lstm import ProjectedLSTMCell
+from rnnkit.core.gates import GatedCell, HiddenState
 from rnnkit.core.routing import choose_route
 from rnnkit.core.step import CACHE_ATTR as STEP_CACHE
 
 
-class Recurrent(nn.Module):
+class _Stack:
+    """What every layer shares: the state in torch's layout, and the call (``_call``) that takes
+    torch.nn's inputs (batched, unbatched, packed) to the route the routing table chooses."""
+
+    State: type
+    cells: Sequence[GatedCell]
+    num_layers: int
+    hidden_size: int
+    batch_first: bool
+
+    def _state_sizes(self) -> tuple[int, ...]:
+        """The last dimension of each state field."""
+        return (self.hidden_size,) * len(self.State._fields)
+
+    # -- state in torch's layout -------------------------------------------------------
+    def _unpack_state(self, state, batch_size: int, x: Tensor) -> list[NamedTuple]:
+        """Layer state (torch layout) -> one cell state per (layer, direction)."""
+        if state is None:
+            zeros = [x.new_zeros(batch_size, size) for size in self._state_sizes()]
+            return [self.State(*zeros) for _ in range(len(self.cells))]
+        parts = self._check_state(state, batch_size, x)
+        return [self.State(*(part[row] for part in parts)) for row in range(len(self.cells))]
+
+    def _check_state(self, state, batch_size: int, x: Tensor) -> tuple[Tensor, ...]:
+        """A layer state in torch's layout, checked: its parts, each (num_layers*D, B, size)."""
+        fields = self.State._fields
+        rows = len(self.cells)
+        parts = (state,) if isinstance(state, Tensor) and len(fields) == 1 else state
+        if isinstance(parts, Tensor) or not isinstance(parts, (tuple, list)) or len(parts) != len(fields):
+            want = "a tensor h" if len(fields) == 1 else f"a tuple ({', '.join(fields)})"
+            raise TypeError(
+                f"state must be {want} of shape ({rows}, B, {self.hidden_size}), got {type(state).__name__}")
+        for name, part, size in zip(fields, parts, self._state_sizes()):
+            if not isinstance(part, Tensor):
+                raise TypeError(f"state.{name} must be a torch.Tensor, got {type(part).__name__}")
+            if tuple(part.shape) != (rows, batch_size, size):
+                raise ValueError(
+                    f"state.{name} must have shape (num_layers*D={rows}, B={batch_size}, H={size}), "
+                    f"got {tuple(part.shape)}"
+                )
+            _check_like(f"state.{name}", part, x)
+        return tuple(parts)
+
+    def _pack_state(self, states: list[NamedTuple]):
+        stacked = self.State(*(torch.stack(parts) for parts in zip(*states)))
+        return stacked[0] if len(stacked) == 1 else stacked
+
+    # -- the call ------------------------------------------------------------------------
+    def _call(self, layer, input, hx, lengths):
+        """``input`` batched, unbatched or packed -> the route's result in the same form.
+        ``layer`` is what the routes run: ``self``, or its cells bound to the current weights."""
+        if isinstance(input, PackedSequence):
+            if lengths is not None:
+                raise ValueError("lengths= is for padded input; a PackedSequence carries its own lengths")
+            return self._call_packed(layer, input, hx)
+        if isinstance(input, Tensor) and input.dim() == 2:  # unbatched (T, I): a batch of one
+            hx = None if hx is None else (hx.unsqueeze(1) if isinstance(hx, Tensor) else
+                                          type(hx)(*(p.unsqueeze(1) for p in hx)) if hasattr(hx, "_fields") else
+                                          tuple(p.unsqueeze(1) for p in hx))
+            dim = 0 if self.batch_first else 1
+            out, state = self._run(layer, input.unsqueeze(dim), hx, lengths)
+            return out.squeeze(dim), _map_state(state, lambda p: p.squeeze(1))
+        return self._run(layer, input, hx, lengths)
+
+    def _run(self, layer, x, hx, lengths):
+        route = choose_route(layer, x, hx, lengths)  # validates x; the route validates state and lengths
+        return route.run(layer, x, hx, lengths)
+
+    def _call_packed(self, layer, packed: PackedSequence, hx):
+        """Packed in, packed out: run on the padded batch in the caller's order with its lengths
+        (the state rows stay in the caller's order, as torch.nn's do), then pack the output as
+        the input was packed."""
+        x, lengths = pad_packed_sequence(packed, batch_first=self.batch_first)  # caller's order
+        out, state = self._run(layer, x, hx, lengths)
+        if not self.batch_first:
+            out = out.transpose(0, 1)  # (B, T, D*H)
+        if packed.sorted_indices is not None:
+            out = out.index_select(0, packed.sorted_indices)
+        B = out.shape[0]
+        valid = torch.arange(B)[None, :] < packed.batch_sizes[:, None]  # (T, B): step t of sorted row b
+        data = out.transpose(0, 1)[valid.to(out.device)]  # the packed order: time-major over valid rows
+        return PackedSequence(data, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices), state
+
+
+def _lengths_option(options: dict) -> Tensor | Sequence[int] | None:
+    """The keyword-only extras of a layer call: ``lengths``, nothing else."""
+    lengths = options.pop("lengths", None)
+    if options:
+        raise TypeError(f"forward() got an unexpected keyword argument {next(iter(options))!r}")
+    return lengths
+
+
+def _map_state(state, fn):
+    if isinstance(state, Tensor):
+        return fn(state)
+    return type(state)(*(fn(p) for p in state))
+
+
+def _check_like(name: str, tensor: Tensor, reference: Tensor, what: str = "x") -> None:
+    if tensor.device != reference.device:
+        raise ValueError(f"{name} is on {tensor.device} but {what} is on {reference.device}")
+    if tensor.dtype != reference.dtype:
+        raise TypeError(f"{name} has dtype {tensor.dtype} but {what} has dtype {reference.dtype}")
+
+
+class Recurrent(_Stack, nn.Module):
     """Any gated cell over time, ``num_layers`` deep, optionally bidirectional.
 
     ``cell`` is a GatedCell subclass (or a callable ``(input_size, hidden_size, bias=...) ->
-    GatedCell``); ``cell_kwargs`` go to every cell it builds.
+    GatedCell``); ``cell_kwargs`` go to every cell it builds. The arguments after ``cell`` are
+    torch.nn.RNN's, with its defaults (``batch_first=False``: input (T, B, I)); the parameters
+    are the cells' own, ``cells.{layer*D + direction}.weight_ih`` and so on.
     """
 
     def __init__(
@@ -53,7 +171,7 @@ class Recurrent(nn.Module):
         hidden_size: int,
         num_layers: int = 1,
         bias: bool = True,
-        batch_first: bool = True,
+        batch_first: bool = False,
         dropout: float = 0.0,
         bidirectional: bool = False,
         **cell_kwargs,
@@ -80,42 +198,20 @@ class Recurrent(nn.Module):
         )
         self.State = type(self.cells[0]).State
 
-    # -- state in torch's layout -------------------------------------------------------
-    def _unpack_state(self, state, batch_size: int, x: Tensor) -> list[NamedTuple]:
-        """Layer state (torch layout) -> one cell state per (layer, direction)."""
-        if state is None:
-            return [cell.initial_state(batch_size, device=x.device, dtype=x.dtype) for cell in self.cells]
-        parts = self._check_state(state, batch_size, x)
-        return [self.State(*(part[row] for part in parts)) for row in range(len(self.cells))]
+    def forward(self, input, hx=None, **options):
+        """torch.nn's ``forward(input, hx=None)`` and rnnkit's ``lengths=`` keyword (module docstring)."""
+        return self._call(self, input, hx, _lengths_option(options))
 
-    def _check_state(self, state, batch_size: int, x: Tensor) -> tuple[Tensor, ...]:
-        """A layer state in torch's layout, checked: its parts, each (num_layers*D, B, H)."""
-        fields = self.State._fields
-        rows = self.num_layers * self.num_directions
-        parts = (state,) if isinstance(state, Tensor) and len(fields) == 1 else state
-        if isinstance(parts, Tensor) or not isinstance(parts, (tuple, list)) or len(parts) != len(fields):
-            want = "a tensor h" if len(fields) == 1 else f"a tuple ({', '.join(fields)})"
-            raise TypeError(f"state must be {want} of shape ({rows}, B, {self.hidden_size}), got {type(state).__name__}")
-        expected = (rows, batch_size, self.hidden_size)
-        for name, part in zip(fields, parts):
-            if not isinstance(part, Tensor):
-                raise TypeError(f"state.{name} must be a torch.Tensor, got {type(part).__name__}")
-            if tuple(part.shape) != expected:
-                raise ValueError(
-                    f"state.{name} must have shape (num_layers*D={rows}, B={batch_size}, H={self.hidden_size}), "
-                    f"got {tuple(part.shape)}"
-                )
-            _check_like(f"state.{name}", part, x)
-        return tuple(parts)
-
-    def _pack_state(self, states: list[NamedTuple]):
-        stacked = self.State(*(torch.stack(parts) for parts in zip(*states)))
-        return stacked[0] if len(stacked) == 1 else stacked
-
-    # -- forward -------------------------------------------------------------------------
-    def forward(self, x: Tensor, state=None, lengths: Tensor | Sequence[int] | None = None):
-        route = choose_route(self, x, state, lengths)  # validates x; the route validates state and lengths
-        return route.run(self, x, state, lengths)
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """torch.nn's names load too: ``weight_ih_l1_reverse`` is ``cells.3.weight_ih`` (D = 2), so a
+        torch.nn or rnnkit LSTM's state_dict loads into ``Recurrent(MyLSTMCell, ...)``."""
+        D = self.num_directions
+        for key in [k for k in state_dict if k.startswith(prefix) and "_l" in k[len(prefix):]]:
+            name, _, where = key[len(prefix):].rpartition("_l")
+            layer, reverse = (where[: -len("_reverse")], 1) if where.endswith("_reverse") else (where, 0)
+            if name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh") and layer.isdigit():
+                state_dict[f"{prefix}cells.{int(layer) * D + reverse}.{name}"] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def __getstate__(self):
         """Pickling and ``copy.deepcopy`` leave out the lean stepping path's packed weights (step.py),
@@ -128,8 +224,8 @@ class Recurrent(nn.Module):
         parts = [f"{self.input_size}, {self.hidden_size}", f"num_layers={self.num_layers}"]
         if not self.bias:
             parts.append("bias=False")
-        if not self.batch_first:
-            parts.append("batch_first=False")
+        if self.batch_first:
+            parts.append("batch_first=True")
         if self.dropout:
             parts.append(f"dropout={self.dropout}")
         if self.bidirectional:
@@ -137,37 +233,216 @@ class Recurrent(nn.Module):
         return ", ".join(parts)
 
 
-def _check_like(name: str, tensor: Tensor, reference: Tensor, what: str = "x") -> None:
-    if tensor.device != reference.device:
-        raise ValueError(f"{name} is on {tensor.device} but {what} is on {reference.device}")
-    if tensor.dtype != reference.dtype:
-        raise TypeError(f"{name} has dtype {tensor.dtype} but {what} has dtype {reference.dtype}")
+# -- torch.nn's classes with rnnkit's forward ----------------------------------------------------------
+
+_VIEWS_ATTR = "_rnnkit_bound"  # a plain attribute, never pickled: the cells bound to the current weights
 
 
-class LSTM(Recurrent):
-    """Multi-layer LSTM (see ``rnnkit.core.cells.lstm``); state is ``LSTMState(h, c)``."""
+class _Bound:
+    """A torch.nn-contract layer as the routes see it: ``cells`` are light cell objects holding the
+    layer's current weights (no copies), everything else is read from the layer. Made again when a
+    weight object changes (a new Parameter, ``load_state_dict(assign=True)``, ``functional_call``,
+    a parametrization or weight norm, which compute the weight each call); in-place changes need
+    nothing, the cells hold the same tensors."""
 
-    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=True, dropout=0.0,
-                 bidirectional=False):
-        super().__init__(LSTMCell, input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional)
+    def __init__(self, layer, weights: list, cells: list):
+        self.layer, self.weights, self.cells = layer, weights, cells
 
-
-class GRU(Recurrent):
-    """Multi-layer GRU in torch.nn.GRU's convention (see ``rnnkit.core.cells.gru``)."""
-
-    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=True, dropout=0.0,
-                 bidirectional=False):
-        super().__init__(GRUCell, input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional)
+    def __getattr__(self, name):
+        return getattr(self.layer, name)
 
 
-class RNN(Recurrent):
-    """Multi-layer Elman RNN with ``nonlinearity`` "tanh" or "relu"."""
+class _TorchContract(_Stack):
+    """torch.nn.RNNBase subclasses with rnnkit's forward. Nothing but torch.nn's own state is kept
+    on the module (the bound cells and the stepping cache are plain attributes left out of pickles),
+    so ``torch.save(model)`` loads with ``weights_only=True`` once the class is a safe global."""
 
-    def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True, batch_first=True,
-                 dropout=0.0, bidirectional=False):
-        super().__init__(RNNCell, input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
-                         nonlinearity=nonlinearity)
-        self.nonlinearity = nonlinearity
+    cell_class: ClassVar[type]
+    State: ClassVar[type] = HiddenState
+
+    @property
+    def num_directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    @property
+    def cells(self) -> list[GatedCell]:
+        """One cell per (layer, direction), ``cells[layer*D + direction]``, holding this layer's
+        current weights (``weight_ih_l{layer}{_reverse}`` is ``cells[...].weight_ih``)."""
+        return self._bound().cells
+
+    def _current_weights(self) -> list:
+        params = self._parameters  # not attribute access: nn.Module's __getattr__ is slow
+        try:
+            return [params[name] for name in self._flat_weights_names]
+        except KeyError:  # a parametrization or weight norm: the weight is computed on access
+            return [getattr(self, name) for name in self._flat_weights_names]
+
+    def _bound(self) -> _Bound:
+        weights = self._current_weights()
+        bound = self.__dict__.get(_VIEWS_ATTR)
+        if bound is not None and len(bound.weights) == len(weights) and all(
+            a is b for a, b in zip(bound.weights, weights)
+        ):
+            return bound
+        bound = _Bound(self, weights, self._make_cells(weights))
+        object.__setattr__(self, _VIEWS_ATTR, bound)
+        return bound
+
+    def _make_cells(self, weights: list) -> list[GatedCell]:
+        by_name = dict(zip(self._flat_weights_names, weights))
+        cells = []
+        for names in self._all_weights:
+            w = {name.rsplit("_l", 1)[0]: by_name[name] for name in names}
+            cells.append(self._cell_view(w))
+        return cells
+
+    def _cell_view(self, w: dict) -> GatedCell:
+        cls = ProjectedLSTMCell if "weight_hr" in w else self.cell_class
+        cell = cls.__new__(cls)
+        nn.Module.__init__(cell)
+        cell.input_size, cell.hidden_size, cell.bias = w["weight_ih"].shape[1], self.hidden_size, self.bias
+        if cls is RNNCell:
+            cell.nonlinearity = self.nonlinearity
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"):
+            if name in w or name.startswith("bias"):
+                cell._parameters[name] = w.get(name)  # the layer's own tensors, not copies
+        return cell
+
+    def forward(self, input, hx=None, **options):
+        """torch.nn's ``forward(input, hx=None)``; rnnkit's ``lengths=`` keyword (see the module
+        docstring). ``**options`` rather than a keyword-only parameter: torch.onnx's exporter fills
+        every named parameter's default in positionally."""
+        lengths = _lengths_option(options)
+        if not self._plain_call(input, hx):
+            if lengths is not None:
+                raise ValueError("lengths= takes a batched (T, B, I) or (B, T, I) tensor input")
+            # anything torch.nn would refuse gets torch.nn's own error (and anything else it computes)
+            return self._torch_forward(input, hx)
+        return self._call(self._bound(), input, hx, lengths)
+
+    def _plain_call(self, input, hx) -> bool:
+        """Whether the call is one rnnkit's routes take as torch.nn would: the input and state of
+        the shapes, dtype and device torch.nn accepts (the rest goes to torch.nn's forward)."""
+        packed = isinstance(input, PackedSequence)
+        data = input.data if packed else input
+        if not isinstance(data, Tensor) or data.dim() not in ((2,) if packed else (2, 3)):
+            return False
+        w = self.__dict__.get(_VIEWS_ATTR)
+        ref = w.weights[0] if w is not None else self._current_weights()[0]
+        if data.shape[-1] != self.input_size or data.dtype != ref.dtype or data.device != ref.device:
+            return False
+        if packed:
+            B, batched = int(input.batch_sizes[0]), True
+        else:
+            batched = data.dim() == 3
+            B = data.shape[0 if self.batch_first else 1] if batched else 1
+            if data.numel() == 0:
+                return False
+        if hx is None:
+            return True
+        parts = (hx,) if len(self.State._fields) == 1 else hx
+        if isinstance(parts, Tensor) or not isinstance(parts, (tuple, list)) or len(parts) != len(self.State._fields):
+            return False
+        rows = self.num_layers * self.num_directions
+        for part, size in zip(parts, self._state_sizes()):
+            if not isinstance(part, Tensor) or part.dtype != data.dtype or part.device != data.device:
+                return False
+            if tuple(part.shape) != ((rows, B, size) if batched else (rows, size)):
+                return False
+        return True
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop(_VIEWS_ATTR, None)
+        state.pop(STEP_CACHE, None)
+        return state
+
+    # The bound cells are made eagerly wherever the weights are made or replaced, so that a call
+    # (under torch.compile too) finds them ready; ``_bound`` remakes them for any other change.
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._bound()
+
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)
+        self._bound()
+        return result
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if _VIEWS_ATTR in self.__dict__ and name in self._flat_weights_names:
+            self._bound()
+
+
+# The classes subclass torch.nn.RNNBase, whose __init__ makes the parameters, and take the rest of
+# torch.nn.LSTM/GRU/RNN's methods as they are; they do not subclass those three themselves, which
+# torch.compile (dynamo) refuses to trace by class.
+
+class LSTM(_TorchContract, nn.RNNBase):
+    """``torch.nn.LSTM`` (same constructor, parameters and call) with rnnkit's kernels; the state
+    is ``LSTMState(h, c)``, a tuple. See ``rnnkit.core.cells.lstm`` for the equations.
+
+    ``LSTM(input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
+    bidirectional=False, proj_size=0, device=None, dtype=None)``"""
+
+    cell_class = LSTMCell
+    State = LSTMState
+    _torch_forward = nn.LSTM.forward
+    get_expected_cell_size = nn.LSTM.get_expected_cell_size
+    check_forward_args = nn.LSTM.check_forward_args
+    permute_hidden = nn.LSTM.permute_hidden
+
+    def __init__(self, *args, **kwargs):
+        super().__init__("LSTM", *args, **kwargs)
+        self._bound()
+
+    def _state_sizes(self) -> tuple[int, ...]:
+        return (self.proj_size or self.hidden_size, self.hidden_size)
+
+
+class GRU(_TorchContract, nn.RNNBase):
+    """``torch.nn.GRU`` (same constructor, parameters and call) with rnnkit's kernels (see
+    ``rnnkit.core.cells.gru``).
+
+    ``GRU(input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
+    bidirectional=False, device=None, dtype=None)``"""
+
+    cell_class = GRUCell
+    _torch_forward = nn.GRU.forward
+
+    def __init__(self, *args, **kwargs):
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        super().__init__("GRU", *args, **kwargs)
+        self._bound()
+
+
+class RNN(_TorchContract, nn.RNNBase):
+    """``torch.nn.RNN`` (same constructor, parameters and call; ``nonlinearity`` "tanh" or
+    "relu") with rnnkit's kernels.
+
+    ``RNN(input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True, batch_first=False,
+    dropout=0.0, bidirectional=False, device=None, dtype=None)``"""
+
+    cell_class = RNNCell
+    _torch_forward = nn.RNN.forward
+
+    def __init__(self, *args, **kwargs):  # torch.nn.RNN's, word for word in effect
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        if len(args) > 3:
+            self.nonlinearity = args[3]
+            args = args[:3] + args[4:]
+        else:
+            self.nonlinearity = kwargs.pop("nonlinearity", "tanh")
+        if self.nonlinearity == "tanh":
+            mode = "RNN_TANH"
+        elif self.nonlinearity == "relu":
+            mode = "RNN_RELU"
+        else:
+            raise ValueError(f"Unknown nonlinearity '{self.nonlinearity}'. Select from 'tanh' or 'relu'.")
+        super().__init__(mode, *args, **kwargs)
+        self._bound()
 
 
 # layer classes by cell name, for `--cell` choices (tasks build their RNNs from it)

@@ -130,7 +130,7 @@ def _load():
             _build(target, flags)
         torch.ops.load_library(str(target))
         return torch.ops.rnnkit_native
-    except Exception as exc:  # noqa: BLE001 - any failure means the Python loops, which compute the same
+    except Exception as exc:
         print(f"rnnkit: C++ step loops unavailable ({exc}); using the Python loops", file=sys.stderr)
         return None
 

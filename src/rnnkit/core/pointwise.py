@@ -144,7 +144,7 @@ def trace(cell) -> tuple[Graph, list[int]]:
         traced = make_fx(flat, tracing_mode="fake")(*(torch.zeros(TRACE_SHAPE) for _ in range(2 * G + S)))
     except Unsupported:
         raise
-    except Exception as exc:  # noqa: BLE001 - any failure to trace means the autograd loop
+    except Exception as exc:
         raise Unsupported(f"tracing failed: {type(exc).__name__}") from exc
     graph, env, slot = Graph(), {}, 0
     for node in traced.graph.nodes:
@@ -232,7 +232,7 @@ def emit(graph: Graph, inputs: list[int], in_map: list[tuple[int, int]], outputs
     reg.update({v: len(inputs) + k for k, v in enumerate(consts)})
     order = [v for v in sorted(live) if graph.nodes[v][0] not in ("in", "const")]
     last = {a: i for i, v in enumerate(order) for a in graph.nodes[v][1:]}
-    last.update({o: math.inf for o in outputs})
+    last.update(dict.fromkeys(outputs, math.inf))
     free, n_regs, code = [], len(inputs) + len(consts), []
     for i, v in enumerate(order):
         op, *args = graph.nodes[v]
@@ -317,7 +317,7 @@ def _agrees(cell, compiled: Compiled) -> bool:
     state = [torch.randn(B, H, dtype=torch.float64, generator=gen) for _ in range(S)]
     m = torch.tensor([[1.0], [0.0], [1.0], [1.0]], dtype=torch.float64)
     grads = [torch.randn(B, H, dtype=torch.float64, generator=gen) for _ in range(1 + S)]
-    close = lambda a, b: torch.allclose(a, b.detach(), rtol=1e-9, atol=1e-12, equal_nan=True)  # noqa: E731
+    close = lambda a, b: torch.allclose(a, b.detach(), rtol=1e-9, atol=1e-12, equal_nan=True)
     ops = native.ops()
     for masked in (False, True):
         extra = [m] if masked else []
@@ -337,7 +337,7 @@ def _agrees(cell, compiled: Compiled) -> bool:
                     got_grads[1] = got_grads[0]
                 if not (all(map(close, got, want)) and all(map(close, got_grads, want_grads))):
                     return False
-        except Exception:  # noqa: BLE001 - a combine that runs only traced, or a program the op refuses
+        except Exception:
             return False
     return True
 

@@ -18,7 +18,7 @@ Not here: zoneout and dropout of the recurrent state inside the recurrence, whic
 math and would need the kernels to apply them.
 
 >>> import torch, rnnkit
->>> layer = rnnkit.Regularised(rnnkit.LSTM(8, 16), input_dropout=0.1, output_dropout=0.2, weight_drop=0.5,
+>>> layer = rnnkit.Regularised(rnnkit.LSTM(8, 16, batch_first=True), input_dropout=0.1, output_dropout=0.2, weight_drop=0.5,
 ...                            generator=torch.Generator().manual_seed(0))
 >>> out, (h, c) = layer(torch.randn(4, 10, 8), lengths=[10, 3, 7, 1])
 >>> tuple(out.shape)

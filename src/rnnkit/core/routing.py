@@ -112,7 +112,7 @@ from torch import Tensor
 
 from rnnkit.core import native, ops, parallel_scan, pointwise, stack, step
 from rnnkit.core.cells.gru import GRUCell
-from rnnkit.core.cells.lstm import LSTMCell
+from rnnkit.core.cells.lstm import LSTMCell, ProjectedLSTMCell
 from rnnkit.core.cells.rnn import RNNCell
 from rnnkit.core.cells.scan_cell import ParallelScanCell
 from rnnkit.core.gates import only_combine_customised
@@ -193,6 +193,15 @@ def lean_step(layer, x, state) -> str | None:
     return _lean_step(layer, x, state)[0]
 
 
+def _cells(layer) -> list:
+    """The layer's cells without nn.Module's slow attribute access: a ``Recurrent``'s submodules, or
+    the cells a torch.nn-contract layer binds to its weights (layers.py's ``_Bound``, a plain list)."""
+    modules = layer.__dict__.get("_modules")
+    if modules is not None and "cells" in modules:
+        return list(modules["cells"]._modules.values())
+    return list(layer.cells)
+
+
 def _lean_step(layer, x, state) -> tuple[str | None, list, int]:
     """``lean_step``'s answer, and where it is ``None`` the layer's cells and the batch size."""
     if not isinstance(x, Tensor) or x.dim() != 3:
@@ -201,7 +210,7 @@ def _lean_step(layer, x, state) -> tuple[str | None, list, int]:
         B, T, I = x.shape
     else:
         T, B, I = x.shape
-    cells = list(layer._modules["cells"]._modules.values())  # not attribute access: nn.Module's is slow
+    cells = _cells(layer)
     ref = cells[0]._parameters["weight_ih"]
     if T != 1:
         return "more than one step", [], 0
@@ -339,12 +348,18 @@ def _step_matmul_supports(call: Call) -> str | None:
     return call.lean
 
 
+def _projected(call: Call) -> bool:
+    return type(call.layer.cells[0]) is ProjectedLSTMCell
+
+
 def _vendor_supports(call: Call) -> str | None:
     layer = call.layer
-    if not _builtin(call) or call.combine not in VENDOR:
+    if not _projected(call) and (not _builtin(call) or call.combine not in VENDOR):
         return "not a stack of one built-in cell as shipped"
     if call.tracer == "jit" and call.lengths is not None:
         return "lengths under torch.jit.trace (its packed-sequence graph holds this batch's lengths and order)"
+    if call.lengths is not None and call.tracer is None and _has_empty(call.lengths):
+        return "an empty sequence (length 0), which torch's packed kernel refuses"
     if layer.training and layer.dropout > 0:
         return "dropout in training (torch's kernel draws another random stream)"
     if call.functorch:
@@ -360,10 +375,18 @@ def _vendor_supports(call: Call) -> str | None:
     return None
 
 
+def _has_empty(lengths) -> bool:
+    if isinstance(lengths, Tensor):
+        return bool((lengths == 0).any())
+    return isinstance(lengths, (list, tuple)) and 0 in lengths
+
+
 def _vendor_faster(call: Call) -> bool:
     if call.tracer == "jit":
         return True  # the one route torch.jit.trace records correctly
     device = call.x.device.type
+    if _projected(call):  # torch.nn.LSTM's proj_size: the other kernels compute no projection
+        return True
     if call.lengths is not None and device not in PACKED_DEVICES:
         return False
     if device != "cpu":
@@ -533,7 +556,7 @@ def choose_route(layer, x, state=None, lengths=None) -> Route:
     else:
         route = _choose(call)
     if call.tracer is None and LOG.isEnabledFor(logging.DEBUG):  # torch.compile cannot trace logging
-        LOG.debug("%s: %s", type(layer).__name__, route.name)
+        LOG.debug("%s: %s", type(getattr(layer, "layer", layer)).__name__, route.name)  # layers.py's _Bound
     return route
 
 
@@ -589,7 +612,7 @@ def explain(layer, x, state=None, lengths=None) -> Explanation:
     ``force(name)`` it is the forced route (or the ``ValueError`` the call would raise).
 
     >>> import torch, rnnkit
-    >>> gru = rnnkit.GRU(4, 8).eval()
+    >>> gru = rnnkit.GRU(4, 8, batch_first=True).eval()
     >>> _, h = gru(torch.randn(1, 3, 4))
     >>> with torch.no_grad():
     ...     print(rnnkit.explain(gru, torch.randn(1, 1, 4), h).name in ("step-loops", "step-matmul"))

@@ -43,7 +43,8 @@ def _batch_first(layer, x: Tensor, lengths):
 
 
 def _out(layer, output: Tensor) -> Tensor:
-    return output if layer.batch_first else output.transpose(0, 1)
+    # time-major output contiguous, as torch.nn's: code that calls .view() on it must not break
+    return output if layer.batch_first else output.transpose(0, 1).contiguous()
 
 
 def run_vendor(layer, x: Tensor, state, lengths):

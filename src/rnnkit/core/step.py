@@ -28,7 +28,7 @@ Anything unusual (a wrong shape, dtype or device, lengths, a cell with its own `
 routed here (``routing.lean_step``) but to the general route, which validates and names the problem.
 
 >>> import torch, rnnkit
->>> lstm = rnnkit.LSTM(4, 8, num_layers=2).eval()
+>>> lstm = rnnkit.LSTM(4, 8, num_layers=2, batch_first=True).eval()
 >>> _, state = lstm(torch.randn(1, 5, 4))
 >>> with torch.inference_mode():
 ...     out, state = lstm(torch.randn(1, 1, 4), state)   # the lean path

@@ -8,12 +8,13 @@ the reset gate multiplies the recurrent part *after* its affine map::
     n = tanh   (x W_in + b_in + r * (h W_hn + b_hn))    candidate
     h' = (1 - z) * n + z * h
 
-State: ``HiddenState(h)``, (B, H).
+State: ``HiddenState(h)``, (B, H). Called as torch.nn.GRUCell is, ``h = cell(x, h)``
+(``cell.advance(x, state)`` gives rnnkit's ``(h, state)``).
 """
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from rnnkit.core.gates import GatedCell, HiddenState, gate
 
@@ -22,6 +23,13 @@ class GRUCell(GatedCell):
     """One GRU step; weights interchangeable with ``torch.nn.GRUCell``."""
 
     gate_names = ("r", "z", "n")
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None):
+        super().__init__(input_size, hidden_size, bias, device, dtype)
+
+    def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
+        """torch.nn.GRUCell's call: ``input`` (B, I) or (I,) -> ``h`` (B, H) or (H,)."""
+        return self._torch_call(input, hx, nn.GRUCell.forward)
 
     def combine(self, x, h, state: HiddenState) -> tuple[Tensor, HiddenState]:
         r = gate(torch.sigmoid, x.r, h.r)

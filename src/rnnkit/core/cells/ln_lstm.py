@@ -20,7 +20,7 @@ Parameters: ``weight_ih`` (4H, I), ``weight_hh`` (4H, H), ``bias_ih``/``bias_hh`
 >>> import torch
 >>> from rnnkit.core.cells import LayerNormLSTMCell
 >>> from rnnkit.core.layers import Recurrent
->>> layer = Recurrent(LayerNormLSTMCell, input_size=4, hidden_size=8, num_layers=2)
+>>> layer = Recurrent(LayerNormLSTMCell, input_size=4, hidden_size=8, num_layers=2, batch_first=True)
 >>> out, (h, c) = layer(torch.randn(2, 5, 4), lengths=[5, 3])
 >>> tuple(out.shape), tuple(c.shape)
 ((2, 5, 8), (2, 2, 8))

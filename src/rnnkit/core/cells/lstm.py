@@ -9,14 +9,19 @@ Gate order in the stacked weights is torch.nn.LSTM's, ``i, f, g, o``::
     c' = f * c + i * g
     h' = o * tanh(c')
 
-State: ``LSTMState(h, c)``, each (B, H).
+State: ``LSTMState(h, c)``, each (B, H). Called as torch.nn.LSTMCell is,
+``h, c = cell(x, (h, c))`` (``cell.advance(x, state)`` gives rnnkit's ``(h, state)``).
+
+With a projection (torch.nn.LSTM's ``proj_size`` P, Sak et al. 2014) the output is projected,
+``h' = (o * tanh(c')) W_hr^T`` (B, P), and it is ``h'`` that the gates read at the next step:
+``ProjectedLSTMCell``, whose state is ``LSTMState(h (B, P), c (B, H))``.
 """
 from __future__ import annotations
 
 from typing import NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from rnnkit.core.gates import GatedCell, gate
 
@@ -34,6 +39,13 @@ class LSTMCell(GatedCell):
     gate_names = ("i", "f", "g", "o")
     State = LSTMState
 
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None):
+        super().__init__(input_size, hidden_size, bias, device, dtype)
+
+    def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None) -> LSTMState:
+        """torch.nn.LSTMCell's call: ``input`` (B, I) or (I,) -> ``(h, c)``, each (B, H) or (H,)."""
+        return self._torch_call(input, hx, nn.LSTMCell.forward)
+
     def combine(self, x, h, state: LSTMState) -> tuple[Tensor, LSTMState]:
         i = gate(torch.sigmoid, x.i, h.i)
         f = gate(torch.sigmoid, x.f, h.f)
@@ -41,4 +53,14 @@ class LSTMCell(GatedCell):
         o = gate(torch.sigmoid, x.o, h.o)
         c = f * state.c + i * g
         h_new = o * torch.tanh(c)
+        return h_new, LSTMState(h_new, c)
+
+
+class ProjectedLSTMCell(LSTMCell):
+    """An LSTM step whose output is projected by ``weight_hr`` (P, H): torch.nn.LSTM's ``proj_size``.
+    Layers build it over their own weights; its state is ``LSTMState(h (B, P), c (B, H))``."""
+
+    def combine(self, x, h, state: LSTMState) -> tuple[Tensor, LSTMState]:
+        _, (h_full, c) = super().combine(x, h, state)
+        h_new = torch.nn.functional.linear(h_full, self.weight_hr)  # (B, P)
         return h_new, LSTMState(h_new, c)

@@ -18,7 +18,7 @@ State: ``HiddenState(h)``, (B, H). No recurrent weights (``weight_ih`` (2H, I), 
 >>> import torch
 >>> from rnnkit.core.cells import MinGRUCell
 >>> from rnnkit.core.layers import Recurrent
->>> layer = Recurrent(MinGRUCell, input_size=4, hidden_size=8)
+>>> layer = Recurrent(MinGRUCell, input_size=4, hidden_size=8, batch_first=True)
 >>> out, h = layer(torch.randn(2, 5, 4), lengths=[5, 3])
 >>> tuple(out.shape), tuple(h.shape)
 ((2, 5, 8), (1, 2, 8))

@@ -21,7 +21,7 @@ State: ``HiddenState(h)``, (B, H). No recurrent weights (``weight_ih`` (3H, I), 
 >>> import torch
 >>> from rnnkit.core.cells import MinLSTMCell
 >>> from rnnkit.core.layers import Recurrent
->>> layer = Recurrent(MinLSTMCell, input_size=4, hidden_size=8, bidirectional=True)
+>>> layer = Recurrent(MinLSTMCell, input_size=4, hidden_size=8, bidirectional=True, batch_first=True)
 >>> out, h = layer(torch.randn(2, 5, 4))
 >>> tuple(out.shape), tuple(h.shape)
 ((2, 5, 16), (2, 2, 8))

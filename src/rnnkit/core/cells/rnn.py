@@ -2,12 +2,13 @@
 
     h' = act(x W_ih + b_ih + h W_hh + b_hh),    act = tanh (default) or relu
 
-State: ``HiddenState(h)``, (B, H). Weights interchangeable with ``torch.nn.RNNCell``.
+State: ``HiddenState(h)``, (B, H). Called as torch.nn.RNNCell is, ``h = cell(x, h)``
+(``cell.advance(x, state)`` gives rnnkit's ``(h, state)``).
 """
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from rnnkit.core.gates import GatedCell, HiddenState, gate
 
@@ -19,11 +20,16 @@ class RNNCell(GatedCell):
 
     gate_names = ("h",)
 
-    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, nonlinearity: str = "tanh", **factory):
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, nonlinearity: str = "tanh",
+                 device=None, dtype=None):
         if nonlinearity not in ACTIVATIONS:
             raise ValueError(f"nonlinearity must be one of {sorted(ACTIVATIONS)}, got {nonlinearity!r}")
         self.nonlinearity = nonlinearity
-        super().__init__(input_size, hidden_size, bias, **factory)
+        super().__init__(input_size, hidden_size, bias, device, dtype)
+
+    def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
+        """torch.nn.RNNCell's call: ``input`` (B, I) or (I,) -> ``h`` (B, H) or (H,)."""
+        return self._torch_call(input, hx, nn.RNNCell.forward)
 
     def combine(self, x, h, state: HiddenState) -> tuple[Tensor, HiddenState]:
         h_new = gate(ACTIVATIONS[self.nonlinearity], x.h, h.h)

@@ -38,17 +38,22 @@ class Projection(torch.autograd.Function):
             torch.mm(flat, w.t(), out=out.view(B * T, -1))
         else:
             torch.addmm(b, flat, w.t(), out=out.view(B * T, -1))
-        ctx.save_for_backward(flat, w)
+        ctx.save_for_backward(x, w)  # x, not its reshape: a double backward needs the graph to x
         ctx.shape, ctx.has_bias = x.shape, b is not None
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        flat, w = ctx.saved_tensors
+        x, w = ctx.saved_tensors
+        flat = x.reshape(-1, x.shape[-1])
         g = grad.reshape(-1, grad.shape[-1])
         dx = dw = db = None
+        # into the workspace, except where this backward is itself differentiated (create_graph)
+        # or batched by vmap, neither of which takes out=
+        plain = not torch.is_grad_enabled() and not torch._C._functorch.is_legacy_batchedtensor(g) \
+            and not torch._C._functorch.is_batchedtensor(g)
         if ctx.needs_input_grad[0]:
-            dx = torch.mm(g, w, out=native.buffer(flat.shape, flat)).view(ctx.shape)
+            dx = (torch.mm(g, w, out=native.buffer(flat.shape, flat)) if plain else torch.mm(g, w)).view(ctx.shape)
         if ctx.needs_input_grad[1]:
             dw = g.t().mm(flat)
         if ctx.has_bias and ctx.needs_input_grad[2]:

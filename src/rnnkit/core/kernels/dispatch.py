@@ -20,26 +20,76 @@ from rnnkit.core.kernels.base import Kernel
 
 
 class FusedScan(torch.autograd.Function):
-    """``scan`` of one cell over (B, T, G*H) with the backward through time written by hand."""
+    """``scan`` of one cell over (B, T, G*H) with the backward through time written by hand.
+
+    The kernels' backward writes into buffers (``out=``), which autograd cannot differentiate and
+    vmap cannot batch. A backward that must itself be differentiable (``create_graph=True``:
+    gradient penalties, ``gradgradcheck``) or that runs under vmap (``check_batched_grad``,
+    ``torch.func``) is computed instead by autograd over the reference step (``_backward_by_autograd``),
+    from the saved inputs: the same gradients, with a graph."""
 
     @staticmethod
     def forward(ctx, kernel, cell, mask, xz, w_hh, b_hh, *state):
         with torch.autocast(xz.device.type, enabled=False):
             out, final, saved = kernel.forward(cell, xz, w_hh, b_hh, cell.State(*state), mask, True)
         ctx.kernel, ctx.cell, ctx.saved, ctx.mask = kernel, cell, saved, mask
-        ctx.save_for_backward(w_hh)  # the kernels keep what else they need in ``saved``
+        # the kernels keep what else they need in ``saved``; xz, b_hh and the state only serve
+        # a differentiable backward (references to the inputs, not copies)
+        ctx.save_for_backward(w_hh, xz, b_hh, *state)
         ctx.set_materialize_grads(False)  # every kernel takes None for an output no gradient reached
         return (out, *(s.clone() for s in final))
 
     @staticmethod
     def backward(ctx, grad_out, *grad_state):
-        (w_hh,) = ctx.saved_tensors
+        w_hh, xz, b_hh, *state = ctx.saved_tensors
+        if torch.is_grad_enabled() or _transformed(grad_out, *grad_state):
+            return (None, None, None, *_backward_by_autograd(ctx, xz, w_hh, b_hh, state, grad_out, grad_state))
         needs = {"w": ctx.needs_input_grad[4], "b": ctx.needs_input_grad[5]}
         with torch.autocast(w_hh.device.type, enabled=False):
             dxz, dw, db, dstate = ctx.kernel.backward(
                 ctx.cell, ctx.saved, w_hh, ctx.mask, grad_out, grad_state, needs
             )
         return (None, None, None, dxz, dw, db, *dstate)
+
+
+def _transformed(*grads) -> bool:
+    """Whether the backward runs under vmap (functorch's, or the legacy one gradcheck uses)."""
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    if active and active():
+        return True
+    fx = torch._C._functorch
+    return any(g is not None and (fx.is_batchedtensor(g) or fx.is_legacy_batchedtensor(g)) for g in grads)
+
+
+def _backward_by_autograd(ctx, xz, w_hh, b_hh, state, grad_out, grad_state):
+    """The gradients of ``(xz, w_hh, b_hh, *state)`` by autograd through the reference step (the
+    cell's ``combine`` on ``xz_t`` and ``h W_hh^T + b_hh``), with a graph when grad mode is on."""
+    cell, mask = ctx.cell, ctx.mask
+    inputs = (xz, w_hh, b_hh, *state)
+    needed = [i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[3 + i]]
+    with torch.enable_grad():
+        leaves = list(inputs)
+        s = cell.State(*leaves[3:])
+        outs = []
+        valid = mask.unbind(1) if mask is not None else [None] * xz.shape[1]
+        for xz_t, m in zip(leaves[0].unbind(1), valid):
+            hz = torch.nn.functional.linear(s.h, leaves[1], leaves[2])
+            h, new = cell.combine(cell.split(xz_t), cell.split(hz), s)
+            if m is not None:
+                m = m[:, None]
+                new = cell.State(*(torch.where(m, a, b) for a, b in zip(new, s)))
+                h = h * m
+            s = new
+            outs.append(h)
+        results = [torch.stack(outs, dim=1), *s]
+    pairs = [(r, g) for r, g in zip(results, (grad_out, *grad_state)) if g is not None]
+    grads = [None] * len(inputs)
+    if pairs and needed:
+        got = torch.autograd.grad([r for r, _ in pairs], [inputs[i] for i in needed], [g for _, g in pairs],
+                                  create_graph=torch.is_grad_enabled(), allow_unused=True)
+        for i, g in zip(needed, got):
+            grads[i] = g
+    return grads
 
 
 def fused_scan(cell: GatedCell, xz: Tensor, state: NamedTuple, mask: Tensor | None, kernel: Kernel):

@@ -25,7 +25,7 @@ VENDOR = {
     RNNCell.combine: lambda cell: getattr(torch._VF, f"rnn_{cell.nonlinearity}"),
 }
 
-_TORCH_ORDER = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")  # torch._VF's per-layer weight order
+_TORCH_ORDER = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")  # torch._VF's per-layer order
 
 
 def vendor_stack(layer, x: Tensor, state: tuple | None, lengths: Tensor | None) -> tuple[Tensor, tuple]:
@@ -37,17 +37,18 @@ def vendor_stack(layer, x: Tensor, state: tuple | None, lengths: Tensor | None) 
     """
     cell = layer.cells[0]
     combine = type(cell).combine
-    lstm = combine is LSTMCell.combine
+    lstm = isinstance(cell, LSTMCell)  # ProjectedLSTMCell too: torch.nn.LSTM's proj_size
     params = [c._parameters for c in layer.cells]  # not attribute access: nn.Module's __getattr__ is slow
-    weights = [p[name] for p in params for name in _TORCH_ORDER if p[name] is not None]
+    weights = [p[name] for p in params for name in _TORCH_ORDER if p.get(name) is not None]
     dtype = weights[0].dtype
     if state is None:
-        shape = (layer.num_layers * layer.num_directions, x.shape[0], layer.hidden_size)
-        hx = tuple(torch.zeros(shape, dtype=dtype, device=x.device) for _ in cell.State._fields)
+        rows = layer.num_layers * layer.num_directions
+        sizes = layer._state_sizes()  # an LSTM with proj_size P: h (rows, B, P), c (rows, B, H)
+        hx = tuple(torch.zeros(rows, x.shape[0], size, dtype=dtype, device=x.device) for size in sizes)
     else:
         hx = tuple(part.to(dtype) for part in state)
     args = (weights, layer.bias, layer.num_layers, 0.0, layer.training, layer.bidirectional)
-    run = VENDOR[combine](cell)
+    run = torch._VF.lstm if lstm else VENDOR[combine](cell)
 
     def call():
         if lengths is None:

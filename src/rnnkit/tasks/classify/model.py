@@ -46,7 +46,8 @@ class ByteClassifier(nn.Module):
         for table in (self.byte_embedding, self.ngram_embedding):
             if table is not None:  # N(0, 1) rows, summed and concatenated, would saturate the gates at the start
                 nn.init.normal_(table.weight, std=0.1)
-        self.rnn = recurrent_layer(c.cell, c.patch * width, c.hidden, c.layers, dropout=c.dropout, bidirectional=True)
+        self.rnn = recurrent_layer(c.cell, c.patch * width, c.hidden, c.layers, batch_first=True,
+                                   dropout=c.dropout, bidirectional=True)
         self.project_forward = nn.Linear(c.hidden, c.e_dim)
         self.project_backward = nn.Linear(c.hidden, c.e_dim)
         self.classifier = nn.Linear(c.e_dim, num_classes)

@@ -35,7 +35,7 @@ class CharRNN(nn.Module):
         self.vocab_size = vocab_size
         self.embed = nn.Embedding(vocab_size, config.embed) if config.embed else None
         self.rnn = recurrent_layer(config.cell, config.embed or vocab_size, config.hidden, config.layers,
-                                   dropout=config.dropout if config.layers > 1 else 0.0)
+                                   batch_first=True, dropout=config.dropout if config.layers > 1 else 0.0)
         self.drop = nn.Dropout(config.dropout)
         self.head = nn.Linear(config.hidden, vocab_size)
 

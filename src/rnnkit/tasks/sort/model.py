@@ -87,7 +87,7 @@ class CellStack(nn.Module):
     def forward(self, x: Tensor, states: tuple) -> tuple[Tensor, tuple]:
         new_states = []
         for cell, state in zip(self.cells, states):
-            x, state = cell(x, state)  # (B, H)
+            x, state = cell.advance(x, state)  # (B, H)
             new_states.append(state)
         return x, tuple(new_states)
 
@@ -244,7 +244,8 @@ class SortModel(nn.Module):
         self.embed = nn.Linear(1, embed) if floats else nn.Embedding(vocab, embed)
         # integers as numbers too: a magnitude channel makes "smaller than" one linear feature to learn
         self.value = nn.Linear(1, embed, bias=False) if int_value and not floats else None
-        self.encoder = Recurrent(resolve_cell(cell), embed, hidden, num_layers=num_layers, bidirectional=bidirectional)
+        self.encoder = Recurrent(resolve_cell(cell), embed, hidden, num_layers=num_layers, batch_first=True,
+                                 bidirectional=bidirectional)
         self.decoder = DECODERS[decoder](cell, vocab, embed, width, num_layers, key_size=width + embed, attn=attn)
 
     def encode(self, inputs: Tensor) -> Memory:
