@@ -13,6 +13,7 @@ import switch below: ``--backend torch`` runs ``torch.nn.LSTM``, ``--backend rnn
 
 The text file is split 80/10/10 into train, validation and test; every line ends in ``<eos>``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,20 +37,21 @@ def recurrent_layers(backend: str):
 
 # -- data ---------------------------------------------------------------------------------------
 
+
 class Corpus:
     """Word ids of a text file's train / valid / test parts (80/10/10 by lines), ``<eos>`` per line."""
 
     def __init__(self, text: str):
         lines = text.splitlines()
         n = len(lines)
-        parts = lines[: int(0.8 * n)], lines[int(0.8 * n): int(0.9 * n)], lines[int(0.9 * n):]
+        parts = lines[: int(0.8 * n)], lines[int(0.8 * n) : int(0.9 * n)], lines[int(0.9 * n) :]
         self.word2idx: dict[str, int] = {}
         self.train, self.valid, self.test = (self.tokenize(part) for part in parts)
 
     def tokenize(self, lines: list[str]) -> torch.Tensor:
         ids = []
         for line in lines:
-            for word in line.split() + ["<eos>"]:
+            for word in [*line.split(), "<eos>"]:
                 ids.append(self.word2idx.setdefault(word, len(self.word2idx)))
         return torch.tensor(ids, dtype=torch.long)
 
@@ -63,10 +65,11 @@ def batchify(data: torch.Tensor, batch_size: int) -> torch.Tensor:
 def get_batch(source: torch.Tensor, i: int, bptt: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows i .. i+bptt of ``source`` as input (T, B), the next rows flattened as targets (T*B,)."""
     T = min(bptt, len(source) - 1 - i)
-    return source[i: i + T], source[i + 1: i + 1 + T].reshape(-1)
+    return source[i : i + T], source[i + 1 : i + 1 + T].reshape(-1)
 
 
 # -- model --------------------------------------------------------------------------------------
+
 
 class RNNModel(nn.Module):
     """Embedding -> LSTM (time-major) -> linear decoder, with dropout around the LSTM."""
@@ -84,16 +87,18 @@ class RNNModel(nn.Module):
         nn.init.uniform_(self.decoder.weight, -initrange, initrange)
 
     def forward(self, input, hidden):
-        emb = self.drop(self.encoder(input))                   # (T, B, ninp)
-        output, hidden = self.rnn(emb, hidden)                 # (T, B, nhid)
+        emb = self.drop(self.encoder(input))  # (T, B, ninp)
+        output, hidden = self.rnn(emb, hidden)  # (T, B, nhid)
         output = self.drop(output)
         decoded = self.decoder(output).view(-1, self.decoder.out_features)
         return F.log_softmax(decoded, dim=1), hidden
 
     def init_hidden(self, batch_size: int):
         weight = next(self.parameters())
-        return (weight.new_zeros(self.nlayers, batch_size, self.nhid),
-                weight.new_zeros(self.nlayers, batch_size, self.nhid))
+        return (
+            weight.new_zeros(self.nlayers, batch_size, self.nhid),
+            weight.new_zeros(self.nlayers, batch_size, self.nhid),
+        )
 
 
 def repackage_hidden(h):
@@ -104,6 +109,7 @@ def repackage_hidden(h):
 
 
 # -- training -----------------------------------------------------------------------------------
+
 
 def train_epoch(model, data, lr: float, bptt: int, clip: float, batch_size: int, max_batches: int | None = None):
     """One pass over ``data`` (N, B); returns each batch's loss."""
@@ -140,9 +146,24 @@ def evaluate(model, data, bptt: int, batch_size: int) -> float:
     return total / max(count, 1)
 
 
-def run(text: str, backend: str, *, emsize: int = 200, nhid: int = 200, nlayers: int = 2, lr: float = 20.0,
-        clip: float = 0.25, epochs: int = 1, batch_size: int = 20, eval_batch_size: int = 10, bptt: int = 35,
-        dropout: float = 0.0, seed: int = 1111, max_batches: int | None = None, log=print) -> dict:
+def run(
+    text: str,
+    backend: str,
+    *,
+    emsize: int = 200,
+    nhid: int = 200,
+    nlayers: int = 2,
+    lr: float = 20.0,
+    clip: float = 0.25,
+    epochs: int = 1,
+    batch_size: int = 20,
+    eval_batch_size: int = 10,
+    bptt: int = 35,
+    dropout: float = 0.0,
+    seed: int = 1111,
+    max_batches: int | None = None,
+    log=print,
+) -> dict:
     """Train, save the whole model, load it again and test it; returns the losses and times."""
     rnn = recurrent_layers(backend)
     torch.manual_seed(seed)
@@ -158,10 +179,12 @@ def run(text: str, backend: str, *, emsize: int = 200, nhid: int = 200, nlayers:
         seconds += time.perf_counter() - start
         losses += epoch_losses
         val_loss = evaluate(model, val_data, bptt, eval_batch_size)
-        log(f"{backend}: epoch {epoch} | {len(epoch_losses)} batches | {seconds:.1f} s | "
-            f"train loss {sum(epoch_losses) / len(epoch_losses):.3f} | valid ppl {math.exp(val_loss):.1f}")
+        log(
+            f"{backend}: epoch {epoch} | {len(epoch_losses)} batches | {seconds:.1f} s | "
+            f"train loss {sum(epoch_losses) / len(epoch_losses):.3f} | valid ppl {math.exp(val_loss):.1f}"
+        )
     buffer = io.BytesIO()
-    torch.save(model, buffer)                                  # the whole model, as the example does
+    torch.save(model, buffer)  # the whole model, as the example does
     buffer.seek(0)
     model = torch.load(buffer, weights_only=False)
     model.rnn.flatten_parameters()
@@ -189,7 +212,23 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
-        words = "the old king sees the quiet sea and the brave queen finds a red ship".split()
+        words = [
+            "the",
+            "old",
+            "king",
+            "sees",
+            "the",
+            "quiet",
+            "sea",
+            "and",
+            "the",
+            "brave",
+            "queen",
+            "finds",
+            "a",
+            "red",
+            "ship",
+        ]
         text = "\n".join(" ".join(words[(i * 7 + j) % len(words)] for j in range(8)) for i in range(200))
         args.compare, args.max_batches, args.emsize, args.nhid, args.batch_size = True, 10, 16, 16, 4
     elif args.data is None:
@@ -197,16 +236,26 @@ def main(argv=None) -> None:
     else:
         with open(args.data, encoding="utf-8") as f:
             text = f.read()
-    options = dict(emsize=args.emsize, nhid=args.nhid, nlayers=args.nlayers, epochs=args.epochs,
-                   batch_size=args.batch_size, bptt=args.bptt, dropout=args.dropout, max_batches=args.max_batches)
+    options = dict(
+        emsize=args.emsize,
+        nhid=args.nhid,
+        nlayers=args.nlayers,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        bptt=args.bptt,
+        dropout=args.dropout,
+        max_batches=args.max_batches,
+    )
     backends = ["torch", "rnnkit"] if args.compare else [args.backend]
     results = {backend: run(text, backend, **options) for backend in backends}
     if args.compare:
         a, b = results["torch"]["losses"], results["rnnkit"]["losses"]
         worst = max(abs(x - y) / abs(x) for x, y in zip(a, b))
         ratio = results["torch"]["train_seconds"] / results["rnnkit"]["train_seconds"]
-        print(f"{len(a)} training steps: largest relative loss difference {worst:.2e}; "
-              f"rnnkit trains {ratio:.2f}x as fast as torch.nn")
+        print(
+            f"{len(a)} training steps: largest relative loss difference {worst:.2e}; "
+            f"rnnkit trains {ratio:.2f}x as fast as torch.nn"
+        )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """The cells' benchmark rows run end to end (tiny sizes: no meaningful numbers) and say what they measured."""
+
 from __future__ import annotations
 
 import json
@@ -8,13 +9,36 @@ from rnnkit.bench import cells
 
 def test_rows_compare_every_cell_with_the_lstm_and_write_json(tmp_path):
     out = tmp_path / "rows.json"
-    args = ["--threads", "1", "--steps", "4", "300", "4096", "--repeats", "2", "--batch", "2", "--hidden", "8",
-            "--input", "3", "--json", str(out)]
+    args = [
+        "--threads",
+        "1",
+        "--steps",
+        "4",
+        "300",
+        "4096",
+        "--repeats",
+        "2",
+        "--batch",
+        "2",
+        "--hidden",
+        "8",
+        "--input",
+        "3",
+        "--json",
+        str(out),
+    ]
     assert cells.main(args) == 0
     rows = json.loads(out.read_text())
     assert [(r["cell"], r["steps"]) for r in rows] == [
-        ("mingru", 4), ("minlstm", 4), ("ln-lstm", 4), ("lstm+regularised", 4), ("mingru", 300), ("minlstm", 300),
-        ("mingru", 4096), ("minlstm", 4096)]
+        ("mingru", 4),
+        ("minlstm", 4),
+        ("ln-lstm", 4),
+        ("lstm+regularised", 4),
+        ("mingru", 300),
+        ("minlstm", 300),
+        ("mingru", 4096),
+        ("minlstm", 4096),
+    ]
     for row in rows:
         assert row["lstm_ms"] > 0 and row["cell_ms"] > 0
         assert abs(row["speedup"] - row["lstm_ms"] / row["cell_ms"]) < 1e-9

@@ -1,6 +1,7 @@
 """Layer-normalised LSTM and GRU: each step against its equations written out (random gains, not the
 initial ones), the layer against each sequence run alone, one step at a time against the whole
 sequence, gradients in float64."""
+
 from __future__ import annotations
 
 import pytest
@@ -83,7 +84,9 @@ def each_alone(layer, x, lengths):
 
 @pytest.mark.parametrize("cell_class", LN_CELLS)
 def test_layer_equals_each_sequence_run_alone(cell_class):
-    layer = Recurrent(cell_class, input_size=3, hidden_size=4, num_layers=2, bidirectional=True, batch_first=True).double()
+    layer = Recurrent(
+        cell_class, input_size=3, hidden_size=4, num_layers=2, bidirectional=True, batch_first=True
+    ).double()
     randomised(layer)
     x = torch.randn(4, 9, 3, dtype=torch.float64)
     lengths = [9, 2, 5, 1]
@@ -110,7 +113,9 @@ def test_stepping_with_a_carried_state_equals_the_whole_sequence(cell_class):
 
 @pytest.mark.parametrize("cell_class", LN_CELLS)
 def test_layer_gradients_float64(cell_class):
-    layer = randomised(Recurrent(cell_class, input_size=2, hidden_size=3, bidirectional=True, batch_first=True).double())
+    layer = randomised(
+        Recurrent(cell_class, input_size=2, hidden_size=3, bidirectional=True, batch_first=True).double()
+    )
     names = [n for n, _ in layer.named_parameters()]
     x = torch.randn(2, 5, 2, dtype=torch.float64, requires_grad=True)
 

@@ -1,5 +1,6 @@
 """Variational dropout and weight-drop around a layer: exact against the layer run by hand with the same
 masks, for every cell and on the layer's own route; off in eval; reproducible from a seeded generator."""
+
 from __future__ import annotations
 
 import pytest
@@ -10,10 +11,12 @@ from rnnkit.core.regularise import Regularised
 
 
 def wrapped(cell, batch_first=True, seed=0):
-    layer = rnnkit.Recurrent(rnnkit.CELLS[cell], input_size=3, hidden_size=4, num_layers=2, bidirectional=True,
-                             batch_first=batch_first).double()
-    return Regularised(layer, input_dropout=0.3, output_dropout=0.4, weight_drop=0.5,
-                       generator=torch.Generator().manual_seed(seed))
+    layer = rnnkit.Recurrent(
+        rnnkit.CELLS[cell], input_size=3, hidden_size=4, num_layers=2, bidirectional=True, batch_first=batch_first
+    ).double()
+    return Regularised(
+        layer, input_dropout=0.3, output_dropout=0.4, weight_drop=0.5, generator=torch.Generator().manual_seed(seed)
+    )
 
 
 @pytest.mark.parametrize("cell", list(rnnkit.CELLS))
@@ -26,8 +29,9 @@ def test_equals_the_layer_run_by_hand_with_the_same_masks(cell):
     loss = out.pow(2).sum()
     grads = torch.autograd.grad(loss, list(reg.layer.parameters()))
 
-    by_hand = rnnkit.Recurrent(rnnkit.CELLS[cell], input_size=3, hidden_size=4, num_layers=2,
-                               bidirectional=True, batch_first=True).double()
+    by_hand = rnnkit.Recurrent(
+        rnnkit.CELLS[cell], input_size=3, hidden_size=4, num_layers=2, bidirectional=True, batch_first=True
+    ).double()
     by_hand.load_state_dict(reg.layer.state_dict())
     with torch.no_grad():
         for name, m in masks.weights.items():
@@ -35,11 +39,16 @@ def test_equals_the_layer_run_by_hand_with_the_same_masks(cell):
     want_out, want_state = by_hand(x * masks.input, lengths=lengths)
     want_out = want_out * masks.output
     torch.testing.assert_close(out, want_out)
-    for got, want in zip(state if isinstance(state, tuple) else (state,),
-                         want_state if isinstance(want_state, tuple) else (want_state,)):
+    for got, want in zip(
+        state if isinstance(state, tuple) else (state,), want_state if isinstance(want_state, tuple) else (want_state,)
+    ):
         torch.testing.assert_close(got, want)
-    want_grads = dict(zip([n for n, _ in by_hand.named_parameters()],
-                          torch.autograd.grad(want_out.pow(2).sum(), list(by_hand.parameters()))))
+    want_grads = dict(
+        zip(
+            [n for n, _ in by_hand.named_parameters()],
+            torch.autograd.grad(want_out.pow(2).sum(), list(by_hand.parameters())),
+        )
+    )
     for (name, _), got in zip(reg.layer.named_parameters(), grads):
         want = want_grads[name] * masks.weights[name] if name in masks.weights else want_grads[name]
         torch.testing.assert_close(got, want, msg=name)  # d/dW of (W * M) is the mask times d/d(W * M)

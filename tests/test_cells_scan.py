@@ -1,6 +1,7 @@
 """minGRU and minLSTM and the linear scans they train with: each scan against the recurrence stepped
 by hand, the cells' steps against their equations, the layer against a loop over its cell, one step
 at a time against the whole sequence, gradients in float64."""
+
 from __future__ import annotations
 
 import pytest
@@ -18,6 +19,8 @@ from rnnkit.core.layers import Recurrent
 from rnnkit.core.scan import scan_reference
 
 SCAN_CELLS = [MinGRUCell, MinLSTMCell]
+
+
 def by_hand(k, v, h0, mask):
     """h_t = (1 - z_t) h_{t-1} + z_t g(v_t) step by step; at a padded step the state stays, the output is 0."""
     h, outs = h0, []
@@ -163,7 +166,9 @@ def manual_layer(layer, x, lengths):
 def test_layer_equals_each_sequence_run_alone(cell_class):
     """Bidirectional, two layers, random lengths: padded outputs zero, the final state at each sequence's
     own end, the backward direction from each sequence's own end."""
-    layer = Recurrent(cell_class, input_size=3, hidden_size=4, num_layers=2, bidirectional=True, batch_first=True).double()
+    layer = Recurrent(
+        cell_class, input_size=3, hidden_size=4, num_layers=2, bidirectional=True, batch_first=True
+    ).double()
     x = torch.randn(4, 9, 3, dtype=torch.float64)
     lengths = [9, 2, 5, 1]
     out, h = layer(x, lengths=lengths)
@@ -190,7 +195,9 @@ def test_stepping_with_a_carried_state_equals_the_whole_sequence(cell_class):
 
 @pytest.mark.parametrize("cell_class", SCAN_CELLS)
 def test_layer_gradients_float64(cell_class):
-    layer = Recurrent(cell_class, input_size=2, hidden_size=3, num_layers=2, bidirectional=True, batch_first=True).double()
+    layer = Recurrent(
+        cell_class, input_size=2, hidden_size=3, num_layers=2, bidirectional=True, batch_first=True
+    ).double()
     x = torch.randn(2, 6, 2, dtype=torch.float64, requires_grad=True)
     h0 = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
     params = list(layer.parameters())
@@ -218,8 +225,9 @@ def test_layers_of_scan_cells_take_the_parallel_scan_route(cell_class):
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_parallel_scan_route_equals_the_reference_route(cell_class, batch_first):
     """Outputs, state and every gradient, with lengths, both directions, two layers and a state in."""
-    layer = Recurrent(cell_class, input_size=3, hidden_size=4, num_layers=2, bidirectional=True,
-                      batch_first=batch_first).double()
+    layer = Recurrent(
+        cell_class, input_size=3, hidden_size=4, num_layers=2, bidirectional=True, batch_first=batch_first
+    ).double()
     x = torch.randn(4, 7, 3, dtype=torch.float64) if batch_first else torch.randn(7, 4, 3, dtype=torch.float64)
     x.requires_grad_()
     h0 = torch.randn(4, 4, 4, dtype=torch.float64, requires_grad=True)

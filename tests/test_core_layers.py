@@ -1,5 +1,6 @@
 """Layers as executable specifications: a layer is a loop over its cell, a padded batch is each
 sequence run alone, gradients are right, a user-defined cell works everywhere, bad input is named."""
+
 from __future__ import annotations
 
 import re
@@ -12,9 +13,6 @@ from hypothesis import strategies as st
 import rnnkit
 from rnnkit.core.functional import reverse_padded
 from user_cells import MGUCell
-
-
-
 
 LAYERS = {  # batch-first: the tests below feed (B, T, I)
     "lstm": lambda **kw: rnnkit.LSTM(batch_first=True, **kw),
@@ -55,7 +53,7 @@ def test_padded_batch_equals_each_sequence_alone(kind):
         x_padded[b, n:] = 1e3 * torch.randn_like(x_padded[b, n:])  # padding must never be read
     out, final = layer(x_padded, lengths=lengths)
     for b, n in enumerate(lengths):
-        alone, alone_final = layer(x[b:b + 1, :n])
+        alone, alone_final = layer(x[b : b + 1, :n])
         torch.testing.assert_close(out[b, :n], alone[0], atol=1e-12, rtol=0)
         assert torch.all(out[b, n:] == 0)
         for got, want in zip(_state_rows(final, slice(None)), _state_rows(alone_final, slice(None))):
@@ -79,14 +77,20 @@ def test_gradcheck(kind):
 
 @settings(max_examples=25, deadline=None)
 @given(
-    B=st.integers(1, 4), T=st.integers(1, 7), I=st.integers(1, 5), H=st.integers(1, 6),
-    num_layers=st.integers(1, 3), bidirectional=st.booleans(), kind=st.sampled_from(["lstm", "gru", "rnn"]),
+    B=st.integers(1, 4),
+    T=st.integers(1, 7),
+    I=st.integers(1, 5),
+    H=st.integers(1, 6),
+    num_layers=st.integers(1, 3),
+    bidirectional=st.booleans(),
+    kind=st.sampled_from(["lstm", "gru", "rnn"]),
     data=st.data(),
 )
 def test_property_matches_torch_packed(B, T, I, H, num_layers, bidirectional, kind, data):
     lengths = data.draw(st.lists(st.integers(1, T), min_size=B, max_size=B))
     theirs = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}[kind](
-        I, H, num_layers, batch_first=True, bidirectional=bidirectional).double()
+        I, H, num_layers, batch_first=True, bidirectional=bidirectional
+    ).double()
     ours = rnnkit.from_torch(theirs)
     x = torch.randn(B, T, I, dtype=torch.float64)
     packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
@@ -114,8 +118,7 @@ def test_property_reverse_padded_is_an_involution_within_lengths(lengths):
 def test_user_defined_cell_trains_stacked_bidirectional_with_lengths():
     """A gate-defined cell learns a toy task: is the first valid token 1 or 0?"""
     g = torch.Generator().manual_seed(0)
-    model = rnnkit.Recurrent(MGUCell, input_size=2, hidden_size=16, num_layers=2, bidirectional=True,
-                             batch_first=True)
+    model = rnnkit.Recurrent(MGUCell, input_size=2, hidden_size=16, num_layers=2, bidirectional=True, batch_first=True)
     head = torch.nn.Linear(32, 2)
     opt = torch.optim.Adam([*model.parameters(), *head.parameters()], lr=1e-2)
     losses = []
@@ -148,9 +151,9 @@ def test_dropout_between_layers_respects_train_and_eval():
 
 def test_state_in_and_out_uses_torch_layout():
     layer = rnnkit.LSTM(3, 4, num_layers=2, bidirectional=True, batch_first=True)
-    out, state = layer(torch.randn(5, 6, 3))
+    _, state = layer(torch.randn(5, 6, 3))
     assert isinstance(state, rnnkit.LSTMState) and tuple(state.h.shape) == (4, 5, 4)
-    out2, state2 = layer(torch.randn(5, 1, 3), state)  # carried state, one step
+    out2, _ = layer(torch.randn(5, 1, 3), state)  # carried state, one step
     assert tuple(out2.shape) == (5, 1, 8)
     gru_out, h = rnnkit.GRU(3, 4)(torch.randn(6, 5, 3))  # time-major by default, as torch.nn
     assert isinstance(h, torch.Tensor) and tuple(h.shape) == (1, 5, 4) and tuple(gru_out.shape) == (6, 5, 4)
@@ -158,15 +161,19 @@ def test_state_in_and_out_uses_torch_layout():
 
 # -- bad input: torch.nn's own errors for torch.nn's arguments, named ones for rnnkit's extras -------
 
-@pytest.mark.parametrize("call", [
-    lambda l: l([1.0]),
-    lambda l: l(torch.randn(2, 4, 5)),
-    lambda l: l(torch.randn(2, 4, 3, dtype=torch.float64)),
-    lambda l: l(torch.randn(4, 2, 3), torch.zeros(1, 2, 5)),
-    lambda l: l(torch.randn(4, 2, 3), (torch.zeros(1, 2, 5), torch.zeros(2, 2, 5))),
-    lambda l: l(torch.randn(4, 2, 3), (torch.zeros(1, 2, 5), torch.zeros(1, 2, 5, dtype=torch.float64))),
-    lambda l: l(torch.randn(4, 3), (torch.zeros(1, 1, 5), torch.zeros(1, 1, 5))),
-])
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda l: l([1.0]),
+        lambda l: l(torch.randn(2, 4, 5)),
+        lambda l: l(torch.randn(2, 4, 3, dtype=torch.float64)),
+        lambda l: l(torch.randn(4, 2, 3), torch.zeros(1, 2, 5)),
+        lambda l: l(torch.randn(4, 2, 3), (torch.zeros(1, 2, 5), torch.zeros(2, 2, 5))),
+        lambda l: l(torch.randn(4, 2, 3), (torch.zeros(1, 2, 5), torch.zeros(1, 2, 5, dtype=torch.float64))),
+        lambda l: l(torch.randn(4, 3), (torch.zeros(1, 1, 5), torch.zeros(1, 1, 5))),
+    ],
+)
 def test_bad_input_raises_torch_nn_error(call):
     torch.manual_seed(0)
     with pytest.raises(Exception) as theirs:
@@ -176,21 +183,33 @@ def test_bad_input_raises_torch_nn_error(call):
     assert str(ours.value) == str(theirs.value)
 
 
-@pytest.mark.parametrize("call,error,message", [
-    (lambda l: l(torch.randn(2, 4, 3), lengths=[4, 5]), ValueError, r"lengths must be in \[0, T=4\], got 5 at batch index 1"),
-    (lambda l: l(torch.randn(2, 4, 3), lengths=[-1, 4]), ValueError, r"got -1 at batch index 0"),
-    (lambda l: l(torch.randn(2, 4, 3), lengths=[4]), ValueError, r"lengths must have shape \(B=2,\)"),
-    (lambda l: l(torch.randn(2, 4, 3), lengths=torch.tensor([1.0, 2.0])), TypeError, "lengths must hold integers"),
-    (lambda l: l(torch.randn(2, 4, 3), lengths="ab"), TypeError, "list of ints"),
-])
+@pytest.mark.parametrize(
+    "call,error,message",
+    [
+        (
+            lambda l: l(torch.randn(2, 4, 3), lengths=[4, 5]),
+            ValueError,
+            r"lengths must be in \[0, T=4\], got 5 at batch index 1",
+        ),
+        (lambda l: l(torch.randn(2, 4, 3), lengths=[-1, 4]), ValueError, r"got -1 at batch index 0"),
+        (lambda l: l(torch.randn(2, 4, 3), lengths=[4]), ValueError, r"lengths must have shape \(B=2,\)"),
+        (lambda l: l(torch.randn(2, 4, 3), lengths=torch.tensor([1.0, 2.0])), TypeError, "lengths must hold integers"),
+        (lambda l: l(torch.randn(2, 4, 3), lengths="ab"), TypeError, "list of ints"),
+    ],
+)
 def test_bad_lengths_are_named(call, error, message):
     with pytest.raises(error, match=message):
         call(rnnkit.LSTM(3, 5, batch_first=True))
 
 
 def test_bad_constructor_arguments_raise_torch_nn_errors():
-    for args, kwargs in [((3, 0), {}), ((3, 4), {"dropout": 1.5}), ((3, 4), {"num_layers": 0}),
-                         ((3, 4), {"bias": 1}), ((3, 4), {"proj_size": 4})]:
+    for args, kwargs in [
+        ((3, 0), {}),
+        ((3, 4), {"dropout": 1.5}),
+        ((3, 4), {"num_layers": 0}),
+        ((3, 4), {"bias": 1}),
+        ((3, 4), {"proj_size": 4}),
+    ]:
         with pytest.raises(Exception) as theirs:
             torch.nn.LSTM(*args, **kwargs)
         with pytest.raises(type(theirs.value), match=re.escape(str(theirs.value))):
@@ -215,9 +234,11 @@ def test_cell_state_of_the_wrong_kind_is_named():
         rnnkit.LSTMCell(3, 4).advance(x, (torch.zeros(2, 4),))
     with pytest.raises(ValueError, match=r"state.h must have shape \(B=2, H=4\), got \(1, 4\)"):
         rnnkit.GRUCell(3, 4).advance(x, torch.zeros(1, 4))
-    for ours, theirs, hx in [(rnnkit.GRUCell, torch.nn.GRUCell, torch.zeros(1, 4)),
-                             (rnnkit.LSTMCell, torch.nn.LSTMCell, torch.zeros(2, 2, 4)),
-                             (rnnkit.RNNCell, torch.nn.RNNCell, torch.zeros(2, 5))]:
+    for ours, theirs, hx in [
+        (rnnkit.GRUCell, torch.nn.GRUCell, torch.zeros(1, 4)),
+        (rnnkit.LSTMCell, torch.nn.LSTMCell, torch.zeros(2, 2, 4)),
+        (rnnkit.RNNCell, torch.nn.RNNCell, torch.zeros(2, 5)),
+    ]:
         with pytest.raises(Exception) as want:
             theirs(3, 4)(x, hx)
         with pytest.raises(type(want.value), match=re.escape(str(want.value))):

@@ -1,4 +1,5 @@
 """The C++ sources: every one is compiled, in the cache key and shipped in the wheel."""
+
 from __future__ import annotations
 
 import re

@@ -4,6 +4,7 @@ Every combination of cell kind x 1-3 layers x uni/bidirectional x with/without l
 float32/float64 runs with random weights and inputs; with lengths torch runs on
 ``pack_padded_sequence(..., enforce_sorted=False)``.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -40,8 +41,9 @@ def as_tuple(state):
 
 def compare(kind, num_layers, bidirectional, with_lengths, dtype, B=3, T=6, I=4, H=5, bias=True):
     """Max abs difference between rnnkit and torch over outputs, states and all gradients."""
-    theirs = KINDS[kind](input_size=I, hidden_size=H, num_layers=num_layers, bias=bias,
-                         batch_first=True, bidirectional=bidirectional).to(dtype)
+    theirs = KINDS[kind](
+        input_size=I, hidden_size=H, num_layers=num_layers, bias=bias, batch_first=True, bidirectional=bidirectional
+    ).to(dtype)
     ours = rnnkit.from_torch(theirs)
     D = 2 if bidirectional else 1
     x = torch.randn(B, T, I, dtype=dtype)
@@ -100,8 +102,9 @@ def test_from_torch_rejects_other_modules():
         rnnkit.from_torch(nn.Linear(2, 2))
 
 
-@pytest.mark.parametrize("cell,theirs", [(rnnkit.LSTMCell, nn.LSTMCell), (rnnkit.GRUCell, nn.GRUCell),
-                                         (rnnkit.RNNCell, nn.RNNCell)])
+@pytest.mark.parametrize(
+    "cell,theirs", [(rnnkit.LSTMCell, nn.LSTMCell), (rnnkit.GRUCell, nn.GRUCell), (rnnkit.RNNCell, nn.RNNCell)]
+)
 def test_cells_equal_torch_cells(cell, theirs):
     ref = theirs(4, 6).double()
     ours = cell(4, 6).double()

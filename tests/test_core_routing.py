@@ -1,5 +1,6 @@
 """The routing table (core/routing.py): one function names the route of any call, every route is
 documented, and a route is chosen for a block of code without any module-level switch."""
+
 from __future__ import annotations
 
 import logging
@@ -84,12 +85,20 @@ def test_each_call_logs_its_route(caplog):
 
 def test_no_module_level_route_switch_remains():
     from rnnkit.core import scan
+
     assert not hasattr(scan, "FUSED")
 
 
 @pytest.mark.parametrize("batch", [1, 2])
-@pytest.mark.parametrize("make", [lambda: rnnkit.LSTM(6, 8, num_layers=2, batch_first=True), lambda: rnnkit.GRU(6, 8, batch_first=True),
-                                  lambda: rnnkit.RNN(6, 8, batch_first=True), lambda: rnnkit.Recurrent(MGUCell, 6, 8, batch_first=True)])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: rnnkit.LSTM(6, 8, num_layers=2, batch_first=True),
+        lambda: rnnkit.GRU(6, 8, batch_first=True),
+        lambda: rnnkit.RNN(6, 8, batch_first=True),
+        lambda: rnnkit.Recurrent(MGUCell, 6, 8, batch_first=True),
+    ],
+)
 def test_a_lean_steps_one_pass_agrees_with_the_table(make, batch):
     """choose_route decides a lean step in one pass (it runs at every generated token); explain walks
     the whole table: the two name the same route, so a route added above the step rows is seen by both."""

@@ -1,6 +1,7 @@
 """rnnkit's LSTM, GRU, RNN and cells hold torch.nn's contract exactly: construction (the same initial
 weights under the same seed), the call (batched, unbatched, packed; with and without hx), outputs,
 states, every gradient, parameter names, state_dict, pickling and saving, and conversion both ways."""
+
 from __future__ import annotations
 
 import copy
@@ -17,8 +18,11 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 import rnnkit
 
 LAYER_PAIRS = {"lstm": (nn.LSTM, rnnkit.LSTM), "gru": (nn.GRU, rnnkit.GRU), "rnn": (nn.RNN, rnnkit.RNN)}
-CELL_PAIRS = {"lstm": (nn.LSTMCell, rnnkit.LSTMCell), "gru": (nn.GRUCell, rnnkit.GRUCell),
-              "rnn": (nn.RNNCell, rnnkit.RNNCell)}
+CELL_PAIRS = {
+    "lstm": (nn.LSTMCell, rnnkit.LSTMCell),
+    "gru": (nn.GRUCell, rnnkit.GRUCell),
+    "rnn": (nn.RNNCell, rnnkit.RNNCell),
+}
 REL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
 
@@ -81,8 +85,12 @@ def run_both(theirs, ours, make_inputs, rel):
 def layer_case(draw):
     kind = draw(st.sampled_from(sorted(LAYER_PAIRS)))
     H = draw(st.integers(2, 5))
-    kwargs = dict(num_layers=draw(st.integers(1, 2)), bias=draw(st.booleans()), batch_first=draw(st.booleans()),
-                  bidirectional=draw(st.booleans()))
+    kwargs = dict(
+        num_layers=draw(st.integers(1, 2)),
+        bias=draw(st.booleans()),
+        batch_first=draw(st.booleans()),
+        bidirectional=draw(st.booleans()),
+    )
     if kind == "rnn":
         kwargs["nonlinearity"] = draw(st.sampled_from(["tanh", "relu"]))
     if kind == "lstm" and draw(st.booleans()):
@@ -90,10 +98,19 @@ def layer_case(draw):
     if kwargs["num_layers"] > 1 and draw(st.booleans()):
         kwargs["dropout"] = 0.3  # compared in eval mode only: train mode draws masks
     form = draw(st.sampled_from(["batched", "unbatched", "packed-sorted", "packed-unsorted"]))
-    return dict(kind=kind, I=draw(st.integers(1, 4)), H=H, kwargs=kwargs, form=form,
-                B=draw(st.integers(1, 3)), T=draw(st.integers(1, 5)), with_hx=draw(st.booleans()),
-                dtype=draw(st.sampled_from([torch.float32, torch.float64])), train=draw(st.booleans()),
-                seed=draw(st.integers(0, 2 ** 16)))
+    return dict(
+        kind=kind,
+        I=draw(st.integers(1, 4)),
+        H=H,
+        kwargs=kwargs,
+        form=form,
+        B=draw(st.integers(1, 3)),
+        T=draw(st.integers(1, 5)),
+        with_hx=draw(st.booleans()),
+        dtype=draw(st.sampled_from([torch.float32, torch.float64])),
+        train=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**16)),
+    )
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -127,8 +144,9 @@ def test_layers_hold_torch_nn_contract(case):
             inp = xi if kwargs["batch_first"] else xi.transpose(0, 1)
             state = hi
             if form.startswith("packed"):
-                inp = pack_padded_sequence(inp, lengths, batch_first=kwargs["batch_first"],
-                                           enforce_sorted=form == "packed-sorted")
+                inp = pack_padded_sequence(
+                    inp, lengths, batch_first=kwargs["batch_first"], enforce_sorted=form == "packed-sorted"
+                )
         args = (inp,)
         if case["with_hx"]:
             args += (tuple(state) if kind == "lstm" else state[0],)
@@ -138,8 +156,15 @@ def test_layers_hold_torch_nn_contract(case):
 
 
 @settings(max_examples=30, deadline=None)
-@given(kind=st.sampled_from(sorted(CELL_PAIRS)), bias=st.booleans(), batched=st.booleans(), with_hx=st.booleans(),
-       dtype=st.sampled_from([torch.float32, torch.float64]), B=st.integers(1, 3), seed=st.integers(0, 2 ** 16))
+@given(
+    kind=st.sampled_from(sorted(CELL_PAIRS)),
+    bias=st.booleans(),
+    batched=st.booleans(),
+    with_hx=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    B=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+)
 def test_cells_hold_torch_nn_contract(kind, bias, batched, with_hx, dtype, B, seed):
     kwargs = {"bias": bias}
     theirs, ours = twins(CELL_PAIRS[kind], 3, 4, **kwargs)
@@ -171,8 +196,9 @@ def test_names_all_weights_and_flatten_parameters(kind):
     theirs, ours = twins(LAYER_PAIRS[kind], 3, 4, num_layers=2, bidirectional=True, **kwargs)
     assert list(ours.state_dict()) == list(theirs.state_dict())
     assert "weight_hr_l1_reverse" in ours.state_dict() or kind != "lstm"
-    assert [[p.shape for p in layer] for layer in ours.all_weights] == \
-        [[p.shape for p in layer] for layer in theirs.all_weights]
+    assert [[p.shape for p in layer] for layer in ours.all_weights] == [
+        [p.shape for p in layer] for layer in theirs.all_weights
+    ]
     ours.flatten_parameters()  # torch.nn's, a no-op on the CPU
     assert repr(ours).split("(", 1)[1] == repr(theirs).split("(", 1)[1]
     # initialising by name, a common pattern, reaches the weights rnnkit runs
@@ -244,8 +270,9 @@ def test_convert_replaces_every_recurrent_module_both_ways():
         def __init__(self):
             super().__init__()
             self.encoder = nn.LSTM(3, 6, num_layers=2, proj_size=4, batch_first=True, bidirectional=True)
-            self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(8, 5), nn.GRU(5, 5)),
-                                         nn.RNNCell(5, 5, nonlinearity="relu")])
+            self.blocks = nn.ModuleList(
+                [nn.Sequential(nn.Linear(8, 5), nn.GRU(5, 5)), nn.RNNCell(5, 5, nonlinearity="relu")]
+            )
             self.cell = nn.LSTMCell(5, 5)
 
         def forward(self, x):
@@ -299,8 +326,10 @@ def test_empty_sequences_give_zero_outputs_and_the_initial_state(kind):
         torch.testing.assert_close(out[2, :2], alone[0], rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("kind,kwargs", [("lstm", {}), ("lstm", {"proj_size": 2}), ("gru", {}), ("rnn", {}),
-                                         ("rnn", {"nonlinearity": "relu"})])
+@pytest.mark.parametrize(
+    "kind,kwargs",
+    [("lstm", {}), ("lstm", {"proj_size": 2}), ("gru", {}), ("rnn", {}), ("rnn", {"nonlinearity": "relu"})],
+)
 @pytest.mark.parametrize("route", [None, "cpp-loops", "python-loops"])
 def test_layers_gradcheck_and_gradgradcheck_with_batched_grad(kind, kwargs, route):
     """Double backward (create_graph) and vmap over the backward work on every route."""
@@ -331,7 +360,7 @@ def test_cells_gradcheck_and_gradgradcheck_with_batched_grad(kind):
     params = [p.detach().clone().requires_grad_() for p in cell.parameters()]
 
     def f(x, *rest):
-        state, ps = rest[:len(hx)], rest[len(hx):]
+        state, ps = rest[: len(hx)], rest[len(hx) :]
         out = torch.func.functional_call(cell, dict(zip(names, ps)), (x, tuple(state) if kind == "lstm" else state[0]))
         return tuple(flat(out))
 

@@ -1,4 +1,5 @@
 """`rnnkit export RUN_DIR --format onnx|pt2 --out FILE` writes a file that reproduces the run's metrics."""
+
 from __future__ import annotations
 
 import pytest
@@ -14,8 +15,31 @@ def classifier_run(tmp_path_factory):
     data = write_csv(folder / "train.csv", generated_rows(24))
     torch.manual_seed(0)
     run = folder / "run"
-    assert main(["train", "classify", "--data", str(data), "--out", str(run), *TINY, "--steps", "10",
-                 "--lr", "1e-2", "--warmup-steps", "2", "--eval-every", "10", "--progress", "lines", "--no-plot"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "classify",
+                "--data",
+                str(data),
+                "--out",
+                str(run),
+                *TINY,
+                "--steps",
+                "10",
+                "--lr",
+                "1e-2",
+                "--warmup-steps",
+                "2",
+                "--eval-every",
+                "10",
+                "--progress",
+                "lines",
+                "--no-plot",
+            ]
+        )
+        == 0
+    )
     return run
 
 
@@ -48,9 +72,38 @@ def test_export_reproduces_the_language_models_metrics(tmp_path, capsys):
     data = tmp_path / "corpus.txt"
     data.write_text(TEXT)
     run = tmp_path / "run"
-    assert main(["train", "lm", "--data", str(data), "--hidden", "16", "--layers", "2", "--embed", "8",
-                 "--seq-len", "8", "--batch-size", "4", "--steps", "4", "--eval-every", "4", "--no-plot",
-                 "--progress", "lines", "--threads", "1", "--out", str(run)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "lm",
+                "--data",
+                str(data),
+                "--hidden",
+                "16",
+                "--layers",
+                "2",
+                "--embed",
+                "8",
+                "--seq-len",
+                "8",
+                "--batch-size",
+                "4",
+                "--steps",
+                "4",
+                "--eval-every",
+                "4",
+                "--no-plot",
+                "--progress",
+                "lines",
+                "--threads",
+                "1",
+                "--out",
+                str(run),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["export", str(run), "--format", "onnx", "--out", str(tmp_path / "lm.onnx")]) == 0
     lines = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]

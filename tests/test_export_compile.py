@@ -1,5 +1,6 @@
 """torch.compile(fullgraph=True) and torch.export of every layer and option: one graph, eager's
 results, and no new graph when the batch size or the length changes."""
+
 from __future__ import annotations
 
 import pytest
@@ -34,7 +35,8 @@ OPTIONS = {
     "plain": ({}, lambda B, T, layer: {}),
     "lengths, bidirectional": (
         dict(bidirectional=True),
-        lambda B, T, layer: dict(lengths=torch.randint(1, T + 1, (B,)))),
+        lambda B, T, layer: dict(lengths=torch.randint(1, T + 1, (B,))),
+    ),
     "dropout": (dict(num_layers=2, dropout=0.3), lambda B, T, layer: {}),
     "initial state": (dict(num_layers=2), lambda B, T, layer: dict(hx=_state(layer, B))),
 }

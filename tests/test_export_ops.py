@@ -1,5 +1,6 @@
 """rnnkit's operators (core/ops.py) pass torch.library.opcheck, and PyTorch's legacy tracers either
 record a layer correctly or refuse with a clear error: never a graph that is silently wrong."""
+
 from __future__ import annotations
 
 import pytest
@@ -29,11 +30,12 @@ def test_operators_pass_opcheck(kind, masked):
     torch.library.opcheck(getattr(torch.ops.rnnkit, f"{kind}_scan_train"), _args(kind, masked, grad=True))
     saved_out = getattr(torch.ops.rnnkit, f"{kind}_scan_train")(*_args(kind, masked, grad=False))
     n = 2 if kind == "lstm" else 1
-    saved, w_hh, mask = saved_out[1 + n:], _args(kind, masked, False)[1], _args(kind, masked, False)[-2]
+    saved, w_hh, mask = saved_out[1 + n :], _args(kind, masked, False)[1], _args(kind, masked, False)[-2]
     grad_out = torch.randn(B, T, H, dtype=torch.float64)
     grads = tuple(torch.randn(B, H, dtype=torch.float64) for _ in range(n))
-    torch.library.opcheck(getattr(torch.ops.rnnkit, f"{kind}_scan_backward"), (*saved, w_hh, mask, grad_out, *grads,
-                                                                                False))
+    torch.library.opcheck(
+        getattr(torch.ops.rnnkit, f"{kind}_scan_backward"), (*saved, w_hh, mask, grad_out, *grads, False)
+    )
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
@@ -43,6 +45,7 @@ def test_operators_gradients_match_the_reference(kind):
     x = torch.randn(B, T, 4, dtype=torch.float64, requires_grad=True)
     lengths = torch.tensor([5, 2, 4])
     from rnnkit.core import ops, stack
+
     out, _ = stack.per_cell(ops.scan_cell)(layer, x, None, lengths)
     grads = torch.autograd.grad(out.square().sum(), [x, *layer.parameters()])
     with rnnkit.routing.force("reference"):
@@ -74,7 +77,11 @@ class _MGU(GatedCell):
 
 @pytest.mark.parametrize("what", ["lengths", "user cell", "dropout"])
 def test_jit_trace_refuses_what_it_cannot_record(what):
-    layer = rnnkit.Recurrent(_MGU, 4, 6, batch_first=True) if what == "user cell" else rnnkit.LSTM(4, 6, num_layers=2, dropout=0.5, batch_first=True)
+    layer = (
+        rnnkit.Recurrent(_MGU, 4, 6, batch_first=True)
+        if what == "user cell"
+        else rnnkit.LSTM(4, 6, num_layers=2, dropout=0.5, batch_first=True)
+    )
     layer.train(what == "dropout")
     x = torch.randn(3, 5, 4)
     call = (lambda x: layer(x, lengths=torch.tensor([5, 2, 4]))[0]) if what == "lengths" else (lambda x: layer(x)[0])
@@ -88,8 +95,15 @@ def test_legacy_onnx_export_is_correct_at_other_shapes(tmp_path):
     ort = pytest.importorskip("onnxruntime")
     layer = rnnkit.LSTM(4, 6, num_layers=2, batch_first=True).eval()
     path = tmp_path / "lstm.onnx"
-    torch.onnx.export(layer, (torch.randn(3, 5, 4),), str(path), dynamo=False, input_names=["x"],
-                      output_names=["y", "h", "c"], dynamic_axes={"x": {0: "B", 1: "T"}, "y": {0: "B", 1: "T"}})
+    torch.onnx.export(
+        layer,
+        (torch.randn(3, 5, 4),),
+        str(path),
+        dynamo=False,
+        input_names=["x"],
+        output_names=["y", "h", "c"],
+        dynamic_axes={"x": {0: "B", 1: "T"}, "y": {0: "B", 1: "T"}},
+    )
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     x = torch.randn(2, 9, 4)
     (y, *_) = session.run(None, {"x": x.numpy()})

@@ -5,6 +5,7 @@ the gradients of x, the initial state and every weight -- for every built-in cel
 written by users, with lengths, both directions, stacking and dropout, in float64 (1e-10) and
 float32 (1e-5); plus gradcheck on small sizes. Parity with torch.nn itself is test_core_parity.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -46,10 +47,6 @@ def test_the_cpp_loops_build_where_there_is_a_compiler():
     if shutil.which("c++") is None and shutil.which("g++") is None:
         pytest.skip("no C++ compiler here: the Python loops run instead")
     assert native.ops() is not None
-
-
-
-
 
 
 class OwnStepCell(MGUCell):
@@ -111,8 +108,6 @@ def _max_diff(a, b):
     return max(((x - y).abs().max() / y.abs().max().clamp(min=1)).item() for x, y in zip(a, b))
 
 
-
-
 @pytest.mark.parametrize(
     "kind,dtype,bidirectional,with_lengths",
     list(itertools.product(LAYERS, [torch.float64, torch.float32], [False, True], [False, True])),
@@ -151,8 +146,10 @@ def test_fused_float32_larger_sizes(kind, loops):
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh", "rnn_relu", "mgu"])
-@pytest.mark.parametrize("batch,hidden,dtype", [(1, 70, torch.float64), (7, 70, torch.float32),
-                                                (3, 300, torch.float32), (11, 33, torch.float64)])
+@pytest.mark.parametrize(
+    "batch,hidden,dtype",
+    [(1, 70, torch.float64), (7, 70, torch.float32), (3, 300, torch.float32), (11, 33, torch.float64)],
+)
 @pytest.mark.parametrize("bias", [True, False])
 def test_every_remainder_of_the_blocked_matmul(kind, batch, hidden, dtype, bias):
     """native.cpp's recurrent matmul runs MR rows at a time (4 for the LSTM, 5 or 4 for the GRU, 8 for
@@ -234,7 +231,9 @@ def test_a_forward_loop_refuses_a_weight_packed_for_other_sizes():
     with pytest.raises(RuntimeError, match="not packed by pack_linear"):
         native.ops().lstm_forward(xz, native.ops().pack_linear(w, 1), None, hs, cs, out, None, None)
     with pytest.raises(RuntimeError, match="disagree on the hidden size"):
-        native.ops().lstm_forward(xz, native.ops().pack_linear(torch.randn(4 * H, H + 1), 4), None, hs, cs, out, None, None)
+        native.ops().lstm_forward(
+            xz, native.ops().pack_linear(torch.randn(4 * H, H + 1), 4), None, hs, cs, out, None, None
+        )
     x, w_ih = torch.randn(B, T, 3), torch.randn(4 * H, 3)
     packed_ih, packed = native.ops().pack_linear(w_ih, 4), native.ops().pack_linear(w, 4)
     project = native.ops().lstm_forward_projecting
@@ -267,7 +266,8 @@ def test_the_workspace_reuses_a_freed_buffer_and_frees_on_request():
     del b
     assert ops.release_workspace() == 4 << 20
     assert ops.release_workspace() == 0
-    out, _ = rnnkit.GRU(4, 256, batch_first=True)(torch.randn(8, 200, 4))  # its buffers of 1 MiB or more: the workspace's
+    # its buffers of 1 MiB or more: the workspace's
+    out, _ = rnnkit.GRU(4, 256, batch_first=True)(torch.randn(8, 200, 4))
     out.sum().backward()
     del out
     assert rnnkit.empty_cache() > 0
@@ -366,7 +366,9 @@ def test_two_threads(kind, batch, hidden):
     state = tuple(torch.randn(1, batch, hidden) for _ in layer.State._fields)
     lengths = torch.randint(1, 6, (batch,))
     lengths[0] = 5
-    assert _max_diff(_run(layer, x, state, lengths, fused_on=True), _run(layer, x, state, lengths, fused_on=False)) < 1e-5
+    assert (
+        _max_diff(_run(layer, x, state, lengths, fused_on=True), _run(layer, x, state, lengths, fused_on=False)) < 1e-5
+    )
 
     def infer(fused_on):
         with _fused(fused_on), torch.no_grad():
@@ -447,6 +449,7 @@ def test_generic_kernel_when_no_gradient_reaches_a_step_input():
 
 def test_kernel_choice():
     from rnnkit.core.kernels.python_loops import PythonGRU, PythonLSTM, PythonRNN
+
     assert isinstance(table.kernel_for(rnnkit.LSTMCell(2, 3)), PythonLSTM)
     assert isinstance(table.kernel_for(rnnkit.GRUCell(2, 3)), PythonGRU)
     assert isinstance(table.kernel_for(rnnkit.RNNCell(2, 3)), PythonRNN)
@@ -486,12 +489,15 @@ def test_inference_path_equals_training_path(kind):
 @pytest.mark.parametrize("batch_first", [True, False])
 @pytest.mark.parametrize("batch", [1, 2])  # batch 1: the C++ matrix-vector kernels, where they build
 def test_stepping_equals_general_route(kind, bidirectional, batch_first, batch):
-    layer = LAYERS[kind](input_size=3, hidden_size=4, num_layers=3, bidirectional=bidirectional,
-                         batch_first=batch_first).double().eval()
+    layer = (
+        LAYERS[kind](input_size=3, hidden_size=4, num_layers=3, bidirectional=bidirectional, batch_first=batch_first)
+        .double()
+        .eval()
+    )
     x = torch.randn(batch, 5, 3, dtype=torch.float64)
     if not batch_first:
         x = x.transpose(0, 1)
-    steps = [x[:, t:t + 1] if batch_first else x[t:t + 1] for t in range(5)]
+    steps = [x[:, t : t + 1] if batch_first else x[t : t + 1] for t in range(5)]
     state_ref = state = None
     for x_t in steps:
         out_ref, state_ref = layer(x_t, state_ref)  # grad enabled: the general route
@@ -547,15 +553,15 @@ def test_stepping_through_the_cpp_loops_equals_the_general_route(kind, batch, dt
     x = torch.randn(batch, 4, 33, dtype=dtype)
     state_ref = state = None
     for t in range(4):
-        out_ref, state_ref = layer(x[:, t:t + 1], state_ref)  # grad enabled: the general route
+        out_ref, state_ref = layer(x[:, t : t + 1], state_ref)  # grad enabled: the general route
         with torch.inference_mode():
             if state is None:  # the first step carries no state: a general route
-                out, state = layer(x[:, t:t + 1])
+                out, state = layer(x[:, t : t + 1])
             else:
                 natural = "step-loops" if batch > 1 or kind in ("lstm", "gru") else "step-matmul"
-                assert rnnkit.explain(layer, x[:, t:t + 1], state).name == natural
+                assert rnnkit.explain(layer, x[:, t : t + 1], state).name == natural
                 with routing.force("step-loops"):
-                    out, state = layer(x[:, t:t + 1], state)
+                    out, state = layer(x[:, t : t + 1], state)
         torch.testing.assert_close(out, out_ref.detach(), atol=TOL[dtype], rtol=0)
         for a, b in zip(_parts(state), _parts(state_ref)):
             torch.testing.assert_close(a, b.detach(), atol=TOL[dtype], rtol=0)
@@ -590,10 +596,12 @@ def test_inference_packs_the_current_weights(kind):
     ``.data``, which bypasses the version counter."""
     layer = LAYERS[kind](input_size=3, hidden_size=4, num_layers=2).eval()
     x = torch.randn(2, 5, 3)
-    changes = [lambda: layer.cells[1].weight_hh.mul_(2.0),
-               lambda: layer.load_state_dict({k: torch.randn_like(v) for k, v in layer.state_dict().items()}),
-               lambda: setattr(layer.cells[0], "weight_ih", torch.nn.Parameter(torch.randn(16, 3))),
-               lambda: layer.cells[0].weight_hh.data.mul_(3.0)]
+    changes = [
+        lambda: layer.cells[1].weight_hh.mul_(2.0),
+        lambda: layer.load_state_dict({k: torch.randn_like(v) for k, v in layer.state_dict().items()}),
+        lambda: setattr(layer.cells[0], "weight_ih", torch.nn.Parameter(torch.randn(16, 3))),
+        lambda: layer.cells[0].weight_hh.data.mul_(3.0),
+    ]
     for change in [lambda: None, *changes]:
         with torch.no_grad():
             change()
@@ -628,7 +636,7 @@ def test_a_layer_made_under_inference_mode_runs_and_steps(kind):
     with torch.inference_mode():
         layer = LAYERS[kind](input_size=3, hidden_size=4, num_layers=2).eval()
         x = torch.randn(2, 5, 3)
-        out, state = layer(x)
+        out, _ = layer(x)
         step, _ = layer(x[:, 4:], layer(x[:, :4])[1])
         with _fused(False):
             want, _ = layer(x)
@@ -702,7 +710,7 @@ def test_cuda_matches_cpu(kind):
     assert _max_diff(cpu, [g.cpu() for g in gpu]) < 1e-10
     layer32 = layer.float()
     with torch.autocast("cuda", dtype=torch.float16):
-        out, final = layer32(x.float().cuda())
+        out, _ = layer32(x.float().cuda())
         out.sum().backward()
     assert torch.isfinite(out).all() and all(p.grad is not None for p in layer32.parameters())
 
@@ -718,8 +726,12 @@ def test_bench_pairs_quartiles():
 def test_bench_smoke(tmp_path):
     """The benchmark runs end to end on a tiny grid and writes valid JSON (not a timing test)."""
     path = tmp_path / "bench.json"
-    subprocess.run([sys.executable, "-m", "rnnkit.bench", "--smoke", "--json", str(path), "--threads", "1"],
-                   check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [sys.executable, "-m", "rnnkit.bench", "--smoke", "--json", str(path), "--threads", "1"],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     report = json.loads(path.read_text())
     assert report["rows"] and all(r["torch_ms"] > 0 and r["rnnkit_ms"] > 0 for r in report["rows"])
     assert all(0 < r["ratio_q1"] <= r["ratio_q3"] for r in report["rows"] + report["stepping"])
@@ -730,15 +742,18 @@ def test_bench_smoke(tmp_path):
     peak = max(machine["matmul_gflops"]["peak"], machine["matmul_gflops_end"]["peak"])
     assert machine["matmul_peak_gflops"] == peak
     assert all(r["peak_frac"] == pytest.approx(r["gflops"] / peak) for r in report["rows"])
-    assert [low["ratio_q1"], low["ratio_q3"]] in (report["summary"]["train_min_ratio_pairs_iqr"],
-                                                  report["summary"]["infer_min_ratio_pairs_iqr"])
+    assert [low["ratio_q1"], low["ratio_q3"]] in (
+        report["summary"]["train_min_ratio_pairs_iqr"],
+        report["summary"]["infer_min_ratio_pairs_iqr"],
+    )
     assert [(s["kind"], s["batch"]) for s in report["stepping"]] == [("lstm", 1), ("lstm", 2), ("gru", 1), ("gru", 2)]
     assert [c["mode"] for c in report["custom_cell"]] == ["train", "infer", "step"]
     assert all(c["user_cell_ms"] > 0 and c["builtin_ms"] > 0 for c in report["custom_cell"])
 
 
-@pytest.mark.parametrize("kind,kwargs", [("gru", {}), ("rnn", {"nonlinearity": "tanh"}), ("rnn", {"nonlinearity": "relu"}),
-                                         ("lstm", {})])
+@pytest.mark.parametrize(
+    "kind,kwargs", [("gru", {}), ("rnn", {"nonlinearity": "tanh"}), ("rnn", {"nonlinearity": "relu"}), ("lstm", {})]
+)
 def test_inference_through_torchs_kernel_equals_the_reference(kind, kwargs, monkeypatch):
     """Where rnnkit routes a stack to torch's own kernel, the result is the reference's.
 
@@ -769,8 +784,9 @@ def test_with_the_cpp_loops_gru_and_rnn_inference_stay_in_rnnkit(kind):
         assert rnnkit.explain(layer, torch.randn(3, 6, 5)).name == "cpp-loops"
 
 
-@pytest.mark.skipif(native.ops() is None or not torch.backends.mkldnn.is_available(),
-                    reason="needs the C++ loops and torch's oneDNN")
+@pytest.mark.skipif(
+    native.ops() is None or not torch.backends.mkldnn.is_available(), reason="needs the C++ loops and torch's oneDNN"
+)
 def test_lstm_routes_to_the_cpp_loops_where_they_measured_faster():
     """Inference, small steps (batch x hidden <= ``NATIVE_LSTM_MAX_STATE``) and training with more
     than ``NATIVE_LSTM_MIN_TRAIN_GATES`` gate values leave oneDNN for the C++ loops; the rest of
@@ -780,9 +796,12 @@ def test_lstm_routes_to_the_cpp_loops_where_they_measured_faster():
     layer = rnnkit.LSTM(5, H, batch_first=True)
     max_batch = routing.NATIVE_LSTM_MAX_STATE // H
     long = routing.NATIVE_LSTM_MIN_TRAIN_GATES // (4 * H * (max_batch + 1)) + 1  # steps whose gates pass the line
-    for batch, steps, grad, route in ((max_batch, 3, True, "cpp-loops"), (max_batch + 1, 3, True, "torch-kernel"),
-                                      (max_batch + 1, long, True, "cpp-loops"),
-                                      (max_batch + 1, 3, False, "cpp-projecting")):
+    for batch, steps, grad, route in (
+        (max_batch, 3, True, "cpp-loops"),
+        (max_batch + 1, 3, True, "torch-kernel"),
+        (max_batch + 1, long, True, "cpp-loops"),
+        (max_batch + 1, 3, False, "cpp-projecting"),
+    ):
         with torch.set_grad_enabled(grad):
             assert rnnkit.explain(layer, torch.empty(batch, steps, 5)).name == route, (batch, steps, grad)
     x = torch.randn(5, 5, 5)
@@ -841,7 +860,7 @@ def test_lengths_through_torchs_packed_kernel_equal_the_reference(kind):
             got_inference = layer(x, state, lengths=lengths)
     want = _run(layer, x, parts, lengths, False)
     assert _max_diff(got, want) < 1e-5
-    assert _max_diff([got_inference[0], *_parts(got_inference[1])], want[:1 + len(parts)]) < 1e-5
+    assert _max_diff([got_inference[0], *_parts(got_inference[1])], want[: 1 + len(parts)]) < 1e-5
 
 
 class ScaledMGUCell(MGUCell):
@@ -886,8 +905,8 @@ def test_an_overridden_input_projection_is_honoured_by_every_path(monkeypatch):
     layer = rnnkit.Recurrent(DoubledInputLSTMCell, 3, 4, num_layers=2, batch_first=True).eval()
     x = torch.randn(2, 5, 3)
     with torch.no_grad():
-        out, state = layer(x)                      # whole sequence, no gradient
-        step_out, _ = layer(x[:, :1], state)      # one step with a carried state
+        out, state = layer(x)  # whole sequence, no gradient
+        step_out, _ = layer(x[:, :1], state)  # one step with a carried state
         assert rnnkit.explain(layer, x).name == "reference"  # its own projection
         with routing.force("reference"):
             ref_out, ref_state = layer(x)
@@ -904,10 +923,10 @@ def test_cuda_autocast_state_can_be_carried(kind):
     x = torch.randn(2, 4, 5, device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         _, state = layer(x)
-        out, state = layer(x, state)
+        _, state = layer(x, state)
         with torch.no_grad():
             layer(x[:, :1], state)
-    for part in (state if isinstance(state, tuple) else (state,)):
+    for part in state if isinstance(state, tuple) else (state,):
         assert part.dtype == torch.float32
 
 
@@ -947,6 +966,6 @@ def test_stepping_under_autocast_keeps_the_states_dtype():
     x = torch.randn(2, 1, 5)
     _, state = layer(x)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        out, state = layer(x, state)
-        out, state = layer(x, state)
+        _, state = layer(x, state)
+        _, state = layer(x, state)
     assert state.dtype == torch.float32

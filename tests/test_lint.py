@@ -23,14 +23,14 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.skipif(importlib.util.find_spec("ruff") is None, reason="ruff is not installed (.[test] has it)")
 def test_ruff_check():
-    result = _run("ruff", "check", "src", "tests", "docs")
+    result = _run("ruff", "check", "src", "tests", "docs", "examples", "tools")
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("ruff") is None, reason="ruff is not installed (.[test] has it)")
 def test_ruff_format():
-    result = _run("ruff", "format", "--check", "src", "tests", "docs")
-    assert result.returncode == 0, "run `ruff format src tests docs`:\n" + result.stdout[-6000:]
+    result = _run("ruff", "format", "--check", "src", "tests", "docs", "examples", "tools")
+    assert result.returncode == 0, "run `ruff format src tests docs examples tools`:\n" + result.stdout[-6000:]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("mypy") is None, reason="mypy is not installed (.[test] has it)")

@@ -1,5 +1,6 @@
 """A user's ``combine`` compiled to the C++ ``pointwise`` programs (core/pointwise.py): what compiles,
 what falls back, and the compiled layers held to the reference loop."""
+
 from __future__ import annotations
 
 import itertools
@@ -85,8 +86,17 @@ def _grads(layer, x, state, lengths, fused_on: bool):
         return [out, *parts, *torch.autograd.grad(loss, [xi, *si, *layer.parameters()])]
 
 
-@pytest.mark.parametrize("cell,dtype,bidirectional,with_lengths", list(itertools.product(
-    [SpellingCell, MGUCell, UserGRUCell, UserLSTMCell], [torch.float64, torch.float32], [False, True], [False, True])))
+@pytest.mark.parametrize(
+    "cell,dtype,bidirectional,with_lengths",
+    list(
+        itertools.product(
+            [SpellingCell, MGUCell, UserGRUCell, UserLSTMCell],
+            [torch.float64, torch.float32],
+            [False, True],
+            [False, True],
+        )
+    ),
+)
 def test_compiled_layer_equals_the_reference(cell, dtype, bidirectional, with_lengths, monkeypatch):
     """Outputs, final states and every gradient through the compiled route against the Python
     reference loop; the route is asserted taken, in training and (``cpp-projecting``) inference."""
@@ -108,7 +118,7 @@ def test_compiled_layer_equals_the_reference(cell, dtype, bidirectional, with_le
         got = layer(x, state if len(state) > 1 else state[0], lengths=lengths)
         with _fused(False):
             want = layer(x, state if len(state) > 1 else state[0], lengths=lengths)
-    assert calls[L * D:] == [False] * (L * D)  # inference: projecting per step, compiled
+    assert calls[L * D :] == [False] * (L * D)  # inference: projecting per step, compiled
     assert _max_diff(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)) < tol
 
 
@@ -126,7 +136,12 @@ def test_user_gru_equals_torch_gru():
 
 def test_program_gates():
     """Weights for ``pointwise_scan`` are packed for the cell's 3 or 4 gates, else for 1."""
-    assert [compiled_module.program_gates(c(3, 5)) for c in (UserLSTMCell, UserGRUCell, MGUCell, SinCell)] == [4, 3, 1, 1]
+    assert [compiled_module.program_gates(c(3, 5)) for c in (UserLSTMCell, UserGRUCell, MGUCell, SinCell)] == [
+        4,
+        3,
+        1,
+        1,
+    ]
 
 
 @pytest.mark.parametrize("cell", [SinCell, BranchCell, MeanCell])
@@ -207,8 +222,13 @@ def test_the_derivative_of_each_op():
         zero = g.const(0)
         n = len(args)
         forward = pointwise.emit(g, args, [(k, 0) for k in range(n)], [out], [(0, 0)])
-        backward = pointwise.emit(g, [*args, seed], [(k, 0) for k in range(n + 1)],
-                                  [grads.get(a, zero) for a in args], [(k, 0) for k in range(n)])
+        backward = pointwise.emit(
+            g,
+            [*args, seed],
+            [(k, 0) for k in range(n + 1)],
+            [grads.get(a, zero) for a in args],
+            [(k, 0) for k in range(n)],
+        )
         values = [torch.randn(B, H, dtype=torch.float64) + (3 if name == "div" and k == 1 else 0) for k in range(n)]
         d_out = torch.randn(B, H, dtype=torch.float64)
         leaves = [v.clone().requires_grad_() for v in values]
@@ -282,18 +302,42 @@ def test_the_scan_ops_refuse_buffers_that_disagree():
     for message, change in forward.items():
         args = dict(width=4 * H, hs=hs, hz=hz) | change
         with pytest.raises(RuntimeError, match=message):
-            ops.pointwise_scan(*program.forward[0], xz, None, None, packed, None, args["width"], args["hs"], out,
-                               args["hz"], None)
+            ops.pointwise_scan(
+                *program.forward[0], xz, None, None, packed, None, args["width"], args["hs"], out, args["hz"], None
+            )
     x, w_ih = torch.randn(B, T, 3), cell.weight_ih.detach()
     for gates_ih, gates_hh in ((4, 4), (1, 1)):  # packed for the 4 gates or for 1: accepted
-        ops.pointwise_scan(*program.forward[0], x, ops.pack_linear(w_ih, gates_ih), None,
-                           ops.pack_linear(cell.weight_hh.detach(), gates_hh), None, 4 * H, hs, out, hz, None)
+        ops.pointwise_scan(
+            *program.forward[0],
+            x,
+            ops.pack_linear(w_ih, gates_ih),
+            None,
+            ops.pack_linear(cell.weight_hh.detach(), gates_hh),
+            None,
+            4 * H,
+            hs,
+            out,
+            hz,
+            None,
+        )
     with pytest.raises(RuntimeError, match="disagree on G\\*H"):  # W_ih and W_hh packed for different gates
-        ops.pointwise_scan(*program.forward[0], x, ops.pack_linear(w_ih, 1), None,
-                           ops.pack_linear(cell.weight_hh.detach(), 4), None, 4 * H, hs, out, hz, None)
+        ops.pointwise_scan(
+            *program.forward[0],
+            x,
+            ops.pack_linear(w_ih, 1),
+            None,
+            ops.pack_linear(cell.weight_hh.detach(), 4),
+            None,
+            4 * H,
+            hs,
+            out,
+            hz,
+            None,
+        )
     with pytest.raises(RuntimeError, match="1, 3 or 4 gates that divide"):  # 4 gates do not divide G*H = 18
-        ops.pointwise_scan(*program.forward[0], x, None, None, ops.pack_linear(torch.randn(16, 5), 4), None, 18, hs,
-                           out, hz, None)
+        ops.pointwise_scan(
+            *program.forward[0], x, None, None, ops.pack_linear(torch.randn(16, 5), 4), None, 18, hs, out, hz, None
+        )
     packed_t = ops.pack_linear(cell.weight_hh.detach().t())
     d, dxz, dhz = [torch.zeros(B, H) for _ in range(2)], torch.empty_like(xz), torch.empty_like(hz)
     ops.pointwise_scan_backward(*program.backward[0], xz, hz, hs, None, None, packed_t, d, dxz, dhz)  # accepted
@@ -314,9 +358,18 @@ def test_d_hz_is_d_xz_only_where_every_gate_sees_x_plus_h():
     ops, B, T, H = native.ops(), 2, 3, 5
     xz, hz, hs = torch.randn(B, T, 2 * H), torch.randn(T, B, 2 * H), [torch.randn(T + 1, B, H)]
     with pytest.raises(RuntimeError, match="no dhz was passed"):
-        ops.pointwise_scan_backward(*program.backward[0], xz, hz, hs, None, None,
-                                    ops.pack_linear(mgu.weight_hh.detach().t()), [torch.zeros(B, H)],
-                                    torch.empty_like(xz), None)
+        ops.pointwise_scan_backward(
+            *program.backward[0],
+            xz,
+            hz,
+            hs,
+            None,
+            None,
+            ops.pack_linear(mgu.weight_hh.detach().t()),
+            [torch.zeros(B, H)],
+            torch.empty_like(xz),
+            None,
+        )
 
 
 class ActivationCell(GatedCell):
@@ -337,8 +390,12 @@ def test_cells_differing_in_any_attribute_get_their_own_programs():
     """A child module, a function, a list in a dict: two cells of one class that differ there must
     not share a program (before, only numbers and strings were in the key)."""
     x = torch.randn(2, 4, 3, dtype=torch.float64)
-    variants = [dict(act=torch.nn.Tanh(), config={"scale": [1.0]}), dict(act=torch.nn.ReLU(), config={"scale": [1.0]}),
-                dict(act=torch.sigmoid, config={"scale": [1.0]}), dict(act=torch.sigmoid, config={"scale": [3.0]})]
+    variants = [
+        dict(act=torch.nn.Tanh(), config={"scale": [1.0]}),
+        dict(act=torch.nn.ReLU(), config={"scale": [1.0]}),
+        dict(act=torch.sigmoid, config={"scale": [1.0]}),
+        dict(act=torch.sigmoid, config={"scale": [3.0]}),
+    ]
     for kwargs in variants:
         layer = rnnkit.Recurrent(ActivationCell, 3, 4, **kwargs, batch_first=True).double()
         assert pointwise.compiled(layer.cells[0]) is not None

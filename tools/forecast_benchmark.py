@@ -6,6 +6,7 @@ DIR holds sunspots.csv (yearly, H=6), co2.csv (weekly, H=13) and elnino.csv (yea
 one table per series (the network's numbers are means over the seeds) and the geometric mean over the
 series of each model's rolling MASE relative to seasonal naive's.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,14 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--series", nargs="+", default=list(SERIES))
     p.add_argument("--no-baselines", action="store_true")
-    p.add_argument("--option", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
-                   help="a task or training option, e.g. --option hidden 16")
+    p.add_argument(
+        "--option",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("NAME", "VALUE"),
+        help="a task or training option, e.g. --option hidden 16",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     options = {k: json.loads(v) if v[:1] in "0123456789-[tf" else v for k, v in args.option}
@@ -46,9 +53,20 @@ def main() -> None:
         runs, start = [], time.monotonic()
         for seed in args.seeds:
             out = Path(tempfile.mkdtemp()) / f"{name}-{seed}"
-            rnnkit.train("forecast", data=str(path), column=column, horizon=horizon, seed=seed,
-                                      baselines=False, out=str(out), progress="lines", plot=False,
-                                      log_every=10_000, threads=args.threads, **options)
+            rnnkit.train(
+                "forecast",
+                data=str(path),
+                column=column,
+                horizon=horizon,
+                seed=seed,
+                baselines=False,
+                out=str(out),
+                progress="lines",
+                plot=False,
+                log_every=10_000,
+                threads=args.threads,
+                **options,
+            )
             runs.append(json.loads((out / "forecast.json").read_text()))
         seconds = (time.monotonic() - start) / len(args.seeds)
         keys = ("mase", "smape", "rolling_mase", "rolling_smape")
@@ -62,8 +80,13 @@ def main() -> None:
         reference = rows.get("seasonal naive", {}).get("rolling_mase", float("nan"))
         for r in rows.values():
             r["relative"] = r["rolling_mase"] / reference
-        print(format_table(rows, f"{name} (H={horizon}); network rolling MASE per seed "
-                                 f"{', '.join(f'{x:.3f}' for x in spread)}; {seconds:.0f} s per training"))
+        print(
+            format_table(
+                rows,
+                f"{name} (H={horizon}); network rolling MASE per seed "
+                f"{', '.join(f'{x:.3f}' for x in spread)}; {seconds:.0f} s per training",
+            )
+        )
         print(flush=True)
         relative[name] = {k: r["relative"] for k, r in rows.items()}
     if len(relative) > 1 and not args.no_baselines:

@@ -13,6 +13,7 @@ it (at T=256). ``--json PATH`` writes the rows.
 
 The LSTM is ``rnnkit.LSTM`` on whatever route it takes (``rnnkit.explain`` names it in each row).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,13 @@ CELLS = {
     "minlstm": lambda I, H: rnnkit.Recurrent(MinLSTMCell, I, H, batch_first=True),
     "ln-lstm": lambda I, H: rnnkit.Recurrent(LayerNormLSTMCell, I, H, batch_first=True),
     # the LSTM with AWD-LSTM's variational dropout (input and output) and weight-drop
-    "lstm+regularised": lambda I, H: Regularised(rnnkit.LSTM(I, H, batch_first=True), input_dropout=0.25, output_dropout=0.25,
-                                                 weight_drop=0.5, generator=torch.Generator().manual_seed(0)),
+    "lstm+regularised": lambda I, H: Regularised(
+        rnnkit.LSTM(I, H, batch_first=True),
+        input_dropout=0.25,
+        output_dropout=0.25,
+        weight_drop=0.5,
+        generator=torch.Generator().manual_seed(0),
+    ),
 }
 # speedup over the LSTM the row must reach (LSTM time / cell time): at least 4x for the scan cells
 # (at T=1024, the stated target; the other lengths are reported against the same line), at most
@@ -51,7 +57,7 @@ def rotated(fns: dict, repeats: int) -> dict[str, list[float]]:
         fns[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             start = time.perf_counter()
             fns[name]()
             times[name].append(time.perf_counter() - start)
@@ -71,19 +77,38 @@ def rows_at(T: int, cells: list[str], B: int, H: int, I: int, repeats: int) -> l
         cell_s = statistics.median(times[name])
         q1, q3 = _quartiles([a / b for a, b in zip(times["lstm"], times[name])])
         speedup = lstm_s / cell_s
-        rows.append({
-            "cell": name, "batch": B, "hidden": H, "input": I, "steps": T,
-            "lstm_ms": lstm_s * 1e3, "cell_ms": cell_s * 1e3,
-            "speedup": speedup, "speedup_q1": q1, "speedup_q3": q3,  # LSTM time / cell time
-            "target": TARGETS[name], "met": speedup >= TARGETS[name],
-            "lstm_route": rnnkit.explain(lstm, x).name,
-            "cell_route": rnnkit.explain(getattr(layer, "layer", layer), x).name,
-        })
+        rows.append(
+            {
+                "cell": name,
+                "batch": B,
+                "hidden": H,
+                "input": I,
+                "steps": T,
+                "lstm_ms": lstm_s * 1e3,
+                "cell_ms": cell_s * 1e3,
+                "speedup": speedup,
+                "speedup_q1": q1,
+                "speedup_q3": q3,  # LSTM time / cell time
+                "target": TARGETS[name],
+                "met": speedup >= TARGETS[name],
+                "lstm_route": rnnkit.explain(lstm, x).name,
+                "cell_route": rnnkit.explain(getattr(layer, "layer", layer), x).name,
+            }
+        )
     return rows
 
 
-def run_cells_benchmark(steps=(256, 1024, 4096), repeats: int = 3, threads: int = 2, B: int = 32, H: int = 512,
-                        I: int = 512, long_repeats: int = 1, names=tuple(CELLS), log=print) -> list[dict]:
+def run_cells_benchmark(
+    steps=(256, 1024, 4096),
+    repeats: int = 3,
+    threads: int = 2,
+    B: int = 32,
+    H: int = 512,
+    I: int = 512,
+    long_repeats: int = 1,
+    names=tuple(CELLS),
+    log=print,
+) -> list[dict]:
     """The rows for every ``T`` in ``steps``; the LayerNorm LSTM (it trains on the reference loop, minutes a
     call beyond) and the regularised LSTM up to ``SHORT_MAX_STEPS`` only, and from T=4096 on
     ``long_repeats`` repeats."""
@@ -98,10 +123,12 @@ def run_cells_benchmark(steps=(256, 1024, 4096), repeats: int = 3, threads: int 
 
 
 def format_row(row: dict) -> str:
-    return (f"{row['cell']:>16} T={row['steps']:<5} lstm {row['lstm_ms']:9.1f} ms  cell {row['cell_ms']:9.1f} ms"
-            f"  speedup {row['speedup']:5.2f}x [{row['speedup_q1']:.2f}-{row['speedup_q3']:.2f}]"
-            f"  target {row['target']:.2f}x {'met' if row['met'] else 'MISSED'}"
-            f"  (routes: {row['lstm_route']}, {row['cell_route']})")
+    return (
+        f"{row['cell']:>16} T={row['steps']:<5} lstm {row['lstm_ms']:9.1f} ms  cell {row['cell_ms']:9.1f} ms"
+        f"  speedup {row['speedup']:5.2f}x [{row['speedup_q1']:.2f}-{row['speedup_q3']:.2f}]"
+        f"  target {row['target']:.2f}x {'met' if row['met'] else 'MISSED'}"
+        f"  (routes: {row['lstm_route']}, {row['cell_route']})"
+    )
 
 
 def main(argv=None) -> int:
@@ -116,8 +143,16 @@ def main(argv=None) -> int:
     parser.add_argument("--cells", nargs="+", choices=list(CELLS), default=list(CELLS), help="rows to run")
     parser.add_argument("--json", help="write the rows to this JSON file")
     args = parser.parse_args(argv)
-    rows = run_cells_benchmark(tuple(args.steps), args.repeats, args.threads, args.batch, args.hidden, args.input,
-                               args.long_repeats, tuple(args.cells))
+    rows = run_cells_benchmark(
+        tuple(args.steps),
+        args.repeats,
+        args.threads,
+        args.batch,
+        args.hidden,
+        args.input,
+        args.long_repeats,
+        tuple(args.cells),
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

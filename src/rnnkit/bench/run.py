@@ -1,4 +1,5 @@
 """The benchmark itself: grid, timing loop, table and JSON (see the package docstring)."""
+
 from __future__ import annotations
 
 import argparse
@@ -14,8 +15,8 @@ import torch
 
 import rnnkit
 from rnnkit.core import native, routing
-from rnnkit.core.kernels.generic import onednn_matmul_works
 from rnnkit.core.cells.lstm import LSTMCell, LSTMState
+from rnnkit.core.kernels.generic import onednn_matmul_works
 
 INPUT = 128
 TORCH = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}
@@ -34,19 +35,19 @@ class UserLSTMCell(LSTMCell):
 
 @dataclass
 class Row:
-    kind: str          # lstm, gru, rnn
-    mode: str          # train (forward+backward) or infer (forward under no_grad)
+    kind: str  # lstm, gru, rnn
+    mode: str  # train (forward+backward) or infer (forward under no_grad)
     batch: int
     hidden: int
     steps: int
-    torch_ms: float    # median over repeats
+    torch_ms: float  # median over repeats
     rnnkit_ms: float
-    ratio: float       # torch_ms / rnnkit_ms: above 1 means rnnkit is faster
-    ratio_q1: float    # the middle half of the alternated pairs' ratios (torch / rnnkit, call by
-    ratio_q3: float    # call): how far the machine's noise moved this point
-    gflops: float      # rnnkit's matmul GFLOP/s
-    peak_frac: float   # gflops / measured matmul peak
-    route: str = ""    # the route rnnkit's call took (rnnkit.explain; core/routing.py)
+    ratio: float  # torch_ms / rnnkit_ms: above 1 means rnnkit is faster
+    ratio_q1: float  # the middle half of the alternated pairs' ratios (torch / rnnkit, call by
+    ratio_q3: float  # call): how far the machine's noise moved this point
+    gflops: float  # rnnkit's matmul GFLOP/s
+    peak_frac: float  # gflops / measured matmul peak
+    route: str = ""  # the route rnnkit's call took (rnnkit.explain; core/routing.py)
 
 
 def _timed(fn) -> float:
@@ -73,9 +74,11 @@ def compare(fn_a, fn_b, repeats: int) -> tuple[float, float, tuple[float, float]
     a, b = [], []
     for r in range(repeats):
         if r % 2:
-            b.append(_timed(fn_b)); a.append(_timed(fn_a))
+            b.append(_timed(fn_b))
+            a.append(_timed(fn_a))
         else:
-            a.append(_timed(fn_a)); b.append(_timed(fn_b))
+            a.append(_timed(fn_a))
+            b.append(_timed(fn_b))
     return statistics.median(a), statistics.median(b), _quartiles([x / y for x, y in zip(a, b)])
 
 
@@ -108,12 +111,14 @@ def matmul_peak(n: int = 2048, repeats: int = 3) -> dict:
 
 def _train(model, x):
     """Forward and backward, the input's gradient included where ``x`` requires one (the grid's does)."""
+
     def run():
         for p in model.parameters():
             p.grad = None
         x.grad = None
         out, _ = model(x)
         out.sum().backward()
+
     return run
 
 
@@ -121,6 +126,7 @@ def _infer(model, x):
     def run():
         with torch.no_grad():
             model(x)
+
     return run
 
 
@@ -138,17 +144,18 @@ def grid_point(kind, mode, B, H, T, repeats, peak) -> Row:
     gflops = flops / t_ours / 1e9
     with torch.set_grad_enabled(mode == "train"):
         route = rnnkit.explain(ours, x).name
-    return Row(kind, mode, B, H, T, t_torch * 1e3, t_ours * 1e3, t_torch / t_ours, q1, q3, gflops, gflops / peak,
-               route)
+    return Row(kind, mode, B, H, T, t_torch * 1e3, t_ours * 1e3, t_torch / t_ours, q1, q3, gflops, gflops / peak, route)
 
 
 def _stepper(model, x, tokens):
     """Stepping ``model`` one token at a time from ``x`` (B, 1, I), state carried, under inference_mode."""
+
     def go():
         with torch.inference_mode():
             _, state = model(x)
             for _ in range(tokens):
                 _, state = model(x, state)
+
     return go
 
 
@@ -160,9 +167,16 @@ def stepping(kind, tokens, repeats, batch: int = 1) -> dict:
     t_torch, t_ours, (q1, q3) = compare(_stepper(theirs, x, tokens), _stepper(ours, x, tokens), repeats)
     with torch.inference_mode():
         route = rnnkit.explain(ours, x, ours(x)[1]).name
-    return {"kind": kind, "batch": batch, "torch_ms_per_token": t_torch / tokens * 1e3,
-            "rnnkit_ms_per_token": t_ours / tokens * 1e3, "ratio": t_torch / t_ours, "ratio_q1": q1, "ratio_q3": q3,
-            "route": route}
+    return {
+        "kind": kind,
+        "batch": batch,
+        "torch_ms_per_token": t_torch / tokens * 1e3,
+        "rnnkit_ms_per_token": t_ours / tokens * 1e3,
+        "ratio": t_torch / t_ours,
+        "ratio_q1": q1,
+        "ratio_q3": q3,
+        "route": route,
+    }
 
 
 def custom_cell(B, H, T, repeats, tokens) -> list[dict]:
@@ -177,21 +191,42 @@ def custom_cell(B, H, T, repeats, tokens) -> list[dict]:
     rows = []
     for mode, make in (("train", _train), ("infer", _infer)):
         t_builtin, t_user, _ = compare(make(builtin, x), make(user, x), repeats)
-        rows.append({"mode": mode, "batch": B, "hidden": H, "steps": T, "builtin_ms": t_builtin * 1e3,
-                     "user_cell_ms": t_user * 1e3, "slowdown": t_user / t_builtin})
+        rows.append(
+            {
+                "mode": mode,
+                "batch": B,
+                "hidden": H,
+                "steps": T,
+                "builtin_ms": t_builtin * 1e3,
+                "user_cell_ms": t_user * 1e3,
+                "slowdown": t_user / t_builtin,
+            }
+        )
     builtin = rnnkit.LSTM(H, H, num_layers=3, batch_first=True).eval()
     user = rnnkit.Recurrent(UserLSTMCell, H, H, num_layers=3, batch_first=True).eval()
     user.load_state_dict(builtin.state_dict())
     x = torch.randn(1, 1, H)
     t_builtin, t_user, _ = compare(_stepper(builtin, x, tokens), _stepper(user, x, tokens), repeats)
-    rows.append({"mode": "step", "batch": 1, "hidden": H, "steps": tokens, "builtin_ms": t_builtin / tokens * 1e3,
-                 "user_cell_ms": t_user / tokens * 1e3, "slowdown": t_user / t_builtin})
+    rows.append(
+        {
+            "mode": "step",
+            "batch": 1,
+            "hidden": H,
+            "steps": tokens,
+            "builtin_ms": t_builtin / tokens * 1e3,
+            "user_cell_ms": t_user / tokens * 1e3,
+            "slowdown": t_user / t_builtin,
+        }
+    )
     return rows
 
 
 def _peak_line(peaks: dict, n: int) -> str:
-    return (f"matmul peak {peaks['peak']:.1f} GFLOP/s ({n}^3, best of "
-            + ", ".join(f"{k} {v:.1f}" for k, v in peaks.items() if k != "peak") + ")")
+    return (
+        f"matmul peak {peaks['peak']:.1f} GFLOP/s ({n}^3, best of "
+        + ", ".join(f"{k} {v:.1f}" for k, v in peaks.items() if k != "peak")
+        + ")"
+    )
 
 
 def run_benchmark(preset: str = "full", threads: int = 2, log=print) -> dict:
@@ -202,7 +237,13 @@ def run_benchmark(preset: str = "full", threads: int = 2, log=print) -> dict:
         batches = (1, 2)
     elif preset == "quick":
         kinds, grid, repeats, peak_n, tokens, custom = (
-            list(TORCH), [(1, 128, 64), (32, 128, 64), (32, 512, 64), (64, 512, 64)], 3, 2048, 50, (32, 256, 64))
+            list(TORCH),
+            [(1, 128, 64), (32, 128, 64), (32, 512, 64), (64, 512, 64)],
+            3,
+            2048,
+            50,
+            (32, 256, 64),
+        )
         batches = (1,)
     else:
         grid = [(B, H, T) for B in (1, 32, 64) for H in (128, 512) for T in (64, 256)]
@@ -227,9 +268,16 @@ def run_benchmark(preset: str = "full", threads: int = 2, log=print) -> dict:
     peak = max(peaks["peak"], peaks_end["peak"])
     rows = [replace(r, peak_frac=r.gflops / peak) for r in rows]
     report = {
-        "machine": {"torch": torch.__version__, "threads": threads, "python": platform.python_version(),
-                    "processor": platform.processor() or platform.machine(), "matmul_peak_gflops": peak,
-                    "matmul_gflops": peaks, "matmul_gflops_end": peaks_end, "step_loops": loops},
+        "machine": {
+            "torch": torch.__version__,
+            "threads": threads,
+            "python": platform.python_version(),
+            "processor": platform.processor() or platform.machine(),
+            "matmul_peak_gflops": peak,
+            "matmul_gflops": peaks,
+            "matmul_gflops_end": peaks_end,
+            "step_loops": loops,
+        },
         "preset": preset,
         "rows": [asdict(r) for r in rows],
         "stepping": steps,
@@ -247,9 +295,11 @@ def _summary(rows: list[Row]) -> dict:
     train = [r for r in rows if r.mode == "train"]
     infer = [r for r in rows if r.mode == "infer"]
     big = [r.peak_frac for r in train if r.hidden == 512 and r.batch >= 32]
-    summary = {"train_geomean_ratio": _geomean([r.ratio for r in train]),
-               "infer_geomean_ratio": _geomean([r.ratio for r in infer]),
-               "train_peak_frac_h512_b32plus_min": min(big, default=float("nan"))}
+    summary = {
+        "train_geomean_ratio": _geomean([r.ratio for r in train]),
+        "infer_geomean_ratio": _geomean([r.ratio for r in infer]),
+        "train_peak_frac_h512_b32plus_min": min(big, default=float("nan")),
+    }
     for mode, part in (("train", train), ("infer", infer)):
         low = min(part, key=lambda r: r.ratio, default=None)
         summary[f"{mode}_min_ratio"] = low.ratio if low else float("nan")
@@ -257,32 +307,45 @@ def _summary(rows: list[Row]) -> dict:
     return summary
 
 
-HEADER = (f"{'kind':5} {'mode':5} {'B':>3} {'H':>4} {'T':>4} {'torch ms':>10} {'rnnkit ms':>10} {'ratio':>6} "
-          f"{'pairs IQR':>10} {'GFLOP/s':>8} {'%peak':>6}  route")
+HEADER = (
+    f"{'kind':5} {'mode':5} {'B':>3} {'H':>4} {'T':>4} {'torch ms':>10} {'rnnkit ms':>10} {'ratio':>6} "
+    f"{'pairs IQR':>10} {'GFLOP/s':>8} {'%peak':>6}  route"
+)
 
 
 def _format_row(r: Row) -> str:
-    return (f"{r.kind:5} {r.mode:5} {r.batch:3d} {r.hidden:4d} {r.steps:4d} {r.torch_ms:10.2f} {r.rnnkit_ms:10.2f} "
-            f"{r.ratio:6.2f} {r.ratio_q1:5.2f}-{r.ratio_q3:4.2f} {r.gflops:8.1f} {100 * r.peak_frac:5.0f}%  {r.route}")
+    return (
+        f"{r.kind:5} {r.mode:5} {r.batch:3d} {r.hidden:4d} {r.steps:4d} {r.torch_ms:10.2f} {r.rnnkit_ms:10.2f} "
+        f"{r.ratio:6.2f} {r.ratio_q1:5.2f}-{r.ratio_q3:4.2f} {r.gflops:8.1f} {100 * r.peak_frac:5.0f}%  {r.route}"
+    )
 
 
 def format_report(report: dict) -> str:
     lines = [HEADER] + [_format_row(Row(**r)) for r in report["rows"]]
     s = report["summary"]
     iqr = {m: "-".join(f"{v:.2f}" for v in s[f"{m}_min_ratio_pairs_iqr"]) for m in ("train", "infer")}
-    lines.append(f"training ratio: geomean {s['train_geomean_ratio']:.2f}, min {s['train_min_ratio']:.2f} "
-                 f"(pairs {iqr['train']}); inference ratio: geomean {s['infer_geomean_ratio']:.2f}, "
-                 f"min {s['infer_min_ratio']:.2f} (pairs {iqr['infer']}); "
-                 f"training at H=512, B>=32: min {100 * s['train_peak_frac_h512_b32plus_min']:.0f}% of peak")
+    lines.append(
+        f"training ratio: geomean {s['train_geomean_ratio']:.2f}, min {s['train_min_ratio']:.2f} "
+        f"(pairs {iqr['train']}); inference ratio: geomean {s['infer_geomean_ratio']:.2f}, "
+        f"min {s['infer_min_ratio']:.2f} (pairs {iqr['infer']}); "
+        f"training at H=512, B>=32: min {100 * s['train_peak_frac_h512_b32plus_min']:.0f}% of peak"
+    )
     for st in report["stepping"]:
-        lines.append(f"stepping 3x512 {st['kind']} batch {st['batch']}: torch {st['torch_ms_per_token']:.3f} ms/token, "
-                     f"rnnkit {st['rnnkit_ms_per_token']:.3f} ms/token, ratio {st['ratio']:.2f} "
-                     f"(pairs {st['ratio_q1']:.2f}-{st['ratio_q3']:.2f})" + (f", {st['route']}" if st.get("route") else ""))
+        lines.append(
+            f"stepping 3x512 {st['kind']} batch {st['batch']}: torch {st['torch_ms_per_token']:.3f} ms/token, "
+            f"rnnkit {st['rnnkit_ms_per_token']:.3f} ms/token, ratio {st['ratio']:.2f} "
+            f"(pairs {st['ratio_q1']:.2f}-{st['ratio_q3']:.2f})" + (f", {st['route']}" if st.get("route") else "")
+        )
     for c in report["custom_cell"]:
-        where = (f"step 3x{c['hidden']} batch 1, ms/token" if c["mode"] == "step"
-                 else f"{c['mode']} B={c['batch']} H={c['hidden']} T={c['steps']}")
-        lines.append(f"user-written LSTM cell vs built-in, {where}: "
-                     f"{c['user_cell_ms']:.2f} ms vs {c['builtin_ms']:.2f} ms ({c['slowdown']:.2f}x)")
+        where = (
+            f"step 3x{c['hidden']} batch 1, ms/token"
+            if c["mode"] == "step"
+            else f"{c['mode']} B={c['batch']} H={c['hidden']} T={c['steps']}"
+        )
+        lines.append(
+            f"user-written LSTM cell vs built-in, {where}: "
+            f"{c['user_cell_ms']:.2f} ms vs {c['builtin_ms']:.2f} ms ({c['slowdown']:.2f}x)"
+        )
     return "\n".join(lines)
 
 
@@ -292,9 +355,13 @@ def main(argv=None) -> None:
     parser.add_argument("--smoke", action="store_true", help="a tiny run that only checks the benchmark works")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
-    parser.add_argument("--route", choices=list(routing.ROUTE_NAMES), default=None,
-                        help="run rnnkit's side through this route (rnnkit.routing.force); a point the route cannot "
-                             "run stops the benchmark with the reason (default: the route each call would take)")
+    parser.add_argument(
+        "--route",
+        choices=list(routing.ROUTE_NAMES),
+        default=None,
+        help="run rnnkit's side through this route (rnnkit.routing.force); a point the route cannot "
+        "run stops the benchmark with the reason (default: the route each call would take)",
+    )
     args = parser.parse_args(argv)
     preset = "smoke" if args.smoke else "quick" if args.quick else "full"
     with routing.force(args.route) if args.route else contextlib.nullcontext():

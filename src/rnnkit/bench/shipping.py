@@ -10,6 +10,7 @@ bytes). Each is timed as eager rnnkit, ``torch.compile`` of it (Inductor, ``dyna
 ONNX file (core/onnx_ops.py) in onnxruntime; medians of alternated calls (``run.compare``), each
 printed as milliseconds and as eager rnnkit's time over it (above 1: faster than eager).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -101,8 +102,10 @@ def main(argv=None) -> None:
 
 def _run_case(ours, theirs, inputs, dynamic, names, repeats: int) -> None:
     eager = lambda: ours(*inputs)
-    rows = {"torch.compile(rnnkit)": torch.compile(ours, dynamic=True),
-            "torch.compile(torch.nn)": torch.compile(theirs, dynamic=True)}
+    rows = {
+        "torch.compile(rnnkit)": torch.compile(ours, dynamic=True),
+        "torch.compile(torch.nn)": torch.compile(theirs, dynamic=True),
+    }
     timed = {label: (lambda f=f: f(*inputs)) for label, f in rows.items()}
     ort = _ort(ours, inputs, dynamic, names)
     if ort is not None:
@@ -110,6 +113,7 @@ def _run_case(ours, theirs, inputs, dynamic, names, repeats: int) -> None:
     for label, fn in timed.items():
         e, other, _ = compare(eager, fn, repeats)
         print(f"  {label:24s} {other * 1e3:8.3f} ms   eager rnnkit {e * 1e3:8.3f} ms   x{e / other:5.2f}")
+
 
 if __name__ == "__main__":
     main()

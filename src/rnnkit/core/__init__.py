@@ -1,6 +1,16 @@
 """Core: cells (gates -> one step), layers (a cell over time), interop with torch.nn."""
+
+from rnnkit.core import routing
 from rnnkit.core.cells import (
-    CELLS, GRUCell, LayerNormGRUCell, LayerNormLSTMCell, LSTMCell, LSTMState, MinGRUCell, MinLSTMCell, ParallelScanCell,
+    CELLS,
+    GRUCell,
+    LayerNormGRUCell,
+    LayerNormLSTMCell,
+    LSTMCell,
+    LSTMState,
+    MinGRUCell,
+    MinLSTMCell,
+    ParallelScanCell,
     RNNCell,
 )
 from rnnkit.core.gates import GatedCell, HiddenState, gate
@@ -8,11 +18,32 @@ from rnnkit.core.interop import convert, from_torch, to_torch
 from rnnkit.core.layers import GRU, LAYERS, LSTM, RNN, Recurrent
 from rnnkit.core.native import empty_cache
 from rnnkit.core.regularise import Regularised
-from rnnkit.core import routing
 from rnnkit.core.routing import explain
 
 __all__ = [
-    "CELLS", "GRU", "GRUCell", "GatedCell", "HiddenState", "LAYERS", "LSTM", "LSTMCell", "LSTMState", "RNN", "RNNCell",
-    "Recurrent", "convert", "empty_cache", "explain", "from_torch", "gate", "routing", "to_torch",
-    "LayerNormGRUCell", "LayerNormLSTMCell", "MinGRUCell", "MinLSTMCell", "ParallelScanCell", "Regularised",
+    "CELLS",
+    "GRU",
+    "LAYERS",
+    "LSTM",
+    "RNN",
+    "GRUCell",
+    "GatedCell",
+    "HiddenState",
+    "LSTMCell",
+    "LSTMState",
+    "LayerNormGRUCell",
+    "LayerNormLSTMCell",
+    "MinGRUCell",
+    "MinLSTMCell",
+    "ParallelScanCell",
+    "RNNCell",
+    "Recurrent",
+    "Regularised",
+    "convert",
+    "empty_cache",
+    "explain",
+    "from_torch",
+    "gate",
+    "routing",
+    "to_torch",
 ]

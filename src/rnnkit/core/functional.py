@@ -5,6 +5,7 @@ of a batch-first tensor; the rest is padding. Reversing a padded batch reverses 
 sequence inside its own length and leaves its padding where it is, so a backward-direction
 RNN starts at each sequence's own last valid step.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -38,9 +39,7 @@ def as_lengths(lengths: Tensor | Sequence[int], batch_size: int, max_len: int, d
     low, high = int(values.min()), int(values.max())
     if low < 0 or high > max_len:  # 0 is an empty sequence: zero outputs, the initial state
         bad = int(values.argmin()) if low < 0 else int(values.argmax())
-        raise ValueError(
-            f"lengths must be in [0, T={max_len}], got {int(values[bad])} at batch index {bad}"
-        )
+        raise ValueError(f"lengths must be in [0, T={max_len}], got {int(values[bad])} at batch index {bad}")
     return values
 
 

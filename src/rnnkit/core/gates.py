@@ -32,6 +32,7 @@ stacking, the fused fast path -- works for it unchanged. A minimal gated unit
     >>> tuple(h.shape)
     (2, 5)
 """
+
 from __future__ import annotations
 
 import math
@@ -208,8 +209,10 @@ class GatedCell(nn.Module):
         if isinstance(parts, Tensor) or not isinstance(parts, (tuple, list)) or len(parts) != len(self.State._fields):
             return False
         want = (*input.shape[:-1], self.hidden_size)
-        return all(isinstance(p, Tensor) and tuple(p.shape) == want and p.dtype == input.dtype
-                   and p.device == input.device for p in parts)
+        return all(
+            isinstance(p, Tensor) and tuple(p.shape) == want and p.dtype == input.dtype and p.device == input.device
+            for p in parts
+        )
 
     def extra_repr(self) -> str:
         return f"{self.input_size}, {self.hidden_size}, bias={self.bias}"

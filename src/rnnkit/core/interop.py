@@ -20,6 +20,7 @@ module.
 >>> type(rnnkit.convert(model, to="torch")[0]) is torch.nn.GRU
 True
 """
+
 from __future__ import annotations
 
 import torch
@@ -30,7 +31,12 @@ from rnnkit.core.layers import GRU, LSTM, RNN
 
 # torch.nn class -> rnnkit's class with the same contract (exact types: a subclass is left alone)
 TO_RNNKIT: dict[type, type] = {
-    nn.LSTM: LSTM, nn.GRU: GRU, nn.RNN: RNN, nn.LSTMCell: LSTMCell, nn.GRUCell: GRUCell, nn.RNNCell: RNNCell,
+    nn.LSTM: LSTM,
+    nn.GRU: GRU,
+    nn.RNN: RNN,
+    nn.LSTMCell: LSTMCell,
+    nn.GRUCell: GRUCell,
+    nn.RNNCell: RNNCell,
 }
 TO_TORCH: dict[type, type] = {ours: theirs for theirs, ours in TO_RNNKIT.items()}
 
@@ -38,8 +44,13 @@ TO_TORCH: dict[type, type] = {ours: theirs for theirs, ours in TO_RNNKIT.items()
 def _options(module: nn.Module) -> tuple[tuple, dict]:
     """The constructor arguments that rebuild ``module`` (a layer or cell of either side)."""
     if isinstance(module, nn.RNNBase):
-        kwargs = dict(num_layers=module.num_layers, bias=module.bias, batch_first=module.batch_first,
-                      dropout=module.dropout, bidirectional=module.bidirectional)
+        kwargs = dict(
+            num_layers=module.num_layers,
+            bias=module.bias,
+            batch_first=module.batch_first,
+            dropout=module.dropout,
+            bidirectional=module.bidirectional,
+        )
         if module.mode == "LSTM":
             kwargs["proj_size"] = module.proj_size
         if module.mode.startswith("RNN_"):
@@ -70,7 +81,8 @@ def from_torch(module: nn.Module) -> nn.Module:
     cls = TO_RNNKIT.get(type(module))
     if cls is None:
         raise TypeError(
-            f"from_torch expects torch.nn.LSTM, GRU or RNN or one of their cells, got {type(module).__name__}")
+            f"from_torch expects torch.nn.LSTM, GRU or RNN or one of their cells, got {type(module).__name__}"
+        )
     return _rebuild(module, cls)
 
 
@@ -78,8 +90,7 @@ def to_torch(module: nn.Module) -> nn.Module:
     """An rnnkit LSTM, GRU, RNN or cell -> the equivalent ``torch.nn`` module."""
     cls = TO_TORCH.get(type(module))
     if cls is None:
-        raise TypeError(
-            f"to_torch expects rnnkit.LSTM, GRU or RNN or one of their cells, got {type(module).__name__}")
+        raise TypeError(f"to_torch expects rnnkit.LSTM, GRU or RNN or one of their cells, got {type(module).__name__}")
     return _rebuild(module, cls)
 
 

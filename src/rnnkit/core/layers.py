@@ -1,7 +1,8 @@
 """Recurrent layers: a cell run over whole sequences, stacked and in both directions.
 
 ``LSTM``, ``GRU`` and ``RNN`` are torch.nn's classes with rnnkit's kernels: they subclass
-``torch.nn.RNNBase`` and take ``torch.nn.LSTM``/``GRU``/``RNN``'s methods, so the constructor (argument order, names and defaults,
+``torch.nn.RNNBase`` and take ``torch.nn.LSTM``/``GRU``/``RNN``'s methods, so the
+constructor (argument order, names and defaults,
 ``batch_first=False``, ``proj_size``, ``device``, ``dtype``), the parameters (``weight_ih_l0``,
 ``bias_hh_l1_reverse``, ``weight_hr_l0``), ``all_weights``, ``flatten_parameters()``, the
 initialisation, the warnings, the errors and the pickled state are torch.nn's own. Only
@@ -34,6 +35,7 @@ in training mode only, as torch.nn does.
 >>> tuple(out.shape), tuple(h.shape)
 ((5, 3, 32), (4, 3, 16))
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -81,7 +83,8 @@ class _Stack:
         if isinstance(parts, Tensor) or not isinstance(parts, (tuple, list)) or len(parts) != len(fields):
             want = "a tensor h" if len(fields) == 1 else f"a tuple ({', '.join(fields)})"
             raise TypeError(
-                f"state must be {want} of shape ({rows}, B, {self.hidden_size}), got {type(state).__name__}")
+                f"state must be {want} of shape ({rows}, B, {self.hidden_size}), got {type(state).__name__}"
+            )
         for name, part, size in zip(fields, parts, self._state_sizes()):
             if not isinstance(part, Tensor):
                 raise TypeError(f"state.{name} must be a torch.Tensor, got {type(part).__name__}")
@@ -106,9 +109,17 @@ class _Stack:
                 raise ValueError("lengths= is for padded input; a PackedSequence carries its own lengths")
             return self._call_packed(layer, input, hx)
         if isinstance(input, Tensor) and input.dim() == 2:  # unbatched (T, I): a batch of one
-            hx = None if hx is None else (hx.unsqueeze(1) if isinstance(hx, Tensor) else
-                                          type(hx)(*(p.unsqueeze(1) for p in hx)) if hasattr(hx, "_fields") else
-                                          tuple(p.unsqueeze(1) for p in hx))
+            hx = (
+                None
+                if hx is None
+                else (
+                    hx.unsqueeze(1)
+                    if isinstance(hx, Tensor)
+                    else type(hx)(*(p.unsqueeze(1) for p in hx))
+                    if hasattr(hx, "_fields")
+                    else tuple(p.unsqueeze(1) for p in hx)
+                )
+            )
             dim = 0 if self.batch_first else 1
             out, state = self._run(layer, input.unsqueeze(dim), hx, lengths)
             return out.squeeze(dim), _map_state(state, lambda p: p.squeeze(1))
@@ -206,8 +217,8 @@ class Recurrent(_Stack, nn.Module):
         """torch.nn's names load too: ``weight_ih_l1_reverse`` is ``cells.3.weight_ih`` (D = 2), so a
         torch.nn or rnnkit LSTM's state_dict loads into ``Recurrent(MyLSTMCell, ...)``."""
         D = self.num_directions
-        for key in [k for k in state_dict if k.startswith(prefix) and "_l" in k[len(prefix):]]:
-            name, _, where = key[len(prefix):].rpartition("_l")
+        for key in [k for k in state_dict if k.startswith(prefix) and "_l" in k[len(prefix) :]]:
+            name, _, where = key[len(prefix) :].rpartition("_l")
             layer, reverse = (where[: -len("_reverse")], 1) if where.endswith("_reverse") else (where, 0)
             if name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh") and layer.isdigit():
                 state_dict[f"{prefix}cells.{int(layer) * D + reverse}.{name}"] = state_dict.pop(key)
@@ -280,8 +291,10 @@ class _TorchContract(_Stack):
     def _bound(self) -> _Bound:
         weights = self._current_weights()
         bound = self.__dict__.get(_VIEWS_ATTR)
-        if bound is not None and len(bound.weights) == len(weights) and all(
-            a is b for a, b in zip(bound.weights, weights)
+        if (
+            bound is not None
+            and len(bound.weights) == len(weights)
+            and all(a is b for a, b in zip(bound.weights, weights))
         ):
             return bound
         bound = _Bound(self, weights, self._make_cells(weights))
@@ -377,6 +390,7 @@ class _TorchContract(_Stack):
 # The classes subclass torch.nn.RNNBase, whose __init__ makes the parameters, and take the rest of
 # torch.nn.LSTM/GRU/RNN's methods as they are; they do not subclass those three themselves, which
 # torch.compile (dynamo) refuses to trace by class.
+
 
 class LSTM(_TorchContract, nn.RNNBase):
     """``torch.nn.LSTM`` (same constructor, parameters and call) with rnnkit's kernels; the state

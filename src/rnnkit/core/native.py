@@ -12,6 +12,7 @@ said once on stderr), into ``$RNNKIT_CACHE`` or ``~/.cache/rnnkit``, keyed by th
 torch version and the flags, so a later process only loads the library. A machine without a
 compiler, or ``RNNKIT_NATIVE=0``, keeps the Python loops: same results, slower.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -59,14 +60,28 @@ def _cache_dir() -> Path:
 def _flags() -> list[str]:
     from torch.utils import cpp_extension
 
-    flags = ["-O3", "-std=c++20", "-shared", "-fPIC", "-ffp-contract=off",
-             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+    flags = [
+        "-O3",
+        "-std=c++20",
+        "-shared",
+        "-fPIC",
+        "-ffp-contract=off",
+        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+    ]
     capability = torch.backends.cpu.get_cpu_capability()
     # ATen's SIMD types at the width torch's own kernels use on this CPU, with the same Sleef exp/tanh
     x86 = platform.machine() in ("x86_64", "AMD64")
     if x86 and capability == "AVX512":
-        flags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma",
-                  "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
+        flags += [
+            "-mavx512f",
+            "-mavx512bw",
+            "-mavx512vl",
+            "-mavx512dq",
+            "-mavx2",
+            "-mfma",
+            "-DCPU_CAPABILITY=AVX512",
+            "-DCPU_CAPABILITY_AVX512",
+        ]
     elif x86 and capability == "AVX2":
         flags += ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     else:
@@ -92,8 +107,15 @@ def _build(target: Path, flags: list[str]) -> None:
         built = Path(tmp) / target.name
         objects = [Path(tmp) / f"{source.stem}.o" for source in SOURCES]
         # each source compiled in its own process (they take about equally long), then linked
-        compiles = [subprocess.Popen([cxx, "-c", str(source), "-o", str(obj), *flags], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True) for source, obj in zip(SOURCES, objects)]
+        compiles = [
+            subprocess.Popen(
+                [cxx, "-c", str(source), "-o", str(obj), *flags],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for source, obj in zip(SOURCES, objects)
+        ]
         results = [(proc.returncode, err) for proc in compiles for _, err in [proc.communicate()]]
         if all(code == 0 for code, _ in results):
             link = subprocess.run([cxx, *map(str, objects), "-o", str(built), *flags], capture_output=True, text=True)
@@ -122,8 +144,9 @@ def _load():
     try:
         flags = _flags()
         key = hashlib.sha256(
-            "\0".join([*(p.read_text() for p in (*SOURCES, *HEADERS)), torch.__version__, sysconfig.get_platform(),
-                       *flags]).encode()
+            "\0".join(
+                [*(p.read_text() for p in (*SOURCES, *HEADERS)), torch.__version__, sysconfig.get_platform(), *flags]
+            ).encode()
         ).hexdigest()[:16]
         target = _cache_dir() / f"rnnkit_native-{key}.so"
         if not target.exists():

@@ -21,6 +21,7 @@ activation function, a config object): change one and it is traced again, so a v
 every step (an annealed temperature) re-traces at every step (about 10 ms). Not seen: module
 globals that ``combine`` reads, and a branch on a tensor's shape (the trace runs at one shape).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,8 +38,20 @@ from rnnkit.core import native
 from rnnkit.core.gates import GatedCell
 
 # op name -> native.cpp's PwOp code and arity
-OPS = {"add": (0, 2), "sub": (1, 2), "mul": (2, 2), "div": (3, 2), "neg": (4, 1), "sigmoid": (5, 1),
-       "tanh": (6, 1), "relu": (7, 1), "exp": (8, 1), "where": (9, 3), "gt": (10, 2), "ge": (11, 2)}
+OPS = {
+    "add": (0, 2),
+    "sub": (1, 2),
+    "mul": (2, 2),
+    "div": (3, 2),
+    "neg": (4, 1),
+    "sigmoid": (5, 1),
+    "tanh": (6, 1),
+    "relu": (7, 1),
+    "exp": (8, 1),
+    "where": (9, 3),
+    "gt": (10, 2),
+    "ge": (11, 2),
+}
 TRACE_SHAPE = (3, 5)  # rows and columns differ, so a reduction or a transpose shows in the shapes
 MAX_OPERANDS = 64  # native.cpp's PW_MAX_OPERANDS: a scan's inputs (or outputs) at most
 
@@ -135,7 +148,7 @@ def trace(cell) -> tuple[Graph, list[int]]:
     G, S = cell.num_gates, len(cell.State._fields)
 
     def flat(*parts):
-        h, state = cell.combine(cell.Gates(*parts[:G]), cell.Gates(*parts[G:2 * G]), cell.State(*parts[2 * G:]))
+        h, state = cell.combine(cell.Gates(*parts[:G]), cell.Gates(*parts[G : 2 * G]), cell.State(*parts[2 * G :]))
         if not isinstance(state, tuple) or len(state) != S:
             raise Unsupported("combine's state is not the cell's State")
         return (h, *state)
@@ -154,8 +167,11 @@ def trace(cell) -> tuple[Graph, list[int]]:
         elif node.op == "call_function":
             value = node.meta.get("val")
             scalar = node.target is _A.scalar_tensor.default
-            if not isinstance(value, Tensor) or (tuple(value.shape) != (() if scalar else TRACE_SHAPE)) or (
-                    value.dtype not in (torch.float32, torch.bool)):
+            if (
+                not isinstance(value, Tensor)
+                or (tuple(value.shape) != (() if scalar else TRACE_SHAPE))
+                or (value.dtype not in (torch.float32, torch.bool))
+            ):
                 raise Unsupported(f"{node.target} gives {getattr(value, 'shape', value)}")
             env[node] = _convert(graph, env, node)
         elif node.op == "output":
@@ -166,6 +182,7 @@ def trace(cell) -> tuple[Graph, list[int]]:
 
 
 # -- the derivative ----------------------------------------------------------------------------
+
 
 def derive(graph: Graph, outputs: list[int], seeds: list[int]) -> dict[int, int]:
     """Reverse mode over ``graph``: node id -> the id of d(sum seeds * outputs)/d node, for every node
@@ -211,13 +228,15 @@ def derive(graph: Graph, outputs: list[int], seeds: list[int]) -> dict[int, int]
 
 # -- registers and code ------------------------------------------------------------------------
 
+
 class Program(NamedTuple):
-    code: Tensor    # int64, native.cpp's layout
+    code: Tensor  # int64, native.cpp's layout
     consts: Tensor  # float64
 
 
-def emit(graph: Graph, inputs: list[int], in_map: list[tuple[int, int]], outputs: list[int],
-         out_map: list[tuple[int, int]]) -> Program:
+def emit(
+    graph: Graph, inputs: list[int], in_map: list[tuple[int, int]], outputs: list[int], out_map: list[tuple[int, int]]
+) -> Program:
     """Allocate registers (inputs, constants, then temporaries reused after their last read) and
     write the program. ``in_map``/``out_map``: (tensor index, column block) per slot."""
     live, stack = set(), list(outputs)
@@ -247,11 +266,13 @@ def emit(graph: Graph, inputs: list[int], in_map: list[tuple[int, int]], outputs
     flat = header + [x for pair in in_map for x in pair]
     flat += [x for o, (t, b) in zip(outputs, out_map) for x in (reg[o], t, b)]
     flat += [x for instr in code for x in instr]
-    return Program(torch.tensor(flat, dtype=torch.int64),
-                   torch.tensor([graph.nodes[v][1] for v in consts], dtype=torch.float64))
+    return Program(
+        torch.tensor(flat, dtype=torch.int64), torch.tensor([graph.nodes[v][1] for v in consts], dtype=torch.float64)
+    )
 
 
 # -- the compiled cell -------------------------------------------------------------------------
+
 
 class Compiled(NamedTuple):
     """A cell's step programs, indexed by whether a mask is passed.
@@ -272,7 +293,9 @@ def _build(graph: Graph, outs: list[int], G: int, S: int, masked: bool) -> tuple
     state_in = [graph.input(2 * G + s) for s in range(S)]
     if masked:
         m = graph.input(2 * G + S)
-        outs = [graph.node("mul", outs[0], m)] + [graph.node("where", m, new, old) for new, old in zip(outs[1:], state_in)]
+        outs = [graph.node("mul", outs[0], m)] + [
+            graph.node("where", m, new, old) for new, old in zip(outs[1:], state_in)
+        ]
     n_fwd = 2 * G + S + masked
     fwd_inputs = [graph.input(k) for k in range(n_fwd)]
     in_map = [(0, k) for k in range(G)] + [(1, k) for k in range(G)] + [(2 + s, 0) for s in range(S)]
@@ -386,8 +409,10 @@ def _value_key(value):
 
 def _attributes_key(module: nn.Module):
     own = sorted((k, v) for k, v in vars(module).items() if k not in _MODULE_STATE)
-    return (tuple((k, _value_key(v)) for k, v in own),
-            tuple((k, _value_key(child)) for k, child in module._modules.items()))
+    return (
+        tuple((k, _value_key(v)) for k, v in own),
+        tuple((k, _value_key(child)) for k, child in module._modules.items()),
+    )
 
 
 def _key(cell):

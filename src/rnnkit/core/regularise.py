@@ -18,12 +18,13 @@ Not here: zoneout and dropout of the recurrent state inside the recurrence, whic
 math and would need the kernels to apply them.
 
 >>> import torch, rnnkit
->>> layer = rnnkit.Regularised(rnnkit.LSTM(8, 16, batch_first=True), input_dropout=0.1, output_dropout=0.2, weight_drop=0.5,
-...                            generator=torch.Generator().manual_seed(0))
+>>> layer = rnnkit.Regularised(rnnkit.LSTM(8, 16, batch_first=True), input_dropout=0.1, output_dropout=0.2,
+...                            weight_drop=0.5, generator=torch.Generator().manual_seed(0))
 >>> out, (h, c) = layer(torch.randn(4, 10, 8), lengths=[10, 3, 7, 1])
 >>> tuple(out.shape)
 (4, 10, 16)
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -49,11 +50,21 @@ def _mask(shape, p: float, like: Tensor, generator) -> Tensor:
 class Regularised(nn.Module):
     """``layer`` with variational dropout on its input and output and weight-drop on ``weight_hh``."""
 
-    def __init__(self, layer: nn.Module, *, input_dropout: float = 0.0, output_dropout: float = 0.0,
-                 weight_drop: float = 0.0, generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        layer: nn.Module,
+        *,
+        input_dropout: float = 0.0,
+        output_dropout: float = 0.0,
+        weight_drop: float = 0.0,
+        generator: torch.Generator | None = None,
+    ):
         super().__init__()
-        for name, p in (("input_dropout", input_dropout), ("output_dropout", output_dropout),
-                        ("weight_drop", weight_drop)):
+        for name, p in (
+            ("input_dropout", input_dropout),
+            ("output_dropout", output_dropout),
+            ("weight_drop", weight_drop),
+        ):
             if not 0.0 <= float(p) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {p!r}")
         self.layer = layer
@@ -94,5 +105,6 @@ class Regularised(nn.Module):
         return apply(output, masks.output), state
 
     def extra_repr(self) -> str:
-        return (f"input_dropout={self.input_dropout}, output_dropout={self.output_dropout}, "
-                f"weight_drop={self.weight_drop}")
+        return (
+            f"input_dropout={self.input_dropout}, output_dropout={self.output_dropout}, weight_drop={self.weight_drop}"
+        )

@@ -99,6 +99,7 @@ True
 >>> with rnnkit.routing.force("reference"):
 ...     out, _ = lstm(torch.randn(4, 10, 8))
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -137,8 +138,24 @@ def functorch_active() -> bool:
 class Call:
     """What a route is chosen from: the call's arguments and the facts about them, computed once."""
 
-    __slots__ = ("B", "T", "_programs", "autocast", "combine", "full", "functorch", "grad", "kernel", "layer", "lean",
-                 "lengths", "native", "state", "tracer", "x")
+    __slots__ = (
+        "B",
+        "T",
+        "_programs",
+        "autocast",
+        "combine",
+        "full",
+        "functorch",
+        "grad",
+        "kernel",
+        "layer",
+        "lean",
+        "lengths",
+        "native",
+        "state",
+        "tracer",
+        "x",
+    )
     lean: str | None  # None where the lean one-step path can take the call, else why not
     B: int
     T: int
@@ -323,6 +340,7 @@ def loops_step_faster(cell) -> bool:
 
 # -- each route's conditions: supports (None or why not) and faster ------------------------------
 
+
 def _traced_ops_supports(call: Call) -> str | None:
     if call.tracer != "dynamo":
         return "not traced by torch.compile or torch.export (eager calls take the measured routes)"
@@ -450,6 +468,7 @@ def _yes(call: Call) -> bool:
 
 # -- the table -------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Route:
     """One implementation of a layer call: its name, what it runs, when the table takes it."""
@@ -470,41 +489,100 @@ class Route:
 
 
 ROUTES: tuple[Route, ...] = (
-    Route("traced-ops", "each cell's loop over time as one registered operator (torch.ops.rnnkit), the rest torch ops",
-          "a built-in cell while torch.compile or torch.export traces the call",
-          _traced_ops_supports, _yes, stack.per_cell(ops.scan_cell), tracers=("dynamo",), traced_only=True),
-    Route("step-loops", "one step of each cell through the C++ loops with T = 1, weights packed once",
-          "one step with a carried state, gradients off, on the CPU where the C++ loops are built",
-          _step_loops_supports, _step_loops_faster,
-          lambda layer, x, state, lengths: step.step_layers(layer, x, state, loops=True), step=True),
-    Route("step-matmul", "one step through [x, h] @ [W_ih, W_hh] packed once, then the gate math in torch ops",
-          "one step with a carried state and gradients off",
-          _step_matmul_supports, _yes,
-          lambda layer, x, state, lengths: step.step_layers(layer, x, state, loops=False), step=True),
-    Route("torch-kernel", "the whole stack in torch's own kernel (oneDNN's LSTM on the CPU, cuDNN on CUDA)",
-          "a built-in cell as shipped, where torch's kernel measured fastest",
-          _vendor_supports, _vendor_faster, stack.run_vendor, tracers=("jit",)),
-    Route("cpp-projecting", "inference in the C++ loop that projects its input per step",
-          "inference on the CPU where the C++ loops are built: the LSTM or a user's compiled cell",
-          _cpp_projecting_supports, _yes, stack.per_cell(stack.scan_cpp_projecting)),
-    Route("cpp-loops", "a built-in cell's C++ loop over time, backward in C++",
-          "a built-in cell on the CPU where the C++ loops are built",
-          _cpp_loops_supports, _yes, stack.per_cell(stack.scan_cpp)),
-    Route("cpp-compiled", "a user's combine compiled to a program, run over time in C++",
-          "a user's cell whose combine compiles, on the CPU where the C++ loops are built",
-          _cpp_compiled_supports, _yes, stack.per_cell(stack.scan_cpp_compiled)),
-    Route("python-loops", "a built-in cell's loop over time in torch ops, backward written by hand",
-          "a built-in cell where the C++ loops do not run",
-          _python_loops_supports, _yes, stack.per_cell(stack.scan_python)),
-    Route("generic", "a user's combine stepped in torch ops, backward through time by one autograd call",
-          "a user's cell that changes only combine, where it does not compile",
-          _generic_supports, _yes, stack.per_cell(stack.scan_generic)),
-    Route("parallel-scan", "each cell's input projection, then one linear scan over time (core/parallel_scan.py)",
-          "a stack of cells whose gates read the input only (minGRU, minLSTM)",
-          _parallel_scan_supports, _yes, stack.per_cell(parallel_scan.scan_layer)),
-    Route("reference", "cell.project_input, then cell.step over time with autograd (the specification)",
-          "anything else: a cell that changes step, a projection or has parameters of its own; functorch",
-          _always, _yes, stack.per_cell(stack.scan_cell_reference), tracers=("dynamo",)),
+    Route(
+        "traced-ops",
+        "each cell's loop over time as one registered operator (torch.ops.rnnkit), the rest torch ops",
+        "a built-in cell while torch.compile or torch.export traces the call",
+        _traced_ops_supports,
+        _yes,
+        stack.per_cell(ops.scan_cell),
+        tracers=("dynamo",),
+        traced_only=True,
+    ),
+    Route(
+        "step-loops",
+        "one step of each cell through the C++ loops with T = 1, weights packed once",
+        "one step with a carried state, gradients off, on the CPU where the C++ loops are built",
+        _step_loops_supports,
+        _step_loops_faster,
+        lambda layer, x, state, lengths: step.step_layers(layer, x, state, loops=True),
+        step=True,
+    ),
+    Route(
+        "step-matmul",
+        "one step through [x, h] @ [W_ih, W_hh] packed once, then the gate math in torch ops",
+        "one step with a carried state and gradients off",
+        _step_matmul_supports,
+        _yes,
+        lambda layer, x, state, lengths: step.step_layers(layer, x, state, loops=False),
+        step=True,
+    ),
+    Route(
+        "torch-kernel",
+        "the whole stack in torch's own kernel (oneDNN's LSTM on the CPU, cuDNN on CUDA)",
+        "a built-in cell as shipped, where torch's kernel measured fastest",
+        _vendor_supports,
+        _vendor_faster,
+        stack.run_vendor,
+        tracers=("jit",),
+    ),
+    Route(
+        "cpp-projecting",
+        "inference in the C++ loop that projects its input per step",
+        "inference on the CPU where the C++ loops are built: the LSTM or a user's compiled cell",
+        _cpp_projecting_supports,
+        _yes,
+        stack.per_cell(stack.scan_cpp_projecting),
+    ),
+    Route(
+        "cpp-loops",
+        "a built-in cell's C++ loop over time, backward in C++",
+        "a built-in cell on the CPU where the C++ loops are built",
+        _cpp_loops_supports,
+        _yes,
+        stack.per_cell(stack.scan_cpp),
+    ),
+    Route(
+        "cpp-compiled",
+        "a user's combine compiled to a program, run over time in C++",
+        "a user's cell whose combine compiles, on the CPU where the C++ loops are built",
+        _cpp_compiled_supports,
+        _yes,
+        stack.per_cell(stack.scan_cpp_compiled),
+    ),
+    Route(
+        "python-loops",
+        "a built-in cell's loop over time in torch ops, backward written by hand",
+        "a built-in cell where the C++ loops do not run",
+        _python_loops_supports,
+        _yes,
+        stack.per_cell(stack.scan_python),
+    ),
+    Route(
+        "generic",
+        "a user's combine stepped in torch ops, backward through time by one autograd call",
+        "a user's cell that changes only combine, where it does not compile",
+        _generic_supports,
+        _yes,
+        stack.per_cell(stack.scan_generic),
+    ),
+    Route(
+        "parallel-scan",
+        "each cell's input projection, then one linear scan over time (core/parallel_scan.py)",
+        "a stack of cells whose gates read the input only (minGRU, minLSTM)",
+        _parallel_scan_supports,
+        _yes,
+        stack.per_cell(parallel_scan.scan_layer),
+    ),
+    Route(
+        "reference",
+        "cell.project_input, then cell.step over time with autograd (the specification)",
+        "anything else: a cell that changes step, a projection or has parameters of its own; functorch",
+        _always,
+        _yes,
+        stack.per_cell(stack.scan_cell_reference),
+        tracers=("dynamo",),
+    ),
 )
 ROUTE_NAMES = {route.name: route for route in ROUTES}
 STEP_LOOPS, STEP_MATMUL = ROUTE_NAMES["step-loops"], ROUTE_NAMES["step-matmul"]
@@ -535,8 +613,13 @@ def choose_route(layer, x, state=None, lengths=None) -> Route:
     validated by the route that runs."""
     # a lean step, at every generated token: the table's first rows in one pass (tracer() first:
     # torch.compile cannot read the ContextVar)
-    if state is not None and lengths is None and tracer() is None and _FORCED.get() is None and (
-            not torch.is_grad_enabled()):
+    if (
+        state is not None
+        and lengths is None
+        and tracer() is None
+        and _FORCED.get() is None
+        and (not torch.is_grad_enabled())
+    ):
         route = _lean_route(layer, x, state)
         if route is not None:
             if LOG.isEnabledFor(logging.DEBUG):
@@ -566,8 +649,9 @@ def _choose(call: Call, passed: list | None = None) -> Route:
     for route in ROUTES:
         if route.traced_only and call.tracer is None:
             if passed is not None:
-                passed.append((route.name, "not traced by torch.compile or torch.export (eager calls take the "
-                                           "measured routes)"))
+                passed.append(
+                    (route.name, "not traced by torch.compile or torch.export (eager calls take the measured routes)")
+                )
             continue
         if not route.step and not call.full:
             _complete(call)

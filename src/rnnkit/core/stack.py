@@ -11,6 +11,7 @@ Dropout (training only, ``layer.dropout``) goes between layers, as torch.nn's do
 padded steps are zero and the backward direction starts at each sequence's own last valid step
 (``reverse_padded``): the layer docstring's contract.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -82,6 +83,7 @@ def per_cell(scan: Scan):
 
 
 # -- the routes' scans -------------------------------------------------------------------------
+
 
 def project(cell: GatedCell, x: Tensor) -> Tensor:
     """``cell.project_input(x)`` for (B, T, I) ``x``: into the C++ loops' workspace (``Projection``)

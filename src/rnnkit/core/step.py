@@ -35,6 +35,7 @@ routed here (``routing.lean_step``) but to the general route, which validates an
 >>> tuple(out.shape), tuple(state.h.shape)
 ((1, 1, 8), (2, 1, 8))
 """
+
 from __future__ import annotations
 
 import torch
@@ -133,6 +134,7 @@ def _pack_all(cells, loops) -> list:
 
 
 # -- step-loops: the kernels' C++ loops at T = 1 -------------------------------------------------
+
 
 def _loop_step(cell, x, ins, pack, outs, ops) -> Tensor | None:
     """One step of a batch ``x`` (B, I) through the C++ loops of the fused kernels (T = 1, inference),

@@ -1,4 +1,5 @@
 """The built-in cells, each in its own file with its equations, and the ``CELLS`` registry."""
+
 from rnnkit.core.cells.gru import GRUCell
 from rnnkit.core.cells.ln_gru import LayerNormGRUCell
 from rnnkit.core.cells.ln_lstm import LayerNormLSTMCell
@@ -9,11 +10,24 @@ from rnnkit.core.cells.rnn import RNNCell
 from rnnkit.core.cells.scan_cell import ParallelScanCell
 
 CELLS = {
-    "lstm": LSTMCell, "gru": GRUCell, "rnn": RNNCell, "ln-lstm": LayerNormLSTMCell, "ln-gru": LayerNormGRUCell,
-    "mingru": MinGRUCell, "minlstm": MinLSTMCell,
+    "lstm": LSTMCell,
+    "gru": GRUCell,
+    "rnn": RNNCell,
+    "ln-lstm": LayerNormLSTMCell,
+    "ln-gru": LayerNormGRUCell,
+    "mingru": MinGRUCell,
+    "minlstm": MinLSTMCell,
 }
 
 __all__ = [
-    "CELLS", "GRUCell", "LSTMCell", "LSTMState", "LayerNormGRUCell", "LayerNormLSTMCell", "MinGRUCell", "MinLSTMCell",
-    "ParallelScanCell", "RNNCell",
+    "CELLS",
+    "GRUCell",
+    "LSTMCell",
+    "LSTMState",
+    "LayerNormGRUCell",
+    "LayerNormLSTMCell",
+    "MinGRUCell",
+    "MinLSTMCell",
+    "ParallelScanCell",
+    "RNNCell",
 ]

@@ -11,6 +11,7 @@ the reset gate multiplies the recurrent part *after* its affine map::
 State: ``HiddenState(h)``, (B, H). Called as torch.nn.GRUCell is, ``h = cell(x, h)``
 (``cell.advance(x, state)`` gives rnnkit's ``(h, state)``).
 """
+
 from __future__ import annotations
 
 import torch

@@ -12,6 +12,7 @@ start at 1. :class:`LayerNormGatedCell` is this projection step, shared by ``Lay
 (core/cells/ln_lstm.py) and ``LayerNormGRUCell`` (core/cells/ln_gru.py); a subclass writes
 ``combine`` as for any gated cell.
 """
+
 from __future__ import annotations
 
 import torch

@@ -22,6 +22,7 @@ Parameters: ``weight_ih`` (3H, I), ``weight_hh`` (3H, H), ``bias_ih``/``bias_hh`
 >>> tuple(h.shape)
 (2, 8)
 """
+
 from __future__ import annotations
 
 import torch

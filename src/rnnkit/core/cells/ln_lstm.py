@@ -25,6 +25,7 @@ Parameters: ``weight_ih`` (4H, I), ``weight_hh`` (4H, H), ``bias_ih``/``bias_hh`
 >>> tuple(out.shape), tuple(c.shape)
 ((2, 5, 8), (2, 2, 8))
 """
+
 from __future__ import annotations
 
 import torch

@@ -16,6 +16,7 @@ With a projection (torch.nn.LSTM's ``proj_size`` P, Sak et al. 2014) the output 
 ``h' = (o * tanh(c')) W_hr^T`` (B, P), and it is ``h'`` that the gates read at the next step:
 ``ProjectedLSTMCell``, whose state is ``LSTMState(h (B, P), c (B, H))``.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple

@@ -23,6 +23,7 @@ State: ``HiddenState(h)``, (B, H). No recurrent weights (``weight_ih`` (2H, I), 
 >>> tuple(out.shape), tuple(h.shape)
 ((2, 5, 8), (1, 2, 8))
 """
+
 from __future__ import annotations
 
 from torch import Tensor

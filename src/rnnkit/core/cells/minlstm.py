@@ -26,6 +26,7 @@ State: ``HiddenState(h)``, (B, H). No recurrent weights (``weight_ih`` (3H, I), 
 >>> tuple(out.shape), tuple(h.shape)
 ((2, 5, 16), (2, 2, 8))
 """
+
 from __future__ import annotations
 
 from torch import Tensor

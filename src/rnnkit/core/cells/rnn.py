@@ -5,6 +5,7 @@
 State: ``HiddenState(h)``, (B, H). Called as torch.nn.RNNCell is, ``h = cell(x, h)``
 (``cell.advance(x, state)`` gives rnnkit's ``(h, state)``).
 """
+
 from __future__ import annotations
 
 import torch
@@ -20,8 +21,9 @@ class RNNCell(GatedCell):
 
     gate_names = ("h",)
 
-    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, nonlinearity: str = "tanh",
-                 device=None, dtype=None):
+    def __init__(
+        self, input_size: int, hidden_size: int, bias: bool = True, nonlinearity: str = "tanh", device=None, dtype=None
+    ):
         if nonlinearity not in ACTIVATIONS:
             raise ValueError(f"nonlinearity must be one of {sorted(ACTIVATIONS)}, got {nonlinearity!r}")
         self.nonlinearity = nonlinearity

@@ -16,6 +16,7 @@ parallel scan works, ``log a = -softplus(k)`` and ``log b = -softplus(-k) + log 
 Parameters: ``weight_ih`` (G*H, I) and ``bias_ih`` (G*H,) only (no ``weight_hh``/``bias_hh``).
 State: ``HiddenState(h)``, (B, H).
 """
+
 from __future__ import annotations
 
 import torch

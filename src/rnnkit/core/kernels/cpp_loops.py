@@ -11,6 +11,7 @@ batched weight gradients.
 GRU's and RNN's inference). In inference the LSTM and a user's compiled cell project their input
 inside the loop instead (``projecting_loop``, on ``loop_weights``).
 """
+
 from __future__ import annotations
 
 import torch
@@ -50,8 +51,11 @@ class Projection(torch.autograd.Function):
         dx = dw = db = None
         # into the workspace, except where this backward is itself differentiated (create_graph)
         # or batched by vmap, neither of which takes out=
-        plain = not torch.is_grad_enabled() and not torch._C._functorch.is_legacy_batchedtensor(g) \
+        plain = (
+            not torch.is_grad_enabled()
+            and not torch._C._functorch.is_legacy_batchedtensor(g)
             and not torch._C._functorch.is_batchedtensor(g)
+        )
         if ctx.needs_input_grad[0]:
             dx = (torch.mm(g, w, out=native.buffer(flat.shape, flat)) if plain else torch.mm(g, w)).view(ctx.shape)
         if ctx.needs_input_grad[1]:
@@ -62,6 +66,7 @@ class Projection(torch.autograd.Function):
 
 
 # -- inference with the input projected inside the loop ----------------------------------------
+
 
 def loop_weights(cell: GatedCell) -> tuple[Tensor, Tensor]:
     """``(W_ih, W_hh)`` packed (``pack_linear``) as the C++ loops read them in inference: for the
@@ -90,18 +95,29 @@ def projecting_loop(cell: GatedCell, x: Tensor, weights, state, mask, programs=N
     may reuse (copy what is kept)."""
     w_ih, w_hh = weights
     if programs is not None:
-        out, final, _ = compiled_loop(programs, x, w_ih, cell.bias_ih, cell.weight_hh, cell.bias_hh, state, mask,
-                                       False, packed_hh=w_hh)
+        out, final, _ = compiled_loop(
+            programs, x, w_ih, cell.bias_ih, cell.weight_hh, cell.bias_hh, state, mask, False, packed_hh=w_hh
+        )
         return out, final
     B, T = x.shape[0], x.shape[1]
     hs, cs = states_rows(state[0], T, False), states_rows(state[1], T, False)
     out = native.buffer((B, T, cell.hidden_size), x)  # (B, T, H)
-    native.ops().lstm_forward_projecting(x.contiguous(), w_ih, cell.bias_ih, w_hh, cell.bias_hh, hs, cs, out,
-                                         mask.contiguous() if mask is not None else None)
+    native.ops().lstm_forward_projecting(
+        x.contiguous(),
+        w_ih,
+        cell.bias_ih,
+        w_hh,
+        cell.bias_hh,
+        hs,
+        cs,
+        out,
+        mask.contiguous() if mask is not None else None,
+    )
     return out, (hs[T % 2], cs[T % 2])
 
 
 # -- the built-in cells' loops as kernels ------------------------------------------------------
+
 
 class CppLSTM(Kernel):
     def forward(self, cell, xz, w_hh, b_hh, state, mask, training):
@@ -134,7 +150,10 @@ class CppGRU(Kernel):
     def backward(self, cell, saved, w_hh, mask, grad_out, grad_state, needs):
         gates, hzn, hs = saved
         dh = grad_in(grad_state[0], hs[0])
-        dxz, dhn = native.buffer(gates.shape, gates), native.buffer(hzn.shape, hzn)  # d hz's r, z parts are d xz's; its n part
+        dxz, dhn = (
+            native.buffer(gates.shape, gates),
+            native.buffer(hzn.shape, hzn),
+        )  # d hz's r, z parts are d xz's; its n part
         native.ops().gru_backward(gates, hzn, hs, grad_rows(grad_out), w_hh, dh, dxz, dhn, mask)
         H = hzn.shape[-1]
         rz = dxz.view(-1, 3 * H)[:, : 2 * H]  # a strided view, no copy
@@ -148,10 +167,12 @@ class CppGRU(Kernel):
 
 class CppRNN(Kernel):
     def forward(self, cell, xz, w_hh, b_hh, state, mask, training):
-        B, T, H = xz.shape
+        T = xz.shape[1]
         hs = states_rows(state[0], T, training)
         out = native.buffer(xz.shape, xz)
-        native.ops().rnn_forward(xz, native.ops().pack_linear(w_hh, 1), b_hh, hs, out, mask, cell.nonlinearity == "relu")
+        native.ops().rnn_forward(
+            xz, native.ops().pack_linear(w_hh, 1), b_hh, hs, out, mask, cell.nonlinearity == "relu"
+        )
         return out, (hs[T % hs.shape[0]],), (hs,)
 
     def backward(self, cell, saved, w_hh, mask, grad_out, grad_state, needs):
@@ -162,4 +183,3 @@ class CppRNN(Kernel):
         native.ops().rnn_backward(hs, grad_rows(grad_out), w_hh, dh, dxz, mask, cell.nonlinearity == "relu")
         dw, db = native_weight_grads(dxz, hs, needs)
         return dxz, dw, db, (dh,)
-

@@ -8,6 +8,7 @@ inference the kernel's forward runs alone, under ``no_grad``. Which kernel a cel
 by the routing table (core/routing.py) from the kernel table (``table.py``); this module takes it
 as given.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -46,9 +47,7 @@ class FusedScan(torch.autograd.Function):
             return (None, None, None, *_backward_by_autograd(ctx, xz, w_hh, b_hh, state, grad_out, grad_state))
         needs = {"w": ctx.needs_input_grad[4], "b": ctx.needs_input_grad[5]}
         with torch.autocast(w_hh.device.type, enabled=False):
-            dxz, dw, db, dstate = ctx.kernel.backward(
-                ctx.cell, ctx.saved, w_hh, ctx.mask, grad_out, grad_state, needs
-            )
+            dxz, dw, db, dstate = ctx.kernel.backward(ctx.cell, ctx.saved, w_hh, ctx.mask, grad_out, grad_state, needs)
         return (None, None, None, dxz, dw, db, *dstate)
 
 
@@ -85,8 +84,13 @@ def _backward_by_autograd(ctx, xz, w_hh, b_hh, state, grad_out, grad_state):
     pairs = [(r, g) for r, g in zip(results, (grad_out, *grad_state)) if g is not None]
     grads = [None] * len(inputs)
     if pairs and needed:
-        got = torch.autograd.grad([r for r, _ in pairs], [inputs[i] for i in needed], [g for _, g in pairs],
-                                  create_graph=torch.is_grad_enabled(), allow_unused=True)
+        got = torch.autograd.grad(
+            [r for r, _ in pairs],
+            [inputs[i] for i in needed],
+            [g for _, g in pairs],
+            create_graph=torch.is_grad_enabled(),
+            allow_unused=True,
+        )
         for i, g in zip(needed, got):
             grads[i] = g
     return grads

@@ -6,6 +6,7 @@ so the choice of this route is speed alone; where it is taken is the routing tab
 (core/routing.py). With lengths, the stack runs torch's packed-sequence kernel: sequences sorted
 by length inside, the states permuted to match and back, the same semantics as the masks.
 """
+
 from __future__ import annotations
 
 import warnings

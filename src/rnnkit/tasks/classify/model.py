@@ -9,6 +9,7 @@ the equations.
 >>> tuple(logits.shape), loss.dim()
 ((2, 3), 0)
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -22,7 +23,7 @@ from rnnkit.tasks.cell_spec import recurrent_layer
 if TYPE_CHECKING:
     from rnnkit.tasks.classify.task import ClassifyConfig
 
-VOCAB = 256                    # byte values; UTF-8 bytes >= 128 are symbols of their own
+VOCAB = 256  # byte values; UTF-8 bytes >= 128 are symbols of their own
 
 
 def masked_pool(x: Tensor, lengths: Tensor, how: str) -> Tensor:
@@ -46,8 +47,9 @@ class ByteClassifier(nn.Module):
         for table in (self.byte_embedding, self.ngram_embedding):
             if table is not None:  # N(0, 1) rows, summed and concatenated, would saturate the gates at the start
                 nn.init.normal_(table.weight, std=0.1)
-        self.rnn = recurrent_layer(c.cell, c.patch * width, c.hidden, c.layers, batch_first=True,
-                                   dropout=c.dropout, bidirectional=True)
+        self.rnn = recurrent_layer(
+            c.cell, c.patch * width, c.hidden, c.layers, batch_first=True, dropout=c.dropout, bidirectional=True
+        )
         self.project_forward = nn.Linear(c.hidden, c.e_dim)
         self.project_backward = nn.Linear(c.hidden, c.e_dim)
         self.classifier = nn.Linear(c.e_dim, num_classes)

@@ -14,6 +14,7 @@ step), started from the least-squares (ridge) solution on the training windows; 
 learns what the linear one misses, as in LSTNet's highway. With quantiles q_1..q_k the network also
 outputs k more values per step, trained with the pinball loss, for an interval around the forecast.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,8 +28,16 @@ RNNS = {"gru": GRU, "lstm": LSTM}
 
 
 class ForecastNet(nn.Module):
-    def __init__(self, window: int, horizon: int, period: int, hidden: int = 32, cell: str = "gru",
-                 quantiles: tuple[float, ...] = (), dropout: float = 0.0):
+    def __init__(
+        self,
+        window: int,
+        horizon: int,
+        period: int,
+        hidden: int = 32,
+        cell: str = "gru",
+        quantiles: tuple[float, ...] = (),
+        dropout: float = 0.0,
+    ):
         super().__init__()
         self.window, self.horizon, self.period, self.quantiles = window, horizon, period, tuple(quantiles)
         outputs = 1 + len(self.quantiles)

@@ -8,6 +8,7 @@ and the helpers that carry its recurrent state between steps and through checkpo
 >>> tuple(out.logits.shape), out.loss.dim(), tuple(out.state.shape)
 ((1, 3, 10), 0, (2, 1, 16))
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -22,9 +23,9 @@ if TYPE_CHECKING:
 
 
 class LMOutput(NamedTuple):
-    logits: Tensor        # (B, T, V) next-token scores
-    loss: Tensor | None   # mean cross-entropy in nats, None without targets
-    state: Any            # final recurrent state in the layer's layout (LSTMState(h, c) or h)
+    logits: Tensor  # (B, T, V) next-token scores
+    loss: Tensor | None  # mean cross-entropy in nats, None without targets
+    state: Any  # final recurrent state in the layer's layout (LSTMState(h, c) or h)
 
 
 class CharRNN(nn.Module):
@@ -34,8 +35,14 @@ class CharRNN(nn.Module):
         super().__init__()
         self.vocab_size = vocab_size
         self.embed = nn.Embedding(vocab_size, config.embed) if config.embed else None
-        self.rnn = recurrent_layer(config.cell, config.embed or vocab_size, config.hidden, config.layers,
-                                   batch_first=True, dropout=config.dropout if config.layers > 1 else 0.0)
+        self.rnn = recurrent_layer(
+            config.cell,
+            config.embed or vocab_size,
+            config.hidden,
+            config.layers,
+            batch_first=True,
+            dropout=config.dropout if config.layers > 1 else 0.0,
+        )
         self.drop = nn.Dropout(config.dropout)
         self.head = nn.Linear(config.hidden, vocab_size)
 

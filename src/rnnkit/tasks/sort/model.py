@@ -43,6 +43,7 @@ reorder it with one index.
 >>> tuple(logits.shape), loss.shape
 ((1, 3, 3), torch.Size([]))
 """
+
 from __future__ import annotations
 
 from typing import Any, NamedTuple
@@ -58,10 +59,10 @@ from rnnkit.tasks.cell_spec import resolve_cell
 class Memory(NamedTuple):
     """What the encoder hands the decoder; every tensor has the batch first."""
 
-    inputs: Tensor        # (B, N) the numbers being sorted (long tokens or floats)
-    embedded: Tensor      # (B, N, E) e_j
-    outputs: Tensor       # (B, N, D*H) o_j
-    state: tuple          # per decoder layer, a cell state NamedTuple of (B, D*H) tensors
+    inputs: Tensor  # (B, N) the numbers being sorted (long tokens or floats)
+    embedded: Tensor  # (B, N, E) e_j
+    outputs: Tensor  # (B, N, D*H) o_j
+    state: tuple  # per decoder layer, a cell state NamedTuple of (B, D*H) tensors
 
 
 def map_tensors(fn, obj: Any) -> Any:
@@ -108,7 +109,7 @@ class Additive(nn.Module):
 
 # ---- decoders ------------------------------------------------------------------------------------
 class CellsState(NamedTuple):
-    cells: tuple          # per layer cell state
+    cells: tuple  # per layer cell state
 
 
 class StateOnlyDecoder(nn.Module):
@@ -149,9 +150,9 @@ class TeacherDecoder(nn.Module):
 
 
 class AttentionState(NamedTuple):
-    cells: tuple          # per layer cell state
-    feed: Tensor          # (B, W) h~_{t-1}, fed back as input (Luong's input feeding)
-    keys: Tensor          # (B, N, A) W_k o_j, projected once in start()
+    cells: tuple  # per layer cell state
+    feed: Tensor  # (B, W) h~_{t-1}, fed back as input (Luong's input feeding)
+    keys: Tensor  # (B, N, A) W_k o_j, projected once in start()
 
 
 class AttentionDecoder(nn.Module):
@@ -180,10 +181,10 @@ class AttentionDecoder(nn.Module):
 
 
 class PointerState(NamedTuple):
-    cells: tuple          # per layer cell state
-    chosen: Tensor        # (B, N) bool, positions already output
-    keys: Tensor          # (B, N, K) k_j = [o_j; e_j]
-    projected: Tensor     # (B, N, A) W_k k_j, projected once in start()
+    cells: tuple  # per layer cell state
+    chosen: Tensor  # (B, N) bool, positions already output
+    keys: Tensor  # (B, N, K) k_j = [o_j; e_j]
+    projected: Tensor  # (B, N, A) W_k k_j, projected once in start()
 
 
 class PointerDecoder(nn.Module):
@@ -225,15 +226,27 @@ class SortModel(nn.Module):
     """Encoder + decoder. `forward` returns (logits, loss): teacher-forced with targets, greedy without.
     Beam search (search.py) drives `encode` and `decoder.start/step` itself."""
 
-    def __init__(self, decoder: str, vocab: int, floats: bool, embed: int = 64, hidden: int = 128,
-                 num_layers: int = 1, bidirectional: bool = True, cell: str = "lstm", attn: int = 64,
-                 int_value: bool = False):
+    def __init__(
+        self,
+        decoder: str,
+        vocab: int,
+        floats: bool,
+        embed: int = 64,
+        hidden: int = 128,
+        num_layers: int = 1,
+        bidirectional: bool = True,
+        cell: str = "lstm",
+        attn: int = 64,
+        int_value: bool = False,
+    ):
         super().__init__()
         if decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
         if floats and decoder not in POINTS:
-            raise ValueError(f"floats need a pointing decoder ({', '.join(sorted(POINTS))}): the {decoder!r} "
-                             f"decoder emits one of V integer tokens, and real numbers have no vocabulary")
+            raise ValueError(
+                f"floats need a pointing decoder ({', '.join(sorted(POINTS))}): the {decoder!r} "
+                f"decoder emits one of V integer tokens, and real numbers have no vocabulary"
+            )
         self.decoder_name = decoder
         self.points = decoder in POINTS
         self.floats = floats
@@ -244,13 +257,13 @@ class SortModel(nn.Module):
         self.embed = nn.Linear(1, embed) if floats else nn.Embedding(vocab, embed)
         # integers as numbers too: a magnitude channel makes "smaller than" one linear feature to learn
         self.value = nn.Linear(1, embed, bias=False) if int_value and not floats else None
-        self.encoder = Recurrent(resolve_cell(cell), embed, hidden, num_layers=num_layers, batch_first=True,
-                                 bidirectional=bidirectional)
+        self.encoder = Recurrent(
+            resolve_cell(cell), embed, hidden, num_layers=num_layers, batch_first=True, bidirectional=bidirectional
+        )
         self.decoder = DECODERS[decoder](cell, vocab, embed, width, num_layers, key_size=width + embed, attn=attn)
 
     def encode(self, inputs: Tensor) -> Memory:
         """inputs (B, N) -> Memory for the decoder."""
-        B, N = inputs.shape
         embedded = self.embed(inputs[..., None].float()) if self.floats else self.embed(inputs)  # (B, N, E)
         if self.value is not None:
             embedded = embedded + self.value(inputs[..., None].float() / self.vocab)
