@@ -234,7 +234,7 @@ def run_benchmark(preset: str = "full", threads: int = 2, log=print) -> dict:
     torch.manual_seed(0)
     if preset == "smoke":  # a tiny end-to-end run for the test suite: no meaningful numbers
         kinds, grid, repeats, peak_n, tokens, custom = ["lstm", "gru"], [(2, 8, 4)], 1, 128, 2, (2, 8, 4)
-        batches = (1, 2)
+        batches: tuple[int, ...] = (1, 2)
     elif preset == "quick":
         kinds, grid, repeats, peak_n, tokens, custom = (
             list(TORCH),

@@ -46,7 +46,7 @@ class Classifier(nn.Module):
 class LMStep(nn.Module):
     """One generation step: a token (B, 1) and the state in, logits (B, 256) and the state out."""
 
-    def __init__(self, rnn: nn.Module, vocab: int = 256):
+    def __init__(self, rnn: nn.RNNBase, vocab: int = 256):
         super().__init__()
         self.embed = nn.Embedding(vocab, 64)
         self.rnn = rnn
@@ -75,8 +75,8 @@ def _ort(model, args, dynamic_shapes, names):
 
 def _cases():
     torch.manual_seed(0)
-    ours = Classifier(rnnkit.LSTM(64, 128, num_layers=2, batch_first=True)).eval()
-    theirs = Classifier(nn.LSTM(64, 128, num_layers=2, batch_first=True)).eval()
+    ours: nn.Module = Classifier(rnnkit.LSTM(64, 128, num_layers=2, batch_first=True)).eval()
+    theirs: nn.Module = Classifier(nn.LSTM(64, 128, num_layers=2, batch_first=True)).eval()
     theirs.load_state_dict(dict(zip(theirs.state_dict(), ours.state_dict().values())))
     tokens, lengths = torch.randint(0, 256, (32, 64)), torch.randint(16, 65, (32,))
     B, T = torch.export.Dim("B", min=2), torch.export.Dim("T", min=2)

@@ -23,6 +23,8 @@ True
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -43,6 +45,7 @@ TO_TORCH: dict[type, type] = {ours: theirs for theirs, ours in TO_RNNKIT.items()
 
 def _options(module: nn.Module) -> tuple[tuple, dict]:
     """The constructor arguments that rebuild ``module`` (a layer or cell of either side)."""
+    kwargs: dict[str, Any]
     if isinstance(module, nn.RNNBase):
         kwargs = dict(
             num_layers=module.num_layers,

@@ -32,6 +32,8 @@ Masks: ``mask`` (B, T), True at valid steps; at a padded step the state is carri
 
 from __future__ import annotations
 
+from typing import NamedTuple, cast
+
 import torch
 from torch import Tensor
 from torch.nn import functional as F
@@ -161,9 +163,10 @@ def scan(cell, xz: Tensor, state: HiddenState, mask: Tensor | None, *, log_space
     return out, HiddenState(final)
 
 
-def scan_layer(cell, x: Tensor, state: HiddenState, mask: Tensor | None) -> tuple[Tensor, HiddenState]:
+def scan_layer(cell, x: Tensor, state: NamedTuple, mask: Tensor | None) -> tuple[Tensor, NamedTuple]:
     """The ``parallel-scan`` route's scan of one (layer, direction): ``x`` (B, T, I) projected in one
     matmul, then ``scan``. Under autocast the projection may come back in half precision: the scan
     runs in the weights' dtype."""
     xz = cell.project_input(x)  # (B, T, G*H)
-    return scan(cell, xz.to(cell.weight_ih.dtype), state, mask)
+    # the route's cells (scan_cell.ScanCell) carry a HiddenState
+    return scan(cell, xz.to(cell.weight_ih.dtype), cast(HiddenState, state), mask)

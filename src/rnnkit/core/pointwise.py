@@ -250,7 +250,7 @@ def emit(
     consts = [v for v in sorted(live) if graph.nodes[v][0] == "const"]
     reg.update({v: len(inputs) + k for k, v in enumerate(consts)})
     order = [v for v in sorted(live) if graph.nodes[v][0] not in ("in", "const")]
-    last = {a: i for i, v in enumerate(order) for a in graph.nodes[v][1:]}
+    last: dict[int, float] = {a: i for i, v in enumerate(order) for a in graph.nodes[v][1:]}
     last.update(dict.fromkeys(outputs, math.inf))
     free, n_regs, code = [], len(inputs) + len(consts), []
     for i, v in enumerate(order):
@@ -349,8 +349,8 @@ def _agrees(cell, compiled: Compiled) -> bool:
             leaves = [t.clone().requires_grad_() for t in (xz, hz, *state)]
             h, new = cell.combine(cell.split(leaves[0]), cell.split(leaves[1]), cell.State(*leaves[2:]))
             want = [h, *new] if not masked else [h * m] + [torch.where(m.bool(), n, o) for n, o in zip(new, leaves[2:])]
-            want_grads = torch.autograd.grad(want, leaves, grads, allow_unused=True)
-            want_grads = [torch.zeros_like(t) if g is None else g for g, t in zip(want_grads, leaves)]
+            reference = torch.autograd.grad(want, leaves, grads, allow_unused=True)
+            want_grads = [torch.zeros_like(t) if g is None else g for g, t in zip(reference, leaves)]
             for x_part, h_part in parts:
                 got = [torch.empty(B, H, dtype=torch.float64) for _ in range(1 + S)]
                 ops.pointwise(*compiled.forward[masked], [x_part, h_part, *state, *extra], got, H)

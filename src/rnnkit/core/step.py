@@ -38,6 +38,8 @@ routed here (``routing.lean_step``) but to the general route, which validates an
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 from torch.nn import functional as F
@@ -116,7 +118,7 @@ def _packed(layer, cells, weights, loops) -> list:
     if any(p.is_inference() for p in weights):
         return _pack_all(cells, loops)
     key = _key(weights)
-    cache = getattr(layer, CACHE_ATTR, None)
+    cache: tuple[Any, list[Tensor], dict[str, Any]] | None = getattr(layer, CACHE_ATTR, None)
     if cache is None or cache[0] != key:
         cache = (key, [p.detach() for p in weights], {})
         object.__setattr__(layer, CACHE_ATTR, cache)  # a plain attribute: not a parameter, not pickled

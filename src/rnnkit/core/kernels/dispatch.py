@@ -82,7 +82,7 @@ def _backward_by_autograd(ctx, xz, w_hh, b_hh, state, grad_out, grad_state):
             outs.append(h)
         results = [torch.stack(outs, dim=1), *s]
     pairs = [(r, g) for r, g in zip(results, (grad_out, *grad_state)) if g is not None]
-    grads = [None] * len(inputs)
+    grads: list[Tensor | None] = [None] * len(inputs)
     if pairs and needed:
         got = torch.autograd.grad(
             [r for r, _ in pairs],
@@ -104,13 +104,13 @@ def fused_scan(cell: GatedCell, xz: Tensor, state: NamedTuple, mask: Tensor | No
     dtype = w_hh.dtype
     if xz.dtype != dtype:  # autocast: the input projection may arrive in half precision
         xz = xz.to(dtype)
-    state = tuple(s.to(dtype) for s in state)
+    parts = tuple(s.to(dtype) for s in state)
     if kernel.dense_inputs:  # the loops read rows directly: dense buffers (a no-op when they are)
         xz, mask = xz.contiguous(), mask.contiguous() if mask is not None else None
-    tensors = (xz, w_hh, b_hh, *state)
+    tensors = (xz, w_hh, b_hh, *parts)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        out, *final = FusedScan.apply(kernel, cell, mask, xz, w_hh, b_hh, *state)
+        out, *final = FusedScan.apply(kernel, cell, mask, xz, w_hh, b_hh, *parts)
         return out, cell.State(*final)
     with torch.no_grad(), torch.autocast(xz.device.type, enabled=False):
-        out, final, _ = kernel.forward(cell, xz, w_hh, b_hh, cell.State(*state), mask, False)
+        out, final, _ = kernel.forward(cell, xz, w_hh, b_hh, cell.State(*parts), mask, False)
     return out, cell.State(*(s.clone() for s in final))  # clones: the states buffer is not kept alive

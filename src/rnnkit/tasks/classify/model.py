@@ -67,6 +67,7 @@ class ByteClassifier(nn.Module):
         if self.config.words:
             ids.append(word_ids(x, self.config.buckets, pairs=self.config.word_pairs))
         if ids:
+            assert self.ngram_embedding is not None  # made whenever n-grams or words are on
             e = e + self.ngram_embedding(torch.cat(ids, dim=2)).sum(dim=2)
         return e
 
