@@ -28,7 +28,7 @@ class GRUCell(GatedCell):
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None):
         super().__init__(input_size, hidden_size, bias, device, dtype)
 
-    def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
+    def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:  # type: ignore[override]  # torch.nn.GRUCell's call, not GatedCell.forward's (h, state)
         """torch.nn.GRUCell's call: ``input`` (B, I) or (I,) -> ``h`` (B, H) or (H,)."""
         return self._torch_call(input, hx, nn.GRUCell.forward)
 

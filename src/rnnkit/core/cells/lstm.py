@@ -43,7 +43,7 @@ class LSTMCell(GatedCell):
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None):
         super().__init__(input_size, hidden_size, bias, device, dtype)
 
-    def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None) -> LSTMState:
+    def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None) -> LSTMState:  # type: ignore[override]  # torch.nn.LSTMCell's call, not GatedCell.forward's (h, state)
         """torch.nn.LSTMCell's call: ``input`` (B, I) or (I,) -> ``(h, c)``, each (B, H) or (H,)."""
         return self._torch_call(input, hx, nn.LSTMCell.forward)
 
@@ -60,6 +60,8 @@ class LSTMCell(GatedCell):
 class ProjectedLSTMCell(LSTMCell):
     """An LSTM step whose output is projected by ``weight_hr`` (P, H): torch.nn.LSTM's ``proj_size``.
     Layers build it over their own weights; its state is ``LSTMState(h (B, P), c (B, H))``."""
+
+    weight_hr: Tensor  # (P, H), set by the layer that builds the cell
 
     def combine(self, x, h, state: LSTMState) -> tuple[Tensor, LSTMState]:
         _, (h_full, c) = super().combine(x, h, state)

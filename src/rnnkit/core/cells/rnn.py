@@ -29,7 +29,7 @@ class RNNCell(GatedCell):
         self.nonlinearity = nonlinearity
         super().__init__(input_size, hidden_size, bias, device, dtype)
 
-    def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
+    def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:  # type: ignore[override]  # torch.nn.RNNCell's call, not GatedCell.forward's (h, state)
         """torch.nn.RNNCell's call: ``input`` (B, I) or (I,) -> ``h`` (B, H) or (H,)."""
         return self._torch_call(input, hx, nn.RNNCell.forward)
 
