@@ -70,7 +70,7 @@ def _rebuild(module: nn.Module, cls: type) -> nn.Module:
     args, kwargs = _options(module)
     ref = next(iter(module.parameters()), None)
     factory = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
-    with torch.random.fork_rng(devices=[]):  # the new module's random init is overwritten: leave the seed be
+    with torch.random.fork_rng(devices=[]):  # its random init is overwritten: the global stream stays as it was
         new = cls(*args, **kwargs, **factory)
     new.load_state_dict(module.state_dict(), strict=True)
     for theirs, ours in zip(module.parameters(), new.parameters()):
