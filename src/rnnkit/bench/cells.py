@@ -9,7 +9,8 @@ the LSTM's, with the middle half (first to third quartile) of the per-repeat rat
 and the cell's calls of the same repeat). Targets: minGRU and minLSTM at least 4x faster than the
 LSTM at T=1024; the LayerNorm LSTM within 1.5x of its time (at T=256 only: it trains on the
 reference loop); the LSTM with variational dropout and weight-drop (``Regularised``) within 1.15x of
-it (at T=256). ``--json PATH`` writes the rows.
+it (at T=256). ``--cells slstm`` runs the sLSTM (xLSTM, 4 heads) against the LSTM, a comparison row
+without a target. ``--json PATH`` writes the rows.
 
 The LSTM is ``rnnkit.LSTM`` on whatever route it takes (``rnnkit.explain`` names it in each row).
 """
@@ -25,7 +26,7 @@ import torch
 
 import rnnkit
 from rnnkit.bench.run import _quartiles, _train
-from rnnkit.core.cells import LayerNormLSTMCell, MinGRUCell, MinLSTMCell
+from rnnkit.core.cells import LayerNormLSTMCell, MinGRUCell, MinLSTMCell, SLSTMCell
 from rnnkit.core.regularise import Regularised
 
 # each row's layer, built from (input size, hidden size)
@@ -64,12 +65,21 @@ def rotated(fns: dict, repeats: int) -> dict[str, list[float]]:
     return times
 
 
+# -- rows outside the default set: the sLSTM against the LSTM (a comparison, no target) ---------------
+
+EXTRA = {"slstm": lambda I, H: rnnkit.Recurrent(SLSTMCell, I, H, batch_first=True)}  # xLSTM's 4 heads
+
+
+def _layer(name: str, I: int, H: int):
+    return CELLS[name](I, H) if name in CELLS else EXTRA[name](I, H)
+
+
 def rows_at(T: int, cells: list[str], B: int, H: int, I: int, repeats: int) -> list[dict]:
     """One row per cell at sequence length ``T``, each against the LSTM timed in the same repeats."""
     torch.manual_seed(0)
     x = torch.randn(B, T, I, requires_grad=True)
     lstm = rnnkit.LSTM(I, H, batch_first=True)
-    layers = {name: CELLS[name](I, H) for name in cells}
+    layers = {name: _layer(name, I, H) for name in cells}
     times = rotated({"lstm": _train(lstm, x), **{name: _train(layer, x) for name, layer in layers.items()}}, repeats)
     lstm_s = statistics.median(times["lstm"])
     rows = []
@@ -89,8 +99,8 @@ def rows_at(T: int, cells: list[str], B: int, H: int, I: int, repeats: int) -> l
                 "speedup": speedup,
                 "speedup_q1": q1,
                 "speedup_q3": q3,  # LSTM time / cell time
-                "target": TARGETS[name],
-                "met": speedup >= TARGETS[name],
+                "target": TARGETS.get(name),  # None: a comparison row
+                "met": None if TARGETS.get(name) is None else speedup >= TARGETS[name],
                 "lstm_route": rnnkit.explain(lstm, x).name,
                 "cell_route": rnnkit.explain(getattr(layer, "layer", layer), x).name,
             }
@@ -123,10 +133,10 @@ def run_cells_benchmark(
 
 
 def format_row(row: dict) -> str:
+    target = "" if row["target"] is None else f"  target {row['target']:.2f}x {'met' if row['met'] else 'MISSED'}"
     return (
         f"{row['cell']:>16} T={row['steps']:<5} lstm {row['lstm_ms']:9.1f} ms  cell {row['cell_ms']:9.1f} ms"
-        f"  speedup {row['speedup']:5.2f}x [{row['speedup_q1']:.2f}-{row['speedup_q3']:.2f}]"
-        f"  target {row['target']:.2f}x {'met' if row['met'] else 'MISSED'}"
+        f"  speedup {row['speedup']:5.2f}x [{row['speedup_q1']:.2f}-{row['speedup_q3']:.2f}]{target}"
         f"  (routes: {row['lstm_route']}, {row['cell_route']})"
     )
 
@@ -140,7 +150,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--input", type=int, default=512)
-    parser.add_argument("--cells", nargs="+", choices=list(CELLS), default=list(CELLS), help="rows to run")
+    parser.add_argument(
+        "--cells", nargs="+", choices=[*CELLS, *EXTRA], default=list(CELLS), help="rows to run (besides: slstm)"
+    )
     parser.add_argument("--json", help="write the rows to this JSON file")
     args = parser.parse_args(argv)
     rows = run_cells_benchmark(

@@ -12,6 +12,7 @@ from rnnkit.core.cells import (
     MinLSTMCell,
     ParallelScanCell,
     RNNCell,
+    SLSTMCell,
 )
 from rnnkit.core.gates import GatedCell, HiddenState, gate
 from rnnkit.core.interop import convert, from_torch, to_torch
@@ -39,6 +40,7 @@ __all__ = [
     "RNNCell",
     "Recurrent",
     "Regularised",
+    "SLSTMCell",
     "convert",
     "empty_cache",
     "explain",

@@ -301,6 +301,166 @@ void rnn_backward(const Tensor& hs, const std::optional<Tensor>& gout, const Ten
 }
 
 // ---------------------------------------------------------------------------------------------
+// sLSTM (core/cells/slstm.py), gates i, f, z, o: a = xz_t + R h_{t-1} + b_hh with R block-diagonal over
+// heads of D units (weight_hh (4H, D) holds the blocks); m' = max(a_i, logsigmoid(a_f) + m), or a_i
+// where n = 0; i = exp(a_i - m'), f = exp(logsigmoid(a_f) + m - m'); c' = f c + i tanh(a_z);
+// n' = f n + i; h' = sigmoid(a_o) c' / n'. Training: gates keeps the pre-activations a, and backward
+// recomputes the activations from them and the states.
+
+template <typename T_>
+inline Vec<T_> logsigmoid_(const Vec<T_>& v) {  // min(v, 0) - log1p(exp(-|v|)), finite everywhere
+  return at::vec::minimum(v, Vec<T_>(T_(0))) - exp_(Vec<T_>(T_(0)) - v.abs()).log1p();
+}
+
+// The recurrent product of the sLSTM forward: the diagonal blocks packed for 4 gates (K = D) where D is
+// a multiple of the SIMD width; else R written out dense (zeros off the blocks) and packed as the LSTM's.
+template <typename T_>
+Heads<T_> slstm_recurrent(const Tensor& w_hh, const std::optional<Tensor>& bias, int64_t H) {
+  const int64_t D = w_hh.size(1), heads = H / D;
+  if (D % Vec<T_>::size() == 0) return Heads<T_>({Blocked<T_>(w_hh.contiguous(), 4, bias)}, {0}, D);
+  const Tensor dense = at::einsum("gkij,kl->gkilj", {w_hh.reshape({4, heads, D, D}), at::eye(heads, w_hh.options())});
+  return Heads<T_>({Blocked<T_>(dense.reshape({4 * H, H}), 4, bias)}, {0}, 0);
+}
+
+// The backward's dh += dz R: per gate g, the blocks transposed (H, D), reading dz's columns g H + head D
+// on; or R written out dense and transposed (K = 4H).
+template <typename T_>
+Heads<T_> slstm_recurrent_back(const Tensor& w_hh, int64_t H) {
+  const int64_t D = w_hh.size(1), heads = H / D;
+  const Tensor blocks = w_hh.reshape({4, heads, D, D});  // [g, head, i (output unit), j (input unit)]
+  if (D % Vec<T_>::size() == 0) {
+    std::vector<Blocked<T_>> parts;
+    for (int64_t g = 0; g < 4; ++g) parts.emplace_back(blocks.select(0, g).transpose(1, 2).reshape({H, D}), 1, std::nullopt);
+    return Heads<T_>(std::move(parts), {0, H, 2 * H, 3 * H}, D);
+  }
+  const Tensor dense = at::einsum("gkij,kl->gkilj", {blocks, at::eye(heads, w_hh.options())}).reshape({4 * H, H});
+  return Heads<T_>({Blocked<T_>(dense.t(), 1, std::nullopt)}, {0}, 0);
+}
+
+void check_slstm(const Tensor& w_hh, int64_t H) {
+  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == 4 * H && w_hh.size(1) >= 1 && H % w_hh.size(1) == 0 && w_hh.device().is_cpu(),
+              "rnnkit native: the sLSTM's weight_hh is (4H, H / heads), on the CPU");
+}
+
+void slstm_forward(const Tensor& xz, const Tensor& w_hh, const std::optional<Tensor>& bias, const Tensor& hs,
+                   const Tensor& cs, const Tensor& ns, const Tensor& ms, const Tensor& out,
+                   const std::optional<Tensor>& gates, const std::optional<Tensor>& mask) {
+  check_all("an sLSTM buffer", xz, hs, cs, ns, ms, out);
+  if (gates.has_value()) check(*gates, "gates");
+  const int64_t B = xz.size(0), T = xz.size(1), H = hs.size(2), S = hs.size(0);
+  TORCH_CHECK(S == T + 1 || (S == 2 && !gates.has_value()), "rnnkit native: slstm_forward keeps T + 1 states (or 2, in inference)");
+  TORCH_CHECK(xz.dim() == 3 && xz.size(2) == 4 * H && cs.sizes() == hs.sizes() && ns.sizes() == hs.sizes() &&
+              ms.sizes() == hs.sizes() && w_hh.scalar_type() == xz.scalar_type(),
+              "rnnkit native: slstm_forward: xz (B, T, 4H), the states (S, B, H), the weight of xz's dtype");
+  check_slstm(w_hh, H);
+  TORCH_CHECK(!mask.has_value() || (mask->scalar_type() == at::kBool && mask->sizes() == at::IntArrayRef({B, T}) &&
+                                    mask->is_contiguous()), "rnnkit native: slstm_forward: mask (B, T) bool");
+  AT_DISPATCH_FLOATING_TYPES(xz.scalar_type(), "rnnkit_slstm_forward", [&] {
+    using T_ = scalar_t;
+    const Heads<T_> rec = slstm_recurrent<T_>(w_hh, bias, H);
+    const T_* xp = xz.data_ptr<T_>();
+    T_* hsp = hs.data_ptr<T_>();
+    T_* csp = cs.data_ptr<T_>();
+    T_* nsp = ns.data_ptr<T_>();
+    T_* msp = ms.data_ptr<T_>();
+    T_* outp = out.data_ptr<T_>();
+    T_* gp = ptr<T_>(gates);
+    const Vec<T_> zero(T_(0));
+    auto step = [&](int64_t b, int64_t t, int64_t now, int64_t next, const T_* r, int64_t j, int64_t n) {
+      const int64_t bt = b * T + t, p = (now * B + b) * H + j, q = (next * B + b) * H + j;
+      const T_* x = xp + bt * 4 * H;
+      Vec<T_> ai = load(x + j, n) + load(r + j, n), af = load(x + H + j, n) + load(r + H + j, n);
+      Vec<T_> az = load(x + 2 * H + j, n) + load(r + 2 * H + j, n), ao = load(x + 3 * H + j, n) + load(r + 3 * H + j, n);
+      if (gp != nullptr) {
+        T_* g = gp + bt * 4 * H;
+        ai.store(g + j, n), af.store(g + H + j, n), az.store(g + 2 * H + j, n), ao.store(g + 3 * H + j, n);
+      }
+      const Vec<T_> c0 = load(csp + p, n), n0 = load(nsp + p, n);
+      const Vec<T_> lf = logsigmoid_(af) + load(msp + p, n);
+      const Vec<T_> m = Vec<T_>::blendv(at::vec::maximum(ai, lf), ai, n0 == zero);
+      const Vec<T_> ig = exp_(ai - m), fg = exp_(lf - m);
+      const Vec<T_> c = fg * c0 + ig * tanh_(az), nn = fg * n0 + ig;
+      const Vec<T_> h = sigmoid(ao) * c / nn;
+      c.store(csp + q, n), nn.store(nsp + q, n), m.store(msp + q, n);
+      h.store(hsp + q, n), h.store(outp + bt * H + j, n);
+    };
+    const auto carry = carry_h<T_>(hsp, outp, B, T, H);
+    auto padded = [&](int64_t b, int64_t t, int64_t now, int64_t next, int64_t j, int64_t n) {
+      carry(b, t, now, next, j, n);
+      const int64_t p = (now * B + b) * H + j, q = (next * B + b) * H + j;
+      for (T_* s : {csp, nsp, msp}) load(s + p, n).store(s + q, n);
+    };
+    forward_in_time<T_>(T, S, B, ptr<bool>(mask), rec, hsp, step, padded);
+  });
+}
+
+// gates: the forward's pre-activations (B, T, 4H); dh, dc, dn, dm: the final state's gradients in, the
+// initial state's out; dxz (B, T, 4H) out, the gradient of xz (and of R h + b_hh).
+void slstm_backward(const Tensor& gates, const Tensor& cs, const Tensor& ns, const Tensor& ms,
+                    const std::optional<Tensor>& gout, const Tensor& w_hh, const Tensor& dh, const Tensor& dc,
+                    const Tensor& dn, const Tensor& dm, const Tensor& dxz, const std::optional<Tensor>& mask) {
+  check_all("an sLSTM gradient buffer", gates, cs, ns, ms, dh, dc, dn, dm, dxz);
+  const int64_t B = gates.size(0), T = gates.size(1), H = dh.size(1);
+  TORCH_CHECK(gates.dim() == 3 && gates.size(2) == 4 * H && dxz.sizes() == gates.sizes() && cs.dim() == 3 &&
+              cs.size(0) == T + 1 && cs.size(1) == B && cs.size(2) == H && ns.sizes() == cs.sizes() &&
+              ms.sizes() == cs.sizes() && dc.sizes() == dh.sizes() && dn.sizes() == dh.sizes() &&
+              dm.sizes() == dh.sizes() && dh.size(0) == B && w_hh.scalar_type() == gates.scalar_type(),
+              "rnnkit native: slstm_backward: gates and dxz (B, T, 4H), the states (T + 1, B, H), their gradients (B, H)");
+  check_slstm(w_hh, H);
+  TORCH_CHECK(!mask.has_value() || (mask->scalar_type() == at::kBool && mask->sizes() == at::IntArrayRef({B, T}) &&
+                                    mask->is_contiguous()), "rnnkit native: slstm_backward: mask (B, T) bool");
+  const Gout go(gout);
+  AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "rnnkit_slstm_backward", [&] {
+    using T_ = scalar_t;
+    const Heads<T_> back = slstm_recurrent_back<T_>(w_hh, H);
+    const T_* gp = gates.data_ptr<T_>();
+    const T_* csp = cs.data_ptr<T_>();
+    const T_* nsp = ns.data_ptr<T_>();
+    const T_* msp = ms.data_ptr<T_>();
+    T_* dhp = dh.data_ptr<T_>();
+    T_* dcp = dc.data_ptr<T_>();
+    T_* dnp = dn.data_ptr<T_>();
+    T_* dmp = dm.data_ptr<T_>();
+    T_* dxp = dxz.data_ptr<T_>();
+    const Vec<T_> one(T_(1)), zero(T_(0)), half(T_(0.5));
+    auto step = [&](int64_t b, int64_t t, T_* s, int64_t j, int64_t n) {
+      const int64_t bt = b * T + t, p = (t * B + b) * H + j, q = ((t + 1) * B + b) * H + j, r = b * H + j;
+      const T_* a = gp + bt * 4 * H;
+      const Vec<T_> ai = load(a + j, n), af = load(a + H + j, n), az = load(a + 2 * H + j, n), ao = load(a + 3 * H + j, n);
+      const Vec<T_> c0 = load(csp + p, n), n0 = load(nsp + p, n), c1 = load(csp + q, n), n1 = load(nsp + q, n);
+      const Vec<T_> m1 = load(msp + q, n);
+      const Vec<T_> lf = logsigmoid_(af) + load(msp + p, n);
+      // the share of m's gradient that goes to a_i (torch.maximum's: half each at a tie), the rest to lf
+      Vec<T_> to_i = Vec<T_>::blendv(Vec<T_>::blendv(zero, half, ai == lf), one, ai > lf);
+      to_i = Vec<T_>::blendv(to_i, one, n0 == zero);
+      const Vec<T_> ig = exp_(ai - m1), fg = exp_(lf - m1), zg = tanh_(az), og = sigmoid(ao);
+      const Vec<T_> dht = with_gout(dhp + b * H, go.row<T_>(b, t), j, n);
+      const Vec<T_> inv = one / n1;
+      const Vec<T_> dct = load(dcp + r, n) + dht * og * inv;
+      const Vec<T_> dnt = load(dnp + r, n) - dht * og * c1 * inv * inv;
+      const Vec<T_> dao = dht * c1 * inv * og * (one - og);
+      const Vec<T_> gi = (dct * zg + dnt) * ig;  // the gradient of a_i - m'
+      const Vec<T_> gf = (dct * c0 + dnt * n0) * fg;  // of lf - m'
+      const Vec<T_> daz = dct * ig * (one - zg * zg);
+      const Vec<T_> dmt = load(dmp + r, n) - gi - gf;
+      const Vec<T_> dai = gi + to_i * dmt;
+      const Vec<T_> dlf = gf + (one - to_i) * dmt;
+      const Vec<T_> daf = dlf * sigmoid(zero - af);
+      T_* d = dxp + bt * 4 * H;
+      dai.store(d + j, n), daf.store(d + H + j, n), daz.store(d + 2 * H + j, n), dao.store(d + 3 * H + j, n);
+      dai.store(s + j, n), daf.store(s + H + j, n), daz.store(s + 2 * H + j, n), dao.store(s + 3 * H + j, n);
+      (dct * fg).store(dcp + r, n), (dnt * fg).store(dnp + r, n), dlf.store(dmp + r, n);
+      zero.store(dhp + r, n);  // h_t was computed, not carried: its gradient goes through the gates
+    };
+    auto padded = [&](int64_t b, int64_t t, int64_t j, int64_t n) {
+      T_* d = dxp + (b * T + t) * 4 * H;
+      for (int64_t g = 0; g < 4; ++g) zero.store(d + g * H + j, n);
+    };
+    backward_in_time<T_>(T, B, 4, ptr<bool>(mask), back, dhp, step, padded);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
 // Workspace: the fused kernels' large buffers (states, gates, outputs, gradients, the input
 // projection), kept for reuse when freed instead of going back to the operating system. torch's
 // CPU allocator hands large blocks to malloc, which maps them fresh on each call and unmaps them on
@@ -519,6 +679,10 @@ TORCH_LIBRARY(rnnkit_native, lib) {
           "Tensor(b!) dxz, Tensor(c!) dhn, Tensor? mask) -> ()", &gru_backward);
   lib.def("rnn_forward(Tensor xz, Tensor packed, Tensor? bias, Tensor(a!) hs, Tensor(b!) out, Tensor? mask, "
           "bool relu) -> ()", &rnn_forward);
+  lib.def("slstm_forward(Tensor xz, Tensor w_hh, Tensor? bias, Tensor(a!) hs, Tensor(b!) cs, Tensor(c!) ns, "
+          "Tensor(d!) ms, Tensor(e!) out, Tensor(f!)? gates, Tensor? mask) -> ()", &slstm_forward);
+  lib.def("slstm_backward(Tensor gates, Tensor cs, Tensor ns, Tensor ms, Tensor? gout, Tensor w_hh, Tensor(a!) dh, "
+          "Tensor(b!) dc, Tensor(c!) dn, Tensor(d!) dm, Tensor(e!) dxz, Tensor? mask) -> ()", &slstm_backward);
   lib.def("rnn_backward(Tensor hs, Tensor? gout, Tensor w_hh, Tensor(a!) dh, Tensor(b!) dxz, Tensor? mask, "
           "bool relu) -> ()", &rnn_backward);
 }

@@ -405,6 +405,39 @@ struct Blocked {
   }
 };
 
+// A recurrent product that is a sum of Blocked products over column ranges of x, for weights that are
+// block-diagonal over heads of D units (the sLSTM's): block q of L outputs lies in head q L / D and
+// reads only that head's columns, from base[p] + head * D on, part p's K of them. D = 0: one dense
+// product per part, from base[p]. The loops over time take it where they take a Blocked.
+template <typename T>
+struct Heads {
+  std::vector<Blocked<T>> parts;
+  std::vector<int64_t> base;
+  int64_t D = 0, G = 1, H = 0, nq = 0, K = 0;
+  Tensor packed;  // the first part's: its options name the dtype
+  static constexpr int64_t L = Vec<T>::size();
+
+  Heads(std::vector<Blocked<T>> parts_, std::vector<int64_t> base_, int64_t D_)
+      : parts(std::move(parts_)), base(std::move(base_)), D(D_) {
+    TORCH_CHECK(!parts.empty() && parts.size() == base.size(), "rnnkit native: Heads: one base per part");
+    TORCH_CHECK(D == 0 || D % L == 0, "rnnkit native: Heads: the head size must be a multiple of the SIMD width");
+    G = parts[0].G, H = parts[0].H, nq = parts[0].nq, packed = parts[0].packed;
+    for (const auto& p : parts) {
+      TORCH_CHECK(p.G == G && p.H == H, "rnnkit native: Heads: the parts disagree on their outputs");
+      K += p.K;
+    }
+  }
+
+  void operator()(int64_t q, const T* x, int64_t ldx, int64_t B, T* y, int64_t ldy, bool accumulate) const {
+    const int64_t shift = D == 0 ? 0 : (q * L / D) * D;
+    for (size_t p = 0; p < parts.size(); ++p) parts[p](q, x + base[p] + shift, ldx, B, y, ldy, accumulate || p > 0);
+  }
+
+  int64_t grain(int64_t B, int64_t min_macs = int64_t(1) << 15) const {
+    return std::max<int64_t>(1, min_macs / std::max<int64_t>(1, B * K * G * L));
+  }
+};
+
 // ---------------------------------------------------------------------------------------------
 // The loops over time every cell shares, in blocks of L hidden units (columns j .. j+n of each
 // gate). Forward, per step t, one parallel pass over the blocks: the block's recurrent product of
@@ -454,8 +487,8 @@ struct StepInputs {
   int64_t I = 0;
 };
 
-template <typename T_, typename Step, typename Padded>
-void forward_in_time(int64_t T, int64_t S, int64_t B, const bool* m, const Blocked<T_>& rec, const T_* hsp,
+template <typename T_, typename Rec, typename Step, typename Padded>
+void forward_in_time(int64_t T, int64_t S, int64_t B, const bool* m, const Rec& rec, const T_* hsp,
                      const Step& step, const Padded& padded, const StepInputs<T_>& inputs = {}) {
   const int64_t H = rec.H, width = rec.G * H;
   const Tensor hz_buffer = at::empty({B, width}, rec.packed.options());  // torch's allocator: cache-line aligned
@@ -475,8 +508,8 @@ void forward_in_time(int64_t T, int64_t S, int64_t B, const bool* m, const Block
   });
 }
 
-template <typename T_, typename Step, typename Padded>
-void backward_in_time(int64_t T, int64_t B, int64_t G, const bool* m, const Blocked<T_>& back, T_* dh,
+template <typename T_, typename Back, typename Step, typename Padded>
+void backward_in_time(int64_t T, int64_t B, int64_t G, const bool* m, const Back& back, T_* dh,
                       const Step& step, const Padded& padded) {
   const int64_t H = back.H, width = G * H;
   const Tensor scratch_buffer = at::empty({2, B, width}, back.packed.options());

@@ -39,7 +39,8 @@ where that is the question, is taken:
    (kernels/cpp_loops.py). Gradients not wanted, the CPU in float32/float64 where the C++ loops are
    built, no autocast; the LSTM, or a user's cell whose ``combine`` compiles.
 6. ``cpp-loops``: a built-in cell's C++ loop over time, its backward in C++ too
-   (kernels/cpp_loops.py). A built-in cell on the CPU in float32/float64 where the loops are built.
+   (kernels/cpp_loops.py; the sLSTM's, with its block-diagonal recurrent weights, kernels/slstm.py).
+   A built-in cell on the CPU in float32/float64 where the loops are built.
 7. ``cpp-compiled``: a user's ``combine`` compiled to a program and run over time in C++
    (kernels/compiled.py). A user's cell (only ``combine`` changed) whose ``combine`` compiles, where
    ``cpp-loops`` would run.
@@ -118,7 +119,7 @@ from rnnkit.core.cells.rnn import RNNCell
 from rnnkit.core.cells.scan_cell import ParallelScanCell
 from rnnkit.core.gates import only_combine_customised
 from rnnkit.core.kernels.base import Kernel
-from rnnkit.core.kernels.table import GENERIC, KERNELS, kernel_for
+from rnnkit.core.kernels.table import GENERIC, KERNELS, kernel_for, own_loops
 from rnnkit.core.kernels.vendor import VENDOR
 
 LOG = logging.getLogger("rnnkit.routing")
@@ -427,7 +428,7 @@ def _cpp_projecting_supports(call: Call) -> str | None:
 
 
 def _cpp_loops_supports(call: Call) -> str | None:
-    if not _builtin(call):
+    if not _builtin(call) and own_loops(call.layer.cells) is None:
         return "not a built-in cell as shipped"
     return None if call.native else "the C++ loops do not run here (the CPU, float32/float64, built)"
 

@@ -8,6 +8,7 @@ from rnnkit.core.cells.mingru import MinGRUCell
 from rnnkit.core.cells.minlstm import MinLSTMCell
 from rnnkit.core.cells.rnn import RNNCell
 from rnnkit.core.cells.scan_cell import ParallelScanCell
+from rnnkit.core.cells.slstm import SLSTMCell, SLSTMState
 
 CELLS = {
     "lstm": LSTMCell,
@@ -17,6 +18,7 @@ CELLS = {
     "ln-gru": LayerNormGRUCell,
     "mingru": MinGRUCell,
     "minlstm": MinLSTMCell,
+    "slstm": SLSTMCell,
 }
 
 __all__ = [
@@ -30,4 +32,6 @@ __all__ = [
     "MinLSTMCell",
     "ParallelScanCell",
     "RNNCell",
+    "SLSTMCell",
+    "SLSTMState",
 ]

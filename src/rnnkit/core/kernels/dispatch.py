@@ -66,13 +66,15 @@ def _backward_by_autograd(ctx, xz, w_hh, b_hh, state, grad_out, grad_state):
     cell, mask = ctx.cell, ctx.mask
     inputs = (xz, w_hh, b_hh, *state)
     needed = [i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[3 + i]]
+    # h W_hh^T + b_hh, or the cell's own product of its recurrent weights (the sLSTM's block-diagonal one)
+    product = getattr(cell, "recurrent_product", torch.nn.functional.linear)
     with torch.enable_grad():
         leaves = list(inputs)
         s = cell.State(*leaves[3:])
         outs = []
         valid = mask.unbind(1) if mask is not None else [None] * xz.shape[1]
         for xz_t, m in zip(leaves[0].unbind(1), valid):
-            hz = torch.nn.functional.linear(s.h, leaves[1], leaves[2])
+            hz = product(s.h, leaves[1], leaves[2])
             h, new = cell.combine(cell.split(xz_t), cell.split(hz), s)
             if m is not None:
                 m = m[:, None]
