@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from rnnkit.engine import checkpoint as ckpt
-from rnnkit.engine.config import from_dict, to_dict
+from rnnkit.engine.config import from_dict, from_saved, to_dict
 from rnnkit.engine.distributed import (
     World,
     all_reduce_sum,
@@ -92,7 +92,7 @@ class TrainConfig:
     eval_every: int | None = option(
         500,
         "evaluate and checkpoint every N steps (and at the end); given a --time-budget and no --steps or "
-        f"--eval-every: {EVALS_PER_BUDGET} times, evenly over the budget's wall time",
+        f"--eval-every: {EVALS_PER_BUDGET} times (the task may say otherwise), evenly over the budget's wall time",
         resumable=True,
     )
     log_every: int = option(50, "log the mean train loss every N steps", resumable=True)
@@ -179,7 +179,7 @@ def run_task(
             raise UsageError(
                 f"{info.path} is a {info.task!r} run; resume it with `rnnkit train {info.task} --resume {info.path}`"
             )
-        task_config = from_dict(task_cls.Config, info.task_config, source=f"{info.path}/config.json")
+        task_config = from_saved(task_cls.Config, info.task_config, source=f"{info.path}/config.json")
         for name, value in task_flags.items():
             if getattr(task_config, name) != value:
                 raise UsageError(
@@ -512,7 +512,8 @@ class Trainer:
         if timed and elapsed0 >= budget:
             limit = step  # resumed after its budget ran out: nothing left but the final evaluation
         # evaluation by time: every `eval_every_s` seconds of the run, at the agreed clock `now`
-        eval_every_s = None if cfg.eval_every is not None else budget / EVALS_PER_BUDGET
+        evals = getattr(task, "evals_per_budget", EVALS_PER_BUDGET)
+        eval_every_s = None if cfg.eval_every is not None else budget / evals
         now = elapsed0  # the run's elapsed time, as all processes agree on it (their mean)
         next_eval = (math.floor(now / eval_every_s) + 1) * eval_every_s if eval_every_s else math.inf
         try:
