@@ -91,8 +91,8 @@ class TrainConfig:
     min_lr_ratio: float = option(0.1, "final learning rate as a fraction of --lr (cosine and linear)")
     eval_every: int | None = option(
         500,
-        "evaluate and checkpoint every N steps (and at the end); given a --time-budget and no --steps or "
-        f"--eval-every: {EVALS_PER_BUDGET} times (the task may say otherwise), evenly over the budget's wall time",
+        "evaluate and checkpoint every N steps (and at the end); none: evenly over the time budget, "
+        f"{EVALS_PER_BUDGET} times unless the task says otherwise (the default under a budget without steps)",
         resumable=True,
     )
     log_every: int = option(50, "log the mean train loss every N steps", resumable=True)
