@@ -30,7 +30,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "docs" / "data" / "runs"
 FIGURES = ROOT / "docs" / "tasks" / "img"
-SKIPPED_FLAGS = {"progress", "plot", "device", "sample_chars", "eval_every", "log_every"}
+SKIPPED_FLAGS = {"progress", "plot", "device", "sample_chars", "log_every"}
 
 
 # ---- reading a run --------------------------------------------------------------------------------
@@ -119,7 +119,7 @@ def train_command(run: Run) -> str:
         {f.name: f.default for f in dataclasses.fields(TrainConfig)} | task_cls.train_defaults | given, given
     )
     for name, value in run.train.items():
-        if name not in SKIPPED_FLAGS and train_defaults.get(name) != value:
+        if name in given or (name not in SKIPPED_FLAGS and train_defaults.get(name) != value):
             parts.append(_flag(name, value))
     return " ".join(parts)
 
@@ -133,9 +133,20 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
 
+def _budget(run: Run) -> str:
+    budget = run.train.get("time_budget")
+    if not budget:
+        return "-"
+    threads = run.train.get("threads")
+    where = f", {threads} thread{'s' if threads != 1 else ''}" if threads else ""
+    return f"{_num(budget)} s{' CPU' if run.train.get('clock') == 'cpu' else ''}{where}"
+
+
 def _model(run: Run) -> str:
     tc = run.tc
     extra = f", dropout {tc['dropout']:g}" if tc.get("dropout") else ""
+    if tc.get("seq_len") is not None:
+        extra += f", {tc['batch_size']}x{tc['seq_len']} chars/step"
     return f"{tc['cell'].upper() if ':' not in tc['cell'] else tc['cell']} {tc['layers']}x{tc['hidden']}{extra}"
 
 
@@ -156,10 +167,9 @@ def lm_table(rows: list[Run]) -> str:
     )
     body = []
     for run in rows:
-        budget = run.train.get("time_budget")
         val = run.metric("val", "loss") or run.last("val_loss")
         body.append(
-            f"| `{run.name}` | {_model(run)} | {_num(budget) + ' s' if budget else '-'} | {run.steps:,} "
+            f"| `{run.name}` | {_model(run)} | {_budget(run)} | {run.steps:,} "
             f"| {_f(run.last('train_loss'))} | **{_f(val)}** | {_f(run.metric('window64', 'loss'))} "
             f"| {_f(run.metric('test', 'loss'))} |"
         )
@@ -190,9 +200,8 @@ def sort_table(rows: list[Run]) -> str:
                 (e["metrics"].get(f"accuracy@{n}") for e in run.evals.values() if f"accuracy@{n}" in e["metrics"]), None
             )
             cells.append("-" if exact is None else f"{_pct(exact)} ({_pct(acc)})")
-        budget = run.train.get("time_budget")
         body.append(
-            f"| `{run.name}` | {enc} | {tc['min_len']}-{tc['max_len']} | {_num(budget) + ' s' if budget else '-'} "
+            f"| `{run.name}` | {enc} | {tc['min_len']}-{tc['max_len']} | {_budget(run)} "
             f"| {run.steps:,} | " + " | ".join(cells) + " |"
         )
     sep = "| --- " * (5 + len(lengths)) + "|"
@@ -206,10 +215,9 @@ def classify_table(rows: list[Run]) -> str:
     )
     body = []
     for run in rows:
-        budget = run.train.get("time_budget")
         best = max((r["val_accuracy"] for r in run.rows if "val_accuracy" in r), default=None)
         body.append(
-            f"| `{run.name}` | {_num(budget) + ' s' if budget else '-'} | {run.steps:,} | {_f(run.last('train_loss'))} "
+            f"| `{run.name}` | {_budget(run)} | {run.steps:,} | {_f(run.last('train_loss'))} "
             f"| {_pct(best)}% | **{_pct(run.metric('test', 'accuracy'))}%** |"
         )
     return "\n".join([head, *body]) + "\n\n" + _commands(rows)
@@ -217,6 +225,7 @@ def classify_table(rows: list[Run]) -> str:
 
 TABLES: dict[str, tuple[str, Callable[[list[Run]], str]]] = {  # NAME -> (run-name prefix, table)
     "lm-shakespeare": ("lm-shakespeare", lm_table),
+    "lm-sweep": ("lm-sweep", lm_table),
     "lm-warpeace": ("lm-warpeace", lm_table),
     "sort": ("sort-", sort_table),
     "classify-agnews": ("classify-agnews", classify_table),
