@@ -43,14 +43,15 @@ class LMConfig:
         "80/10/10 split)",
     )
     # Model and batch defaults: the best of short tiny-shakespeare runs for a 10-minute CPU budget
-    # (GRU learns faster per second than LSTM there; more, smaller steps beat fewer, larger ones).
+    # (GRU learns faster per second than LSTM there; more, smaller steps beat fewer, larger ones;
+    # a little dropout, because a 2 x 256 GRU overfits that text within ten minutes of a quiet CPU).
     cell: str = cell_option(
         "gru", "recurrent cell: a built-in name, or MODULE:CLASS for a GatedCell subclass of your own"
     )
     layers: int = option(2, "stacked recurrent layers")
     hidden: int = option(256, "hidden size of each layer")
     embed: int = option(64, "character embedding size; 0 = one-hot input of depth V (the vocabulary size)")
-    dropout: float = option(0.0, "dropout between layers and before the output projection (helps long runs)")
+    dropout: float = option(0.1, "dropout between layers and before the output projection (helps long runs)")
     seq_len: int = option(32, "characters per row per step (truncated-BPTT length; the state carries on)")
     batch_size: int = option(64, "rows per step, summed over all processes")
     windows: Literal["stateful", "random"] = option(
@@ -65,6 +66,11 @@ class LMConfig:
     eval_batch_size: int = option(64, "validation rows run in parallel", resumable=True)
     sample_chars: int = option(200, "length of the sample printed at each evaluation (0 = no sample)", resumable=True)
     data_seed: int = option(0, "seed of the random windows and of each epoch's starting offset")
+
+    @staticmethod
+    def upgrade_saved(values: dict) -> dict:
+        """A config.json of an earlier version: `dropout`, if absent, is 0 (its default then)."""
+        return {"dropout": 0.0} | dict(values)
 
     def __post_init__(self):
         for name in ("layers", "hidden", "seq_len", "batch_size", "eval_batch_size", "corpus_bytes"):
@@ -117,7 +123,8 @@ class LMTask(Task):
     Config = LMConfig
     EvalOptions = LMEvalOptions
     items_name = "chars"
-    # tuned on tiny shakespeare with --time-budget 600 on a 2-core CPU (README, "Quality")
+    # tuned on tiny shakespeare on a 2-core CPU (docs/tasks/lm.md); under a --time-budget without
+    # --steps the schedule spans the budget instead of the 2,100 steps
     train_defaults: ClassVar[dict[str, Any]] = {"steps": 2100, "lr": 6e-3, "warmup_steps": 30}
 
     def __init__(self, config: LMConfig, run_dir: Path, vocab: Vocab, corpus_sha256: str | None = None):
