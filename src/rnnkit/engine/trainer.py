@@ -81,6 +81,11 @@ class TrainConfig:
         "invocation when --steps is set, else the run's total, over which the learning rate decays",
         resumable=True,
     )
+    clock: Literal["wall", "cpu"] = option(
+        "wall",
+        "what the time budget and the logged times count: wall time, or this process's CPU time, which "
+        "compares configurations fairly on a machine others load too (at 1 thread)",
+    )
     optimizer: Literal["adamw", "sgd"] = option("adamw", "optimizer")
     lr: float = option(3e-3, "peak learning rate")
     weight_decay: float = option(0.01, "weight decay (decoupled for AdamW)")
@@ -498,9 +503,9 @@ class Trainer:
             self.bar = tqdm(
                 total=cfg.steps, initial=step, file=sys.stderr, dynamic_ncols=True, unit="step", desc=self.identity
             )
-        clock = _clock
+        clock = time.process_time if cfg.clock == "cpu" else _clock
         start, start_step = clock(), step
-        self.start = start
+        self.start, self.clock = start, clock
         self.elapsed = lambda: elapsed0 + clock() - start  # wall time over all invocations of the run
         elapsed = self.elapsed
         window_start, window_items = clock(), 0.0
@@ -626,7 +631,7 @@ class Trainer:
             cfg = self.config
             eta = math.inf if cfg.steps is None else (cfg.steps - step) / steps_per_s if steps_per_s > 0 else math.inf
             if cfg.time_budget is not None:
-                spent = self.elapsed() if cfg.steps is None else _clock() - self.start
+                spent = self.elapsed() if cfg.steps is None else self.clock() - self.start
                 eta = min(eta, max(0.0, cfg.time_budget - spent))
             self.say(
                 f"step {step}{'' if cfg.steps is None else f'/{cfg.steps}'} | loss {train_loss:.4f} | lr {lr:.2e} | "
