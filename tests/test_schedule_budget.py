@@ -101,3 +101,28 @@ def test_a_timed_run_uses_its_whole_budget_and_decays_to_the_end(tmp_path, monke
         **opts,
     )
     assert (longer["step"], longer["stopped_by"]) == (13, "time_budget")
+
+
+def test_slow_evaluations_are_spaced_out_to_keep_their_share_of_the_budget(tmp_path, monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(trainer_module, "_clock", clock)
+
+    def loss(out, target):  # a training step takes 1 s, an evaluation (one batch) 1 s too
+        clock.t += 1.0
+        return nn.functional.mse_loss(out, target)
+
+    x = torch.randn(8, 3)
+    opts = dict(warmup_steps=0, log_every=100, threads=1, device="cpu", plot=False, progress="lines")
+    rnnkit.fit(
+        nn.Linear(3, 1),
+        (x, x.sum(1, keepdim=True)),
+        val=(x, x.sum(1, keepdim=True)),
+        loss=loss,
+        batch_size=8,
+        time_budget=40.0,
+        out=tmp_path / "run",
+        **opts,
+    )
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    # due every 4 s, but after a 1 s evaluation the next waits 19 s: at 4, then 4 + 1 + 19 = 24... the end
+    assert [r["time"] for r in rows if "val_loss" in r] == [4.0, 23.0, 40.0]

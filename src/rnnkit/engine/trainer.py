@@ -55,6 +55,7 @@ from rnnkit.engine.schedule import OPTIMIZERS, SCHEDULES, lr_at
 from rnnkit.tasks.base import Task, load_task_class, move_to, option
 
 EVALS_PER_BUDGET = 10  # evaluations of a run scheduled by its time budget (the last one at its end)
+EVAL_SHARE = 0.05  # evaluations by time take at most this share of the budget (the last one aside)
 _clock = time.monotonic  # the trainer's clock; tests put a fake one here
 
 
@@ -581,10 +582,15 @@ class Trainer:
                         break
                     due = now >= next_eval if cfg.eval_every is None else step % cfg.eval_every == 0
                     if due or step == cfg.steps:
+                        began = elapsed()
                         self._save(step, elapsed(), self._evaluate(step, elapsed()))
                         last_eval_step = step
-                        if eval_every_s:
-                            next_eval = (math.floor(now / eval_every_s) + 1) * eval_every_s
+                        if eval_every_s:  # never more than EVAL_SHARE of the time: a slow one spaces the next
+                            (took,) = all_reduce_sum([elapsed() - began], world)
+                            next_eval = max(
+                                (math.floor(now / eval_every_s) + 1) * eval_every_s,
+                                now + took / world.size * (1 / EVAL_SHARE - 1),
+                            )
                         window_start = clock()  # throughput counts training time only
                 if stopped_by is not None:
                     self._save(step, elapsed(), False, evaluated=False)
