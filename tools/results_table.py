@@ -284,7 +284,10 @@ def figures(root: Path = RUNS) -> list[Path]:
 def evaluate(run_dir: Path, name: str, args: list[str]) -> Path:
     command = ["rnnkit", "eval", str(run_dir), *args, "--json"]
     env_python = [sys.executable, "-m", "rnnkit", *command[1:]]
-    out = subprocess.run(env_python, check=True, capture_output=True, text=True).stdout
+    done = subprocess.run(env_python, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr}")
+    out = done.stdout
     metrics = json.loads(out.strip().splitlines()[-1])
     path = run_dir / f"eval-{name}.json"
     doc = {"command": command, "run_dir": str(run_dir), "metrics": metrics}
