@@ -261,6 +261,8 @@ def figures(root: Path = RUNS) -> list[Path]:
     for name, (prefix, _) in TABLES.items():
         chosen = runs(prefix, root)
         key = {"sort": "val_accuracy", "classify-agnews": "val_accuracy"}.get(name, "val_loss")
+        if all(sum(key in row for row in r.rows) < 2 for r in chosen):
+            key = "train_loss"  # evaluated only at the end: the training curve instead
         chosen = [r for r in chosen if any(key in row for row in r.rows)]
         if not chosen:
             continue
@@ -268,8 +270,9 @@ def figures(root: Path = RUNS) -> list[Path]:
         for run in chosen:
             pts = [(row["time"], row[key]) for row in run.rows if key in row]
             ax.plot([t for t, _ in pts], [v for _, v in pts], marker=".", label=run.name)
-        ax.set_xlabel("wall time, s")
-        ax.set_ylabel({"val_loss": "validation nats/char"}.get(key, "validation accuracy"))
+        labels = {"val_loss": "validation nats/char", "train_loss": "training loss (nats)"}
+        ax.set_ylabel(labels.get(key, "validation accuracy"))
+        ax.set_xlabel("CPU time, s" if all(r.train.get("clock") == "cpu" for r in chosen) else "wall time, s")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()
