@@ -126,3 +126,25 @@ def test_slow_evaluations_are_spaced_out_to_keep_their_share_of_the_budget(tmp_p
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     # due every 4 s, but after a 1 s evaluation the next waits 19 s: at 4, then 4 + 1 + 19 = 24... the end
     assert [r["time"] for r in rows if "val_loss" in r] == [4.0, 23.0, 40.0]
+
+
+def test_a_tie_with_the_best_evaluation_moves_the_best_checkpoint_to_the_later_one(tmp_path):
+    def flat(out, target):  # the same validation loss at every evaluation
+        return (out * 0.0).sum() + 1.0
+
+    x = torch.randn(8, 3)
+    _, summary = rnnkit.fit(
+        nn.Linear(3, 1),
+        (x, x),
+        val=(x, x),
+        loss=flat,
+        batch_size=8,
+        steps=4,
+        eval_every=2,
+        out=tmp_path / "run",
+        threads=1,
+        device="cpu",
+        plot=False,
+        progress="lines",
+    )
+    assert summary["best"] == {"metric": "loss", "value": 1.0, "step": 4}

@@ -177,6 +177,7 @@ def lm_table(rows: list[Run]) -> str:
 
 
 def sort_table(rows: list[Run]) -> str:
+    """One row per `rnnkit eval` of each run (its checkpoint named), exact % (per-element %) per N."""
     lengths = sorted(
         {
             int(k.split("@")[1])
@@ -186,25 +187,24 @@ def sort_table(rows: list[Run]) -> str:
             if k.startswith("exact@")
         }
     )
-    head = "| run | encoding | trained N | budget | steps | " + " | ".join(f"N={n}" for n in lengths) + " |"
+    head = (
+        "| run | checkpoint | encoding | trained N | budget | steps | " + " | ".join(f"N={n}" for n in lengths) + " |"
+    )
     body = []
     for run in rows:
         tc = run.tc
         enc = "floats" if tc["floats"] else ("integers + magnitude" if tc["int_value"] else "integer tokens only")
-        cells = []
-        for n in lengths:
-            exact = next(
-                (e["metrics"].get(f"exact@{n}") for e in run.evals.values() if f"exact@{n}" in e["metrics"]), None
+        for e in run.evals.values():
+            m, command = e["metrics"], e["command"]
+            checkpoint = command[command.index("--checkpoint") + 1] if "--checkpoint" in command else "best"
+            cells = [
+                f"{_pct(m[f'exact@{n}'])} ({_pct(m[f'accuracy@{n}'])})" if f"exact@{n}" in m else "-" for n in lengths
+            ]
+            body.append(
+                f"| `{run.name}` | {checkpoint} | {enc} | {tc['min_len']}-{tc['max_len']} | {_budget(run)} "
+                f"| {run.steps:,} | " + " | ".join(cells) + " |"
             )
-            acc = next(
-                (e["metrics"].get(f"accuracy@{n}") for e in run.evals.values() if f"accuracy@{n}" in e["metrics"]), None
-            )
-            cells.append("-" if exact is None else f"{_pct(exact)} ({_pct(acc)})")
-        body.append(
-            f"| `{run.name}` | {enc} | {tc['min_len']}-{tc['max_len']} | {_budget(run)} "
-            f"| {run.steps:,} | " + " | ".join(cells) + " |"
-        )
-    sep = "| --- " * (5 + len(lengths)) + "|"
+    sep = "| --- " * (6 + len(lengths)) + "|"
     return "\n".join([head, sep, *body]) + "\n\n" + _commands(rows)
 
 

@@ -459,8 +459,10 @@ class Trainer:
             plot_curves(self.metrics, self.run_dir / CURVES)
         key = self.task.best_metric
         value = float(metrics[key])
+        # a tie goes to the later, longer-trained evaluation (sort's accuracy stays at 1.0 while it
+        # keeps improving on lengths it was not validated on)
         better = self.best is None or (
-            value > self.best["value"] if self.task.higher_is_better else value < self.best["value"]
+            value >= self.best["value"] if self.task.higher_is_better else value <= self.best["value"]
         )
         if better and math.isfinite(value):
             self.best = {"metric": key, "value": value, "step": step}
