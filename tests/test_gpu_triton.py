@@ -20,7 +20,7 @@ from user_cells import MGUCell
 
 pytest.importorskip("triton")
 
-from rnnkit.core.kernels import triton_loops, triton_pointwise  # noqa: E402
+from rnnkit.core.kernels import triton_loops, triton_pointwise
 
 
 @pytest.fixture(autouse=True)
@@ -100,3 +100,33 @@ def test_inference_keeps_two_state_rows_and_agrees_with_training():
     train_out, train_state = triton_loops.scan_triton(cell, x, state, None)
     torch.testing.assert_close(infer_out, train_out.detach())
     torch.testing.assert_close(infer_state.h, train_state.h.detach())
+
+
+def test_the_route_runs_a_bidirectional_stack_with_lengths_as_the_reference_does():
+    """The route's runner (what choose_route sends a CUDA call to), here on CPU tensors."""
+    import rnnkit
+    from rnnkit.core import routing
+
+    torch.manual_seed(0)
+    layer = rnnkit.Recurrent(MGUCell, 3, 4, num_layers=2, bidirectional=True, batch_first=True)
+    _compiled(layer.cells[0])
+    x = torch.randn(2, 3, 3)
+    lengths = torch.tensor([3, 2])
+    with torch.no_grad():
+        got, got_state = routing.ROUTE_NAMES["triton-loops"].run(layer, x, None, lengths)
+        with routing.force("reference"):
+            want, want_state = layer(x, lengths=lengths)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_state, want_state)
+
+
+def test_the_route_is_taken_on_cuda_only():
+    import rnnkit
+    from rnnkit.core import routing
+
+    layer = rnnkit.Recurrent(MGUCell, 3, 4, batch_first=True)
+    x = torch.randn(2, 3, 3)
+    passed = dict(rnnkit.explain(layer, x).passed)
+    assert passed["triton-loops"] == "not a CUDA tensor"
+    with routing.force("triton-loops"), pytest.raises(ValueError, match="not a CUDA tensor"):
+        layer(x)

@@ -35,24 +35,31 @@ where that is the question, is taken:
    functorch; on CUDA always (with lengths, its packed-sequence kernel, ``PACKED_DEVICES``); on the
    CPU in float32 without autocast or lengths, the LSTM where the C++ loops measured slower
    (``lstm_loops_faster``) and the GRU and RNN in inference where the C++ loops are not built.
-5. ``cpp-projecting``: inference in the C++ loop that projects its input per step
+5. ``triton-loops``: a cell's loop over time on CUDA, the recurrent matmul in torch (cuBLAS) and the
+   pointwise step one Triton kernel generated from the cell's compiled ``combine`` (core/pointwise.py,
+   the program ``cpp-compiled`` runs), its derivative likewise (kernels/triton_loops.py,
+   kernels/triton_pointwise.py). A cell that changes only ``combine`` (a user's, or a built-in one
+   that ``torch-kernel`` passed over), whose ``combine`` compiles, on a CUDA tensor, Triton installed,
+   no functorch. In half precision (autocast or bf16/fp16 weights) the matmuls run in it and the
+   pointwise math and the carried state in float32.
+6. ``cpp-projecting``: inference in the C++ loop that projects its input per step
    (kernels/cpp_loops.py). Gradients not wanted, the CPU in float32/float64 where the C++ loops are
    built, no autocast; the LSTM, or a user's cell whose ``combine`` compiles.
-6. ``cpp-loops``: a built-in cell's C++ loop over time, its backward in C++ too
+7. ``cpp-loops``: a built-in cell's C++ loop over time, its backward in C++ too
    (kernels/cpp_loops.py). A built-in cell on the CPU in float32/float64 where the loops are built.
-7. ``cpp-compiled``: a user's ``combine`` compiled to a program and run over time in C++
+8. ``cpp-compiled``: a user's ``combine`` compiled to a program and run over time in C++
    (kernels/compiled.py). A user's cell (only ``combine`` changed) whose ``combine`` compiles, where
    ``cpp-loops`` would run.
-8. ``python-loops``: a built-in cell's loop over time in torch ops, its backward written by hand
+9. ``python-loops``: a built-in cell's loop over time in torch ops, its backward written by hand
    (kernels/python_loops.py). A built-in cell anywhere else: another device or dtype, the C++ loops
-   not built.
-9. ``generic``: a user's ``combine`` stepped in torch ops, the backward through time one autograd
+   not built, CUDA without Triton.
+10. ``generic``: a user's ``combine`` stepped in torch ops, the backward through time one autograd
    call (kernels/generic.py). A user's cell that changes only ``combine``, anywhere else.
-10. ``parallel-scan``: a stack of cells whose gates read the input only (``ParallelScanCell``:
+11. ``parallel-scan``: a stack of cells whose gates read the input only (``ParallelScanCell``:
    minGRU, minLSTM), each (layer, direction) one input projection and one scan over time
    (core/parallel_scan.py: stepped with a hand-written backward on the CPU, the log-space parallel
    scan elsewhere). Not inside a functorch transform.
-11. ``reference``: ``cell.project_input``, then ``cell.step`` over time with autograd (core/scan.py).
+12. ``reference``: ``cell.project_input``, then ``cell.step`` over time with autograd (core/scan.py).
    Anything else: a cell that rewrites ``step`` or a projection or has parameters of its own, a
    stack of mixed cell classes, a call inside a functorch transform (vmap, grad).
 
@@ -71,6 +78,9 @@ The measurements behind the thresholds (development machine, 2 threads, alternat
 - CUDA with lengths (``PACKED_DEVICES``): torch.nn's packed path measured 1.6-2.5x faster than the
   per-step loop (H100, B=64, H=512, T=256, training); routed, rnnkit runs at 0.95-0.96x of it. On
   the CPU torch's packed path is slow, so lengths keep rnnkit's kernels there.
+- ``triton-loops`` is placed by launch count, not yet by a measurement on a GPU: one matmul and one
+  kernel per step, where ``generic`` launches a dozen pointwise kernels and ``python-loops`` about
+  six; its rows in ``python -m rnnkit.bench --device cuda`` measure it against torch.nn.
 - cpp-projecting against projecting beforehand (one matmul, then the loop), LSTM, batch 1-64,
   H 128 and 512: 1.03-1.27x.
 - step-loops against step-matmul (tokens alternated in one process): batch 2, 8 and 64, 2 layers of
@@ -117,6 +127,7 @@ from rnnkit.core.cells.lstm import LSTMCell, ProjectedLSTMCell
 from rnnkit.core.cells.rnn import RNNCell
 from rnnkit.core.cells.scan_cell import ParallelScanCell
 from rnnkit.core.gates import only_combine_customised
+from rnnkit.core.kernels import triton_loops, triton_pointwise
 from rnnkit.core.kernels.base import Kernel
 from rnnkit.core.kernels.table import GENERIC, KERNELS, kernel_for
 from rnnkit.core.kernels.vendor import VENDOR
@@ -416,6 +427,20 @@ def _vendor_faster(call: Call) -> bool:
     return not call.grad and native.ops() is None  # the C++ loops beat torch's GRU and RNN
 
 
+def _triton_loops_supports(call: Call) -> str | None:
+    if call.x.device.type != "cuda":
+        return "not a CUDA tensor"
+    if call.kernel is None:
+        return "not a stack of one cell class that changes only combine"
+    if call.functorch:
+        return "inside a functorch transform"
+    if not triton_pointwise.available():
+        return "Triton is not installed (pip install rnnkit[gpu])"
+    if pointwise.compiled(call.layer.cells[0]) is None:
+        return "its combine does not compile (core/pointwise.py)"
+    return None
+
+
 def _cpp_projecting_supports(call: Call) -> str | None:
     if call.grad:
         return "gradients are wanted"
@@ -525,6 +550,14 @@ ROUTES: tuple[Route, ...] = (
         _vendor_faster,
         stack.run_vendor,
         tracers=("jit",),
+    ),
+    Route(
+        "triton-loops",
+        "a cell's loop over time on CUDA: the recurrent matmul, then one Triton kernel from its compiled combine",
+        "a cell that changes only combine and compiles, on CUDA, where torch's kernel does not run",
+        _triton_loops_supports,
+        _yes,
+        stack.per_cell(triton_loops.scan_triton),
     ),
     Route(
         "cpp-projecting",

@@ -96,7 +96,9 @@ class TritonLoop(Kernel):
         dxz = torch.empty(B, T, GH, dtype=dtype, device=hz.device)
         dhz = None if shared else torch.empty(T, B, GH, dtype=dtype, device=hz.device)
         d = [
-            torch.zeros(B, H, dtype=acc, device=hz.device) if g is None else g.to(acc, memory_format=torch.contiguous_format).clone()
+            torch.zeros(B, H, dtype=acc, device=hz.device)
+            if g is None
+            else g.to(acc, memory_format=torch.contiguous_format).clone()
             for g in grad_state
         ]  # updated in place, step by step: at the end the initial state's gradients
         if grad_out is None:

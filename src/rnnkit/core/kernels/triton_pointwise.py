@@ -83,7 +83,7 @@ def source(program: pointwise.Program, n_in: int, n_out: int, acc: str = "float3
     """The Triton source of ``program`` over ``n_in`` input and ``n_out`` output tensors, as a module
     holding ``step(in_0, in_stride_0, in_col_0, ..., out_0, ..., n, H, BLOCK)``."""
     p = program.code.tolist()
-    n_regs, n_inputs, n_consts, n_outputs, n_code = p[:5]
+    _, n_inputs, _, n_outputs, n_code = p[:5]  # registers, inputs, constants, outputs, instructions
     in_map = [p[5 + 2 * k : 7 + 2 * k] for k in range(n_inputs)]
     at = 5 + 2 * n_inputs
     out_map = [p[at + 3 * k : at + 3 * k + 3] for k in range(n_outputs)]
