@@ -69,3 +69,32 @@ def test_bf16_autocast_trains_like_float32():
     assert losses["bf16"][-1] < 0.5 * losses["bf16"][0]
     for a, b in zip(losses["bf16"], losses["float32"]):
         assert abs(a - b) <= 0.1 * max(b, 1e-3) + 1e-2
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_graphed_steps_equal_the_unrolled_steps(batch):
+    """Generation through step-graph (one graph per batch size) equals step-matmul token for token."""
+    from rnnkit.core import cuda_graphs
+
+    torch.manual_seed(0)
+    layer = rnnkit.LSTM(16, 32, num_layers=3, batch_first=True).cuda().eval()
+    prompt = torch.randn(batch, 5, 16, device="cuda")
+    tokens = torch.randn(batch, 6, 1, 16, device="cuda")
+    with torch.inference_mode():
+        _, state = layer(prompt)
+        assert rnnkit.explain(layer, tokens[:, 0], state).name == "step-graph"
+        graphed_state, unrolled_state = state, state
+        for t in range(tokens.shape[1]):
+            graphed, graphed_state = layer(tokens[:, t], graphed_state)
+            with routing.force("step-matmul"):
+                unrolled, unrolled_state = layer(tokens[:, t], unrolled_state)
+            torch.testing.assert_close(graphed, unrolled)
+            torch.testing.assert_close(graphed_state.c, unrolled_state.c)
+    assert cuda_graphs.graphs_of(layer).captures == 1
+
+
+def test_no_graph_for_dropout_in_training():
+    from rnnkit.core import cuda_graphs
+
+    layer = rnnkit.LSTM(3, 5, num_layers=2, dropout=0.5).cuda()
+    assert cuda_graphs.why_not(layer, torch.randn(1, 1, 3, device="cuda")) == "dropout in training"

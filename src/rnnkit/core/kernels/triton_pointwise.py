@@ -50,8 +50,8 @@ _EXPR = {
     7: "tl.maximum({a}, 0.0, propagate_nan=tl.PropagateNan.ALL)",
     8: "tl.exp({a})",
     9: "tl.where({a} != 0.0, {b}, {c})",
-    10: "tl.where({a} > {b}, 1.0, 0.0).to(ACC)",
-    11: "tl.where({a} >= {b}, 1.0, 0.0).to(ACC)",
+    10: "tl.where({a} > {b}, 1.0, 0.0).to({acc})",
+    11: "tl.where({a} >= {b}, 1.0, 0.0).to({acc})",
 }
 assert sorted(_EXPR) == sorted(code for code, _ in pointwise.OPS.values())
 
@@ -99,7 +99,6 @@ def source(program: pointwise.Program, n_in: int, n_out: int, acc: str = "float3
         "",
         "@triton.jit",
         f"def step({', '.join(args)}, n, H, BLOCK: tl.constexpr):",
-        f"    ACC: tl.constexpr = tl.{acc}",
         "    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)",
         "    live = offs < n",
         "    row = offs // H",
@@ -107,11 +106,11 @@ def source(program: pointwise.Program, n_in: int, n_out: int, acc: str = "float3
     ]
     for r, (tensor, block) in enumerate(in_map):
         address = f"in_{tensor} + row * in_stride_{tensor} + in_col_{tensor} * ({block} * H + col)"
-        lines.append(f"    r{r} = tl.load({address}, mask=live, other=0.0).to(ACC)")
+        lines.append(f"    r{r} = tl.load({address}, mask=live, other=0.0).to(tl.{acc})")
     for k, value in enumerate(consts):
-        lines.append(f"    r{n_inputs + k} = tl.full([BLOCK], {value!r}, ACC)")
+        lines.append(f"    r{n_inputs + k} = tl.full([BLOCK], {value!r}, tl.{acc})")
     for op, dst, a, b, c in code:
-        lines.append(f"    r{dst} = " + _EXPR[op].format(a=f"r{a}", b=f"r{b}", c=f"r{c}"))
+        lines.append(f"    r{dst} = " + _EXPR[op].format(a=f"r{a}", b=f"r{b}", c=f"r{c}", acc=f"tl.{acc}"))
     for reg, tensor, block in out_map:
         address = f"out_{tensor} + row * out_stride_{tensor} + out_col_{tensor} * ({block} * H + col)"
         lines.append(f"    tl.store({address}, r{reg}.to(out_{tensor}.dtype.element_ty), mask=live)")
