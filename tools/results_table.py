@@ -3,7 +3,7 @@
     python tools/results_table.py evaluate RUN_DIR NAME -- --data test.csv   # rnnkit eval RUN_DIR ... --json,
                                                          # kept with its command as RUN_DIR/eval-NAME.json
     python tools/results_table.py collect RUN_DIR AS     # copy RUN_DIR's config.json, metrics.jsonl and
-                                                         # eval-*.json to docs/data/runs/AS (no checkpoints)
+                                                         # eval-*.json to docs/data/task-runs/AS (no checkpoints)
     python tools/results_table.py                        # rewrite the tables and draw the figures
     python tools/results_table.py --check                # exit 1 if a committed table differs
 
@@ -11,7 +11,7 @@ A run's table row comes from its config.json (the command that trains it again, 
 budget), its metrics.jsonl (steps, training time, the last validation loss, the curves) and its
 eval-*.json (held-out scores, each with the `rnnkit eval` command that produced it). Each table lives
 between `<!-- results:NAME -->` and `<!-- /results:NAME -->` in docs/tasks/*.md; the run
-directories a table shows are those of docs/data/runs whose name starts with the table's prefix.
+directories a table shows are those of docs/data/task-runs whose name starts with the table's prefix.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNS = ROOT / "docs" / "data" / "runs"
+RUNS = ROOT / "docs" / "data" / "task-runs"
 FIGURES = ROOT / "docs" / "tasks" / "img"
 SKIPPED_FLAGS = {"progress", "plot", "device", "sample_chars", "log_every"}
 
@@ -299,11 +299,27 @@ def evaluate(run_dir: Path, name: str, args: list[str]) -> Path:
 
 
 def collect(run_dir: Path, name: str, root: Path = RUNS) -> Path:
+    """Copy a run's config.json, metrics.jsonl and eval-*.json to `root`/`name`, with the paths of this
+    machine written as what they name: a data file by its file name, the run as runs/NAME."""
     dest = root / name
     dest.mkdir(parents=True, exist_ok=True)
-    for p in [run_dir / "config.json", run_dir / "metrics.jsonl", *sorted(run_dir.glob("eval-*.json"))]:
-        shutil.copyfile(p, dest / p.name)
+    shutil.copyfile(run_dir / "metrics.jsonl", dest / "metrics.jsonl")
+    config = json.loads((run_dir / "config.json").read_text())
+    if config["task_config"].get("data"):
+        config["task_config"]["data"] = Path(config["task_config"]["data"]).name
+    (dest / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    for p in sorted(run_dir.glob("eval-*.json")):
+        doc = json.loads(p.read_text())
+        doc["command"] = [_local(arg, run_dir, name) for arg in doc["command"]]
+        doc["run_dir"] = f"runs/{name}"
+        (dest / p.name).write_text(json.dumps(doc, indent=1) + "\n")
     return dest
+
+
+def _local(arg: str, run_dir: Path, name: str) -> str:
+    if arg == str(run_dir):
+        return f"runs/{name}"
+    return Path(arg).name if arg.startswith("/") else arg
 
 
 def main(argv: list[str] | None = None) -> int:
