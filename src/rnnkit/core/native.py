@@ -1,8 +1,8 @@
 """The C++ step loops, compiled on first use and cached; ``None`` where they can't be.
 
 Sources, compiled into one library: ``native.cpp`` (the built-in cells' loops, the workspace, the
-matmul ops), ``pointwise.cpp`` (a user's compiled cell, core/pointwise.py) and ``native.h`` (what
-both share).
+matmul ops), ``pointwise.cpp`` (a user's compiled cell, core/pointwise.py), ``layernorm.cpp`` (the
+layer-normalised LSTM and GRU) and ``native.h`` (what they share).
 
 The kernels in ``core/kernels/`` prepare their buffers with torch ops and then run a loop over
 time; on the CPU, ``ops()`` gives the same loops in C++ (``torch.ops.rnnkit_native``), which take
@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "native.cpp", HERE / "pointwise.cpp")  # the translation units, compiled into one library
+SOURCES = (HERE / "native.cpp", HERE / "pointwise.cpp", HERE / "layernorm.cpp")  # translation units, one library
 HEADERS = (HERE / "native.h",)  # what they share: in the cache key too
 _state: dict = {}  # "ops": the loaded namespace or None, once decided
 _lock = threading.Lock()
