@@ -2,7 +2,8 @@
 
 Sources, compiled into one library: ``native.cpp`` (the built-in cells' loops, the workspace, the
 matmul ops), ``pointwise.cpp`` (a user's compiled cell, core/pointwise.py), ``layernorm.cpp`` (the
-layer-normalised LSTM and GRU) and ``native.h`` (what they share).
+layer-normalised LSTM and GRU), ``parallel_scan.cpp`` (minGRU's and minLSTM's recurrence) and
+``native.h`` (what they share).
 
 The kernels in ``core/kernels/`` prepare their buffers with torch ops and then run a loop over
 time; on the CPU, ``ops()`` gives the same loops in C++ (``torch.ops.rnnkit_native``), which take
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "native.cpp", HERE / "pointwise.cpp", HERE / "layernorm.cpp")  # translation units, one library
+SOURCES = tuple(HERE / name for name in ("native.cpp", "pointwise.cpp", "layernorm.cpp", "parallel_scan.cpp"))  # one library
 HEADERS = (HERE / "native.h",)  # what they share: in the cache key too
 _state: dict = {}  # "ops": the loaded namespace or None, once decided
 _lock = threading.Lock()
