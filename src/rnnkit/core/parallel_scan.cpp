@@ -19,7 +19,8 @@
 // vanish; equal to sigmoid(softplus(-k_f) - softplus(-k_i)), the cell's own form.
 //
 // mask (B, T) bool: false at a padded step, where z = 0 (the state carried, no gradient into k, v).
-// Forward writes every h_t into hs (B, T, H). Backward, with lambda_t = dL/dh_t = grad_t +
+// bias (G*H), if given, is added to xz as it is read (xz then projected without it: one pass fewer
+// over it than addmm's, which first copies the bias into every row). Forward writes every h_t into hs (B, T, H). Backward, with lambda_t = dL/dh_t = grad_t +
 // (1 - z_{t+1}) lambda_{t+1}: dk_t = lambda_t z_t (g_t - h_t), dv_t = lambda_t z_t g'(v_t), and for
 // minLSTM dk_f = -dk (1 - f), dk_i = dk (1 - i); dh0 = (1 - z_1) lambda_1 (all recomputed from xz).
 
@@ -36,16 +37,18 @@ struct Coefficients {
 };
 
 template <typename T>
-inline Coefficients<T> coefficients(const T* x, int64_t H, int64_t j, int64_t n, bool lstm, bool grads) {
+inline Coefficients<T> coefficients(const T* x, const T* bias, int64_t H, int64_t j, int64_t n, bool lstm, bool grads) {
   const Vec<T> one(T(1)), zero(T(0)), half(T(0.5));
   Coefficients<T> c;
-  const Vec<T> v = load(x + (lstm ? 2 : 1) * H + j, n);
+  // gate k's pre-activation at units j .. j+n: xz, plus the bias where xz was projected without it
+  auto pre = [&](int64_t k) { return bias != nullptr ? load(x + k * H + j, n) + load(bias + k * H + j, n) : load(x + k * H + j, n); };
+  const Vec<T> v = pre(lstm ? 2 : 1);
   const Vec<T> below = sigmoid(at::vec::minimum(v, zero));
   const Vec<T> nonneg = v >= zero;
   c.g = Vec<T>::blendv(below, v + half, nonneg);
   if (grads) c.dg = Vec<T>::blendv(below * (one - below), one, nonneg);
   if (lstm) {
-    const Vec<T> kf = load(x + j, n), ki = load(x + H + j, n);
+    const Vec<T> kf = pre(0), ki = pre(1);
     const Vec<T> nf = zero - kf, ni = zero - ki;
     const Vec<T> m = at::vec::maximum(zero, at::vec::maximum(nf, ni));
     const Vec<T> em = exp_(zero - m);
@@ -53,7 +56,7 @@ inline Coefficients<T> coefficients(const T* x, int64_t H, int64_t j, int64_t n,
     c.z = a / (a + b);
     if (grads) c.f1 = sigmoid(nf), c.i1 = sigmoid(ni);
   } else {
-    c.z = sigmoid(load(x + j, n));
+    c.z = sigmoid(pre(0));
   }
   return c;
 }
@@ -70,47 +73,59 @@ void over_items(int64_t B, int64_t H, const Body& body) {
   });
 }
 
-void gate_scan_forward(const Tensor& xz, const Tensor& h0, const Tensor& hs, const std::optional<Tensor>& mask,
-                       bool lstm) {
+void gate_scan_forward(const Tensor& xz, const std::optional<Tensor>& bias, const Tensor& h0, const Tensor& hs,
+                       const std::optional<Tensor>& mask, bool lstm) {
   check_all("a scan buffer", xz, h0, hs);
   const int64_t B = xz.size(0), T = xz.size(1), H = hs.size(2), G = lstm ? 3 : 2;
   TORCH_CHECK(xz.size(2) == G * H && h0.size(0) == B && h0.size(1) == H && hs.size(1) == T,
               "rnnkit native: xz, h0 and hs disagree on the sizes");
+  TORCH_CHECK(!bias.has_value() || bias->numel() == G * H, "rnnkit native: the bias has not G*H values");
+  const auto b_dense = contiguous(bias);
   AT_DISPATCH_FLOATING_TYPES(xz.scalar_type(), "rnnkit_gate_scan_forward", [&] {
     using T_ = scalar_t;
     constexpr int64_t L = Vec<T_>::size();
     const T_* xp = xz.data_ptr<T_>();
+    const T_* bp = ptr<T_>(b_dense);
     const T_* h0p = h0.data_ptr<T_>();
     T_* hp = hs.data_ptr<T_>();
     const bool* m = ptr<bool>(mask);
     over_items(B, H, [&](int64_t b, int64_t j0, int64_t j1) {
-      for (int64_t j = j0; j < j1; j += L) {
-        const int64_t n = std::min<int64_t>(L, j1 - j);
-        Vec<T_> h = load(h0p + b * H + j, n);
-        for (int64_t t = 0; t < T; ++t) {
-          const int64_t bt = b * T + t;
-          if (m == nullptr || m[bt]) {
-            const auto c = coefficients<T_>(xp + bt * G * H, H, j, n, lstm, false);
+      // the item's states in place in hs: step t reads row t - 1 (or h0), a few KiB still in L1
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t bt = b * T + t;
+        const T_* prev = t == 0 ? h0p + b * H : hp + (bt - 1) * H;
+        T_* next = hp + bt * H;
+        const bool valid = m == nullptr || m[bt];
+        for (int64_t j = j0; j < j1; j += L) {
+          const int64_t n = std::min<int64_t>(L, j1 - j);
+          Vec<T_> h = load(prev + j, n);
+          if (valid) {
+            const auto c = coefficients<T_>(xp + bt * G * H, bp, H, j, n, lstm, false);
             h = h + c.z * (c.g - h);
           }
-          h.store(hp + bt * H + j, n);
+          h.store(next + j, n);
         }
       }
     });
   });
 }
 
-void gate_scan_backward(const Tensor& xz, const Tensor& h0, const Tensor& hs, const Tensor& grad, const Tensor& dxz,
-                        const Tensor& dh0, const std::optional<Tensor>& mask, bool lstm) {
+void gate_scan_backward(const Tensor& xz, const std::optional<Tensor>& bias, const Tensor& h0, const Tensor& hs,
+                        const Tensor& grad, const Tensor& dxz, const Tensor& dh0, const std::optional<Tensor>& mask,
+                        bool lstm) {
   check_all("a scan gradient buffer", xz, h0, hs, dxz, dh0);
   const int64_t B = xz.size(0), T = xz.size(1), H = hs.size(2), G = lstm ? 3 : 2;
   TORCH_CHECK(grad.dim() == 3 && grad.size(0) == B && grad.size(1) == T && grad.size(2) == H &&
-                  (H == 1 || grad.stride(2) == 1),
-              "rnnkit native: the scan's gradient must be (B, T, H) with a contiguous last dimension");
+                  (H == 1 || grad.stride(2) == 1 || grad.stride(2) == 0),
+              "rnnkit native: the scan's gradient must be (B, T, H) with a last dimension of stride 1 or 0");
+  const int64_t gs = H == 1 ? 1 : grad.stride(2);
+  TORCH_CHECK(!bias.has_value() || bias->numel() == G * H, "rnnkit native: the bias has not G*H values");
+  const auto b_dense = contiguous(bias);
   AT_DISPATCH_FLOATING_TYPES(xz.scalar_type(), "rnnkit_gate_scan_backward", [&] {
     using T_ = scalar_t;
     constexpr int64_t L = Vec<T_>::size();
     const T_* xp = xz.data_ptr<T_>();
+    const T_* bp = ptr<T_>(b_dense);
     const T_* hp = hs.data_ptr<T_>();
     const T_* gp = grad.data_ptr<T_>();
     const int64_t gb = grad.stride(0), gt = grad.stride(1);
@@ -119,19 +134,27 @@ void gate_scan_backward(const Tensor& xz, const Tensor& h0, const Tensor& hs, co
     const bool* m = ptr<bool>(mask);
     const Vec<T_> one(T_(1)), zero(T_(0));
     over_items(B, H, [&](int64_t b, int64_t j0, int64_t j1) {
-      for (int64_t j = j0; j < j1; j += L) {
-        const int64_t n = std::min<int64_t>(L, j1 - j);
-        Vec<T_> lam(T_(0)), a_next(T_(1));  // lambda_{t+1} and 1 - z_{t+1}
-        for (int64_t t = T - 1; t >= 0; --t) {
-          const int64_t bt = b * T + t;
-          T_* d = dp + bt * G * H;
-          lam = load(gp + b * gb + t * gt + j, n) + a_next * lam;
-          if (m != nullptr && !m[bt]) {  // padded: z = 0, the state carried
+      // lambda_{t+1} and 1 - z_{t+1} of the item's units, carried from step to step in L1
+      T_ lam_buf[kScanChunk], a_buf[kScanChunk];
+      for (int64_t j = j0; j < j1; ++j) lam_buf[j - j0] = T_(0), a_buf[j - j0] = T_(1);
+      for (int64_t t = T - 1; t >= 0; --t) {
+        const int64_t bt = b * T + t;
+        T_* d = dp + bt * G * H;
+        const T_* go = gp + b * gb + t * gt;
+        const bool valid = m == nullptr || m[bt];
+        for (int64_t j = j0; j < j1; j += L) {
+          const int64_t n = std::min<int64_t>(L, j1 - j);
+          T_* lp = lam_buf + (j - j0);
+          T_* ap = a_buf + (j - j0);
+          const Vec<T_> gv = gs == 1 ? load(go + j, n) : Vec<T_>(go[0]);  // a last dim of stride 0: one value
+          const Vec<T_> lam = gv + load(ap, n) * load(lp, n);
+          lam.store(lp, n);
+          if (!valid) {  // padded: z = 0, the state carried
             for (int64_t g = 0; g < G; ++g) zero.store(d + g * H + j, n);
-            a_next = one;
+            one.store(ap, n);
             continue;
           }
-          const auto c = coefficients<T_>(xp + bt * G * H, H, j, n, lstm, true);
+          const auto c = coefficients<T_>(xp + bt * G * H, bp, H, j, n, lstm, true);
           const Vec<T_> lz = lam * c.z;
           const Vec<T_> dk = lz * (c.g - load(hp + bt * H + j, n));
           (lz * c.dg).store(d + (G - 1) * H + j, n);
@@ -141,9 +164,12 @@ void gate_scan_backward(const Tensor& xz, const Tensor& h0, const Tensor& hs, co
           } else {
             dk.store(d + j, n);
           }
-          a_next = one - c.z;
+          (one - c.z).store(ap, n);
         }
-        (a_next * lam).store(dh0p + b * H + j, n);
+      }
+      for (int64_t j = j0; j < j1; j += L) {
+        const int64_t n = std::min<int64_t>(L, j1 - j);
+        (load(a_buf + (j - j0), n) * load(lam_buf + (j - j0), n)).store(dh0p + b * H + j, n);
       }
     });
   });
@@ -152,7 +178,8 @@ void gate_scan_backward(const Tensor& xz, const Tensor& h0, const Tensor& hs, co
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(rnnkit_native, lib) {
-  lib.def("gate_scan_forward(Tensor xz, Tensor h0, Tensor(a!) hs, Tensor? mask, bool lstm) -> ()", &gate_scan_forward);
-  lib.def("gate_scan_backward(Tensor xz, Tensor h0, Tensor hs, Tensor grad, Tensor(a!) dxz, Tensor(b!) dh0, "
+  lib.def("gate_scan_forward(Tensor xz, Tensor? bias, Tensor h0, Tensor(a!) hs, Tensor? mask, bool lstm) -> ()",
+          &gate_scan_forward);
+  lib.def("gate_scan_backward(Tensor xz, Tensor? bias, Tensor h0, Tensor hs, Tensor grad, Tensor(a!) dxz, Tensor(b!) dh0, "
           "Tensor? mask, bool lstm) -> ()", &gate_scan_backward);
 }

@@ -147,21 +147,22 @@ class _NativeScan(torch.autograd.Function):
     through the recurrence in torch ops with autograd instead (the same gradients, with a graph)."""
 
     @staticmethod
-    def forward(ctx, cell, xz: Tensor, h0: Tensor, mask: Tensor | None) -> Tensor:
+    def forward(ctx, cell, xz: Tensor, bias: Tensor | None, h0: Tensor, mask: Tensor | None) -> Tensor:
         B, T, _ = xz.shape
         hs = native.buffer((B, T, h0.shape[1]), xz)
         lstm = type(cell).mix_inputs is MinLSTMCell.mix_inputs
-        native.ops().gate_scan_forward(xz, h0, hs, mask, lstm)
+        native.ops().gate_scan_forward(xz, bias, h0, hs, mask, lstm)
         ctx.cell, ctx.mask, ctx.lstm = cell, mask, lstm
-        ctx.save_for_backward(xz, h0, hs)
+        ctx.save_for_backward(xz, bias, h0, hs)
         return hs
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        xz, h0, hs = ctx.saved_tensors
+        xz, bias, h0, hs = ctx.saved_tensors
+        needs = ctx.needs_input_grad[1:4]  # xz, bias, h0
         if torch.is_grad_enabled() or _transformed(grad):
             with torch.enable_grad():
-                k, v = ctx.cell.mix_inputs(ctx.cell.split(xz))
+                k, v = ctx.cell.mix_inputs(ctx.cell.split(xz if bias is None else xz + bias))
                 z, g = torch.sigmoid(k), candidate(v)
                 if ctx.mask is not None:
                     z = z * ctx.mask[:, :, None]  # a padded step: z = 0, the state carried
@@ -170,14 +171,15 @@ class _NativeScan(torch.autograd.Function):
                     h = torch.lerp(h, g_t, z_t)
                     steps.append(h)
                 out = torch.stack(steps, dim=1)
-            wanted = [t for t, need in zip((xz, h0), ctx.needs_input_grad[1:3]) if need]
+            wanted = [t for t, need in zip((xz, bias, h0), needs) if need]
             got = iter(torch.autograd.grad(out, wanted, grad, create_graph=torch.is_grad_enabled()))
-            return None, *(next(got) if need else None for need in ctx.needs_input_grad[1:3]), None
-        if grad.stride(-1) != 1:
+            return None, *(next(got) if need else None for need in needs), None
+        if grad.stride(-1) not in (0, 1):  # the C++ loop reads rows (or one value a row, as out.sum()'s)
             grad = grad.contiguous()
         dxz, dh0 = native.buffer(xz.shape, xz), torch.empty_like(h0)
-        native.ops().gate_scan_backward(xz, h0, hs, grad, dxz, dh0, ctx.mask, ctx.lstm)
-        return None, dxz, dh0, None
+        native.ops().gate_scan_backward(xz, bias, h0, hs, grad, dxz, dh0, ctx.mask, ctx.lstm)
+        dbias = dxz.view(-1, dxz.shape[-1]).sum(0) if needs[1] else None
+        return None, dxz, dbias, dh0, None
 
 
 def native_scan_runs(cell, xz: Tensor) -> bool:
@@ -220,14 +222,20 @@ def scan(cell, xz: Tensor, state: HiddenState, mask: Tensor | None, *, log_space
     if log_space is None:
         log_space = xz.device.type != "cpu"
     if not log_space and native_scan_runs(cell, xz):
-        hs = _NativeScan.apply(cell, xz.contiguous(), state.h.to(xz.dtype).contiguous(), _dense(mask))
-        return _outputs(hs, mask)
+        return scan_native(cell, xz, None, state, mask)
     k, v = cell.mix_inputs(cell.split(xz))
     h0 = state.h.to(k.dtype)
     if log_space:
         hs = scan_log_space(*masked_coefficients(*log_coefficients(k, v), mask), h0)
     else:
         hs = scan_stepped(k, v, h0, _dense(mask))  # (B, T, H)
+    return _outputs(hs, mask)
+
+
+def scan_native(cell, xz: Tensor, bias: Tensor | None, state: HiddenState, mask: Tensor | None):
+    """``scan``'s stepped form in C++ (``native_scan_runs``); ``xz`` projected without ``bias`` if one is
+    given (the loop adds it as it reads)."""
+    hs = _NativeScan.apply(cell, xz.contiguous(), bias, state.h.to(xz.dtype).contiguous(), _dense(mask))
     return _outputs(hs, mask)
 
 
@@ -246,6 +254,12 @@ def scan_layer(cell, x: Tensor, state: NamedTuple, mask: Tensor | None) -> tuple
     """The ``parallel-scan`` route's scan of one (layer, direction): ``x`` (B, T, I) projected in one
     matmul, then ``scan``. Under autocast the projection may come back in half precision: the scan
     runs in the weights' dtype."""
+    w = cell.weight_ih
+    if native_scan_runs(cell, x) and type(cell).project_input is GatedCell.project_input:
+        # projected without the bias, which the loop adds as it reads: addmm would first copy it
+        # into every row of the (B, T, G*H) result, a pass over it as long as the loop's own
+        xz = F.linear(x, w).to(w.dtype)
+        return scan_native(cell, xz, cell.bias_ih, cast(HiddenState, state), mask)
     xz = cell.project_input(x)  # (B, T, G*H)
     # the route's cells (scan_cell.ScanCell) carry a HiddenState
-    return scan(cell, xz.to(cell.weight_ih.dtype), cast(HiddenState, state), mask)
+    return scan(cell, xz.to(w.dtype), cast(HiddenState, state), mask)
