@@ -54,7 +54,9 @@ def tables(rows: list[dict]) -> str:
                 f"{r['repeats']} | {_target(r)} | {'met' if r['met'] else 'missed'} |"
             )
         parts.append("\n".join(lines) + "\n")
-        routes = sorted({f"{r['peer']}: `{r['peer_route']}`" for r in group} | {f"{r['cell']}: `{r['cell_route']}`" for r in group})
+        routes = sorted(
+            {f"{r['peer']}: `{r['peer_route']}`" for r in group} | {f"{r['cell']}: `{r['cell_route']}`" for r in group}
+        )
         parts.append("Routes: " + ", ".join(routes) + ". Measured by:\n")
         parts.append("\n".join(f"    {c}" for c in dict.fromkeys(r["command"] for r in group)) + "\n")
     return "\n".join(parts)

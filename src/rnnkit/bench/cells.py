@@ -78,7 +78,10 @@ def rows_at(T: int, cells: list[str], B: int, H: int, I: int, repeats: int) -> l
     x = torch.randn(B, T, I, requires_grad=True)
     peers = {name: PEERS[name](I, H, batch_first=True) for name in dict.fromkeys(PEER.get(c, "lstm") for c in cells)}
     layers = {name: CELLS[name](I, H) for name in cells}
-    fns = {**{name: _train(peer, x) for name, peer in peers.items()}, **{n: _train(layer, x) for n, layer in layers.items()}}
+    fns = {
+        **{name: _train(peer, x) for name, peer in peers.items()},
+        **{n: _train(layer, x) for n, layer in layers.items()},
+    }
     times = rotated(fns, repeats)
     rows = []
     for name, layer in layers.items():
@@ -138,7 +141,7 @@ def run_cells_benchmark(
     torch.set_num_threads(threads)
     rows = []
     for T in steps:
-        cells = [name for name in names if T <= MAX_STEPS.get(name, T)]
+        cells = [name for name in names if MAX_STEPS.get(name, T) >= T]
         for row in rows_at(T, cells, B, H, I, long_repeats if T >= 4096 else repeats):
             log(format_row(row))
             rows.append(row)

@@ -31,7 +31,9 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).parent
-SOURCES = tuple(HERE / name for name in ("native.cpp", "pointwise.cpp", "layernorm.cpp", "parallel_scan.cpp"))  # one library
+SOURCES = tuple(
+    HERE / name for name in ("native.cpp", "pointwise.cpp", "layernorm.cpp", "parallel_scan.cpp")
+)  # one library
 HEADERS = (HERE / "native.h",)  # what they share: in the cache key too
 _state: dict = {}  # "ops": the loaded namespace or None, once decided
 _lock = threading.Lock()

@@ -57,7 +57,7 @@ class _LayerNormScan(torch.autograd.Function):
 
 def _forward(lstm, mask, xz, w_hh, gamma_hh, beta_hh, gamma_c, beta_c, state, training):
     ops = native.ops()
-    B, T, GH = xz.shape
+    B, T, _ = xz.shape
     H = w_hh.shape[1]
     hs = states_rows(state[0], T, training)
     out = native.buffer((B, T, H), xz)
@@ -66,7 +66,9 @@ def _forward(lstm, mask, xz, w_hh, gamma_hh, beta_hh, gamma_c, beta_c, state, tr
     if lstm:
         cs = states_rows(state[1], T, training)
         chat = native.buffer((B, T, H), xz) if training else None
-        ops.ln_lstm_forward(xz, w_hh, gamma_hh, beta_hh, gamma_c, beta_c, hs, cs, out, gates, hhat, rstd, chat, mask, EPS)
+        ops.ln_lstm_forward(
+            xz, w_hh, gamma_hh, beta_hh, gamma_c, beta_c, hs, cs, out, gates, hhat, rstd, chat, mask, EPS
+        )
         last = T % hs.shape[0]
         return out, (hs[last], cs[last]), (gates, hhat, rstd, chat, hs, cs)
     ops.ln_gru_forward(xz, w_hh, gamma_hh, beta_hh, hs, out, gates, hhat, rstd, mask, EPS)
