@@ -30,7 +30,7 @@ def load(path: Path = CELLS_JSON) -> list[dict]:
 
 def _target(row: dict) -> str:
     t = row["target"]
-    return f"{t:.0f}x" if t >= 1 else f"{t:.2f}x ({1 / t:.2g}x slower)"
+    return f"{t:.0f}x" if t >= 1 else f"{t:.2f}x ({1 / t:.3g}x slower)"
 
 
 def tables(rows: list[dict]) -> str:
