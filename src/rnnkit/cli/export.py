@@ -170,6 +170,8 @@ class _Encoder(nn.Module):
     """The sorter's encoder and its decoder's start as one function: numbers (B, N) -> the tensors of the
     memory and of the first decoder state, flat (``tree_leaves`` order)."""
 
+    model: Any  # the sorter (tasks/sort/model.py's SortModel)
+
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
@@ -183,6 +185,8 @@ class _Encoder(nn.Module):
 class _DecoderStep(nn.Module):
     """One decoder step: the previous choice (B,), the encoder's outputs (B, N, D*H) and the decoder
     state's tensors in, the logits (B, C) and the new state's tensors out."""
+
+    model: Any  # the sorter (tasks/sort/model.py's SortModel)
 
     def __init__(self, model: nn.Module, spec: pytree.TreeSpec):
         super().__init__()
@@ -270,9 +274,9 @@ def _sorter(loaded, fmt: str, out: Path) -> nn.Module:
             (step, step_args, step_dims, step_out),
         ):
             torch.export.save(torch.export.export(module, args, dynamic_shapes=dyn), str(path))
-        run_encoder = torch.export.load(str(encoder_out)).module()
-        run_step = torch.export.load(str(step_out)).module()
-        return _ExportedSorter(model, run_encoder, run_step, spec)
+        encoder_program = torch.export.load(str(encoder_out)).module()
+        step_program = torch.export.load(str(step_out)).module()
+        return _ExportedSorter(model, encoder_program, step_program, spec)
     ort = _onnxruntime()
     from rnnkit.core import onnx_ops
 

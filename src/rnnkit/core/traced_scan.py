@@ -29,7 +29,7 @@ sequence's own last valid step's.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -49,7 +49,7 @@ def scan_cell(cell: GatedCell, x: Tensor, state: NamedTuple, mask: Tensor | None
     dtype = cell.weight_ih.dtype
     xz = cell.project_input(x).to(dtype).transpose(0, 1)  # (T, B, G*H); under autocast it may come back in half
     carry = [s.to(dtype) for s in state]
-    make = type(state)
+    make: Any = type(state)  # the cell's State NamedTuple
 
     def step(parts: list[Tensor], inputs: list[Tensor]):
         previous = make(*parts)
