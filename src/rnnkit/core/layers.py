@@ -47,7 +47,7 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from rnnkit.core.cells import GRUCell, LSTMCell, LSTMState, RNNCell
 from rnnkit.core.cells.lstm import ProjectedLSTMCell
-from rnnkit.core.gates import GatedCell, HiddenState
+from rnnkit.core.gates import GatedCell, HiddenState, only_combine_customised
 from rnnkit.core.routing import choose_route, lean_route
 
 
@@ -250,6 +250,8 @@ class _Bound:
 
     def __init__(self, layer, weights: list, cells: list):
         self.layer, self.weights, self.cells = layer, weights, cells
+        # what the lean stepping path asks at every step (routing._lean_step), known once bound
+        self.plain_cells = all(map(only_combine_customised, cells))
 
     def __getattr__(self, name):
         return getattr(self.layer, name)

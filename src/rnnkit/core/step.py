@@ -55,6 +55,13 @@ def weights(cells) -> list[Tensor]:
     return [p for c in cells for p in c._parameters.values() if p is not None]
 
 
+def _key(weights) -> tuple:
+    """Each weight's identity, storage and version counter: what a step captured as a CUDA graph
+    (core/cuda_graphs.py) is re-captured on. The graph reads the weights in place, so a change that
+    leaves the key as it is (a write through ``.data``) is seen at its next replay too."""
+    return tuple((id(p), p.data_ptr(), p._version) for p in weights)
+
+
 # At batch 1 on the CPU a step's matmuls go to the C++ matrix-vector kernels (native.cpp), whose
 # fixed cost per call is far below a BLAS call's, for matrices up to this size. Measured on the
 # development machine, 2 threads, x W^T+b at batch 1 (C++ vs torch): 1 MB 11 vs 32 us, 8 MB 64 vs
