@@ -25,7 +25,7 @@ PY
 cat "$OUT/device.json"
 
 # the CUDA tests, and the Triton kernels under the interpreter (the same checks as on the CPU)
-python -m pytest -q -p no:cacheprovider tests/test_gpu_cuda.py tests/test_gpu_bench.py tests/test_gpu_graphs.py tests/test_gpu_triton.py \
+python -m pytest -q -p no:cacheprovider tests/test_gpu_cuda.py tests/test_gpu_bench.py tests/test_gpu_flat.py tests/test_gpu_graphs.py tests/test_gpu_triton.py \
     --junitxml="$OUT/tests.xml" 2>&1 | tail -n 30 | tee "$OUT/tests.txt"
 tests_rc=${PIPESTATUS[0]}
 
