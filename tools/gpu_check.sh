@@ -33,11 +33,14 @@ bench_rc=0
 if python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     python -m rnnkit.bench --device cuda ${QUICK} --json "$OUT/bench_cuda.json" 2>&1 | tee "$OUT/bench.txt"
     bench_rc=${PIPESTATUS[0]}
+else
+    echo "no CUDA device: the benchmark's CUDA rows are not run (the CUDA tests above skipped)"
+    bench_rc=skipped
 fi
 python - "$OUT" "$tests_rc" "$bench_rc" <<'PY'
 import json, sys
-out, tests_rc, bench_rc = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+out, tests_rc, bench_rc = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 json.dump({"tests_rc": tests_rc, "bench_rc": bench_rc}, open(f"{out}/summary.json", "w"))
 print(f"tests: exit {tests_rc}; benchmark: exit {bench_rc}; results in {out}/")
 PY
-exit $(( tests_rc != 0 || bench_rc != 0 ))
+[ "$tests_rc" = 0 ] && { [ "$bench_rc" = 0 ] || [ "$bench_rc" = skipped ]; }
