@@ -24,18 +24,17 @@ where that is the question, is taken:
    training) raises ``RuntimeError`` rather than record a graph that would be wrong at another
    shape or with other inputs.
 2. ``step-graph``: one step of the whole stack on CUDA replayed from a CUDA graph captured per
-   batch size (core/cuda_graphs.py: ``step-matmul``'s step, weights packed once, captured once;
-   re-captured when a weight changes). Taken for one step with a carried state, no lengths, gradients
-   off and no autocast on a CUDA tensor; not with dropout in training or weights made under
-   ``torch.inference_mode()``.
-3. ``step-loops``: one step of each cell through the C++ loops with T = 1, weights packed once and
-   cached (step.py). Taken for one step (T = 1) with a carried state, no lengths, gradients off and
-   no autocast, on the CPU in float32/float64 where the C++ loops are built; at batch 1 only where
-   a cell of the stack steps faster so (``loops_step_faster``: not the RNN, a user's cell from
-   ``LOOPS_MIN_USER_WEIGHTS``).
-4. ``step-matmul``: one step through ``[x, h] @ [W_ih, W_hh]`` packed once and cached, then the gate
-   math in torch ops; at batch 1 on the CPU the C++ matrix-vector kernels (step.py). Any other such
-   step.
+   batch size (core/cuda_graphs.py: ``step-matmul``'s step, captured once, reading the weights in
+   place; re-captured when a weight object or its storage changes). Taken for one step with a
+   carried state, no lengths, gradients off and no autocast on a CUDA tensor; not with dropout in
+   training or weights made under ``torch.inference_mode()``.
+3. ``step-loops``: one step of each cell through the C++ loops with T = 1, the weights packed for
+   them at each call (step.py). It can take a lean step (T = 1 with a carried state, no lengths,
+   gradients off, no autocast) on the CPU in float32/float64 where the C++ loops are built, but
+   measured slower than ``step-matmul`` at every batch (packing costs more than the blocked matmul
+   saves), so it runs only where forced (``force("step-loops")``), to compare the two.
+4. ``step-matmul``: one step on the weights as stored, ``x W_ih^T + h W_hh^T`` and the gate math in
+   torch ops; at batch 1 on the CPU the C++ matrix-vector kernels (step.py). Every other lean step.
 5. ``torch-kernel``: the whole stack in torch's own kernel, oneDNN's LSTM on the CPU and cuDNN on
    CUDA (kernels/vendor.py). A stack of one built-in cell as shipped, no dropout in training, no
    functorch; on CUDA always (with lengths, its packed-sequence kernel, ``PACKED_DEVICES``); on the
@@ -91,12 +90,13 @@ The measurements behind the thresholds (development machine, 2 threads, alternat
   six; its rows in ``python -m rnnkit.bench --device cuda`` measure it against torch.nn.
 - cpp-projecting against projecting beforehand (one matmul, then the loop), LSTM, batch 1-64,
   H 128 and 512: 1.03-1.27x.
-- step-loops against step-matmul (tokens alternated in one process): batch 2, 8 and 64, 2 layers of
-  256 and of 512: LSTM 1.6-4.3x, GRU 1.35-3.2x, RNN 1.06-1.6x, a user's LSTM cell 1.5-5.1x. Batch 1:
-  LSTM 1.02-1.50x and GRU 1.09-1.64x (1 layer of 64 to 3 of 512); the RNN 0.75-0.86x, so it steps
-  batch 1 through step-matmul; a user's LSTM cell 0.90-0.93x at 1 x 64, 1.00-1.08x at 2 x 128,
-  1.08-1.12x at 2 x 256 and 1.37-1.53x at 3 x 512, so at batch 1 a user's cell takes step-loops from
-  ``LOOPS_MIN_USER_WEIGHTS`` weights (W_ih and W_hh) in a layer.
+- step-loops against step-matmul (tokens alternated in one process, 1 thread), both reading the
+  weights at each call (nothing cached, so nothing can be stale): step-matmul 1.3-3.5x faster for
+  the LSTM, GRU and RNN at batch 1, 8 and 64, 1 layer of 64 to 3 of 512 (packing per call costs
+  more than the blocked matmul saves). Against the packs once cached (the earlier design, which
+  missed writes through ``.data``): batch 1 a draw or faster at 1 x 64 (LSTM 1.5-3x as one C++
+  call, ``lstm_step_rows``; its kernel 1.2x the cached loop's at 1 x 512), the LSTM 1.2x slower at
+  2 x 256 and batch 8 and 1.05-1.1x at batch 64, the GRU within 1.0-1.2x.
 
 Choices inside a route, each a kernel's own and documented where it is made: step-matmul's
 matrix-vector kernels up to ``step.NATIVE_MAX_BYTES``; the generic kernel's recurrent matmul
@@ -130,9 +130,7 @@ import torch
 from torch import Tensor
 
 from rnnkit.core import cuda_graphs, native, ops, parallel_scan, pointwise, stack, step
-from rnnkit.core.cells.gru import GRUCell
 from rnnkit.core.cells.lstm import LSTMCell, ProjectedLSTMCell
-from rnnkit.core.cells.rnn import RNNCell
 from rnnkit.core.cells.scan_cell import ParallelScanCell
 from rnnkit.core.gates import only_combine_customised
 from rnnkit.core.kernels import triton_loops, triton_pointwise
@@ -145,7 +143,6 @@ LOG = logging.getLogger("rnnkit.routing")
 NATIVE_LSTM_MAX_STATE = 1024  # batch x hidden: LSTM training at or below this runs the C++ loops
 NATIVE_LSTM_MIN_TRAIN_GATES = 2 << 20  # T x B x 4H: LSTM training above this runs the C++ loops
 PACKED_DEVICES = ("cuda",)  # where a built-in stack with lengths runs torch's packed-sequence kernel
-LOOPS_MIN_USER_WEIGHTS = 1 << 18  # W_ih + W_hh elements: a user's cell steps batch 1 through the loops from here
 
 
 def functorch_active() -> bool:
@@ -263,33 +260,36 @@ def _lean_step(layer, x, state) -> tuple[str | None, list, int]:
         for p in parts
     ):
         return "the state does not match the layer", [], 0
-    if not all(map(only_combine_customised, cells)):  # the steppers run the weights themselves
+    # the steppers run the weights themselves: cells that change only combine (a torch.nn-contract
+    # layer's bound cells say so once, when bound: layers.py's _Bound)
+    plain = layer.__dict__.get("plain_cells")
+    if not (plain if plain is not None else all(map(only_combine_customised, cells))):
         return "a cell changes more than combine", [], 0
     return None, cells, B
 
 
-def _step_loops_why(x: Tensor, cells: list, B: int) -> str | None:
-    """``None`` where a lean step of ``cells`` (batch ``B``) takes step-loops: they can run and measured
-    faster; else why not."""
+def _step_loops_why(x: Tensor, cells: list) -> str | None:
+    """``None`` where step-loops can run a lean step of ``cells``, else why not."""
     if native.ops_for(x) is None:
         return "the C++ loops do not run here (the CPU, float32/float64, built)"
     if any(p.dtype != x.dtype for p in step.weights(cells)):
         return "the weights' dtypes differ from x's"
-    if B == 1 and not any(map(loops_step_faster, cells)):
-        return "measured slower here"
     return None
 
 
-def _lean_route(layer, x, state) -> Route | None:
-    """The route of a lean step (an eager call with a carried state, no lengths, gradients off) in
-    one pass over the checks, since it runs at every generated token; ``None`` where the lean path
-    cannot take the call (the table then says why). The same choice as the table's first rows."""
-    why, cells, B = _lean_step(layer, x, state)
-    if why is not None:
+def lean_route(layer, x, state) -> Route | None:
+    """The route of an eager lean step (a carried state, gradients off, no route forced), decided in
+    one pass over the checks since it runs at every generated token; ``None`` where the call is
+    anything else (``choose_route`` then decides, and the table says why). The same choice as the
+    table's first rows (a test holds the two together)."""
+    if state is None or torch.is_grad_enabled() or tracer() is not None or _FORCED.get() is not None:
         return None
-    if x.device.type == "cuda" and cuda_graphs.why_not(layer, x) is None:
-        return STEP_GRAPH
-    return STEP_MATMUL if _step_loops_why(x, cells, B) is not None else STEP_LOOPS
+    if _lean_step(layer, x, state)[0] is not None:
+        return None
+    route = STEP_GRAPH if x.device.type == "cuda" and cuda_graphs.why_not(layer, x) is None else STEP_MATMUL
+    if LOG.isEnabledFor(logging.DEBUG):
+        LOG.debug("%s: %s", type(getattr(layer, "layer", layer)).__name__, route.name)
+    return route
 
 
 def validate(layer, x) -> None:
@@ -351,14 +351,6 @@ def lstm_loops_faster(call: Call) -> bool:
     return not call.grad or B * H <= NATIVE_LSTM_MAX_STATE or T * B * 4 * H > NATIVE_LSTM_MIN_TRAIN_GATES
 
 
-def loops_step_faster(cell) -> bool:
-    """Whether ``cell`` steps batch 1 faster through step-loops than step-matmul (measured: above)."""
-    combine = type(cell).combine
-    if combine in (LSTMCell.combine, GRUCell.combine, RNNCell.combine):
-        return combine is not RNNCell.combine
-    return cell.weight_ih.numel() + cell.weight_hh.numel() >= LOOPS_MIN_USER_WEIGHTS
-
-
 # -- each route's conditions: supports (None or why not) and faster ------------------------------
 
 
@@ -379,14 +371,11 @@ def _step_graph_supports(call: Call) -> str | None:
 def _step_loops_supports(call: Call) -> str | None:
     if call.lean is not None:
         return call.lean
-    _, cells, B = _lean_step(call.layer, call.x, call.state)
-    why = _step_loops_why(call.x, cells, B)
-    return None if why == "measured slower here" else why
+    return _step_loops_why(call.x, _lean_step(call.layer, call.x, call.state)[1])
 
 
 def _step_loops_faster(call: Call) -> bool:
-    _, cells, B = _lean_step(call.layer, call.x, call.state)
-    return _step_loops_why(call.x, cells, B) is None
+    return False  # packing at each call costs more than the blocked matmul saves (module docstring)
 
 
 def _step_matmul_supports(call: Call) -> str | None:
@@ -551,8 +540,8 @@ ROUTES: tuple[Route, ...] = (
     ),
     Route(
         "step-loops",
-        "one step of each cell through the C++ loops with T = 1, weights packed once",
-        "one step with a carried state, gradients off, on the CPU where the C++ loops are built",
+        "one step of each cell through the C++ loops with T = 1, the weights packed at each call",
+        "only where forced: measured slower than step-matmul",
         _step_loops_supports,
         _step_loops_faster,
         lambda layer, x, state, lengths: step.step_layers(layer, x, state, loops=True),
@@ -560,7 +549,7 @@ ROUTES: tuple[Route, ...] = (
     ),
     Route(
         "step-matmul",
-        "one step through [x, h] @ [W_ih, W_hh] packed once, then the gate math in torch ops",
+        "one step on the weights as stored (x W_ih^T + h W_hh^T), then the gate math in torch ops",
         "one step with a carried state and gradients off",
         _step_matmul_supports,
         _yes,
@@ -669,20 +658,9 @@ def choose_route(layer, x, state=None, lengths=None) -> Route:
 
     Raises what the layer call would raise for a malformed ``x``; ``state`` and ``lengths`` are
     validated by the route that runs."""
-    # a lean step, at every generated token: the table's first rows in one pass (tracer() first:
-    # torch.compile cannot read the ContextVar)
-    if (
-        state is not None
-        and lengths is None
-        and tracer() is None
-        and _FORCED.get() is None
-        and (not torch.is_grad_enabled())
-    ):
-        route = _lean_route(layer, x, state)
-        if route is not None:
-            if LOG.isEnabledFor(logging.DEBUG):
-                LOG.debug("%s: %s", type(layer).__name__, route.name)
-            return route
+    route = lean_route(layer, x, state) if lengths is None else None  # a lean step: in one pass
+    if route is not None:
+        return route
     call = Call(layer, x, state, lengths)
     call.lean = _lean(layer, x, state, lengths) if call.tracer is None else f"traced by {TRACERS[call.tracer]}"
     # torch.compile cannot read a ContextVar: a forced route applies to eager (and jit-traced) calls
