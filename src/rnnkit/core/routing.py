@@ -16,8 +16,7 @@ where that is the question, is taken:
    training and backward twins), lengths, directions, dropout and (in training) the input
    projection torch ops around it: a graph with symbolic batch size and length, the eager routes'
    kernels inside (in inference the projecting LSTM loop; one step on cached packed weights). Under that
-   tracer only this route and ``reference`` (a user's cell, stepped in torch ops: the graph holds
-   one copy of the step per time step, so each new length is traced again) are taken. Under
+   tracer only this route, ``traced-scan`` (every other cell) and ``reference`` are taken. Under
    ``torch.jit.trace`` (which ``torch.onnx.export(dynamo=False)`` runs) only ``torch-kernel`` is
    taken, whose ``aten::lstm``/``gru``/``rnn_*`` node runs at any batch size and length and
    exports to ONNX's LSTM/GRU/RNN; a call it cannot take (lengths, a user's cell, dropout in
@@ -64,7 +63,13 @@ where that is the question, is taken:
    minGRU, minLSTM), each (layer, direction) one input projection and one scan over time
    (core/parallel_scan.py: stepped with a hand-written backward on the CPU, the log-space parallel
    scan elsewhere). Not inside a functorch transform.
-13. ``reference``: ``cell.project_input``, then ``cell.step`` over time with autograd (core/scan.py).
+13. ``traced-scan``: while ``torch.compile``, ``torch.export`` or the ONNX exporter traces the call,
+   any cell that ``traced-ops`` does not take (a user's cell, the layer-normalised cells, minGRU and
+   minLSTM, the LSTM with ``proj_size``): each (layer, direction) its input projection, then
+   ``cell.step`` over time as one node of PyTorch's ``scan`` operator (core/traced_scan.py), so the
+   graph holds one copy of the step and the length stays symbolic; the ONNX exporter writes it as
+   ONNX's ``Scan``. Not inside a functorch transform.
+14. ``reference``: ``cell.project_input``, then ``cell.step`` over time with autograd (core/scan.py).
    Anything else: a cell that rewrites ``step`` or a projection or has parameters of its own, a
    stack of mixed cell classes, a call inside a functorch transform (vmap, grad).
 
@@ -129,7 +134,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from rnnkit.core import cuda_graphs, native, ops, parallel_scan, pointwise, stack, step
+from rnnkit.core import cuda_graphs, native, ops, parallel_scan, pointwise, stack, step, traced_scan
 from rnnkit.core.cells.lstm import LSTMCell, ProjectedLSTMCell
 from rnnkit.core.cells.scan_cell import ParallelScanCell
 from rnnkit.core.gates import only_combine_customised
@@ -322,7 +327,8 @@ def _complete(call: Call) -> Call:
     call.combine = type(first).combine
     call.functorch = functorch_active()
     call.autocast = torch.is_autocast_enabled(x.device.type)
-    call.native = not call.functorch and native.ops_for(x) is not None
+    # a traced call takes no route that reads it, and torch.compile cannot trace the first load's lock
+    call.native = not call.functorch and call.tracer is None and native.ops_for(x) is not None
     state = call.state
     parts = (state,) if isinstance(state, Tensor) else tuple(state) if isinstance(state, (tuple, list)) else ()
     call.grad = torch.is_grad_enabled() and (
@@ -488,6 +494,12 @@ def _parallel_scan_supports(call: Call) -> str | None:
     return "inside a functorch transform" if call.functorch else None
 
 
+def _traced_scan_supports(call: Call) -> str | None:
+    if call.tracer != "dynamo":
+        return "not traced by torch.compile or torch.export (eager calls take the measured routes)"
+    return "inside a functorch transform" if call.functorch else None
+
+
 def _always(call: Call):
     return None
 
@@ -620,6 +632,16 @@ ROUTES: tuple[Route, ...] = (
         _parallel_scan_supports,
         _yes,
         stack.per_cell(parallel_scan.scan_layer),
+    ),
+    Route(
+        "traced-scan",
+        "each cell's input projection, then cell.step over time as one node of torch's scan operator",
+        "any other cell while torch.compile or torch.export traces the call",
+        _traced_scan_supports,
+        _yes,
+        stack.per_cell(traced_scan.scan_cell),
+        tracers=("dynamo",),
+        traced_only=True,
     ),
     Route(
         "reference",
