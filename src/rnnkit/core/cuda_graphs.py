@@ -98,6 +98,10 @@ class StepGraphs:
         self.graphs: OrderedDict[tuple, tuple[tuple, StepGraph]] = OrderedDict()
         self.captures = 0  # how many graphs were captured (a re-capture counts again)
 
+    def __reduce__(self):
+        """Pickling and ``copy.deepcopy`` of a layer keep no graph: a copy captures its own on its next step."""
+        return (StepGraphs, (self.capture,))
+
     def step(self, layer, x: Tensor, parts: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
         weights_key = step._key(step.weights(step_cells(layer)))
         shape_key = (tuple(x.shape), x.dtype, x.device, len(parts))
