@@ -3,8 +3,11 @@
     python docs/gen_shipping.py            # rewrite the tables between <!-- shipping:NAME --> markers
     python docs/gen_shipping.py --check    # exit 1 if a committed table differs
 
-Every cell of the tables is one test of tests/test_export_compile.py, named by the same
-parametrization (``LAYERS``, ``OPTIONS``, ``ONNX_LAYERS``); the suite runs those tests and this
+Every cell of the tables is one test, named by the same parametrization: the built-in layers'
+rows from tests/test_export_compile.py (``LAYERS``, ``OPTIONS``, ``ONNX_LAYERS``), every other
+cell's (a user's, the layer-normalised cells, minGRU, minLSTM, the LSTM with ``proj_size``) from
+tests/test_export_cells.py (``LAYERS`` x ``COLUMNS``: ``test_compile_training``,
+``test_compile_inference``, ``test_export``, ``test_onnx``); the suite runs those tests and this
 check, so a table on main says only what the suite verified on it.
 """
 
@@ -17,15 +20,28 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = ROOT / "tests" / "test_export_compile.py"
-TARGETS = {ROOT / "docs" / "shipping.md": ("matrix", "export"), ROOT / "README.md": ("export",)}
+CELL_TESTS = ROOT / "tests" / "test_export_cells.py"
+TARGETS = {ROOT / "docs" / "shipping.md": ("matrix", "export"), ROOT / "README.md": ("compile", "export")}
 YES = "yes"
 
 
-def _tests():
-    spec = importlib.util.spec_from_file_location("test_export_compile", TESTS)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def _tests(path: Path = TESTS):
+    sys.path.insert(0, str(path.parent))  # the tests import their shared cells (tests/user_cells.py)
+    try:
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
     return module
+
+
+def _cell_tests(module) -> dict[str, set[str]]:
+    """Each column of tests/test_export_cells.py -> the layers its test is parametrized over."""
+    return {
+        column: set(module.LAYERS) if callable(getattr(module, f"test_{column.replace(' ', '_')}", None)) else set()
+        for column in module.COLUMNS
+    }
 
 
 def _options(kwargs: dict) -> str:
@@ -47,8 +63,15 @@ def tables() -> dict[str, str]:
             rows.append(f"| {name} | {option} | {train} | {infer} |")
     for name in t.STEPPING:
         rows.append(f"| {name} | one step, state carried (generation) | - | {YES} |")
-    again = f"{YES}, traced again at a new length"
-    rows.append(f"| a user's cell | plain | {again} | {again} |")
+    cells = _tests(CELL_TESTS)
+    tested = _cell_tests(cells)
+
+    def mark(column: str, name: str, yes: str = YES) -> str:
+        return yes if name in tested[column] else "not tested"
+
+    for name in cells.LAYERS:
+        option = "lengths (training); initial state (inference)"
+        rows.append(f"| {name} | {option} | {mark('compile training', name)} | {mark('compile inference', name)} |")
     matrix = "\n".join(rows)
     rows = [
         "| layer | `torch.export` (dynamic B and T, lengths, state in and out) | ONNX through onnxruntime |",
@@ -57,8 +80,15 @@ def tables() -> dict[str, str]:
     for name in t.LAYERS:
         onnx = f"{YES}: ONNX `{name}` node ({_options(t.ONNX_LAYERS[name])})" if name in t.ONNX_LAYERS else "no"
         rows.append(f"| {name} (2 layers, bidirectional) | {YES} | {onnx} |")
-    rows.append("| a user's cell | no (its loop is unrolled per length) | no |")
-    return {"matrix": matrix, "export": "\n".join(rows)}
+    for name in cells.LAYERS:
+        onnx = mark("onnx", name, f"{YES}: ONNX `Scan` (bidirectional)")
+        rows.append(f"| {name} (bidirectional) | {mark('export', name)} | {onnx} |")
+    summary = ["| layer | `torch.compile(fullgraph=True)` training | inference |", "|---|---|---|"]
+    for name in t.LAYERS:
+        summary.append(f"| {name} ({', '.join(t.OPTIONS)}) | {YES} | {YES} |")
+    for name in cells.LAYERS:
+        summary.append(f"| {name} | {mark('compile training', name)} | {mark('compile inference', name)} |")
+    return {"matrix": matrix, "export": "\n".join(rows), "compile": "\n".join(summary)}
 
 
 def render(text: str, made: dict[str, str], names) -> str:

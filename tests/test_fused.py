@@ -538,8 +538,8 @@ def test_stepping_at_batch_one_float32(kind, bias, route, monkeypatch):
 def test_stepping_through_the_cpp_loops_equals_the_general_route(kind, batch, dtype, monkeypatch):
     """A step as one call of the kernels' C++ loops (``step-loops``, forced here for every cell and
     batch), held to the general route over a few steps: both directions, two layers, H = 70 (a
-    partial SIMD vector); the loops asserted taken. Unforced, the table sends every batch there but
-    the RNN's batch 1 and small users' cells at batch 1 (``routing.loops_step_faster``)."""
+    partial SIMD vector); the loops asserted taken. Unforced, the table sends every lean step to
+    ``step-matmul``, which measured faster (the loops pack the weights at each call)."""
     taken = []
 
     def counted(*args):
@@ -558,8 +558,7 @@ def test_stepping_through_the_cpp_loops_equals_the_general_route(kind, batch, dt
             if state is None:  # the first step carries no state: a general route
                 out, state = layer(x[:, t : t + 1])
             else:
-                natural = "step-loops" if batch > 1 or kind in ("lstm", "gru") else "step-matmul"
-                assert rnnkit.explain(layer, x[:, t : t + 1], state).name == natural
+                assert rnnkit.explain(layer, x[:, t : t + 1], state).name == "step-matmul"
                 with routing.force("step-loops"):
                     out, state = layer(x[:, t : t + 1], state)
         torch.testing.assert_close(out, out_ref.detach(), atol=TOL[dtype], rtol=0)
@@ -572,7 +571,7 @@ def test_stepping_through_the_cpp_loops_equals_the_general_route(kind, batch, dt
 
 @pytest.mark.parametrize("kind,batch", [("lstm", 1), ("gru", 3), ("rnn_tanh", 1), ("user_lstm", 2)])
 def test_stepping_sees_parameter_updates(kind, batch):
-    """Both caches of packed weights (the C++ loops', the route's without them) see in-place updates."""
+    """A lean step reads the weights at each call: it sees in-place updates and load_state_dict."""
     layer = LAYERS[kind](input_size=3, hidden_size=4, num_layers=2).eval()
     x = torch.randn(batch, 1, 3)
     state = tuple(torch.zeros(2, batch, 4) for _ in layer.State._fields)
@@ -612,27 +611,8 @@ def test_inference_packs_the_current_weights(kind):
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru", "user_lstm"])
-def test_stepping_sees_weights_swapped_twice(kind):
-    """A weight replaced twice through ``.data`` between two steps (its old storage freed each time,
-    so a new one may get its address back) cannot pass for the cached one: the cache keeps an alias
-    of every weight it packed. (Without the aliases this failed in most of the 20 tries.)"""
-    for _ in range(20):
-        layer = LAYERS[kind](input_size=8, hidden_size=32).eval()
-        x = torch.randn(4, 6, 8)
-        with torch.no_grad():
-            _, state = layer(x)
-            layer(x[:, :1], state)  # the lean path: packs and caches
-            cell = layer.cells[0]
-            for _ in range(2):
-                cell.weight_hh.data = torch.randn_like(cell.weight_hh)
-            got, _ = layer(x[:, :1], state)
-        want, _ = layer(x[:, :1], state)  # grad enabled: the general route
-        torch.testing.assert_close(got, want.detach(), atol=1e-5, rtol=0)
-
-
-@pytest.mark.parametrize("kind", ["lstm", "gru", "user_lstm"])
 def test_a_layer_made_under_inference_mode_runs_and_steps(kind):
-    """Its weights are inference tensors, without a version counter: nothing is cached for them."""
+    """Its weights are inference tensors, without a version counter."""
     with torch.inference_mode():
         layer = LAYERS[kind](input_size=3, hidden_size=4, num_layers=2).eval()
         x = torch.randn(2, 5, 3)
@@ -644,15 +624,13 @@ def test_a_layer_made_under_inference_mode_runs_and_steps(kind):
     torch.testing.assert_close(step[:, 0], want[:, 4], atol=1e-5, rtol=0)
 
 
-def test_pickling_a_layer_leaves_out_its_packed_weights():
+def test_pickling_a_layer_keeps_torch_nns_state_only():
     layer = rnnkit.LSTM(3, 4, batch_first=True).eval()
     x, state = torch.randn(2, 1, 3), rnnkit.LSTMState(torch.zeros(1, 2, 4), torch.zeros(1, 2, 4))
     with torch.no_grad():
-        want, _ = layer(x, state)  # the lean path: packs and caches (on the layer's bound cells)
-        assert step_module.CACHE_ATTR in vars(layer._bound())
+        want, _ = layer(x, state)  # the lean path
         for other in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
             assert set(other.__getstate__()) == set(torch.nn.LSTM(3, 4).__getstate__())  # torch.nn's state only
-            assert step_module.CACHE_ATTR not in vars(other._bound())
             torch.testing.assert_close(other(x, state)[0], want, atol=0, rtol=0)
 
 
@@ -749,6 +727,9 @@ def test_bench_smoke(tmp_path):
     assert [(s["kind"], s["batch"]) for s in report["stepping"]] == [("lstm", 1), ("lstm", 2), ("gru", 1), ("gru", 2)]
     assert [c["mode"] for c in report["custom_cell"]] == ["train", "infer", "step"]
     assert all(c["user_cell_ms"] > 0 and c["builtin_ms"] > 0 for c in report["custom_cell"])
+    # torch.nn's defaults (time-major) and rnnkit.convert, each point beside the batch-first layer
+    assert [(r["kind"], r["mode"]) for r in report["layouts"]] == [("lstm", "train"), ("lstm", "infer")]
+    assert all(r[way]["slowdown"] > 0 for r in report["layouts"] for way in ("time-major", "convert"))
 
 
 @pytest.mark.parametrize(

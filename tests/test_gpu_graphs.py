@@ -94,3 +94,21 @@ def test_graphs_are_for_cuda_tensors_only():
     with torch.no_grad():
         _, state = layer(torch.randn(1, 2, 3))
         assert rnnkit.explain(layer, torch.randn(1, 1, 3), state).name != "step-graph"
+
+
+def test_a_layer_holding_graphs_pickles_and_copies_without_them():
+    import copy
+    import io
+
+    layer = rnnkit.Recurrent(rnnkit.LSTMCell, 3, 5, batch_first=True).eval()
+    graphs = cuda_graphs.graphs_of(layer, capture_eager)
+    with torch.no_grad():
+        graphs.step(layer, torch.randn(1, 1, 3), [torch.randn(1, 1, 5), torch.randn(1, 1, 5)])
+    assert graphs.graphs
+    copied = copy.deepcopy(layer)
+    assert cuda_graphs.graphs_of(copied).graphs == {} and cuda_graphs.graphs_of(copied) is not graphs
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert cuda_graphs.graphs_of(loaded).graphs == {}

@@ -19,6 +19,12 @@ training (forward+backward) and inference (forward, no_grad); per-token stepping
 kernel), same FLOPs: training and inference at B=32, H=512, T=64, and stepping 3 x 512 at batch 1
 (``--quick``: H=256).
 
+As a torch.nn user meets them: at the grid's T = 64 points (the smoke run: its one point, the
+LSTM), torch.nn's layer at its defaults (time-major input) against rnnkit's batch-first layer,
+rnnkit's class at torch.nn's defaults (time-major, the same initial weights) and ``rnnkit.convert``
+of a torch.nn model, the four alternated; each rnnkit way's time over the batch-first one's says
+what the layout costs (``--layouts-only`` runs these rows alone).
+
 Each row names the route rnnkit's call took (``rnnkit.explain``, core/routing.py); ``--route NAME``
 runs rnnkit's side through one route (``rnnkit.routing.force``) to measure it alone.
 """

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import math
 import platform
@@ -147,6 +148,68 @@ def grid_point(kind, mode, B, H, T, repeats, peak) -> Row:
     return Row(kind, mode, B, H, T, t_torch * 1e3, t_ours * 1e3, t_torch / t_ours, q1, q3, gflops, gflops / peak, route)
 
 
+def compare_all(fns: list, repeats: int) -> tuple[list[float], list[tuple[float, float]]]:
+    """``compare`` for several callables: the median seconds of each, called in turn (the order
+    reversed every repeat) after a warm-up, and for each the quartiles of the repeats' ratios
+    ``fns[0] / fns[i]`` (calls that ran next to each other)."""
+    for fn in fns:
+        fn()
+    once = sum(_timed(fn) for fn in fns)
+    if repeats > 1:
+        repeats = max(repeats, min(MAX_REPEATS, math.ceil(MIN_SECONDS / max(once, 1e-9))))
+    times: list[list[float]] = [[] for _ in fns]
+    for r in range(repeats):
+        order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
+        for i in order:
+            times[i].append(_timed(fns[i]))
+    medians = [statistics.median(t) for t in times]
+    return medians, [_quartiles([a / b for a, b in zip(times[0], t)]) for t in times]
+
+
+# How a torch.nn user meets the layers (``layout_point``): the rnnkit class at torch.nn's defaults
+# (time-major input, batch_first=False) and a torch.nn model through rnnkit.convert, against the
+# batch-first layer of the grid; all three against torch.nn's layer at its defaults.
+LAYOUTS = ("batch-first", "time-major", "convert")
+
+
+def layout_point(kind, mode, B, H, T, repeats) -> dict:
+    """One grid point four ways, alternated in one process: torch.nn's layer at its defaults
+    (time-major), rnnkit's batch-first, rnnkit's class at torch.nn's defaults (the same weights under
+    the same seed) and ``rnnkit.convert`` of a torch.nn model holding the layer. ``slowdown``: each
+    rnnkit way's time over the batch-first one's (1.0: no cost for the layout)."""
+    torch.manual_seed(0)
+    theirs = TORCH[kind](INPUT, H)
+    torch.manual_seed(0)
+    defaults = getattr(rnnkit, TORCH[kind].__name__)(INPUT, H)  # time-major, torch.nn's initial weights
+    batch_first = rnnkit.from_torch(TORCH[kind](INPUT, H, batch_first=True))
+    batch_first.load_state_dict(theirs.state_dict())
+    converted = rnnkit.convert(torch.nn.Sequential(copy.deepcopy(theirs)))
+    assert all(torch.equal(a, b) for a, b in zip(theirs.parameters(), defaults.parameters()))
+    x = torch.randn(T, B, INPUT, requires_grad=mode == "train")  # (T, B, I), as torch.nn's default
+    x_bf = x.detach().transpose(0, 1).contiguous().requires_grad_(mode == "train")  # (B, T, I)
+    make = _train if mode == "train" else _infer
+    fns = [make(theirs, x), make(batch_first, x_bf), make(defaults, x), make(converted, x)]
+    (t_torch, *t_ours), quartiles = compare_all(fns, repeats)
+    with torch.set_grad_enabled(mode == "train"):
+        route = rnnkit.explain(defaults, x).name
+    row: dict = {"kind": kind, "mode": mode, "batch": B, "hidden": H, "steps": T, "torch_ms": t_torch * 1e3}
+    for layout, t, (q1, q3) in zip(LAYOUTS, t_ours, quartiles[1:]):
+        row[layout] = {"rnnkit_ms": t * 1e3, "ratio": t_torch / t, "ratio_q1": q1, "ratio_q3": q3}
+    for layout in LAYOUTS[1:]:
+        row[layout]["slowdown"] = row[layout]["rnnkit_ms"] / row["batch-first"]["rnnkit_ms"]
+    row["route"] = route
+    return row
+
+
+def _format_layout(r: dict) -> str:
+    ways = ", ".join(f"{layout} {r[layout]['rnnkit_ms']:.2f} ms ({r[layout]['ratio']:.2f}x)" for layout in LAYOUTS)
+    costs = ", ".join(f"{layout} {r[layout]['slowdown']:.3f}" for layout in LAYOUTS[1:])
+    return (
+        f"{r['kind']:5} {r['mode']:5} {r['batch']:3d} {r['hidden']:4d} {r['steps']:4d}: torch.nn (time-major) "
+        f"{r['torch_ms']:.2f} ms; rnnkit {ways}; time over batch-first: {costs}  {r['route']}"
+    )
+
+
 def _stepper(model, x, tokens):
     """Stepping ``model`` one token at a time from ``x`` (B, 1, I), state carried, under inference_mode."""
 
@@ -229,7 +292,7 @@ def _peak_line(peaks: dict, n: int) -> str:
     )
 
 
-def run_benchmark(preset: str = "full", threads: int = 2, log=print) -> dict:
+def run_benchmark(preset: str = "full", threads: int = 2, log=print, layouts_only: bool = False) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     if preset == "smoke":  # a tiny end-to-end run for the test suite: no meaningful numbers
@@ -249,6 +312,14 @@ def run_benchmark(preset: str = "full", threads: int = 2, log=print) -> dict:
         grid = [(B, H, T) for B in (1, 32, 64) for H in (128, 512) for T in (64, 256)]
         kinds, repeats, peak_n, tokens, custom = list(TORCH), 5, 2048, 200, (32, 512, 64)
         batches = (1, 8, 64)  # the target is batch 1; 8 and 64 as sampling several sequences at once
+    layout_grid = [p for p in grid if p[2] == 64] or grid  # the layouts at the grid's T = 64 points
+    layout_kinds = kinds[:1] if preset == "smoke" else kinds
+    if layouts_only:
+        return {
+            "machine": {"torch": torch.__version__, "threads": threads},
+            "preset": preset,
+            "layouts": _layouts(layout_kinds, layout_grid, repeats, log),
+        }
     peaks = matmul_peak(peak_n)
     loops = "C++" if native.ops() is not None else "Python (the C++ loops could not be built)"
     log(f"torch {torch.__version__}, {threads} thread(s), rnnkit step loops: {loops}; " + _peak_line(peaks, peak_n))
@@ -259,6 +330,7 @@ def run_benchmark(preset: str = "full", threads: int = 2, log=print) -> dict:
                 row = grid_point(kind, mode, B, H, T, repeats, peaks["peak"])
                 rows.append(row)
                 log(_format_row(row))
+    layouts = _layouts(layout_kinds, layout_grid, repeats, log)
     steps = [stepping(kind, tokens, repeats, batch) for kind in ("lstm", "gru") for batch in batches]
     custom_rows = custom_cell(*custom, repeats, tokens)
     # the peak again at the end: a start that the machine's other tenants slowed would otherwise
@@ -280,11 +352,33 @@ def run_benchmark(preset: str = "full", threads: int = 2, log=print) -> dict:
         },
         "preset": preset,
         "rows": [asdict(r) for r in rows],
+        "layouts": layouts,
         "stepping": steps,
         "custom_cell": custom_rows,
         "summary": _summary(rows),
     }
     return report
+
+
+def _layouts(kinds, grid, repeats, log) -> list[dict]:
+    log("torch.nn's defaults (time-major) and rnnkit.convert against the batch-first layer:")
+    rows = []
+    for kind in kinds:
+        for B, H, T in grid:
+            for mode in ("train", "infer"):
+                rows.append(layout_point(kind, mode, B, H, T, repeats))
+                log(_format_layout(rows[-1]))
+    return rows
+
+
+def layouts_summary(rows: list[dict]) -> str:
+    """The layouts' cost over batch-first: geometric mean and largest time ratio, per layout."""
+    parts = []
+    for layout in LAYOUTS[1:]:
+        costs = [r[layout]["slowdown"] for r in rows]
+        if costs:
+            parts.append(f"{layout} {_geomean(costs):.3f} (max {max(costs):.3f})")
+    return "rnnkit's time over batch-first, geometric mean: " + ", ".join(parts)
 
 
 def _geomean(values):
@@ -321,6 +415,10 @@ def _format_row(r: Row) -> str:
 
 
 def format_report(report: dict) -> str:
+    layouts = report.get("layouts", [])
+    layout_lines = [_format_layout(r) for r in layouts] + ([layouts_summary(layouts)] if layouts else [])
+    if "rows" not in report:  # --layouts-only
+        return "\n".join(layout_lines)
     lines = [HEADER] + [_format_row(Row(**r)) for r in report["rows"]]
     s = report["summary"]
     iqr = {m: "-".join(f"{v:.2f}" for v in s[f"{m}_min_ratio_pairs_iqr"]) for m in ("train", "infer")}
@@ -330,6 +428,7 @@ def format_report(report: dict) -> str:
         f"min {s['infer_min_ratio']:.2f} (pairs {iqr['infer']}); "
         f"training at H=512, B>=32: min {100 * s['train_peak_frac_h512_b32plus_min']:.0f}% of peak"
     )
+    lines += layout_lines
     for st in report["stepping"]:
         lines.append(
             f"stepping 3x512 {st['kind']} batch {st['batch']}: torch {st['torch_ms_per_token']:.3f} ms/token, "
@@ -363,6 +462,11 @@ def main(argv=None) -> None:
         "run stops the benchmark with the reason (default: the route each call would take)",
     )
     parser.add_argument(
+        "--layouts-only",
+        action="store_true",
+        help="only the rows of torch.nn's defaults (time-major input) and rnnkit.convert against the batch-first layer",
+    )
+    parser.add_argument(
         "--device",
         choices=["cpu", "cuda"],
         default="cpu",
@@ -377,7 +481,9 @@ def main(argv=None) -> None:
         main_cuda(preset, args.json, args.route)
         return
     with routing.force(args.route) if args.route else contextlib.nullcontext():
-        report = run_benchmark(preset, args.threads, log=lambda line: print(line, flush=True))
+        report = run_benchmark(
+            preset, args.threads, log=lambda line: print(line, flush=True), layouts_only=args.layouts_only
+        )
     report["forced_route"] = args.route
     print()
     print(format_report(report))

@@ -10,7 +10,10 @@ prints both metrics and fails (exit code 1) if they differ.
 Tasks: the classifier (tokens and lengths in, class logits out) and the language model as a step
 function (tokens (B, T) and the state in, logits and the state out; T = 1 is one generation step, and
 the metric is computed by running the file over the validation text chunk by chunk with the state
-carried). Each task's part is one entry of EXPORTERS.
+carried), and the sorter as two files, its encoder (numbers (B, N) in; the encoder's outputs and the
+decoder's first state out) at FILE and one decoder step (the previous choice, the encoder's outputs and
+the state in; logits and the new state out) at FILE with ``-step`` before its suffix, which greedy or
+beam decoding drives step by step. Each task's part is one entry of EXPORTERS.
 """
 
 from __future__ import annotations
@@ -18,14 +21,16 @@ from __future__ import annotations
 import argparse
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, cast
 
 import torch
-from torch import nn
+import torch.utils._pytree as pytree
+from torch import Tensor, nn
 
 from rnnkit.cli.command import Command
 from rnnkit.cli.runs import add_run_flags, load_selected_run
 from rnnkit.common.errors import UsageError
+from rnnkit.tasks.sort.model import SortModel
 
 TOLERANCE = 1e-4  # largest difference between the two metrics that counts as reproduced
 
@@ -150,6 +155,153 @@ def _language_model(loaded, fmt: str, out: Path) -> nn.Module:
     )
 
 
+class _ShippedMemory(NamedTuple):
+    """The sorter's memory (tasks/sort/model.py's ``Memory``) with the decoder's first state beside it, so
+    beam search, which reorders the memory's rows, reorders that state with them."""
+
+    inputs: Tensor  # (B, N) the numbers
+    embedded: Tensor  # (B, N, E)
+    outputs: Tensor  # (B, N, D*H)
+    state: tuple  # per decoder layer, the cell state
+    start: Any  # decoder.start(memory), written by the encoder's file
+
+
+class _Encoder(nn.Module):
+    """The sorter's encoder and its decoder's start as one function: numbers (B, N) -> the tensors of the
+    memory and of the first decoder state, flat (``tree_leaves`` order)."""
+
+    model: Any  # the sorter (tasks/sort/model.py's SortModel)
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs):
+        memory = self.model.encode(inputs)
+        start = self.model.decoder.start(memory)
+        return tuple(pytree.tree_leaves((memory.embedded, memory.outputs, memory.state, start)))
+
+
+class _DecoderStep(nn.Module):
+    """One decoder step: the previous choice (B,), the encoder's outputs (B, N, D*H) and the decoder
+    state's tensors in, the logits (B, C) and the new state's tensors out."""
+
+    model: Any  # the sorter (tasks/sort/model.py's SortModel)
+
+    def __init__(self, model: nn.Module, spec: pytree.TreeSpec):
+        super().__init__()
+        self.model, self.spec = model, spec
+
+    def forward(self, prev, outputs, *leaves):
+        state = pytree.tree_unflatten(list(leaves), self.spec)
+        memory = _ShippedMemory(prev, outputs, outputs, (), state)  # a step reads only the encoder's outputs
+        logits, state = self.model.decoder.step(prev, state, memory)
+        return (logits, *pytree.tree_leaves(state))
+
+
+class _ShippedDecoder:
+    """The decoder's step contract (tasks/sort/search.py's ``Decoder``) over the written step file."""
+
+    def __init__(self, run, spec: pytree.TreeSpec):
+        self.run, self.spec = run, spec
+
+    def start(self, memory: _ShippedMemory):
+        return memory.start
+
+    def step(self, prev, state, memory: _ShippedMemory):
+        logits, *leaves = self.run(prev, memory.outputs, *pytree.tree_leaves(state))
+        return logits, pytree.tree_unflatten(leaves, self.spec)
+
+
+class _ExportedSorter(nn.Module):
+    """The two written files behind the sorter's interface (``encode``, ``decoder``, ``forward``), so the
+    task's own evaluation (teacher-forced loss, greedy or beam decoding) runs them."""
+
+    def __init__(self, model: nn.Module, encode, step, spec: pytree.TreeSpec):
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(()), requires_grad=False)  # the task reads the device from it
+        self.points, self.floats, self.vocab = model.points, model.floats, model.vocab
+        self._encode, self._spec = encode, spec
+        self.decoder = _ShippedDecoder(step, spec.child(3))
+
+    def encode(self, inputs):
+        embedded, outputs, *rest = self._encode(inputs)
+        _, _, state, start = pytree.tree_unflatten([embedded, outputs, *rest], self._spec)
+        return _ShippedMemory(inputs, embedded, outputs, state, start)
+
+    def targets_of(self, inputs, order):
+        return SortModel.targets_of(cast(SortModel, self), inputs, order)
+
+    def forward(self, inputs, order=None):
+        return SortModel.forward(cast(SortModel, self), inputs, order)
+
+
+def _free_length(shapes: list[tuple[int, ...]], avoid: int) -> int:
+    """A sequence length for the example that no other dimension of the model's tensors equals, so that
+    only the dimensions that are the length are marked dynamic."""
+    taken = {d for shape in shapes for d in shape} | {avoid}
+    return next(n for n in (5, 7, 11, 13, 17, 19, 23) if n not in taken)
+
+
+def _sorter(loaded, fmt: str, out: Path) -> nn.Module:
+    model = loaded.model.eval()
+    config = loaded.task.config
+    B = 3
+    sizes = [tuple(p.shape) for p in model.parameters()]
+    N = _free_length(sizes, B)
+    inputs = torch.rand(B, N) if config.floats else torch.randint(0, config.vocab, (B, N))
+    encoder = _Encoder(model).eval()
+    with torch.no_grad():
+        leaves = encoder(inputs)
+        memory = model.encode(inputs)
+        spec = pytree.tree_structure((memory.embedded, memory.outputs, memory.state, model.decoder.start(memory)))
+    outputs, state_leaves = leaves[1], list(leaves[2 + len(pytree.tree_leaves(memory.state)) :])
+    state_spec = spec.child(3)
+    step = _DecoderStep(model, state_spec).eval()
+    prev = torch.randint(0, N, (B,))
+    batch, length = torch.export.Dim("batch", min=1), torch.export.Dim("length", min=1)
+
+    def dims(t: Tensor) -> dict:
+        return {0: batch, **({1: length} if t.dim() > 1 and t.shape[1] == N else {})}
+
+    encoder_dims = ({0: batch, 1: length},)
+    step_args = (prev, outputs, *state_leaves)
+    step_dims = (dims(prev), dims(outputs), tuple(dims(t) for t in state_leaves))  # forward(prev, outputs, *leaves)
+    encoder_out, step_out = _paths(out)
+    if fmt == "pt2":
+        for module, args, dyn, path in (
+            (encoder, (inputs,), encoder_dims, encoder_out),
+            (step, step_args, step_dims, step_out),
+        ):
+            torch.export.save(torch.export.export(module, args, dynamic_shapes=dyn), str(path))
+        encoder_program = torch.export.load(str(encoder_out)).module()
+        step_program = torch.export.load(str(step_out)).module()
+        return _ExportedSorter(model, encoder_program, step_program, spec)
+    ort = _onnxruntime()
+    from rnnkit.core import onnx_ops
+
+    onnx_ops.export(encoder, (inputs,), encoder_out, dynamic_shapes=encoder_dims, input_names=["inputs"])
+    names = ["prev", "outputs", *(f"state_{i}" for i in range(len(state_leaves)))]
+    onnx_ops.export(step, step_args, step_out, dynamic_shapes=step_dims, input_names=names)
+    encoder_session = ort.InferenceSession(str(encoder_out), providers=["CPUExecutionProvider"])
+    step_session = ort.InferenceSession(str(step_out), providers=["CPUExecutionProvider"])
+    fed = [i.name for i in step_session.get_inputs()]  # the exporter drops inputs a step never reads
+
+    def run_encoder(x):
+        return [torch.from_numpy(a) for a in encoder_session.run(None, {"inputs": x.numpy()})]
+
+    def run_step(*args):
+        feeds = {name: t.numpy() for name, t in zip(names, args) if name in fed}
+        return [torch.from_numpy(a) for a in step_session.run(None, feeds)]
+
+    return _ExportedSorter(model, run_encoder, run_step, spec)
+
+
+def _paths(out: Path) -> tuple[Path, Path]:
+    """The sorter's two files: ``OUT`` holds the encoder, ``OUT`` with ``-step`` before its suffix the decoder step."""
+    return out, out.with_name(f"{out.stem}-step{out.suffix}")
+
+
 def _onnxruntime():
     try:
         import onnxruntime as ort
@@ -159,7 +311,7 @@ def _onnxruntime():
 
 
 # task name -> (loaded run, format, output path) -> the written file as a module with the model's signature
-EXPORTERS = {"classify": _classifier, "lm": _language_model}
+EXPORTERS = {"classify": _classifier, "lm": _language_model, "sort": _sorter}
 
 
 def add_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> None:
@@ -188,7 +340,8 @@ def run(args: argparse.Namespace) -> int:
     with torch.no_grad():
         eager = loaded.task.evaluate(loaded.model)
         shipped = loaded.task.evaluate(exported)
-    print(f"wrote {out} ({args.format})")
+    written = [out, _paths(out)[1]] if name == "sort" else [out]  # the sorter: encoder and decoder step
+    print(f"wrote {' and '.join(map(str, written))} ({args.format})")
     worst = 0.0
     for key, value in eager.items():
         worst = max(worst, abs(float(value) - float(shipped[key])))

@@ -4,15 +4,15 @@ Generating text steps a stack one token at a time. On a GPU at batch 1 each step
 kernel launches per layer (``step-matmul``: the packed matmul, the gate math), and launching them
 from Python costs more than running them. ``step_graphed`` captures ``step.step_layers`` once per
 (layer, batch size, dtype) into a ``torch.cuda.CUDAGraph`` and afterwards replays it: one launch
-for the whole stack. The weights are packed once (step.py's cache) before the capture, so the graph
-reads the packs.
+for the whole stack. The step reads the weights in place (step.py packs nothing), and so does
+the graph.
 
 Bookkeeping (``StepGraphs``): a captured graph reads and writes fixed buffers, so a call copies
 ``x`` and the state into the graph's inputs, replays, and returns copies of its outputs (a later
 replay overwrites them). A graph is keyed by the input's shape, dtype and device and is valid
 while the weights it was captured with are: every weight's identity, storage and version counter
 (step.py's key) is checked at each call, so an optimizer step, ``load_state_dict`` or ``.to()``
-re-captures it (a change written through ``.data`` is not seen, as in step.py). At most
+re-captures it (a change written through ``.data`` keeps the key, and the replay reads it). At most
 ``MAX_GRAPHS`` graphs are kept per layer, the least recently used dropped first.
 
 Not graphed (the routing table's ``step-graph`` row passes over them): dropout in training
@@ -98,6 +98,10 @@ class StepGraphs:
         self.graphs: OrderedDict[tuple, tuple[tuple, StepGraph]] = OrderedDict()
         self.captures = 0  # how many graphs were captured (a re-capture counts again)
 
+    def __reduce__(self):
+        """Pickling and ``copy.deepcopy`` of a layer keep no graph: a copy captures its own on its next step."""
+        return (StepGraphs, (self.capture,))
+
     def step(self, layer, x: Tensor, parts: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
         weights_key = step._key(step.weights(step_cells(layer)))
         shape_key = (tuple(x.shape), x.dtype, x.device, len(parts))
@@ -105,7 +109,7 @@ class StepGraphs:
         if held is None or held[0] != weights_key:
             graph = StepGraph(lambda xs, ps: _run(layer, xs, ps), x, parts, self.capture)
             self.captures += 1
-            # the key after the capture: its warm-up packed the weights (step.py's cache), not changed them
+            # the key after the capture: its warm-up ran the step, which does not change the weights
             self.graphs[shape_key] = held = (weights_key, graph)
             while len(self.graphs) > MAX_GRAPHS:
                 self.graphs.popitem(last=False)

@@ -47,9 +47,8 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from rnnkit.core.cells import GRUCell, LSTMCell, LSTMState, RNNCell
 from rnnkit.core.cells.lstm import ProjectedLSTMCell
-from rnnkit.core.gates import GatedCell, HiddenState
-from rnnkit.core.routing import choose_route
-from rnnkit.core.step import CACHE_ATTR as STEP_CACHE
+from rnnkit.core.gates import GatedCell, HiddenState, only_combine_customised
+from rnnkit.core.routing import choose_route, lean_route
 
 
 class _Stack:
@@ -224,13 +223,6 @@ class Recurrent(_Stack, nn.Module):
                 state_dict[f"{prefix}cells.{int(layer) * D + reverse}.{name}"] = state_dict.pop(key)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def __getstate__(self):
-        """Pickling and ``copy.deepcopy`` leave out the lean stepping path's packed weights (step.py),
-        which the next step makes again."""
-        state = self.__dict__.copy()
-        state.pop(STEP_CACHE, None)
-        return state
-
     def extra_repr(self) -> str:
         parts = [f"{self.input_size}, {self.hidden_size}", f"num_layers={self.num_layers}"]
         if not self.bias:
@@ -258,6 +250,8 @@ class _Bound:
 
     def __init__(self, layer, weights: list, cells: list):
         self.layer, self.weights, self.cells = layer, weights, cells
+        # what the lean stepping path asks at every step (routing._lean_step), known once bound
+        self.plain_cells = all(map(only_combine_customised, cells))
 
     def __getattr__(self, name):
         return getattr(self.layer, name)
@@ -265,7 +259,7 @@ class _Bound:
 
 class _TorchContract(_Stack):
     """torch.nn.RNNBase subclasses with rnnkit's forward. Nothing but torch.nn's own state is kept
-    on the module (the bound cells and the stepping cache are plain attributes left out of pickles),
+    on the module (the bound cells are a plain attribute left out of pickles),
     so ``torch.save(model)`` loads with ``weights_only=True`` once the class is a safe global."""
 
     cell_class: ClassVar[type]
@@ -325,6 +319,11 @@ class _TorchContract(_Stack):
         """torch.nn's ``forward(input, hx=None)``; rnnkit's ``lengths=`` keyword (see the module
         docstring). ``**options`` rather than a keyword-only parameter: torch.onnx's exporter fills
         every named parameter's default in positionally."""
+        if hx is not None and not options:  # one step with a carried state: the lean path at once
+            bound = self._bound()
+            route = lean_route(bound, input, hx)
+            if route is not None:
+                return route.run(bound, input, hx, None)
         lengths = _lengths_option(options)
         if not self._plain_call(input, hx):
             if lengths is not None:
@@ -367,7 +366,6 @@ class _TorchContract(_Stack):
     def __getstate__(self):
         state = super().__getstate__()
         state.pop(_VIEWS_ATTR, None)
-        state.pop(STEP_CACHE, None)
         return state
 
     # The bound cells are made eagerly wherever the weights are made or replaced, so that a call

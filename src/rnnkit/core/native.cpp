@@ -574,6 +574,45 @@ Tensor linear_rows(const Tensor& W, const Tensor& x, const std::optional<Tensor>
   return y;
 }
 
+// One LSTM step at batch 1 on the weights as stored (W_ih (4H, I), W_hh (4H, H), torch's gate order
+// i, f, g, o): the lean stepping path (core/step.py). The two matvecs and the gate math in one call,
+// on the parameters themselves, so nothing packed from them can fall out of date.
+void lstm_step_rows(const Tensor& x, const Tensor& h, const Tensor& c, const Tensor& w_ih,
+                    const std::optional<Tensor>& b_ih, const Tensor& w_hh, const std::optional<Tensor>& b_hh,
+                    const Tensor& h_out, const Tensor& c_out) {
+  check_all("an lstm_step_rows operand", x, h, c, w_ih, w_hh, h_out, c_out);
+  const int64_t I = x.numel(), H = h.numel();
+  TORCH_CHECK(c.numel() == H && h_out.numel() == H && c_out.numel() == H && w_ih.dim() == 2 && w_hh.dim() == 2 &&
+                  w_ih.size(0) == 4 * H && w_ih.size(1) == I && w_hh.size(0) == 4 * H && w_hh.size(1) == H,
+              "rnnkit native: lstm_step_rows: one row of x (I), h and c (H), W_ih (4H, I), W_hh (4H, H)");
+  for (const Tensor* t : {&h, &c, &w_ih, &w_hh, &h_out, &c_out}) {
+    TORCH_CHECK(t->scalar_type() == x.scalar_type(), "rnnkit native: lstm_step_rows: every operand of x's dtype");
+  }
+  for (const auto* b : {&b_ih, &b_hh}) {
+    TORCH_CHECK(!b->has_value() || ((*b)->numel() == 4 * H && (*b)->scalar_type() == x.scalar_type() && (*b)->device().is_cpu()),
+                "rnnkit native: lstm_step_rows: a bias of 4H numbers, of x's dtype, on the CPU");
+  }
+  const std::optional<Tensor> bi = contiguous(b_ih), bh = contiguous(b_hh);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnkit_lstm_step_rows", [&] {
+    using T = scalar_t;
+    constexpr int64_t L = Vec<T>::size();
+    Tensor z_ = at::empty({4 * H}, x.options());
+    T* z = z_.data_ptr<T>();
+    matvec<T>(w_ih.data_ptr<T>(), x.data_ptr<T>(), ptr<T>(bi), z, 4 * H, I);
+    matvec<T>(w_hh.data_ptr<T>(), h.data_ptr<T>(), z, z, 4 * H, H);  // each row read, then written
+    const T* b = ptr<T>(bh);
+    const T* cp = c.data_ptr<T>();
+    T *hp = h_out.data_ptr<T>(), *cn = c_out.data_ptr<T>();
+    for (int64_t j = 0; j < H; j += L) {
+      const int64_t n = std::min<int64_t>(L, H - j);
+      auto gate = [&](int64_t g) { return b ? load(z + g * H + j, n) + load(b + g * H + j, n) : load(z + g * H + j, n); };
+      const Vec<T> c_new = sigmoid<T>(gate(1)) * load(cp + j, n) + sigmoid<T>(gate(0)) * tanh_<T>(gate(2));
+      (sigmoid<T>(gate(3)) * tanh_<T>(c_new)).store(hp + j, n);
+      c_new.store(cn + j, n);
+    }
+  });
+}
+
 // y (B, M) = x (B, K) A + bias, A (K, M) row-major (a weight stored transposed), one vecmat per row.
 Tensor rows_times(const Tensor& x, const Tensor& A, const std::optional<Tensor>& bias) {
   check_all("a rows_times operand", A, x);
@@ -662,6 +701,8 @@ Tensor linear_packed(const Tensor& x, const Tensor& packed, int64_t M, const std
 TORCH_LIBRARY(rnnkit_native, lib) {
   lib.def("linear_rows(Tensor W, Tensor x, Tensor? bias) -> Tensor", &linear_rows);
   lib.def("rows_times(Tensor x, Tensor A, Tensor? bias) -> Tensor", &rows_times);
+  lib.def("lstm_step_rows(Tensor x, Tensor h, Tensor c, Tensor w_ih, Tensor? b_ih, Tensor w_hh, Tensor? b_hh, "
+          "Tensor(a!) h_out, Tensor(b!) c_out) -> ()", &lstm_step_rows);
   lib.def("linear_blocks(Tensor x, Tensor w, Tensor? bias) -> Tensor", &linear_blocks);
   lib.def("pack_linear(Tensor w, int gates=1) -> Tensor", &pack_linear);
   lib.def("workspace(int[] size, ScalarType dtype) -> Tensor", &rnnkit::workspace);

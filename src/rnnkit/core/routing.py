@@ -16,26 +16,24 @@ where that is the question, is taken:
    training and backward twins), lengths, directions, dropout and (in training) the input
    projection torch ops around it: a graph with symbolic batch size and length, the eager routes'
    kernels inside (in inference the projecting LSTM loop; one step on cached packed weights). Under that
-   tracer only this route and ``reference`` (a user's cell, stepped in torch ops: the graph holds
-   one copy of the step per time step, so each new length is traced again) are taken. Under
+   tracer only this route, ``traced-scan`` (every other cell) and ``reference`` are taken. Under
    ``torch.jit.trace`` (which ``torch.onnx.export(dynamo=False)`` runs) only ``torch-kernel`` is
    taken, whose ``aten::lstm``/``gru``/``rnn_*`` node runs at any batch size and length and
    exports to ONNX's LSTM/GRU/RNN; a call it cannot take (lengths, a user's cell, dropout in
    training) raises ``RuntimeError`` rather than record a graph that would be wrong at another
    shape or with other inputs.
 2. ``step-graph``: one step of the whole stack on CUDA replayed from a CUDA graph captured per
-   batch size (core/cuda_graphs.py: ``step-matmul``'s step, weights packed once, captured once;
-   re-captured when a weight changes). Taken for one step with a carried state, no lengths, gradients
-   off and no autocast on a CUDA tensor; not with dropout in training or weights made under
-   ``torch.inference_mode()``.
-3. ``step-loops``: one step of each cell through the C++ loops with T = 1, weights packed once and
-   cached (step.py). Taken for one step (T = 1) with a carried state, no lengths, gradients off and
-   no autocast, on the CPU in float32/float64 where the C++ loops are built; at batch 1 only where
-   a cell of the stack steps faster so (``loops_step_faster``: not the RNN, a user's cell from
-   ``LOOPS_MIN_USER_WEIGHTS``).
-4. ``step-matmul``: one step through ``[x, h] @ [W_ih, W_hh]`` packed once and cached, then the gate
-   math in torch ops; at batch 1 on the CPU the C++ matrix-vector kernels (step.py). Any other such
-   step.
+   batch size (core/cuda_graphs.py: ``step-matmul``'s step, captured once, reading the weights in
+   place; re-captured when a weight object or its storage changes). Taken for one step with a
+   carried state, no lengths, gradients off and no autocast on a CUDA tensor; not with dropout in
+   training or weights made under ``torch.inference_mode()``.
+3. ``step-loops``: one step of each cell through the C++ loops with T = 1, the weights packed for
+   them at each call (step.py). It can take a lean step (T = 1 with a carried state, no lengths,
+   gradients off, no autocast) on the CPU in float32/float64 where the C++ loops are built, but
+   measured slower than ``step-matmul`` at every batch (packing costs more than the blocked matmul
+   saves), so it runs only where forced (``force("step-loops")``), to compare the two.
+4. ``step-matmul``: one step on the weights as stored, ``x W_ih^T + h W_hh^T`` and the gate math in
+   torch ops; at batch 1 on the CPU the C++ matrix-vector kernels (step.py). Every other lean step.
 5. ``torch-kernel``: the whole stack in torch's own kernel, oneDNN's LSTM on the CPU and cuDNN on
    CUDA (kernels/vendor.py). A stack of one built-in cell as shipped, no dropout in training, no
    functorch; on CUDA always (with lengths, its packed-sequence kernel, ``PACKED_DEVICES``); on the
@@ -57,16 +55,27 @@ where that is the question, is taken:
 9. ``cpp-compiled``: a user's ``combine`` compiled to a program and run over time in C++
    (kernels/compiled.py). A user's cell (only ``combine`` changed) whose ``combine`` compiles, where
    ``cpp-loops`` would run.
-10. ``python-loops``: a built-in cell's loop over time in torch ops, its backward written by hand
+10. ``cpp-layernorm``: a layer-normalised LSTM or GRU (``LayerNormLSTMCell``, ``LayerNormGRUCell``)
+   over time in C++, backward by hand with the gradients of the gains and normalisation biases
+   (kernels/layernorm_loops.py, core/layernorm.cpp); the input projection and its normalisation
+   torch ops. A stack of those cells as shipped, on the CPU in float32/float64 where the loops are
+   built, not inside a functorch transform.
+11. ``python-loops``: a built-in cell's loop over time in torch ops, its backward written by hand
    (kernels/python_loops.py). A built-in cell anywhere else: another device or dtype, the C++ loops
    not built, CUDA without Triton.
-11. ``generic``: a user's ``combine`` stepped in torch ops, the backward through time one autograd
+12. ``generic``: a user's ``combine`` stepped in torch ops, the backward through time one autograd
    call (kernels/generic.py). A user's cell that changes only ``combine``, anywhere else.
-12. ``parallel-scan``: a stack of cells whose gates read the input only (``ParallelScanCell``:
+13. ``parallel-scan``: a stack of cells whose gates read the input only (``ParallelScanCell``:
    minGRU, minLSTM), each (layer, direction) one input projection and one scan over time
-   (core/parallel_scan.py: stepped with a hand-written backward on the CPU, the log-space parallel
-   scan elsewhere). Not inside a functorch transform.
-13. ``reference``: ``cell.project_input``, then ``cell.step`` over time with autograd (core/scan.py).
+   (core/parallel_scan.py: stepped with a hand-written backward on the CPU, in C++ where built, the
+   log-space parallel scan elsewhere). Not inside a functorch transform.
+14. ``traced-scan``: while ``torch.compile``, ``torch.export`` or the ONNX exporter traces the call,
+   any cell that ``traced-ops`` does not take (a user's cell, the layer-normalised cells, minGRU and
+   minLSTM, the LSTM with ``proj_size``): each (layer, direction) its input projection, then
+   ``cell.step`` over time as one node of PyTorch's ``scan`` operator (core/traced_scan.py), so the
+   graph holds one copy of the step and the length stays symbolic; the ONNX exporter writes it as
+   ONNX's ``Scan``. Not inside a functorch transform.
+15. ``reference``: ``cell.project_input``, then ``cell.step`` over time with autograd (core/scan.py).
    Anything else: a cell that rewrites ``step`` or a projection or has parameters of its own, a
    stack of mixed cell classes, a call inside a functorch transform (vmap, grad).
 
@@ -80,6 +89,8 @@ The measurements behind the thresholds (development machine, 2 threads, alternat
   (1.03-1.49x), where oneDNN slows as its workspace leaves the cache; between the two oneDNN trains
   5-14% faster. With the input's gradient taken (which oneDNN computes anyway): the C++ loops
   1.07-1.42x above these lines, 0.83-0.91x at 32 and 64 x 128 x 64 below them.
+- ``cpp-layernorm`` against ``reference`` (the layer-normalised cells' only other route), B=32,
+  H=512, input 512, T=256, training: see docs/cells.md's benchmark rows.
 - GRU and RNN: the C++ loops beat torch's kernels on the CPU in training and inference; where they
   are not built, torch's kernel wins inference over the Python loops.
 - CUDA with lengths (``PACKED_DEVICES``): torch.nn's packed path measured 1.6-2.5x faster than the
@@ -92,12 +103,13 @@ The measurements behind the thresholds (development machine, 2 threads, alternat
   six; its rows in ``python -m rnnkit.bench --device cuda`` measure it against torch.nn.
 - cpp-projecting against projecting beforehand (one matmul, then the loop), LSTM, batch 1-64,
   H 128 and 512: 1.03-1.27x.
-- step-loops against step-matmul (tokens alternated in one process): batch 2, 8 and 64, 2 layers of
-  256 and of 512: LSTM 1.6-4.3x, GRU 1.35-3.2x, RNN 1.06-1.6x, a user's LSTM cell 1.5-5.1x. Batch 1:
-  LSTM 1.02-1.50x and GRU 1.09-1.64x (1 layer of 64 to 3 of 512); the RNN 0.75-0.86x, so it steps
-  batch 1 through step-matmul; a user's LSTM cell 0.90-0.93x at 1 x 64, 1.00-1.08x at 2 x 128,
-  1.08-1.12x at 2 x 256 and 1.37-1.53x at 3 x 512, so at batch 1 a user's cell takes step-loops from
-  ``LOOPS_MIN_USER_WEIGHTS`` weights (W_ih and W_hh) in a layer.
+- step-loops against step-matmul (tokens alternated in one process, 1 thread), both reading the
+  weights at each call (nothing cached, so nothing can be stale): step-matmul 1.3-3.5x faster for
+  the LSTM, GRU and RNN at batch 1, 8 and 64, 1 layer of 64 to 3 of 512 (packing per call costs
+  more than the blocked matmul saves). Against the packs once cached (the earlier design, which
+  missed writes through ``.data``): batch 1 a draw or faster at 1 x 64 (LSTM 1.5-3x as one C++
+  call, ``lstm_step_rows``; its kernel 1.2x the cached loop's at 1 x 512), the LSTM 1.2x slower at
+  2 x 256 and batch 8 and 1.05-1.1x at batch 64, the GRU within 1.0-1.2x.
 
 Choices inside a route, each a kernel's own and documented where it is made: step-matmul's
 matrix-vector kernels up to ``step.NATIVE_MAX_BYTES``; the generic kernel's recurrent matmul
@@ -130,14 +142,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from rnnkit.core import cuda_graphs, native, ops, parallel_scan, pointwise, stack, step
-from rnnkit.core.cells.gru import GRUCell
+from rnnkit.core import cuda_graphs, native, ops, parallel_scan, pointwise, stack, step, traced_scan
 from rnnkit.core.cells.lstm import LSTMCell, ProjectedLSTMCell
-from rnnkit.core.cells.rnn import RNNCell
 from rnnkit.core.cells.scan_cell import ParallelScanCell
 from rnnkit.core.gates import only_combine_customised
 from rnnkit.core.kernels import triton_loops, triton_pointwise
 from rnnkit.core.kernels.base import Kernel
+from rnnkit.core.kernels.layernorm_loops import LAYERNORM_CELLS, scan_layernorm
 from rnnkit.core.kernels.table import GENERIC, KERNELS, kernel_for, own_loops
 from rnnkit.core.kernels.vendor import VENDOR
 
@@ -146,7 +157,6 @@ LOG = logging.getLogger("rnnkit.routing")
 NATIVE_LSTM_MAX_STATE = 1024  # batch x hidden: LSTM training at or below this runs the C++ loops
 NATIVE_LSTM_MIN_TRAIN_GATES = 2 << 20  # T x B x 4H: LSTM training above this runs the C++ loops
 PACKED_DEVICES = ("cuda",)  # where a built-in stack with lengths runs torch's packed-sequence kernel
-LOOPS_MIN_USER_WEIGHTS = 1 << 18  # W_ih + W_hh elements: a user's cell steps batch 1 through the loops from here
 
 
 def functorch_active() -> bool:
@@ -264,33 +274,36 @@ def _lean_step(layer, x, state) -> tuple[str | None, list, int]:
         for p in parts
     ):
         return "the state does not match the layer", [], 0
-    if not all(map(only_combine_customised, cells)):  # the steppers run the weights themselves
+    # the steppers run the weights themselves: cells that change only combine (a torch.nn-contract
+    # layer's bound cells say so once, when bound: layers.py's _Bound)
+    plain = layer.__dict__.get("plain_cells")
+    if not (plain if plain is not None else all(map(only_combine_customised, cells))):
         return "a cell changes more than combine", [], 0
     return None, cells, B
 
 
-def _step_loops_why(x: Tensor, cells: list, B: int) -> str | None:
-    """``None`` where a lean step of ``cells`` (batch ``B``) takes step-loops: they can run and measured
-    faster; else why not."""
+def _step_loops_why(x: Tensor, cells: list) -> str | None:
+    """``None`` where step-loops can run a lean step of ``cells``, else why not."""
     if native.ops_for(x) is None:
         return "the C++ loops do not run here (the CPU, float32/float64, built)"
     if any(p.dtype != x.dtype for p in step.weights(cells)):
         return "the weights' dtypes differ from x's"
-    if B == 1 and not any(map(loops_step_faster, cells)):
-        return "measured slower here"
     return None
 
 
-def _lean_route(layer, x, state) -> Route | None:
-    """The route of a lean step (an eager call with a carried state, no lengths, gradients off) in
-    one pass over the checks, since it runs at every generated token; ``None`` where the lean path
-    cannot take the call (the table then says why). The same choice as the table's first rows."""
-    why, cells, B = _lean_step(layer, x, state)
-    if why is not None:
+def lean_route(layer, x, state) -> Route | None:
+    """The route of an eager lean step (a carried state, gradients off, no route forced), decided in
+    one pass over the checks since it runs at every generated token; ``None`` where the call is
+    anything else (``choose_route`` then decides, and the table says why). The same choice as the
+    table's first rows (a test holds the two together)."""
+    if state is None or torch.is_grad_enabled() or tracer() is not None or _FORCED.get() is not None:
         return None
-    if x.device.type == "cuda" and cuda_graphs.why_not(layer, x) is None:
-        return STEP_GRAPH
-    return STEP_MATMUL if _step_loops_why(x, cells, B) is not None else STEP_LOOPS
+    if _lean_step(layer, x, state)[0] is not None:
+        return None
+    route = STEP_GRAPH if x.device.type == "cuda" and cuda_graphs.why_not(layer, x) is None else STEP_MATMUL
+    if LOG.isEnabledFor(logging.DEBUG):
+        LOG.debug("%s: %s", type(getattr(layer, "layer", layer)).__name__, route.name)
+    return route
 
 
 def validate(layer, x) -> None:
@@ -323,7 +336,8 @@ def _complete(call: Call) -> Call:
     call.combine = type(first).combine
     call.functorch = functorch_active()
     call.autocast = torch.is_autocast_enabled(x.device.type)
-    call.native = not call.functorch and native.ops_for(x) is not None
+    # a traced call takes no route that reads it, and torch.compile cannot trace the first load's lock
+    call.native = not call.functorch and call.tracer is None and native.ops_for(x) is not None
     state = call.state
     parts = (state,) if isinstance(state, Tensor) else tuple(state) if isinstance(state, (tuple, list)) else ()
     call.grad = torch.is_grad_enabled() and (
@@ -352,14 +366,6 @@ def lstm_loops_faster(call: Call) -> bool:
     return not call.grad or B * H <= NATIVE_LSTM_MAX_STATE or T * B * 4 * H > NATIVE_LSTM_MIN_TRAIN_GATES
 
 
-def loops_step_faster(cell) -> bool:
-    """Whether ``cell`` steps batch 1 faster through step-loops than step-matmul (measured: above)."""
-    combine = type(cell).combine
-    if combine in (LSTMCell.combine, GRUCell.combine, RNNCell.combine):
-        return combine is not RNNCell.combine
-    return cell.weight_ih.numel() + cell.weight_hh.numel() >= LOOPS_MIN_USER_WEIGHTS
-
-
 # -- each route's conditions: supports (None or why not) and faster ------------------------------
 
 
@@ -380,14 +386,11 @@ def _step_graph_supports(call: Call) -> str | None:
 def _step_loops_supports(call: Call) -> str | None:
     if call.lean is not None:
         return call.lean
-    _, cells, B = _lean_step(call.layer, call.x, call.state)
-    why = _step_loops_why(call.x, cells, B)
-    return None if why == "measured slower here" else why
+    return _step_loops_why(call.x, _lean_step(call.layer, call.x, call.state)[1])
 
 
 def _step_loops_faster(call: Call) -> bool:
-    _, cells, B = _lean_step(call.layer, call.x, call.state)
-    return _step_loops_why(call.x, cells, B) is None
+    return False  # packing at each call costs more than the blocked matmul saves (module docstring)
 
 
 def _step_matmul_supports(call: Call) -> str | None:
@@ -482,6 +485,16 @@ def _cpp_compiled_supports(call: Call) -> str | None:
     return None if _programs(call) is not None else "its combine does not compile (core/pointwise.py)"
 
 
+def _cpp_layernorm_supports(call: Call) -> str | None:
+    if not all(type(c) in LAYERNORM_CELLS for c in call.layer.cells):
+        return "not a stack of layer-normalised LSTM or GRU cells as shipped"
+    if not call.native:
+        return "the C++ loops do not run here (the CPU, float32/float64, built)"
+    if any(p.dtype not in native.FLOATS for c in call.layer.cells for p in c._parameters.values() if p is not None):
+        return "the weights are not float32/float64"
+    return None
+
+
 def _python_loops_supports(call: Call) -> str | None:
     if not _builtin(call):
         return "not a built-in cell as shipped"
@@ -497,6 +510,12 @@ def _generic_supports(call: Call) -> str | None:
 def _parallel_scan_supports(call: Call) -> str | None:
     if not all(isinstance(c, ParallelScanCell) for c in call.layer.cells):
         return "not a stack of parallel-scan cells (minGRU, minLSTM)"
+    return "inside a functorch transform" if call.functorch else None
+
+
+def _traced_scan_supports(call: Call) -> str | None:
+    if call.tracer != "dynamo":
+        return "not traced by torch.compile or torch.export (eager calls take the measured routes)"
     return "inside a functorch transform" if call.functorch else None
 
 
@@ -552,8 +571,8 @@ ROUTES: tuple[Route, ...] = (
     ),
     Route(
         "step-loops",
-        "one step of each cell through the C++ loops with T = 1, weights packed once",
-        "one step with a carried state, gradients off, on the CPU where the C++ loops are built",
+        "one step of each cell through the C++ loops with T = 1, the weights packed at each call",
+        "only where forced: measured slower than step-matmul",
         _step_loops_supports,
         _step_loops_faster,
         lambda layer, x, state, lengths: step.step_layers(layer, x, state, loops=True),
@@ -561,7 +580,7 @@ ROUTES: tuple[Route, ...] = (
     ),
     Route(
         "step-matmul",
-        "one step through [x, h] @ [W_ih, W_hh] packed once, then the gate math in torch ops",
+        "one step on the weights as stored (x W_ih^T + h W_hh^T), then the gate math in torch ops",
         "one step with a carried state and gradients off",
         _step_matmul_supports,
         _yes,
@@ -610,6 +629,14 @@ ROUTES: tuple[Route, ...] = (
         stack.per_cell(stack.scan_cpp_compiled),
     ),
     Route(
+        "cpp-layernorm",
+        "a layer-normalised LSTM or GRU over time in C++, backward by hand (gains and biases included)",
+        "a stack of layer-normalised LSTM or GRU cells on the CPU where the C++ loops are built",
+        _cpp_layernorm_supports,
+        _yes,
+        stack.per_cell(scan_layernorm),
+    ),
+    Route(
         "python-loops",
         "a built-in cell's loop over time in torch ops, backward written by hand",
         "a built-in cell where the C++ loops do not run",
@@ -632,6 +659,16 @@ ROUTES: tuple[Route, ...] = (
         _parallel_scan_supports,
         _yes,
         stack.per_cell(parallel_scan.scan_layer),
+    ),
+    Route(
+        "traced-scan",
+        "each cell's input projection, then cell.step over time as one node of torch's scan operator",
+        "any other cell while torch.compile or torch.export traces the call",
+        _traced_scan_supports,
+        _yes,
+        stack.per_cell(traced_scan.scan_cell),
+        tracers=("dynamo",),
+        traced_only=True,
     ),
     Route(
         "reference",
@@ -670,20 +707,9 @@ def choose_route(layer, x, state=None, lengths=None) -> Route:
 
     Raises what the layer call would raise for a malformed ``x``; ``state`` and ``lengths`` are
     validated by the route that runs."""
-    # a lean step, at every generated token: the table's first rows in one pass (tracer() first:
-    # torch.compile cannot read the ContextVar)
-    if (
-        state is not None
-        and lengths is None
-        and tracer() is None
-        and _FORCED.get() is None
-        and (not torch.is_grad_enabled())
-    ):
-        route = _lean_route(layer, x, state)
-        if route is not None:
-            if LOG.isEnabledFor(logging.DEBUG):
-                LOG.debug("%s: %s", type(layer).__name__, route.name)
-            return route
+    route = lean_route(layer, x, state) if lengths is None else None  # a lean step: in one pass
+    if route is not None:
+        return route
     call = Call(layer, x, state, lengths)
     call.lean = _lean(layer, x, state, lengths) if call.tracer is None else f"traced by {TRACERS[call.tracer]}"
     # torch.compile cannot read a ContextVar: a forced route applies to eager (and jit-traced) calls

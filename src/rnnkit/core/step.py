@@ -2,27 +2,26 @@
 
 Generating text runs a model one token at a time, ``T = 1`` with the state of the previous
 call. At batch 1 every step is a handful of matrix-vector products, so what costs is overhead:
-validation, re-packing weights, autograd bookkeeping, Python. ``step_layers`` is what
-the routing table (core/routing.py) sends a call to when gradients are off, ``T == 1`` and a state
-is carried (the routes ``step-loops`` and ``step-rows``). Per (layer, direction):
+validation, autograd bookkeeping, Python. ``step_layers`` is what the routing table
+(core/routing.py) sends a call to when gradients are off, ``T == 1`` and a state is carried. Per
+(layer, direction):
 
-- ``step-loops``: on the CPU in float32/float64, where the C++ loops are built, one call of the
-  kernels' C++ loop with T = 1 (``_loop_step``), on weights packed once for it and cached: the
-  LSTM's loop projects its input itself, the GRU and the RNN take theirs from one blocked matmul,
-  a user's cell whose ``combine`` compiles (core/pointwise.py) runs its program. The blocked
-  product with the gate math right after it, in one pass of the threads, beats a BLAS call followed
-  by torch's pointwise ops at every batch for the LSTM and the GRU; at batch 1 the RNN (one product
-  and a tanh) and a small user's cell (whose program lookup costs about 11 us) keep the route below;
-- ``step-rows``: one matmul over the concatenation ``[x, h]`` against ``[W_ih, W_hh]`` packed once and
-  cached (GRU: two, since its reset gate acts on ``h W_hn + b_hn`` alone; a user's cell: two, then
-  its ``combine`` as written), at batch 1 on the CPU through the C++ matrix-vector kernels
-  (``native.cpp``), then the pointwise gate math in place.
+- ``step-matmul`` (every such call): the products on the weights as stored. At batch 1 on the CPU
+  the LSTM is one C++ call (``lstm_step_rows``: ``W_ih x + b_ih``, ``W_hh h + b_hh`` and the gate
+  math), the GRU, the RNN and a user's cell take their two products from the C++ matrix-vector
+  kernels (``linear_rows``), then the gate math in torch ops (a user's cell: its ``combine`` as
+  written); at other batches torch's matmul on the weights transposed in place (no copy).
+- ``step-loops`` (only where forced, to compare): the kernels' C++ loop with T = 1 (``_loop_step``)
+  on the weights packed for its blocked matmul at each call.
 
-The cache is keyed on every parameter's identity, storage and version counter, so an optimizer
-step, ``load_state_dict``, ``.to()`` or any in-place change under ``torch.no_grad()`` repacks it on
-the next call. A change written through ``.data`` bypasses the version counter (as it bypasses
-autograd's own checks) and is not seen: update weights in place under ``torch.no_grad()``, as
-torch.optim does.
+Nothing is packed or cached: every step reads the parameters as they are at that call, as
+torch.nn's own kernels do (its flat weights are the parameters). A weight changed by any means (an
+optimizer step, ``load_state_dict``, an in-place write under ``torch.no_grad()`` or through
+``.data``, a new Parameter, ``torch.nn.utils.parametrize``, weight norm) is what the next step
+computes with. Packing once and caching (keyed on the weights' version counters) measured at most
+1.1-1.3x faster at 3 x 512 and batch 8-64, and could not see a write through ``.data``, which
+bypasses the version counter; at batch 1 the kernels on the weights as stored are as fast as the
+blocked ones on packed weights (core/routing.py has the measurements).
 
 Anything unusual (a wrong shape, dtype or device, lengths, a cell with its own ``step``) is not
 routed here (``routing.lean_step``) but to the general route, which validates and names the problem.
@@ -38,8 +37,6 @@ routed here (``routing.lean_step``) but to the general route, which validates an
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 from torch.nn import functional as F
@@ -48,11 +45,8 @@ from rnnkit.core import native, pointwise
 from rnnkit.core.cells.gru import GRUCell
 from rnnkit.core.cells.lstm import LSTMCell
 from rnnkit.core.cells.rnn import RNNCell
-from rnnkit.core.gates import GatedCell
 from rnnkit.core.kernels.base import states_rows
 from rnnkit.core.kernels.cpp_loops import loop_weights, projecting_loop
-
-CACHE_ATTR = "_rnnkit_step_cache"
 
 
 def weights(cells) -> list[Tensor]:
@@ -62,6 +56,9 @@ def weights(cells) -> list[Tensor]:
 
 
 def _key(weights) -> tuple:
+    """Each weight's identity, storage and version counter: what a step captured as a CUDA graph
+    (core/cuda_graphs.py) is re-captured on. The graph reads the weights in place, so a change that
+    leaves the key as it is (a write through ``.data``) is seen at its next replay too."""
     return tuple((id(p), p.data_ptr(), p._version) for p in weights)
 
 
@@ -86,74 +83,38 @@ def _linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     return ops.linear_rows(w, x, b) if ops is not None else F.linear(x, w, b)
 
 
-def _times(x: Tensor, wt: Tensor, b: Tensor | None) -> Tensor:
-    """``x wt + b`` for a packed, transposed weight ``wt`` (K, N)."""
-    ops = _native_for(x, wt)
-    if ops is not None:
-        return ops.rows_times(x, wt, b)
-    return torch.addmm(b, x, wt) if b is not None else x.mm(wt)
-
-
-def _pack(cell: GatedCell) -> tuple[Tensor, Tensor | None]:
-    """``[W_ih, W_hh]^T`` (I+H, G*H) and ``b_ih + b_hh``; LSTM gates in ``i, f, o, g`` order."""
-    w = torch.cat((cell.weight_ih, cell.weight_hh), dim=1)
-    b = cell.bias_ih + cell.bias_hh if cell.bias_ih is not None else None
-    if isinstance(cell, LSTMCell):
-        H = cell.hidden_size
-        order = torch.cat((torch.arange(2 * H), torch.arange(3 * H, 4 * H), torch.arange(2 * H, 3 * H)))
-        order = order.to(w.device)
-        w = w.index_select(0, order)
-        b = b.index_select(0, order) if b is not None else None
-    return w.t().contiguous(), b
-
-
-def _packed(layer, cells, weights, loops) -> list:
-    """Per cell, its packed weights: for ``_loop_step`` (``loops`` the native ops) or for its stepper.
-
-    Made on first use and kept until a weight changes. The key is each weight's identity, storage
-    and version counter; the cache also holds an alias of each weight, so that while it lives no
-    new weight can take a freed one's address and pass for it. The loops' packs are copied out of
-    the workspace, whose blocks round a large one up to 2 MiB. A layer made under
-    ``torch.inference_mode()`` has weights without a version counter: its packs are made per call."""
-    if any(p.is_inference() for p in weights):
-        return _pack_all(cells, loops)
-    key = _key(weights)
-    cache: tuple[Any, list[Tensor], dict[str, Any]] | None = getattr(layer, CACHE_ATTR, None)
-    if cache is None or cache[0] != key:
-        cache = (key, [p.detach() for p in weights], {})
-        object.__setattr__(layer, CACHE_ATTR, cache)  # a plain attribute: not a parameter, not pickled
-    which = "loops" if loops is not None else "rows"
-    if which not in cache[2]:
-        cache[2][which] = _pack_all(cells, loops)
-    return cache[2][which]
-
-
-def _pack_all(cells, loops) -> list:
-    with torch.no_grad():
-        if loops is not None:
-            return [tuple(w.clone() for w in loop_weights(c)) for c in cells]
-        return [_pack(c) if STEPPERS.get(type(c).combine, _GENERIC)[0] else None for c in cells]
+def _project(x: Tensor, h: Tensor, cell) -> Tensor:
+    """``x W_ih^T + b_ih + h W_hh^T + b_hh`` (B, G*H) on the cell's weights as stored."""
+    params = cell._parameters  # not attribute access: nn.Module's __getattr__ is slow
+    z = _linear(x, params["weight_ih"], params["bias_ih"])
+    if _native_for(h, params["weight_hh"]) is not None:
+        return z.add_(_linear(h, params["weight_hh"], params["bias_hh"]))
+    z.addmm_(h, params["weight_hh"].t())
+    return z if params["bias_hh"] is None else z.add_(params["bias_hh"])
 
 
 # -- step-loops: the kernels' C++ loops at T = 1 -------------------------------------------------
 
 
-def _loop_step(cell, x, ins, pack, outs, ops) -> Tensor | None:
+def _loop_step(cell, x, ins, outs, ops) -> Tensor | None:
     """One step of a batch ``x`` (B, I) through the C++ loops of the fused kernels (T = 1, inference),
-    on ``pack`` (``loop_weights(cell)``), the new state copied into ``outs``; ``None`` for a
-    user's cell whose ``combine`` does not compile, which the caller then steps as written."""
+    on the cell's weights packed for them now (``loop_weights``), the new state copied into ``outs``;
+    ``None`` for a user's cell whose ``combine`` does not compile, which the caller then steps as
+    written."""
     B, H = x.shape[0], cell.hidden_size
     combine = type(cell).combine
     x = x.contiguous()
+    params = cell._parameters
     if combine in (GRUCell.combine, RNNCell.combine):  # the input projected first, by one matmul
-        (p_ih, p_hh), GH = pack, cell.weight_ih.shape[0]
-        xz = ops.linear_packed(x, p_ih, GH, cell.bias_ih).view(B, 1, GH)
+        p_ih, p_hh = loop_weights(cell)
+        GH = params["weight_ih"].shape[0]
+        xz = ops.linear_packed(x, p_ih, GH, params["bias_ih"]).view(B, 1, GH)
         states = [states_rows(part, 1, False) for part in ins]  # the old state in row 0, the new one to row 1
         out = torch.empty(B, 1, H, dtype=x.dtype)
         if combine is GRUCell.combine:
-            ops.gru_forward(xz, p_hh, cell.bias_hh, *states, out, None, None, None)
+            ops.gru_forward(xz, p_hh, params["bias_hh"], *states, out, None, None, None)
         else:
-            ops.rnn_forward(xz, p_hh, cell.bias_hh, *states, out, None, cell.nonlinearity == "relu")
+            ops.rnn_forward(xz, p_hh, params["bias_hh"], *states, out, None, cell.nonlinearity == "relu")
         final = [rows[1] for rows in states]
     else:  # the LSTM, or a user's compiled cell: the loop projects its input itself
         programs = None
@@ -161,85 +122,95 @@ def _loop_step(cell, x, ins, pack, outs, ops) -> Tensor | None:
             programs = pointwise.compiled(cell)
             if programs is None:
                 return None
-        out, final = projecting_loop(cell, x.view(B, 1, -1), pack, ins, None, programs)
+        out, final = projecting_loop(cell, x.view(B, 1, -1), loop_weights(cell), ins, None, programs)
     for part, new in zip(outs, final):
         part.copy_(new)
     return out.view(B, H)
 
 
-# Each stepper: (cell, x (B, I), state parts in, packed weights or None, state parts out) -> h (B, H),
-# writing the new state parts into the `out` tensors.
-def _lstm(cell, x, ins, pack, outs):
-    (h, c), (w, b), (h_out, c_out) = ins, pack, outs
+# Each stepper: (cell, x (B, I), state parts in, state parts out) -> h (B, H), writing the new state
+# parts into the `out` tensors; the weights read from the cell at the call.
+def _lstm(cell, x, ins, outs):
+    (h, c), (h_out, c_out) = ins, outs
+    params = cell._parameters
+    ops = _native_for(x, params["weight_ih"])
+    if ops is not None and _native_for(h, params["weight_hh"]) is not None and c.is_contiguous():
+        # batch 1: the two products and the gate math in one C++ call (native.cpp)
+        ops.lstm_step_rows(
+            x, h, c, params["weight_ih"], params["bias_ih"], params["weight_hh"], params["bias_hh"], h_out, c_out
+        )
+        return h_out
     H = h.shape[-1]
-    xh = torch.cat((x, h), dim=1)
-    z = _times(xh, w, b)  # (B, 4H) in i, f, o, g order
-    z[:, : 3 * H].sigmoid_()
-    g = z[:, 3 * H :].tanh_()
+    z = _project(x, h, cell)  # (B, 4H) in torch's i, f, g, o order
+    z[:, : 2 * H].sigmoid_()
+    z[:, 3 * H :].sigmoid_()
+    g = z[:, 2 * H : 3 * H].tanh_()
     torch.mul(z[:, H : 2 * H], c, out=c_out)
     c_out.addcmul_(z[:, :H], g)
-    return torch.mul(z[:, 2 * H : 3 * H], torch.tanh(c_out), out=h_out)
+    return torch.mul(z[:, 3 * H :], torch.tanh(c_out), out=h_out)
 
 
-def _rnn(cell, x, ins, pack, outs):
-    (h,), (w, b), (h_out,) = ins, pack, outs
-    xh = torch.cat((x, h), dim=1)
-    z = h_out.copy_(_times(xh, w, b))
-    return z.relu_() if cell.nonlinearity == "relu" else z.tanh_()
+def _rnn(cell, x, ins, outs):
+    (h,), (h_out,) = ins, outs
+    z = _project(x, h, cell)
+    return torch.clamp(z, min=0, out=h_out) if cell.nonlinearity == "relu" else torch.tanh(z, out=h_out)
 
 
-def _gru(cell, x, ins, pack, outs):
+def _gru(cell, x, ins, outs):
     (h,), (h_out,) = ins, outs
     H = h.shape[-1]
-    zx = _linear(x, cell.weight_ih, cell.bias_ih)  # (B, 3H)
-    zh = _linear(h, cell.weight_hh, cell.bias_hh)
+    params = cell._parameters
+    zx = _linear(x, params["weight_ih"], params["bias_ih"])  # (B, 3H)
+    zh = _linear(h, params["weight_hh"], params["bias_hh"])
     rz = zx[:, : 2 * H].add_(zh[:, : 2 * H]).sigmoid_()
     n = zx[:, 2 * H :].addcmul_(rz[:, :H], zh[:, 2 * H :]).tanh_()
     return torch.lerp(n, h, rz[:, H:], out=h_out)  # n + z * (h - n)
 
 
-def _generic(cell, x, ins, pack, outs):
+def _generic(cell, x, ins, outs):
     """Any other gated cell (``combine`` its only change, as ``step_layers`` checks): GatedCell's own
     ``step`` with both projections through ``_linear``, the new state copied into place."""
     state = cell.State(*ins)
-    xz, hz = _linear(x, cell.weight_ih, cell.bias_ih), _linear(state.h, cell.weight_hh, cell.bias_hh)
+    params = cell._parameters
+    xz = _linear(x, params["weight_ih"], params["bias_ih"])
+    hz = _linear(state.h, params["weight_hh"], params["bias_hh"])
     h, state = cell.combine(cell.split(xz), cell.split(hz), state)
     for out, part in zip(outs, state):
         out.copy_(part)
     return h
 
 
-# a cell's combine -> (packs [W_ih, W_hh] once?, its stepper); cells not listed take _GENERIC
-STEPPERS = {LSTMCell.combine: (True, _lstm), RNNCell.combine: (True, _rnn), GRUCell.combine: (False, _gru)}
-_GENERIC = (False, _generic)
+# a cell's combine -> its stepper; cells not listed take _generic
+STEPPERS = {LSTMCell.combine: _lstm, RNNCell.combine: _rnn, GRUCell.combine: _gru}
 
 
 def step_layers(layer, x: Tensor, state, loops: bool) -> tuple:
-    """One step of ``layer`` (a ``Recurrent``) from ``state``: the output (B, 1, D*H) (or (1, B, D*H))
-    and the new state. ``loops``: through the C++ loops (``step-loops``), else the steppers
-    (``step-rows``). The routing table has checked the call (``routing.lean_step``)."""
-    cells = list(layer.cells)
-    B = x.shape[0] if layer.batch_first else x.shape[1]
-    inp = x.reshape(B, layer.input_size)
+    """One step of ``layer`` (a ``Recurrent``, or a torch.nn-contract layer's bound cells) from
+    ``state``: the output (B, 1, D*H) (or (1, B, D*H)) and the new state. ``loops``: through the C++
+    loops (``step-loops``), else the steppers (``step-matmul``). The routing table has checked the
+    call (``routing.lean_step``)."""
+    cells = layer.cells
+    if not isinstance(cells, list):
+        cells = list(cells)
+    batch_first = layer.batch_first
+    B = x.shape[0] if batch_first else x.shape[1]
+    inp = x.view(B, -1) if x.is_contiguous() else x.reshape(B, -1)
     parts = (state,) if isinstance(state, Tensor) else tuple(state)
     ops = native.ops() if loops else None
-    packs = _packed(layer, cells, weights(cells), ops)
     new = [torch.empty_like(p) for p in parts]  # (rows, B, H) each, written row by row
-    ins = [p.unbind(0) for p in parts]
-    outs = [p.unbind(0) for p in new]
-    D = layer.num_directions
+    D = 2 if layer.bidirectional else 1
+    dropout = layer.dropout if layer.training else 0.0
     for k in range(layer.num_layers):
-        if k > 0 and layer.dropout > 0 and layer.training:
-            inp = F.dropout(inp, layer.dropout, training=True)
+        if k > 0 and dropout > 0:
+            inp = F.dropout(inp, dropout, training=True)
         halves = []
         for d in range(D):
             row = k * D + d
-            cell, state_in, state_out = cells[row], [p[row] for p in ins], [p[row] for p in outs]
-            h = _loop_step(cell, inp, state_in, packs[row], state_out, ops) if ops is not None else None
+            cell, state_in, state_out = cells[row], [p[row] for p in parts], [p[row] for p in new]
+            h = _loop_step(cell, inp, state_in, state_out, ops) if ops is not None else None
             if h is None:  # no loops here; or (loops given) a user's cell whose combine did not compile
-                _, stepper = STEPPERS.get(type(cell).combine, _GENERIC)  # _GENERIC: no packed weights
-                h = stepper(cell, inp, state_in, packs[row] if ops is None else None, state_out)
+                h = STEPPERS.get(type(cell).combine, _generic)(cell, inp, state_in, state_out)
             halves.append(h)
         inp = halves[0] if D == 1 else torch.cat(halves, dim=1)  # (B, D*H)
-    output = inp.unsqueeze(1) if layer.batch_first else inp.unsqueeze(0)
+    output = inp.unsqueeze(1) if batch_first else inp.unsqueeze(0)
     return output, (new[0] if len(new) == 1 else layer.State(*new))

@@ -21,7 +21,9 @@ from torch.nn import functional as F
 
 from rnnkit.core.gates import GatedCell
 
-EPS = 1e-5  # torch.nn.LayerNorm's
+# torch.nn.LayerNorm's epsilon, written as the literal 1e-5 at each use: torch.compile(dynamic=True) makes a
+# float read from a name a symbolic input, which the body of a traced loop (core/traced_scan.py) cannot take
+EPS = 1e-5
 
 
 class LayerNormGatedCell(GatedCell):
@@ -48,8 +50,8 @@ class LayerNormGatedCell(GatedCell):
 
     def project_input(self, x: Tensor) -> Tensor:
         """``LN(x W_ih^T; gamma_ih, b_ih)``: (..., I) -> (..., G*H), all steps at once."""
-        return F.layer_norm(F.linear(x, self.weight_ih), self.gamma_ih.shape, self.gamma_ih, self.bias_ih, EPS)
+        return F.layer_norm(F.linear(x, self.weight_ih), self.gamma_ih.shape, self.gamma_ih, self.bias_ih, 1e-5)
 
     def project_hidden(self, h: Tensor) -> Tensor:
         """``LN(h W_hh^T; gamma_hh, b_hh)``: (B, H) -> (B, G*H)."""
-        return F.layer_norm(F.linear(h, self.weight_hh), self.gamma_hh.shape, self.gamma_hh, self.bias_hh, EPS)
+        return F.layer_norm(F.linear(h, self.weight_hh), self.gamma_hh.shape, self.gamma_hh, self.bias_hh, 1e-5)

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from rnnkit.core.cells.layernorm import EPS, LayerNormGatedCell
+from rnnkit.core.cells.layernorm import LayerNormGatedCell
 from rnnkit.core.cells.lstm import LSTMState
 
 
@@ -53,5 +53,5 @@ class LayerNormLSTMCell(LayerNormGatedCell):
         g = torch.tanh(x.g + h.g)
         o = torch.sigmoid(x.o + h.o)
         c = f * state.c + i * g
-        h_new = o * torch.tanh(F.layer_norm(c, self.gamma_c.shape, self.gamma_c, self.beta_c, EPS))
+        h_new = o * torch.tanh(F.layer_norm(c, self.gamma_c.shape, self.gamma_c, self.beta_c, 1e-5))  # layernorm.EPS
         return h_new, LSTMState(h_new, c)

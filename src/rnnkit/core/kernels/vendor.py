@@ -72,8 +72,9 @@ def vendor_stack(layer, x: Tensor, state: tuple | None, lengths: Tensor | None) 
     # weights' dtype, as the fused kernels' does.
     half = torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) == torch.float16
     with torch.autocast(x.device.type, enabled=half), warnings.catch_warnings():
-        # cuDNN warns that our per-cell weights are not one contiguous block and compacts them on
-        # each call (a known cost, documented); its advice, flatten_parameters(), is torch.nn's
+        # rnnkit.LSTM/GRU/RNN on CUDA hand cuDNN torch.nn's flat buffer (RNNBase lays the weights out
+        # in one block at .to()/.cuda(), tests/test_gpu_flat.py); a Recurrent stack of built-in cells
+        # holds each cell's own weights, which cuDNN warns about and compacts on each call
         warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous")
         out, final = call()
     # the final state, float16 under autocast, in the weights' dtype: the next call's state has it
