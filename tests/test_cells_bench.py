@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
+
+import pytest
 
 from rnnkit.bench import cells
 
+DOCS = Path(__file__).resolve().parents[1] / "docs"
 
-def test_rows_compare_every_cell_with_the_lstm_and_write_json(tmp_path):
+
+def test_rows_compare_every_cell_with_its_peer_and_write_json(tmp_path):
     out = tmp_path / "rows.json"
     args = [
         "--threads",
@@ -33,18 +39,28 @@ def test_rows_compare_every_cell_with_the_lstm_and_write_json(tmp_path):
         ("mingru", 4),
         ("minlstm", 4),
         ("ln-lstm", 4),
+        ("ln-gru", 4),
         ("lstm+regularised", 4),
         ("mingru", 300),
         ("minlstm", 300),
+        ("ln-lstm", 300),
+        ("ln-gru", 300),
         ("mingru", 4096),
         ("minlstm", 4096),
     ]
     for row in rows:
-        assert row["lstm_ms"] > 0 and row["cell_ms"] > 0
-        assert abs(row["speedup"] - row["lstm_ms"] / row["cell_ms"]) < 1e-9
+        assert row["peer_ms"] > 0 and row["cell_ms"] > 0
+        assert row["peer"] == ("gru" if row["cell"] == "ln-gru" else "lstm")
+        assert abs(row["speedup"] - row["peer_ms"] / row["cell_ms"]) < 1e-9
         assert row["speedup_q1"] <= row["speedup_q3"]
         assert row["met"] == (row["speedup"] >= row["target"])
+        assert row["command"] == "python -m rnnkit.bench.cells " + " ".join(args)
     assert {r["cell_route"] for r in rows if r["cell"].startswith("min")} == {"parallel-scan"}
+    # a second run of one length replaces that length's rows and keeps the others
+    assert cells.main([*args[:2], "--steps", "4", *args[6:], "--cells", "mingru"]) == 0
+    again = json.loads(out.read_text())
+    assert [(r["cell"], r["steps"]) for r in again] == [(r["cell"], r["steps"]) for r in rows]
+    assert again[0]["cell_ms"] != rows[0]["cell_ms"] and again[1:] == rows[1:]
 
 
 def test_rotation_runs_each_function_once_per_repeat_in_a_rotated_order():
@@ -52,3 +68,19 @@ def test_rotation_runs_each_function_once_per_repeat_in_a_rotated_order():
     times = cells.rotated({name: (lambda n=name: calls.append(n)) for name in "abc"}, repeats=3)
     assert calls == list("abc") + list("abc") + list("bca") + list("cab")
     assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3}
+
+
+def _generator():
+    spec = importlib.util.spec_from_file_location("gen_cells", DOCS / "gen_cells.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(not (DOCS / "data" / "cells.json").is_file(), reason="no committed cells benchmark JSON")
+def test_cells_page_tables_match_the_json():
+    gen = _generator()
+    rows = gen.load()
+    assert not gen.stale(rows), "run: python docs/gen_cells.py"
+    rows[0]["speedup"] = 123.0  # the generator reads the numbers
+    assert "123.00x" in gen.tables(rows)

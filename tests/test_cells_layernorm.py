@@ -9,6 +9,7 @@ import torch
 from torch.nn import functional as F
 
 import rnnkit
+from rnnkit.core import native
 from rnnkit.core.cells import CELLS, LayerNormGRUCell, LayerNormLSTMCell
 from rnnkit.core.layers import Recurrent
 
@@ -127,9 +128,54 @@ def test_layer_gradients_float64(cell_class):
     assert torch.autograd.gradcheck(f, (x, *[p.detach().clone().requires_grad_() for p in layer.parameters()]))
 
 
+NATIVE = native.ops() is not None
+
+
 @pytest.mark.parametrize("cell_class", LN_CELLS)
-def test_route_is_the_reference(cell_class):
-    """Parameters beyond the stacked weights (the gains) keep these cells off the fused kernels, which
-    would not return their gradients: the reference loop runs them (docs/cells.md has the timing)."""
+def test_route_is_the_cpp_loop_where_built(cell_class):
     layer = Recurrent(cell_class, input_size=3, hidden_size=4, batch_first=True)
-    assert rnnkit.explain(layer, torch.randn(2, 5, 3)).name == "reference"
+    x = torch.randn(2, 5, 3)
+    assert rnnkit.explain(layer, x).name == ("cpp-layernorm" if NATIVE else "reference")
+    assert rnnkit.explain(layer.double(), x.double()).name == ("cpp-layernorm" if NATIVE else "reference")
+
+
+@pytest.mark.skipif(not NATIVE, reason="the C++ loops are not built here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cell_class", LN_CELLS)
+def test_cpp_loop_equals_the_reference(cell_class, dtype):
+    """Outputs, final states and every gradient (input, weights, gains, biases, initial state) of the
+    C++ loop against the reference loop; H=19 leaves a partial SIMD vector, lengths leave padded steps,
+    and bias=False drops the normalisations' biases."""
+    for bias in (True, False):
+        layer = Recurrent(
+            cell_class, input_size=5, hidden_size=19, num_layers=2, bias=bias, bidirectional=True, batch_first=True
+        ).to(dtype)
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.copy_(torch.randn_like(p) * 0.5)
+        x = torch.randn(6, 9, 5, dtype=dtype, requires_grad=True)
+        h0 = torch.randn(4, 6, 19, dtype=dtype, requires_grad=True)
+        state = (h0, torch.randn_like(h0)) if cell_class is LayerNormLSTMCell else h0
+        got = {}
+        for route in ("cpp-layernorm", "reference"):
+            with rnnkit.routing.force(route):
+                out, final = layer(x, state, lengths=[9, 2, 5, 1, 9, 7])
+            parts = (final,) if isinstance(final, torch.Tensor) else tuple(final)
+            weights = torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out)
+            loss = (out * weights).sum() + sum((p**2).sum() for p in parts)
+            got[route] = (out, *parts, *torch.autograd.grad(loss, [x, h0, *layer.parameters()]))
+            with torch.no_grad(), rnnkit.routing.force(route):  # inference: the loop that keeps no buffers
+                got[route] += (layer(x, state, lengths=[9, 2, 5, 1, 9, 7])[0],)
+        tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {}  # float32: sums over steps
+        for a, b in zip(got["cpp-layernorm"], got["reference"]):
+            torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.skipif(not NATIVE, reason="the C++ loops are not built here")
+@pytest.mark.parametrize("cell_class", LN_CELLS)
+def test_cpp_loop_second_derivatives_float64(cell_class):
+    """A differentiable backward (create_graph) goes through the step in torch ops: gradgradcheck."""
+    layer = randomised(Recurrent(cell_class, input_size=2, hidden_size=3, batch_first=True).double())
+    x = torch.randn(2, 3, 2, dtype=torch.float64, requires_grad=True)
+    assert rnnkit.explain(layer, x).name == "cpp-layernorm"
+    assert torch.autograd.gradgradcheck(lambda x: layer(x, lengths=[3, 2])[0], (x,))

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch.nn import functional as F
 
 import rnnkit
-from rnnkit.core import parallel_scan, routing
+from rnnkit.core import native, parallel_scan, routing
 from rnnkit.core.cells import CELLS, MinGRUCell, MinLSTMCell
 from rnnkit.core.functional import length_mask
 from rnnkit.core.gates import HiddenState
@@ -80,10 +80,14 @@ def test_log_space_scan_float32_long_sequence():
 
 
 @pytest.mark.parametrize("cell_class", SCAN_CELLS)
-@pytest.mark.parametrize("log_space", [True, False])
-def test_cell_scan_equals_reference_loop(cell_class, log_space):
+@pytest.mark.parametrize("form", ["log-space", "stepped", "stepped-torch-ops"])
+def test_cell_scan_equals_reference_loop(cell_class, form, monkeypatch):
     """The whole-sequence scan of a cell == stepping the cell (scan_reference), outputs, final state and
-    every gradient, with random lengths and a random initial state."""
+    every gradient, with random lengths and a random initial state: the log-space scan, the stepped
+    recurrence (in C++ where built) and the stepped recurrence in torch ops (no C++ loops)."""
+    log_space = form == "log-space"
+    if form == "stepped-torch-ops":
+        monkeypatch.setitem(native._state, "ops", None)
     torch.manual_seed(1)
     B, T, I, H = 3, 80, 5, 4
     cell = cell_class(I, H).double()
@@ -244,3 +248,25 @@ def test_parallel_scan_route_equals_the_reference_route(cell_class, batch_first)
         slow = run()
     for got, want in zip(fast, slow):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.skipif(native.ops() is None, reason="the C++ loops are not built here")
+@pytest.mark.parametrize("cell_class", SCAN_CELLS)
+def test_native_scan_second_derivatives_and_extreme_gates(cell_class):
+    """The C++ recurrence's differentiable backward (create_graph: torch ops) passes gradgradcheck; in
+    float32, gates far in both tails (minLSTM's f and i both vanishing) stay finite and match float64."""
+    cell = cell_class(3, 2).double()
+    x = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(2, 2, dtype=torch.float64, requires_grad=True)
+    assert parallel_scan.native_scan_runs(cell, x)
+
+    def f(x, h0):
+        return parallel_scan.scan(cell, cell.project_input(x), HiddenState(h0), None, log_space=False)[0]
+
+    assert torch.autograd.gradgradcheck(f, (x, h0))
+    xz = torch.randn(2, 50, cell.weight_ih.shape[0], dtype=torch.float64) * 150  # sigmoid underflows in float32
+    got = parallel_scan.scan(cell.float(), xz.float(), HiddenState(torch.zeros(2, 2)), None, log_space=False)[0]
+    cell.double()
+    want = parallel_scan.scan_stepped(*cell.mix_inputs(cell.split(xz)), torch.zeros(2, 2, dtype=torch.float64), None)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-3)

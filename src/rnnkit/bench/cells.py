@@ -1,17 +1,21 @@
-"""The cells' benchmark rows: minGRU, minLSTM, the layer-normalised LSTM and the regularised LSTM against
-the LSTM, training.
+"""The cells' benchmark rows: minGRU, minLSTM, the layer-normalised LSTM and GRU and the regularised LSTM
+against their peers, training.
 
 ``python -m rnnkit.bench.cells`` times forward and backward (the input's gradient included, as for
 a layer inside a model) of one layer of each cell at B=32, H=512, input 512, T in {256, 1024, 4096},
-float32, in one process. Every repeat runs each cell once, the order rotated from repeat to repeat
-so a shared machine's drift hits all of them; a row gives the median time of each and its ratio to
-the LSTM's, with the middle half (first to third quartile) of the per-repeat ratios (the LSTM's
-and the cell's calls of the same repeat). Targets: minGRU and minLSTM at least 4x faster than the
-LSTM at T=1024; the LayerNorm LSTM within 1.5x of its time (at T=256 only: it trains on the
-reference loop); the LSTM with variational dropout and weight-drop (``Regularised``) within 1.15x of
-it (at T=256). ``--json PATH`` writes the rows.
+float32, in one process. Each cell's peer is the LSTM, but the layer-normalised GRU's, which is the
+GRU. Every repeat runs each layer once, the order rotated from repeat to repeat so a shared
+machine's drift hits all of them; a row gives the median time of the cell and of its peer, and
+their ratio (peer time / cell time, the speedup), with the middle half (first to third quartile)
+of the per-repeat ratios (the peer's and the cell's calls of the same repeat). Targets: minGRU and
+minLSTM at least 4x faster than the LSTM at T=1024; the layer-normalised LSTM and GRU within 1.5x
+of their peer's time (up to T=1024); the LSTM with variational dropout and weight-drop
+(``Regularised``) within 1.15x of it (at T=256). ``--json PATH`` writes the rows into PATH, replacing
+rows of the same cell, sizes and threads already there and keeping the others (so runs of one
+length each build one file; docs/gen_cells.py makes the docs' table from it).
 
-The LSTM is ``rnnkit.LSTM`` on whatever route it takes (``rnnkit.explain`` names it in each row).
+The peers are ``rnnkit.LSTM`` and ``rnnkit.GRU`` on whatever route they take (``rnnkit.explain``
+names it in each row).
 """
 
 from __future__ import annotations
@@ -19,13 +23,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 import rnnkit
 from rnnkit.bench.run import _quartiles, _train
-from rnnkit.core.cells import LayerNormLSTMCell, MinGRUCell, MinLSTMCell
+from rnnkit.core.cells import LayerNormGRUCell, LayerNormLSTMCell, MinGRUCell, MinLSTMCell
 from rnnkit.core.regularise import Regularised
 
 # each row's layer, built from (input size, hidden size)
@@ -33,6 +39,7 @@ CELLS = {
     "mingru": lambda I, H: rnnkit.Recurrent(MinGRUCell, I, H, batch_first=True),
     "minlstm": lambda I, H: rnnkit.Recurrent(MinLSTMCell, I, H, batch_first=True),
     "ln-lstm": lambda I, H: rnnkit.Recurrent(LayerNormLSTMCell, I, H, batch_first=True),
+    "ln-gru": lambda I, H: rnnkit.Recurrent(LayerNormGRUCell, I, H, batch_first=True),
     # the LSTM with AWD-LSTM's variational dropout (input and output) and weight-drop
     "lstm+regularised": lambda I, H: Regularised(
         rnnkit.LSTM(I, H, batch_first=True),
@@ -42,12 +49,13 @@ CELLS = {
         generator=torch.Generator().manual_seed(0),
     ),
 }
-# speedup over the LSTM the row must reach (LSTM time / cell time): at least 4x for the scan cells
+PEERS = {"lstm": rnnkit.LSTM, "gru": rnnkit.GRU}  # what a row is timed against
+PEER = {"ln-gru": "gru"}  # a cell's peer: the LSTM unless named here
+# speedup over the peer the row must reach (peer time / cell time): at least 4x for the scan cells
 # (at T=1024, the stated target; the other lengths are reported against the same line), at most
-# 1.5x slower for the LayerNorm LSTM
-TARGETS = {"mingru": 4.0, "minlstm": 4.0, "ln-lstm": 1 / 1.5, "lstm+regularised": 1 / 1.15}
-SHORT_ONLY = {"ln-lstm", "lstm+regularised"}  # rows up to SHORT_MAX_STEPS only
-SHORT_MAX_STEPS = 256
+# 1.5x slower for the layer-normalised cells, 1.15x for the regularised LSTM
+TARGETS = {"mingru": 4.0, "minlstm": 4.0, "ln-lstm": 1 / 1.5, "ln-gru": 1 / 1.5, "lstm+regularised": 1 / 1.15}
+MAX_STEPS = {"ln-lstm": 1024, "ln-gru": 1024, "lstm+regularised": 256}  # rows up to this T only (time)
 
 
 def rotated(fns: dict, repeats: int) -> dict[str, list[float]]:
@@ -65,37 +73,56 @@ def rotated(fns: dict, repeats: int) -> dict[str, list[float]]:
 
 
 def rows_at(T: int, cells: list[str], B: int, H: int, I: int, repeats: int) -> list[dict]:
-    """One row per cell at sequence length ``T``, each against the LSTM timed in the same repeats."""
+    """One row per cell at sequence length ``T``, each against its peer timed in the same repeats."""
     torch.manual_seed(0)
     x = torch.randn(B, T, I, requires_grad=True)
-    lstm = rnnkit.LSTM(I, H, batch_first=True)
+    peers = {name: PEERS[name](I, H, batch_first=True) for name in dict.fromkeys(PEER.get(c, "lstm") for c in cells)}
     layers = {name: CELLS[name](I, H) for name in cells}
-    times = rotated({"lstm": _train(lstm, x), **{name: _train(layer, x) for name, layer in layers.items()}}, repeats)
-    lstm_s = statistics.median(times["lstm"])
+    fns = {
+        **{name: _train(peer, x) for name, peer in peers.items()},
+        **{n: _train(layer, x) for n, layer in layers.items()},
+    }
+    times = rotated(fns, repeats)
     rows = []
     for name, layer in layers.items():
-        cell_s = statistics.median(times[name])
-        q1, q3 = _quartiles([a / b for a, b in zip(times["lstm"], times[name])])
-        speedup = lstm_s / cell_s
+        peer = PEER.get(name, "lstm")
+        peer_s, cell_s = statistics.median(times[peer]), statistics.median(times[name])
+        q1, q3 = _quartiles([a / b for a, b in zip(times[peer], times[name])])
+        speedup = peer_s / cell_s
         rows.append(
             {
                 "cell": name,
+                "peer": peer,
                 "batch": B,
                 "hidden": H,
                 "input": I,
                 "steps": T,
-                "lstm_ms": lstm_s * 1e3,
+                "threads": torch.get_num_threads(),
+                "repeats": repeats,
+                "peer_ms": peer_s * 1e3,
                 "cell_ms": cell_s * 1e3,
                 "speedup": speedup,
                 "speedup_q1": q1,
-                "speedup_q3": q3,  # LSTM time / cell time
+                "speedup_q3": q3,  # peer time / cell time
                 "target": TARGETS[name],
                 "met": speedup >= TARGETS[name],
-                "lstm_route": rnnkit.explain(lstm, x).name,
+                "peer_route": rnnkit.explain(peers[peer], x).name,
                 "cell_route": rnnkit.explain(getattr(layer, "layer", layer), x).name,
             }
         )
     return rows
+
+
+def merge_rows(path: str | Path, rows: list[dict]) -> list[dict]:
+    """``rows`` written into the JSON file ``path`` over its rows of the same cell, sizes and threads."""
+    key = ("cell", "batch", "hidden", "input", "steps", "threads")
+    file = Path(path)
+    old = json.loads(file.read_text()) if file.is_file() else []
+    new = {tuple(r[k] for k in key) for r in rows}
+    merged = [r for r in old if tuple(r.get(k) for k in key) not in new] + rows
+    merged.sort(key=lambda r: (r["threads"], r["input"], r["steps"], list(CELLS).index(r["cell"])))
+    file.write_text(json.dumps(merged, indent=1) + "\n")
+    return merged
 
 
 def run_cells_benchmark(
@@ -109,13 +136,12 @@ def run_cells_benchmark(
     names=tuple(CELLS),
     log=print,
 ) -> list[dict]:
-    """The rows for every ``T`` in ``steps``; the LayerNorm LSTM (it trains on the reference loop, minutes a
-    call beyond) and the regularised LSTM up to ``SHORT_MAX_STEPS`` only, and from T=4096 on
+    """The rows for every ``T`` in ``steps``, each cell up to its ``MAX_STEPS``; from T=4096 on
     ``long_repeats`` repeats."""
     torch.set_num_threads(threads)
     rows = []
     for T in steps:
-        cells = [name for name in names if name not in SHORT_ONLY or T <= SHORT_MAX_STEPS]
+        cells = [name for name in names if MAX_STEPS.get(name, T) >= T]
         for row in rows_at(T, cells, B, H, I, long_repeats if T >= 4096 else repeats):
             log(format_row(row))
             rows.append(row)
@@ -124,10 +150,10 @@ def run_cells_benchmark(
 
 def format_row(row: dict) -> str:
     return (
-        f"{row['cell']:>16} T={row['steps']:<5} lstm {row['lstm_ms']:9.1f} ms  cell {row['cell_ms']:9.1f} ms"
+        f"{row['cell']:>16} T={row['steps']:<5} {row['peer']} {row['peer_ms']:9.1f} ms  cell {row['cell_ms']:9.1f} ms"
         f"  speedup {row['speedup']:5.2f}x [{row['speedup_q1']:.2f}-{row['speedup_q3']:.2f}]"
         f"  target {row['target']:.2f}x {'met' if row['met'] else 'MISSED'}"
-        f"  (routes: {row['lstm_route']}, {row['cell_route']})"
+        f"  (routes: {row['peer_route']}, {row['cell_route']})"
     )
 
 
@@ -141,8 +167,9 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--input", type=int, default=512)
     parser.add_argument("--cells", nargs="+", choices=list(CELLS), default=list(CELLS), help="rows to run")
-    parser.add_argument("--json", help="write the rows to this JSON file")
+    parser.add_argument("--json", help="write the rows into this JSON file (over its rows of the same cell and sizes)")
     args = parser.parse_args(argv)
+    command = " ".join(["python -m rnnkit.bench.cells", *(sys.argv[1:] if argv is None else argv)])
     rows = run_cells_benchmark(
         tuple(args.steps),
         args.repeats,
@@ -154,8 +181,7 @@ def main(argv=None) -> int:
         tuple(args.cells),
     )
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        merge_rows(args.json, [{**row, "command": command} for row in rows])
     return 0
 
 

@@ -2,8 +2,9 @@
 
 Sources, compiled into one library: ``native.cpp`` (the built-in cells' loops, the workspace, the
 matmul ops), ``pointwise.cpp`` (a user's compiled cell, core/pointwise.py), ``ops.cpp``
-(``torch.ops.rnnkit``, the operators PyTorch's tracers record: core/ops.py) and ``native.h`` (what
-they share).
+(``torch.ops.rnnkit``, the operators PyTorch's tracers record: core/ops.py), ``layernorm.cpp`` (the
+layer-normalised LSTM and GRU), ``parallel_scan.cpp`` (minGRU's and minLSTM's recurrence) and
+``native.h`` (what they share).
 
 The kernels in ``core/kernels/`` prepare their buffers with torch ops and then run a loop over
 time; on the CPU, ``ops()`` gives the same loops in C++ (``torch.ops.rnnkit_native``), which take
@@ -36,6 +37,8 @@ SOURCES = (
     HERE / "native.cpp",
     HERE / "pointwise.cpp",
     HERE / "ops.cpp",
+    HERE / "layernorm.cpp",
+    HERE / "parallel_scan.cpp",
 )  # the translation units, compiled into one library
 HEADERS = (HERE / "native.h",)  # what they share: in the cache key too
 _state: dict = {}  # "ops": the loaded namespace or None, once decided

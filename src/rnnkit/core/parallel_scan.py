@@ -20,6 +20,9 @@ scan. Both scans take the initial state ``h0`` (B, H) of any sign and return eve
 - ``scan_stepped``: the cells' recurrence ``h_t = (1 - z_t) h_{t-1} + z_t g(v_t)`` stepped, one
   ``lerp`` per step, with a hand-written backward (one reverse recurrence for the adjoint, the
   rest a few passes over all steps at once). On the CPU this is much the faster (see ``scan``).
+  For minGRU and minLSTM themselves, where the C++ loops are built, the same recurrence runs in C++
+  (``_NativeScan``, core/parallel_scan.cpp) straight from the input projection, the gates' mix
+  included: one pass over a step's values forward and one back, no op per step.
 
 Masks: ``mask`` (B, T), True at valid steps; at a padded step the state is carried unchanged
 (``a = 1``, ``b = 0``) and the output is zero, exactly as ``rnnkit.core.scan.scan_reference``.
@@ -38,8 +41,12 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from rnnkit.core.cells.scan_cell import log_candidate
-from rnnkit.core.gates import HiddenState
+from rnnkit.core import native
+from rnnkit.core.cells.mingru import MinGRUCell
+from rnnkit.core.cells.minlstm import MinLSTMCell
+from rnnkit.core.cells.scan_cell import candidate, log_candidate
+from rnnkit.core.gates import GatedCell, HiddenState
+from rnnkit.core.kernels.dispatch import _transformed
 
 LOG_SCAN_CHUNK = 64  # steps per chunk of the log-space scan (its float32 error grows with the chunk)
 
@@ -131,6 +138,67 @@ class _StepScan(torch.autograd.Function):
         return dk, dv, grad_h0, None
 
 
+class _NativeScan(torch.autograd.Function):
+    """``_StepScan``'s recurrence for minGRU and minLSTM in C++ (core/parallel_scan.cpp), read from the
+    input projection ``xz`` (B, T, G*H) itself: the gates' mix (minLSTM's ``k``), the candidate and the
+    recurrence in one pass a step, forward and back, the gradient written straight into ``d xz``.
+
+    A backward that must itself be differentiable (``create_graph``) or that runs under vmap goes
+    through the recurrence in torch ops with autograd instead (the same gradients, with a graph)."""
+
+    @staticmethod
+    def forward(ctx, cell, xz: Tensor, bias: Tensor | None, h0: Tensor, mask: Tensor | None) -> Tensor:
+        B, T, _ = xz.shape
+        hs = native.buffer((B, T, h0.shape[1]), xz)
+        lstm = type(cell).mix_inputs is MinLSTMCell.mix_inputs
+        native.ops().gate_scan_forward(xz, bias, h0, hs, mask, lstm)
+        ctx.cell, ctx.mask, ctx.lstm = cell, mask, lstm
+        ctx.save_for_backward(xz, bias, h0, hs)
+        return hs
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        xz, bias, h0, hs = ctx.saved_tensors
+        needs = ctx.needs_input_grad[1:4]  # xz, bias, h0
+        if torch.is_grad_enabled() or _transformed(grad):
+            with torch.enable_grad():
+                k, v = ctx.cell.mix_inputs(ctx.cell.split(xz if bias is None else xz + bias))
+                z, g = torch.sigmoid(k), candidate(v)
+                if ctx.mask is not None:
+                    z = z * ctx.mask[:, :, None]  # a padded step: z = 0, the state carried
+                h, steps = h0, []
+                for z_t, g_t in zip(z.unbind(1), g.unbind(1)):
+                    h = torch.lerp(h, g_t, z_t)
+                    steps.append(h)
+                out = torch.stack(steps, dim=1)
+            wanted = [t for t, need in zip((xz, bias, h0), needs) if need]
+            got = iter(torch.autograd.grad(out, wanted, grad, create_graph=torch.is_grad_enabled()))
+            return None, *(next(got) if need else None for need in needs), None
+        if grad.stride(-1) not in (0, 1):  # the C++ loop reads rows (or one value a row, as out.sum()'s)
+            grad = grad.contiguous()
+        dxz, dh0 = native.buffer(xz.shape, xz), torch.empty_like(h0)
+        native.ops().gate_scan_backward(xz, bias, h0, hs, grad, dxz, dh0, ctx.mask, ctx.lstm)
+        dbias = dxz.view(-1, dxz.shape[-1]).sum(0) if needs[1] else None
+        return None, dxz, dbias, dh0, None
+
+
+def native_scan_runs(cell, xz: Tensor) -> bool:
+    """Whether ``_NativeScan`` computes ``cell``'s scan over ``xz``: minGRU or minLSTM (their own
+    ``mix_inputs`` and ``split``) where the C++ loops run on ``xz``."""
+    mix, split = type(cell).mix_inputs, type(cell).split
+    return (
+        mix in (MinGRUCell.mix_inputs, MinLSTMCell.mix_inputs)
+        and split is GatedCell.split
+        and native.ops_for(xz) is not None
+        and not _functorch_active()
+    )
+
+
+def _functorch_active() -> bool:
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active and active())
+
+
 def scan_stepped(k: Tensor, v: Tensor, h0: Tensor, mask: Tensor | None) -> Tensor:
     """Every ``h_t`` of ``h_t = (1 - z_t) h_{t-1} + z_t g(v_t)``, ``z_t = sigmoid(k_t)`` (B, T, H), stepped:
     one ``lerp`` a step, the backward by hand (``_StepScan``). ``k``, ``v`` (B, T, H), ``h0`` (B, H)."""
@@ -148,16 +216,35 @@ def scan(cell, xz: Tensor, state: HiddenState, mask: Tensor | None, *, log_space
     B=32, T=1024, H=512 (1 thread) its forward and backward took about 1 s against 8.8 s for the
     log-space scan's (``logcumsumexp`` alone takes 1.4 s forward there); elsewhere (CUDA),
     ``scan_log_space``, the parallel form. ``True`` or ``False`` asks for one of them (the tests hold
-    both to the reference loop).
+    both to the reference loop). Stepped, minGRU and minLSTM run in C++ where it is built
+    (``native_scan_runs``); a user's ``ParallelScanCell``, or no C++ loops, in torch ops.
     """
-    k, v = cell.mix_inputs(cell.split(xz))
-    h0 = state.h.to(k.dtype)
     if log_space is None:
         log_space = xz.device.type != "cpu"
+    if not log_space and native_scan_runs(cell, xz):
+        return scan_native(cell, xz, None, state, mask)
+    k, v = cell.mix_inputs(cell.split(xz))
+    h0 = state.h.to(k.dtype)
     if log_space:
         hs = scan_log_space(*masked_coefficients(*log_coefficients(k, v), mask), h0)
     else:
-        hs = scan_stepped(k, v, h0, mask.contiguous() if mask is not None else None)  # (B, T, H)
+        hs = scan_stepped(k, v, h0, _dense(mask))  # (B, T, H)
+    return _outputs(hs, mask)
+
+
+def scan_native(cell, xz: Tensor, bias: Tensor | None, state: HiddenState, mask: Tensor | None):
+    """``scan``'s stepped form in C++ (``native_scan_runs``); ``xz`` projected without ``bias`` if one is
+    given (the loop adds it as it reads)."""
+    hs = _NativeScan.apply(cell, xz.contiguous(), bias, state.h.to(xz.dtype).contiguous(), _dense(mask))
+    return _outputs(hs, mask)
+
+
+def _dense(mask: Tensor | None) -> Tensor | None:
+    return mask.contiguous() if mask is not None else None
+
+
+def _outputs(hs: Tensor, mask: Tensor | None) -> tuple[Tensor, HiddenState]:
+    """Every step's state (B, T, H) -> the outputs, zero at padded steps, and the final state."""
     final = hs[:, -1]  # a padded step carries the state, so the last step holds each sequence's own
     out = hs * mask[:, :, None] if mask is not None else hs
     return out, HiddenState(final)
@@ -167,6 +254,12 @@ def scan_layer(cell, x: Tensor, state: NamedTuple, mask: Tensor | None) -> tuple
     """The ``parallel-scan`` route's scan of one (layer, direction): ``x`` (B, T, I) projected in one
     matmul, then ``scan``. Under autocast the projection may come back in half precision: the scan
     runs in the weights' dtype."""
+    w = cell.weight_ih
+    if native_scan_runs(cell, x) and type(cell).project_input is GatedCell.project_input:
+        # projected without the bias, which the loop adds as it reads: addmm would first copy it
+        # into every row of the (B, T, G*H) result, a pass over it as long as the loop's own
+        xz = F.linear(x, w).to(w.dtype)
+        return scan_native(cell, xz, cell.bias_ih, cast(HiddenState, state), mask)
     xz = cell.project_input(x)  # (B, T, G*H)
     # the route's cells (scan_cell.ScanCell) carry a HiddenState
-    return scan(cell, xz.to(cell.weight_ih.dtype), cast(HiddenState, state), mask)
+    return scan(cell, xz.to(w.dtype), cast(HiddenState, state), mask)

@@ -54,22 +54,27 @@ where that is the question, is taken:
 9. ``cpp-compiled``: a user's ``combine`` compiled to a program and run over time in C++
    (kernels/compiled.py). A user's cell (only ``combine`` changed) whose ``combine`` compiles, where
    ``cpp-loops`` would run.
-10. ``python-loops``: a built-in cell's loop over time in torch ops, its backward written by hand
+10. ``cpp-layernorm``: a layer-normalised LSTM or GRU (``LayerNormLSTMCell``, ``LayerNormGRUCell``)
+   over time in C++, backward by hand with the gradients of the gains and normalisation biases
+   (kernels/layernorm_loops.py, core/layernorm.cpp); the input projection and its normalisation
+   torch ops. A stack of those cells as shipped, on the CPU in float32/float64 where the loops are
+   built, not inside a functorch transform.
+11. ``python-loops``: a built-in cell's loop over time in torch ops, its backward written by hand
    (kernels/python_loops.py). A built-in cell anywhere else: another device or dtype, the C++ loops
    not built, CUDA without Triton.
-11. ``generic``: a user's ``combine`` stepped in torch ops, the backward through time one autograd
+12. ``generic``: a user's ``combine`` stepped in torch ops, the backward through time one autograd
    call (kernels/generic.py). A user's cell that changes only ``combine``, anywhere else.
-12. ``parallel-scan``: a stack of cells whose gates read the input only (``ParallelScanCell``:
+13. ``parallel-scan``: a stack of cells whose gates read the input only (``ParallelScanCell``:
    minGRU, minLSTM), each (layer, direction) one input projection and one scan over time
-   (core/parallel_scan.py: stepped with a hand-written backward on the CPU, the log-space parallel
-   scan elsewhere). Not inside a functorch transform.
-13. ``traced-scan``: while ``torch.compile``, ``torch.export`` or the ONNX exporter traces the call,
+   (core/parallel_scan.py: stepped with a hand-written backward on the CPU, in C++ where built, the
+   log-space parallel scan elsewhere). Not inside a functorch transform.
+14. ``traced-scan``: while ``torch.compile``, ``torch.export`` or the ONNX exporter traces the call,
    any cell that ``traced-ops`` does not take (a user's cell, the layer-normalised cells, minGRU and
    minLSTM, the LSTM with ``proj_size``): each (layer, direction) its input projection, then
    ``cell.step`` over time as one node of PyTorch's ``scan`` operator (core/traced_scan.py), so the
    graph holds one copy of the step and the length stays symbolic; the ONNX exporter writes it as
    ONNX's ``Scan``. Not inside a functorch transform.
-14. ``reference``: ``cell.project_input``, then ``cell.step`` over time with autograd (core/scan.py).
+15. ``reference``: ``cell.project_input``, then ``cell.step`` over time with autograd (core/scan.py).
    Anything else: a cell that rewrites ``step`` or a projection or has parameters of its own, a
    stack of mixed cell classes, a call inside a functorch transform (vmap, grad).
 
@@ -83,6 +88,8 @@ The measurements behind the thresholds (development machine, 2 threads, alternat
   (1.03-1.49x), where oneDNN slows as its workspace leaves the cache; between the two oneDNN trains
   5-14% faster. With the input's gradient taken (which oneDNN computes anyway): the C++ loops
   1.07-1.42x above these lines, 0.83-0.91x at 32 and 64 x 128 x 64 below them.
+- ``cpp-layernorm`` against ``reference`` (the layer-normalised cells' only other route), B=32,
+  H=512, input 512, T=256, training: see docs/cells.md's benchmark rows.
 - GRU and RNN: the C++ loops beat torch's kernels on the CPU in training and inference; where they
   are not built, torch's kernel wins inference over the Python loops.
 - CUDA with lengths (``PACKED_DEVICES``): torch.nn's packed path measured 1.6-2.5x faster than the
@@ -140,6 +147,7 @@ from rnnkit.core.cells.scan_cell import ParallelScanCell
 from rnnkit.core.gates import only_combine_customised
 from rnnkit.core.kernels import triton_loops, triton_pointwise
 from rnnkit.core.kernels.base import Kernel
+from rnnkit.core.kernels.layernorm_loops import LAYERNORM_CELLS, scan_layernorm
 from rnnkit.core.kernels.table import GENERIC, KERNELS, kernel_for
 from rnnkit.core.kernels.vendor import VENDOR
 
@@ -476,6 +484,16 @@ def _cpp_compiled_supports(call: Call) -> str | None:
     return None if _programs(call) is not None else "its combine does not compile (core/pointwise.py)"
 
 
+def _cpp_layernorm_supports(call: Call) -> str | None:
+    if not all(type(c) in LAYERNORM_CELLS for c in call.layer.cells):
+        return "not a stack of layer-normalised LSTM or GRU cells as shipped"
+    if not call.native:
+        return "the C++ loops do not run here (the CPU, float32/float64, built)"
+    if any(p.dtype not in native.FLOATS for c in call.layer.cells for p in c._parameters.values() if p is not None):
+        return "the weights are not float32/float64"
+    return None
+
+
 def _python_loops_supports(call: Call) -> str | None:
     if not _builtin(call):
         return "not a built-in cell as shipped"
@@ -608,6 +626,14 @@ ROUTES: tuple[Route, ...] = (
         _cpp_compiled_supports,
         _yes,
         stack.per_cell(stack.scan_cpp_compiled),
+    ),
+    Route(
+        "cpp-layernorm",
+        "a layer-normalised LSTM or GRU over time in C++, backward by hand (gains and biases included)",
+        "a stack of layer-normalised LSTM or GRU cells on the CPU where the C++ loops are built",
+        _cpp_layernorm_supports,
+        _yes,
+        stack.per_cell(scan_layernorm),
     ),
     Route(
         "python-loops",

@@ -1,0 +1,438 @@
+// The layer-normalised LSTM and GRU (core/cells/ln_lstm.py, ln_gru.py) over time on the CPU, in C++,
+// forward and backward (core/kernels/layernorm_loops.py calls them). Compiled with native.cpp into
+// one library (core/native.py); what both share is in native.h.
+//
+// The input projection and its normalisation, LN(x W_ih^T; gamma_ih, b_ih), are computed for all
+// steps beforehand with torch ops (their gradients by autograd): xz below holds them. Per step the
+// recurrent projection h_{t-1} W_hh^T is normalised over all G*H gates (a reduction across the whole
+// row), and the LSTM normalises its cell state over H on the way to the output, a second one. Those
+// reductions would need every thread's blocks of a row between the product and the gate math, two
+// barriers a step, if the threads split hidden units as the built-in loops do. Here they split the
+// batch instead: a thread runs its rows through every step, product (rnnkit's blocked matmul on its
+// rows), normalisations and gate math, and never waits for another thread until the end. The rows
+// of a batch are independent, so nothing else is shared; each thread streams the whole recurrent
+// weight per step, where the built-in loops stream a share.
+//
+// Layouts as native.cpp's: xz, gates, hhat, out, dxz, dhz batch-major (B, T, .); the states h_0..h_T
+// (and c) time-major (T+1, B, H), or (2, B, H) in inference; mask (B, T) bool, false where a
+// sequence is padded (state carried, output 0, no gradient into its gates).
+// Saved for backward (training): gates, the activated i, f, g, o (LSTM) or r, z, n (GRU); hhat,
+// the normalised recurrent projection before its gain; rstd (B, T, 2), 1 / sqrt(var + eps) of the
+// recurrent projection and (LSTM) of c_t; chat (LSTM), the normalised c_t before its gain.
+// Backward: dh, dc come in holding the final state's gradient and leave holding the initial
+// state's; dxz gets the gradient of xz, dhz that of h_{t-1} W_hh^T (zero at padded steps: dW_hh =
+// sum dhz^T h_{t-1} is one matmul afterwards); dparams (B, .) each row's sums over time of the
+// gradients of gamma_hh, beta_hh (and gamma_c, beta_c), summed over rows afterwards.
+
+#include "native.h"
+
+#include <cmath>
+
+namespace {
+
+// Rows per thread at least: fewer would each stream the whole recurrent weight for little work.
+constexpr int64_t kLnMinRows = 4;
+
+// mean and 1 / sqrt(var + eps) of v[0 .. m), the variance biased (torch's layer_norm)
+template <typename T>
+inline std::pair<T, T> moments(const T* v, int64_t m, double eps) {
+  constexpr int64_t L = Vec<T>::size();
+  Vec<T> s(T(0));
+  for (int64_t j = 0; j < m; j += L) s = s + load(v + j, std::min<int64_t>(L, m - j));
+  const T mean = lane_sum(s) / T(m);
+  const Vec<T> mv(mean), zero(T(0));
+  Vec<T> q(T(0));
+  for (int64_t j = 0; j < m; j += L) {
+    const int64_t n = std::min<int64_t>(L, m - j);
+    Vec<T> d = load(v + j, n) - mv;
+    if (n < L) d = Vec<T>::set(zero, d, n);
+    q = q + d * d;
+  }
+  return {mean, T(1) / std::sqrt(lane_sum(q) / T(m) + T(eps))};
+}
+
+template <typename T>
+inline Vec<T> opt(const T* p, int64_t j, int64_t n) {  // an optional bias: zero when absent
+  return p != nullptr ? load(p + j, n) : Vec<T>(T(0));
+}
+
+// The layer norm's backward over one row of m: given dhat (the gradient of the normalised values
+// vhat, the gain already applied) in place, dv = rstd (dhat - mean(dhat) - vhat mean(dhat vhat)).
+template <typename T>
+inline void ln_backward_row(T* dhat, const T* vhat, int64_t m, T rstd) {
+  constexpr int64_t L = Vec<T>::size();
+  Vec<T> s1(T(0)), s2(T(0));
+  for (int64_t k = 0; k < m; k += L) {
+    const int64_t n = std::min<int64_t>(L, m - k);
+    const Vec<T> d = load(dhat + k, n);
+    s1 = s1 + d;
+    s2 = s2 + d * load(vhat + k, n);
+  }
+  const Vec<T> m1(lane_sum(s1) / T(m)), m2(lane_sum(s2) / T(m)), r(rstd);
+  for (int64_t k = 0; k < m; k += L) {
+    const int64_t n = std::min<int64_t>(L, m - k);
+    ((load(dhat + k, n) - m1 - load(vhat + k, n) * m2) * r).store(dhat + k, n);
+  }
+}
+
+// The recurrent projection's share of the backward, once dz (the gradient of LN(hz; gamma_hh,
+// beta_hh), G*H) is in dz: the gain's and bias's sums for the row (dgh, dbh), then dz becomes the
+// gradient of hz itself.
+template <typename T>
+inline void recurrent_ln_backward(T* dz, const T* hhat, const T* gamma, T* dgh, T* dbh, int64_t m, T rstd) {
+  constexpr int64_t L = Vec<T>::size();
+  for (int64_t k = 0; k < m; k += L) {
+    const int64_t n = std::min<int64_t>(L, m - k);
+    const Vec<T> d = load(dz + k, n), hk = load(hhat + k, n);
+    (load(dgh + k, n) + d * hk).store(dgh + k, n);
+    (load(dbh + k, n) + d).store(dbh + k, n);
+    (d * load(gamma + k, n)).store(dz + k, n);
+  }
+  ln_backward_row(dz, hhat, m, rstd);
+}
+
+// Each thread's rows [b0, b1) of hz (B, G*H) = h (B, H) W_hh^T, all blocks of hidden units.
+template <typename T>
+inline void rows_product(const Blocked<T>& rec, const T* h, int64_t ldh, int64_t b0, int64_t b1, T* y, int64_t ldy,
+                         bool accumulate) {
+  for (int64_t q = 0; q < rec.nq; ++q) rec(q, h + b0 * ldh, ldh, b1 - b0, y + b0 * ldy, ldy, accumulate);
+}
+
+// ---------------------------------------------------------------------------------------------
+// LSTM: z = xz_t + LN(h_{t-1} W_hh^T; gamma_hh, beta_hh); i, f, o = sigmoid, g = tanh;
+// c_t = f c_{t-1} + i g; h_t = o tanh(LN(c_t; gamma_c, beta_c)).
+
+void ln_lstm_forward(const Tensor& xz, const Tensor& w_hh, const Tensor& gamma_hh, const std::optional<Tensor>& beta_hh,
+                     const Tensor& gamma_c, const std::optional<Tensor>& beta_c, const Tensor& hs, const Tensor& cs,
+                     const Tensor& out, const std::optional<Tensor>& gates, const std::optional<Tensor>& hhat,
+                     const std::optional<Tensor>& rstd, const std::optional<Tensor>& chat,
+                     const std::optional<Tensor>& mask, double eps) {
+  check_all("a layer-normalised LSTM buffer", xz, hs, cs, out, gamma_hh, gamma_c);
+  const int64_t B = xz.size(0), T = xz.size(1), H = hs.size(2), S = hs.size(0);
+  TORCH_CHECK(xz.size(2) == 4 * H && w_hh.size(0) == 4 * H && w_hh.size(1) == H,
+              "rnnkit native: xz, W_hh and the states disagree on the hidden size");
+  const bool saving = gates.has_value();
+  TORCH_CHECK(!saving || (hhat.has_value() && rstd.has_value() && chat.has_value()),
+              "rnnkit native: training keeps gates, hhat, rstd and chat together");
+  const auto bh = contiguous(beta_hh), bc = contiguous(beta_c);
+  AT_DISPATCH_FLOATING_TYPES(xz.scalar_type(), "rnnkit_ln_lstm_forward", [&] {
+    using T_ = scalar_t;
+    constexpr int64_t L = Vec<T_>::size();
+    const Blocked<T_> rec(w_hh, 4, std::nullopt);
+    const Tensor hz_buffer = at::empty({B, 4 * H}, xz.options());
+    T_* hz = hz_buffer.data_ptr<T_>();
+    const T_* xp = xz.data_ptr<T_>();
+    const T_* gh = gamma_hh.data_ptr<T_>();
+    const T_* bhp = ptr<T_>(bh);
+    const T_* gc = gamma_c.data_ptr<T_>();
+    const T_* bcp = ptr<T_>(bc);
+    T_* hsp = hs.data_ptr<T_>();
+    T_* csp = cs.data_ptr<T_>();
+    T_* outp = out.data_ptr<T_>();
+    T_* gp = ptr<T_>(gates);
+    T_* hhp = ptr<T_>(hhat);
+    T_* rp = ptr<T_>(rstd);
+    T_* chp = ptr<T_>(chat);
+    const bool* m = ptr<bool>(mask);
+    at::parallel_for(0, B, kLnMinRows, [&](int64_t b0, int64_t b1) {
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t now = t % S, next = (t + 1) % S;
+        rows_product(rec, hsp + now * B * H, H, b0, b1, hz, 4 * H, false);
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t bt = b * T + t;
+          const T_* c_prev = csp + (now * B + b) * H;
+          const T_* h_prev = hsp + (now * B + b) * H;
+          T_* c_next = csp + (next * B + b) * H;
+          T_* h_next = hsp + (next * B + b) * H;
+          if (m != nullptr && !m[bt]) {  // padded: the state carried, the output 0
+            for (int64_t j = 0; j < H; j += L) {
+              const int64_t n = std::min<int64_t>(L, H - j);
+              load(c_prev + j, n).store(c_next + j, n);
+              load(h_prev + j, n).store(h_next + j, n);
+              Vec<T_>(T_(0)).store(outp + bt * H + j, n);
+            }
+            continue;
+          }
+          T_* r = hz + b * 4 * H;
+          const auto [mean, rs] = moments(r, 4 * H, eps);
+          const Vec<T_> mv(mean), rv(rs);
+          const T_* x = xp + bt * 4 * H;
+          T_* g = gp != nullptr ? gp + bt * 4 * H : r;  // the activated gates (in place of hz in inference)
+          T_* hh = hhp != nullptr ? hhp + bt * 4 * H : nullptr;
+          for (int64_t j = 0; j < H; j += L) {
+            const int64_t n = std::min<int64_t>(L, H - j);
+            Vec<T_> z[4];
+            for (int64_t k = 0; k < 4; ++k) {
+              const int64_t o = k * H + j;
+              const Vec<T_> v = (load(r + o, n) - mv) * rv;
+              if (hh != nullptr) v.store(hh + o, n);
+              z[k] = load(x + o, n) + v * load(gh + o, n) + opt(bhp, o, n);
+            }
+            const Vec<T_> i = sigmoid(z[0]), f = sigmoid(z[1]), gg = tanh_(z[2]), og = sigmoid(z[3]);
+            i.store(g + j, n), f.store(g + H + j, n), gg.store(g + 2 * H + j, n), og.store(g + 3 * H + j, n);
+            (f * load(c_prev + j, n) + i * gg).store(c_next + j, n);
+          }
+          const auto [cmean, crs] = moments(c_next, H, eps);
+          const Vec<T_> cm(cmean), cr(crs);
+          T_* ch = chp != nullptr ? chp + bt * H : nullptr;
+          for (int64_t j = 0; j < H; j += L) {
+            const int64_t n = std::min<int64_t>(L, H - j);
+            const Vec<T_> v = (load(c_next + j, n) - cm) * cr;
+            if (ch != nullptr) v.store(ch + j, n);
+            const Vec<T_> h = load(g + 3 * H + j, n) * tanh_(v * load(gc + j, n) + opt(bcp, j, n));
+            h.store(h_next + j, n);
+            h.store(outp + bt * H + j, n);
+          }
+          if (rp != nullptr) rp[bt * 2] = rs, rp[bt * 2 + 1] = crs;
+        }
+      }
+    });
+  });
+}
+
+void ln_lstm_backward(const Tensor& gates, const Tensor& hhat, const Tensor& rstd, const Tensor& chat, const Tensor& cs,
+                      const std::optional<Tensor>& gout, const Tensor& w_hh, const Tensor& gamma_hh,
+                      const Tensor& gamma_c, const std::optional<Tensor>& beta_c, const Tensor& dh, const Tensor& dc,
+                      const Tensor& dxz, const Tensor& dhz, const Tensor& dparams, const std::optional<Tensor>& mask) {
+  check_all("a layer-normalised LSTM gradient buffer", gates, hhat, rstd, chat, cs, dh, dc, dxz, dhz, dparams, gamma_hh,
+            gamma_c);
+  const int64_t B = gates.size(0), T = gates.size(1), H = dh.size(1);
+  TORCH_CHECK(w_hh.is_contiguous() && dparams.size(1) == 10 * H, "rnnkit native: W_hh or dparams malformed");
+  const Gout go(gout);
+  const auto bc = contiguous(beta_c);
+  AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "rnnkit_ln_lstm_backward", [&] {
+    using T_ = scalar_t;
+    constexpr int64_t L = Vec<T_>::size();
+    const Blocked<T_> back(w_hh.t(), 1, std::nullopt);
+    const Tensor tmp_buffer = at::empty({B, H}, gates.options());
+    T_* tmp = tmp_buffer.data_ptr<T_>();
+    const T_* gp = gates.data_ptr<T_>();
+    const T_* hhp = hhat.data_ptr<T_>();
+    const T_* rp = rstd.data_ptr<T_>();
+    const T_* chp = chat.data_ptr<T_>();
+    const T_* csp = cs.data_ptr<T_>();
+    const T_* gh = gamma_hh.data_ptr<T_>();
+    const T_* gc = gamma_c.data_ptr<T_>();
+    const T_* bcp = ptr<T_>(bc);
+    T_* dhp = dh.data_ptr<T_>();
+    T_* dcp = dc.data_ptr<T_>();
+    T_* dxp = dxz.data_ptr<T_>();
+    T_* dzp = dhz.data_ptr<T_>();
+    T_* dpp = dparams.data_ptr<T_>();
+    const bool* m = ptr<bool>(mask);
+    const Vec<T_> one(T_(1)), zero(T_(0));
+    at::parallel_for(0, B, kLnMinRows, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        for (int64_t k = 0; k < 10 * H; ++k) dpp[b * 10 * H + k] = T_(0);
+      }
+      for (int64_t t = T - 1; t >= 0; --t) {
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t bt = b * T + t;
+          T_* d = dxp + bt * 4 * H;
+          T_* dz = dzp + bt * 4 * H;
+          if (m != nullptr && !m[bt]) {  // padded: no gradient into the gates; dh, dc carried
+            for (int64_t k = 0; k < 4 * H; k += L) {
+              const int64_t n = std::min<int64_t>(L, 4 * H - k);
+              zero.store(d + k, n), zero.store(dz + k, n);
+            }
+            continue;
+          }
+          const T_* g = gp + bt * 4 * H;
+          const T_* ch = chp + bt * H;
+          const T_* c_prev = csp + (t * B + b) * H;
+          T_* hrow = dhp + b * H;
+          T_* crow = dcp + b * H;
+          T_* dch = tmp + b * H;
+          T_* dp = dpp + b * 10 * H;  // dgamma_hh (4H), dbeta_hh (4H), dgamma_c (H), dbeta_c (H)
+          const T_* go_row = go.row<T_>(b, t);
+          // h_t = o tanh(y), y = gamma_c chat + beta_c: the output gate's and y's gradients
+          for (int64_t j = 0; j < H; j += L) {
+            const int64_t n = std::min<int64_t>(L, H - j);
+            const Vec<T_> dht = with_gout(hrow, go_row, j, n), c_hat = load(ch + j, n), o = load(g + 3 * H + j, n);
+            const Vec<T_> th = tanh_(c_hat * load(gc + j, n) + opt(bcp, j, n));
+            const Vec<T_> dy = dht * o * (one - th * th);
+            (dht * th * o * (one - o)).store(d + 3 * H + j, n);
+            (load(dp + 8 * H + j, n) + dy * c_hat).store(dp + 8 * H + j, n);
+            (load(dp + 9 * H + j, n) + dy).store(dp + 9 * H + j, n);
+            (dy * load(gc + j, n)).store(dch + j, n);
+          }
+          ln_backward_row(dch, ch, H, rp[bt * 2 + 1]);  // dch: the gradient of c_t through the output
+          for (int64_t j = 0; j < H; j += L) {
+            const int64_t n = std::min<int64_t>(L, H - j);
+            const Vec<T_> dct = load(crow + j, n) + load(dch + j, n);
+            const Vec<T_> i = load(g + j, n), f = load(g + H + j, n), gg = load(g + 2 * H + j, n);
+            (dct * gg * i * (one - i)).store(d + j, n);
+            (dct * load(c_prev + j, n) * f * (one - f)).store(d + H + j, n);
+            (dct * i * (one - gg * gg)).store(d + 2 * H + j, n);
+            (dct * f).store(crow + j, n);
+            zero.store(hrow + j, n);  // h_t was computed: its gradient goes on through the product below
+          }
+          for (int64_t k = 0; k < 4 * H; k += L) {
+            const int64_t n = std::min<int64_t>(L, 4 * H - k);
+            load(d + k, n).store(dz + k, n);
+          }
+          recurrent_ln_backward(dz, hhp + bt * 4 * H, gh, dp, dp + 4 * H, 4 * H, rp[bt * 2]);
+        }
+        rows_product(back, dzp + t * 4 * H, T * 4 * H, b0, b1, dhp, H, true);  // dh += dhz_t W_hh
+      }
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// GRU: a = xz_t, hb = LN(h_{t-1} W_hh^T; gamma_hh, beta_hh); r, z = sigmoid(a + hb);
+// n = tanh(a_n + r hb_n); h_t = n + z (h_{t-1} - n).
+
+void ln_gru_forward(const Tensor& xz, const Tensor& w_hh, const Tensor& gamma_hh, const std::optional<Tensor>& beta_hh,
+                    const Tensor& hs, const Tensor& out, const std::optional<Tensor>& gates,
+                    const std::optional<Tensor>& hhat, const std::optional<Tensor>& rstd,
+                    const std::optional<Tensor>& mask, double eps) {
+  check_all("a layer-normalised GRU buffer", xz, hs, out, gamma_hh);
+  const int64_t B = xz.size(0), T = xz.size(1), H = hs.size(2), S = hs.size(0);
+  TORCH_CHECK(xz.size(2) == 3 * H && w_hh.size(0) == 3 * H && w_hh.size(1) == H,
+              "rnnkit native: xz, W_hh and the states disagree on the hidden size");
+  TORCH_CHECK(!gates.has_value() || (hhat.has_value() && rstd.has_value()),
+              "rnnkit native: training keeps gates, hhat and rstd together");
+  const auto bh = contiguous(beta_hh);
+  AT_DISPATCH_FLOATING_TYPES(xz.scalar_type(), "rnnkit_ln_gru_forward", [&] {
+    using T_ = scalar_t;
+    constexpr int64_t L = Vec<T_>::size();
+    const Blocked<T_> rec(w_hh, 3, std::nullopt);
+    const Tensor hz_buffer = at::empty({B, 3 * H}, xz.options());
+    T_* hz = hz_buffer.data_ptr<T_>();
+    const T_* xp = xz.data_ptr<T_>();
+    const T_* gh = gamma_hh.data_ptr<T_>();
+    const T_* bhp = ptr<T_>(bh);
+    T_* hsp = hs.data_ptr<T_>();
+    T_* outp = out.data_ptr<T_>();
+    T_* gp = ptr<T_>(gates);
+    T_* hhp = ptr<T_>(hhat);
+    T_* rp = ptr<T_>(rstd);
+    const bool* m = ptr<bool>(mask);
+    at::parallel_for(0, B, kLnMinRows, [&](int64_t b0, int64_t b1) {
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t now = t % S, next = (t + 1) % S;
+        rows_product(rec, hsp + now * B * H, H, b0, b1, hz, 3 * H, false);
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t bt = b * T + t;
+          const T_* h_prev = hsp + (now * B + b) * H;
+          T_* h_next = hsp + (next * B + b) * H;
+          if (m != nullptr && !m[bt]) {
+            for (int64_t j = 0; j < H; j += L) {
+              const int64_t n = std::min<int64_t>(L, H - j);
+              load(h_prev + j, n).store(h_next + j, n);
+              Vec<T_>(T_(0)).store(outp + bt * H + j, n);
+            }
+            continue;
+          }
+          const T_* r = hz + b * 3 * H;
+          const auto [mean, rs] = moments(r, 3 * H, eps);
+          const Vec<T_> mv(mean), rv(rs);
+          const T_* x = xp + bt * 3 * H;
+          T_* g = gp != nullptr ? gp + bt * 3 * H : nullptr;
+          T_* hh = hhp != nullptr ? hhp + bt * 3 * H : nullptr;
+          for (int64_t j = 0; j < H; j += L) {
+            const int64_t n = std::min<int64_t>(L, H - j);
+            Vec<T_> hb[3];
+            for (int64_t k = 0; k < 3; ++k) {
+              const int64_t o = k * H + j;
+              const Vec<T_> v = (load(r + o, n) - mv) * rv;
+              if (hh != nullptr) v.store(hh + o, n);
+              hb[k] = v * load(gh + o, n) + opt(bhp, o, n);
+            }
+            const Vec<T_> rr = sigmoid(load(x + j, n) + hb[0]), zz = sigmoid(load(x + H + j, n) + hb[1]);
+            const Vec<T_> nn = tanh_(load(x + 2 * H + j, n) + rr * hb[2]);
+            if (g != nullptr) rr.store(g + j, n), zz.store(g + H + j, n), nn.store(g + 2 * H + j, n);
+            const Vec<T_> h = nn + zz * (load(h_prev + j, n) - nn);
+            h.store(h_next + j, n);
+            h.store(outp + bt * H + j, n);
+          }
+          if (rp != nullptr) rp[bt] = rs;
+        }
+      }
+    });
+  });
+}
+
+void ln_gru_backward(const Tensor& gates, const Tensor& hhat, const Tensor& rstd, const Tensor& hs,
+                     const std::optional<Tensor>& gout, const Tensor& w_hh, const Tensor& gamma_hh,
+                     const std::optional<Tensor>& beta_hh, const Tensor& dh, const Tensor& dxz, const Tensor& dhz,
+                     const Tensor& dparams, const std::optional<Tensor>& mask) {
+  check_all("a layer-normalised GRU gradient buffer", gates, hhat, rstd, hs, dh, dxz, dhz, dparams, gamma_hh);
+  const int64_t B = gates.size(0), T = gates.size(1), H = dh.size(1);
+  TORCH_CHECK(w_hh.is_contiguous() && dparams.size(1) == 6 * H, "rnnkit native: W_hh or dparams malformed");
+  const Gout go(gout);
+  const auto bh = contiguous(beta_hh);
+  AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "rnnkit_ln_gru_backward", [&] {
+    using T_ = scalar_t;
+    constexpr int64_t L = Vec<T_>::size();
+    const Blocked<T_> back(w_hh.t(), 1, std::nullopt);
+    const T_* gp = gates.data_ptr<T_>();
+    const T_* hhp = hhat.data_ptr<T_>();
+    const T_* rp = rstd.data_ptr<T_>();
+    const T_* hsp = hs.data_ptr<T_>();
+    const T_* gh = gamma_hh.data_ptr<T_>();
+    const T_* bhp = ptr<T_>(bh);
+    T_* dhp = dh.data_ptr<T_>();
+    T_* dxp = dxz.data_ptr<T_>();
+    T_* dzp = dhz.data_ptr<T_>();
+    T_* dpp = dparams.data_ptr<T_>();
+    const bool* m = ptr<bool>(mask);
+    const Vec<T_> one(T_(1)), zero(T_(0));
+    at::parallel_for(0, B, kLnMinRows, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        for (int64_t k = 0; k < 6 * H; ++k) dpp[b * 6 * H + k] = T_(0);
+      }
+      for (int64_t t = T - 1; t >= 0; --t) {
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t bt = b * T + t;
+          T_* d = dxp + bt * 3 * H;
+          T_* dz = dzp + bt * 3 * H;
+          if (m != nullptr && !m[bt]) {
+            for (int64_t k = 0; k < 3 * H; k += L) {
+              const int64_t n = std::min<int64_t>(L, 3 * H - k);
+              zero.store(d + k, n), zero.store(dz + k, n);
+            }
+            continue;
+          }
+          const T_* g = gp + bt * 3 * H;
+          const T_* hh = hhp + bt * 3 * H;
+          const T_* h_prev = hsp + (t * B + b) * H;
+          T_* hrow = dhp + b * H;
+          const T_* go_row = go.row<T_>(b, t);
+          for (int64_t j = 0; j < H; j += L) {
+            const int64_t n = std::min<int64_t>(L, H - j);
+            const Vec<T_> dht = with_gout(hrow, go_row, j, n);
+            const Vec<T_> rr = load(g + j, n), zz = load(g + H + j, n), nn = load(g + 2 * H + j, n);
+            const Vec<T_> dpn = dht * (one - zz) * (one - nn * nn);  // of n's pre-activation
+            const Vec<T_> hb_n = load(hh + 2 * H + j, n) * load(gh + 2 * H + j, n) + opt(bhp, 2 * H + j, n);
+            const Vec<T_> dr = dpn * hb_n * rr * (one - rr);
+            const Vec<T_> dzz = dht * (load(h_prev + j, n) - nn) * zz * (one - zz);
+            dr.store(d + j, n), dzz.store(d + H + j, n), dpn.store(d + 2 * H + j, n);
+            dr.store(dz + j, n), dzz.store(dz + H + j, n), (dpn * rr).store(dz + 2 * H + j, n);
+            (dht * zz).store(hrow + j, n);  // the direct path; the product below adds the gates'
+          }
+          T_* dp = dpp + b * 6 * H;
+          recurrent_ln_backward(dz, hh, gh, dp, dp + 3 * H, 3 * H, rp[bt]);
+        }
+        rows_product(back, dzp + t * 3 * H, T * 3 * H, b0, b1, dhp, H, true);
+      }
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(rnnkit_native, lib) {
+  lib.def("ln_lstm_forward(Tensor xz, Tensor w_hh, Tensor gamma_hh, Tensor? beta_hh, Tensor gamma_c, Tensor? beta_c, "
+          "Tensor(a!) hs, Tensor(b!) cs, Tensor(c!) out, Tensor(d!)? gates, Tensor(e!)? hhat, Tensor(f!)? rstd, "
+          "Tensor(g!)? chat, Tensor? mask, float eps) -> ()", &ln_lstm_forward);
+  lib.def("ln_lstm_backward(Tensor gates, Tensor hhat, Tensor rstd, Tensor chat, Tensor cs, Tensor? gout, "
+          "Tensor w_hh, Tensor gamma_hh, Tensor gamma_c, Tensor? beta_c, Tensor(a!) dh, Tensor(b!) dc, "
+          "Tensor(c!) dxz, Tensor(d!) dhz, Tensor(e!) dparams, Tensor? mask) -> ()", &ln_lstm_backward);
+  lib.def("ln_gru_forward(Tensor xz, Tensor w_hh, Tensor gamma_hh, Tensor? beta_hh, Tensor(a!) hs, Tensor(b!) out, "
+          "Tensor(c!)? gates, Tensor(d!)? hhat, Tensor(e!)? rstd, Tensor? mask, float eps) -> ()", &ln_gru_forward);
+  lib.def("ln_gru_backward(Tensor gates, Tensor hhat, Tensor rstd, Tensor hs, Tensor? gout, Tensor w_hh, "
+          "Tensor gamma_hh, Tensor? beta_hh, Tensor(a!) dh, Tensor(b!) dxz, Tensor(c!) dhz, Tensor(d!) dparams, "
+          "Tensor? mask) -> ()", &ln_gru_backward);
+}
