@@ -136,7 +136,9 @@ def test_export(name):
         args = _inputs(model.rnn, B, T)
         with torch.no_grad():
             for got, expected in zip(_flat(program.module()(*args)), _flat(model(*args))):
-                torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+                # eager LayerNorm cells run their C++ loop, whose float32 sums are ordered differently
+                # from the traced ops: parity within 1e-5 absolute plus 1e-4 relative
+                torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", list(LAYERS))
