@@ -115,6 +115,41 @@ def batch_major_states(hs: Tensor) -> Tensor:
     return native.buffer((B, T, H), hs).copy_(hs[:-1].transpose(0, 1)).view(B * T, H)
 
 
-def native_weight_grads(dhz: Tensor, hs: Tensor, needs: dict):
-    """``weight_grads`` for batch-major ``dhz`` (B, T, G*H) and the time-major states ``hs`` (T+1, B, H)."""
-    return weight_grads(dhz, batch_major_states(hs) if needs["w"] else None, needs["w"], needs["b"])
+def native_weight_grads(dhz: Tensor, hs: Tensor, needs: dict, r: Tensor | None = None):
+    """``weight_grads`` for batch-major ``dhz`` (B, T, G*H) and the time-major states ``hs`` (T+1, B, H), each
+    h_{t-1} times the recurrent dropout mask ``r`` (B, H) if given (what the recurrent product read)."""
+    return weight_grads(dhz, dropped_states(hs, r) if needs["w"] else None, needs["w"], needs["b"])
+
+
+def dropped_states(hs: Tensor, r: Tensor | None) -> Tensor:
+    """``batch_major_states(hs)``, each row times its sequence's recurrent dropout mask ``r`` (B, H) if given."""
+    rows = batch_major_states(hs)
+    if r is not None:
+        T, B, H = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
+        rows.view(B, T, H).mul_(r.unsqueeze(1))
+    return rows
+
+
+def noise_args(noise, h0: Tensor) -> dict:
+    """The C++ loops' keywords for zoneout and recurrent dropout (kernels/state_noise.py's ``StateNoise``):
+    ``r`` (B, H) and ``hd`` (2, B, H) with ``h_0 * r`` in row 0, ``keep`` (B, T, H) in the states' dtype;
+    empty without noise. The backward ops take ``r`` and ``keep``."""
+    if noise is None:
+        return {}
+    args = {}
+    if noise.recurrent is not None:
+        r = noise.recurrent.to(h0.dtype).contiguous()
+        hd = native.buffer((2, *h0.shape), h0)
+        torch.mul(h0, r, out=hd[0])
+        args.update(r=r, hd=hd)
+    if noise.zoneout is not None:
+        args["keep"] = noise.zoneout.to(h0.dtype).contiguous()
+    return args
+
+
+def backward_noise(args: dict) -> tuple:
+    """What a kernel keeps for its backward of the forward's ``noise_args``: the backward ops' keywords,
+    as one more item of its saved tuple, or nothing (the saved tuple as without noise, which core/ops.py
+    reads)."""
+    kept = {k: v for k, v in args.items() if k != "hd"}
+    return (kept,) if kept else ()
