@@ -153,6 +153,6 @@ class Regularised(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"input_dropout={self.input_dropout}, output_dropout={self.output_dropout}, weight_drop={self.weight_drop}, "
-            f"zoneout={self.zoneout}, recurrent_dropout={self.recurrent_dropout}"
+            f"input_dropout={self.input_dropout}, output_dropout={self.output_dropout}, "
+            f"weight_drop={self.weight_drop}, zoneout={self.zoneout}, recurrent_dropout={self.recurrent_dropout}"
         )

@@ -136,7 +136,7 @@ def noise_args(noise, h0: Tensor) -> dict:
     empty without noise. The backward ops take ``r`` and ``keep``."""
     if noise is None:
         return {}
-    args = {}
+    args: dict[str, Tensor] = {}
     if noise.recurrent is not None:
         r = noise.recurrent.to(h0.dtype).contiguous()
         hd = native.buffer((2, *h0.shape), h0)

@@ -110,7 +110,7 @@ def _forward(kernel: Kernel, cell, xz, w_hh, b_hh, state, mask, training: bool, 
     with noise takes it as the keyword ``noise``)."""
     if noise is None:
         return kernel.forward(cell, xz, w_hh, b_hh, state, mask, training)
-    return kernel.forward(cell, xz, w_hh, b_hh, state, mask, training, noise=noise)
+    return kernel.forward(cell, xz, w_hh, b_hh, state, mask, training, noise=noise)  # type: ignore[call-arg]
 
 
 def fused_scan(cell: GatedCell, xz: Tensor, state: NamedTuple, mask: Tensor | None, kernel: Kernel):
