@@ -10,7 +10,8 @@ and the cell's calls of the same repeat). Targets: minGRU and minLSTM at least 4
 LSTM at T=1024; the LayerNorm LSTM within 1.5x of its time (at T=256 only: it trains on the
 reference loop); the LSTM with variational dropout and weight-drop (``Regularised``) within 1.15x of
 it (at T=256). ``--cells slstm`` runs the sLSTM (xLSTM, 4 heads) against the LSTM, a comparison row
-without a target. ``--json PATH`` writes the rows.
+without a target; ``lstm+zoneout`` and ``lstm+recurrent-dropout`` the LSTM with zoneout 0.1 or
+recurrent dropout 0.25 inside its loop (``Regularised``), within 1.15x of it. ``--json PATH`` writes the rows.
 
 The LSTM is ``rnnkit.LSTM`` on whatever route it takes (``rnnkit.explain`` names it in each row).
 """
@@ -65,9 +66,20 @@ def rotated(fns: dict, repeats: int) -> dict[str, list[float]]:
     return times
 
 
-# -- rows outside the default set: the sLSTM against the LSTM (a comparison, no target) ---------------
+# -- rows outside the default set: the sLSTM against the LSTM (a comparison, no target), zoneout and
+# recurrent dropout against the LSTM without them (within 1.15x, at T=256) ------------------------------
 
-EXTRA = {"slstm": lambda I, H: rnnkit.Recurrent(SLSTMCell, I, H, batch_first=True)}  # xLSTM's 4 heads
+EXTRA = {
+    "slstm": lambda I, H: rnnkit.Recurrent(SLSTMCell, I, H, batch_first=True),  # xLSTM's 4 heads
+    # zoneout and recurrent dropout inside the LSTM's own loop, against the same LSTM without them
+    "lstm+zoneout": lambda I, H: Regularised(
+        rnnkit.LSTM(I, H, batch_first=True), zoneout=0.1, generator=torch.Generator().manual_seed(0)
+    ),
+    "lstm+recurrent-dropout": lambda I, H: Regularised(
+        rnnkit.LSTM(I, H, batch_first=True), recurrent_dropout=0.25, generator=torch.Generator().manual_seed(0)
+    ),
+}
+TARGETS.update({"lstm+zoneout": 1 / 1.15, "lstm+recurrent-dropout": 1 / 1.15})
 
 
 def _layer(name: str, I: int, H: int):
@@ -151,7 +163,11 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--input", type=int, default=512)
     parser.add_argument(
-        "--cells", nargs="+", choices=[*CELLS, *EXTRA], default=list(CELLS), help="rows to run (besides: slstm)"
+        "--cells",
+        nargs="+",
+        choices=[*CELLS, *EXTRA],
+        default=list(CELLS),
+        help=f"rows to run (besides: {', '.join(EXTRA)})",
     )
     parser.add_argument("--json", help="write the rows to this JSON file")
     args = parser.parse_args(argv)
