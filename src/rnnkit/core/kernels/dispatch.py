@@ -46,7 +46,7 @@ class FusedScan(torch.autograd.Function):
         w_hh, xz, b_hh, *state = ctx.saved_tensors
         if torch.is_grad_enabled() or _transformed(grad_out, *grad_state):
             return (None, None, None, None, *_backward_by_autograd(ctx, xz, w_hh, b_hh, state, grad_out, grad_state))
-        needs = {"w": ctx.needs_input_grad[4], "b": ctx.needs_input_grad[5]}
+        needs = {"w": ctx.needs_input_grad[5], "b": ctx.needs_input_grad[6]}
         with torch.autocast(w_hh.device.type, enabled=False):
             dxz, dw, db, dstate = ctx.kernel.backward(ctx.cell, ctx.saved, w_hh, ctx.mask, grad_out, grad_state, needs)
         return (None, None, None, None, dxz, dw, db, *dstate)
