@@ -312,11 +312,25 @@ def test_padding_is_never_read(pooling, patch, cell, pairs):
     torch.testing.assert_close(batched[1:], alone)
 
 
-def test_default_configuration_one_hot_ends():
+def test_default_configuration_and_the_one_hot_model_of_earlier_versions():
+    from rnnkit.engine.config import from_saved
+
     assert ClassifyConfig() == ClassifyConfig(
-        input="onehot", ngrams=1, words=False, patch=1, pooling="ends", cell="lstm", hidden=512, layers=3, dropout=0.0
+        input="embedding", ngrams=4, words=True, patch=8, pooling="mean", cell="gru", hidden=128, layers=1, dropout=0.2
     )  # the defaults
-    config = ClassifyConfig(hidden=8, e_dim=8)
+    config = from_saved(ClassifyConfig, {"hidden": 8, "e_dim": 8})  # a config.json from before those defaults
+    assert config == ClassifyConfig(
+        input="onehot",
+        ngrams=1,
+        words=False,
+        patch=1,
+        pooling="ends",
+        cell="lstm",
+        hidden=8,
+        layers=3,
+        e_dim=8,
+        dropout=0.0,
+    )
     model = ByteClassifier(config, num_classes=4)
     assert model.rnn.input_size == 256 and model.rnn.num_layers == 3 and model.rnn.bidirectional
     logits, loss = model(torch.randint(0, 256, (3, 9)), torch.tensor([9, 4, 1]))

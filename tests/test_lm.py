@@ -406,3 +406,24 @@ def test_a_bad_cell_spec_is_one_line_naming_it(spec, message, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_test_text_is_held_out_after_validation_and_windows_score_from_a_zero_state(tmp_path):
+    text = "".join(chr(ord("a") + i % 26) for i in range(1000))
+    task = tiny_task(tmp_path, text=text, val_fraction=0.1, test_fraction=0.1)
+    train, val, test = (task._ids(s) for s in ("train", "val", "test"))
+    assert (len(train), len(val), len(test)) == (800, 100, 100)  # 80/10/10, in the text's order
+    assert task.vocab.decode(test.tolist()) == text[900:]
+    model = random_model(len(task.vocab), cell="gru")
+    opts = lm.LMEvalOptions
+    assert task.evaluate(model, options=opts(split="test"))["loss"] == pytest.approx(
+        lm.stream_loss(model, test, task.config.eval_batch_size, 32)
+    )
+    one = task.evaluate(model, options=opts(window=8, window_count=3))
+    assert one["window"] == 8.0 and one["loss"] == task.evaluate(model, options=opts(window=8, window_count=3))["loss"]
+    # a window is scored from a zero state: the same as the stream loss of that window alone
+    starts = torch.randint(0, 100 - 8, (1,), generator=torch.Generator().manual_seed(0))
+    alone = lm.stream_loss(model, val[int(starts[0]) : int(starts[0]) + 9], 1, 64)
+    assert lm.window_loss(model, val, 8, 1, rows=4) == pytest.approx(alone, rel=1e-5)
+    with pytest.raises(UsageError, match="--test-fraction"):
+        tiny_task(tmp_path, text=text).evaluate(model, options=opts(split="test"))

@@ -144,3 +144,14 @@ def test_floats_need_the_pointer_decoder():
 def test_bad_config_is_a_usage_error(flags, message):
     with pytest.raises(UsageError, match=message):
         SortConfig(**flags)
+
+
+def test_a_config_of_an_earlier_version_loads_with_its_model():
+    from rnnkit.engine.config import from_saved
+
+    old = {"n": None, "n_min": 2, "n_max": 6, "max_n": 256, "decoder": "seed", "vocab": 128, "embed": 8}
+    config = from_saved(SortConfig, old)
+    assert (config.min_len, config.max_len, config.max_input_len) == (2, 6, 256)
+    assert (config.decoder, config.int_value) == ("state-only", False)  # int_value's default was False
+    assert from_saved(SortConfig, {"n": 9, "int_value": True}).lengths == (9, 9)
+    assert SortConfig().int_value  # the magnitude channel is now on by default

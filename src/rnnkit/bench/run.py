@@ -362,8 +362,20 @@ def main(argv=None) -> None:
         help="run rnnkit's side through this route (rnnkit.routing.force); a point the route cannot "
         "run stops the benchmark with the reason (default: the route each call would take)",
     )
+    parser.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="cuda: the GPU rows against torch.nn on the GPU (grid, bf16, a user's cell, stepping; "
+        "rnnkit/bench/cuda.py); stops with a message where no CUDA device is available",
+    )
     args = parser.parse_args(argv)
     preset = "smoke" if args.smoke else "quick" if args.quick else "full"
+    if args.device == "cuda":
+        from rnnkit.bench.cuda import main_cuda
+
+        main_cuda(preset, args.json, args.route)
+        return
     with routing.force(args.route) if args.route else contextlib.nullcontext():
         report = run_benchmark(preset, args.threads, log=lambda line: print(line, flush=True))
     report["forced_route"] = args.route

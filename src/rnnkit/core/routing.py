@@ -22,38 +22,50 @@ where that is the question, is taken:
    exports to ONNX's LSTM/GRU/RNN; a call it cannot take (lengths, a user's cell, dropout in
    training) raises ``RuntimeError`` rather than record a graph that would be wrong at another
    shape or with other inputs.
-2. ``step-loops``: one step of each cell through the C++ loops with T = 1, weights packed once and
+2. ``step-graph``: one step of the whole stack on CUDA replayed from a CUDA graph captured per
+   batch size (core/cuda_graphs.py: ``step-matmul``'s step, weights packed once, captured once;
+   re-captured when a weight changes). Taken for one step with a carried state, no lengths, gradients
+   off and no autocast on a CUDA tensor; not with dropout in training or weights made under
+   ``torch.inference_mode()``.
+3. ``step-loops``: one step of each cell through the C++ loops with T = 1, weights packed once and
    cached (step.py). Taken for one step (T = 1) with a carried state, no lengths, gradients off and
    no autocast, on the CPU in float32/float64 where the C++ loops are built; at batch 1 only where
    a cell of the stack steps faster so (``loops_step_faster``: not the RNN, a user's cell from
    ``LOOPS_MIN_USER_WEIGHTS``).
-3. ``step-matmul``: one step through ``[x, h] @ [W_ih, W_hh]`` packed once and cached, then the gate
+4. ``step-matmul``: one step through ``[x, h] @ [W_ih, W_hh]`` packed once and cached, then the gate
    math in torch ops; at batch 1 on the CPU the C++ matrix-vector kernels (step.py). Any other such
    step.
-4. ``torch-kernel``: the whole stack in torch's own kernel, oneDNN's LSTM on the CPU and cuDNN on
+5. ``torch-kernel``: the whole stack in torch's own kernel, oneDNN's LSTM on the CPU and cuDNN on
    CUDA (kernels/vendor.py). A stack of one built-in cell as shipped, no dropout in training, no
    functorch; on CUDA always (with lengths, its packed-sequence kernel, ``PACKED_DEVICES``); on the
    CPU in float32 without autocast or lengths, the LSTM where the C++ loops measured slower
    (``lstm_loops_faster``) and the GRU and RNN in inference where the C++ loops are not built.
-5. ``cpp-projecting``: inference in the C++ loop that projects its input per step
+6. ``triton-loops``: a cell's loop over time on CUDA, the recurrent matmul in torch (cuBLAS) and the
+   pointwise step one Triton kernel generated from the cell's compiled ``combine`` (core/pointwise.py,
+   the program ``cpp-compiled`` runs), its derivative likewise (kernels/triton_loops.py,
+   kernels/triton_pointwise.py). A cell that changes only ``combine`` (a user's, or a built-in one
+   that ``torch-kernel`` passed over), whose ``combine`` compiles, on a CUDA tensor, Triton installed,
+   no functorch. In half precision (autocast or bf16/fp16 weights) the matmuls run in it and the
+   pointwise math and the carried state in float32.
+7. ``cpp-projecting``: inference in the C++ loop that projects its input per step
    (kernels/cpp_loops.py). Gradients not wanted, the CPU in float32/float64 where the C++ loops are
    built, no autocast; the LSTM, or a user's cell whose ``combine`` compiles.
-6. ``cpp-loops``: a built-in cell's C++ loop over time, its backward in C++ too
+8. ``cpp-loops``: a built-in cell's C++ loop over time, its backward in C++ too
    (kernels/cpp_loops.py; the sLSTM's, with its block-diagonal recurrent weights, kernels/slstm.py).
    A built-in cell on the CPU in float32/float64 where the loops are built.
-7. ``cpp-compiled``: a user's ``combine`` compiled to a program and run over time in C++
+9. ``cpp-compiled``: a user's ``combine`` compiled to a program and run over time in C++
    (kernels/compiled.py). A user's cell (only ``combine`` changed) whose ``combine`` compiles, where
    ``cpp-loops`` would run.
-8. ``python-loops``: a built-in cell's loop over time in torch ops, its backward written by hand
+10. ``python-loops``: a built-in cell's loop over time in torch ops, its backward written by hand
    (kernels/python_loops.py). A built-in cell anywhere else: another device or dtype, the C++ loops
-   not built.
-9. ``generic``: a user's ``combine`` stepped in torch ops, the backward through time one autograd
+   not built, CUDA without Triton.
+11. ``generic``: a user's ``combine`` stepped in torch ops, the backward through time one autograd
    call (kernels/generic.py). A user's cell that changes only ``combine``, anywhere else.
-10. ``parallel-scan``: a stack of cells whose gates read the input only (``ParallelScanCell``:
+12. ``parallel-scan``: a stack of cells whose gates read the input only (``ParallelScanCell``:
    minGRU, minLSTM), each (layer, direction) one input projection and one scan over time
    (core/parallel_scan.py: stepped with a hand-written backward on the CPU, the log-space parallel
    scan elsewhere). Not inside a functorch transform.
-11. ``reference``: ``cell.project_input``, then ``cell.step`` over time with autograd (core/scan.py).
+13. ``reference``: ``cell.project_input``, then ``cell.step`` over time with autograd (core/scan.py).
    Anything else: a cell that rewrites ``step`` or a projection or has parameters of its own, a
    stack of mixed cell classes, a call inside a functorch transform (vmap, grad).
 
@@ -72,6 +84,11 @@ The measurements behind the thresholds (development machine, 2 threads, alternat
 - CUDA with lengths (``PACKED_DEVICES``): torch.nn's packed path measured 1.6-2.5x faster than the
   per-step loop (H100, B=64, H=512, T=256, training); routed, rnnkit runs at 0.95-0.96x of it. On
   the CPU torch's packed path is slow, so lengths keep rnnkit's kernels there.
+- ``step-graph`` is placed by launch count too (one graph replay and the copies in and out, where
+  ``step-matmul`` launches a few kernels per layer), not yet measured on a GPU.
+- ``triton-loops`` is placed by launch count, not yet by a measurement on a GPU: one matmul and one
+  kernel per step, where ``generic`` launches a dozen pointwise kernels and ``python-loops`` about
+  six; its rows in ``python -m rnnkit.bench --device cuda`` measure it against torch.nn.
 - cpp-projecting against projecting beforehand (one matmul, then the loop), LSTM, batch 1-64,
   H 128 and 512: 1.03-1.27x.
 - step-loops against step-matmul (tokens alternated in one process): batch 2, 8 and 64, 2 layers of
@@ -112,12 +129,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from rnnkit.core import native, ops, parallel_scan, pointwise, stack, step
+from rnnkit.core import cuda_graphs, native, ops, parallel_scan, pointwise, stack, step
 from rnnkit.core.cells.gru import GRUCell
 from rnnkit.core.cells.lstm import LSTMCell, ProjectedLSTMCell
 from rnnkit.core.cells.rnn import RNNCell
 from rnnkit.core.cells.scan_cell import ParallelScanCell
 from rnnkit.core.gates import only_combine_customised
+from rnnkit.core.kernels import triton_loops, triton_pointwise
 from rnnkit.core.kernels.base import Kernel
 from rnnkit.core.kernels.state_noise import active_for
 from rnnkit.core.kernels.table import GENERIC, KERNELS, kernel_for, own_loops
@@ -275,6 +293,8 @@ def _lean_route(layer, x, state) -> Route | None:
     why, cells, B = _lean_step(layer, x, state)
     if why is not None:
         return None
+    if x.device.type == "cuda" and cuda_graphs.why_not(layer, x) is None:
+        return STEP_GRAPH
     return STEP_MATMUL if _step_loops_why(x, cells, B) is not None else STEP_LOOPS
 
 
@@ -358,6 +378,12 @@ def _traced_ops_supports(call: Call) -> str | None:
     return "inside a functorch transform" if call.functorch else None
 
 
+def _step_graph_supports(call: Call) -> str | None:
+    if call.lean is not None:
+        return call.lean
+    return cuda_graphs.why_not(call.layer, call.x)
+
+
 def _step_loops_supports(call: Call) -> str | None:
     if call.lean is not None:
         return call.lean
@@ -425,6 +451,22 @@ def _vendor_faster(call: Call) -> bool:
     if call.combine is LSTMCell.combine:
         return torch.backends.mkldnn.is_available() and not (native.ops() is not None and lstm_loops_faster(call))
     return not call.grad and native.ops() is None  # the C++ loops beat torch's GRU and RNN
+
+
+def _triton_loops_supports(call: Call) -> str | None:
+    if call.x.device.type != "cuda":
+        return "not a CUDA tensor"
+    if call.kernel is None:
+        return "not a stack of one cell class that changes only combine"
+    if call.functorch:
+        return "inside a functorch transform"
+    if call.noise:
+        return f"{call.noise}: the Triton loops apply neither (the generic kernel does)"
+    if not triton_pointwise.available():
+        return "Triton is not installed (pip install rnnkit[gpu])"
+    if pointwise.compiled(call.layer.cells[0]) is None:
+        return "its combine does not compile (core/pointwise.py)"
+    return None
 
 
 def _cpp_projecting_supports(call: Call) -> str | None:
@@ -517,6 +559,15 @@ ROUTES: tuple[Route, ...] = (
         traced_only=True,
     ),
     Route(
+        "step-graph",
+        "one step of the stack on CUDA replayed from a CUDA graph captured per batch size",
+        "one step with a carried state and gradients off, on CUDA",
+        _step_graph_supports,
+        _yes,
+        lambda layer, x, state, lengths: cuda_graphs.step_graphed(layer, x, state),
+        step=True,
+    ),
+    Route(
         "step-loops",
         "one step of each cell through the C++ loops with T = 1, weights packed once",
         "one step with a carried state, gradients off, on the CPU where the C++ loops are built",
@@ -542,6 +593,14 @@ ROUTES: tuple[Route, ...] = (
         _vendor_faster,
         stack.run_vendor,
         tracers=("jit",),
+    ),
+    Route(
+        "triton-loops",
+        "a cell's loop over time on CUDA: the recurrent matmul, then one Triton kernel from its compiled combine",
+        "a cell that changes only combine and compiles, on CUDA, where torch's kernel does not run",
+        _triton_loops_supports,
+        _yes,
+        stack.per_cell(triton_loops.scan_triton),
     ),
     Route(
         "cpp-projecting",
@@ -602,7 +661,7 @@ ROUTES: tuple[Route, ...] = (
     ),
 )
 ROUTE_NAMES = {route.name: route for route in ROUTES}
-STEP_LOOPS, STEP_MATMUL = ROUTE_NAMES["step-loops"], ROUTE_NAMES["step-matmul"]
+STEP_GRAPH, STEP_LOOPS, STEP_MATMUL = ROUTE_NAMES["step-graph"], ROUTE_NAMES["step-loops"], ROUTE_NAMES["step-matmul"]
 
 _FORCED: contextvars.ContextVar[Route | None] = contextvars.ContextVar("rnnkit_forced_route", default=None)
 

@@ -24,5 +24,13 @@ def from_dict(cls: type, values: dict[str, Any], source: str = "config") -> Any:
         raise UsageError(f"{source}: {e}") from None
 
 
+def from_saved(cls: type, values: dict[str, Any], source: str = "config") -> Any:
+    """`from_dict` for a config read back from a run's config.json: a config class may define
+    `upgrade_saved(values) -> values`, which renames the keys of earlier versions and pins the values
+    their defaults had, so a run keeps the model it was trained with when a default changes."""
+    upgrade = getattr(cls, "upgrade_saved", None)
+    return from_dict(cls, upgrade(dict(values)) if upgrade else values, source)
+
+
 def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)

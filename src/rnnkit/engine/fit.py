@@ -181,7 +181,8 @@ def fit(
                  `stateful`), a DataLoader, or any iterable of `(inputs..., target)` batches
     loss         "mse", "mae", "cross_entropy" or a function (output, target) -> scalar tensor
     metrics      more of those names (and "accuracy") or functions, reported at each evaluation
-    epochs/steps how long: `steps` optimizer steps, else `epochs` passes over `train` (default 1)
+    epochs/steps how long: `steps` optimizer steps, else `epochs` passes over `train` (default 1);
+                 with neither and a `time_budget`, as long as the budget, the schedule spanning it
     stateful     carry the model's state across batches (truncated BPTT); see the module docstring
     out, resume  the run directory (default runs/<model>-<time>); resume=True continues it exactly
     **options    TrainConfig fields: lr, optimizer, weight_decay, grad_clip, warmup_steps, schedule,
@@ -204,7 +205,8 @@ def fit(
     val_batches = Batches(val, batch_size=batch_size, shuffle=False, name="validation") if val is not None else None
     loss_name, loss_fn = resolve(loss, LOSSES, "loss")
     metric_fns = dict(resolve(m, METRICS, "metric") for m in metrics)
-    if steps is None:
+    timed = steps is None and epochs is None and options.get("time_budget") is not None
+    if steps is None and not timed:
         if not train_batches.has_len():
             raise UsageError("the training data has no len(); say how long to train with steps=N")
         steps = (epochs or 1) * len(train_batches)
@@ -235,13 +237,16 @@ def fit(
     else:
         if (run_dir / "config.json").exists():
             raise UsageError(f"{run_dir} already holds a run; continue it with resume=True or choose another out")
-        defaults = {
-            "warmup_steps": min(100, steps // 20),
-            "eval_every": min(500, steps),
-            "log_every": max(1, min(50, steps // 10)),
-        }
-        if train_batches.has_len():
-            defaults["eval_every"] = min(len(train_batches), steps)  # once an epoch
+        if steps is None:  # only a time budget: the schedule and the evaluations span it
+            defaults: dict[str, Any] = {"warmup_steps": 10, "eval_every": None, "log_every": 10}
+        else:
+            defaults = {
+                "warmup_steps": min(100, steps // 20),
+                "eval_every": min(500, steps),
+                "log_every": max(1, min(50, steps // 10)),
+            }
+            if train_batches.has_len():
+                defaults["eval_every"] = min(len(train_batches), steps)  # once an epoch
         config = from_dict(TrainConfig, {**defaults, **options, "steps": steps}, source="rnnkit.fit")
     task = ModelTask(model, train_batches, val_batches, loss_fn, metric_fns, stateful, run_dir)
     _, trainer = fit_task(

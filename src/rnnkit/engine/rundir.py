@@ -164,7 +164,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str = "cpu")
 
     `checkpoint` is "best" (falls back to "last" when no evaluation has finished) or "last"."""
     from rnnkit.engine.checkpoint import load_model_weights
-    from rnnkit.engine.config import from_dict
+    from rnnkit.engine.config import from_saved
     from rnnkit.engine.distributed import resolve_device
     from rnnkit.tasks.base import load_task_class
 
@@ -176,7 +176,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str = "cpu")
             f"rnnkit.load({str(info.path)!r}, model=...) and evaluate it in Python"
         )
     task_cls = load_task_class(info.task, info.task_class)
-    config = from_dict(task_cls.Config, info.task_config, source=f"{info.path / CONFIG}")
+    config = from_saved(task_cls.Config, info.task_config, source=f"{info.path / CONFIG}")
     path = {"best": info.best, "last": info.last}[checkpoint]
     if checkpoint == "best" and not path.exists():
         path = info.last

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from rnnkit.engine import checkpoint as ckpt
-from rnnkit.engine.config import from_dict, to_dict
+from rnnkit.engine.config import from_dict, from_saved, to_dict
 from rnnkit.engine.distributed import (
     World,
     all_reduce_sum,
@@ -54,14 +54,38 @@ from rnnkit.engine.rundir import (
 from rnnkit.engine.schedule import OPTIMIZERS, SCHEDULES, lr_at
 from rnnkit.tasks.base import Task, load_task_class, move_to, option
 
+EVALS_PER_BUDGET = 10  # evaluations of a run scheduled by its time budget (the last one at its end)
+EVAL_SHARE = 0.05  # evaluations by time take at most this share of the budget (the last one aside)
+_clock = time.monotonic  # the trainer's clock; tests put a fake one here
+
+
+def budget_defaults(merged: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """`merged` (defaults and flags) with the schedule fitted to a time budget: when a --time-budget is
+    given and `given` (the explicit flags) has no --steps, the run has no step limit and its schedule
+    spans the budget (and, without --eval-every, so do its evaluations)."""
+    if merged.get("time_budget") is None or "steps" in given:
+        return merged
+    return merged | {"steps": None} | ({} if "eval_every" in given else {"eval_every": None})
+
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = option(1000, "optimizer steps in total; the cosine schedule ends here", resumable=True)
+    steps: int | None = option(
+        1000,
+        "optimizer steps in total; the schedule ends here. Given a --time-budget and no --steps, there is "
+        "no step limit: the schedule spans the budget's wall time",
+        resumable=True,
+    )
     time_budget: float | None = option(
         None,
-        "stop after this many seconds of wall time (per invocation), then evaluate and save (default: no limit)",
+        "stop after this many seconds of wall time, then evaluate and save (default: no limit); per "
+        "invocation when --steps is set, else the run's total, over which the learning rate decays",
         resumable=True,
+    )
+    clock: Literal["wall", "cpu"] = option(
+        "wall",
+        "what the time budget and the logged times count: wall time, or this process's CPU time, which "
+        "compares configurations fairly on a machine others load too (at 1 thread)",
     )
     optimizer: Literal["adamw", "sgd"] = option("adamw", "optimizer")
     lr: float = option(3e-3, "peak learning rate")
@@ -69,9 +93,14 @@ class TrainConfig:
     momentum: float = option(0.9, "momentum (SGD only)")
     grad_clip: float = option(1.0, "clip the global gradient norm to this value; 0 disables clipping")
     warmup_steps: int = option(100, "steps of linear learning-rate warmup")
-    schedule: Literal["cosine", "constant"] = option("cosine", "learning-rate shape after warmup")
-    min_lr_ratio: float = option(0.1, "final cosine learning rate as a fraction of --lr")
-    eval_every: int = option(500, "evaluate and checkpoint every N steps (and at the end)", resumable=True)
+    schedule: Literal["cosine", "linear", "constant"] = option("cosine", "learning-rate shape after warmup")
+    min_lr_ratio: float = option(0.1, "final learning rate as a fraction of --lr (cosine and linear)")
+    eval_every: int | None = option(
+        500,
+        "evaluate and checkpoint every N steps (and at the end); none: evenly over the time budget, "
+        f"{EVALS_PER_BUDGET} times unless the task says otherwise (the default under a budget without steps)",
+        resumable=True,
+    )
     log_every: int = option(50, "log the mean train loss every N steps", resumable=True)
     seed: int = option(1337, "seed for model initialisation, data order and dropout")
     device: Literal["auto", "cpu", "cuda"] = option(
@@ -86,7 +115,15 @@ class TrainConfig:
 
     def __post_init__(self):
         checks = [
-            (self.steps >= 1, f"--steps must be at least 1, got {self.steps}"),
+            (self.steps is None or self.steps >= 1, f"--steps must be at least 1, got {self.steps}"),
+            (
+                self.steps is not None or self.time_budget is not None,
+                "--steps none needs a --time-budget: without either, training would never end",
+            ),
+            (
+                self.eval_every is not None or self.time_budget is not None,
+                "--eval-every none (evaluations spread over the time budget) needs a --time-budget",
+            ),
             (
                 self.time_budget is None or self.time_budget > 0,
                 f"--time-budget must be positive seconds, got {self.time_budget}",
@@ -97,7 +134,10 @@ class TrainConfig:
             (self.grad_clip >= 0, f"--grad-clip must be >= 0 (0 disables), got {self.grad_clip}"),
             (self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}"),
             (0 <= self.min_lr_ratio <= 1, f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}"),
-            (self.eval_every >= 1, f"--eval-every must be at least 1, got {self.eval_every}"),
+            (
+                self.eval_every is None or self.eval_every >= 1,
+                f"--eval-every must be at least 1, got {self.eval_every}",
+            ),
             (self.log_every >= 1, f"--log-every must be at least 1, got {self.log_every}"),
             (self.threads is None or self.threads >= 1, f"--threads must be at least 1, got {self.threads}"),
             (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {sorted(OPTIMIZERS)}"),
@@ -145,7 +185,7 @@ def run_task(
             raise UsageError(
                 f"{info.path} is a {info.task!r} run; resume it with `rnnkit train {info.task} --resume {info.path}`"
             )
-        task_config = from_dict(task_cls.Config, info.task_config, source=f"{info.path}/config.json")
+        task_config = from_saved(task_cls.Config, info.task_config, source=f"{info.path}/config.json")
         for name, value in task_flags.items():
             if getattr(task_config, name) != value:
                 raise UsageError(
@@ -164,7 +204,8 @@ def run_task(
         run_dir = info.path
     else:
         task_config = from_dict(task_cls.Config, task_flags, source="flags")
-        train_config = from_dict(TrainConfig, {**task_cls.train_defaults, **train_flags}, source="flags")
+        merged = budget_defaults({**task_cls.train_defaults, **train_flags}, train_flags)
+        train_config = from_dict(TrainConfig, merged, source="flags")
         run_dir = Path(run.out) if run.out else default_run_dir(task_name)
         if (run_dir / "config.json").exists():
             raise UsageError(
@@ -418,8 +459,10 @@ class Trainer:
             plot_curves(self.metrics, self.run_dir / CURVES)
         key = self.task.best_metric
         value = float(metrics[key])
+        # a tie goes to the later, longer-trained evaluation (sort's accuracy stays at 1.0 while it
+        # keeps improving on lengths it was not validated on)
         better = self.best is None or (
-            value > self.best["value"] if self.task.higher_is_better else value < self.best["value"]
+            value >= self.best["value"] if self.task.higher_is_better else value <= self.best["value"]
         )
         if better and math.isfinite(value):
             self.best = {"metric": key, "value": value, "step": step}
@@ -463,34 +506,48 @@ class Trainer:
             self.bar = tqdm(
                 total=cfg.steps, initial=step, file=sys.stderr, dynamic_ncols=True, unit="step", desc=self.identity
             )
-        start, start_step = time.monotonic(), step
-        self.start = start
-        self.elapsed = lambda: elapsed0 + time.monotonic() - start  # wall time over all invocations of the run
+        clock = time.process_time if cfg.clock == "cpu" else _clock
+        start, start_step = clock(), step
+        self.start, self.clock = start, clock
+        self.elapsed = lambda: elapsed0 + clock() - start  # wall time over all invocations of the run
         elapsed = self.elapsed
-        window_start, window_items = time.monotonic(), 0.0
+        window_start, window_items = clock(), 0.0
         exit_code, stopped_by = 0, None
         last_eval_step = step if resume and self.resumed_evaluated else -1
+        timed = cfg.steps is None  # the schedule spans the time budget, the run's total wall time
+        budget = math.inf if cfg.time_budget is None else cfg.time_budget
+        limit = math.inf if cfg.steps is None else cfg.steps
+        if timed and elapsed0 >= budget:
+            limit = step  # resumed after its budget ran out: nothing left but the final evaluation
+        # evaluation by time: every `eval_every_s` seconds of the run, at the agreed clock `now`
+        evals = getattr(task, "evals_per_budget", EVALS_PER_BUDGET)
+        eval_every_s = None if cfg.eval_every is not None else budget / evals
+        now = elapsed0  # the run's elapsed time, as all processes agree on it (their mean)
+        next_eval = (math.floor(now / eval_every_s) + 1) * eval_every_s if eval_every_s else math.inf
         try:
             with _StopSignals(self.say) as signals:
-                while step < cfg.steps:
-                    lr = lr_at(step, cfg)
+                while step < limit:
+                    lr = lr_at(step, cfg, now)
                     for group in self.optimizer.param_groups:
                         group["lr"] = lr
                     batch = move_to(task.train_batch(step, world.rank, world.size), world.device)
                     with self._autocast():
                         loss, n_items = task.loss(model, batch)
                     value = float(loss.detach())
-                    over_time = cfg.time_budget is not None and time.monotonic() - start >= cfg.time_budget
-                    loss_sum, items, bad, sig, late = all_reduce_sum(
+                    spent = elapsed()
+                    over_time = (spent if timed else clock() - start) >= budget
+                    loss_sum, items, bad, sig, late, spent_sum = all_reduce_sum(
                         [
                             value * n_items if math.isfinite(value) else 0.0,
                             float(n_items),
                             0.0 if math.isfinite(value) else 1.0,
                             float(signals.signum),
                             float(over_time),
+                            spent,
                         ],
                         world,
                     )
+                    now = spent_sum / world.size
                     if bad:
                         self.stopped_by = "non-finite loss"
                         return self._nonfinite(step, value)
@@ -510,16 +567,14 @@ class Trainer:
                     self.window = [self.window[0] + loss_sum, self.window[1] + items, self.window[2] + 1]
                     window_items += items
                     if self.bar is not None:
-                        self._bar_total(
-                            step, (step - start_step) / max(time.monotonic() - start, 1e-9), time.monotonic() - start
-                        )
+                        self._bar_total(step, (step - start_step) / max(clock() - start, 1e-9), clock() - start)
                         self.bar.update(1)
                         self.bar.set_postfix_str(f"loss {loss_sum / max(items, 1):.4f}")
                     if step % cfg.log_every == 0 or step == cfg.steps:
-                        now = time.monotonic()
-                        rate = window_items / max(now - window_start, 1e-9)
-                        self._log_train(step, lr, rate, grad_norm, (step - start_step) / max(now - start, 1e-9))
-                        window_start, window_items = now, 0.0
+                        t = clock()
+                        rate = window_items / max(t - window_start, 1e-9)
+                        self._log_train(step, lr, rate, grad_norm, (step - start_step) / max(t - start, 1e-9))
+                        window_start, window_items = t, 0.0
                     if sig:  # some process got SIGINT/SIGTERM: all stop after this same step
                         stopped_by = signal.Signals(signals.signum or signal.SIGTERM)
                         break
@@ -527,10 +582,18 @@ class Trainer:
                         self.say(f"time budget of {cfg.time_budget:g}s reached at step {step}")
                         self.stopped_by = "time_budget"
                         break
-                    if step % cfg.eval_every == 0 or step == cfg.steps:
+                    due = now >= next_eval if cfg.eval_every is None else step % cfg.eval_every == 0
+                    if due or step == cfg.steps:
+                        began = elapsed()
                         self._save(step, elapsed(), self._evaluate(step, elapsed()))
                         last_eval_step = step
-                        window_start = time.monotonic()  # throughput counts training time only
+                        if eval_every_s:  # never more than EVAL_SHARE of the time: a slow one spaces the next
+                            (took,) = all_reduce_sum([elapsed() - began], world)
+                            next_eval = max(
+                                (math.floor(now / eval_every_s) + 1) * eval_every_s,
+                                now + took / world.size * (1 / EVAL_SHARE - 1),
+                            )
+                        window_start = clock()  # throughput counts training time only
                 if stopped_by is not None:
                     self._save(step, elapsed(), False, evaluated=False)
                     exit_code = 128 + int(stopped_by)
@@ -573,11 +636,13 @@ class Trainer:
             row["grad_norm"] = grad_norm
         self.metrics.append(row)
         if self.bar is None:
-            eta = (self.config.steps - step) / steps_per_s if steps_per_s > 0 else float("inf")
-            if self.config.time_budget is not None:
-                eta = min(eta, max(0.0, self.config.time_budget - (time.monotonic() - self.start)))
+            cfg = self.config
+            eta = math.inf if cfg.steps is None else (cfg.steps - step) / steps_per_s if steps_per_s > 0 else math.inf
+            if cfg.time_budget is not None:
+                spent = self.elapsed() if cfg.steps is None else self.clock() - self.start
+                eta = min(eta, max(0.0, cfg.time_budget - spent))
             self.say(
-                f"step {step}/{self.config.steps} | loss {train_loss:.4f} | lr {lr:.2e} | "
+                f"step {step}{'' if cfg.steps is None else f'/{cfg.steps}'} | loss {train_loss:.4f} | lr {lr:.2e} | "
                 f"{_fmt_rate(rate)} {self.task.items_name}/s | "
                 f"{_fmt_time(eta) if math.isfinite(eta) else '?'} left"
             )
@@ -590,7 +655,11 @@ class Trainer:
         budget = self.config.time_budget
         if budget is None or self.bar is None or steps_per_s <= 0:
             return
-        projected = min(self.config.steps, step + max(1, round(steps_per_s * max(0.0, budget - spent))))
+        if self.config.steps is None:
+            spent = self.elapsed()  # the budget is the run's total
+        projected = step + max(1, round(steps_per_s * max(0.0, budget - spent)))
+        if self.config.steps is not None:
+            projected = min(self.config.steps, projected)
         if projected != self.bar.total:
             self.bar.total = projected
             self.bar.refresh()

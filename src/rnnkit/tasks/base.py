@@ -147,6 +147,7 @@ class Task(ABC):
     best_metric: ClassVar[str] = "loss"  # key of evaluate()'s dict that picks the best checkpoint
     higher_is_better: ClassVar[bool] = False  # True for e.g. best_metric = "accuracy"
     train_defaults: ClassVar[dict[str, Any]] = {}  # this task's own TrainConfig defaults, e.g. {"lr": 6e-3}
+    evals_per_budget: ClassVar[int] = 10  # evaluations spread over a --time-budget without --steps/--eval-every
     # optional frozen dataclass of extra `rnnkit eval` flags (fields via option()); when set, evaluate()
     # is called with `options=` an instance of it, e.g. sort's `--n 5 10 20` and `--beam K`
     EvalOptions: ClassVar[type | None] = None

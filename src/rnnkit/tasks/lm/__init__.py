@@ -48,10 +48,10 @@ Generation runs the prompt once, then one step per character with the carried st
 10
 """
 
-from rnnkit.tasks.lm.data import DATASETS, Decoder, Vocab, read_corpus, split, stdlib_corpus
+from rnnkit.tasks.lm.data import DATASETS, Decoder, Vocab, read_corpus, split, split_test, stdlib_corpus
 from rnnkit.tasks.lm.generate import Sampler, generate, generate_batch, start_ids
 from rnnkit.tasks.lm.model import CharRNN, LMOutput, detach_state, state_from_dict, state_to_dict
-from rnnkit.tasks.lm.task import LMBatch, LMConfig, LMTask, stream_loss
+from rnnkit.tasks.lm.task import LMBatch, LMConfig, LMEvalOptions, LMTask, stream_loss, window_loss
 
 __all__ = [
     "DATASETS",
@@ -59,6 +59,7 @@ __all__ = [
     "Decoder",
     "LMBatch",
     "LMConfig",
+    "LMEvalOptions",
     "LMOutput",
     "LMTask",
     "Sampler",
@@ -68,9 +69,11 @@ __all__ = [
     "generate_batch",
     "read_corpus",
     "split",
+    "split_test",
     "start_ids",
     "state_from_dict",
     "state_to_dict",
     "stdlib_corpus",
     "stream_loss",
+    "window_loss",
 ]

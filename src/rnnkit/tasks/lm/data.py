@@ -217,5 +217,16 @@ def read_corpus(config: LMConfig) -> str | bytes:
 
 def split(corpus: str | bytes, val_fraction: float) -> tuple[str | bytes, str | bytes]:
     """(train, val): the first 1 - val_fraction of the text and the rest (nanoGPT's split)."""
-    n = int(len(corpus) * (1.0 - val_fraction))
-    return corpus[:n], corpus[n:]
+    train, val, _ = split_test(corpus, val_fraction, 0.0)
+    return train, val
+
+
+def split_test(
+    corpus: str | bytes, val_fraction: float, test_fraction: float
+) -> tuple[str | bytes, str | bytes, str | bytes]:
+    """(train, val, test): the last `test_fraction` of the text is the test text, the `val_fraction`
+    before it validation, the rest training (0.1 and 0.1: the 80/10/10 split of Karpathy, Johnson &
+    Fei-Fei 2015)."""
+    n = len(corpus)
+    val_start, test_start = int(n * (1.0 - val_fraction - test_fraction)), int(n * (1.0 - test_fraction))
+    return corpus[:val_start], corpus[val_start:test_start], corpus[test_start:]

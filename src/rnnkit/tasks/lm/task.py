@@ -19,7 +19,7 @@ from rnnkit.common.errors import UsageError
 from rnnkit.common.files import atomic_write, atomic_write_text
 from rnnkit.tasks.base import Task, device_of, option, shard_range, step_generator
 from rnnkit.tasks.cell_spec import cell_option, resolve_cell
-from rnnkit.tasks.lm.data import Vocab, read_corpus, split
+from rnnkit.tasks.lm.data import Vocab, read_corpus, split_test
 from rnnkit.tasks.lm.generate import generate
 from rnnkit.tasks.lm.model import CharRNN, detach_state, state_from_dict, state_to_dict
 
@@ -36,15 +36,22 @@ class LMConfig:
     bytes: bool = option(False, "model raw bytes (vocabulary of 256) instead of characters; reads any file")
     corpus_bytes: int = option(3_000_000, "size cap of the default standard-library corpus, in bytes")
     val_fraction: float = option(0.1, "the last fraction of the text used for validation (nanoGPT's 0.1)")
+    test_fraction: float = option(
+        0.0,
+        "the last fraction of the text held out as test text, after the validation text: never trained on "
+        "nor validated on; `rnnkit eval RUN_DIR --split test` scores it (0.1 and --val-fraction 0.1: an "
+        "80/10/10 split)",
+    )
     # Model and batch defaults: the best of short tiny-shakespeare runs for a 10-minute CPU budget
-    # (GRU learns faster per second than LSTM there; more, smaller steps beat fewer, larger ones).
+    # (GRU learns faster per second than LSTM there; more, smaller steps beat fewer, larger ones;
+    # a little dropout, because a 2 x 256 GRU overfits that text within ten minutes of a quiet CPU).
     cell: str = cell_option(
         "gru", "recurrent cell: a built-in name, or MODULE:CLASS for a GatedCell subclass of your own"
     )
     layers: int = option(2, "stacked recurrent layers")
     hidden: int = option(256, "hidden size of each layer")
     embed: int = option(64, "character embedding size; 0 = one-hot input of depth V (the vocabulary size)")
-    dropout: float = option(0.0, "dropout between layers and before the output projection (helps long runs)")
+    dropout: float = option(0.1, "dropout between layers and before the output projection (helps long runs)")
     seq_len: int = option(32, "characters per row per step (truncated-BPTT length; the state carries on)")
     batch_size: int = option(64, "rows per step, summed over all processes")
     windows: Literal["stateful", "random"] = option(
@@ -60,6 +67,11 @@ class LMConfig:
     sample_chars: int = option(200, "length of the sample printed at each evaluation (0 = no sample)", resumable=True)
     data_seed: int = option(0, "seed of the random windows and of each epoch's starting offset")
 
+    @staticmethod
+    def upgrade_saved(values: dict) -> dict:
+        """A config.json of an earlier version: `dropout`, if absent, is 0 (its default then)."""
+        return {"dropout": 0.0} | dict(values)
+
     def __post_init__(self):
         for name in ("layers", "hidden", "seq_len", "batch_size", "eval_batch_size", "corpus_bytes"):
             if getattr(self, name) < 1:
@@ -71,9 +83,33 @@ class LMConfig:
             raise UsageError(f"--eval-chars must be at least 2, got {self.eval_chars}")
         if not 0.0 < self.val_fraction < 1.0:
             raise UsageError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        if not (0.0 <= self.test_fraction < 1.0 and self.val_fraction + self.test_fraction < 1.0):
+            raise UsageError(
+                f"--test-fraction must be in [0, 1) and leave training text beside --val-fraction "
+                f"{self.val_fraction:g}, got {self.test_fraction}"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise UsageError(f"--dropout must be in [0, 1), got {self.dropout}")
         resolve_cell(self.cell)  # a cell of your own that cannot be imported fails here, in one line
+
+
+@dataclass(frozen=True)
+class LMEvalOptions:
+    split: Literal["val", "test"] = option(
+        "val", "which held-out text to score: the validation text, or the --test-fraction test text"
+    )
+    window: int | None = option(
+        None,
+        "score random windows of this many characters, each from a zero state, as transformers are "
+        "scored (default: the whole text in order, the state carried, as the network reads it)",
+    )
+    window_count: int = option(2000, "how many random windows --window scores (drawn with a fixed seed)")
+
+    def __post_init__(self):
+        if self.window is not None and self.window < 1:
+            raise UsageError(f"--window must be at least 1, got {self.window}")
+        if self.window_count < 1:
+            raise UsageError(f"--window-count must be at least 1, got {self.window_count}")
 
 
 class LMBatch(NamedTuple):
@@ -85,8 +121,10 @@ class LMBatch(NamedTuple):
 class LMTask(Task):
     name = "lm"
     Config = LMConfig
+    EvalOptions = LMEvalOptions
     items_name = "chars"
-    # tuned on tiny shakespeare with --time-budget 600 on a 2-core CPU (README, "Quality")
+    # tuned on tiny shakespeare on a 2-core CPU (docs/tasks/lm.md); under a --time-budget without
+    # --steps the schedule spans the budget instead of the 2,100 steps
     train_defaults: ClassVar[dict[str, Any]] = {"steps": 2100, "lr": 6e-3, "warmup_steps": 30}
 
     def __init__(self, config: LMConfig, run_dir: Path, vocab: Vocab, corpus_sha256: str | None = None):
@@ -95,6 +133,7 @@ class LMTask(Task):
         self.corpus_sha256 = corpus_sha256
         self._train: Tensor | None = None  # (N,) token ids, read on first use
         self._val: Tensor | None = None
+        self._test: Tensor | None = None
         self.state: Any = None  # carried state of this process's rows (stateful windows)
 
     # -- construction -----------------------------------------------------------------------------
@@ -118,7 +157,7 @@ class LMTask(Task):
 
     def _set_corpus(self, corpus: str | bytes) -> None:
         c = self.config
-        train, val = split(corpus, c.val_fraction)
+        train, val, test = split_test(corpus, c.val_fraction, c.test_fraction)
         if len(val) < 2:  # validation predicts each token from the ones before it: it needs two
             unit = "bytes" if c.bytes else "characters"
             raise UsageError(
@@ -128,6 +167,7 @@ class LMTask(Task):
             )
         self._train = self.vocab.encode_tensor(train, "the training text")
         self._val = self.vocab.encode_tensor(val, "the validation text")
+        self._test = self.vocab.encode_tensor(test, "the test text") if test else None
 
     @classmethod
     def write_data(cls, data: Any, directory: Path) -> str:
@@ -160,10 +200,11 @@ class LMTask(Task):
         return CharRNN(len(self.vocab), self.config)
 
     def _ids(self, which: str) -> Tensor:
-        """The training or validation token ids, reading the corpus on first use."""
+        """The training, validation ("val") or test token ids, reading the corpus on first use."""
         self._ensure_corpus()
-        ids = self._train if which == "train" else self._val
-        assert ids is not None  # _ensure_corpus set both
+        ids = {"train": self._train, "val": self._val, "test": self._test}[which]
+        if ids is None:
+            raise UsageError("this run holds no test text: train with --test-fraction to keep one")
         return ids
 
     def _layout(self) -> tuple[int, int]:
@@ -211,14 +252,17 @@ class LMTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, data: str | None = None, options: Any = None) -> dict[str, float]:
-        # options: unused, the language model has no evaluation flags
+        options = options or LMEvalOptions()
         if data is None:
-            ids = self._ids("val")
+            ids = self._ids(options.split)
         else:
             corpus = read_corpus(LMConfig(data=data, bytes=self.config.bytes))
             ids = self.vocab.encode_tensor(corpus, source=data)
         if self.config.eval_chars is not None:
             ids = ids[: self.config.eval_chars]
+        if options.window is not None:
+            nats = window_loss(model, ids, options.window, options.window_count, self.config.eval_batch_size)
+            return {"loss": nats, "bpc": nats / math.log(2), "window": float(options.window)}
         nats = stream_loss(model, ids, self.config.eval_batch_size, self.config.seq_len * 2)
         return {"loss": nats, "bpc": nats / math.log(2)}
 
@@ -257,6 +301,23 @@ def stream_loss(model: nn.Module, ids: Tensor, rows: int, chunk: int) -> float:
             F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]).float(), y.reshape(-1), reduction="sum")
         )
     return total / (rows * row_len)
+
+
+@torch.no_grad()
+def window_loss(model: nn.Module, ids: Tensor, window: int, count: int, rows: int, seed: int = 0) -> float:
+    """Mean next-token loss (nats) over `count` random windows of `window` tokens of `ids`, each read
+    from a zero state (nanoGPT's estimate: every position predicts from the window's text before it).
+    The windows are drawn from `seed`, so every model is scored on the same ones."""
+    if len(ids) < window + 1:
+        raise UsageError(f"cannot score windows of {window} on a text of {len(ids)} token(s)")
+    starts = torch.randint(0, len(ids) - window, (count,), generator=torch.Generator().manual_seed(seed))
+    device, total = device_of(model), 0.0
+    for i in range(0, count, rows):
+        chunk = ids[starts[i : i + rows, None] + torch.arange(window + 1)].to(device)  # (b, window + 1)
+        out = model(chunk[:, :-1], None, None)
+        logits = out.logits.reshape(-1, out.logits.shape[-1]).float()
+        total += float(F.cross_entropy(logits, chunk[:, 1:].reshape(-1), reduction="sum"))
+    return total / (count * window)
 
 
 def _sha256(corpus: str | bytes) -> str:

@@ -41,8 +41,8 @@ class SortConfig:
     max_len: int = option(20, "longest training sequence (equal to --min-len: every sequence has that length)")
     vocab: int = option(128, "integer tokens are drawn from [0, V)")
     int_value: bool = option(
-        False,
-        "integers: also add each token's magnitude x/V to its embedding (off: "
+        True,
+        "integers: also add each token's magnitude x/V to its embedding (--no-int-value: "
         "each token has only its own learned vector, so order is learned per token)",
     )
     floats: bool = option(False, "sort floats uniform in [0, 1] instead of integers (needs --decoder pointer)")
@@ -76,6 +76,22 @@ class SortConfig:
         "--max-n": ("max_input_len",),
     }
     renamed_values: ClassVar[dict[str, dict[str, str]]] = {"decoder": {"seed": "state-only"}}
+
+    @staticmethod
+    def upgrade_saved(values: dict) -> dict:
+        """A config.json of an earlier version: its keys renamed as the flags were, its decoder names
+        too, and `int_value` False when absent (its default then)."""
+        values = dict(values)
+        n = values.pop("n", None)
+        for old, new in (("n_min", "min_len"), ("n_max", "max_len"), ("max_n", "max_input_len")):
+            if old in values:
+                values.setdefault(new, values.pop(old))
+        if n is not None:
+            values["min_len"] = values["max_len"] = n
+        values.setdefault("int_value", False)
+        if "decoder" in values:
+            values["decoder"] = SortConfig.renamed_values["decoder"].get(values["decoder"], values["decoder"])
+        return values
 
     def __post_init__(self):
         for name in (

@@ -1,0 +1,47 @@
+"""tools/results_table.py: the task pages' results tables equal what it makes from the committed run
+directories, and the command it writes for a run trains that run's configuration again."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tool():
+    spec = importlib.util.spec_from_file_location("results_table", ROOT / "tools" / "results_table.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["results_table"] = module  # its dataclass looks its module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_committed_results_tables_are_current():
+    assert tool().stale() == [], "run: python tools/results_table.py"
+
+
+def test_a_table_row_and_its_command_come_from_the_run_directory(tmp_path):
+    rt = tool()
+    run = tmp_path / "lm-shakespeare-x"
+    run.mkdir()
+    train = {"steps": None, "time_budget": 600.0, "eval_every": None, "lr": 6e-3, "threads": 2, "warmup_steps": 30}
+    task = {"data": "/somewhere/input.txt", "cell": "lstm", "layers": 2, "hidden": 256, "dropout": 0.1}
+    task |= {"seq_len": 32, "batch_size": 64}
+    (run / "config.json").write_text(json.dumps({"task": "lm", "task_config": task, "train": train}))
+    rows = [{"step": 50, "time": 9.0, "train_loss": 2.5}, {"step": 60, "time": 600.5, "val_loss": 1.4567}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    doc = {"command": ["rnnkit", "eval", str(run), "--window", "64", "--json"], "run_dir": str(run)}
+    (run / "eval-window64.json").write_text(json.dumps(doc | {"metrics": {"loss": 1.6}}))
+    page = "x\n<!-- results:lm-shakespeare -->\nold\n<!-- /results:lm-shakespeare -->\ny\n"
+    out = rt.render(page, root=tmp_path)
+    assert "| `lm-shakespeare-x` | LSTM 2x256, dropout 0.1, 64x32 chars/step | 600 s, 2 threads | 60 |" in out
+    assert "| 2.500 | **1.457** | 1.600 | - |" in out
+    assert "rnnkit train lm --data input.txt --cell lstm --time-budget 600 --threads 2" in out
+    assert "rnnkit eval runs/lm-shakespeare-x --window 64 --json" in out
+    assert out.startswith("x\n") and out.endswith("<!-- /results:lm-shakespeare -->\ny\n") and "old" not in out
+    shutil.rmtree(run)
+    assert "(no runs yet)" in rt.render(page, root=tmp_path)
