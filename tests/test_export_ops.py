@@ -13,12 +13,15 @@ from rnnkit.core.gates import GatedCell, HiddenState, gate
 B, T, H = 3, 5, 4
 
 
-def _args(kind: str, masked: bool, grad: bool, dtype=torch.float64):
+def _args(kind: str, masked: bool, grad: bool, dtype=torch.float64, projecting: bool = False):
+    """Arguments of ``kind``'s training operator, or (``projecting``) of its inference one, which
+    takes the input and W_ih rather than the projection."""
     G, parts = {"lstm": (4, 2), "gru": (3, 1), "rnn": (1, 1)}[kind]
     gen = torch.Generator().manual_seed(0)
     make = lambda *shape: torch.randn(*shape, generator=gen, dtype=dtype).requires_grad_(grad)
     mask = torch.arange(T)[None, :] < torch.tensor([5, 2, 4])[:, None] if masked else None
-    return (make(B, T, G * H), make(G * H, H), make(G * H), *(make(B, H) for _ in range(parts)), mask, False)
+    inputs = (make(B, T, 2), make(G * H, 2), make(G * H)) if projecting else (make(B, T, G * H),)
+    return (*inputs, make(G * H, H), make(G * H), *(make(B, H) for _ in range(parts)), mask, False)
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
@@ -26,7 +29,7 @@ def _args(kind: str, masked: bool, grad: bool, dtype=torch.float64):
 def test_operators_pass_opcheck(kind, masked):
     """Schema, fake kernel (shapes from shapes), autograd formula and the backward operator, checked
     by torch.library.opcheck, for the inference and the training operator."""
-    torch.library.opcheck(getattr(torch.ops.rnnkit, f"{kind}_scan"), _args(kind, masked, grad=False))
+    torch.library.opcheck(getattr(torch.ops.rnnkit, f"{kind}_scan"), _args(kind, masked, False, projecting=True))
     torch.library.opcheck(getattr(torch.ops.rnnkit, f"{kind}_scan_train"), _args(kind, masked, grad=True))
     saved_out = getattr(torch.ops.rnnkit, f"{kind}_scan_train")(*_args(kind, masked, grad=False))
     n = 2 if kind == "lstm" else 1
@@ -114,8 +117,62 @@ def test_legacy_onnx_export_is_correct_at_other_shapes(tmp_path):
 def test_native_and_python_operators_agree():
     """The operator runs the C++ loops on float64 CPU tensors and the Python loops elsewhere (here
     bfloat16): the same function."""
-    args = _args("gru", True, grad=False, dtype=torch.float32)
+    args = _args("gru", True, grad=False, dtype=torch.float32, projecting=True)
     out, _ = torch.ops.rnnkit.gru_scan(*args)
     low = tuple(a.bfloat16() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
     out16, _ = torch.ops.rnnkit.gru_scan(*low)
     torch.testing.assert_close(out16.float(), out, atol=0.05, rtol=0.05)
+
+
+@pytest.mark.skipif(native.ops() is None, reason="the C++ library is not built")
+def test_operators_schemas_are_the_ones_python_writes():
+    """ops.cpp defines the operators where the C++ library loads, core/ops.py where it does not: the
+    same schemas either way."""
+    from rnnkit.core import ops
+
+    for kind, spec in ops.SPECS.items():
+        for suffix, schema in ops.schemas(spec).items():
+            op = getattr(torch.ops.rnnkit, f"{kind}_{suffix}").default
+            assert str(op._schema) == f"rnnkit::{kind}_{suffix}{schema}"
+
+
+@pytest.mark.skipif(native.ops() is None, reason="the C++ library is not built")
+def test_aoti_package_runs_in_a_process_without_rnnkit(tmp_path):
+    """An AOTInductor package of an exported rnnkit model runs in a fresh process that imports torch
+    and loads rnnkit's C++ library (``torch.ops.load_library``), and nothing else of rnnkit, at
+    another batch size and length, with eager's results."""
+    import subprocess
+    import sys
+
+    class Tagger(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = rnnkit.LSTM(4, 6, batch_first=True)
+
+        def forward(self, x, lengths):
+            out, (h, _) = self.rnn(x, lengths=lengths)
+            return out, h
+
+    model = Tagger().eval()
+    B, T = torch.export.Dim("B", min=2, max=64), torch.export.Dim("T", min=2, max=64)
+    example = (torch.randn(3, 5, 4), torch.tensor([5, 2, 4]))
+    program = torch.export.export(model, example, dynamic_shapes=({0: B, 1: T}, {0: B}))
+    with torch._inductor.config.patch({"aot_inductor.compile_wrapper_opt_level": "O0"}):  # compiles faster
+        package = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "tagger.pt2"))
+    x, lengths = torch.randn(4, 7, 4), torch.tensor([7, 1, 3, 6])
+    with torch.no_grad():
+        expected = model(x, lengths)
+    torch.save((x, lengths, expected), tmp_path / "io.pt")
+    script = f"""
+import sys, torch
+torch.ops.load_library({str(native.library_path())!r})
+runner = torch._inductor.aoti_load_package({package!r})
+x, lengths, expected = torch.load({str(tmp_path / "io.pt")!r})
+got = runner(x, lengths)
+for g, e in zip(got, expected):
+    torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+assert not [m for m in sys.modules if m.startswith("rnnkit")], "rnnkit's Python code was imported"
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

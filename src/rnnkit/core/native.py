@@ -1,15 +1,17 @@
 """The C++ step loops, compiled on first use and cached; ``None`` where they can't be.
 
 Sources, compiled into one library: ``native.cpp`` (the built-in cells' loops, the workspace, the
-matmul ops), ``pointwise.cpp`` (a user's compiled cell, core/pointwise.py) and ``native.h`` (what
-both share).
+matmul ops), ``pointwise.cpp`` (a user's compiled cell, core/pointwise.py), ``ops.cpp``
+(``torch.ops.rnnkit``, the operators PyTorch's tracers record: core/ops.py) and ``native.h`` (what
+they share).
 
 The kernels in ``core/kernels/`` prepare their buffers with torch ops and then run a loop over
 time; on the CPU, ``ops()`` gives the same loops in C++ (``torch.ops.rnnkit_native``), which take
 about a microsecond per step where the Python loop takes tens. They are built with the system's
-C++ compiler against the installed torch the first time a layer needs them (about 15 seconds,
-said once on stderr), into ``$RNNKIT_CACHE`` or ``~/.cache/rnnkit``, keyed by the sources, the
-torch version and the flags, so a later process only loads the library. A machine without a
+C++ compiler against the installed torch the first time rnnkit is imported (core/ops.py defines
+its operators from them; about 15 seconds, said once on stderr), into ``$RNNKIT_CACHE`` or
+``~/.cache/rnnkit``, keyed by the sources, the torch version and the flags, so a later process
+only loads the library. A machine without a
 compiler, or ``RNNKIT_NATIVE=0``, keeps the Python loops: same results, slower.
 """
 
@@ -30,7 +32,11 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "native.cpp", HERE / "pointwise.cpp")  # the translation units, compiled into one library
+SOURCES = (
+    HERE / "native.cpp",
+    HERE / "pointwise.cpp",
+    HERE / "ops.cpp",
+)  # the translation units, compiled into one library
 HEADERS = (HERE / "native.h",)  # what they share: in the cache key too
 _state: dict = {}  # "ops": the loaded namespace or None, once decided
 _lock = threading.Lock()
@@ -138,6 +144,15 @@ def ops():
     return _state["ops"]
 
 
+def library_path() -> Path | None:
+    """The file of the loaded C++ library (built first if need be), or ``None`` where it is not built.
+
+    It holds ``torch.ops.rnnkit`` (core/ops.py) too: a process that runs an AOTInductor package or
+    a ``torch.export`` program of an rnnkit model without rnnkit's Python code loads it with
+    ``torch.ops.load_library(path)`` (docs: shipping). It needs the same torch version."""
+    return _state.get("path") if ops() is not None else None
+
+
 def _load():
     if not enabled():
         return None
@@ -152,6 +167,7 @@ def _load():
         if not target.exists():
             _build(target, flags)
         torch.ops.load_library(str(target))
+        _state["path"] = target
         return torch.ops.rnnkit_native
     except Exception as exc:
         print(f"rnnkit: C++ step loops unavailable ({exc}); using the Python loops", file=sys.stderr)

@@ -2,14 +2,13 @@
 
 ``torch.onnx.export(model, args, dynamo=True, custom_translation_table=TRANSLATIONS)`` (or
 ``rnnkit.core.onnx_ops.export``) writes a model whose recurrent layers run onnxruntime's own
-kernels, at any batch size and length. The operators take the input projection ``xz`` (B, T, G*H)
-(core/ops.py); ONNX's nodes project their input themselves, so each node gets ``X = xz`` and
-``W`` a (G*H, G*H) permutation matrix that also reorders the gates (exact: each product is one term
-times 1), ``R = W_hh`` in ONNX's gate order, ``B = [0, b_hh]``, and ``sequence_lens`` counted
-from the mask. Gate orders: torch's LSTM ``i, f, g, o`` is ONNX's ``i, o, f, c``; torch's GRU
-``r, z, n`` is ONNX's ``z, r, h`` with ``linear_before_reset=1`` (torch's ``n = tanh(x_n + r *
-(h W_hn + b_hn))``). ONNX's outputs at padded steps are zero and its final state is each
-sequence's own last valid step's, as rnnkit's.
+kernels, at any batch size and length. The inference operators take the layer's input and
+``W_ih`` (core/ops.py), as ONNX's nodes do: each node gets ``X = x``, ``W = W_ih`` and ``R = W_hh``
+in ONNX's gate order, ``B = [b_ih, b_hh]``, and ``sequence_lens`` counted from the mask. Gate
+orders: torch's LSTM ``i, f, g, o`` is ONNX's ``i, o, f, c``; torch's GRU ``r, z, n`` is ONNX's
+``z, r, h`` with ``linear_before_reset=1`` (torch's ``n = tanh(x_n + r * (h W_hn + b_hn))``).
+ONNX's outputs at padded steps are zero and its final state is each sequence's own last valid
+step's, as rnnkit's.
 
 Requires ``onnxscript`` (the ``export`` extra).
 """
@@ -36,19 +35,16 @@ def _translation(kind: str):
     # function receives untyped graph values, which those signatures cannot describe
     op: Any = opset18
 
-    def translate(xz, w_hh, b_hh, *rest):
+    def translate(x, w_ih, b_ih, w_hh, b_hh, *rest):
         *state, mask, relu = rest
         GH, H = (int(d) for d in w_hh.shape)
-        rows = _rows(kind, H)
-        perm = np.zeros((1, GH, GH), dtype=np.float32)
-        perm[0, np.arange(GH), rows] = 1.0  # W[j, rows[j]] = 1: X W^T picks torch's gate row rows[j]
-        W = op.CastLike(op.Constant(value=ir.tensor(perm)), w_hh)
-        index = op.Constant(value=ir.tensor(rows))
+        index = op.Constant(value=ir.tensor(_rows(kind, H)))
+        W = op.Unsqueeze(op.Gather(w_ih, index, axis=0), op.Constant(value_ints=[0]))
         R = op.Unsqueeze(op.Gather(w_hh, index, axis=0), op.Constant(value_ints=[0]))
         zeros = op.CastLike(op.Constant(value=ir.tensor(np.zeros(GH, dtype=np.float32))), w_hh)
-        Rb = zeros if b_hh is None else op.Gather(b_hh, index, axis=0)
-        B = op.Unsqueeze(op.Concat(zeros, Rb, axis=0), op.Constant(value_ints=[0]))
-        X = op.Transpose(xz, perm=[1, 0, 2])  # (T, B, G*H)
+        Wb, Rb = (zeros if b is None else op.Gather(b, index, axis=0) for b in (b_ih, b_hh))
+        B = op.Unsqueeze(op.Concat(Wb, Rb, axis=0), op.Constant(value_ints=[0]))
+        X = op.Transpose(x, perm=[1, 0, 2])  # (T, B, I)
         lens = (
             None
             if mask is None

@@ -1,32 +1,39 @@
 """The built-in cells' loops over time as PyTorch operators (``torch.ops.rnnkit``).
 
-What ``torch.compile``, ``torch.export`` and the ONNX exporter see of a layer: one operator per
-(layer, direction), with a schema, a fake kernel (the output shapes from the input shapes, so a
-symbolic batch size and length stay symbolic) and a registered autograd formula whose backward is
-itself an operator. The routing table (core/routing.py) takes the ``traced-ops`` route, which calls
-them, while PyTorch traces a call; eager calls keep their own routes.
+What ``torch.compile``, ``torch.export``, AOTInductor and the ONNX exporter see of a layer: one
+operator per (layer, direction), with a schema, a fake kernel (the output shapes from the input
+shapes, so a symbolic batch size and length stay symbolic) and a registered autograd formula whose
+backward is itself an operator. The routing table (core/routing.py) takes the ``traced-ops``
+route, which calls them, while PyTorch traces a call; eager calls keep their own routes.
 
-Per cell kind ``K`` in ``lstm``, ``gru``, ``rnn``, with ``xz = x W_ih^T + b_ih`` (B, T, G*H) the input
-projection of every step (outside the operator, in torch ops), ``state`` the cell's (B, H) parts
-(LSTM ``h, c``; GRU and RNN ``h``) and ``mask`` (B, T) bool or None::
+Per cell kind ``K`` in ``lstm``, ``gru``, ``rnn``, with ``x`` (B, T, I) the layer's input, ``xz =
+x W_ih^T + b_ih`` (B, T, G*H) its projection, ``state`` the cell's (B, H) parts (LSTM ``h, c``; GRU
+and RNN ``h``) and ``mask`` (B, T) bool or None::
 
-    rnnkit::K_scan(xz, w_hh, b_hh?, *state, mask?, relu)        -> (out, *final)
-    rnnkit::K_scan_train(xz, w_hh, b_hh?, *state, mask?, relu)  -> (out, *final, *saved)
+    rnnkit::K_scan(x, w_ih, b_ih?, w_hh, b_hh?, *state, mask?, relu) -> (out, *final)
+    rnnkit::K_scan_train(xz, w_hh, b_hh?, *state, mask?, relu)       -> (out, *final, *saved)
     rnnkit::K_scan_backward(*saved, w_hh, mask?, grad_out?, *grad_state?, relu)
-                                                                 -> (d_xz, d_w_hh, d_b_hh, *d_state)
+                                                                      -> (d_xz, d_w_hh, d_b_hh, *d_state)
 
 ``out`` (B, T, H); padded steps are zero and the final state is each sequence's own last valid
 step's (the layer's contract). ``relu`` is the RNN's nonlinearity (ignored by the LSTM and the GRU).
-``K_scan`` is inference (nothing saved); ``K_scan_train`` also returns what its backward needs
-(``saved``: the activated gates and the states of every step), and is the one with the autograd
-formula. The implementation is the C++ loops (kernels/cpp_loops.py) on the CPU in float32/float64
-where they are built, the Python loops (kernels/python_loops.py) on any other device or dtype: the
-same functions the eager routes run.
+``K_scan`` is inference, the input projection included (the LSTM's C++ loop projects each step
+itself, as the eager ``cpp-projecting`` route does; one step reads its packed weights from a
+cache, as the eager stepping path does). ``K_scan_train`` takes the projection from torch ops
+(whose backward gives ``d x`` and ``d W_ih``) and also returns what its backward needs (``saved``:
+the activated gates and the states of every step); it is the one with the autograd formula.
+
+The schemas and their CPU kernels are C++ (``ops.cpp``, in the library core/native.py builds), so
+a process that loads that library alone (``torch.ops.load_library(native.library_path())``) runs
+an exported or AOTInductor-compiled model; this module adds the fake kernels, the autograd
+formula and, on other devices, the Python loops (kernels/python_loops.py). Where the C++ library
+is not built (``RNNKIT_NATIVE=0``, no compiler) the operators are defined here, on the Python
+loops everywhere: the same schemas and results.
 
 >>> import torch, rnnkit
 >>> from rnnkit.core import ops
->>> xz, w_hh = torch.randn(2, 5, 9), torch.randn(9, 3)   # GRU: 3 gates of H = 3
->>> out, h = torch.ops.rnnkit.gru_scan(xz, w_hh, None, torch.zeros(2, 3), None, False)
+>>> x, w_ih, w_hh = torch.randn(2, 5, 4), torch.randn(9, 4), torch.randn(9, 3)  # GRU: 3 gates of H = 3
+>>> out, h = torch.ops.rnnkit.gru_scan(x, w_ih, None, w_hh, None, torch.zeros(2, 3), None, False)
 >>> tuple(out.shape), tuple(h.shape)
 ((2, 5, 3), (2, 3))
 """
@@ -39,6 +46,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
 from rnnkit.core import native
 from rnnkit.core.cells.gru import GRUCell
@@ -46,24 +54,22 @@ from rnnkit.core.cells.lstm import LSTMCell
 from rnnkit.core.cells.rnn import RNNCell
 from rnnkit.core.gates import GatedCell
 from rnnkit.core.kernels.base import Kernel
-from rnnkit.core.kernels.cpp_loops import CppGRU, CppLSTM, CppRNN
 from rnnkit.core.kernels.python_loops import PythonGRU, PythonLSTM, PythonRNN
 
 NAMESPACE = "rnnkit"
+OTHER_DEVICES = ("cuda", "xpu", "mps")  # where the Python loops run the operators (the CPU runs ops.cpp's)
 
 
 @dataclass(frozen=True)
 class Spec:
-    """One cell kind's operators: its state's parts, kernels and the shapes of what backward needs."""
+    """One cell kind's operators: its state's parts, its Python loops and the shapes of what backward needs."""
 
     kind: str  # "lstm", "gru", "rnn": the operators' name prefix
     gates: int  # G: xz is (B, T, G*H)
     states: tuple[str, ...]  # the state's parts, in the cell's order
-    cpp: Kernel  # the C++ loops (CPU, float32/float64, where built)
-    python: Kernel  # the Python loops (anywhere)
-    # (B, T, H, cpp) -> the shapes of ``saved``, as the kernel that runs returns them
+    python: Kernel  # the Python loops (kernels/python_loops.py)
+    # (B, T, H, cpp) -> the shapes of ``saved``, as the C++ kernels (cpp) or the Python loops return them
     saved: Callable[[int, int, int, bool], tuple[tuple, ...]]
-    padded_saved: tuple[int, ...]  # the C++ loops' saved (B, T, ...) buffers, unwritten at padded steps
 
 
 def _lstm_saved(B, T, H, cpp):
@@ -79,9 +85,9 @@ def _rnn_saved(B, T, H, cpp):
 
 
 SPECS = {
-    "lstm": Spec("lstm", 4, ("h", "c"), CppLSTM(), PythonLSTM(), _lstm_saved, (0,)),
-    "gru": Spec("gru", 3, ("h",), CppGRU(), PythonGRU(), _gru_saved, (0, 1)),
-    "rnn": Spec("rnn", 1, ("h",), CppRNN(), PythonRNN(), _rnn_saved, ()),
+    "lstm": Spec("lstm", 4, ("h", "c"), PythonLSTM(), _lstm_saved),
+    "gru": Spec("gru", 3, ("h",), PythonGRU(), _gru_saved),
+    "rnn": Spec("rnn", 1, ("h",), PythonRNN(), _rnn_saved),
 }
 
 
@@ -90,10 +96,6 @@ class _Cell:
 
     def __init__(self, relu: bool):
         self.nonlinearity = "relu" if relu else "tanh"
-
-
-def _cpp(x: Tensor) -> bool:
-    return native.ops_for(x) is not None
 
 
 def _fresh(tensors) -> list[Tensor]:
@@ -111,67 +113,84 @@ def _fresh(tensors) -> list[Tensor]:
     return result
 
 
-def _schemas(spec: Spec) -> dict[str, str]:
+def schemas(spec: Spec) -> dict[str, str]:
+    """The operators' schemas, by suffix (``scan``, ``scan_train``, ``scan_backward``): ops.cpp
+    defines the same ones."""
     state = ", ".join(f"Tensor {s}0" for s in spec.states)
     final = ", ".join("Tensor" for _ in spec.states)
     saved = ", ".join("Tensor" for _ in spec.saved(1, 1, 1, True))
     saved_in = ", ".join(f"Tensor saved{i}" for i in range(len(spec.saved(1, 1, 1, True))))
     grad_state = ", ".join(f"Tensor? grad_{s}" for s in spec.states)
     d_state = ", ".join("Tensor" for _ in spec.states)
-    args = f"(Tensor xz, Tensor w_hh, Tensor? b_hh, {state}, Tensor? mask, bool relu)"
+    tail = f"{state}, Tensor? mask, bool relu)"
     return {
-        "scan": f"{args} -> (Tensor, {final})",
-        "scan_train": f"{args} -> (Tensor, {final}, {saved})",
+        "scan": f"(Tensor x, Tensor w_ih, Tensor? b_ih, Tensor w_hh, Tensor? b_hh, {tail} -> (Tensor, {final})",
+        "scan_train": f"(Tensor xz, Tensor w_hh, Tensor? b_hh, {tail} -> (Tensor, {final}, {saved})",
         "scan_backward": f"({saved_in}, Tensor w_hh, Tensor? mask, Tensor? grad_out, {grad_state}, bool relu) "
         f"-> (Tensor, Tensor, Tensor, {d_state})",
     }
 
 
-def _define(spec: Spec) -> None:
+def _native_defined() -> bool:
+    """Whether ops.cpp defined the operators: the C++ library loaded (built on first use)."""
+    native.ops()
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::lstm_scan", "CPU")
+
+
+# whether the CPU runs ops.cpp's kernels (else the Python loops run everywhere)
+NATIVE = _native_defined()
+
+
+def _cpp_layout(t: Tensor) -> bool:
+    """Whether the kernel that runs on ``t`` saves for backward in the C++ loops' layout."""
+    return NATIVE and t.device.type == "cpu"
+
+
+def _python_kernels(spec: Spec):
+    """The operators' implementations on the Python loops, and their fake kernels, by suffix."""
     n = len(spec.states)
-    n_saved = len(spec.saved(1, 1, 1, True))
-    schemas = _schemas(spec)
-    lib_name = f"{NAMESPACE}::{spec.kind}"
 
     def forward(training: bool):
-        def impl(xz, w_hh, b_hh, *rest):
-            *state, mask, relu = rest
+        def run(xz, w_hh, b_hh, state, mask, relu):
             xz = xz.contiguous()
             mask = mask.contiguous() if mask is not None else None
-            kernel = spec.cpp if _cpp(xz) else spec.python
-            out, final, saved = kernel.forward(_Cell(relu), xz, w_hh, b_hh, tuple(state), mask, training)
+            out, final, saved = spec.python.forward(_Cell(relu), xz, w_hh, b_hh, tuple(state), mask, training)
             outputs = [out.contiguous(), *(f.clone() for f in final)]
             if training:
-                if mask is not None and kernel is spec.cpp:
-                    # the C++ loops leave padded steps' gates unwritten (their backward never reads them):
-                    # zeros, so that the operator's outputs are a function of its inputs
-                    for i in spec.padded_saved:
-                        saved[i].masked_fill_(~mask[..., None], 0)
                 outputs += [s.contiguous() for s in saved]
             return tuple(_fresh(outputs))
 
-        def fake(xz, w_hh, b_hh, *rest):
-            state = rest[:n]
-            B, T, _ = xz.shape
-            H = w_hh.shape[1]
-            outputs = [xz.new_empty(B, T, H), *(s.new_empty(s.shape) for s in state)]
-            if training:
-                outputs += [xz.new_empty(shape) for shape in spec.saved(B, T, H, _cpp(xz))]
-            return tuple(outputs)
+        return run
 
-        return impl, fake
+    infer, train = forward(False), forward(True)
 
-    for name, training in (("scan", False), ("scan_train", True)):
-        impl, fake = forward(training)
-        op = torch.library.custom_op(f"{lib_name}_{name}", impl, mutates_args=(), schema=schemas[name])
-        op.register_fake(fake)
+    def scan_impl(x, w_ih, b_ih, w_hh, b_hh, *rest):
+        *state, mask, relu = rest
+        return infer(F.linear(x, w_ih, b_ih), w_hh, b_hh, state, mask, relu)
+
+    def scan_train_impl(xz, w_hh, b_hh, *rest):
+        *state, mask, relu = rest
+        return train(xz, w_hh, b_hh, state, mask, relu)
+
+    def scan_fake(x, w_ih, b_ih, w_hh, b_hh, *rest):
+        B, T, _ = x.shape
+        return (x.new_empty(B, T, w_hh.shape[1]), *(s.new_empty(s.shape) for s in rest[:n]))
+
+    def scan_train_fake(xz, w_hh, b_hh, *rest):
+        B, T, _ = xz.shape
+        H = w_hh.shape[1]
+        state = rest[:n]
+        saved = [xz.new_empty(shape) for shape in spec.saved(B, T, H, _cpp_layout(xz))]
+        return (xz.new_empty(B, T, H), *(s.new_empty(s.shape) for s in state), *saved)
+
+    n_saved = len(spec.saved(1, 1, 1, True))
 
     def backward_impl(*args):
         saved, (w_hh, mask, grad_out), rest = args[:n_saved], args[n_saved : n_saved + 3], args[n_saved + 3 :]
         *grad_state, relu = rest
-        kernel = spec.cpp if _cpp(w_hh) else spec.python
         mask = mask.contiguous() if mask is not None else None
         needs = {"w": True, "b": True}
+        kernel = spec.python
         dxz, dw, db, dstate = kernel.backward(_Cell(relu), tuple(saved), w_hh, mask, grad_out, tuple(grad_state), needs)
         return tuple(_fresh([dxz.contiguous(), dw.contiguous(), db.contiguous(), *(d.contiguous() for d in dstate)]))
 
@@ -187,10 +206,24 @@ def _define(spec: Spec) -> None:
             *(w_hh.new_empty(B, H) for _ in range(n)),
         )
 
-    bwd = torch.library.custom_op(
-        f"{lib_name}_scan_backward", backward_impl, mutates_args=(), schema=schemas["scan_backward"]
-    )
-    bwd.register_fake(backward_fake)
+    return {
+        "scan": (scan_impl, scan_fake),
+        "scan_train": (scan_train_impl, scan_train_fake),
+        "scan_backward": (backward_impl, backward_fake),
+    }
+
+
+def _define(spec: Spec) -> None:
+    n = len(spec.states)
+    lib_name = f"{NAMESPACE}::{spec.kind}"
+    for suffix, schema in schemas(spec).items():
+        impl, fake = _python_kernels(spec)[suffix]
+        name = f"{lib_name}_{suffix}"
+        if NATIVE:  # defined by ops.cpp, with its CPU kernel
+            torch.library.register_kernel(name, OTHER_DEVICES, impl)
+        else:
+            torch.library.custom_op(name, impl, mutates_args=(), schema=schema)
+        torch.library.register_fake(name, fake)
     backward_op = getattr(torch.ops.rnnkit, f"{spec.kind}_scan_backward").default
 
     def setup_context(ctx, inputs, output):
@@ -213,12 +246,20 @@ for _spec in SPECS.values():
 
 
 def scan(
-    kind: str, xz: Tensor, w_hh: Tensor, b_hh: Tensor | None, state: tuple, mask: Tensor | None, relu: bool = False
+    kind: str,
+    x: Tensor,
+    w_ih: Tensor,
+    b_ih: Tensor | None,
+    w_hh: Tensor,
+    b_hh: Tensor | None,
+    state: tuple,
+    mask: Tensor | None,
+    relu: bool = False,
 ) -> tuple[Tensor, tuple]:
-    """A built-in cell of ``kind`` over ``xz`` (B, T, G*H) from ``state`` through its operator: the
-    training one where gradients are wanted, else the inference one. Returns the outputs (B, T, H)
-    and the final state's parts."""
-    tensors = (xz, w_hh, b_hh, *state)
+    """A built-in cell of ``kind`` over ``x`` (B, T, I) from ``state`` through its operators: the
+    projection in torch ops and the training operator where gradients are wanted, else the
+    inference one. Returns the outputs (B, T, H) and the final state's parts."""
+    tensors = (x, w_ih, b_ih, w_hh, b_hh, *state)
     # torch.export records the inference operator: an exported program is run, not trained, and
     # the ONNX exporter translates that one (core/onnx_ops.py)
     train = (
@@ -227,8 +268,11 @@ def scan(
         and any(t is not None and t.requires_grad for t in tensors)
     )
     namespace = torch.ops.rnnkit
-    op = getattr(namespace, f"{kind}_scan_train" if train else f"{kind}_scan")
-    out, *rest = op(xz, w_hh, b_hh, *state, mask, relu)
+    if train:
+        xz = F.linear(x, w_ih, b_ih).to(w_hh.dtype)  # under autocast the projection comes back in half precision
+        out, *rest = getattr(namespace, f"{kind}_scan_train")(xz, w_hh, b_hh, *state, mask, relu)
+    else:
+        out, *rest = getattr(namespace, f"{kind}_scan")(x, w_ih, b_ih, w_hh, b_hh, *state, mask, relu)
     return out, tuple(rest[: len(state)])
 
 
@@ -238,10 +282,12 @@ KINDS = {LSTMCell.combine: "lstm", GRUCell.combine: "gru", RNNCell.combine: "rnn
 
 def scan_cell(cell: GatedCell, x: Tensor, state: NamedTuple, mask: Tensor | None):
     """The ``traced-ops`` route's scan (core/stack.py's contract): a built-in cell over (B, T, I) ``x``,
-    the input projection in torch ops, the loop over time one operator."""
-    w_hh, b_hh = cell.weight_hh, cell.bias_hh
-    xz = cell.project_input(x).to(w_hh.dtype)  # under autocast the projection may come back in half precision
-    parts = tuple(s.to(w_hh.dtype) for s in state)
+    each (layer, direction) one operator (the training one with the input projection before it)."""
+    w_hh = cell.weight_hh
+    dtype = w_hh.dtype
+    # under autocast the input may come in half precision: the layer runs in its weights' dtype
+    parts = tuple(s.to(dtype) for s in state)
     relu = getattr(cell, "nonlinearity", "tanh") == "relu"
-    out, final = scan(KINDS[type(cell).combine], xz, w_hh, b_hh, parts, mask, relu)
+    kind = KINDS[type(cell).combine]
+    out, final = scan(kind, x.to(dtype), cell.weight_ih, cell.bias_ih, w_hh, cell.bias_hh, parts, mask, relu)
     return out, cell.State(*final)

@@ -13,8 +13,9 @@ where that is the question, is taken:
 1. ``traced-ops``: while ``torch.compile``, ``torch.export`` or ``torch.onnx.export(dynamo=True)``
    traces the call (``torch.compiler.is_compiling()``), a built-in cell's loop over time is one
    registered operator per (layer, direction) (core/ops.py: ``torch.ops.rnnkit.lstm_scan`` and its
-   training and backward twins), the input projection, lengths, directions and dropout torch ops
-   around it: a graph with symbolic batch size and length, the same kernels inside. Under that
+   training and backward twins), lengths, directions, dropout and (in training) the input
+   projection torch ops around it: a graph with symbolic batch size and length, the eager routes'
+   kernels inside (in inference the projecting LSTM loop; one step on cached packed weights). Under that
    tracer only this route and ``reference`` (a user's cell, stepped in torch ops: the graph holds
    one copy of the step per time step, so each new length is traced again) are taken. Under
    ``torch.jit.trace`` (which ``torch.onnx.export(dynamo=False)`` runs) only ``torch-kernel`` is
