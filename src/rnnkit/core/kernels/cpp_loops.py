@@ -21,7 +21,17 @@ from rnnkit.core import native
 from rnnkit.core.cells.gru import GRUCell
 from rnnkit.core.cells.rnn import RNNCell
 from rnnkit.core.gates import GatedCell
-from rnnkit.core.kernels.base import Kernel, batch_major_states, grad_in, grad_rows, native_weight_grads, states_rows
+from rnnkit.core.kernels.base import (
+    Kernel,
+    backward_noise,
+    dropped_states,
+    grad_in,
+    grad_rows,
+    native_loop,
+    native_weight_grads,
+    noise_args,
+    states_rows,
+)
 from rnnkit.core.kernels.compiled import compiled_loop, program_gates
 
 
@@ -120,66 +130,81 @@ def projecting_loop(cell: GatedCell, x: Tensor, weights, state, mask, programs=N
 
 
 class CppLSTM(Kernel):
-    def forward(self, cell, xz, w_hh, b_hh, state, mask, training):
+    def forward(self, cell, xz, w_hh, b_hh, state, mask, training, noise=None):
         B, T, G4 = xz.shape
         hs, cs = states_rows(state[0], T, training), states_rows(state[1], T, training)
         out = native.buffer((B, T, G4 // 4), xz)
         gates = native.buffer(xz.shape, xz) if training else None
-        native.ops().lstm_forward(xz, native.ops().pack_linear(w_hh, 4), b_hh, hs, cs, out, gates, mask)
+        extra = noise_args(noise, hs[0])
+        native_loop("lstm_forward", xz, native.ops().pack_linear(w_hh, 4), b_hh, hs, cs, out, gates, mask, noise=extra)
         last = T % hs.shape[0]
-        return out, (hs[last], cs[last]), (gates, hs, cs)
+        return out, (hs[last], cs[last]), (gates, hs, cs, *backward_noise(extra))
 
     def backward(self, cell, saved, w_hh, mask, grad_out, grad_state, needs):
-        gates, hs, cs = saved
+        gates, hs, cs, *noise = saved
+        extra = noise[0] if noise else {}
         dh, dc = grad_in(grad_state[0], hs[0]), grad_in(grad_state[1], cs[0])
         dxz = native.buffer(gates.shape, gates)
-        native.ops().lstm_backward(gates, cs, grad_rows(grad_out), w_hh, dh, dc, dxz, mask)
-        dw, db = native_weight_grads(dxz, hs, needs)
+        native_loop("lstm_backward", gates, cs, grad_rows(grad_out), w_hh, dh, dc, dxz, mask, noise=extra)
+        dw, db = native_weight_grads(dxz, hs, needs, extra.get("r"))
         return dxz, dw, db, (dh, dc)
 
 
 class CppGRU(Kernel):
-    def forward(self, cell, xz, w_hh, b_hh, state, mask, training):
+    def forward(self, cell, xz, w_hh, b_hh, state, mask, training, noise=None):
         B, T, G3 = xz.shape
         hs = states_rows(state[0], T, training)
         out = native.buffer((B, T, G3 // 3), xz)
         gates, hzn = (native.buffer(xz.shape, xz), native.buffer(out.shape, out)) if training else (None, None)
-        native.ops().gru_forward(xz, native.ops().pack_linear(w_hh, 3), b_hh, hs, out, gates, hzn, mask)
-        return out, (hs[T % hs.shape[0]],), (gates, hzn, hs)
+        extra = noise_args(noise, hs[0])
+        native_loop("gru_forward", xz, native.ops().pack_linear(w_hh, 3), b_hh, hs, out, gates, hzn, mask, noise=extra)
+        return out, (hs[T % hs.shape[0]],), (gates, hzn, hs, *backward_noise(extra))
 
     def backward(self, cell, saved, w_hh, mask, grad_out, grad_state, needs):
-        gates, hzn, hs = saved
+        gates, hzn, hs, *noise = saved
+        extra = noise[0] if noise else {}
         dh = grad_in(grad_state[0], hs[0])
         dxz, dhn = (
             native.buffer(gates.shape, gates),
             native.buffer(hzn.shape, hzn),
         )  # d hz's r, z parts are d xz's; its n part
-        native.ops().gru_backward(gates, hzn, hs, grad_rows(grad_out), w_hh, dh, dxz, dhn, mask)
+        native_loop("gru_backward", gates, hzn, hs, grad_rows(grad_out), w_hh, dh, dxz, dhn, mask, noise=extra)
         H = hzn.shape[-1]
         rz = dxz.view(-1, 3 * H)[:, : 2 * H]  # a strided view, no copy
         dw = None
         if needs["w"]:
-            h_prev = batch_major_states(hs)
+            h_prev = dropped_states(hs, extra.get("r"))
             dw = torch.cat((rz.t().mm(h_prev), dhn.view(-1, H).t().mm(h_prev)))
         db = torch.cat((rz.sum(0), dhn.view(-1, H).sum(0))) if needs["b"] else None
         return dxz, dw, db, (dh,)
 
 
 class CppRNN(Kernel):
-    def forward(self, cell, xz, w_hh, b_hh, state, mask, training):
+    def forward(self, cell, xz, w_hh, b_hh, state, mask, training, noise=None):
         T = xz.shape[1]
         hs = states_rows(state[0], T, training)
         out = native.buffer(xz.shape, xz)
-        native.ops().rnn_forward(
-            xz, native.ops().pack_linear(w_hh, 1), b_hh, hs, out, mask, cell.nonlinearity == "relu"
+        extra = noise_args(noise, hs[0])
+        native_loop(
+            "rnn_forward",
+            xz,
+            native.ops().pack_linear(w_hh, 1),
+            b_hh,
+            hs,
+            out,
+            mask,
+            cell.nonlinearity == "relu",
+            noise=extra,
         )
-        return out, (hs[T % hs.shape[0]],), (hs,)
+        return out, (hs[T % hs.shape[0]],), (hs, *backward_noise(extra))
 
     def backward(self, cell, saved, w_hh, mask, grad_out, grad_state, needs):
-        (hs,) = saved
+        hs, *noise = saved
+        extra = noise[0] if noise else {}
         dh = grad_in(grad_state[0], hs[0])
         T, B, H = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
         dxz = native.buffer((B, T, H), hs)
-        native.ops().rnn_backward(hs, grad_rows(grad_out), w_hh, dh, dxz, mask, cell.nonlinearity == "relu")
-        dw, db = native_weight_grads(dxz, hs, needs)
+        relu = cell.nonlinearity == "relu"
+        native_loop("rnn_backward", hs, grad_rows(grad_out), w_hh, dh, dxz, mask, relu, noise=extra)
+        dw, db = native_weight_grads(dxz, hs, needs, extra.get("r"))
         return dxz, dw, db, (dh,)
