@@ -265,3 +265,16 @@ def test_the_loops_with_masks_are_ops_that_pass_opcheck(monkeypatch):
     assert {name for name, *_ in calls} == set(base.NOISY_OPS)
     for _, op, args, kwargs in calls:
         torch.library.opcheck(op, args, kwargs)
+
+
+def test_layer_normalised_cells_take_zoneout_and_recurrent_dropout_on_the_reference_loop():
+    """The layer-normalised loops apply neither: such a call passes them by for the reference loop."""
+    layer = rnnkit.Recurrent(rnnkit.CELLS["ln-lstm"], 3, 4, batch_first=True).double()
+    reg = Regularised(layer, zoneout=0.5, recurrent_dropout=0.5, generator=torch.Generator().manual_seed(6))
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    masks = reg.sample_masks(x)
+    (out, _), routes = _routes_of(lambda: reg(x, masks=masks))
+    assert routes == {"reference"}
+    with rnnkit.routing.force("reference"):
+        torch.testing.assert_close(out, reg(x, masks=masks)[0])
+    assert not torch.allclose(out, layer(x)[0])

@@ -107,7 +107,7 @@ def rows_at(T: int, cells: list[str], B: int, H: int, I: int, repeats: int) -> l
         peer = PEER.get(name, "lstm")
         peer_s, cell_s = statistics.median(times[peer]), statistics.median(times[name])
         q1, q3 = _quartiles([a / b for a, b in zip(times[peer], times[name])])
-        speedup = peer_s / cell_s
+        speedup, target = peer_s / cell_s, TARGETS[name]
         rows.append(
             {
                 "cell": name,
@@ -123,8 +123,8 @@ def rows_at(T: int, cells: list[str], B: int, H: int, I: int, repeats: int) -> l
                 "speedup": speedup,
                 "speedup_q1": q1,
                 "speedup_q3": q3,  # peer time / cell time
-                "target": TARGETS[name],
-                "met": None if TARGETS[name] is None else speedup >= TARGETS[name],
+                "target": target,
+                "met": None if target is None else speedup >= target,
                 "peer_route": rnnkit.explain(peers[peer], x).name,
                 "cell_route": rnnkit.explain(getattr(layer, "layer", layer), x).name,
             }

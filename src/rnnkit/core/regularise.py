@@ -122,7 +122,10 @@ class Regularised(nn.Module):
                         f"recurrent_dropout: {type(cell).__name__} rewrites step, so its recurrent input "
                         "cannot be dropped apart from the rest of its step"
                     )
-                keep = _mask((B, T, H), 1.0 - self.zoneout, x, gen).bool() if self.zoneout else None
+                keep = None
+                if self.zoneout:  # True (keep the previous state) with probability zoneout, drawn as bools
+                    keep = torch.empty((B, T, H), dtype=torch.bool, device=x.device)
+                    keep.bernoulli_(self.zoneout, generator=gen)
                 if r is not None or keep is not None:
                     state[i] = StateNoise(r, keep)
         return Masks(inp, out, weights, state)

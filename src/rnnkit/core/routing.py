@@ -502,6 +502,8 @@ def _cpp_compiled_supports(call: Call) -> str | None:
 def _cpp_layernorm_supports(call: Call) -> str | None:
     if not all(type(c) in LAYERNORM_CELLS for c in call.layer.cells):
         return "not a stack of layer-normalised LSTM or GRU cells as shipped"
+    if call.noise:
+        return f"{call.noise}: the layer-normalised loops apply neither (the reference loop does)"
     if not call.native:
         return "the C++ loops do not run here (the CPU, float32/float64, built)"
     if any(p.dtype not in native.FLOATS for c in call.layer.cells for p in c._parameters.values() if p is not None):
