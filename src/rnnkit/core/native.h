@@ -112,7 +112,7 @@ struct Rows {
 
 // A per-step tensor (B, T, W) on the CPU, batch-major or time-major (Rows).
 void check_rows(const Tensor& t, const char* name) {
-  TORCH_CHECK(t.dim() == 3 && (t.is_contiguous() || t.transpose(0, 1).is_contiguous()),
+  TORCH_CHECK(t.is_contiguous() || (t.dim() == 3 && t.transpose(0, 1).is_contiguous()),
               "rnnkit native: ", name, " must be (B, T, .), batch-major or time-major, with dense rows");
   TORCH_CHECK(t.device().is_cpu(), "rnnkit native: ", name, " must be on the CPU");
 }
