@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from rnnkit.core.gates import GatedCell
-from rnnkit.core.kernels.base import Kernel, grads_through, transformed
+from rnnkit.core.kernels.base import Kernel, grads_through, time_major_rows, transformed
 from rnnkit.core.kernels.state_noise import StateNoise, noise_for
 
 
@@ -100,10 +100,12 @@ def fused_scan(cell: GatedCell, xz: Tensor, state: NamedTuple, mask: Tensor | No
     if xz.dtype != dtype:  # autocast: the input projection may arrive in half precision
         xz = xz.to(dtype)
     parts = tuple(s.to(dtype) for s in state)
+    noise = noise_for(cell)  # zoneout and recurrent dropout (kernels/state_noise.py): batch-major buffers
     if kernel.dense_inputs:  # the loops read rows directly: dense buffers (a no-op when they are)
-        xz, mask = xz.contiguous(), mask.contiguous() if mask is not None else None
+        if not (kernel.time_major_ok and noise is None and time_major_rows(xz)):
+            xz = xz.contiguous()
+        mask = mask.contiguous() if mask is not None else None
     tensors = (xz, w_hh, b_hh, *parts)
-    noise = noise_for(cell)  # zoneout and recurrent dropout (kernels/state_noise.py)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         out, *final = FusedScan.apply(kernel, cell, mask, noise, xz, w_hh, b_hh, *parts)
         return out, cell.State(*final)
