@@ -20,7 +20,7 @@ from torch._dynamo.utils import counters
 import rnnkit
 from user_cells import MGUCell
 
-I, H, P = 5, 7, 2  # P unlike any batch size below: torch.compile would take an equal B for the constant
+I, H, P = 5, 7, 2  # P unlike any batch size below: dynamic=True gives equal sizes one symbol (docs/shipping.md)
 SHAPES = ((3, 6), (4, 9))  # (B, T) of successive compiled calls: the first traces, the second reuses its graph
 OTHER_SHAPES = ((5, 11), (2, 3))  # (B, T) an exported program runs at, other than the example's (3, 6)
 

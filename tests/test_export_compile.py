@@ -92,6 +92,28 @@ def test_compile_stepping(name):
     assert graphs == 1
 
 
+@pytest.mark.parametrize("name", STEPPING)
+def test_compiled_step_reads_weights_written_through_data(name):
+    """A compiled model stepped, then every weight changed through ``.data`` (which bypasses the
+    version counter): the next step is a fresh eager model's on the new weights, at batch 1 (the
+    matrix-vector kernels) and at batch 3 (torch's matmul), never a step on stale weights."""
+    torch._dynamo.reset()
+    layer = LAYERS[name](num_layers=2).eval()
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True, backend="aot_eager")
+    for B in (1, 3):
+        x, state = torch.randn(B, 1, I), _state(layer, B)
+        with torch.no_grad():
+            compiled(x, state)
+            for p in layer.parameters():
+                p.data.mul_(0.5)
+            out, final = compiled(x, state)
+            fresh = LAYERS[name](num_layers=2).eval()
+            fresh.load_state_dict(layer.state_dict())
+            ref, ref_final = fresh(x, state)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(final, ref_final, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("train", [True, False], ids=["training", "inference"])
 def test_compile_a_users_cell(train):
     """A user's cell compiles into one graph with eager's results, in training; its loop over time is

@@ -13,14 +13,14 @@ from rnnkit.core.gates import GatedCell, HiddenState, gate
 B, T, H = 3, 5, 4
 
 
-def _args(kind: str, masked: bool, grad: bool, dtype=torch.float64, projecting: bool = False):
+def _args(kind: str, masked: bool, grad: bool, dtype=torch.float64, projecting: bool = False, steps: int = T):
     """Arguments of ``kind``'s training operator, or (``projecting``) of its inference one, which
-    takes the input and W_ih rather than the projection."""
+    takes the input and W_ih rather than the projection; ``steps`` long (the lengths 5, 2, 4 cut to it)."""
     G, parts = {"lstm": (4, 2), "gru": (3, 1), "rnn": (1, 1)}[kind]
     gen = torch.Generator().manual_seed(0)
     make = lambda *shape: torch.randn(*shape, generator=gen, dtype=dtype).requires_grad_(grad)
-    mask = torch.arange(T)[None, :] < torch.tensor([5, 2, 4])[:, None] if masked else None
-    inputs = (make(B, T, 2), make(G * H, 2), make(G * H)) if projecting else (make(B, T, G * H),)
+    mask = torch.arange(steps)[None, :] < torch.tensor([5, 2, 4])[:, None] if masked else None
+    inputs = (make(B, steps, 2), make(G * H, 2), make(G * H)) if projecting else (make(B, steps, G * H),)
     return (*inputs, make(G * H, H), make(G * H), *(make(B, H) for _ in range(parts)), mask, False)
 
 
@@ -30,6 +30,15 @@ def test_operators_pass_opcheck(kind, masked):
     """Schema, fake kernel (shapes from shapes), autograd formula and the backward operator, checked
     by torch.library.opcheck, for the inference and the training operator."""
     torch.library.opcheck(getattr(torch.ops.rnnkit, f"{kind}_scan"), _args(kind, masked, False, projecting=True))
+    # one step (T = 1) runs its own kernel: the products on the weights as stored
+    one_step = _args(kind, masked, False, projecting=True, steps=1)
+    torch.library.opcheck(getattr(torch.ops.rnnkit, f"{kind}_scan"), one_step)
+    if masked:  # a padded step: zero output, the state unchanged
+        masked_step = (*one_step[:-2], torch.tensor([[True], [False], [True]]), False)
+        out, *final = getattr(torch.ops.rnnkit, f"{kind}_scan")(*masked_step)
+        assert not out[1].any()
+        for f, s in zip(final, one_step[5:-2]):
+            torch.testing.assert_close(f[1], s[1])
     torch.library.opcheck(getattr(torch.ops.rnnkit, f"{kind}_scan_train"), _args(kind, masked, grad=True))
     saved_out = getattr(torch.ops.rnnkit, f"{kind}_scan_train")(*_args(kind, masked, grad=False))
     n = 2 if kind == "lstm" else 1

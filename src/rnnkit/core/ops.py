@@ -133,7 +133,8 @@ def schemas(spec: Spec) -> dict[str, str]:
 
 def _native_defined() -> bool:
     """Whether ops.cpp defined the operators: the C++ library loaded (built on first use)."""
-    native.ops()
+    if native.ops() is None:  # RNNKIT_NATIVE=0, or no compiler: defined below, on the Python loops
+        return False
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::lstm_scan", "CPU")
 
 
