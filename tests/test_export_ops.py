@@ -147,9 +147,10 @@ def test_operators_schemas_are_the_ones_python_writes():
 
 @pytest.mark.skipif(native.ops() is None, reason="the C++ library is not built")
 def test_aoti_package_runs_in_a_process_without_rnnkit(tmp_path):
-    """An AOTInductor package of an exported rnnkit model runs in a fresh process that imports torch
-    and loads rnnkit's C++ library (``torch.ops.load_library``), and nothing else of rnnkit, at
-    another batch size and length, with eager's results."""
+    """An AOTInductor package of an exported rnnkit model, and the exported program itself saved
+    with ``torch.export.save`` (``rnnkit export --format pt2``), run in a fresh process that imports
+    torch and loads rnnkit's C++ library (``torch.ops.load_library``), and nothing else of rnnkit,
+    at another batch size and length, with eager's results."""
     import subprocess
     import sys
 
@@ -166,6 +167,7 @@ def test_aoti_package_runs_in_a_process_without_rnnkit(tmp_path):
     B, T = torch.export.Dim("B", min=2, max=64), torch.export.Dim("T", min=2, max=64)
     example = (torch.randn(3, 5, 4), torch.tensor([5, 2, 4]))
     program = torch.export.export(model, example, dynamic_shapes=({0: B, 1: T}, {0: B}))
+    torch.export.save(program, tmp_path / "tagger-program.pt2")
     with torch._inductor.config.patch({"aot_inductor.compile_wrapper_opt_level": "O0"}):  # compiles faster
         package = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "tagger.pt2"))
     x, lengths = torch.randn(4, 7, 4), torch.tensor([7, 1, 3, 6])
@@ -177,11 +179,35 @@ import sys, torch
 torch.ops.load_library({str(native.library_path())!r})
 runner = torch._inductor.aoti_load_package({package!r})
 x, lengths, expected = torch.load({str(tmp_path / "io.pt")!r})
-got = runner(x, lengths)
-for g, e in zip(got, expected):
-    torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+program = torch.export.load({str(tmp_path / "tagger-program.pt2")!r}).module()
+for got in (runner(x, lengths), program(x, lengths)):
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
 assert not [m for m in sys.modules if m.startswith("rnnkit")], "rnnkit's Python code was imported"
 print("ok")
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_operators_without_the_cpp_library():
+    """With ``RNNKIT_NATIVE=0`` (or no compiler) rnnkit imports and defines its operators on the
+    Python loops: a traced layer runs them, with the results of the layer's own eager call."""
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import torch, rnnkit
+from rnnkit.core import native, ops
+assert native.ops() is None and not ops.NATIVE
+layer = rnnkit.GRU(4, 6, batch_first=True).eval()
+x = torch.randn(3, 5, 4)
+program = torch.export.export(layer, (x,))
+assert any("rnnkit" in str(node.target) for node in program.graph.nodes)
+torch.testing.assert_close(program.module()(x), tuple(layer(x)), atol=1e-5, rtol=1e-5)
+print("ok")
+"""
+    env = {**os.environ, "RNNKIT_NATIVE": "0"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
