@@ -328,26 +328,32 @@ def test_empty_sequences_give_zero_outputs_and_the_initial_state(kind):
 
 @pytest.mark.parametrize(
     "kind,kwargs",
-    [("lstm", {}), ("lstm", {"proj_size": 2}), ("gru", {}), ("rnn", {}), ("rnn", {"nonlinearity": "relu"})],
+    [("lstm", {}), ("lstm", {"proj_size": 1}), ("gru", {}), ("rnn", {}), ("rnn", {"nonlinearity": "relu"})],
 )
-@pytest.mark.parametrize("route", [None, "cpp-loops", "python-loops"])
+@pytest.mark.parametrize("route", [None, "python-loops"])
 def test_layers_gradcheck_and_gradgradcheck_with_batched_grad(kind, kwargs, route):
-    """Double backward (create_graph) and vmap over the backward work on every route."""
+    """Double backward (create_graph) and vmap over the backward work on every route.
+
+    The default route here is the C++ loops (float64 on the CPU, gradients wanted); sizes are the
+    smallest that still have two layers, two directions and unequal lengths.
+    """
     if route and "proj_size" in kwargs:
         pytest.skip("a projected LSTM runs torch's kernel or the reference (routing table)")
     torch.manual_seed(0)
-    layer = LAYER_PAIRS[kind][1](2, 3, num_layers=2, bidirectional=True, **kwargs).double()
+    layer = LAYER_PAIRS[kind][1](2, 2, num_layers=2, bidirectional=True, **kwargs).double()
+    if route is None:
+        assert rnnkit.explain(layer, torch.randn(3, 2, 2, dtype=torch.float64)).name in {"cpp-loops", "torch-kernel"}
     names = [n for n, _ in layer.named_parameters()]
-    x = torch.randn(4, 2, 2, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, 2, 2, dtype=torch.float64, requires_grad=True)
     params = [p.detach().clone().requires_grad_() for p in layer.parameters()]
 
     def f(x, *ps):
-        out, h = torch.func.functional_call(layer, dict(zip(names, ps)), (x,), {"lengths": [4, 2]})
+        out, h = torch.func.functional_call(layer, dict(zip(names, ps)), (x,), {"lengths": [3, 1]})
         return (out, *flat(h))
 
     with rnnkit.routing.force(route) if route else torch.enable_grad():
-        assert torch.autograd.gradcheck(f, (x, *params), check_batched_grad=True)
-        assert torch.autograd.gradgradcheck(f, (x, *params), check_batched_grad=True)
+        assert torch.autograd.gradcheck(f, (x, *params), check_batched_grad=True, fast_mode=True)
+        assert torch.autograd.gradgradcheck(f, (x, *params), check_batched_grad=True, fast_mode=True)
 
 
 @pytest.mark.parametrize("kind", sorted(CELL_PAIRS))

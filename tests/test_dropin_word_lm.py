@@ -101,3 +101,4 @@ def test_the_example_runs_from_the_command_line(tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert "largest relative loss difference" in out and "test ppl" in out
+    assert "as fast as torch.nn" in out  # the speed ratio

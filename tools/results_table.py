@@ -226,7 +226,7 @@ def classify_table(rows: list[Run]) -> str:
 TABLES: dict[str, tuple[str, Callable[[list[Run]], str]]] = {  # NAME -> (run-name prefix, table)
     "lm-shakespeare": ("lm-shakespeare", lm_table),
     "lm-sweep": ("lm-sweep", lm_table),
-    "lm-warpeace": ("lm-warpeace", lm_table),
+    "lm-war-and-peace": ("lm-war-and-peace", lm_table),
     "sort": ("sort-", sort_table),
     "classify-agnews": ("classify-agnews", classify_table),
 }

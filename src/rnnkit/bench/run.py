@@ -292,7 +292,14 @@ def _peak_line(peaks: dict, n: int) -> str:
     )
 
 
-def run_benchmark(preset: str = "full", threads: int = 2, log=print, layouts_only: bool = False) -> dict:
+def run_benchmark(
+    preset: str = "full",
+    threads: int = 2,
+    log=print,
+    layouts_only: bool = False,
+    only_kinds: list[str] | None = None,
+    points: list[tuple[int, int, int]] | None = None,
+) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     if preset == "smoke":  # a tiny end-to-end run for the test suite: no meaningful numbers
@@ -312,8 +319,12 @@ def run_benchmark(preset: str = "full", threads: int = 2, log=print, layouts_onl
         grid = [(B, H, T) for B in (1, 32, 64) for H in (128, 512) for T in (64, 256)]
         kinds, repeats, peak_n, tokens, custom = list(TORCH), 5, 2048, 200, (32, 512, 64)
         batches = (1, 8, 64)  # the target is batch 1; 8 and 64 as sampling several sequences at once
+    if only_kinds:
+        kinds = [k for k in kinds if k in only_kinds] or list(only_kinds)
+    if points:
+        grid = list(points)
     layout_grid = [p for p in grid if p[2] == 64] or grid  # the layouts at the grid's T = 64 points
-    layout_kinds = kinds[:1] if preset == "smoke" else kinds
+    layout_kinds = kinds[:1] if preset == "smoke" and not only_kinds else kinds
     if layouts_only:
         return {
             "machine": {"torch": torch.__version__, "threads": threads},
@@ -448,6 +459,17 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _points(text: str) -> list[tuple[int, int, int]]:
+    """``"32x128x64,64x512x64"`` -> [(32, 128, 64), (64, 512, 64)] (batch, hidden, steps)."""
+    try:
+        points = [tuple(int(n) for n in p.split("x")) for p in text.split(",") if p]
+    except ValueError:
+        points = []
+    if not points or any(len(p) != 3 or min(p) < 1 for p in points):
+        raise argparse.ArgumentTypeError(f"expected BxHxT[,BxHxT...] with positive sizes, got {text!r}")
+    return points  # type: ignore[return-value]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m rnnkit.bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a reduced grid, about a minute")
@@ -467,6 +489,18 @@ def main(argv=None) -> None:
         help="only the rows of torch.nn's defaults (time-major input) and rnnkit.convert against the batch-first layer",
     )
     parser.add_argument(
+        "--kind",
+        action="append",
+        choices=list(TORCH),
+        help="only this cell kind (repeat for several; default: all)",
+    )
+    parser.add_argument(
+        "--points",
+        type=_points,
+        metavar="BxHxT,...",
+        help="these grid points instead of the preset's, e.g. 32x128x64,64x512x64",
+    )
+    parser.add_argument(
         "--device",
         choices=["cpu", "cuda"],
         default="cpu",
@@ -482,7 +516,12 @@ def main(argv=None) -> None:
         return
     with routing.force(args.route) if args.route else contextlib.nullcontext():
         report = run_benchmark(
-            preset, args.threads, log=lambda line: print(line, flush=True), layouts_only=args.layouts_only
+            preset,
+            args.threads,
+            log=lambda line: print(line, flush=True),
+            layouts_only=args.layouts_only,
+            only_kinds=args.kind,
+            points=args.points,
         )
     report["forced_route"] = args.route
     print()

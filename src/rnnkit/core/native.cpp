@@ -10,7 +10,9 @@
 // share) on first use, with OpenMP (torch's own thread pool); core/kernels/cpp_loops.py calls it.
 //
 // Layouts, shared with core/kernels/:
-//   - per-step tensors are batch-major as the layer sees them: xz, gates, out, dxz (B, T, .);
+//   - per-step tensors are indexed (B, T, .) as the layer sees them: xz, gates, out, dxz, each
+//     batch-major (contiguous) or time-major (a transposed view of a contiguous (T, B, .), what a
+//     layer fed torch.nn's default (T, B, I) input runs on: no copies either way; `Rows`);
 //     the states h_0..h_T (and c) are time-major (T+1, B, H), so h_{t-1} is a (B, H) matrix;
 //     in inference the forward ops may keep only two, (2, B, H), h_t in row t % 2;
 //   - gates are in torch's order (LSTM i, f, g, o; GRU r, z, n), activated;
@@ -30,11 +32,16 @@ namespace {
 // forward_in_time's padded step for the state h (B rows of H, rows now and next of hsp): row b keeps
 // its h_{t-1}, and its output at step t is 0. The LSTM carries c the same way.
 template <typename T_>
-auto carry_h(T_* hsp, T_* outp, int64_t B, int64_t T, int64_t H) {
+auto carry_h(T_* hsp, T_* outp, int64_t B, Rows o, int64_t H) {
   return [=](int64_t b, int64_t t, int64_t now, int64_t next, int64_t j, int64_t n) {
     load(hsp + (now * B + b) * H + j, n).store(hsp + (next * B + b) * H + j, n);
-    Vec<T_>(T_(0)).store(outp + (b * T + t) * H + j, n);
+    Vec<T_>(T_(0)).store(outp + o(b, t) + j, n);
   };
+}
+
+template <typename T_>
+auto carry_h(T_* hsp, T_* outp, int64_t B, int64_t T, int64_t H) {  // out batch-major (B, T, H)
+  return carry_h<T_>(hsp, outp, B, Rows(T * H, H), H);
 }
 
 // One LSTM step for row b, block j .. j+n: r holds the block's pre-activations from h (and, projecting,
@@ -64,12 +71,12 @@ void lstm_loop(const Tensor& xz, const Tensor& packed, const std::optional<Tenso
   T_* csp = cs.data_ptr<T_>();
   T_* outp = out.data_ptr<T_>();
   T_* gp = ptr<T_>(gates);
+  const Rows xr(xz), orow(out), gr = gates.has_value() ? Rows(*gates) : Rows();
   auto step = [&](int64_t b, int64_t t, int64_t now, int64_t next, const T_* r, int64_t j, int64_t n) {
-    const int64_t bt = b * T + t;
-    lstm_cell<T_>(xp != nullptr ? xp + bt * 4 * H : nullptr, r, csp + (now * B + b) * H, csp + (next * B + b) * H,
-                  hsp + (next * B + b) * H, outp + bt * H, gp != nullptr ? gp + bt * 4 * H : nullptr, H, j, n);
+    lstm_cell<T_>(xp != nullptr ? xp + xr(b, t) : nullptr, r, csp + (now * B + b) * H, csp + (next * B + b) * H,
+                  hsp + (next * B + b) * H, outp + orow(b, t), gp != nullptr ? gp + gr(b, t) : nullptr, H, j, n);
   };
-  const auto carry = carry_h<T_>(hsp, outp, B, T, H);
+  const auto carry = carry_h<T_>(hsp, outp, B, orow, H);
   auto padded = [&](int64_t b, int64_t t, int64_t now, int64_t next, int64_t j, int64_t n) {
     carry(b, t, now, next, j, n);
     load(csp + (now * B + b) * H + j, n).store(csp + (next * B + b) * H + j, n);
@@ -80,8 +87,9 @@ void lstm_loop(const Tensor& xz, const Tensor& packed, const std::optional<Tenso
 void lstm_forward(const Tensor& xz, const Tensor& packed, const std::optional<Tensor>& bias, const Tensor& hs,
                   const Tensor& cs, const Tensor& out, const std::optional<Tensor>& gates,
                   const std::optional<Tensor>& mask) {
-  check_all("an LSTM buffer", xz, hs, cs, out);
-  if (gates.has_value()) check(*gates, "gates");
+  check_all_rows("an LSTM buffer", xz, out);
+  check_all("an LSTM buffer", hs, cs);
+  if (gates.has_value()) check_rows(*gates, "gates");
   const int64_t T = xz.size(1), H = hs.size(2), S = hs.size(0);
   TORCH_CHECK(S == T + 1 || (S == 2 && !gates.has_value()), "rnnkit native: lstm_forward keeps T + 1 states (or 2, in inference)");
   check_recurrent(xz, packed, 4, H);
@@ -97,7 +105,8 @@ void lstm_forward(const Tensor& xz, const Tensor& packed, const std::optional<Te
 void lstm_forward_projecting(const Tensor& x, const Tensor& packed_ih, const std::optional<Tensor>& bias_ih,
                              const Tensor& packed, const std::optional<Tensor>& bias, const Tensor& hs, const Tensor& cs,
                              const Tensor& out, const std::optional<Tensor>& mask) {
-  check_all("an LSTM buffer", x, hs, cs, out);
+  check_all_rows("an LSTM buffer", x, out);
+  check_all("an LSTM buffer", hs, cs);
   TORCH_CHECK(x.dim() == 3 && hs.dim() == 3 && hs.size(0) == 2 && cs.sizes() == hs.sizes(),
               "rnnkit native: lstm_forward_projecting is inference: x (B, T, I), hs and cs (2, B, H)");
   const int64_t B = x.size(0), T = x.size(1), I = x.size(2), H = hs.size(2);
@@ -114,15 +123,17 @@ void lstm_forward_projecting(const Tensor& x, const Tensor& packed_ih, const std
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnkit_lstm_forward_projecting", [&] {
     using T_ = scalar_t;
     const Blocked<T_> inputs(packed_ih, 4, H, bias_ih);
-    lstm_loop<T_>(x, packed, bias, hs, cs, out, std::nullopt, mask, {&inputs, x.data_ptr<T_>(), I});
+    lstm_loop<T_>(x, packed, bias, hs, cs, out, std::nullopt, mask, {&inputs, x.data_ptr<T_>(), I, Rows(x)});
   });
 }
 
 // dxz: (B, T, 4H) out, the gradient of xz (and of the recurrent pre-activation).
 void lstm_backward(const Tensor& gates, const Tensor& cs, const std::optional<Tensor>& gout, const Tensor& w_hh,
                    const Tensor& dh, const Tensor& dc, const Tensor& dxz, const std::optional<Tensor>& mask) {
-  check_all("an LSTM gradient buffer", gates, cs, dh, dc, dxz);
+  check_all_rows("an LSTM gradient buffer", gates, dxz);
+  check_all("an LSTM gradient buffer", cs, dh, dc);
   const int64_t B = gates.size(0), T = gates.size(1), H = dh.size(1);
+  const Rows gr(gates), dr(dxz);
   const Gout go(gout);
   AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "rnnkit_lstm_backward", [&] {
     using T_ = scalar_t;
@@ -134,9 +145,8 @@ void lstm_backward(const Tensor& gates, const Tensor& cs, const std::optional<Te
     T_* dxp = dxz.data_ptr<T_>();
     const Vec<T_> one(T_(1));
     auto step = [&](int64_t b, int64_t t, T_* s, int64_t j, int64_t n) {
-      const int64_t bt = b * T + t;
-      T_* d = dxp + bt * 4 * H;
-      const T_* g = gp + bt * 4 * H;
+      T_* d = dxp + dr(b, t);
+      const T_* g = gp + gr(b, t);
       T_* hh = dhp + b * H;
       T_* cc = dcp + b * H;
       Vec<T_> i = load(g + j, n), f = load(g + H + j, n), gg = load(g + 2 * H + j, n), o = load(g + 3 * H + j, n);
@@ -153,7 +163,7 @@ void lstm_backward(const Tensor& gates, const Tensor& cs, const std::optional<Te
       Vec<T_>(T_(0)).store(hh + j, n);  // h_t was computed, not carried: its gradient goes through the gates
     };
     auto padded = [&](int64_t b, int64_t t, int64_t j, int64_t n) {
-      T_* d = dxp + (b * T + t) * 4 * H;
+      T_* d = dxp + dr(b, t);
       for (int64_t g = 0; g < 4; ++g) Vec<T_>(T_(0)).store(d + g * H + j, n);
     };
     backward_in_time<T_>(T, B, 4, ptr<bool>(mask), back, dhp, step, padded);
@@ -167,8 +177,12 @@ void lstm_backward(const Tensor& gates, const Tensor& cs, const std::optional<Te
 void gru_forward(const Tensor& xz, const Tensor& packed, const std::optional<Tensor>& bias, const Tensor& hs,
                  const Tensor& out, const std::optional<Tensor>& gates, const std::optional<Tensor>& hzn,
                  const std::optional<Tensor>& mask) {
-  check_all("a GRU buffer", xz, hs, out);
+  check_all_rows("a GRU buffer", xz, out);
+  check(hs, "a GRU buffer");
+  if (gates.has_value()) check_rows(*gates, "gates");
+  if (hzn.has_value()) check_rows(*hzn, "hzn");
   const int64_t B = xz.size(0), T = xz.size(1), H = hs.size(2), S = hs.size(0);
+  const Rows xr(xz), orow(out), gr = gates.has_value() ? Rows(*gates) : Rows(), kr = hzn.has_value() ? Rows(*hzn) : Rows();
   TORCH_CHECK(S == T + 1 || (S == 2 && !gates.has_value()), "rnnkit native: gru_forward keeps T + 1 states (or 2, in inference)");
   check_recurrent(xz, packed, 3, H);
   AT_DISPATCH_FLOATING_TYPES(xz.scalar_type(), "rnnkit_gru_forward", [&] {
@@ -180,21 +194,20 @@ void gru_forward(const Tensor& xz, const Tensor& packed, const std::optional<Ten
     T_* gp = ptr<T_>(gates);
     T_* kp = ptr<T_>(hzn);
     auto step = [&](int64_t b, int64_t t, int64_t now, int64_t next, const T_* hz, int64_t j, int64_t n) {
-      const int64_t bt = b * T + t;
-      const T_* x = xp + bt * 3 * H;
+      const T_* x = xp + xr(b, t);
       Vec<T_> r = sigmoid(load(x + j, n) + load(hz + j, n));
       Vec<T_> z = sigmoid(load(x + H + j, n) + load(hz + H + j, n));
       Vec<T_> hzn_v = load(hz + 2 * H + j, n);
       Vec<T_> nn = tanh_(load(x + 2 * H + j, n) + r * hzn_v);
       if (gp != nullptr) {
-        T_* g = gp + bt * 3 * H;
-        r.store(g + j, n), z.store(g + H + j, n), nn.store(g + 2 * H + j, n), hzn_v.store(kp + bt * H + j, n);
+        T_* g = gp + gr(b, t);
+        r.store(g + j, n), z.store(g + H + j, n), nn.store(g + 2 * H + j, n), hzn_v.store(kp + kr(b, t) + j, n);
       }
       Vec<T_> h = nn + z * (load(hsp + (now * B + b) * H + j, n) - nn);
       h.store(hsp + (next * B + b) * H + j, n);
-      h.store(outp + bt * H + j, n);
+      h.store(outp + orow(b, t) + j, n);
     };
-    forward_in_time<T_>(T, S, B, ptr<bool>(mask), rec, hsp, step, carry_h<T_>(hsp, outp, B, T, H));
+    forward_in_time<T_>(T, S, B, ptr<bool>(mask), rec, hsp, step, carry_h<T_>(hsp, outp, B, orow, H));
   });
 }
 
@@ -203,8 +216,10 @@ void gru_forward(const Tensor& xz, const Tensor& packed, const std::optional<Ten
 void gru_backward(const Tensor& gates, const Tensor& hzn, const Tensor& hs, const std::optional<Tensor>& gout,
                   const Tensor& w_hh, const Tensor& dh, const Tensor& dxz, const Tensor& dhn,
                   const std::optional<Tensor>& mask) {
-  check_all("a GRU gradient buffer", gates, hzn, hs, dh, dxz, dhn);
+  check_all_rows("a GRU gradient buffer", gates, hzn, dxz, dhn);
+  check_all("a GRU gradient buffer", hs, dh);
   const int64_t B = gates.size(0), T = gates.size(1), H = dh.size(1);
+  const Rows gr(gates), kr(hzn), dr(dxz), nr(dhn);
   const Gout go(gout);
   AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "rnnkit_gru_backward", [&] {
     using T_ = scalar_t;
@@ -217,25 +232,23 @@ void gru_backward(const Tensor& gates, const Tensor& hzn, const Tensor& hs, cons
     T_* dnp = dhn.data_ptr<T_>();
     const Vec<T_> one(T_(1));
     auto step = [&](int64_t b, int64_t t, T_* s, int64_t j, int64_t n) {
-      const int64_t bt = b * T + t;
-      T_* dx = dxp + bt * 3 * H;
-      const T_* g = gp + bt * 3 * H;
+      T_* dx = dxp + dr(b, t);
+      const T_* g = gp + gr(b, t);
       T_* hh = dhp + b * H;
       Vec<T_> r = load(g + j, n), z = load(g + H + j, n), nn = load(g + 2 * H + j, n);
       Vec<T_> dht = with_gout(hh, go.row<T_>(b, t), j, n);
       Vec<T_> dn = dht * (one - z) * (one - nn * nn);
-      Vec<T_> dr = dn * load(kp + bt * H + j, n) * r * (one - r);
+      Vec<T_> dr = dn * load(kp + kr(b, t) + j, n) * r * (one - r);
       Vec<T_> dzz = dht * (load(hsp + (t * B + b) * H + j, n) - nn) * z * (one - z);
       Vec<T_> dnr = dn * r;
       dr.store(dx + j, n), dzz.store(dx + H + j, n), dn.store(dx + 2 * H + j, n);
-      dnr.store(dnp + bt * H + j, n);
+      dnr.store(dnp + nr(b, t) + j, n);
       dr.store(s + j, n), dzz.store(s + H + j, n), dnr.store(s + 2 * H + j, n);
       (dht * z).store(hh + j, n);
     };
     auto padded = [&](int64_t b, int64_t t, int64_t j, int64_t n) {
-      const int64_t bt = b * T + t;
-      for (int64_t g = 0; g < 3; ++g) Vec<T_>(T_(0)).store(dxp + bt * 3 * H + g * H + j, n);
-      Vec<T_>(T_(0)).store(dnp + bt * H + j, n);
+      for (int64_t g = 0; g < 3; ++g) Vec<T_>(T_(0)).store(dxp + dr(b, t) + g * H + j, n);
+      Vec<T_>(T_(0)).store(dnp + nr(b, t) + j, n);
     };
     backward_in_time<T_>(T, B, 3, ptr<bool>(mask), back, dhp, step, padded);
   });
@@ -251,8 +264,10 @@ inline Vec<T_> activate(const Vec<T_>& v, bool relu) {
 
 void rnn_forward(const Tensor& xz, const Tensor& packed, const std::optional<Tensor>& bias, const Tensor& hs,
                  const Tensor& out, const std::optional<Tensor>& mask, bool relu) {
-  check_all("an RNN buffer", xz, hs, out);
+  check_all_rows("an RNN buffer", xz, out);
+  check(hs, "an RNN buffer");
   const int64_t B = xz.size(0), T = xz.size(1), H = hs.size(2), S = hs.size(0);
+  const Rows xr(xz), orow(out);
   TORCH_CHECK(S == T + 1 || S == 2, "rnnkit native: rnn_forward keeps T + 1 states (or 2, in inference)");
   check_recurrent(xz, packed, 1, H);
   AT_DISPATCH_FLOATING_TYPES(xz.scalar_type(), "rnnkit_rnn_forward", [&] {
@@ -262,20 +277,21 @@ void rnn_forward(const Tensor& xz, const Tensor& packed, const std::optional<Ten
     T_* hsp = hs.data_ptr<T_>();
     T_* outp = out.data_ptr<T_>();
     auto step = [&](int64_t b, int64_t t, int64_t /*now*/, int64_t next, const T_* r, int64_t j, int64_t n) {
-      const int64_t bt = b * T + t;
-      Vec<T_> h = activate(load(xp + bt * H + j, n) + load(r + j, n), relu);
+      Vec<T_> h = activate(load(xp + xr(b, t) + j, n) + load(r + j, n), relu);
       h.store(hsp + (next * B + b) * H + j, n);
-      h.store(outp + bt * H + j, n);
+      h.store(outp + orow(b, t) + j, n);
     };
-    forward_in_time<T_>(T, S, B, ptr<bool>(mask), rec, hsp, step, carry_h<T_>(hsp, outp, B, T, H));
+    forward_in_time<T_>(T, S, B, ptr<bool>(mask), rec, hsp, step, carry_h<T_>(hsp, outp, B, orow, H));
   });
 }
 
 // dxz: (B, T, H) out, the gradient of the pre-activation.
 void rnn_backward(const Tensor& hs, const std::optional<Tensor>& gout, const Tensor& w_hh, const Tensor& dh,
                   const Tensor& dxz, const std::optional<Tensor>& mask, bool relu) {
-  check_all("an RNN gradient buffer", hs, dh, dxz);
+  check_rows(dxz, "an RNN gradient buffer");
+  check_all("an RNN gradient buffer", hs, dh);
   const int64_t B = dxz.size(0), T = dxz.size(1), H = dh.size(1);
+  const Rows dr(dxz);
   const Gout go(gout);
   AT_DISPATCH_FLOATING_TYPES(hs.scalar_type(), "rnnkit_rnn_backward", [&] {
     using T_ = scalar_t;
@@ -285,16 +301,15 @@ void rnn_backward(const Tensor& hs, const std::optional<Tensor>& gout, const Ten
     T_* dxp = dxz.data_ptr<T_>();
     const Vec<T_> one(T_(1)), zero(T_(0));
     auto step = [&](int64_t b, int64_t t, T_* s, int64_t j, int64_t n) {
-      const int64_t bt = b * T + t;
       T_* hh = dhp + b * H;
       Vec<T_> hv = load(hsp + ((t + 1) * B + b) * H + j, n);
       Vec<T_> slope = relu ? Vec<T_>::blendv(zero, one, hv > zero) : one - hv * hv;
       Vec<T_> d = with_gout(hh, go.row<T_>(b, t), j, n) * slope;
-      d.store(dxp + bt * H + j, n), d.store(s + j, n);
+      d.store(dxp + dr(b, t) + j, n), d.store(s + j, n);
       zero.store(hh + j, n);
     };
     auto padded = [&](int64_t b, int64_t t, int64_t j, int64_t n) {
-      Vec<T_>(T_(0)).store(dxp + (b * T + t) * H + j, n);
+      Vec<T_>(T_(0)).store(dxp + dr(b, t) + j, n);
     };
     backward_in_time<T_>(T, B, 1, ptr<bool>(mask), back, dhp, step, padded);
   });

@@ -99,6 +99,29 @@ void check_all(const char* name, const Ts&... tensors) {
   (check(tensors, name), ...);
 }
 
+// Where row (b, t) of a per-step tensor (B, T, W) starts, in elements: batch-major (contiguous) or
+// time-major (the transpose of a contiguous (T, B, W), as a layer fed torch.nn's default (T, B, I)
+// input makes them), so the loops read and write either without a copy.
+struct Rows {
+  int64_t sb = 0, st = 0;
+  Rows() = default;
+  Rows(int64_t sb_, int64_t st_) : sb(sb_), st(st_) {}
+  explicit Rows(const Tensor& t) : sb(t.stride(0)), st(t.stride(1)) {}
+  int64_t operator()(int64_t b, int64_t t) const { return b * sb + t * st; }
+};
+
+// A per-step tensor (B, T, W) on the CPU, batch-major or time-major (Rows).
+void check_rows(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_contiguous() || (t.dim() == 3 && t.transpose(0, 1).is_contiguous()),
+              "rnnkit native: ", name, " must be (B, T, .), batch-major or time-major, with dense rows");
+  TORCH_CHECK(t.device().is_cpu(), "rnnkit native: ", name, " must be on the CPU");
+}
+
+template <typename... Ts>
+void check_all_rows(const char* name, const Ts&... tensors) {
+  (check_rows(tensors, name), ...);
+}
+
 // A forward op's xz (B, T, G*H) and packed recurrent weight (pack_linear(W_hh, G): K = H).
 void check_recurrent(const Tensor& xz, const Tensor& packed, int64_t G, int64_t H) {
   TORCH_CHECK(xz.dim() == 3 && xz.size(2) == G * H && packed.dim() == 4 && packed.size(1) == H,
@@ -485,6 +508,7 @@ struct StepInputs {
   const Blocked<T_>* blocks = nullptr;
   const T_* x = nullptr;
   int64_t I = 0;
+  Rows rows = {};  // x's rows; unset (0, 0): batch-major
 };
 
 template <typename T_, typename Rec, typename Step, typename Padded>
@@ -493,12 +517,13 @@ void forward_in_time(int64_t T, int64_t S, int64_t B, const bool* m, const Rec& 
   const int64_t H = rec.H, width = rec.G * H;
   const Tensor hz_buffer = at::empty({B, width}, rec.packed.options());  // torch's allocator: cache-line aligned
   T_* hz = hz_buffer.data_ptr<T_>();
+  const Rows xr = inputs.rows.sb != 0 || inputs.rows.st != 0 ? inputs.rows : Rows(T * inputs.I, inputs.I);
   passes_in_parallel(T, rec.nq, rec.grain(B), [&](int64_t t, int64_t q0, int64_t q1) {
     const int64_t now = t % S, next = (t + 1) % S;  // S: the states kept, T + 1 or (inference) 2
     const T_* h = hsp + now * B * H;
     for (int64_t q = q0; q < q1; ++q) {
       const int64_t j = q * rec.L, n = std::min<int64_t>(rec.L, H - j);
-      if (inputs.blocks != nullptr) (*inputs.blocks)(q, inputs.x + t * inputs.I, T * inputs.I, B, hz, width, false);
+      if (inputs.blocks != nullptr) (*inputs.blocks)(q, inputs.x + xr(0, t), xr.sb, B, hz, width, false);
       rec(q, h, H, B, hz, width, inputs.blocks != nullptr);
       for (int64_t b = 0; b < B; ++b) {
         if (m != nullptr && !m[b * T + t]) padded(b, t, now, next, j, n);

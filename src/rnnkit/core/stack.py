@@ -25,6 +25,7 @@ from rnnkit.core import native, pointwise
 from rnnkit.core.cells.lstm import LSTMCell
 from rnnkit.core.functional import as_lengths, length_mask, reverse_padded
 from rnnkit.core.gates import GatedCell
+from rnnkit.core.kernels.base import time_major_rows
 from rnnkit.core.kernels.compiled import CompiledKernel
 from rnnkit.core.kernels.cpp_loops import Projection, loop_weights, projecting_loop
 from rnnkit.core.kernels.dispatch import fused_scan
@@ -45,15 +46,26 @@ def _batch_first(layer, x: Tensor, lengths):
 
 def _out(layer, output: Tensor) -> Tensor:
     # time-major output contiguous, as torch.nn's: code that calls .view() on it must not break
+    # (a no-op where the loops ran time-major, core/kernels/base.py's time_major_rows)
     return output if layer.batch_first else output.transpose(0, 1).contiguous()
 
 
+def _cat_features(halves: list[Tensor]) -> Tensor:
+    """The two directions' outputs side by side, (B, T, 2H), time-major where they are (so the next
+    layer runs time-major too)."""
+    if all(time_major_rows(h) for h in halves):
+        return torch.cat([h.transpose(0, 1) for h in halves], dim=2).transpose(0, 1)
+    return torch.cat(halves, dim=2)
+
+
 def run_vendor(layer, x: Tensor, state, lengths):
-    """The ``torch-kernel`` route: the whole stack in one call of torch's kernel."""
-    x, lengths_t = _batch_first(layer, x, lengths)
-    checked = None if state is None else layer._check_state(state, x.shape[0], x)
-    output, final = vendor_stack(layer, x, checked, lengths_t)
-    return _out(layer, output), final[0] if len(final) == 1 else layer.State(*final)
+    """The ``torch-kernel`` route: the whole stack in one call of torch's kernel, in the layer's
+    own layout (torch's kernel runs time-major: batch-first input is transposed inside it)."""
+    _, lengths_t = _batch_first(layer, x, lengths)
+    B = x.shape[0 if layer.batch_first else 1]
+    checked = None if state is None else layer._check_state(state, B, x)
+    output, final = vendor_stack(layer, x, checked, lengths_t, batch_first=layer.batch_first)
+    return output, final[0] if len(final) == 1 else layer.State(*final)
 
 
 def per_cell(scan: Scan):
@@ -76,7 +88,7 @@ def per_cell(scan: Scan):
                 out, final = scan(layer.cells[row], x_dir, states[row], mask)  # (B, T, H)
                 halves.append(reverse_padded(out, lengths_t) if d == 1 else out)
                 final_states.append(final)
-            x = halves[0] if D == 1 else torch.cat(halves, dim=2)  # (B, T, D*H)
+            x = halves[0] if D == 1 else _cat_features(halves)  # (B, T, D*H)
         return _out(layer, x), layer._pack_state(final_states)
 
     return run

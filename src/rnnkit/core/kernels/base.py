@@ -16,6 +16,39 @@ from rnnkit.core import native
 # -- buffers shared by the loops ---------------------------------------------------------------------------------
 
 
+def time_major_rows(x: Tensor) -> bool:
+    """Whether ``x`` (B, T, W) is the transpose of a contiguous (T, B, W) (and not also contiguous):
+    what a layer fed torch.nn's default time-major input runs on. The C++ loops read and write such
+    rows in place, and the buffers made for them (``rows_buffer``) keep the layout, so a time-major
+    stack runs with no layout copies."""
+    return not x.is_contiguous() and x.transpose(0, 1).is_contiguous()
+
+
+def rows_buffer(like: Tensor, width: int) -> Tensor:
+    """A (B, T, ``width``) workspace buffer (``native.buffer``) in ``like``'s layout: batch-major,
+    or time-major where ``like`` is (``time_major_rows``)."""
+    B, T = like.shape[0], like.shape[1]
+    if time_major_rows(like):
+        return native.buffer((T, B, width), like).transpose(0, 1)
+    return native.buffer((B, T, width), like)
+
+
+def flat_rows(x: Tensor) -> Tensor:
+    """(B, T, W) -> (B*T, W) in memory order: a view for a batch-major or time-major ``x``
+    (time-major rows come out ordered by step, then sequence)."""
+    if time_major_rows(x):
+        return x.transpose(0, 1).reshape(-1, x.shape[-1])
+    return x.reshape(-1, x.shape[-1])
+
+
+def prev_states_rows(hs: Tensor, like: Tensor) -> Tensor:
+    """h_0 .. h_{T-1} of the time-major states ``hs`` (T+1, B, H) as (B*T, H), row for row with
+    ``flat_rows(like)``: a view where ``like`` is time-major, else a batch-major copy."""
+    if time_major_rows(like):
+        return hs[:-1].reshape(-1, hs.shape[-1])
+    return batch_major_states(hs)
+
+
 def time_major(xz: Tensor, b_hh: Tensor | None) -> Tensor:
     """(B, T, G*H) -> a fresh contiguous (T, B, G*H), with ``b_hh`` added if given."""
     B, T, GH = xz.shape
@@ -66,10 +99,13 @@ class Kernel:
     bool or ``None``; returns the outputs (B, T, H), the final state's parts and what backward
     needs (``None`` in inference). ``backward(cell, saved, w_hh, mask, grad_out, grad_state,
     needs)`` returns ``d xz``, ``d W_hh``, ``d b_hh`` and the initial state's gradients.
-    ``dense_inputs``: whether ``xz`` and ``mask`` must be contiguous (the loops read rows directly).
+    ``dense_inputs``: whether ``xz`` and ``mask`` must be contiguous (the loops read rows directly);
+    ``time_major_ok``: whether a time-major ``xz`` (``time_major_rows``) may stay as it is (the
+    kernel's buffers then follow its layout, ``rows_buffer``).
     """
 
     dense_inputs = True
+    time_major_ok = False
 
     def forward(self, cell, xz, w_hh, b_hh, state, mask, training):
         raise NotImplementedError
@@ -116,5 +152,7 @@ def batch_major_states(hs: Tensor) -> Tensor:
 
 
 def native_weight_grads(dhz: Tensor, hs: Tensor, needs: dict):
-    """``weight_grads`` for batch-major ``dhz`` (B, T, G*H) and the time-major states ``hs`` (T+1, B, H)."""
-    return weight_grads(dhz, batch_major_states(hs) if needs["w"] else None, needs["w"], needs["b"])
+    """``weight_grads`` for ``dhz`` (B, T, G*H), batch-major or time-major, and the time-major states
+    ``hs`` (T+1, B, H)."""
+    h_prev = prev_states_rows(hs, dhz) if needs["w"] else None
+    return weight_grads(flat_rows(dhz), h_prev, needs["w"], needs["b"])

@@ -21,33 +21,44 @@ from rnnkit.core import native
 from rnnkit.core.cells.gru import GRUCell
 from rnnkit.core.cells.rnn import RNNCell
 from rnnkit.core.gates import GatedCell
-from rnnkit.core.kernels.base import Kernel, batch_major_states, grad_in, grad_rows, native_weight_grads, states_rows
+from rnnkit.core.kernels.base import (
+    Kernel,
+    flat_rows,
+    grad_in,
+    grad_rows,
+    native_weight_grads,
+    prev_states_rows,
+    rows_buffer,
+    states_rows,
+    time_major_rows,
+)
 from rnnkit.core.kernels.compiled import compiled_loop, program_gates
 
 
 class Projection(torch.autograd.Function):
     """``x W^T + b`` for all steps, (B, T, I) -> (B, T, G*H), written into a workspace buffer (F.linear
-    would take a fresh block on every call). Backward is F.linear's: ``dx = g W``, ``dW = g^T x``,
-    ``db = sum g``, with ``dx`` in the workspace too."""
+    would take a fresh block on every call), in x's layout: a time-major ``x`` (``time_major_rows``)
+    gives a time-major projection, with no copy of either. Backward is F.linear's: ``dx = g W``,
+    ``dW = g^T x``, ``db = sum g``, with ``dx`` in the workspace too, in x's layout."""
 
     @staticmethod
     def forward(ctx, x, w, b):
-        B, T, I = x.shape
-        flat = x.reshape(B * T, I)
-        out = native.buffer((B, T, w.shape[0]), x)  # (B, T, G*H)
+        flat = flat_rows(x)  # (B*T, I), a view where x is batch-major or time-major
+        out = rows_buffer(x, w.shape[0])  # (B, T, G*H) in x's layout
         if b is None:
-            torch.mm(flat, w.t(), out=out.view(B * T, -1))
+            torch.mm(flat, w.t(), out=flat_rows(out))
         else:
-            torch.addmm(b, flat, w.t(), out=out.view(B * T, -1))
+            torch.addmm(b, flat, w.t(), out=flat_rows(out))
         ctx.save_for_backward(x, w)  # x, not its reshape: a double backward needs the graph to x
-        ctx.shape, ctx.has_bias = x.shape, b is not None
+        ctx.has_bias = b is not None
         return out
 
     @staticmethod
     def backward(ctx, grad):
         x, w = ctx.saved_tensors
-        flat = x.reshape(-1, x.shape[-1])
-        g = grad.reshape(-1, grad.shape[-1])
+        time_major = time_major_rows(x)
+        flat = flat_rows(x)
+        g = (grad.transpose(0, 1) if time_major else grad).reshape(-1, grad.shape[-1])  # rows in flat's order
         dx = dw = db = None
         # into the workspace, except where this backward is itself differentiated (create_graph)
         # or batched by vmap, neither of which takes out=
@@ -57,7 +68,9 @@ class Projection(torch.autograd.Function):
             and not torch._C._functorch.is_batchedtensor(g)
         )
         if ctx.needs_input_grad[0]:
-            dx = (torch.mm(g, w, out=native.buffer(flat.shape, flat)) if plain else torch.mm(g, w)).view(ctx.shape)
+            dx = torch.mm(g, w, out=flat_rows(rows_buffer(x, x.shape[-1]))) if plain else torch.mm(g, w)
+            B, T, I = x.shape
+            dx = dx.view(T, B, I).transpose(0, 1) if time_major else dx.view(B, T, I)
         if ctx.needs_input_grad[1]:
             dw = g.t().mm(flat)
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -91,19 +104,22 @@ def projecting_loop(cell: GatedCell, x: Tensor, weights, state, mask, programs=N
     """Inference over (B, T, I) ``x`` in the C++ loop that projects its input per step, on
     ``loop_weights(cell)``: the LSTM's (``lstm_forward_projecting``), or a user's cell's with its
     compiled ``programs`` (``pointwise_scan``). ``state``: the cell's (B, H) parts, in x's dtype.
-    Returns the outputs (B, T, H) and the final state's parts, views of buffers that a later call
-    may reuse (copy what is kept)."""
+    Returns the outputs (B, T, H), in x's layout (batch-major or time-major, read and written in
+    place), and the final state's parts, views of buffers that a later call may reuse (copy what is
+    kept)."""
     w_ih, w_hh = weights
     if programs is not None:
         out, final, _ = compiled_loop(
             programs, x, w_ih, cell.bias_ih, cell.weight_hh, cell.bias_hh, state, mask, False, packed_hh=w_hh
         )
         return out, final
-    B, T = x.shape[0], x.shape[1]
+    T = x.shape[1]
     hs, cs = states_rows(state[0], T, False), states_rows(state[1], T, False)
-    out = native.buffer((B, T, cell.hidden_size), x)  # (B, T, H)
+    if not (x.is_contiguous() or time_major_rows(x)):
+        x = x.contiguous()
+    out = rows_buffer(x, cell.hidden_size)  # (B, T, H) in x's layout
     native.ops().lstm_forward_projecting(
-        x.contiguous(),
+        x,
         w_ih,
         cell.bias_ih,
         w_hh,
@@ -120,11 +136,13 @@ def projecting_loop(cell: GatedCell, x: Tensor, weights, state, mask, programs=N
 
 
 class CppLSTM(Kernel):
+    time_major_ok = True  # every per-step buffer in xz's layout (rows_buffer)
+
     def forward(self, cell, xz, w_hh, b_hh, state, mask, training):
-        B, T, G4 = xz.shape
+        T, G4 = xz.shape[1], xz.shape[2]
         hs, cs = states_rows(state[0], T, training), states_rows(state[1], T, training)
-        out = native.buffer((B, T, G4 // 4), xz)
-        gates = native.buffer(xz.shape, xz) if training else None
+        out = rows_buffer(xz, G4 // 4)
+        gates = rows_buffer(xz, G4) if training else None
         native.ops().lstm_forward(xz, native.ops().pack_linear(w_hh, 4), b_hh, hs, cs, out, gates, mask)
         last = T % hs.shape[0]
         return out, (hs[last], cs[last]), (gates, hs, cs)
@@ -132,18 +150,20 @@ class CppLSTM(Kernel):
     def backward(self, cell, saved, w_hh, mask, grad_out, grad_state, needs):
         gates, hs, cs = saved
         dh, dc = grad_in(grad_state[0], hs[0]), grad_in(grad_state[1], cs[0])
-        dxz = native.buffer(gates.shape, gates)
+        dxz = rows_buffer(gates, gates.shape[-1])
         native.ops().lstm_backward(gates, cs, grad_rows(grad_out), w_hh, dh, dc, dxz, mask)
         dw, db = native_weight_grads(dxz, hs, needs)
         return dxz, dw, db, (dh, dc)
 
 
 class CppGRU(Kernel):
+    time_major_ok = True
+
     def forward(self, cell, xz, w_hh, b_hh, state, mask, training):
-        B, T, G3 = xz.shape
+        T, G3 = xz.shape[1], xz.shape[2]
         hs = states_rows(state[0], T, training)
-        out = native.buffer((B, T, G3 // 3), xz)
-        gates, hzn = (native.buffer(xz.shape, xz), native.buffer(out.shape, out)) if training else (None, None)
+        out = rows_buffer(xz, G3 // 3)
+        gates, hzn = (rows_buffer(xz, G3), rows_buffer(xz, G3 // 3)) if training else (None, None)
         native.ops().gru_forward(xz, native.ops().pack_linear(w_hh, 3), b_hh, hs, out, gates, hzn, mask)
         return out, (hs[T % hs.shape[0]],), (gates, hzn, hs)
 
@@ -151,35 +171,37 @@ class CppGRU(Kernel):
         gates, hzn, hs = saved
         dh = grad_in(grad_state[0], hs[0])
         dxz, dhn = (
-            native.buffer(gates.shape, gates),
-            native.buffer(hzn.shape, hzn),
+            rows_buffer(gates, gates.shape[-1]),
+            rows_buffer(gates, hzn.shape[-1]),
         )  # d hz's r, z parts are d xz's; its n part
         native.ops().gru_backward(gates, hzn, hs, grad_rows(grad_out), w_hh, dh, dxz, dhn, mask)
         H = hzn.shape[-1]
-        rz = dxz.view(-1, 3 * H)[:, : 2 * H]  # a strided view, no copy
+        rz, dn = flat_rows(dxz)[:, : 2 * H], flat_rows(dhn)  # views, rows in the same order
         dw = None
         if needs["w"]:
-            h_prev = batch_major_states(hs)
-            dw = torch.cat((rz.t().mm(h_prev), dhn.view(-1, H).t().mm(h_prev)))
-        db = torch.cat((rz.sum(0), dhn.view(-1, H).sum(0))) if needs["b"] else None
+            h_prev = prev_states_rows(hs, dxz)
+            dw = torch.cat((rz.t().mm(h_prev), dn.t().mm(h_prev)))
+        db = torch.cat((rz.sum(0), dn.sum(0))) if needs["b"] else None
         return dxz, dw, db, (dh,)
 
 
 class CppRNN(Kernel):
+    time_major_ok = True
+
     def forward(self, cell, xz, w_hh, b_hh, state, mask, training):
         T = xz.shape[1]
         hs = states_rows(state[0], T, training)
-        out = native.buffer(xz.shape, xz)
+        out = rows_buffer(xz, xz.shape[-1])
         native.ops().rnn_forward(
             xz, native.ops().pack_linear(w_hh, 1), b_hh, hs, out, mask, cell.nonlinearity == "relu"
         )
-        return out, (hs[T % hs.shape[0]],), (hs,)
+        return out, (hs[T % hs.shape[0]],), (hs, time_major_rows(xz))
 
     def backward(self, cell, saved, w_hh, mask, grad_out, grad_state, needs):
-        (hs,) = saved
+        hs, time_major = saved
         dh = grad_in(grad_state[0], hs[0])
         T, B, H = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
-        dxz = native.buffer((B, T, H), hs)
+        dxz = native.buffer((T, B, H), hs).transpose(0, 1) if time_major else native.buffer((B, T, H), hs)
         native.ops().rnn_backward(hs, grad_rows(grad_out), w_hh, dh, dxz, mask, cell.nonlinearity == "relu")
         dw, db = native_weight_grads(dxz, hs, needs)
         return dxz, dw, db, (dh,)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from rnnkit.core.gates import GatedCell
-from rnnkit.core.kernels.base import Kernel
+from rnnkit.core.kernels.base import Kernel, time_major_rows
 
 
 class FusedScan(torch.autograd.Function):
@@ -108,7 +108,9 @@ def fused_scan(cell: GatedCell, xz: Tensor, state: NamedTuple, mask: Tensor | No
         xz = xz.to(dtype)
     parts = tuple(s.to(dtype) for s in state)
     if kernel.dense_inputs:  # the loops read rows directly: dense buffers (a no-op when they are)
-        xz, mask = xz.contiguous(), mask.contiguous() if mask is not None else None
+        if not (kernel.time_major_ok and time_major_rows(xz)):
+            xz = xz.contiguous()
+        mask = mask.contiguous() if mask is not None else None
     tensors = (xz, w_hh, b_hh, *parts)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         out, *final = FusedScan.apply(kernel, cell, mask, xz, w_hh, b_hh, *parts)

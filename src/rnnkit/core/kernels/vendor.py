@@ -29,8 +29,12 @@ VENDOR = {
 _TORCH_ORDER = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")  # torch._VF's per-layer order
 
 
-def vendor_stack(layer, x: Tensor, state: tuple | None, lengths: Tensor | None) -> tuple[Tensor, tuple]:
-    """Run ``layer`` (a stack of one built-in cell kind) on ``x`` (B, T, I) through torch's kernel.
+def vendor_stack(
+    layer, x: Tensor, state: tuple | None, lengths: Tensor | None, batch_first: bool = True
+) -> tuple[Tensor, tuple]:
+    """Run ``layer`` (a stack of one built-in cell kind) on ``x`` (B, T, I) through torch's kernel
+    (or, ``batch_first=False``, on (T, B, I) ``x``, giving a (T, B, D*H) output: torch's kernel runs
+    time-major, so such input needs no transposes).
 
     ``state``: the layer's checked state in torch's layout (its parts, each (num_layers*D, B, H)) or
     ``None``; ``lengths`` (B,), validated, or ``None``. Returns the output (B, T, D*H) and the final
@@ -45,7 +49,8 @@ def vendor_stack(layer, x: Tensor, state: tuple | None, lengths: Tensor | None) 
     if state is None:
         rows = layer.num_layers * layer.num_directions
         sizes = layer._state_sizes()  # an LSTM with proj_size P: h (rows, B, P), c (rows, B, H)
-        hx = tuple(torch.zeros(rows, x.shape[0], size, dtype=dtype, device=x.device) for size in sizes)
+        B = x.shape[0 if batch_first else 1]
+        hx = tuple(torch.zeros(rows, B, size, dtype=dtype, device=x.device) for size in sizes)
     else:
         hx = tuple(part.to(dtype) for part in state)
     args = (weights, layer.bias, layer.num_layers, 0.0, layer.training, layer.bidirectional)
@@ -53,13 +58,14 @@ def vendor_stack(layer, x: Tensor, state: tuple | None, lengths: Tensor | None) 
 
     def call():
         if lengths is None:
-            out, *final = run(x.to(dtype), hx if lstm else hx[0], *args, True)  # batch_first
+            out, *final = run(x.to(dtype), hx if lstm else hx[0], *args, batch_first)
             return out, tuple(final)
         # packed: sequences sorted by length inside, the states permuted to match and back
-        packed = pack_padded_sequence(x.to(dtype), lengths.cpu(), batch_first=True, enforce_sorted=False)
+        packed = pack_padded_sequence(x.to(dtype), lengths.cpu(), batch_first=batch_first, enforce_sorted=False)
         order = tuple(h.index_select(1, packed.sorted_indices) for h in hx)
         data, *final = run(packed.data, packed.batch_sizes, order if lstm else order[0], *args)
-        out, _ = pad_packed_sequence(packed._replace(data=data), batch_first=True, total_length=x.shape[1])
+        total = x.shape[1 if batch_first else 0]
+        out, _ = pad_packed_sequence(packed._replace(data=data), batch_first=batch_first, total_length=total)
         return out, tuple(f.index_select(1, packed.unsorted_indices) for f in final)
 
     if x.device.type == "cpu":  # the route runs here without autocast (core/routing.py)
