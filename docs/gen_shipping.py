@@ -6,9 +6,9 @@
 Every cell of the tables is one test, named by the same parametrization: the built-in layers'
 rows from tests/test_export_compile.py (``LAYERS``, ``OPTIONS``, ``ONNX_LAYERS``), every other
 cell's (a user's, the layer-normalised cells, minGRU, minLSTM, the LSTM with ``proj_size``) from
-tests/test_export_cells.py (``LAYERS`` x ``COLUMNS``: ``test_compile_training``,
-``test_compile_inference``, ``test_export``, ``test_onnx``); the suite runs those tests and this
-check, so a table on main says only what the suite verified on it.
+tests/test_export_cells.py (``LAYERS`` x ``COLUMNS``, each column named with its test:
+``test_compile_training``, ``test_compile_inference``, ``test_export_and_onnx``); the suite runs
+those tests and this check, so a table on main says only what the suite verified on it.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ def _tests(path: Path = TESTS):
 def _cell_tests(module) -> dict[str, set[str]]:
     """Each column of tests/test_export_cells.py -> the layers its test is parametrized over."""
     return {
-        column: set(module.LAYERS) if callable(getattr(module, f"test_{column.replace(' ', '_')}", None)) else set()
-        for column in module.COLUMNS
+        column: set(module.LAYERS) if callable(getattr(module, test, None)) else set()
+        for column, (test, _) in module.COLUMNS.items()
     }
 
 
@@ -78,8 +78,9 @@ def tables() -> dict[str, str]:
         "|---|---|---|",
     ]
     for name in t.LAYERS:
-        onnx = f"{YES}: ONNX `{name}` node ({_options(t.ONNX_LAYERS[name])})" if name in t.ONNX_LAYERS else "no"
-        rows.append(f"| {name} (2 layers, bidirectional) | {YES} | {onnx} |")
+        # one test exports each layer and runs that program through ONNX (test_export_and_onnx)
+        options = _options(t.ONNX_LAYERS[name])
+        rows.append(f"| {name} ({options}) | {YES} | {YES}: ONNX `{name}` node ({options}) |")
     for name in cells.LAYERS:
         onnx = mark("onnx", name, f"{YES}: ONNX `Scan` (bidirectional)")
         rows.append(f"| {name} (bidirectional) | {mark('export', name)} | {onnx} |")

@@ -1,5 +1,12 @@
-"""torch.compile(fullgraph=True) and torch.export of every layer and option: one graph, eager's
-results, and no new graph when the batch size or the length changes."""
+"""torch.compile(fullgraph=True) and torch.export of every built-in layer and option: one graph,
+eager's results, and no new graph when the batch size or the length changes.
+
+Training is compiled with ``aot_eager`` (AOTAutograd traces the forward and the registered backward
+operator, as Inductor would see them), inference with ``eager`` (the graph capture with the
+operators' fake kernels, which is what inference tests); one case each runs Inductor itself.
+torch.export and ONNX share one exported program per layer. A user's cell and every other cell
+are tests/test_export_cells.py's.
+"""
 
 from __future__ import annotations
 
@@ -8,21 +15,9 @@ import torch
 from torch._dynamo.utils import counters
 
 import rnnkit
-from rnnkit.core.gates import GatedCell, HiddenState, gate
 
 I, H = 5, 7
 SHAPES = ((3, 6), (4, 9))  # (B, T) of successive calls: the first traces, the second must reuse its graph
-
-
-class MGUCell(GatedCell):
-    """A user's cell (minimal gated unit): only ``combine`` written."""
-
-    gate_names = ("f", "n")
-
-    def combine(self, x, h, state):
-        f = gate(torch.sigmoid, x.f, h.f)
-        h_new = (1 - f) * state.h + f * torch.tanh(x.n + f * h.n)
-        return h_new, HiddenState(h_new)
 
 
 LAYERS = {
@@ -30,15 +25,15 @@ LAYERS = {
     "GRU": lambda **kw: rnnkit.GRU(I, H, **kw, batch_first=True),
     "RNN": lambda **kw: rnnkit.RNN(I, H, nonlinearity="relu", **kw, batch_first=True),
 }
-# option -> (layer keywords, call keywords from (B, T, layer))
+# option -> (layer keywords, call keywords from (B, T, layer)); each compiled case costs seconds,
+# so the options come together where they can
 OPTIONS = {
     "plain": ({}, lambda B, T, layer: {}),
-    "lengths, bidirectional": (
-        dict(bidirectional=True),
-        lambda B, T, layer: dict(lengths=torch.randint(1, T + 1, (B,))),
+    "stacked, bidirectional, lengths, initial state": (
+        dict(num_layers=2, bidirectional=True),
+        lambda B, T, layer: dict(lengths=torch.randint(1, T + 1, (B,)), hx=_state(layer, B)),
     ),
     "dropout": (dict(num_layers=2, dropout=0.3), lambda B, T, layer: {}),
-    "initial state": (dict(num_layers=2), lambda B, T, layer: dict(hx=_state(layer, B))),
 }
 
 
@@ -47,8 +42,10 @@ def _state(layer, B):
     return layer.State(*parts) if len(parts) > 1 else parts[0]
 
 
-def _compile_and_compare(layer, call, train: bool, backend="aot_eager"):
-    """Call ``layer`` compiled and eagerly at each of SHAPES; returns the number of graphs traced."""
+def _compile_and_compare(layer, call, train: bool, backend=None):
+    """Call ``layer`` compiled and eagerly at each of SHAPES; returns the number of graphs traced.
+    ``backend``: by default ``aot_eager`` in training, ``eager`` in inference."""
+    backend = backend or ("aot_eager" if train else "eager")
     torch._dynamo.reset()
     counters.clear()
     layer.train(train)
@@ -85,35 +82,36 @@ STEPPING = ("LSTM", "GRU")
 
 @pytest.mark.parametrize("name", STEPPING)
 def test_compile_stepping(name):
-    """Generation: one step at a time with the state carried, gradients off."""
-    layer = LAYERS[name](num_layers=2)
+    """Generation: one step at a time (T = 1) with the state carried, gradients off: one graph for
+    two batch sizes, eager's results. Then every weight is changed through ``.data`` (which
+    bypasses the version counter): the next step is a fresh eager model's on the new weights, at
+    batch 3 (torch's matmul) and at batch 1 (the matrix-vector kernels), never a stale one."""
+    torch._dynamo.reset()
+    counters.clear()
+    layer = LAYERS[name](num_layers=2).eval()
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True, backend="eager")
     with torch.no_grad():
-        graphs = _compile_and_compare(layer, lambda B, T, layer: dict(hx=_state(layer, B)), False)
-    assert graphs == 1
+        for B in (3, 4):
+            x, state = torch.randn(B, 1, I), _state(layer, B)
+            torch.testing.assert_close(compiled(x, state), layer(x, state), atol=1e-5, rtol=1e-5)
+        assert counters["stats"]["unique_graphs"] == 1
+        for B in (3, 1):
+            x, state = torch.randn(B, 1, I), _state(layer, B)
+            compiled(x, state)
+            for p in layer.parameters():
+                p.data.mul_(0.5)
+            fresh = LAYERS[name](num_layers=2).eval()
+            fresh.load_state_dict(layer.state_dict())
+            torch.testing.assert_close(compiled(x, state), fresh(x, state), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["training", "inference"])
-def test_compile_a_users_cell(train):
-    """A user's cell compiles into one graph with eager's results, in training; its loop over time is
-    unrolled (one copy of the step per step), so a new length traces the call again."""
-    torch._dynamo.reset()
-    layer = rnnkit.Recurrent(MGUCell, I, H, batch_first=True).train(train)
-    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager", dynamic=True)
-    for B in (3, 5):
-        x = torch.randn(B, 3, I, requires_grad=train)
-        out, _ = compiled(x)
-        ref, _ = layer(x)
-        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-        if not train:
-            continue
-        grad, expected = (torch.autograd.grad(o.sum(), x)[0] for o in (out, ref))
-        torch.testing.assert_close(grad, expected, atol=1e-5, rtol=1e-5)
-
-
-def test_compile_inductor_lstm():
-    """The default backend (Inductor) too, on one small case."""
+def test_compile_inductor(train):
+    """The default backend (Inductor) too, on one small case each: Inductor's own code around the
+    operators, in training (with lengths) and in inference."""
     layer = rnnkit.LSTM(I, H, batch_first=True)
-    assert _compile_and_compare(layer, OPTIONS["plain"][1], False, backend="inductor") == 1
+    call = (lambda B, T, layer: dict(lengths=torch.randint(1, T + 1, (B,)))) if train else OPTIONS["plain"][1]
+    assert _compile_and_compare(layer, call, train, backend="inductor") == 1
 
 
 class Tagger(torch.nn.Module):
@@ -127,40 +125,16 @@ class Tagger(torch.nn.Module):
         return self.rnn(x, state, lengths=lengths)
 
 
+# the layers torch.export and ONNX take (state in and out, lengths as an input), as the tables say
+ONNX_LAYERS = {name: dict(num_layers=2, bidirectional=True) for name in LAYERS}
+
+
 @pytest.mark.parametrize("name", list(LAYERS))
-def test_export_dynamic_batch_and_length(name):
-    """torch.export with symbolic B and T and lengths as an input; the program runs at other B and T
-    with eager's results."""
-    layer = LAYERS[name](num_layers=2, bidirectional=True).eval()
-    model = Tagger(layer)
-
-    def inputs(B, T):
-        return torch.randn(B, T, I), torch.randint(1, T + 1, (B,)), _state(layer, B)
-
-    B, T = torch.export.Dim("B", min=2), torch.export.Dim("T", min=2)
-    state_dims = layer.State(*({1: B} for _ in layer.State._fields)) if name == "LSTM" else {1: B}
-    program = torch.export.export(model, inputs(3, 6), dynamic_shapes=({0: B, 1: T}, {0: B}, state_dims))
-    assert any("rnnkit" in str(node.target) for node in program.graph.nodes)
-    for shape in ((5, 11), (2, 3)):
-        args = inputs(*shape)
-        out, state = program.module()(*args)
-        ref, ref_state = model(*args)
-        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(state, ref_state, atol=1e-5, rtol=1e-5)
-
-
-ONNX_LAYERS = {"LSTM": dict(num_layers=2, bidirectional=True), "GRU": dict(bidirectional=True), "RNN": {}}
-
-
-@pytest.mark.parametrize("name", list(ONNX_LAYERS))
-def test_onnx_runs_in_onnxruntime_at_other_shapes(name, tmp_path):
-    """torch.onnx.export(dynamo=True) with rnnkit's translations writes ONNX's own LSTM/GRU/RNN nodes
-    (lengths as sequence_lens, the initial state in, the final state out); onnxruntime matches
-    eager within 1e-5 at batch sizes and lengths other than the example's."""
-    ort = pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
-    from rnnkit.core import onnx_ops
-
+def test_export_and_onnx(name, tmp_path):
+    """torch.export with symbolic B and T and lengths as an input: the program runs at other B and
+    T with eager's results. The same program through torch.onnx.export(dynamo=True) with rnnkit's
+    translations writes ONNX's own LSTM/GRU/RNN nodes (lengths as sequence_lens, the initial state
+    in, the final state out); onnxruntime matches eager within 1e-5 at other B and T."""
     layer = LAYERS[name](**ONNX_LAYERS[name]).eval()
     model = Tagger(layer).eval()
 
@@ -169,17 +143,30 @@ def test_onnx_runs_in_onnxruntime_at_other_shapes(name, tmp_path):
 
     B, T = torch.export.Dim("B", min=2), torch.export.Dim("T", min=2)
     state_dims = layer.State(*({1: B} for _ in layer.State._fields)) if name == "LSTM" else {1: B}
-    path = tmp_path / "model.onnx"
-    onnx_ops.export(model, inputs(3, 6), path, dynamic_shapes=({0: B, 1: T}, {0: B}, state_dims))
-    import onnx
+    with torch.no_grad():
+        program = torch.export.export(model, inputs(3, 6), dynamic_shapes=({0: B, 1: T}, {0: B}, state_dims))
+    assert any("rnnkit" in str(node.target) for node in program.graph.nodes)
+    shapes = ((5, 11), (2, 3))
+    for shape in shapes:
+        args = inputs(*shape)
+        with torch.no_grad():
+            torch.testing.assert_close(program.module()(*args), model(*args), atol=1e-5, rtol=1e-5)
 
+    ort = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    from rnnkit.core import onnx_ops
+
+    path = tmp_path / "model.onnx"
+    onnx_ops.export(program, (), path, verbose=False)
     kinds = {node.op_type for node in onnx.load(str(path)).graph.node}
-    assert name in kinds and "Loop" not in kinds  # onnxruntime's own recurrent kernel runs
+    assert name in kinds and "Loop" not in kinds and "Scan" not in kinds  # onnxruntime's own recurrent kernel runs
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    for shape in ((5, 11), (2, 3)):
+    names = [i.name for i in session.get_inputs()]
+    for shape in shapes:
         x, lengths, state = inputs(*shape)
         parts = state if isinstance(state, tuple) else (state,)
-        feeds = dict(zip([i.name for i in session.get_inputs()], [t.numpy() for t in (x, lengths, *parts)]))
+        feeds = dict(zip(names, [t.numpy() for t in (x, lengths, *parts)]))
         got = [torch.from_numpy(a) for a in session.run(None, feeds)]
         with torch.no_grad():
             out, final = model(x, lengths, state)

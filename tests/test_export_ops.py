@@ -13,14 +13,14 @@ from rnnkit.core.gates import GatedCell, HiddenState, gate
 B, T, H = 3, 5, 4
 
 
-def _args(kind: str, masked: bool, grad: bool, dtype=torch.float64, projecting: bool = False):
+def _args(kind: str, masked: bool, grad: bool, dtype=torch.float64, projecting: bool = False, steps: int = T):
     """Arguments of ``kind``'s training operator, or (``projecting``) of its inference one, which
-    takes the input and W_ih rather than the projection."""
+    takes the input and W_ih rather than the projection; ``steps`` long (the lengths 5, 2, 4 cut to it)."""
     G, parts = {"lstm": (4, 2), "gru": (3, 1), "rnn": (1, 1)}[kind]
     gen = torch.Generator().manual_seed(0)
     make = lambda *shape: torch.randn(*shape, generator=gen, dtype=dtype).requires_grad_(grad)
-    mask = torch.arange(T)[None, :] < torch.tensor([5, 2, 4])[:, None] if masked else None
-    inputs = (make(B, T, 2), make(G * H, 2), make(G * H)) if projecting else (make(B, T, G * H),)
+    mask = torch.arange(steps)[None, :] < torch.tensor([5, 2, 4])[:, None] if masked else None
+    inputs = (make(B, steps, 2), make(G * H, 2), make(G * H)) if projecting else (make(B, steps, G * H),)
     return (*inputs, make(G * H, H), make(G * H), *(make(B, H) for _ in range(parts)), mask, False)
 
 
@@ -30,6 +30,16 @@ def test_operators_pass_opcheck(kind, masked):
     """Schema, fake kernel (shapes from shapes), autograd formula and the backward operator, checked
     by torch.library.opcheck, for the inference and the training operator."""
     torch.library.opcheck(getattr(torch.ops.rnnkit, f"{kind}_scan"), _args(kind, masked, False, projecting=True))
+    # one step (T = 1) runs its own kernel: the products on the weights as stored
+    one_step = _args(kind, masked, False, projecting=True, steps=1)
+    checks = ("test_schema", "test_faketensor")  # an inference operator: no autograd to check
+    torch.library.opcheck(getattr(torch.ops.rnnkit, f"{kind}_scan"), one_step, test_utils=checks)
+    if masked:  # a padded step: zero output, the state unchanged
+        masked_step = (*one_step[:-2], torch.tensor([[True], [False], [True]]), False)
+        out, *final = getattr(torch.ops.rnnkit, f"{kind}_scan")(*masked_step)
+        assert not out[1].any()
+        for f, s in zip(final, one_step[5:-2]):
+            torch.testing.assert_close(f[1], s[1])
     torch.library.opcheck(getattr(torch.ops.rnnkit, f"{kind}_scan_train"), _args(kind, masked, grad=True))
     saved_out = getattr(torch.ops.rnnkit, f"{kind}_scan_train")(*_args(kind, masked, grad=False))
     n = 2 if kind == "lstm" else 1
@@ -138,9 +148,10 @@ def test_operators_schemas_are_the_ones_python_writes():
 
 @pytest.mark.skipif(native.ops() is None, reason="the C++ library is not built")
 def test_aoti_package_runs_in_a_process_without_rnnkit(tmp_path):
-    """An AOTInductor package of an exported rnnkit model runs in a fresh process that imports torch
-    and loads rnnkit's C++ library (``torch.ops.load_library``), and nothing else of rnnkit, at
-    another batch size and length, with eager's results."""
+    """An AOTInductor package of an exported rnnkit model, and the exported program itself saved
+    with ``torch.export.save`` (``rnnkit export --format pt2``), run in a fresh process that imports
+    torch and loads rnnkit's C++ library (``torch.ops.load_library``), and nothing else of rnnkit,
+    at another batch size and length, with eager's results."""
     import subprocess
     import sys
 
@@ -157,6 +168,7 @@ def test_aoti_package_runs_in_a_process_without_rnnkit(tmp_path):
     B, T = torch.export.Dim("B", min=2, max=64), torch.export.Dim("T", min=2, max=64)
     example = (torch.randn(3, 5, 4), torch.tensor([5, 2, 4]))
     program = torch.export.export(model, example, dynamic_shapes=({0: B, 1: T}, {0: B}))
+    torch.export.save(program, tmp_path / "tagger-program.pt2")
     with torch._inductor.config.patch({"aot_inductor.compile_wrapper_opt_level": "O0"}):  # compiles faster
         package = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "tagger.pt2"))
     x, lengths = torch.randn(4, 7, 4), torch.tensor([7, 1, 3, 6])
@@ -168,11 +180,36 @@ import sys, torch
 torch.ops.load_library({str(native.library_path())!r})
 runner = torch._inductor.aoti_load_package({package!r})
 x, lengths, expected = torch.load({str(tmp_path / "io.pt")!r})
-got = runner(x, lengths)
-for g, e in zip(got, expected):
-    torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+program = torch.export.load({str(tmp_path / "tagger-program.pt2")!r}).module()
+for got in (runner(x, lengths), program(x, lengths)):
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
 assert not [m for m in sys.modules if m.startswith("rnnkit")], "rnnkit's Python code was imported"
 print("ok")
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_operators_without_the_cpp_library():
+    """With ``RNNKIT_NATIVE=0`` (or no compiler) rnnkit imports and defines its operators on the
+    Python loops, with the results of the layer's own eager call."""
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import torch, rnnkit
+from rnnkit.core import native, ops
+assert native.ops() is None and not ops.NATIVE
+layer = rnnkit.GRU(4, 6, batch_first=True).eval()
+x, h0 = torch.randn(3, 5, 4), torch.zeros(3, 6)
+weights = (layer.weight_ih_l0, layer.bias_ih_l0, layer.weight_hh_l0, layer.bias_hh_l0)
+out, h = torch.ops.rnnkit.gru_scan(x, *weights, h0, None, False)
+ref, ref_h = layer(x)
+torch.testing.assert_close((out, h), (ref, ref_h[0]), atol=1e-5, rtol=1e-5)
+print("ok")
+"""
+    env = {**os.environ, "RNNKIT_NATIVE": "0"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

@@ -2,10 +2,12 @@
 
 `--format onnx` writes an ONNX model (rnnkit's recurrent layers as ONNX's own LSTM/GRU/RNN nodes,
 docs/shipping.md) and needs the `export` extra (onnx, onnxscript, onnxruntime); `--format pt2`
-writes a `torch.export` program (`torch.export.save`; load it with `torch.export.load` after
-`import rnnkit.core.ops`). Batch size and length stay dynamic. The command then evaluates the run's
-validation split twice, with the eager model and through the written file (onnxruntime for ONNX),
-prints both metrics and fails (exit code 1) if they differ.
+writes a `torch.export` program (`torch.export.save`), which `torch.export.load` reads in a process
+where rnnkit's operators are registered: one that has run `import rnnkit`, or one with nothing of
+rnnkit's Python code that has loaded rnnkit's C++ library (`torch.ops.load_library(path)`, the path
+`rnnkit.core.native.library_path()` gives; docs/shipping.md). Batch size and length stay dynamic.
+The command then evaluates the run's validation split twice, with the eager model and through the
+written file (onnxruntime for ONNX), prints both metrics and fails (exit code 1) if they differ.
 
 Tasks: the classifier (tokens and lengths in, class logits out) and the language model as a step
 function (tokens (B, T) and the state in, logits and the state out; T = 1 is one generation step, and

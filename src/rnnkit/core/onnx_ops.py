@@ -79,6 +79,9 @@ def export(model: torch.nn.Module, args: tuple, path, *, dynamic_shapes=None, **
     """``torch.onnx.export(model, args, path, dynamo=True)`` with rnnkit's translations; returns the
     ONNXProgram. ``dynamic_shapes`` as for ``torch.export.export``."""
     table = {**translations(), **kwargs.pop("custom_translation_table", {})}
-    return torch.onnx.export(
-        model, args, str(path), dynamo=True, dynamic_shapes=dynamic_shapes, custom_translation_table=table, **kwargs
-    )
+    # without gradients: the exporter's passes run the program, and a loop's (``scan``'s) body
+    # would otherwise be traced again with its backward, for nothing (an ONNX model is inference)
+    with torch.no_grad():
+        return torch.onnx.export(
+            model, args, str(path), dynamo=True, dynamic_shapes=dynamic_shapes, custom_translation_table=table, **kwargs
+        )

@@ -12,12 +12,14 @@
 //
 // The kernels are the eager routes' own (core/kernels/cpp_loops.py), called through the
 // dispatcher: inference runs the LSTM's loop that projects its input per step (the cpp-projecting
-// route) and the GRU's and RNN's loops after one matmul (cpp-loops); one step (T = 1) reads its
-// packed weights from a cache, as the eager stepping path does (core/step.py); training and its
-// backward are the cpp-loops route's. Half precision and bfloat16 run in float32.
+// route) and the GRU's and RNN's loops after one matmul (cpp-loops); one step (T = 1) is the eager
+// stepping path's (core/step.py: the products on the weights as stored, nothing cached); training
+// and its backward are the cpp-loops route's. Half precision and bfloat16 run in float32.
 
 #include "native.h"
 
+#include <array>
+#include <cstring>
 #include <functional>
 #include <tuple>
 
@@ -45,53 +47,83 @@ Tensor pack(const Tensor& w, int64_t gates) {
   return op.call(w, gates);
 }
 
-// The packed weights of the latest few weights stepped (T = 1), keyed as core/step.py's cache: the
-// weight's storage, place, shape and version counter, so an optimizer step, load_state_dict or
-// any in-place change under no_grad repacks it. A change written through `.data` bypasses the
-// version counter and is not seen, as in the eager stepping path. The cache holds its weights'
-// storages weakly: an entry whose weight is gone is dropped, and while the weight lives no other
-// tensor can take its address.
-struct PackEntry {
-  c10::weak_intrusive_ptr<c10::StorageImpl> storage;
-  const void* data;
-  std::vector<int64_t> sizes, strides;
-  at::ScalarType dtype;
-  int64_t gates;
-  uint32_t version;
-  Tensor packed;
-};
-constexpr size_t PACK_CACHE_ENTRIES = 64;
+// -- one step (T = 1): on the weights as stored ------------------------------------------------
+// As the eager stepping path (core/step.py): nothing packed or cached, so every step reads the
+// parameters as they are at that call, whatever wrote them (an optimizer, load_state_dict, or a
+// write through `.data`, which bypasses the version counter). At batch 1 the products are the
+// C++ matrix-vector kernels (the LSTM's whole step one call), whose fixed cost is far below a BLAS
+// call's; at other batches torch's matmul on the weights transposed in place.
 
-Tensor cached_pack(const Tensor& w, int64_t gates) {
-  if (w.is_inference() || !w.has_storage()) return pack(w, gates);  // no version counter to key on
-  static std::mutex lock;
-  static std::list<PackEntry> cache;  // most recently used first
-  const uint32_t version = w._version();
-  const c10::StorageImpl* storage = w.storage().unsafeGetStorageImpl();
-  std::lock_guard<std::mutex> guard(lock);
-  for (auto it = cache.begin(); it != cache.end();) {
-    const bool same = !it->storage.expired() && it->storage._unsafe_get_target() == storage &&
-                      it->data == w.data_ptr() && it->sizes == w.sizes() && it->strides == w.strides() &&
-                      it->dtype == w.scalar_type() && it->gates == gates;
-    if (same && it->version == version) {
-      cache.splice(cache.begin(), cache, it);
-      return it->packed;
-    }
-    if (same || it->storage.expired()) {
-      it = cache.erase(it);
-    } else {
-      ++it;
-    }
-  }
-  // copied out of the workspace, whose blocks round a large one up to 2 MiB
-  Tensor packed = pack(w, gates).clone();
-  cache.push_front({c10::weak_intrusive_ptr<c10::StorageImpl>(w.storage().getWeakStorageImpl()), w.data_ptr(),
-                    w.sizes().vec(), w.strides().vec(), w.scalar_type(), gates, version, packed});
-  if (cache.size() > PACK_CACHE_ENTRIES) cache.pop_back();
-  return packed;
+constexpr int64_t ROWS_MAX_BYTES = int64_t(32) << 20;  // step.py's NATIVE_MAX_BYTES
+
+bool by_rows(const Tensor& x, const Tensor& w) {
+  return x.size(0) == 1 && x.is_contiguous() && w.is_contiguous() && w.numel() * w.element_size() <= ROWS_MAX_BYTES;
 }
 
-Tensor packed_weight(const Tensor& w, int64_t gates, bool step) { return step ? cached_pack(w, gates) : pack(w, gates); }
+// x W^T + b (B, N) for (B, K) x and W (N, K) as stored
+Tensor linear_stored(const Tensor& x, const Tensor& w, const OptT& b) {
+  static const auto rows = native_op<Tensor(const Tensor&, const Tensor&, const OptT&)>("rnnkit_native::linear_rows");
+  if (by_rows(x, w)) return rows.call(w, x, b);
+  return b.has_value() ? at::addmm(*b, x, w.t()) : at::mm(x, w.t());
+}
+
+// (B, 1, H) out and the final state from one step's new state `fresh` (B, H) parts: at a padded
+// step (mask false) the output is zero and the state the one before
+template <size_t N>
+std::array<Tensor, N + 1> stepped(std::array<Tensor, N> fresh, const std::array<Tensor, N>& before, const OptT& mask) {
+  std::array<Tensor, N + 1> result;
+  if (mask.has_value()) {
+    const Tensor valid = mask->reshape({-1, 1});  // (B, 1)
+    result[0] = (fresh[0] * valid).unsqueeze(1);
+    for (size_t i = 0; i < N; ++i) result[i + 1] = at::where(valid, fresh[i], before[i]);
+  } else {
+    result[0] = fresh[0].unsqueeze(1).clone();  // the outputs may not alias each other
+    for (size_t i = 0; i < N; ++i) result[i + 1] = std::move(fresh[i]);
+  }
+  return result;
+}
+
+Three lstm_step(const Tensor& x, const Tensor& w_ih, const OptT& b_ih, const Tensor& w_hh, const OptT& b_hh,
+                const Tensor& h0, const Tensor& c0, const OptT& mask) {
+  static const auto rows = native_op<void(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptT&,
+                                          const Tensor&, const OptT&, const Tensor&, const Tensor&)>(
+      "rnnkit_native::lstm_step_rows");
+  const int64_t B = x.size(0), H = w_hh.size(1);
+  const Tensor xt = x.reshape({B, -1});
+  Tensor h, c;
+  if (by_rows(xt, w_ih) && by_rows(h0, w_hh) && c0.is_contiguous() && x.scalar_type() == w_ih.scalar_type()) {
+    h = at::empty({B, H}, x.options());
+    c = at::empty({B, H}, x.options());
+    rows.call(xt, h0, c0, w_ih, b_ih, w_hh, b_hh, h, c);
+  } else {  // torch's gate order i, f, g, o
+    Tensor z = linear_stored(xt, w_ih, b_ih).add_(linear_stored(h0, w_hh, b_hh));
+    z.narrow(1, 0, 2 * H).sigmoid_();
+    z.narrow(1, 3 * H, H).sigmoid_();
+    const Tensor g = z.narrow(1, 2 * H, H).tanh_();
+    c = z.narrow(1, H, H) * c0;
+    c.addcmul_(z.narrow(1, 0, H), g);
+    h = z.narrow(1, 3 * H, H) * at::tanh(c);
+  }
+  auto [out, h1, c1] = stepped<2>({h, c}, {h0, c0}, mask);
+  return {out, h1, c1};
+}
+
+Two gru_step(const Tensor& x, const Tensor& w_ih, const OptT& b_ih, const Tensor& w_hh, const OptT& b_hh,
+             const Tensor& h0, const OptT& mask) {
+  const int64_t B = x.size(0), H = w_hh.size(1);
+  const Tensor zx = linear_stored(x.reshape({B, -1}), w_ih, b_ih), zh = linear_stored(h0, w_hh, b_hh);  // (B, 3H), gates r, z, n
+  const Tensor rz = zx.narrow(1, 0, 2 * H).add_(zh.narrow(1, 0, 2 * H)).sigmoid_();
+  const Tensor n = zx.narrow(1, 2 * H, H).addcmul_(rz.narrow(1, 0, H), zh.narrow(1, 2 * H, H)).tanh_();
+  auto [out, h1] = stepped<1>({at::lerp(n, h0, rz.narrow(1, H, H))}, {h0}, mask);  // n + z (h - n)
+  return {out, h1};
+}
+
+Two rnn_step(const Tensor& x, const Tensor& w_ih, const OptT& b_ih, const Tensor& w_hh, const OptT& b_hh,
+             const Tensor& h0, const OptT& mask, bool relu) {
+  const Tensor z = linear_stored(x.reshape({x.size(0), -1}), w_ih, b_ih).add_(linear_stored(h0, w_hh, b_hh));
+  auto [out, h1] = stepped<1>({relu ? z.clamp_min_(0) : z.tanh_()}, {h0}, mask);
+  return {out, h1};
+}
 
 OptT dense(const OptT& t) { return t.has_value() ? OptT(t->contiguous()) : t; }
 
@@ -118,9 +150,18 @@ Tensor project(const Tensor& x, const Tensor& w, const OptT& b) {
 }
 
 // zeros at padded steps of a saved (B, T, .) buffer, which the loops leave unwritten there (their
-// backward never reads them), so that an operator's outputs are a function of its inputs
+// backward never reads them), so that an operator's outputs are a function of its inputs: only
+// the padded rows written, each one memset (a masked_fill_ would pass over the whole buffer)
 void zero_padded(const Tensor& saved, const OptT& mask) {
-  if (mask.has_value()) saved.masked_fill_(mask->logical_not().unsqueeze(-1), 0);
+  if (!mask.has_value()) return;
+  const Tensor valid = mask->to(at::kBool).contiguous();  // (B, T), as `saved` (contiguous)
+  const bool* m = valid.data_ptr<bool>();
+  const int64_t steps = valid.numel(), row = saved.numel() / std::max<int64_t>(1, steps);
+  const size_t bytes = static_cast<size_t>(row * saved.element_size());
+  char* data = static_cast<char*>(saved.data_ptr());
+  for (int64_t i = 0; i < steps; ++i) {
+    if (!m[i]) std::memset(data + i * bytes, 0, bytes);
+  }
 }
 
 // an incoming state gradient as a fresh buffer the backward loop updates in place
@@ -168,10 +209,9 @@ Three lstm_scan(const Tensor& x, const Tensor& w_ih, const OptT& b_ih, const Ten
                                           const Tensor&, const Tensor&, const Tensor&, const OptT&)>(
       "rnnkit_native::lstm_forward_projecting");
   const int64_t B = x.size(0), T = x.size(1), H = w_hh.size(1);
-  const bool step = T == 1;
+  if (T == 1) return lstm_step(x, w_ih, b_ih, w_hh, b_hh, h0, c0, mask);
   Tensor hs = states(h0, 2), cs = states(c0, 2), out = buffer({B, T, H}, x);
-  loop.call(x.contiguous(), packed_weight(w_ih, 4, step), b_ih, packed_weight(w_hh, 4, step), b_hh, hs, cs, out,
-            dense(mask));
+  loop.call(x.contiguous(), pack(w_ih, 4), b_ih, pack(w_hh, 4), b_hh, hs, cs, out, dense(mask));
   return {out, hs[T % 2].clone(), cs[T % 2].clone()};
 }
 
@@ -182,8 +222,9 @@ Two gru_scan(const Tensor& x, const Tensor& w_ih, const OptT& b_ih, const Tensor
   static const auto loop = native_op<void(const Tensor&, const Tensor&, const OptT&, const Tensor&, const Tensor&,
                                           const OptT&, const OptT&, const OptT&)>("rnnkit_native::gru_forward");
   const int64_t B = x.size(0), T = x.size(1), H = w_hh.size(1);
+  if (T == 1) return gru_step(x, w_ih, b_ih, w_hh, b_hh, h0, mask);
   Tensor hs = states(h0, 2), out = buffer({B, T, H}, x);
-  loop.call(project(x, w_ih, b_ih), packed_weight(w_hh, 3, T == 1), b_hh, hs, out, std::nullopt, std::nullopt,
+  loop.call(project(x, w_ih, b_ih), pack(w_hh, 3), b_hh, hs, out, std::nullopt, std::nullopt,
             dense(mask));
   return {out, hs[T % 2].clone()};
 }
@@ -195,8 +236,9 @@ Two rnn_scan(const Tensor& x, const Tensor& w_ih, const OptT& b_ih, const Tensor
   static const auto loop = native_op<void(const Tensor&, const Tensor&, const OptT&, const Tensor&, const Tensor&,
                                           const OptT&, bool)>("rnnkit_native::rnn_forward");
   const int64_t T = x.size(1);
+  if (T == 1) return rnn_step(x, w_ih, b_ih, w_hh, b_hh, h0, mask, relu);
   Tensor xz = project(x, w_ih, b_ih), hs = states(h0, 2), out = buffer(xz.sizes(), x);
-  loop.call(xz, packed_weight(w_hh, 1, T == 1), b_hh, hs, out, dense(mask), relu);
+  loop.call(xz, pack(w_hh, 1), b_hh, hs, out, dense(mask), relu);
   return {out, hs[T % 2].clone()};
 }
 

@@ -18,8 +18,9 @@ and RNN ``h``) and ``mask`` (B, T) bool or None::
 ``out`` (B, T, H); padded steps are zero and the final state is each sequence's own last valid
 step's (the layer's contract). ``relu`` is the RNN's nonlinearity (ignored by the LSTM and the GRU).
 ``K_scan`` is inference, the input projection included (the LSTM's C++ loop projects each step
-itself, as the eager ``cpp-projecting`` route does; one step reads its packed weights from a
-cache, as the eager stepping path does). ``K_scan_train`` takes the projection from torch ops
+itself, as the eager ``cpp-projecting`` route does; one step (``T = 1``) runs the eager stepping
+path's products on the weights as stored, nothing packed or cached, so a weight written by any
+means, ``.data`` included, is what the next step reads). ``K_scan_train`` takes the projection from torch ops
 (whose backward gives ``d x`` and ``d W_ih``) and also returns what its backward needs (``saved``:
 the activated gates and the states of every step); it is the one with the autograd formula.
 
@@ -133,7 +134,8 @@ def schemas(spec: Spec) -> dict[str, str]:
 
 def _native_defined() -> bool:
     """Whether ops.cpp defined the operators: the C++ library loaded (built on first use)."""
-    native.ops()
+    if native.ops() is None:  # RNNKIT_NATIVE=0, or no compiler: defined below, on the Python loops
+        return False
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::lstm_scan", "CPU")
 
 
