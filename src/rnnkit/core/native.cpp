@@ -620,41 +620,109 @@ Tensor linear_rows(const Tensor& W, const Tensor& x, const std::optional<Tensor>
   return y;
 }
 
-// One LSTM step at batch 1 on the weights as stored (W_ih (4H, I), W_hh (4H, H), torch's gate order
-// i, f, g, o): the lean stepping path (core/step.py). The two matvecs and the gate math in one call,
-// on the parameters themselves, so nothing packed from them can fall out of date.
+// One step's two products x W_ih^T + b_ih (zx) and h W_hh^T + b_hh (zh), (B, G*H) each, on the
+// weights as stored: at batch 1 the matrix-vector kernel (zh added into zx where `sum`), else
+// torch's matmul (BLAS), whose fixed cost is then small against the product.
+template <typename T>
+void step_products(const Tensor& x, const Tensor& h, const Tensor& w_ih, const std::optional<Tensor>& bi,
+                   const Tensor& w_hh, const std::optional<Tensor>& bh, Tensor zx, Tensor zh, bool sum) {
+  const int64_t B = zx.size(0), N = zx.size(1), I = w_ih.size(1), H = w_hh.size(1);
+  if (B == 1) {
+    matvec<T>(w_ih.data_ptr<T>(), x.data_ptr<T>(), ptr<T>(bi), zx.data_ptr<T>(), N, I);
+    if (sum) matvec<T>(w_hh.data_ptr<T>(), h.data_ptr<T>(), zx.data_ptr<T>(), zx.data_ptr<T>(), N, H);
+    else matvec<T>(w_hh.data_ptr<T>(), h.data_ptr<T>(), ptr<T>(bh), zh.data_ptr<T>(), N, H);
+    return;
+  }
+  const Tensor x2 = x.view({B, I}), h2 = h.view({B, H});
+  if (bi.has_value()) at::addmm_out(zx, *bi, x2, w_ih.t());
+  else at::mm_out(zx, x2, w_ih.t());
+  if (sum) {
+    zx.addmm_(h2, w_hh.t());
+  } else if (bh.has_value()) {
+    at::addmm_out(zh, *bh, h2, w_hh.t());
+  } else {
+    at::mm_out(zh, h2, w_hh.t());
+  }
+}
+
+void check_step_rows(const char* name, int64_t G, const Tensor& x, const Tensor& w_ih, const std::optional<Tensor>& b_ih,
+                     const Tensor& w_hh, const std::optional<Tensor>& b_hh, std::initializer_list<const Tensor*> states) {
+  check_all(name, x, w_ih, w_hh);
+  TORCH_CHECK(w_ih.dim() == 2 && w_hh.dim() == 2 && w_hh.size(0) == G * w_hh.size(1) && w_ih.size(0) == w_hh.size(0),
+              "rnnkit native: ", name, ": W_ih (G*H, I) and W_hh (G*H, H)");
+  const int64_t I = w_ih.size(1), H = w_hh.size(1);
+  TORCH_CHECK(x.numel() % I == 0 && x.numel() > 0, "rnnkit native: ", name, ": x holds B rows of I");
+  const int64_t B = x.numel() / I;
+  for (const Tensor* t : states) {
+    check(*t, name);
+    TORCH_CHECK(t->numel() == B * H, "rnnkit native: ", name, ": each state holds B rows of H, as x holds rows of I");
+  }
+  for (const Tensor* t : {&w_ih, &w_hh}) {
+    TORCH_CHECK(t->scalar_type() == x.scalar_type(), "rnnkit native: ", name, ": every operand of x's dtype");
+  }
+  for (const Tensor* t : states) {
+    TORCH_CHECK(t->scalar_type() == x.scalar_type(), "rnnkit native: ", name, ": every operand of x's dtype");
+  }
+  for (const auto* b : {&b_ih, &b_hh}) {
+    TORCH_CHECK(!b->has_value() || ((*b)->numel() == G * H && (*b)->scalar_type() == x.scalar_type() && (*b)->device().is_cpu()),
+                "rnnkit native: ", name, ": a bias of G*H numbers, of x's dtype, on the CPU");
+  }
+}
+
+// One LSTM step of B rows on the weights as stored (W_ih (4H, I), W_hh (4H, H), torch's gate order
+// i, f, g, o): the lean stepping path (core/step.py). The two products (step_products) and the gate
+// math in one call, on the parameters themselves, so nothing packed from them can fall out of date.
 void lstm_step_rows(const Tensor& x, const Tensor& h, const Tensor& c, const Tensor& w_ih,
                     const std::optional<Tensor>& b_ih, const Tensor& w_hh, const std::optional<Tensor>& b_hh,
                     const Tensor& h_out, const Tensor& c_out) {
-  check_all("an lstm_step_rows operand", x, h, c, w_ih, w_hh, h_out, c_out);
-  const int64_t I = x.numel(), H = h.numel();
-  TORCH_CHECK(c.numel() == H && h_out.numel() == H && c_out.numel() == H && w_ih.dim() == 2 && w_hh.dim() == 2 &&
-                  w_ih.size(0) == 4 * H && w_ih.size(1) == I && w_hh.size(0) == 4 * H && w_hh.size(1) == H,
-              "rnnkit native: lstm_step_rows: one row of x (I), h and c (H), W_ih (4H, I), W_hh (4H, H)");
-  for (const Tensor* t : {&h, &c, &w_ih, &w_hh, &h_out, &c_out}) {
-    TORCH_CHECK(t->scalar_type() == x.scalar_type(), "rnnkit native: lstm_step_rows: every operand of x's dtype");
-  }
-  for (const auto* b : {&b_ih, &b_hh}) {
-    TORCH_CHECK(!b->has_value() || ((*b)->numel() == 4 * H && (*b)->scalar_type() == x.scalar_type() && (*b)->device().is_cpu()),
-                "rnnkit native: lstm_step_rows: a bias of 4H numbers, of x's dtype, on the CPU");
-  }
+  check_step_rows("lstm_step_rows", 4, x, w_ih, b_ih, w_hh, b_hh, {&h, &c, &h_out, &c_out});
+  const int64_t H = w_hh.size(1), B = h.numel() / H;
   const std::optional<Tensor> bi = contiguous(b_ih), bh = contiguous(b_hh);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnkit_lstm_step_rows", [&] {
     using T = scalar_t;
     constexpr int64_t L = Vec<T>::size();
-    Tensor z_ = at::empty({4 * H}, x.options());
-    T* z = z_.data_ptr<T>();
-    matvec<T>(w_ih.data_ptr<T>(), x.data_ptr<T>(), ptr<T>(bi), z, 4 * H, I);
-    matvec<T>(w_hh.data_ptr<T>(), h.data_ptr<T>(), z, z, 4 * H, H);  // each row read, then written
+    Tensor z_ = at::empty({B, 4 * H}, x.options());
+    step_products<T>(x, h, w_ih, bi, w_hh, bh, z_, z_, true);  // z = x W_ih^T + b_ih + h W_hh^T
     const T* b = ptr<T>(bh);
-    const T* cp = c.data_ptr<T>();
-    T *hp = h_out.data_ptr<T>(), *cn = c_out.data_ptr<T>();
-    for (int64_t j = 0; j < H; j += L) {
-      const int64_t n = std::min<int64_t>(L, H - j);
-      auto gate = [&](int64_t g) { return b ? load(z + g * H + j, n) + load(b + g * H + j, n) : load(z + g * H + j, n); };
-      const Vec<T> c_new = sigmoid<T>(gate(1)) * load(cp + j, n) + sigmoid<T>(gate(0)) * tanh_<T>(gate(2));
-      (sigmoid<T>(gate(3)) * tanh_<T>(c_new)).store(hp + j, n);
-      c_new.store(cn + j, n);
+    for (int64_t r = 0; r < B; ++r) {
+      const T* z = z_.data_ptr<T>() + r * 4 * H;
+      const T* cp = c.data_ptr<T>() + r * H;
+      T *hp = h_out.data_ptr<T>() + r * H, *cn = c_out.data_ptr<T>() + r * H;
+      for (int64_t j = 0; j < H; j += L) {
+        const int64_t n = std::min<int64_t>(L, H - j);
+        auto gate = [&](int64_t g) { return b ? load(z + g * H + j, n) + load(b + g * H + j, n) : load(z + g * H + j, n); };
+        const Vec<T> c_new = sigmoid<T>(gate(1)) * load(cp + j, n) + sigmoid<T>(gate(0)) * tanh_<T>(gate(2));
+        (sigmoid<T>(gate(3)) * tanh_<T>(c_new)).store(hp + j, n);
+        c_new.store(cn + j, n);
+      }
+    }
+  });
+}
+
+// One GRU step of B rows on the weights as stored (W_ih (3H, I), W_hh (3H, H), torch's r, z, n):
+// the two products (step_products) and the gate math (as gru_forward's) in one call.
+void gru_step_rows(const Tensor& x, const Tensor& h, const Tensor& w_ih, const std::optional<Tensor>& b_ih,
+                   const Tensor& w_hh, const std::optional<Tensor>& b_hh, const Tensor& h_out) {
+  check_step_rows("gru_step_rows", 3, x, w_ih, b_ih, w_hh, b_hh, {&h, &h_out});
+  const int64_t H = w_hh.size(1), B = h.numel() / H;
+  const std::optional<Tensor> bi = contiguous(b_ih), bh = contiguous(b_hh);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnkit_gru_step_rows", [&] {
+    using T = scalar_t;
+    constexpr int64_t L = Vec<T>::size();
+    Tensor zx_ = at::empty({B, 3 * H}, x.options()), zh_ = at::empty({B, 3 * H}, x.options());
+    step_products<T>(x, h, w_ih, bi, w_hh, bh, zx_, zh_, false);
+    for (int64_t r = 0; r < B; ++r) {
+      const T* zx = zx_.data_ptr<T>() + r * 3 * H;
+      const T* zh = zh_.data_ptr<T>() + r * 3 * H;
+      const T* hp = h.data_ptr<T>() + r * H;
+      T* ho = h_out.data_ptr<T>() + r * H;
+      for (int64_t j = 0; j < H; j += L) {
+        const int64_t n = std::min<int64_t>(L, H - j);
+        const Vec<T> rg = sigmoid<T>(load(zx + j, n) + load(zh + j, n));
+        const Vec<T> zg = sigmoid<T>(load(zx + H + j, n) + load(zh + H + j, n));
+        const Vec<T> nn = tanh_<T>(load(zx + 2 * H + j, n) + rg * load(zh + 2 * H + j, n));
+        (nn + zg * (load(hp + j, n) - nn)).store(ho + j, n);
+      }
     }
   });
 }
@@ -795,6 +863,8 @@ TORCH_LIBRARY(rnnkit_native, lib) {
   lib.def("rows_times(Tensor x, Tensor A, Tensor? bias) -> Tensor", &rows_times);
   lib.def("lstm_step_rows(Tensor x, Tensor h, Tensor c, Tensor w_ih, Tensor? b_ih, Tensor w_hh, Tensor? b_hh, "
           "Tensor(a!) h_out, Tensor(b!) c_out) -> ()", &lstm_step_rows);
+  lib.def("gru_step_rows(Tensor x, Tensor h, Tensor w_ih, Tensor? b_ih, Tensor w_hh, Tensor? b_hh, Tensor(a!) h_out) -> ()",
+          &gru_step_rows);
   lib.def("linear_blocks(Tensor x, Tensor w, Tensor? bias) -> Tensor", &linear_blocks);
   lib.def("pack_linear(Tensor w, int gates=1) -> Tensor", &pack_linear);
   lib.def("workspace(int[] size, ScalarType dtype) -> Tensor", &rnnkit::workspace);

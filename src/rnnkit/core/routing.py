@@ -32,8 +32,11 @@ where that is the question, is taken:
    gradients off, no autocast) on the CPU in float32/float64 where the C++ loops are built, but
    measured slower than ``step-matmul`` at every batch (packing costs more than the blocked matmul
    saves), so it runs only where forced (``force("step-loops")``), to compare the two.
-4. ``step-matmul``: one step on the weights as stored, ``x W_ih^T + h W_hh^T`` and the gate math in
-   torch ops; at batch 1 on the CPU the C++ matrix-vector kernels (step.py). Every other lean step.
+4. ``step-matmul``: one step on the weights as stored, ``x W_ih^T + h W_hh^T`` and the gate math;
+   on the CPU the LSTM's and GRU's whole step one C++ call (the products through the C++
+   matrix-vector kernels at batch 1, torch's matmul at other batches), the others' gate math in
+   torch ops, their products at batch 1 through the matrix-vector kernels (step.py). Every other
+   lean step.
 5. ``torch-kernel``: the whole stack in torch's own kernel, oneDNN's LSTM on the CPU and cuDNN on
    CUDA (kernels/vendor.py). A stack of one built-in cell as shipped, no dropout in training, no
    functorch; on CUDA always (with lengths, its packed-sequence kernel, ``PACKED_DEVICES``); on the
@@ -109,7 +112,9 @@ The measurements behind the thresholds (development machine, 2 threads, alternat
   more than the blocked matmul saves). Against the packs once cached (the earlier design, which
   missed writes through ``.data``): batch 1 a draw or faster at 1 x 64 (LSTM 1.5-3x as one C++
   call, ``lstm_step_rows``; its kernel 1.2x the cached loop's at 1 x 512), the LSTM 1.2x slower at
-  2 x 256 and batch 8 and 1.05-1.1x at batch 64, the GRU within 1.0-1.2x.
+  2 x 256 and batch 8 and 1.05-1.1x at batch 64, the GRU within 1.0-1.2x. The GRU's step as one C++
+  call (``gru_step_rows``) against its gate math in torch ops: torch.nn's time over rnnkit's from
+  0.88 to 0.98-0.99 at 2 x 256, batch 1 and 8 (1 thread, loaded machine).
 
 Choices inside a route, each a kernel's own and documented where it is made: step-matmul's
 matrix-vector kernels up to ``step.NATIVE_MAX_BYTES``; the generic kernel's recurrent matmul
@@ -600,7 +605,7 @@ ROUTES: tuple[Route, ...] = (
     ),
     Route(
         "step-matmul",
-        "one step on the weights as stored (x W_ih^T + h W_hh^T), then the gate math in torch ops",
+        "one step on the weights as stored (x W_ih^T + h W_hh^T), then the gate math (the LSTM and GRU one C++ call)",
         "one step with a carried state and gradients off",
         _step_matmul_supports,
         _yes,

@@ -6,11 +6,13 @@ validation, autograd bookkeeping, Python. ``step_layers`` is what the routing ta
 (core/routing.py) sends a call to when gradients are off, ``T == 1`` and a state is carried. Per
 (layer, direction):
 
-- ``step-matmul`` (every such call): the products on the weights as stored. At batch 1 on the CPU
-  the LSTM is one C++ call (``lstm_step_rows``: ``W_ih x + b_ih``, ``W_hh h + b_hh`` and the gate
-  math), the GRU, the RNN and a user's cell take their two products from the C++ matrix-vector
-  kernels (``linear_rows``), then the gate math in torch ops (a user's cell: its ``combine`` as
-  written); at other batches torch's matmul on the weights transposed in place (no copy).
+- ``step-matmul`` (every such call): the products on the weights as stored. On the CPU the LSTM
+  and the GRU are one C++ call each (``lstm_step_rows``, ``gru_step_rows``: ``W_ih x + b_ih``,
+  ``W_hh h + b_hh`` and the gate math; the products through the matrix-vector kernels at batch 1,
+  torch's matmul at other batches); the RNN and a user's cell take their two products from the C++
+  matrix-vector kernels at batch 1 (``linear_rows``), then the gate math in torch ops (a user's
+  cell: its ``combine`` as written); elsewhere torch's matmul on the weights transposed in place
+  (no copy).
 - ``step-loops`` (only where forced, to compare): the kernels' C++ loop with T = 1 (``_loop_step``)
   on the weights packed for its blocked matmul at each call.
 
@@ -130,12 +132,27 @@ def _loop_step(cell, x, ins, outs, ops) -> Tensor | None:
 
 # Each stepper: (cell, x (B, I), state parts in, state parts out) -> h (B, H), writing the new state
 # parts into the `out` tensors; the weights read from the cell at the call.
+def _step_ops(x: Tensor, h: Tensor, params, *more: Tensor):
+    """The C++ ops for a whole step of a built-in cell in one call (``lstm_step_rows``,
+    ``gru_step_rows``: the two products and the gate math), where they take these operands: dense,
+    on the CPU where the loops are built; at batch 1 the weights up to ``NATIVE_MAX_BYTES`` (the
+    matrix-vector kernels), at other batches any (torch's matmul inside, one call instead of a
+    handful of torch ops for the gate math)."""
+    w_ih, w_hh = params["weight_ih"], params["weight_hh"]
+    if x.shape[0] == 1 and max(w_ih.numel(), w_hh.numel()) * w_ih.element_size() > NATIVE_MAX_BYTES:
+        return None
+    if not (x.is_contiguous() and h.is_contiguous() and w_ih.is_contiguous() and w_hh.is_contiguous()):
+        return None
+    if not all(t.is_contiguous() for t in more):
+        return None
+    return native.ops_for(x)
+
+
 def _lstm(cell, x, ins, outs):
     (h, c), (h_out, c_out) = ins, outs
     params = cell._parameters
-    ops = _native_for(x, params["weight_ih"])
-    if ops is not None and _native_for(h, params["weight_hh"]) is not None and c.is_contiguous():
-        # batch 1: the two products and the gate math in one C++ call (native.cpp)
+    ops = _step_ops(x, h, params, c, h_out, c_out)
+    if ops is not None:  # the two products and the gate math in one C++ call (native.cpp)
         ops.lstm_step_rows(
             x, h, c, params["weight_ih"], params["bias_ih"], params["weight_hh"], params["bias_hh"], h_out, c_out
         )
@@ -160,6 +177,10 @@ def _gru(cell, x, ins, outs):
     (h,), (h_out,) = ins, outs
     H = h.shape[-1]
     params = cell._parameters
+    ops = _step_ops(x, h, params, h_out)
+    if ops is not None:  # the two products and the gate math in one C++ call (native.cpp)
+        ops.gru_step_rows(x, h, params["weight_ih"], params["bias_ih"], params["weight_hh"], params["bias_hh"], h_out)
+        return h_out
     zx = _linear(x, params["weight_ih"], params["bias_ih"])  # (B, 3H)
     zh = _linear(h, params["weight_hh"], params["bias_hh"])
     rz = zx[:, : 2 * H].add_(zh[:, : 2 * H]).sigmoid_()
