@@ -173,7 +173,7 @@ def _against(row: dict) -> str:
 
 def format_row(row: dict) -> str:
     return (
-        f"{row['cell']:>16} T={row['steps']:<5} {row['peer']} {row['peer_ms']:9.1f} ms  cell {row['cell_ms']:9.1f} ms"
+        f"{row['cell']:>22} T={row['steps']:<5} {row['peer']} {row['peer_ms']:9.1f} ms  cell {row['cell_ms']:9.1f} ms"
         f"  speedup {row['speedup']:5.2f}x [{row['speedup_q1']:.2f}-{row['speedup_q3']:.2f}]"
         f"{_against(row)}  (routes: {row['peer_route']}, {row['cell_route']})"
     )

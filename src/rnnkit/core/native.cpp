@@ -145,7 +145,7 @@ void lstm_backward_noisy(const Tensor& gates, const Tensor& cs, const std::optio
     const T_* gp = gates.data_ptr<T_>();
     const T_* csp = cs.data_ptr<T_>();
     const T_* rp = backward_noise<T_>(r, keep, B, T, H);
-    const T_* kp = ptr<T_>(keep);
+    const bool* kp = ptr<bool>(keep);
     T_* dhp = dh.data_ptr<T_>();
     T_* dcp = dc.data_ptr<T_>();
     T_* dxp = dxz.data_ptr<T_>();
@@ -237,7 +237,7 @@ void gru_backward_noisy(const Tensor& gates, const Tensor& hzn, const Tensor& hs
     const T_* gp = gates.data_ptr<T_>();
     const T_* kp = hzn.data_ptr<T_>();
     const T_* rp = backward_noise<T_>(r, keep, B, T, H);
-    const T_* zp = ptr<T_>(keep);
+    const bool* zp = ptr<bool>(keep);
     const T_* hsp = hs.data_ptr<T_>();
     T_* dhp = dh.data_ptr<T_>();
     T_* dxp = dxz.data_ptr<T_>();
@@ -318,7 +318,7 @@ void rnn_backward_noisy(const Tensor& hs, const std::optional<Tensor>& gout, con
     T_* dxp = dxz.data_ptr<T_>();
     const Vec<T_> one(T_(1)), zero(T_(0));
     const T_* rp = backward_noise<T_>(r, keep, B, T, H);
-    const T_* zp = ptr<T_>(keep);
+    const bool* zp = ptr<bool>(keep);
     auto step = [&](int64_t b, int64_t t, T_* s, int64_t j, int64_t n) {
       T_* hh = dhp + b * H;
       Vec<T_> hv = load(hsp + ((t + 1) * B + b) * H + j, n);
@@ -463,7 +463,7 @@ void slstm_backward_noisy(const Tensor& gates, const Tensor& cs, const Tensor& n
     T_* dxp = dxz.data_ptr<T_>();
     const Vec<T_> one(T_(1)), zero(T_(0)), half(T_(0.5));
     const T_* rp = backward_noise<T_>(r, keep, B, T, H);
-    const T_* zp = ptr<T_>(keep);
+    const bool* zp = ptr<bool>(keep);
     auto step = [&](int64_t b, int64_t t, T_* s, int64_t j, int64_t n) {
       const int64_t bt = b * T + t, p = (t * B + b) * H + j, q = ((t + 1) * B + b) * H + j, r = b * H + j;
       const T_* a = gp + bt * 4 * H;
@@ -889,7 +889,7 @@ TORCH_LIBRARY(rnnkit_native, lib) {
   lib.def("rnn_backward(Tensor hs, Tensor? gout, Tensor w_hh, Tensor(a!) dh, Tensor(b!) dxz, Tensor? mask, "
           "bool relu) -> ()", &rnn_backward);
   // the same loops with zoneout and recurrent dropout (core/kernels/state_noise.py): r (B, H) the
-  // recurrent dropout mask, hd (2, B, H) its buffer, keep (B, T, H) the zoneout mask (1: keep)
+  // recurrent dropout mask, hd (2, B, H) its buffer, keep (B, T, H) the zoneout mask (bool, true: keep)
   lib.def("lstm_forward_noisy(Tensor xz, Tensor packed, Tensor? bias, Tensor(a!) hs, Tensor(b!) cs, Tensor(c!) out, "
           "Tensor(d!)? gates, Tensor? mask, Tensor? r, Tensor(e!)? hd, Tensor? keep) -> ()",
           torch::dispatch(c10::DispatchKey::CPU, &lstm_forward_noisy));

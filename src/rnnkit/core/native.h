@@ -513,14 +513,14 @@ struct StepInputs {
 
 // Zoneout and recurrent dropout inside the forward loop (core/kernels/state_noise.py). Recurrent
 // dropout: the product reads h_{t-1} r (r (B, H), scaled) from hd (2, B, H), row t % 2, which the
-// caller fills for t = 0 and each step writes for the next. Zoneout: keep (B, T, H) holds 1 where a unit
+// caller fills for t = 0 and each step writes for the next. Zoneout: keep (B, T, H), bool, true where a unit
 // keeps its previous state at step t; after a valid step every state field (the S buffers of states,
 // (rows, B, H), h first) takes its previous value there, and out (B, T, H) the kept h.
 template <typename T_>
 struct Noise {
   const T_* r = nullptr;
   T_* hd = nullptr;
-  const T_* keep = nullptr;
+  const bool* keep = nullptr;
   T_* states[4] = {nullptr, nullptr, nullptr, nullptr};
   int64_t S = 0;
   T_* out = nullptr;
@@ -542,15 +542,23 @@ Noise<T_> noise_from(const std::optional<Tensor>& r, const std::optional<Tensor>
   }
   if (keep.has_value()) {
     check(*keep, "the zoneout mask");
-    TORCH_CHECK(keep->sizes() == at::IntArrayRef({B, T, H}) && keep->scalar_type() == out.scalar_type(),
-                "rnnkit native: zoneout: keep (B, T, H), of the states' dtype");
-    noise.keep = keep->data_ptr<T_>();
+    TORCH_CHECK(keep->sizes() == at::IntArrayRef({B, T, H}) && keep->scalar_type() == at::kBool,
+                "rnnkit native: zoneout: keep (B, T, H), bool");
+    noise.keep = keep->data_ptr<bool>();
   }
   for (const Tensor* s : states) noise.states[noise.S++] = s->data_ptr<T_>();
   TORCH_CHECK(noise.r == nullptr && noise.keep == nullptr || out.is_contiguous(),
               "rnnkit native: zoneout and recurrent dropout run on batch-major buffers");
   noise.out = out.data_ptr<T_>();
   return noise;
+}
+
+// n zoneout flags (bool) as a lane mask: all ones where the unit keeps its previous state
+template <typename T_>
+inline Vec<T_> kept_lanes(const bool* keep, int64_t n) {
+  T_ v[Vec<T_>::size()];
+  for (int64_t k = 0; k < n; ++k) v[k] = keep[k] ? T_(1) : T_(0);
+  return load(v, n) != Vec<T_>(T_(0));
 }
 
 // Zoneout in a backward step (row b, block j .. j+n of step t): where the unit kept its previous state,
@@ -561,8 +569,8 @@ template <typename T_>
 struct Zone {
   bool on;
   Vec<T_> kept;
-  Zone(const T_* keep, int64_t offset, int64_t n)
-      : on(keep != nullptr), kept(on ? Vec<T_>(load(keep + offset, n) != Vec<T_>(T_(0))) : Vec<T_>(T_(0))) {}
+  Zone(const bool* keep, int64_t offset, int64_t n)
+      : on(keep != nullptr), kept(on ? kept_lanes<T_>(keep + offset, n) : Vec<T_>(T_(0))) {}
   Vec<T_> fresh(const Vec<T_>& g) const { return on ? Vec<T_>::blendv(g, Vec<T_>(T_(0)), kept) : g; }
   Vec<T_> prev(const Vec<T_>& from_cell, const Vec<T_>& g) const {
     return on ? Vec<T_>::blendv(from_cell, g, kept) : from_cell;
@@ -581,8 +589,8 @@ const T_* backward_noise(const std::optional<Tensor>& r, const std::optional<Ten
   }
   if (keep.has_value()) {
     check(*keep, "the zoneout mask");
-    TORCH_CHECK(keep->sizes() == at::IntArrayRef({B, T, H}) && keep->scalar_type() == dtype,
-                "rnnkit native: zoneout: keep (B, T, H), of the gradients' dtype");
+    TORCH_CHECK(keep->sizes() == at::IntArrayRef({B, T, H}) && keep->scalar_type() == at::kBool,
+                "rnnkit native: zoneout: keep (B, T, H), bool");
   }
   return ptr<T_>(r);
 }
@@ -609,7 +617,7 @@ void forward_in_time(int64_t T, int64_t S, int64_t B, const bool* m, const Rec& 
         } else {
           step(b, t, now, next, hz + b * width, j, n);
           if (noise.keep != nullptr) {  // zoneout: the kept units take their previous state back
-            const Vec<T_> kept = load(noise.keep + (b * T + t) * H + j, n) != zero;
+            const Vec<T_> kept = kept_lanes<T_>(noise.keep + (b * T + t) * H + j, n);
             for (int64_t k = 0; k < noise.S; ++k) {
               T_* sp = noise.states[k] + b * H + j;
               Vec<T_>::blendv(load(sp + next * B * H, n), load(sp + now * B * H, n), kept).store(sp + next * B * H, n);

@@ -323,9 +323,9 @@ void pointwise_scan_noisy(const Tensor& program, const Tensor& consts, const Ten
         const int64_t b = it / chunks, c0 = (it % chunks) * PW_CHUNK, c1 = std::min(H, c0 + PW_CHUNK);
         const bool valid = mp == nullptr || mp[b * T + t] != T_(0);
         if (noise.keep != nullptr && valid) {
-          const T_* k = noise.keep + (b * T + t) * H;
+          const bool* k = noise.keep + (b * T + t) * H;
           for (int64_t c = c0; c < c1; ++c) {
-            if (k[c] == T_(0)) continue;
+            if (!k[c]) continue;
             for (T_* st : sp) st[(next * B + b) * H + c] = st[(now * B + b) * H + c];
             noise.out[(b * T + t) * H + c] = sp[0][(now * B + b) * H + c];
           }
@@ -412,7 +412,7 @@ void pointwise_scan_backward_noisy(const Tensor& program, const Tensor& consts, 
     using T_ = scalar_t;
     const Blocked<T_> back(packed_t, 1, H, std::nullopt);
     const T_* rp = backward_noise<T_>(r, keep, B, T, H);
-    const T_* kp = ptr<T_>(keep);
+    const bool* kp = ptr<bool>(keep);
     const Tensor turns = at::empty({2, S, B, H}, dxz.options());  // d state: turn (t + 1) % 2 in, t % 2 out
     for (int64_t s = 0; s < S; ++s) turns[T % 2][s].copy_(dstate[s]);
     const Tensor zero = at::zeros({B, 1}, dxz.options());
@@ -456,10 +456,10 @@ void pointwise_scan_backward_noisy(const Tensor& program, const Tensor& consts, 
         for (int64_t it = i0; it < i1; ++it) {
           const int64_t b = it / chunks, c0 = (it % chunks) * PW_CHUNK, c1 = std::min(H, c0 + PW_CHUNK);
           const bool valid = mp == nullptr || mp[b * T + t] != T_(0);
-          const T_* k = kp + (b * T + t) * H;
+          const bool* k = kp + (b * T + t) * H;
           const T_* g = gp != nullptr ? gp + b * gsb + t * gstride : nullptr;
           for (int64_t c = c0; c < c1; ++c) {
-            const bool kept = valid && k[c] != T_(0);
+            const bool kept = valid && k[c];
             for (int64_t s = 0; s < S; ++s) {
               T_* in = turnp + ((in_turn * S + s) * B + b) * H + c;
               T_* out = turnp + ((out_turn * S + s) * B + b) * H + c;

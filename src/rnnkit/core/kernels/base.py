@@ -174,7 +174,7 @@ def dropped_states(hs: Tensor, r: Tensor | None) -> Tensor:
 
 def noise_args(noise, h0: Tensor) -> dict:
     """The C++ loops' keywords for zoneout and recurrent dropout (kernels/state_noise.py's ``StateNoise``):
-    ``r`` (B, H) and ``hd`` (2, B, H) with ``h_0 * r`` in row 0, ``keep`` (B, T, H) in the states' dtype;
+    ``r`` (B, H) and ``hd`` (2, B, H) with ``h_0 * r`` in row 0, ``keep`` (B, T, H) bool;
     empty without noise. The backward ops take ``r`` and ``keep``."""
     if noise is None:
         return {}
@@ -185,7 +185,7 @@ def noise_args(noise, h0: Tensor) -> dict:
         torch.mul(h0, r, out=hd[0])
         args.update(r=r, hd=hd)
     if noise.zoneout is not None:
-        args["keep"] = noise.zoneout.to(h0.dtype).contiguous()
+        args["keep"] = noise.zoneout.to(torch.bool).contiguous()  # as drawn: no copy
     return args
 
 
