@@ -30,7 +30,13 @@ def load(path: Path = CELLS_JSON) -> list[dict]:
 
 def _target(row: dict) -> str:
     t = row["target"]
+    if t is None:
+        return "none (a comparison)"
     return f"{t:.0f}x" if t >= 1 else f"{t:.2f}x ({1 / t:.3g}x slower)"
+
+
+def _met(row: dict) -> str:
+    return "" if row["met"] is None else "met" if row["met"] else "missed"
 
 
 def tables(rows: list[dict]) -> str:
@@ -51,7 +57,7 @@ def tables(rows: list[dict]) -> str:
             lines.append(
                 f"| {r['cell']} | {PEERS.get(r['peer'], r['peer'])} | {r['steps']} | {r['peer_ms']:.0f} | "
                 f"{r['cell_ms']:.0f} | {r['speedup']:.2f}x | {r['speedup_q1']:.2f}-{r['speedup_q3']:.2f} | "
-                f"{r['repeats']} | {_target(r)} | {'met' if r['met'] else 'missed'} |"
+                f"{r['repeats']} | {_target(r)} | {_met(r)} |"
             )
         parts.append("\n".join(lines) + "\n")
         routes = sorted(

@@ -179,3 +179,27 @@ def test_cpp_loop_second_derivatives_float64(cell_class):
     x = torch.randn(2, 3, 2, dtype=torch.float64, requires_grad=True)
     assert rnnkit.explain(layer, x).name == "cpp-layernorm"
     assert torch.autograd.gradgradcheck(lambda x: layer(x, lengths=[3, 2])[0], (x,))
+
+
+@pytest.mark.skipif(not NATIVE, reason="the C++ loops are not built here")
+@pytest.mark.parametrize("cell_class", LN_CELLS)
+def test_cpp_loop_on_two_threads_equals_the_reference(cell_class):
+    """Sizes above the loop's grain, so two threads split each step's product by hidden units and
+    the normalisations by rows (every other test runs one thread): training and inference."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        layer = randomised(Recurrent(cell_class, input_size=4, hidden_size=64, batch_first=True).double())
+        x = torch.randn(16, 5, 4, dtype=torch.float64, requires_grad=True)
+        lengths = [5, 3, 1, 4, 5, 2, 5, 5, 1, 3, 4, 5, 2, 5, 5, 4]
+        got = {}
+        for route in ("cpp-layernorm", "reference"):
+            with rnnkit.routing.force(route):
+                out, _ = layer(x, lengths=lengths)
+                grads = torch.autograd.grad((out * out.detach().sin()).sum(), [x, *layer.parameters()])
+                with torch.no_grad():
+                    got[route] = (out, *grads, layer(x, lengths=lengths)[0])
+        for a, b in zip(got["cpp-layernorm"], got["reference"]):
+            torch.testing.assert_close(a, b)
+    finally:
+        torch.set_num_threads(threads)

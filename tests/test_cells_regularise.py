@@ -8,6 +8,7 @@ import torch
 
 import rnnkit
 from rnnkit.core.regularise import Regularised
+from user_cells import MGUCell
 
 
 def wrapped(cell, batch_first=True, seed=0):
@@ -112,3 +113,168 @@ def test_scan_cells_have_no_recurrent_weights_to_drop():
 def test_probabilities_are_checked():
     with pytest.raises(ValueError, match=r"weight_drop must be in \[0, 1\), got 1.0"):
         Regularised(rnnkit.LSTM(3, 4, batch_first=True), weight_drop=1.0)
+
+
+# -- zoneout and recurrent dropout: inside the recurrence, on the layer's own kernels -----------------
+
+
+def _routes_of(fn):
+    seen = []
+    handler = _Catch(seen)
+    rnnkit.routing.LOG.addHandler(handler)
+    rnnkit.routing.LOG.setLevel("DEBUG")
+    try:
+        result = fn()
+    finally:
+        rnnkit.routing.LOG.removeHandler(handler)
+        rnnkit.routing.LOG.setLevel("NOTSET")
+    return result, {message.split(": ")[-1] for message in seen}
+
+
+STATE_NOISE_CELLS = {
+    "lstm": (rnnkit.LSTMCell, "cpp-loops"),
+    "gru": (rnnkit.GRUCell, "cpp-loops"),
+    "rnn": (rnnkit.RNNCell, "cpp-loops"),
+    "slstm": (rnnkit.SLSTMCell, "cpp-loops"),
+    "user": (MGUCell, "cpp-compiled"),
+}
+
+
+@pytest.mark.parametrize("cell", list(STATE_NOISE_CELLS))
+def test_zoneout_and_recurrent_dropout_equal_the_reference_loop_with_the_same_masks(cell):
+    cls, route = STATE_NOISE_CELLS[cell]
+    H, extra = (16, {"num_heads": 2}) if cell == "slstm" else (4, {})
+    layer = rnnkit.Recurrent(cls, 3, H, num_layers=2, bidirectional=True, batch_first=True, **extra).double()
+    reg = Regularised(layer, zoneout=0.3, recurrent_dropout=0.4, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(3, 6, 3, dtype=torch.float64, requires_grad=True)
+    masks = reg.sample_masks(x)
+
+    def run():
+        out, state = reg(x, lengths=[6, 2, 4], masks=masks)
+        state = state if isinstance(state, tuple) else (state,)
+        loss = out.pow(2).sum() + sum((s * s).sum() for s in state)
+        return (out, *state, *torch.autograd.grad(loss, [x, *layer.parameters()]))
+
+    got, routes = _routes_of(run)
+    assert routes == {route}  # the layer's fast route, the masks applied inside it
+    with rnnkit.routing.force("reference"):
+        want = run()
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_the_reference_step_is_zoneout_and_recurrent_dropout_written_out():
+    layer = rnnkit.Recurrent(rnnkit.LSTMCell, 3, 4, batch_first=True).double()
+    reg = Regularised(layer, zoneout=0.5, recurrent_dropout=0.5, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    masks = reg.sample_masks(x)
+    r, keep = masks.state[0]
+    assert r.shape == (2, 4) and set(r.unique().tolist()) <= {0.0, 2.0} and keep.shape == (2, 5, 4)
+    assert keep.dtype == torch.bool and 0 < keep.sum() < keep.numel()
+    cell = layer.cells[0]
+    h = c = torch.zeros(2, 4, dtype=torch.float64)
+    outs = []
+    for t in range(5):
+        z = x[:, t] @ cell.weight_ih.T + cell.bias_ih + (h * r) @ cell.weight_hh.T + cell.bias_hh
+        i, f, g, o = z.chunk(4, dim=-1)
+        c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h_new = torch.sigmoid(o) * torch.tanh(c_new)
+        c, h = torch.where(keep[:, t], c, c_new), torch.where(keep[:, t], h, h_new)  # kept units keep both
+        outs.append(h)
+    out, (h_n, c_n) = reg(x, masks=masks)
+    torch.testing.assert_close(out, torch.stack(outs, 1))
+    torch.testing.assert_close((h_n[0], c_n[0]), (h, c))
+
+
+@pytest.mark.parametrize("cell", ["lstm", "slstm", "user"])
+def test_gradcheck_with_zoneout_and_recurrent_dropout(cell):
+    cls, _ = STATE_NOISE_CELLS[cell]
+    H = 8 if cell == "slstm" else 3  # the sLSTM: heads of 8, its blocks' product in float64 (AVX-512)
+    layer = rnnkit.Recurrent(cls, 2, H, batch_first=True).double()
+    if cell == "slstm":
+        layer = rnnkit.Recurrent(cls, 2, H, batch_first=True, num_heads=1).double()
+    reg = Regularised(layer, zoneout=0.4, recurrent_dropout=0.3, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(2, 3, 2, dtype=torch.float64, requires_grad=True)
+    masks = reg.sample_masks(x)
+    w_hh = layer.cells[0].weight_hh.detach().clone().requires_grad_()
+
+    def f(x, w_hh):
+        out, state = torch.func.functional_call(reg, {"layer.cells.0.weight_hh": w_hh}, (x,), {"masks": masks})
+        return out, *(state if isinstance(state, tuple) else (state,))
+
+    assert torch.autograd.gradcheck(f, (x, w_hh))
+
+
+def test_state_noise_off_in_eval_reproducible_and_absent_where_nothing_is_read():
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    a = Regularised(
+        rnnkit.Recurrent(rnnkit.GRUCell, 3, 4, batch_first=True).double(),
+        zoneout=0.5,
+        generator=torch.Generator().manual_seed(4),
+    )
+    b = Regularised(
+        rnnkit.Recurrent(rnnkit.GRUCell, 3, 4, batch_first=True).double(),
+        zoneout=0.5,
+        generator=torch.Generator().manual_seed(4),
+    )
+    b.layer.load_state_dict(a.layer.state_dict())
+    torch.testing.assert_close(a(x)[0], b(x)[0])
+    assert not torch.equal(a(x)[0], a.layer(x)[0])
+    a.eval()
+    assert torch.equal(a(x)[0], a.layer(x)[0])
+    scan = Regularised(rnnkit.Recurrent(rnnkit.MinGRUCell, 3, 4, batch_first=True), zoneout=0.2, recurrent_dropout=0.5)
+    (noise,) = scan.sample_masks(torch.randn(2, 5, 3)).state.values()
+    assert noise.recurrent is None and noise.zoneout.shape == (2, 5, 4)  # minGRU's gates read no h
+    assert rnnkit.explain(scan.layer, x.float()).name == "parallel-scan"
+
+
+def _copied(value):
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_copied(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _copied(v) for k, v in value.items()}
+    return value
+
+
+def test_the_loops_with_masks_are_ops_that_pass_opcheck(monkeypatch):
+    """The C++ loops with zoneout and recurrent dropout are ops of their own (``*_noisy``: the loops
+    without them keep their schemas); every call a training step makes of them passes opcheck."""
+    from rnnkit.core.kernels import base
+
+    real, calls = base.noisy_ops(), []
+
+    class Recorder:
+        def __getattr__(self, name):
+            op = getattr(real, name)
+
+            def call(*args, **kwargs):
+                calls.append((name, op, _copied(args), _copied(kwargs)))
+                return op(*args, **kwargs)
+
+            return call
+
+    monkeypatch.setattr(base, "noisy_ops", Recorder)
+    for cell, (cls, _) in STATE_NOISE_CELLS.items():
+        H, extra = (8, {"num_heads": 2}) if cell == "slstm" else (4, {})
+        layer = rnnkit.Recurrent(cls, 3, H, batch_first=True, **extra).double()
+        reg = Regularised(layer, zoneout=0.3, recurrent_dropout=0.4, generator=torch.Generator().manual_seed(5))
+        out, _ = reg(torch.randn(2, 3, 3, dtype=torch.float64, requires_grad=True), lengths=[3, 2])
+        out.sum().backward()
+    assert {name for name, *_ in calls} == set(base.NOISY_OPS)
+    for _, op, args, kwargs in calls:
+        torch.library.opcheck(op, args, kwargs)
+
+
+def test_layer_normalised_cells_take_zoneout_and_recurrent_dropout_on_the_reference_loop():
+    """The layer-normalised loops apply neither: such a call passes them by for the reference loop."""
+    layer = rnnkit.Recurrent(rnnkit.CELLS["ln-lstm"], 3, 4, batch_first=True).double()
+    reg = Regularised(layer, zoneout=0.5, recurrent_dropout=0.5, generator=torch.Generator().manual_seed(6))
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    masks = reg.sample_masks(x)
+    (out, _), routes = _routes_of(lambda: reg(x, masks=masks))
+    assert routes == {"reference"}
+    with rnnkit.routing.force("reference"):
+        torch.testing.assert_close(out, reg(x, masks=masks)[0])
+    assert not torch.allclose(out, layer(x)[0])

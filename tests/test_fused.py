@@ -349,7 +349,9 @@ def test_gradcheck_fused(kind, loops):
     assert (loops == "cpp") == (kernel in table.CPP.values() or isinstance(kernel, CompiledKernel))
 
     def f(xz, w_hh, b_hh, *state):
-        return FusedScan.apply(kernel, cell, mask, xz, w_hh, b_hh, *state)
+        return FusedScan.apply(
+            kernel, cell, mask, None, xz, w_hh, b_hh, *state
+        )  # None: no zoneout or recurrent dropout
 
     assert torch.autograd.gradcheck(f, (xz, w_hh, b_hh, *state), eps=1e-6, atol=1e-7)
 

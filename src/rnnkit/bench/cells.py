@@ -1,5 +1,5 @@
-"""The cells' benchmark rows: minGRU, minLSTM, the layer-normalised LSTM and GRU and the regularised LSTM
-against their peers, training.
+"""The cells' benchmark rows: minGRU, minLSTM, the layer-normalised LSTM and GRU, the sLSTM and the
+regularised LSTM against their peers, training.
 
 ``python -m rnnkit.bench.cells`` times forward and backward (the input's gradient included, as for
 a layer inside a model) of one layer of each cell at B=32, H=512, input 512, T in {256, 1024, 4096},
@@ -9,10 +9,14 @@ machine's drift hits all of them; a row gives the median time of the cell and of
 their ratio (peer time / cell time, the speedup), with the middle half (first to third quartile)
 of the per-repeat ratios (the peer's and the cell's calls of the same repeat). Targets: minGRU and
 minLSTM at least 4x faster than the LSTM at T=1024; the layer-normalised LSTM and GRU within 1.5x
-of their peer's time (up to T=1024); the LSTM with variational dropout and weight-drop
-(``Regularised``) within 1.15x of it (at T=256). ``--json PATH`` writes the rows into PATH, replacing
-rows of the same cell, sizes and threads already there and keeping the others (so runs of one
-length each build one file; docs/gen_cells.py makes the docs' table from it).
+of their peer's time; the LSTM with a regulariser within 1.15x of it: AWD-LSTM's variational
+dropout and weight-drop (``lstm+regularised``), variational dropout of input, output and recurrent
+state (``lstm+variational``), zoneout 0.1 (``lstm+zoneout``) or recurrent dropout 0.25
+(``lstm+recurrent-dropout``) inside its loop. The sLSTM (xLSTM, 4 heads) is a comparison row
+without a target. From T=4096 on each layer runs ``--long-repeats`` times (default 1) after its
+warm-up. ``--json PATH`` writes the rows into PATH, replacing rows of the same cell, sizes and
+threads already there and keeping the others (so runs of one length each build one file;
+docs/gen_cells.py makes the docs' table from it).
 
 The peers are ``rnnkit.LSTM`` and ``rnnkit.GRU`` on whatever route they take (``rnnkit.explain``
 names it in each row).
@@ -31,7 +35,7 @@ import torch
 
 import rnnkit
 from rnnkit.bench.run import _quartiles, _train
-from rnnkit.core.cells import LayerNormGRUCell, LayerNormLSTMCell, MinGRUCell, MinLSTMCell
+from rnnkit.core.cells import LayerNormGRUCell, LayerNormLSTMCell, MinGRUCell, MinLSTMCell, SLSTMCell
 from rnnkit.core.regularise import Regularised
 
 # each row's layer, built from (input size, hidden size)
@@ -40,22 +44,37 @@ CELLS = {
     "minlstm": lambda I, H: rnnkit.Recurrent(MinLSTMCell, I, H, batch_first=True),
     "ln-lstm": lambda I, H: rnnkit.Recurrent(LayerNormLSTMCell, I, H, batch_first=True),
     "ln-gru": lambda I, H: rnnkit.Recurrent(LayerNormGRUCell, I, H, batch_first=True),
+    "slstm": lambda I, H: rnnkit.Recurrent(SLSTMCell, I, H, batch_first=True),  # xLSTM's 4 heads
     # the LSTM with AWD-LSTM's variational dropout (input and output) and weight-drop
-    "lstm+regularised": lambda I, H: Regularised(
-        rnnkit.LSTM(I, H, batch_first=True),
-        input_dropout=0.25,
-        output_dropout=0.25,
-        weight_drop=0.5,
-        generator=torch.Generator().manual_seed(0),
+    "lstm+regularised": lambda I, H: _regularised(I, H, input_dropout=0.25, output_dropout=0.25, weight_drop=0.5),
+    # Gal & Ghahramani's variational dropout: one mask per sequence on input, output and recurrent state
+    "lstm+variational": lambda I, H: _regularised(
+        I, H, input_dropout=0.25, output_dropout=0.25, recurrent_dropout=0.25
     ),
+    # zoneout and recurrent dropout inside the LSTM's own loop
+    "lstm+zoneout": lambda I, H: _regularised(I, H, zoneout=0.1),
+    "lstm+recurrent-dropout": lambda I, H: _regularised(I, H, recurrent_dropout=0.25),
 }
 PEERS = {"lstm": rnnkit.LSTM, "gru": rnnkit.GRU}  # what a row is timed against
 PEER = {"ln-gru": "gru"}  # a cell's peer: the LSTM unless named here
 # speedup over the peer the row must reach (peer time / cell time): at least 4x for the scan cells
 # (at T=1024, the stated target; the other lengths are reported against the same line), at most
-# 1.5x slower for the layer-normalised cells, 1.15x for the regularised LSTM
-TARGETS = {"mingru": 4.0, "minlstm": 4.0, "ln-lstm": 1 / 1.5, "ln-gru": 1 / 1.5, "lstm+regularised": 1 / 1.15}
-MAX_STEPS = {"ln-lstm": 1024, "ln-gru": 1024, "lstm+regularised": 256}  # rows up to this T only (time)
+# 1.5x slower for the layer-normalised cells, 1.15x for the regularised LSTMs; None: no target
+TARGETS: dict[str, float | None] = {
+    "mingru": 4.0,
+    "minlstm": 4.0,
+    "ln-lstm": 1 / 1.5,
+    "ln-gru": 1 / 1.5,
+    "slstm": None,
+    "lstm+regularised": 1 / 1.15,
+    "lstm+variational": 1 / 1.15,
+    "lstm+zoneout": 1 / 1.15,
+    "lstm+recurrent-dropout": 1 / 1.15,
+}
+
+
+def _regularised(I: int, H: int, **p) -> Regularised:
+    return Regularised(rnnkit.LSTM(I, H, batch_first=True), generator=torch.Generator().manual_seed(0), **p)
 
 
 def rotated(fns: dict, repeats: int) -> dict[str, list[float]]:
@@ -88,7 +107,7 @@ def rows_at(T: int, cells: list[str], B: int, H: int, I: int, repeats: int) -> l
         peer = PEER.get(name, "lstm")
         peer_s, cell_s = statistics.median(times[peer]), statistics.median(times[name])
         q1, q3 = _quartiles([a / b for a, b in zip(times[peer], times[name])])
-        speedup = peer_s / cell_s
+        speedup, target = peer_s / cell_s, TARGETS[name]
         rows.append(
             {
                 "cell": name,
@@ -104,8 +123,8 @@ def rows_at(T: int, cells: list[str], B: int, H: int, I: int, repeats: int) -> l
                 "speedup": speedup,
                 "speedup_q1": q1,
                 "speedup_q3": q3,  # peer time / cell time
-                "target": TARGETS[name],
-                "met": speedup >= TARGETS[name],
+                "target": target,
+                "met": None if target is None else speedup >= target,
                 "peer_route": rnnkit.explain(peers[peer], x).name,
                 "cell_route": rnnkit.explain(getattr(layer, "layer", layer), x).name,
             }
@@ -136,24 +155,27 @@ def run_cells_benchmark(
     names=tuple(CELLS),
     log=print,
 ) -> list[dict]:
-    """The rows for every ``T`` in ``steps``, each cell up to its ``MAX_STEPS``; from T=4096 on
-    ``long_repeats`` repeats."""
+    """The rows for every ``T`` in ``steps``; from T=4096 on ``long_repeats`` repeats."""
     torch.set_num_threads(threads)
     rows = []
     for T in steps:
-        cells = [name for name in names if MAX_STEPS.get(name, T) >= T]
-        for row in rows_at(T, cells, B, H, I, long_repeats if T >= 4096 else repeats):
+        for row in rows_at(T, list(names), B, H, I, long_repeats if T >= 4096 else repeats):
             log(format_row(row))
             rows.append(row)
     return rows
+
+
+def _against(row: dict) -> str:
+    if row["target"] is None:
+        return "  (no target)"
+    return f"  target {row['target']:.2f}x {'met' if row['met'] else 'MISSED'}"
 
 
 def format_row(row: dict) -> str:
     return (
         f"{row['cell']:>16} T={row['steps']:<5} {row['peer']} {row['peer_ms']:9.1f} ms  cell {row['cell_ms']:9.1f} ms"
         f"  speedup {row['speedup']:5.2f}x [{row['speedup_q1']:.2f}-{row['speedup_q3']:.2f}]"
-        f"  target {row['target']:.2f}x {'met' if row['met'] else 'MISSED'}"
-        f"  (routes: {row['peer_route']}, {row['cell_route']})"
+        f"{_against(row)}  (routes: {row['peer_route']}, {row['cell_route']})"
     )
 
 

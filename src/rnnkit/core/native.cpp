@@ -63,7 +63,7 @@ __attribute__((always_inline)) inline void lstm_cell(const T_* x, const T_* r, c
 template <typename T_>
 void lstm_loop(const Tensor& xz, const Tensor& packed, const std::optional<Tensor>& bias, const Tensor& hs,
                const Tensor& cs, const Tensor& out, const std::optional<Tensor>& gates, const std::optional<Tensor>& mask,
-               const StepInputs<T_>& inputs) {
+               const StepInputs<T_>& inputs, const Noise<T_>& noise = {}) {
   const int64_t B = xz.size(0), T = xz.size(1), H = hs.size(2), S = hs.size(0);
   const Blocked<T_> rec(packed, 4, H, bias);
   const T_* xp = inputs.blocks != nullptr ? nullptr : xz.data_ptr<T_>();
@@ -81,12 +81,14 @@ void lstm_loop(const Tensor& xz, const Tensor& packed, const std::optional<Tenso
     carry(b, t, now, next, j, n);
     load(csp + (now * B + b) * H + j, n).store(csp + (next * B + b) * H + j, n);
   };
-  forward_in_time<T_>(T, S, B, ptr<bool>(mask), rec, hsp, step, padded, inputs);
+  forward_in_time<T_>(T, S, B, ptr<bool>(mask), rec, hsp, step, padded, inputs, noise);
 }
 
-void lstm_forward(const Tensor& xz, const Tensor& packed, const std::optional<Tensor>& bias, const Tensor& hs,
+// r, hd, keep: recurrent dropout and zoneout (Noise, native.h), or none
+void lstm_forward_noisy(const Tensor& xz, const Tensor& packed, const std::optional<Tensor>& bias, const Tensor& hs,
                   const Tensor& cs, const Tensor& out, const std::optional<Tensor>& gates,
-                  const std::optional<Tensor>& mask) {
+                  const std::optional<Tensor>& mask, const std::optional<Tensor>& r, const std::optional<Tensor>& hd,
+                  const std::optional<Tensor>& keep) {
   check_all_rows("an LSTM buffer", xz, out);
   check_all("an LSTM buffer", hs, cs);
   if (gates.has_value()) check_rows(*gates, "gates");
@@ -94,7 +96,7 @@ void lstm_forward(const Tensor& xz, const Tensor& packed, const std::optional<Te
   TORCH_CHECK(S == T + 1 || (S == 2 && !gates.has_value()), "rnnkit native: lstm_forward keeps T + 1 states (or 2, in inference)");
   check_recurrent(xz, packed, 4, H);
   AT_DISPATCH_FLOATING_TYPES(xz.scalar_type(), "rnnkit_lstm_forward", [&] {
-    lstm_loop<scalar_t>(xz, packed, bias, hs, cs, out, gates, mask, {});
+    lstm_loop<scalar_t>(xz, packed, bias, hs, cs, out, gates, mask, {}, noise_from<scalar_t>(r, hd, keep, {&hs, &cs}, out));
   });
 }
 
@@ -128,8 +130,10 @@ void lstm_forward_projecting(const Tensor& x, const Tensor& packed_ih, const std
 }
 
 // dxz: (B, T, 4H) out, the gradient of xz (and of the recurrent pre-activation).
-void lstm_backward(const Tensor& gates, const Tensor& cs, const std::optional<Tensor>& gout, const Tensor& w_hh,
-                   const Tensor& dh, const Tensor& dc, const Tensor& dxz, const std::optional<Tensor>& mask) {
+// r, keep: the forward's recurrent dropout and zoneout masks, or none
+void lstm_backward_noisy(const Tensor& gates, const Tensor& cs, const std::optional<Tensor>& gout, const Tensor& w_hh,
+                   const Tensor& dh, const Tensor& dc, const Tensor& dxz, const std::optional<Tensor>& mask,
+                   const std::optional<Tensor>& r, const std::optional<Tensor>& keep) {
   check_all_rows("an LSTM gradient buffer", gates, dxz);
   check_all("an LSTM gradient buffer", cs, dh, dc);
   const int64_t B = gates.size(0), T = gates.size(1), H = dh.size(1);
@@ -140,6 +144,8 @@ void lstm_backward(const Tensor& gates, const Tensor& cs, const std::optional<Te
     const Blocked<T_> back(w_hh.t(), 1, std::nullopt);
     const T_* gp = gates.data_ptr<T_>();
     const T_* csp = cs.data_ptr<T_>();
+    const T_* rp = backward_noise<T_>(r, keep, B, T, H);
+    const T_* kp = ptr<T_>(keep);
     T_* dhp = dh.data_ptr<T_>();
     T_* dcp = dc.data_ptr<T_>();
     T_* dxp = dxz.data_ptr<T_>();
@@ -150,23 +156,25 @@ void lstm_backward(const Tensor& gates, const Tensor& cs, const std::optional<Te
       T_* hh = dhp + b * H;
       T_* cc = dcp + b * H;
       Vec<T_> i = load(g + j, n), f = load(g + H + j, n), gg = load(g + 2 * H + j, n), o = load(g + 3 * H + j, n);
-      Vec<T_> dht = with_gout(hh, go.row<T_>(b, t), j, n);
+      const Vec<T_> dh_all = with_gout(hh, go.row<T_>(b, t), j, n), dc_all = load(cc + j, n);
+      const Zone<T_> zone(kp, (b * T + t) * H + j, n);  // zoneout: the kept units' gradients pass to step t-1
+      Vec<T_> dht = zone.fresh(dh_all);
       Vec<T_> tc = tanh_(load(csp + ((t + 1) * B + b) * H + j, n));
-      Vec<T_> dct = load(cc + j, n) + dht * o * (one - tc * tc);
+      Vec<T_> dct = zone.fresh(dc_all) + dht * o * (one - tc * tc);
       Vec<T_> di = dct * gg * i * (one - i);
       Vec<T_> df = dct * load(csp + (t * B + b) * H + j, n) * f * (one - f);
       Vec<T_> dg = dct * i * (one - gg * gg);
       Vec<T_> dout = dht * tc * o * (one - o);
       di.store(d + j, n), df.store(d + H + j, n), dg.store(d + 2 * H + j, n), dout.store(d + 3 * H + j, n);
       di.store(s + j, n), df.store(s + H + j, n), dg.store(s + 2 * H + j, n), dout.store(s + 3 * H + j, n);
-      (dct * f).store(cc + j, n);
-      Vec<T_>(T_(0)).store(hh + j, n);  // h_t was computed, not carried: its gradient goes through the gates
+      zone.prev(dct * f, dc_all).store(cc + j, n);
+      zone.prev(Vec<T_>(T_(0)), dh_all).store(hh + j, n);  // h_t computed, not carried: its gradient goes through the gates
     };
     auto padded = [&](int64_t b, int64_t t, int64_t j, int64_t n) {
       T_* d = dxp + dr(b, t);
       for (int64_t g = 0; g < 4; ++g) Vec<T_>(T_(0)).store(d + g * H + j, n);
     };
-    backward_in_time<T_>(T, B, 4, ptr<bool>(mask), back, dhp, step, padded);
+    backward_in_time<T_>(T, B, 4, ptr<bool>(mask), back, dhp, step, padded, rp);
   });
 }
 
@@ -174,9 +182,10 @@ void lstm_backward(const Tensor& gates, const Tensor& cs, const std::optional<Te
 // GRU in torch's convention: r, z = sigmoid(xz + h W_hh^T + b_hh), n = tanh(x_n + r * (h W_hn^T
 // + b_hn)), h_t = n + z (h_{t-1} - n). Training: gates keeps r, z, n and hzn keeps h W_hn^T + b_hn.
 
-void gru_forward(const Tensor& xz, const Tensor& packed, const std::optional<Tensor>& bias, const Tensor& hs,
+void gru_forward_noisy(const Tensor& xz, const Tensor& packed, const std::optional<Tensor>& bias, const Tensor& hs,
                  const Tensor& out, const std::optional<Tensor>& gates, const std::optional<Tensor>& hzn,
-                 const std::optional<Tensor>& mask) {
+                 const std::optional<Tensor>& mask, const std::optional<Tensor>& r, const std::optional<Tensor>& hd,
+                 const std::optional<Tensor>& keep) {
   check_all_rows("a GRU buffer", xz, out);
   check(hs, "a GRU buffer");
   if (gates.has_value()) check_rows(*gates, "gates");
@@ -207,15 +216,16 @@ void gru_forward(const Tensor& xz, const Tensor& packed, const std::optional<Ten
       h.store(hsp + (next * B + b) * H + j, n);
       h.store(outp + orow(b, t) + j, n);
     };
-    forward_in_time<T_>(T, S, B, ptr<bool>(mask), rec, hsp, step, carry_h<T_>(hsp, outp, B, orow, H));
+    forward_in_time<T_>(T, S, B, ptr<bool>(mask), rec, hsp, step, carry_h<T_>(hsp, outp, B, orow, H), {},
+                        noise_from<T_>(r, hd, keep, {&hs}, out));
   });
 }
 
 // dxz: (B, T, 3H) out, the gradient of xz; dhn: (B, T, H) out, the n part of the gradient of
 // h W_hh^T + b_hh (its r and z parts are dxz's).
-void gru_backward(const Tensor& gates, const Tensor& hzn, const Tensor& hs, const std::optional<Tensor>& gout,
+void gru_backward_noisy(const Tensor& gates, const Tensor& hzn, const Tensor& hs, const std::optional<Tensor>& gout,
                   const Tensor& w_hh, const Tensor& dh, const Tensor& dxz, const Tensor& dhn,
-                  const std::optional<Tensor>& mask) {
+                  const std::optional<Tensor>& mask, const std::optional<Tensor>& r, const std::optional<Tensor>& keep) {
   check_all_rows("a GRU gradient buffer", gates, hzn, dxz, dhn);
   check_all("a GRU gradient buffer", hs, dh);
   const int64_t B = gates.size(0), T = gates.size(1), H = dh.size(1);
@@ -226,6 +236,8 @@ void gru_backward(const Tensor& gates, const Tensor& hzn, const Tensor& hs, cons
     const Blocked<T_> back(w_hh.t(), 1, std::nullopt);
     const T_* gp = gates.data_ptr<T_>();
     const T_* kp = hzn.data_ptr<T_>();
+    const T_* rp = backward_noise<T_>(r, keep, B, T, H);
+    const T_* zp = ptr<T_>(keep);
     const T_* hsp = hs.data_ptr<T_>();
     T_* dhp = dh.data_ptr<T_>();
     T_* dxp = dxz.data_ptr<T_>();
@@ -236,7 +248,9 @@ void gru_backward(const Tensor& gates, const Tensor& hzn, const Tensor& hs, cons
       const T_* g = gp + gr(b, t);
       T_* hh = dhp + b * H;
       Vec<T_> r = load(g + j, n), z = load(g + H + j, n), nn = load(g + 2 * H + j, n);
-      Vec<T_> dht = with_gout(hh, go.row<T_>(b, t), j, n);
+      const Vec<T_> dh_all = with_gout(hh, go.row<T_>(b, t), j, n);
+      const Zone<T_> zone(zp, (b * T + t) * H + j, n);  // zoneout: the kept units' gradients pass to step t-1
+      Vec<T_> dht = zone.fresh(dh_all);
       Vec<T_> dn = dht * (one - z) * (one - nn * nn);
       Vec<T_> dr = dn * load(kp + kr(b, t) + j, n) * r * (one - r);
       Vec<T_> dzz = dht * (load(hsp + (t * B + b) * H + j, n) - nn) * z * (one - z);
@@ -244,13 +258,13 @@ void gru_backward(const Tensor& gates, const Tensor& hzn, const Tensor& hs, cons
       dr.store(dx + j, n), dzz.store(dx + H + j, n), dn.store(dx + 2 * H + j, n);
       dnr.store(dnp + nr(b, t) + j, n);
       dr.store(s + j, n), dzz.store(s + H + j, n), dnr.store(s + 2 * H + j, n);
-      (dht * z).store(hh + j, n);
+      zone.prev(dht * z, dh_all).store(hh + j, n);
     };
     auto padded = [&](int64_t b, int64_t t, int64_t j, int64_t n) {
       for (int64_t g = 0; g < 3; ++g) Vec<T_>(T_(0)).store(dxp + dr(b, t) + g * H + j, n);
       Vec<T_>(T_(0)).store(dnp + nr(b, t) + j, n);
     };
-    backward_in_time<T_>(T, B, 3, ptr<bool>(mask), back, dhp, step, padded);
+    backward_in_time<T_>(T, B, 3, ptr<bool>(mask), back, dhp, step, padded, rp);
   });
 }
 
@@ -262,8 +276,9 @@ inline Vec<T_> activate(const Vec<T_>& v, bool relu) {
   return relu ? at::vec::maximum(v, Vec<T_>(T_(0))) : tanh_(v);
 }
 
-void rnn_forward(const Tensor& xz, const Tensor& packed, const std::optional<Tensor>& bias, const Tensor& hs,
-                 const Tensor& out, const std::optional<Tensor>& mask, bool relu) {
+void rnn_forward_noisy(const Tensor& xz, const Tensor& packed, const std::optional<Tensor>& bias, const Tensor& hs,
+                 const Tensor& out, const std::optional<Tensor>& mask, bool relu, const std::optional<Tensor>& r,
+                 const std::optional<Tensor>& hd, const std::optional<Tensor>& keep) {
   check_all_rows("an RNN buffer", xz, out);
   check(hs, "an RNN buffer");
   const int64_t B = xz.size(0), T = xz.size(1), H = hs.size(2), S = hs.size(0);
@@ -281,13 +296,15 @@ void rnn_forward(const Tensor& xz, const Tensor& packed, const std::optional<Ten
       h.store(hsp + (next * B + b) * H + j, n);
       h.store(outp + orow(b, t) + j, n);
     };
-    forward_in_time<T_>(T, S, B, ptr<bool>(mask), rec, hsp, step, carry_h<T_>(hsp, outp, B, orow, H));
+    forward_in_time<T_>(T, S, B, ptr<bool>(mask), rec, hsp, step, carry_h<T_>(hsp, outp, B, orow, H), {},
+                        noise_from<T_>(r, hd, keep, {&hs}, out));
   });
 }
 
 // dxz: (B, T, H) out, the gradient of the pre-activation.
-void rnn_backward(const Tensor& hs, const std::optional<Tensor>& gout, const Tensor& w_hh, const Tensor& dh,
-                  const Tensor& dxz, const std::optional<Tensor>& mask, bool relu) {
+void rnn_backward_noisy(const Tensor& hs, const std::optional<Tensor>& gout, const Tensor& w_hh, const Tensor& dh,
+                  const Tensor& dxz, const std::optional<Tensor>& mask, bool relu, const std::optional<Tensor>& r,
+                  const std::optional<Tensor>& keep) {
   check_rows(dxz, "an RNN gradient buffer");
   check_all("an RNN gradient buffer", hs, dh);
   const int64_t B = dxz.size(0), T = dxz.size(1), H = dh.size(1);
@@ -300,18 +317,22 @@ void rnn_backward(const Tensor& hs, const std::optional<Tensor>& gout, const Ten
     T_* dhp = dh.data_ptr<T_>();
     T_* dxp = dxz.data_ptr<T_>();
     const Vec<T_> one(T_(1)), zero(T_(0));
+    const T_* rp = backward_noise<T_>(r, keep, B, T, H);
+    const T_* zp = ptr<T_>(keep);
     auto step = [&](int64_t b, int64_t t, T_* s, int64_t j, int64_t n) {
       T_* hh = dhp + b * H;
       Vec<T_> hv = load(hsp + ((t + 1) * B + b) * H + j, n);
       Vec<T_> slope = relu ? Vec<T_>::blendv(zero, one, hv > zero) : one - hv * hv;
-      Vec<T_> d = with_gout(hh, go.row<T_>(b, t), j, n) * slope;
+      const Vec<T_> dh_all = with_gout(hh, go.row<T_>(b, t), j, n);
+      const Zone<T_> zone(zp, (b * T + t) * H + j, n);  // zoneout: the kept units' gradients pass to step t-1
+      Vec<T_> d = zone.fresh(dh_all) * slope;
       d.store(dxp + dr(b, t) + j, n), d.store(s + j, n);
-      zero.store(hh + j, n);
+      zone.prev(zero, dh_all).store(hh + j, n);
     };
     auto padded = [&](int64_t b, int64_t t, int64_t j, int64_t n) {
       Vec<T_>(T_(0)).store(dxp + dr(b, t) + j, n);
     };
-    backward_in_time<T_>(T, B, 1, ptr<bool>(mask), back, dhp, step, padded);
+    backward_in_time<T_>(T, B, 1, ptr<bool>(mask), back, dhp, step, padded, rp);
   });
 }
 
@@ -357,9 +378,10 @@ void check_slstm(const Tensor& w_hh, int64_t H) {
               "rnnkit native: the sLSTM's weight_hh is (4H, H / heads), on the CPU");
 }
 
-void slstm_forward(const Tensor& xz, const Tensor& w_hh, const std::optional<Tensor>& bias, const Tensor& hs,
+void slstm_forward_noisy(const Tensor& xz, const Tensor& w_hh, const std::optional<Tensor>& bias, const Tensor& hs,
                    const Tensor& cs, const Tensor& ns, const Tensor& ms, const Tensor& out,
-                   const std::optional<Tensor>& gates, const std::optional<Tensor>& mask) {
+                   const std::optional<Tensor>& gates, const std::optional<Tensor>& mask, const std::optional<Tensor>& r,
+                   const std::optional<Tensor>& hd, const std::optional<Tensor>& keep) {
   check_all("an sLSTM buffer", xz, hs, cs, ns, ms, out);
   if (gates.has_value()) check(*gates, "gates");
   const int64_t B = xz.size(0), T = xz.size(1), H = hs.size(2), S = hs.size(0);
@@ -405,15 +427,17 @@ void slstm_forward(const Tensor& xz, const Tensor& w_hh, const std::optional<Ten
       const int64_t p = (now * B + b) * H + j, q = (next * B + b) * H + j;
       for (T_* s : {csp, nsp, msp}) load(s + p, n).store(s + q, n);
     };
-    forward_in_time<T_>(T, S, B, ptr<bool>(mask), rec, hsp, step, padded);
+    forward_in_time<T_>(T, S, B, ptr<bool>(mask), rec, hsp, step, padded, {},
+                        noise_from<T_>(r, hd, keep, {&hs, &cs, &ns, &ms}, out));
   });
 }
 
 // gates: the forward's pre-activations (B, T, 4H); dh, dc, dn, dm: the final state's gradients in, the
 // initial state's out; dxz (B, T, 4H) out, the gradient of xz (and of R h + b_hh).
-void slstm_backward(const Tensor& gates, const Tensor& cs, const Tensor& ns, const Tensor& ms,
+void slstm_backward_noisy(const Tensor& gates, const Tensor& cs, const Tensor& ns, const Tensor& ms,
                     const std::optional<Tensor>& gout, const Tensor& w_hh, const Tensor& dh, const Tensor& dc,
-                    const Tensor& dn, const Tensor& dm, const Tensor& dxz, const std::optional<Tensor>& mask) {
+                    const Tensor& dn, const Tensor& dm, const Tensor& dxz, const std::optional<Tensor>& mask,
+                    const std::optional<Tensor>& r, const std::optional<Tensor>& keep) {
   check_all("an sLSTM gradient buffer", gates, cs, ns, ms, dh, dc, dn, dm, dxz);
   const int64_t B = gates.size(0), T = gates.size(1), H = dh.size(1);
   TORCH_CHECK(gates.dim() == 3 && gates.size(2) == 4 * H && dxz.sizes() == gates.sizes() && cs.dim() == 3 &&
@@ -438,6 +462,8 @@ void slstm_backward(const Tensor& gates, const Tensor& cs, const Tensor& ns, con
     T_* dmp = dm.data_ptr<T_>();
     T_* dxp = dxz.data_ptr<T_>();
     const Vec<T_> one(T_(1)), zero(T_(0)), half(T_(0.5));
+    const T_* rp = backward_noise<T_>(r, keep, B, T, H);
+    const T_* zp = ptr<T_>(keep);
     auto step = [&](int64_t b, int64_t t, T_* s, int64_t j, int64_t n) {
       const int64_t bt = b * T + t, p = (t * B + b) * H + j, q = ((t + 1) * B + b) * H + j, r = b * H + j;
       const T_* a = gp + bt * 4 * H;
@@ -449,29 +475,34 @@ void slstm_backward(const Tensor& gates, const Tensor& cs, const Tensor& ns, con
       Vec<T_> to_i = Vec<T_>::blendv(Vec<T_>::blendv(zero, half, ai == lf), one, ai > lf);
       to_i = Vec<T_>::blendv(to_i, one, n0 == zero);
       const Vec<T_> ig = exp_(ai - m1), fg = exp_(lf - m1), zg = tanh_(az), og = sigmoid(ao);
-      const Vec<T_> dht = with_gout(dhp + b * H, go.row<T_>(b, t), j, n);
+      const Vec<T_> dh_all = with_gout(dhp + b * H, go.row<T_>(b, t), j, n);
+      const Vec<T_> dc_all = load(dcp + r, n), dn_all = load(dnp + r, n), dm_all = load(dmp + r, n);
+      const Zone<T_> zone(zp, (b * T + t) * H + j, n);  // zoneout: the kept units' gradients pass to step t-1
+      const Vec<T_> dht = zone.fresh(dh_all);
       const Vec<T_> inv = one / n1;
-      const Vec<T_> dct = load(dcp + r, n) + dht * og * inv;
-      const Vec<T_> dnt = load(dnp + r, n) - dht * og * c1 * inv * inv;
-      const Vec<T_> dao = dht * c1 * inv * og * (one - og);
+      const Vec<T_> dct = zone.fresh(dc_all) + dht * og * inv;
+      const Vec<T_> dnt = zone.fresh(dn_all) - dht * og * c1 * inv * inv;
+      const Vec<T_> dao_ = dht * c1 * inv * og * (one - og);
       const Vec<T_> gi = (dct * zg + dnt) * ig;  // the gradient of a_i - m'
       const Vec<T_> gf = (dct * c0 + dnt * n0) * fg;  // of lf - m'
-      const Vec<T_> daz = dct * ig * (one - zg * zg);
-      const Vec<T_> dmt = load(dmp + r, n) - gi - gf;
-      const Vec<T_> dai = gi + to_i * dmt;
-      const Vec<T_> dlf = gf + (one - to_i) * dmt;
+      const Vec<T_> daz_ = dct * ig * (one - zg * zg);
+      const Vec<T_> dmt = zone.fresh(dm_all) - gi - gf;
+      // a kept unit's recomputed gates may overflow (its m is the previous step's): selected away
+      const Vec<T_> dai = zone.fresh(gi + to_i * dmt), daz = zone.fresh(daz_);
+      const Vec<T_> dlf = zone.fresh(gf + (one - to_i) * dmt), dao = zone.fresh(dao_);
       const Vec<T_> daf = dlf * sigmoid(zero - af);
       T_* d = dxp + bt * 4 * H;
       dai.store(d + j, n), daf.store(d + H + j, n), daz.store(d + 2 * H + j, n), dao.store(d + 3 * H + j, n);
       dai.store(s + j, n), daf.store(s + H + j, n), daz.store(s + 2 * H + j, n), dao.store(s + 3 * H + j, n);
-      (dct * fg).store(dcp + r, n), (dnt * fg).store(dnp + r, n), dlf.store(dmp + r, n);
-      zero.store(dhp + r, n);  // h_t was computed, not carried: its gradient goes through the gates
+      zone.prev(dct * fg, dc_all).store(dcp + r, n), zone.prev(dnt * fg, dn_all).store(dnp + r, n);
+      zone.prev(dlf, dm_all).store(dmp + r, n);
+      zone.prev(zero, dh_all).store(dhp + r, n);  // h_t computed, not carried: its gradient goes through the gates
     };
     auto padded = [&](int64_t b, int64_t t, int64_t j, int64_t n) {
       T_* d = dxp + (b * T + t) * 4 * H;
       for (int64_t g = 0; g < 4; ++g) zero.store(d + g * H + j, n);
     };
-    backward_in_time<T_>(T, B, 4, ptr<bool>(mask), back, dhp, step, padded);
+    backward_in_time<T_>(T, B, 4, ptr<bool>(mask), back, dhp, step, padded, rp);
   });
 }
 
@@ -779,6 +810,52 @@ Tensor linear_packed(const Tensor& x, const Tensor& packed, int64_t M, const std
 }
 
 
+// -- the loops without zoneout and recurrent dropout: the schemas core/ops.cpp and every caller before
+// the masks call (the _noisy ops take r, hd and keep as well: Noise, native.h) ---------------------------
+
+using OptT_ = std::optional<Tensor>;
+
+void lstm_forward(const Tensor& xz, const Tensor& packed, const OptT_& bias, const Tensor& hs, const Tensor& cs,
+                  const Tensor& out, const OptT_& gates, const OptT_& mask) {
+  lstm_forward_noisy(xz, packed, bias, hs, cs, out, gates, mask, std::nullopt, std::nullopt, std::nullopt);
+}
+
+void lstm_backward(const Tensor& gates, const Tensor& cs, const OptT_& gout, const Tensor& w_hh, const Tensor& dh,
+                   const Tensor& dc, const Tensor& dxz, const OptT_& mask) {
+  lstm_backward_noisy(gates, cs, gout, w_hh, dh, dc, dxz, mask, std::nullopt, std::nullopt);
+}
+
+void gru_forward(const Tensor& xz, const Tensor& packed, const OptT_& bias, const Tensor& hs, const Tensor& out,
+                 const OptT_& gates, const OptT_& hzn, const OptT_& mask) {
+  gru_forward_noisy(xz, packed, bias, hs, out, gates, hzn, mask, std::nullopt, std::nullopt, std::nullopt);
+}
+
+void gru_backward(const Tensor& gates, const Tensor& hzn, const Tensor& hs, const OptT_& gout, const Tensor& w_hh,
+                  const Tensor& dh, const Tensor& dxz, const Tensor& dhn, const OptT_& mask) {
+  gru_backward_noisy(gates, hzn, hs, gout, w_hh, dh, dxz, dhn, mask, std::nullopt, std::nullopt);
+}
+
+void rnn_forward(const Tensor& xz, const Tensor& packed, const OptT_& bias, const Tensor& hs, const Tensor& out,
+                 const OptT_& mask, bool relu) {
+  rnn_forward_noisy(xz, packed, bias, hs, out, mask, relu, std::nullopt, std::nullopt, std::nullopt);
+}
+
+void rnn_backward(const Tensor& hs, const OptT_& gout, const Tensor& w_hh, const Tensor& dh, const Tensor& dxz,
+                  const OptT_& mask, bool relu) {
+  rnn_backward_noisy(hs, gout, w_hh, dh, dxz, mask, relu, std::nullopt, std::nullopt);
+}
+
+void slstm_forward(const Tensor& xz, const Tensor& w_hh, const OptT_& bias, const Tensor& hs, const Tensor& cs,
+                   const Tensor& ns, const Tensor& ms, const Tensor& out, const OptT_& gates, const OptT_& mask) {
+  slstm_forward_noisy(xz, w_hh, bias, hs, cs, ns, ms, out, gates, mask, std::nullopt, std::nullopt, std::nullopt);
+}
+
+void slstm_backward(const Tensor& gates, const Tensor& cs, const Tensor& ns, const Tensor& ms, const OptT_& gout,
+                    const Tensor& w_hh, const Tensor& dh, const Tensor& dc, const Tensor& dn, const Tensor& dm,
+                    const Tensor& dxz, const OptT_& mask) {
+  slstm_backward_noisy(gates, cs, ns, ms, gout, w_hh, dh, dc, dn, dm, dxz, mask, std::nullopt, std::nullopt);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(rnnkit_native, lib) {
@@ -811,5 +888,32 @@ TORCH_LIBRARY(rnnkit_native, lib) {
           "Tensor(b!) dc, Tensor(c!) dn, Tensor(d!) dm, Tensor(e!) dxz, Tensor? mask) -> ()", &slstm_backward);
   lib.def("rnn_backward(Tensor hs, Tensor? gout, Tensor w_hh, Tensor(a!) dh, Tensor(b!) dxz, Tensor? mask, "
           "bool relu) -> ()", &rnn_backward);
+  // the same loops with zoneout and recurrent dropout (core/kernels/state_noise.py): r (B, H) the
+  // recurrent dropout mask, hd (2, B, H) its buffer, keep (B, T, H) the zoneout mask (1: keep)
+  lib.def("lstm_forward_noisy(Tensor xz, Tensor packed, Tensor? bias, Tensor(a!) hs, Tensor(b!) cs, Tensor(c!) out, "
+          "Tensor(d!)? gates, Tensor? mask, Tensor? r, Tensor(e!)? hd, Tensor? keep) -> ()",
+          torch::dispatch(c10::DispatchKey::CPU, &lstm_forward_noisy));
+  lib.def("lstm_backward_noisy(Tensor gates, Tensor cs, Tensor? gout, Tensor w_hh, Tensor(a!) dh, Tensor(b!) dc, "
+          "Tensor(c!) dxz, Tensor? mask, Tensor? r, Tensor? keep) -> ()",
+          torch::dispatch(c10::DispatchKey::CPU, &lstm_backward_noisy));
+  lib.def("gru_forward_noisy(Tensor xz, Tensor packed, Tensor? bias, Tensor(a!) hs, Tensor(b!) out, Tensor(c!)? gates, "
+          "Tensor(d!)? hzn, Tensor? mask, Tensor? r, Tensor(e!)? hd, Tensor? keep) -> ()",
+          torch::dispatch(c10::DispatchKey::CPU, &gru_forward_noisy));
+  lib.def("gru_backward_noisy(Tensor gates, Tensor hzn, Tensor hs, Tensor? gout, Tensor w_hh, Tensor(a!) dh, "
+          "Tensor(b!) dxz, Tensor(c!) dhn, Tensor? mask, Tensor? r, Tensor? keep) -> ()",
+          torch::dispatch(c10::DispatchKey::CPU, &gru_backward_noisy));
+  lib.def("rnn_forward_noisy(Tensor xz, Tensor packed, Tensor? bias, Tensor(a!) hs, Tensor(b!) out, Tensor? mask, "
+          "bool relu, Tensor? r, Tensor(c!)? hd, Tensor? keep) -> ()",
+          torch::dispatch(c10::DispatchKey::CPU, &rnn_forward_noisy));
+  lib.def("rnn_backward_noisy(Tensor hs, Tensor? gout, Tensor w_hh, Tensor(a!) dh, Tensor(b!) dxz, Tensor? mask, "
+          "bool relu, Tensor? r, Tensor? keep) -> ()",
+          torch::dispatch(c10::DispatchKey::CPU, &rnn_backward_noisy));
+  lib.def("slstm_forward_noisy(Tensor xz, Tensor w_hh, Tensor? bias, Tensor(a!) hs, Tensor(b!) cs, Tensor(c!) ns, "
+          "Tensor(d!) ms, Tensor(e!) out, Tensor(f!)? gates, Tensor? mask, Tensor? r, Tensor(g!)? hd, Tensor? keep) -> ()",
+          torch::dispatch(c10::DispatchKey::CPU, &slstm_forward_noisy));
+  lib.def("slstm_backward_noisy(Tensor gates, Tensor cs, Tensor ns, Tensor ms, Tensor? gout, Tensor w_hh, "
+          "Tensor(a!) dh, Tensor(b!) dc, Tensor(c!) dn, Tensor(d!) dm, Tensor(e!) dxz, Tensor? mask, Tensor? r, "
+          "Tensor? keep) -> ()",
+          torch::dispatch(c10::DispatchKey::CPU, &slstm_backward_noisy));
 }
 

@@ -511,23 +511,116 @@ struct StepInputs {
   Rows rows = {};  // x's rows; unset (0, 0): batch-major
 };
 
+// Zoneout and recurrent dropout inside the forward loop (core/kernels/state_noise.py). Recurrent
+// dropout: the product reads h_{t-1} r (r (B, H), scaled) from hd (2, B, H), row t % 2, which the
+// caller fills for t = 0 and each step writes for the next. Zoneout: keep (B, T, H) holds 1 where a unit
+// keeps its previous state at step t; after a valid step every state field (the S buffers of states,
+// (rows, B, H), h first) takes its previous value there, and out (B, T, H) the kept h.
+template <typename T_>
+struct Noise {
+  const T_* r = nullptr;
+  T_* hd = nullptr;
+  const T_* keep = nullptr;
+  T_* states[4] = {nullptr, nullptr, nullptr, nullptr};
+  int64_t S = 0;
+  T_* out = nullptr;
+};
+
+// Noise from the ops' optional tensors (checked against the states' (B, H) and T)
+template <typename T_>
+Noise<T_> noise_from(const std::optional<Tensor>& r, const std::optional<Tensor>& hd, const std::optional<Tensor>& keep,
+                     std::initializer_list<const Tensor*> states, const Tensor& out) {
+  Noise<T_> noise;
+  const int64_t B = out.size(0), T = out.size(1), H = out.size(2);
+  TORCH_CHECK(r.has_value() == hd.has_value(), "rnnkit native: recurrent dropout takes its mask r and the buffer hd");
+  if (r.has_value()) {
+    check(*r, "the recurrent dropout mask"), check(*hd, "the recurrent dropout buffer");
+    TORCH_CHECK(r->sizes() == at::IntArrayRef({B, H}) && hd->sizes() == at::IntArrayRef({2, B, H}) &&
+                r->scalar_type() == out.scalar_type() && hd->scalar_type() == out.scalar_type(),
+                "rnnkit native: recurrent dropout: r (B, H) and hd (2, B, H), of the states' dtype");
+    noise.r = r->data_ptr<T_>(), noise.hd = hd->data_ptr<T_>();
+  }
+  if (keep.has_value()) {
+    check(*keep, "the zoneout mask");
+    TORCH_CHECK(keep->sizes() == at::IntArrayRef({B, T, H}) && keep->scalar_type() == out.scalar_type(),
+                "rnnkit native: zoneout: keep (B, T, H), of the states' dtype");
+    noise.keep = keep->data_ptr<T_>();
+  }
+  for (const Tensor* s : states) noise.states[noise.S++] = s->data_ptr<T_>();
+  TORCH_CHECK(noise.r == nullptr && noise.keep == nullptr || out.is_contiguous(),
+              "rnnkit native: zoneout and recurrent dropout run on batch-major buffers");
+  noise.out = out.data_ptr<T_>();
+  return noise;
+}
+
+// Zoneout in a backward step (row b, block j .. j+n of step t): where the unit kept its previous state,
+// the gradients reaching its state at step t pass to step t-1 unchanged (prev) and none reaches the
+// cell's new values (fresh). Selects rather than products: exact, and a kept unit's recomputed gates
+// (which the forward discarded) cannot leak a NaN.
+template <typename T_>
+struct Zone {
+  bool on;
+  Vec<T_> kept;
+  Zone(const T_* keep, int64_t offset, int64_t n)
+      : on(keep != nullptr), kept(on ? Vec<T_>(load(keep + offset, n) != Vec<T_>(T_(0))) : Vec<T_>(T_(0))) {}
+  Vec<T_> fresh(const Vec<T_>& g) const { return on ? Vec<T_>::blendv(g, Vec<T_>(T_(0)), kept) : g; }
+  Vec<T_> prev(const Vec<T_>& from_cell, const Vec<T_>& g) const {
+    return on ? Vec<T_>::blendv(from_cell, g, kept) : from_cell;
+  }
+};
+
+// A backward op's recurrent dropout mask r (B, H) and zoneout mask keep (B, T, H), checked; r's data
+template <typename T_>
+const T_* backward_noise(const std::optional<Tensor>& r, const std::optional<Tensor>& keep, int64_t B, int64_t T,
+                         int64_t H) {
+  const auto dtype = c10::CppTypeToScalarType<T_>::value;
+  if (r.has_value()) {
+    check(*r, "the recurrent dropout mask");
+    TORCH_CHECK(r->sizes() == at::IntArrayRef({B, H}) && r->scalar_type() == dtype,
+                "rnnkit native: recurrent dropout: r (B, H), of the gradients' dtype");
+  }
+  if (keep.has_value()) {
+    check(*keep, "the zoneout mask");
+    TORCH_CHECK(keep->sizes() == at::IntArrayRef({B, T, H}) && keep->scalar_type() == dtype,
+                "rnnkit native: zoneout: keep (B, T, H), of the gradients' dtype");
+  }
+  return ptr<T_>(r);
+}
+
 template <typename T_, typename Rec, typename Step, typename Padded>
 void forward_in_time(int64_t T, int64_t S, int64_t B, const bool* m, const Rec& rec, const T_* hsp,
-                     const Step& step, const Padded& padded, const StepInputs<T_>& inputs = {}) {
+                     const Step& step, const Padded& padded, const StepInputs<T_>& inputs = {},
+                     const Noise<T_>& noise = {}) {
   const int64_t H = rec.H, width = rec.G * H;
   const Tensor hz_buffer = at::empty({B, width}, rec.packed.options());  // torch's allocator: cache-line aligned
   T_* hz = hz_buffer.data_ptr<T_>();
+  const Vec<T_> zero(T_(0));
   const Rows xr = inputs.rows.sb != 0 || inputs.rows.st != 0 ? inputs.rows : Rows(T * inputs.I, inputs.I);
   passes_in_parallel(T, rec.nq, rec.grain(B), [&](int64_t t, int64_t q0, int64_t q1) {
     const int64_t now = t % S, next = (t + 1) % S;  // S: the states kept, T + 1 or (inference) 2
-    const T_* h = hsp + now * B * H;
+    const T_* h = noise.r != nullptr ? noise.hd + (t % 2) * B * H : hsp + now * B * H;
     for (int64_t q = q0; q < q1; ++q) {
       const int64_t j = q * rec.L, n = std::min<int64_t>(rec.L, H - j);
       if (inputs.blocks != nullptr) (*inputs.blocks)(q, inputs.x + xr(0, t), xr.sb, B, hz, width, false);
       rec(q, h, H, B, hz, width, inputs.blocks != nullptr);
       for (int64_t b = 0; b < B; ++b) {
-        if (m != nullptr && !m[b * T + t]) padded(b, t, now, next, j, n);
-        else step(b, t, now, next, hz + b * width, j, n);
+        if (m != nullptr && !m[b * T + t]) {
+          padded(b, t, now, next, j, n);
+        } else {
+          step(b, t, now, next, hz + b * width, j, n);
+          if (noise.keep != nullptr) {  // zoneout: the kept units take their previous state back
+            const Vec<T_> kept = load(noise.keep + (b * T + t) * H + j, n) != zero;
+            for (int64_t k = 0; k < noise.S; ++k) {
+              T_* sp = noise.states[k] + b * H + j;
+              Vec<T_>::blendv(load(sp + next * B * H, n), load(sp + now * B * H, n), kept).store(sp + next * B * H, n);
+            }
+            load(hsp + (next * B + b) * H + j, n).store(noise.out + (b * T + t) * H + j, n);
+          }
+        }
+        if (noise.r != nullptr) {  // h_t r, the next step's product's input
+          const int64_t row = b * H + j;
+          (load(hsp + next * B * H + row, n) * load(noise.r + row, n)).store(noise.hd + ((t + 1) % 2) * B * H + row, n);
+        }
       }
     }
   });
@@ -535,7 +628,7 @@ void forward_in_time(int64_t T, int64_t S, int64_t B, const bool* m, const Rec& 
 
 template <typename T_, typename Back, typename Step, typename Padded>
 void backward_in_time(int64_t T, int64_t B, int64_t G, const bool* m, const Back& back, T_* dh,
-                      const Step& step, const Padded& padded) {
+                      const Step& step, const Padded& padded, const T_* r = nullptr) {
   const int64_t H = back.H, width = G * H;
   const Tensor scratch_buffer = at::empty({2, B, width}, back.packed.options());
   T_* scratch = scratch_buffer.data_ptr<T_>();
@@ -551,8 +644,17 @@ void backward_in_time(int64_t T, int64_t B, int64_t G, const bool* m, const Back
       }
     }
   };
+  // recurrent dropout (r (B, H), see Noise): dh += (d z W_hh) r, the product into rd first
+  const Tensor rd_buffer = r != nullptr ? at::empty({B, H}, back.packed.options()) : Tensor();
+  T_* rd = r != nullptr ? rd_buffer.data_ptr<T_>() : nullptr;
   auto product = [&](int64_t t, int64_t q) {  // dh += step t's d z W_hh, one block
-    back(q, scratch + (t % 2) * B * width, width, B, dh, H, true);
+    if (r == nullptr) return back(q, scratch + (t % 2) * B * width, width, B, dh, H, true);
+    back(q, scratch + (t % 2) * B * width, width, B, rd, H, false);
+    const int64_t j = q * back.L, n = std::min<int64_t>(back.L, H - j);
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t row = b * H + j;
+      (load(dh + row, n) + load(rd + row, n) * load(r + row, n)).store(dh + row, n);
+    }
   };
   // pass i, t = T - i: the product of step t (t < T), the gates of step t-1 (t > 0)
   passes_in_parallel(T + 1, back.nq, back.grain(B), [&](int64_t i, int64_t q0, int64_t q1) {

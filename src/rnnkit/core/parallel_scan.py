@@ -46,7 +46,7 @@ from rnnkit.core.cells.mingru import MinGRUCell
 from rnnkit.core.cells.minlstm import MinLSTMCell
 from rnnkit.core.cells.scan_cell import candidate, log_candidate
 from rnnkit.core.gates import GatedCell, HiddenState
-from rnnkit.core.kernels.dispatch import _transformed
+from rnnkit.core.kernels.base import transformed
 
 LOG_SCAN_CHUNK = 64  # steps per chunk of the log-space scan (its float32 error grows with the chunk)
 
@@ -160,7 +160,7 @@ class _NativeScan(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         xz, bias, h0, hs = ctx.saved_tensors
         needs = ctx.needs_input_grad[1:4]  # xz, bias, h0
-        if torch.is_grad_enabled() or _transformed(grad):
+        if torch.is_grad_enabled() or transformed(grad):
             with torch.enable_grad():
                 k, v = ctx.cell.mix_inputs(ctx.cell.split(xz if bias is None else xz + bias))
                 z, g = torch.sigmoid(k), candidate(v)

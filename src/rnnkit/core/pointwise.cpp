@@ -253,10 +253,11 @@ void check_scan_buffers(at::TensorList tensors, const char* name) {
 // states: one (rows, B, H) buffer per state field, row 0 the initial
 // state, step t's in row t % rows (rows: T + 1, or 2 in inference); hz_all (T, B, G*H) keeps every
 // hz_t for the backward; mask (B, T) in x's dtype.
-void pointwise_scan(const Tensor& program, const Tensor& consts, const Tensor& x, const std::optional<Tensor>& packed_ih,
+void pointwise_scan_noisy(const Tensor& program, const Tensor& consts, const Tensor& x, const std::optional<Tensor>& packed_ih,
                     const std::optional<Tensor>& bias_ih, const Tensor& packed, const std::optional<Tensor>& bias,
                     int64_t width, at::TensorList states, const Tensor& out, const std::optional<Tensor>& hz_all,
-                    const std::optional<Tensor>& mask, bool fold) {
+                    const std::optional<Tensor>& mask, bool fold, const std::optional<Tensor>& r,
+                    const std::optional<Tensor>& hd, const std::optional<Tensor>& zoneout) {
   const PwCode pc = checked_program(program, consts);
   check_all("a pointwise_scan buffer", x, packed, out);
   check_scan_buffers(states, "a pointwise_scan state");
@@ -311,6 +312,32 @@ void pointwise_scan(const Tensor& program, const Tensor& consts, const Tensor& x
     const T_* xp = x.data_ptr<T_>();
     const T_* h0 = states[0].data_ptr<T_>();
     const int64_t I = x.size(2);
+    // zoneout and recurrent dropout (Noise, native.h): after the program, on the items it ran
+    const Noise<T_> noise = noise_from<T_>(r, hd, zoneout, {}, out);
+    std::vector<T_*> sp;
+    for (const Tensor& st : states) sp.push_back(st.data_ptr<T_>());
+    const T_* mp = mask.has_value() ? mask->data_ptr<T_>() : nullptr;
+    const int64_t chunks = (H + PW_CHUNK - 1) / PW_CHUNK, items = B * chunks;
+    auto after = [&](int64_t t, int64_t now, int64_t next, int64_t i0, int64_t i1) {
+      for (int64_t it = i0; it < i1; ++it) {
+        const int64_t b = it / chunks, c0 = (it % chunks) * PW_CHUNK, c1 = std::min(H, c0 + PW_CHUNK);
+        const bool valid = mp == nullptr || mp[b * T + t] != T_(0);
+        if (noise.keep != nullptr && valid) {
+          const T_* k = noise.keep + (b * T + t) * H;
+          for (int64_t c = c0; c < c1; ++c) {
+            if (k[c] == T_(0)) continue;
+            for (T_* st : sp) st[(next * B + b) * H + c] = st[(now * B + b) * H + c];
+            noise.out[(b * T + t) * H + c] = sp[0][(now * B + b) * H + c];
+          }
+        }
+        if (noise.r != nullptr) {
+          for (int64_t c = c0; c < c1; ++c)
+            noise.hd[((t + 1) % 2) * B * H + b * H + c] = sp[0][(next * B + b) * H + c] * noise.r[b * H + c];
+        }
+      }
+    };
+    const bool noisy = noise.keep != nullptr || noise.r != nullptr;
+    const T_* h_in = noise.r != nullptr ? noise.hd : h0;  // the products' h_{t-1} (times r: hd, row t % 2)
     passes_in_parallel(2 * T, rec.nq, rec.grain(B), [&](int64_t i, int64_t q0, int64_t q1) {
       const int64_t t = i / 2, now = t % rows, next = (t + 1) % rows;
       if (i % 2 == 0) {  // the products
@@ -328,7 +355,7 @@ void pointwise_scan(const Tensor& program, const Tensor& consts, const Tensor& x
           } else if (projecting) {
             (*proj)(q, xp + t * I, T * I, B, xzp, GH, false);
           }
-          rec(q, h0 + now * B * H, H, B, hz, GH, fold);
+          rec(q, h_in + (noise.r != nullptr ? t % 2 : now) * B * H, H, B, hz, GH, fold);
         }
         return;
       }
@@ -340,6 +367,7 @@ void pointwise_scan(const Tensor& program, const Tensor& consts, const Tensor& x
       };
       auto out_offset = [&](int64_t k) -> int64_t { return k == 0 ? t * H : next * B * H; };
       bound.run(pc, B, H, q0, q1, rec.nq, scratch.mine(), in_offset, out_offset);
+      if (noisy) after(t, now, next, q0 * items / rec.nq, q1 * items / rec.nq);  // run's items
     });
   });
 }
@@ -350,10 +378,11 @@ void pointwise_scan(const Tensor& program, const Tensor& consts, const Tensor& x
 // through hz_t, then a pass of products over blocks of H adding d hz_t W_hh to d h.
 // dstate: one (B, H) per state field, the final state's
 // gradient in, the initial state's out. gout (B, T, H) with unit stride along H, or none.
-void pointwise_scan_backward(const Tensor& program, const Tensor& consts, const std::optional<Tensor>& xz, const Tensor& hz_all,
+void pointwise_scan_backward_noisy(const Tensor& program, const Tensor& consts, const std::optional<Tensor>& xz, const Tensor& hz_all,
                              at::TensorList states, const std::optional<Tensor>& mask, const std::optional<Tensor>& gout,
                              const Tensor& packed_t, at::TensorList dstate, const Tensor& dxz,
-                             const std::optional<Tensor>& dhz) {
+                             const std::optional<Tensor>& dhz, const std::optional<Tensor>& r,
+                             const std::optional<Tensor>& keep) {
   const PwCode pc = checked_program(program, consts);
   check_all("a pointwise_scan_backward buffer", hz_all, packed_t, dxz);
   if (xz.has_value()) check(*xz, "pointwise_scan_backward's xz");
@@ -382,6 +411,8 @@ void pointwise_scan_backward(const Tensor& program, const Tensor& consts, const 
   AT_DISPATCH_FLOATING_TYPES(dxz.scalar_type(), "rnnkit_pointwise_scan_backward", [&] {
     using T_ = scalar_t;
     const Blocked<T_> back(packed_t, 1, H, std::nullopt);
+    const T_* rp = backward_noise<T_>(r, keep, B, T, H);
+    const T_* kp = ptr<T_>(keep);
     const Tensor turns = at::empty({2, S, B, H}, dxz.options());  // d state: turn (t + 1) % 2 in, t % 2 out
     for (int64_t s = 0; s < S; ++s) turns[T % 2][s].copy_(dstate[s]);
     const Tensor zero = at::zeros({B, 1}, dxz.options());
@@ -391,7 +422,12 @@ void pointwise_scan_backward(const Tensor& program, const Tensor& consts, const 
       std::vector<Tensor> ins = {x0, hz_all.select(0, 0)};
       for (const Tensor& st : states) ins.push_back(st.select(0, 0));
       if (mask.has_value()) ins.push_back(mask->narrow(1, 0, 1));
-      ins.push_back(gout.has_value() ? gout->select(1, 0) : zero);
+      // zoneout: the program reads d out_t from gz (B, H), zero at the kept units, and the kept units'
+      // state gradients pass to step t-1 (carried, (S, B, H)); recurrent dropout: the products into rd
+      const Tensor gz = kp != nullptr ? at::zeros({B, H}, dxz.options()) : Tensor();
+      const Tensor carried = kp != nullptr ? at::empty({S, B, H}, dxz.options()) : Tensor();
+      const Tensor rd = rp != nullptr ? at::empty({B, H}, dxz.options()) : Tensor();
+      ins.push_back(kp != nullptr ? gz : gout.has_value() ? gout->select(1, 0) : zero);
       for (int64_t s = 0; s < S; ++s) ins.push_back(turns[0][s]);
       // without dhz (the program's d hz_t is its d xz_t), no output may name it: its place holds dxz
       for (int64_t k = 0; k < pc.n_out && !dhz.has_value(); ++k)
@@ -407,15 +443,49 @@ void pointwise_scan_backward(const Tensor& program, const Tensor& consts, const 
       const T_* dzp = dhz.has_value() ? dhz->data_ptr<T_>() : dxz.data_ptr<T_>();
       const int64_t dz_step = dhz.has_value() ? B * GH : GH, dz_ld = dhz.has_value() ? GH : T * GH;
       T_* turnp = turns.data_ptr<T_>();
+      const T_* mp = mask.has_value() ? mask->data_ptr<T_>() : nullptr;
+      const int64_t chunks = (H + PW_CHUNK - 1) / PW_CHUNK, items = B * chunks;
+      const T_* gp = gout.has_value() ? gout->data_ptr<T_>() : nullptr;
+      const int64_t gsb = gout.has_value() ? gout->stride(0) : 0;
+      T_* gzp = kp != nullptr ? gz.data_ptr<T_>() : nullptr;
+      T_* cp = kp != nullptr ? carried.data_ptr<T_>() : nullptr;
+      T_* rdp = rp != nullptr ? rd.data_ptr<T_>() : nullptr;
+      // zoneout around the program, on the items it runs: before, the kept units' incoming gradients
+      // set aside and zeroed; after, passed on as the state's gradient at step t-1
+      auto zone = [&](int64_t t, int64_t in_turn, int64_t out_turn, int64_t i0, int64_t i1, bool before) {
+        for (int64_t it = i0; it < i1; ++it) {
+          const int64_t b = it / chunks, c0 = (it % chunks) * PW_CHUNK, c1 = std::min(H, c0 + PW_CHUNK);
+          const bool valid = mp == nullptr || mp[b * T + t] != T_(0);
+          const T_* k = kp + (b * T + t) * H;
+          const T_* g = gp != nullptr ? gp + b * gsb + t * gstride : nullptr;
+          for (int64_t c = c0; c < c1; ++c) {
+            const bool kept = valid && k[c] != T_(0);
+            for (int64_t s = 0; s < S; ++s) {
+              T_* in = turnp + ((in_turn * S + s) * B + b) * H + c;
+              T_* out = turnp + ((out_turn * S + s) * B + b) * H + c;
+              T_* keep_s = cp + (s * B + b) * H + c;
+              if (before) {
+                *keep_s = *in + (s == 0 && g != nullptr ? g[c] : T_(0));
+                if (kept) *in = T_(0);
+              } else if (kept) {
+                *out = *keep_s;
+              }
+            }
+            if (before) gzp[b * H + c] = kept || g == nullptr ? T_(0) : g[c];
+          }
+        }
+      };
       passes_in_parallel(2 * T, back.nq, back.grain(B), [&](int64_t i, int64_t q0, int64_t q1) {
         const int64_t t = T - 1 - i / 2, in_turn = (t + 1) % 2, out_turn = t % 2;
         if (i % 2 == 0) {  // the program
+          const int64_t i0 = q0 * items / back.nq, i1 = q1 * items / back.nq;  // the items run() takes
+          if (kp != nullptr) zone(t, in_turn, out_turn, i0, i1, true);
           auto in_offset = [&](int64_t k) -> int64_t {
             if (k == 0) return xz.has_value() ? t * GH : 0;
             if (k == 1) return t * B * GH;
             if (k < 2 + S) return t * B * H;
             if (k < gout_index) return t;  // the mask
-            if (k == gout_index) return t * gstride;
+            if (k == gout_index) return kp != nullptr ? 0 : t * gstride;
             return in_turn * S * B * H;
           };
           auto out_offset = [&](int64_t k) -> int64_t {
@@ -424,15 +494,45 @@ void pointwise_scan_backward(const Tensor& program, const Tensor& consts, const 
             return out_turn * S * B * H;
           };
           bound.run(pc, B, H, q0, q1, back.nq, scratch.mine(), in_offset, out_offset);
+          if (kp != nullptr) zone(t, in_turn, out_turn, i0, i1, false);
           return;
         }
-        for (int64_t q = q0; q < q1; ++q) back(q, dzp + t * dz_step, dz_ld, B, turnp + out_turn * S * B * H, H, true);
+        for (int64_t q = q0; q < q1; ++q) {
+          if (rp == nullptr) {
+            back(q, dzp + t * dz_step, dz_ld, B, turnp + out_turn * S * B * H, H, true);
+            continue;
+          }
+          back(q, dzp + t * dz_step, dz_ld, B, rdp, H, false);  // recurrent dropout: d h_{t-1} += (d hz W) r
+          const int64_t j = q * back.L, n = std::min<int64_t>(back.L, H - j);
+          T_* dh = turnp + out_turn * S * B * H;
+          for (int64_t b = 0; b < B; ++b) {
+            const int64_t row = b * H + j;
+            (load(dh + row, n) + load(rdp + row, n) * load(rp + row, n)).store(dh + row, n);
+          }
+        }
       });
     }
     for (int64_t s = 0; s < S; ++s) dstate[s].copy_(turns[0][s]);
   });
 }
 
+
+// without zoneout and recurrent dropout: the schemas before the masks (the _noisy ops take them)
+void pointwise_scan(const Tensor& program, const Tensor& consts, const Tensor& x, const std::optional<Tensor>& packed_ih,
+                    const std::optional<Tensor>& bias_ih, const Tensor& packed, const std::optional<Tensor>& bias,
+                    int64_t width, at::TensorList states, const Tensor& out, const std::optional<Tensor>& hz_all,
+                    const std::optional<Tensor>& mask, bool fold) {
+  pointwise_scan_noisy(program, consts, x, packed_ih, bias_ih, packed, bias, width, states, out, hz_all, mask, fold,
+                       std::nullopt, std::nullopt, std::nullopt);
+}
+
+void pointwise_scan_backward(const Tensor& program, const Tensor& consts, const std::optional<Tensor>& xz,
+                             const Tensor& hz_all, at::TensorList states, const std::optional<Tensor>& mask,
+                             const std::optional<Tensor>& gout, const Tensor& packed_t, at::TensorList dstate,
+                             const Tensor& dxz, const std::optional<Tensor>& dhz) {
+  pointwise_scan_backward_noisy(program, consts, xz, hz_all, states, mask, gout, packed_t, dstate, dxz, dhz,
+                                std::nullopt, std::nullopt);
+}
 
 }  // namespace
 
@@ -445,4 +545,13 @@ TORCH_LIBRARY_FRAGMENT(rnnkit_native, lib) {
   lib.def("pointwise_scan_backward(Tensor program, Tensor consts, Tensor? xz, Tensor hz_all, Tensor[] states, Tensor? mask, "
           "Tensor? gout, Tensor packed_t, Tensor(a!)[] dstate, Tensor(b!) dxz, Tensor(c!)? dhz) -> ()",
           &pointwise_scan_backward);
+  // the same with zoneout and recurrent dropout (Noise, native.h; core/kernels/state_noise.py)
+  lib.def("pointwise_scan_noisy(Tensor program, Tensor consts, Tensor x, Tensor? packed_ih, Tensor? bias_ih, "
+          "Tensor packed, Tensor? bias, int width, Tensor(a!)[] states, Tensor(b!) out, Tensor(c!)? hz_all, "
+          "Tensor? mask, bool fold, Tensor? r, Tensor(d!)? hd, Tensor? keep) -> ()",
+          torch::dispatch(c10::DispatchKey::CPU, &pointwise_scan_noisy));
+  lib.def("pointwise_scan_backward_noisy(Tensor program, Tensor consts, Tensor? xz, Tensor hz_all, Tensor[] states, "
+          "Tensor? mask, Tensor? gout, Tensor packed_t, Tensor(a!)[] dstate, Tensor(b!) dxz, Tensor(c!)? dhz, Tensor? r, "
+          "Tensor? keep) -> ()",
+          torch::dispatch(c10::DispatchKey::CPU, &pointwise_scan_backward_noisy));
 }

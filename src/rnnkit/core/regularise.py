@@ -1,4 +1,4 @@
-"""Regularisers around a recurrent layer that leave its recurrence, and so its fast route, untouched.
+"""Regularisers of a recurrent layer: around its recurrence, and inside it on the layer's own kernels.
 
 ``Regularised(layer, ...)`` wraps any ``Recurrent`` (every cell, built-in or a user's) with two of
 AWD-LSTM's regularisers (Merity, Keskar & Socher 2017), in training mode only:
@@ -14,8 +14,19 @@ through the mask. Cells without recurrent weights (minGRU, minLSTM) have nothing
 Masks come from ``generator`` (a seeded ``torch.Generator`` makes a run reproducible) or torch's
 global generator; ``sample_masks`` draws them, and ``forward(..., masks=...)`` takes given ones.
 
-Not here: zoneout and dropout of the recurrent state inside the recurrence, which change each step's
-math and would need the kernels to apply them.
+and two that change each step of the recurrence, applied inside the loops over time by the kernels
+(core/kernels/state_noise.py; the C++ loops of the built-in cells and the sLSTM, the generic kernel of
+a user's cell, the reference loop), per (layer, direction):
+
+- zoneout (Krueger et al. 2016): at every step each unit keeps its whole previous state (every state
+  field; its output is the kept ``h``) with probability ``zoneout``, a mask drawn per step, sequence
+  and unit;
+- recurrent dropout (Gal & Ghahramani 2016): the recurrent product reads ``h_{t-1} * m / (1 - p)``, one
+  mask ``m`` (B, H) per sequence, the same at every step. Cells whose gates read no previous output
+  (minGRU, minLSTM) have nothing to drop.
+
+In evaluation none of them runs: the layer is itself (Krueger et al. use zoneout's expectation at
+test time instead; here, as for every dropout, the plain layer).
 
 >>> import torch, rnnkit
 >>> layer = rnnkit.Regularised(rnnkit.LSTM(8, 16, batch_first=True), input_dropout=0.1, output_dropout=0.2,
@@ -27,11 +38,14 @@ math and would need the kernels to apply them.
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+
+from rnnkit.core.kernels.state_noise import StateNoise, applying, drops_recurrent_input
 
 
 class Masks(NamedTuple):
@@ -40,6 +54,8 @@ class Masks(NamedTuple):
     input: Tensor | None  # (B, 1, I), batch-first
     output: Tensor | None  # (B, 1, D*H), batch-first
     weights: dict[str, Tensor]  # parameter name ("cells.0.weight_hh") -> (G*H, H)
+    state: dict[int, StateNoise] | None = None  # cell index (layer * D + direction) -> its zoneout and
+    # recurrent dropout masks: recurrent (B, H) scaled, zoneout (B, T, H) bool (True: keep the state)
 
 
 def _mask(shape, p: float, like: Tensor, generator) -> Tensor:
@@ -48,7 +64,8 @@ def _mask(shape, p: float, like: Tensor, generator) -> Tensor:
 
 
 class Regularised(nn.Module):
-    """``layer`` with variational dropout on its input and output and weight-drop on ``weight_hh``."""
+    """``layer`` with variational dropout on its input and output, weight-drop on ``weight_hh``, zoneout
+    and recurrent dropout (the module docstring)."""
 
     def __init__(
         self,
@@ -57,6 +74,8 @@ class Regularised(nn.Module):
         input_dropout: float = 0.0,
         output_dropout: float = 0.0,
         weight_drop: float = 0.0,
+        zoneout: float = 0.0,
+        recurrent_dropout: float = 0.0,
         generator: torch.Generator | None = None,
     ):
         super().__init__()
@@ -64,6 +83,8 @@ class Regularised(nn.Module):
             ("input_dropout", input_dropout),
             ("output_dropout", output_dropout),
             ("weight_drop", weight_drop),
+            ("zoneout", zoneout),
+            ("recurrent_dropout", recurrent_dropout),
         ):
             if not 0.0 <= float(p) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {p!r}")
@@ -71,6 +92,8 @@ class Regularised(nn.Module):
         self.input_dropout = float(input_dropout)
         self.output_dropout = float(output_dropout)
         self.weight_drop = float(weight_drop)
+        self.zoneout = float(zoneout)
+        self.recurrent_dropout = float(recurrent_dropout)
         self.generator = generator
 
     def sample_masks(self, x: Tensor) -> Masks:
@@ -85,7 +108,27 @@ class Regularised(nn.Module):
             for name, w in self.layer.named_parameters():
                 if name.endswith("weight_hh"):
                     weights[name] = _mask(w.shape, self.weight_drop, w, gen)
-        return Masks(inp, out, weights)
+        state = None
+        if self.zoneout or self.recurrent_dropout:
+            T = x.shape[1] if self.layer.batch_first else x.shape[0]
+            H = self.layer.hidden_size
+            state = {}
+            for i, cell in enumerate(self.layer.cells):
+                r = None
+                if self.recurrent_dropout and drops_recurrent_input(cell):
+                    r = _mask((B, H), self.recurrent_dropout, x, gen)
+                elif self.recurrent_dropout and "weight_hh" in cell._parameters:
+                    raise ValueError(
+                        f"recurrent_dropout: {type(cell).__name__} rewrites step, so its recurrent input "
+                        "cannot be dropped apart from the rest of its step"
+                    )
+                keep = None
+                if self.zoneout:  # True (keep the previous state) with probability zoneout, drawn as bools
+                    keep = torch.empty((B, T, H), dtype=torch.bool, device=x.device)
+                    keep.bernoulli_(self.zoneout, generator=gen)
+                if r is not None or keep is not None:
+                    state[i] = StateNoise(r, keep)
+        return Masks(inp, out, weights, state)
 
     def forward(self, x: Tensor, state=None, lengths=None, *, masks: Masks | None = None):
         if not self.training:
@@ -101,10 +144,18 @@ class Regularised(nn.Module):
         x = apply(x, masks.input)
         params = dict(self.layer.named_parameters())
         dropped = {name: params[name] * m for name, m in masks.weights.items()}
-        output, state = functional_call(self.layer, dropped, (x, state), {"lengths": lengths}, strict=False)
+        noise = contextlib.nullcontext()
+        if masks.state:
+            if torch.compiler.is_compiling():
+                raise NotImplementedError("zoneout and recurrent dropout run in eager mode, not under torch.compile")
+            cells = list(self.layer.cells)
+            noise = applying({cells[i]: n for i, n in masks.state.items()})
+        with noise:
+            output, state = functional_call(self.layer, dropped, (x, state), {"lengths": lengths}, strict=False)
         return apply(output, masks.output), state
 
     def extra_repr(self) -> str:
         return (
-            f"input_dropout={self.input_dropout}, output_dropout={self.output_dropout}, weight_drop={self.weight_drop}"
+            f"input_dropout={self.input_dropout}, output_dropout={self.output_dropout}, "
+            f"weight_drop={self.weight_drop}, zoneout={self.zoneout}, recurrent_dropout={self.recurrent_dropout}"
         )

@@ -154,6 +154,7 @@ from rnnkit.core.gates import only_combine_customised
 from rnnkit.core.kernels import triton_loops, triton_pointwise
 from rnnkit.core.kernels.base import Kernel
 from rnnkit.core.kernels.layernorm_loops import LAYERNORM_CELLS, scan_layernorm
+from rnnkit.core.kernels.state_noise import active_for
 from rnnkit.core.kernels.table import GENERIC, KERNELS, kernel_for, own_loops
 from rnnkit.core.kernels.vendor import VENDOR
 
@@ -187,6 +188,7 @@ class Call:
         "lean",
         "lengths",
         "native",
+        "noise",
         "state",
         "tracer",
         "x",
@@ -201,6 +203,7 @@ class Call:
     autocast: bool  # autocast on for x's device
     functorch: bool  # inside a functorch transform
     tracer: str | None  # which PyTorch tracer records the call (``tracer()``), None in an eager call
+    noise: str | None  # zoneout and recurrent dropout current for the cells (kernels/state_noise.py), or None
 
     def __init__(self, layer, x, state, lengths):
         self.layer, self.x, self.state, self.lengths = layer, x, state, lengths
@@ -284,6 +287,9 @@ def _lean_step(layer, x, state) -> tuple[str | None, list, int]:
     plain = layer.__dict__.get("plain_cells")
     if not (plain if plain is not None else all(map(only_combine_customised, cells))):
         return "a cell changes more than combine", [], 0
+    noisy = active_for(cells)
+    if noisy is not None:
+        return f"{noisy} in training (rnnkit.Regularised): the steppers apply neither", [], 0
     return None, cells, B
 
 
@@ -350,6 +356,8 @@ def _complete(call: Call) -> Call:
         or any(p.requires_grad for c in cells for p in c._parameters.values() if p is not None)
         or any(isinstance(p, Tensor) and p.requires_grad for p in parts)
     )
+    # zoneout and recurrent dropout (rnnkit.Regularised); torch.compile cannot read their ContextVar
+    call.noise = active_for(cells) if call.tracer != "dynamo" else None
     call.full = True
     return call
 
@@ -416,6 +424,8 @@ def _vendor_supports(call: Call) -> str | None:
         return "an empty sequence (length 0), which torch's packed kernel refuses"
     if layer.training and layer.dropout > 0:
         return "dropout in training (torch's kernel draws another random stream)"
+    if call.noise:
+        return f"{call.noise}: torch's kernel applies neither"
     if call.functorch:
         return "inside a functorch transform"
     device = call.x.device.type
@@ -459,6 +469,8 @@ def _triton_loops_supports(call: Call) -> str | None:
         return "not a stack of one cell class that changes only combine"
     if call.functorch:
         return "inside a functorch transform"
+    if call.noise:
+        return f"{call.noise}: the Triton loops apply neither (the generic kernel does)"
     if not triton_pointwise.available():
         return "Triton is not installed (pip install rnnkit[gpu])"
     if pointwise.compiled(call.layer.cells[0]) is None:
@@ -469,6 +481,8 @@ def _triton_loops_supports(call: Call) -> str | None:
 def _cpp_projecting_supports(call: Call) -> str | None:
     if call.grad:
         return "gradients are wanted"
+    if call.noise:
+        return f"{call.noise}: the projecting loops apply neither"
     if not call.native or call.autocast:
         return "the C++ loops do not run here (the CPU, float32/float64, built, no autocast)"
     if call.kernel is KERNELS[LSTMCell.combine] or (call.kernel is GENERIC and _programs(call) is not None):
@@ -493,6 +507,8 @@ def _cpp_compiled_supports(call: Call) -> str | None:
 def _cpp_layernorm_supports(call: Call) -> str | None:
     if not all(type(c) in LAYERNORM_CELLS for c in call.layer.cells):
         return "not a stack of layer-normalised LSTM or GRU cells as shipped"
+    if call.noise:
+        return f"{call.noise}: the layer-normalised loops apply neither (the reference loop does)"
     if not call.native:
         return "the C++ loops do not run here (the CPU, float32/float64, built)"
     if any(p.dtype not in native.FLOATS for c in call.layer.cells for p in c._parameters.values() if p is not None):
@@ -503,11 +519,13 @@ def _cpp_layernorm_supports(call: Call) -> str | None:
 def _python_loops_supports(call: Call) -> str | None:
     if not _builtin(call):
         return "not a built-in cell as shipped"
+    if call.noise:
+        return f"{call.noise}: the Python loops apply neither (the generic kernel does)"
     return "inside a functorch transform" if call.functorch else None
 
 
 def _generic_supports(call: Call) -> str | None:
-    if call.kernel is not GENERIC:
+    if call.kernel is None or (call.kernel is not GENERIC and not call.noise):  # with noise, built-in cells too
         return "not a user's cell that changes only combine"
     return "inside a functorch transform" if call.functorch else None
 
@@ -515,6 +533,8 @@ def _generic_supports(call: Call) -> str | None:
 def _parallel_scan_supports(call: Call) -> str | None:
     if not all(isinstance(c, ParallelScanCell) for c in call.layer.cells):
         return "not a stack of parallel-scan cells (minGRU, minLSTM)"
+    if call.noise:
+        return f"{call.noise}: the scan applies neither"
     return "inside a functorch transform" if call.functorch else None
 
 

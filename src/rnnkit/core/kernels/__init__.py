@@ -7,7 +7,9 @@
 - ``generic``: any other gated cell, backward through time by autograd;
 - ``dispatch``: the autograd Function that runs any kernel (``fused_scan``);
 - ``table``: which cell gets which kernel;
-- ``vendor``: a whole built-in stack through torch's own fused kernels (oneDNN, cuDNN).
+- ``vendor``: a whole built-in stack through torch's own fused kernels (oneDNN, cuDNN);
+- ``slstm``: the sLSTM's C++ loop (its block-diagonal recurrent weights);
+- ``state_noise``: zoneout and recurrent dropout, the masks the loops apply inside the recurrence.
 
 Which of them a layer call runs is decided in one place, core/routing.py.
 """

@@ -8,6 +8,8 @@ Function; ``table.py`` says which cell gets which. This floor imports none of th
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -151,8 +153,113 @@ def batch_major_states(hs: Tensor) -> Tensor:
     return native.buffer((B, T, H), hs).copy_(hs[:-1].transpose(0, 1)).view(B * T, H)
 
 
-def native_weight_grads(dhz: Tensor, hs: Tensor, needs: dict):
+def native_weight_grads(dhz: Tensor, hs: Tensor, needs: dict, r: Tensor | None = None):
     """``weight_grads`` for ``dhz`` (B, T, G*H), batch-major or time-major, and the time-major states
-    ``hs`` (T+1, B, H)."""
-    h_prev = prev_states_rows(hs, dhz) if needs["w"] else None
+    ``hs`` (T+1, B, H); with the recurrent dropout mask ``r`` (B, H) (batch-major ``dhz`` only), each
+    h_{t-1} times it (what the recurrent product read)."""
+    h_prev = None
+    if needs["w"]:
+        h_prev = prev_states_rows(hs, dhz) if r is None else dropped_states(hs, r)
     return weight_grads(flat_rows(dhz), h_prev, needs["w"], needs["b"])
+
+
+def dropped_states(hs: Tensor, r: Tensor | None) -> Tensor:
+    """``batch_major_states(hs)``, each row times its sequence's recurrent dropout mask ``r`` (B, H) if given."""
+    rows = batch_major_states(hs)
+    if r is not None:
+        T, B, H = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
+        rows.view(B, T, H).mul_(r.unsqueeze(1))
+    return rows
+
+
+def noise_args(noise, h0: Tensor) -> dict:
+    """The C++ loops' keywords for zoneout and recurrent dropout (kernels/state_noise.py's ``StateNoise``):
+    ``r`` (B, H) and ``hd`` (2, B, H) with ``h_0 * r`` in row 0, ``keep`` (B, T, H) in the states' dtype;
+    empty without noise. The backward ops take ``r`` and ``keep``."""
+    if noise is None:
+        return {}
+    args: dict[str, Tensor] = {}
+    if noise.recurrent is not None:
+        r = noise.recurrent.to(h0.dtype).contiguous()
+        hd = native.buffer((2, *h0.shape), h0)
+        torch.mul(h0, r, out=hd[0])
+        args.update(r=r, hd=hd)
+    if noise.zoneout is not None:
+        args["keep"] = noise.zoneout.to(h0.dtype).contiguous()
+    return args
+
+
+# -- backward by autograd (a differentiable backward, or one under vmap) ----------------------------------------
+
+
+def transformed(*grads) -> bool:
+    """Whether a backward runs under vmap (functorch's, or the legacy one gradcheck uses)."""
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    if active and active():
+        return True
+    fx = torch._C._functorch
+    return any(g is not None and (fx.is_batchedtensor(g) or fx.is_legacy_batchedtensor(g)) for g in grads)
+
+
+def grads_through(results, grad_results, inputs, needs) -> list[Tensor | None]:
+    """The gradients of ``inputs`` (``None`` where ``needs`` says none is wanted or the input is
+    ``None``) of ``results`` recomputed with a graph (an autograd Function's outputs) against
+    their incoming gradients ``grad_results`` (``None`` where none reached), with a graph when grad
+    mode is on: an autograd Function's backward by autograd."""
+    pairs = [(r, g) for r, g in zip(results, grad_results) if g is not None]
+    needed = [i for i, t in enumerate(inputs) if t is not None and needs[i]]
+    grads: list[Tensor | None] = [None] * len(inputs)
+    if pairs and needed:
+        got = torch.autograd.grad(
+            [r for r, _ in pairs],
+            [inputs[i] for i in needed],
+            [g for _, g in pairs],
+            create_graph=torch.is_grad_enabled(),
+            allow_unused=True,
+        )
+        for i, g in zip(needed, got):
+            grads[i] = g
+    return grads
+
+
+# the C++ loops that apply zoneout and recurrent dropout (each the loop of the same name without
+# ``_noisy`` and the masks r, hd, keep: native.h's Noise); CPU kernels only, their fakes below
+NOISY_OPS = (
+    *(f"{cell}_{way}_noisy" for cell in ("lstm", "gru", "rnn", "slstm") for way in ("forward", "backward")),
+    "pointwise_scan_noisy",
+    "pointwise_scan_backward_noisy",
+)
+
+
+@functools.cache
+def noisy_ops():
+    """``native.ops()`` with fake kernels for the ``NOISY_OPS`` (they write their buffers and return
+    nothing), so that torch.library.opcheck and fake tensors see them as custom ops."""
+    ops = native.ops()
+    for name in NOISY_OPS:
+        torch.library.register_fake(f"rnnkit_native::{name}")(_writes_only)
+    return ops
+
+
+def _writes_only(*args, **kwargs) -> None:
+    return None
+
+
+def native_loop(name: str, *args, noise: dict) -> None:
+    """Call the C++ loop ``name`` (an op of native.cpp or pointwise.cpp) with ``args``, or, with
+    ``noise`` (``noise_args`` or its ``backward_noise``), its ``name_noisy`` twin that applies it:
+    the loops without the masks keep their schemas (core/ops.cpp calls them)."""
+    if not noise:
+        getattr(native.ops(), name)(*args)
+        return
+    ops = noisy_ops()
+    keys = ("r", "keep") if name.endswith("backward") else ("r", "hd", "keep")
+    getattr(ops, f"{name}_noisy")(*args, **{k: noise.get(k) for k in keys})
+
+
+def backward_noise(args: dict) -> tuple:
+    """What a kernel keeps for its backward of the forward's ``noise_args``: the backward ops' keywords,
+    as one more item of its saved tuple, or nothing (the saved tuple as without noise, which core/ops.py
+    reads)."""
+    kept = {k: v for k, v in args.items() if k != "hd"}
+    return (kept,) if kept else ()

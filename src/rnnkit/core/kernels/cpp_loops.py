@@ -23,10 +23,14 @@ from rnnkit.core.cells.rnn import RNNCell
 from rnnkit.core.gates import GatedCell
 from rnnkit.core.kernels.base import (
     Kernel,
+    backward_noise,
+    dropped_states,
     flat_rows,
     grad_in,
     grad_rows,
+    native_loop,
     native_weight_grads,
+    noise_args,
     prev_states_rows,
     rows_buffer,
     states_rows,
@@ -136,50 +140,55 @@ def projecting_loop(cell: GatedCell, x: Tensor, weights, state, mask, programs=N
 
 
 class CppLSTM(Kernel):
-    time_major_ok = True  # every per-step buffer in xz's layout (rows_buffer)
+    time_major_ok = True  # every per-step buffer in xz's layout (rows_buffer); batch-major with noise
 
-    def forward(self, cell, xz, w_hh, b_hh, state, mask, training):
+    def forward(self, cell, xz, w_hh, b_hh, state, mask, training, noise=None):
         T, G4 = xz.shape[1], xz.shape[2]
         hs, cs = states_rows(state[0], T, training), states_rows(state[1], T, training)
         out = rows_buffer(xz, G4 // 4)
         gates = rows_buffer(xz, G4) if training else None
-        native.ops().lstm_forward(xz, native.ops().pack_linear(w_hh, 4), b_hh, hs, cs, out, gates, mask)
+        extra = noise_args(noise, hs[0])
+        native_loop("lstm_forward", xz, native.ops().pack_linear(w_hh, 4), b_hh, hs, cs, out, gates, mask, noise=extra)
         last = T % hs.shape[0]
-        return out, (hs[last], cs[last]), (gates, hs, cs)
+        return out, (hs[last], cs[last]), (gates, hs, cs, *backward_noise(extra))
 
     def backward(self, cell, saved, w_hh, mask, grad_out, grad_state, needs):
-        gates, hs, cs = saved
+        gates, hs, cs, *noise = saved
+        extra = noise[0] if noise else {}
         dh, dc = grad_in(grad_state[0], hs[0]), grad_in(grad_state[1], cs[0])
         dxz = rows_buffer(gates, gates.shape[-1])
-        native.ops().lstm_backward(gates, cs, grad_rows(grad_out), w_hh, dh, dc, dxz, mask)
-        dw, db = native_weight_grads(dxz, hs, needs)
+        native_loop("lstm_backward", gates, cs, grad_rows(grad_out), w_hh, dh, dc, dxz, mask, noise=extra)
+        dw, db = native_weight_grads(dxz, hs, needs, extra.get("r"))
         return dxz, dw, db, (dh, dc)
 
 
 class CppGRU(Kernel):
     time_major_ok = True
 
-    def forward(self, cell, xz, w_hh, b_hh, state, mask, training):
+    def forward(self, cell, xz, w_hh, b_hh, state, mask, training, noise=None):
         T, G3 = xz.shape[1], xz.shape[2]
         hs = states_rows(state[0], T, training)
         out = rows_buffer(xz, G3 // 3)
         gates, hzn = (rows_buffer(xz, G3), rows_buffer(xz, G3 // 3)) if training else (None, None)
-        native.ops().gru_forward(xz, native.ops().pack_linear(w_hh, 3), b_hh, hs, out, gates, hzn, mask)
-        return out, (hs[T % hs.shape[0]],), (gates, hzn, hs)
+        extra = noise_args(noise, hs[0])
+        native_loop("gru_forward", xz, native.ops().pack_linear(w_hh, 3), b_hh, hs, out, gates, hzn, mask, noise=extra)
+        return out, (hs[T % hs.shape[0]],), (gates, hzn, hs, *backward_noise(extra))
 
     def backward(self, cell, saved, w_hh, mask, grad_out, grad_state, needs):
-        gates, hzn, hs = saved
+        gates, hzn, hs, *noise = saved
+        extra = noise[0] if noise else {}
         dh = grad_in(grad_state[0], hs[0])
         dxz, dhn = (
             rows_buffer(gates, gates.shape[-1]),
             rows_buffer(gates, hzn.shape[-1]),
         )  # d hz's r, z parts are d xz's; its n part
-        native.ops().gru_backward(gates, hzn, hs, grad_rows(grad_out), w_hh, dh, dxz, dhn, mask)
+        native_loop("gru_backward", gates, hzn, hs, grad_rows(grad_out), w_hh, dh, dxz, dhn, mask, noise=extra)
         H = hzn.shape[-1]
         rz, dn = flat_rows(dxz)[:, : 2 * H], flat_rows(dhn)  # views, rows in the same order
         dw = None
         if needs["w"]:
-            h_prev = prev_states_rows(hs, dxz)
+            r = extra.get("r")  # recurrent dropout: the product read h_{t-1} r (batch-major buffers)
+            h_prev = prev_states_rows(hs, dxz) if r is None else dropped_states(hs, r)
             dw = torch.cat((rz.t().mm(h_prev), dn.t().mm(h_prev)))
         db = torch.cat((rz.sum(0), dn.sum(0))) if needs["b"] else None
         return dxz, dw, db, (dh,)
@@ -188,20 +197,22 @@ class CppGRU(Kernel):
 class CppRNN(Kernel):
     time_major_ok = True
 
-    def forward(self, cell, xz, w_hh, b_hh, state, mask, training):
+    def forward(self, cell, xz, w_hh, b_hh, state, mask, training, noise=None):
         T = xz.shape[1]
         hs = states_rows(state[0], T, training)
         out = rows_buffer(xz, xz.shape[-1])
-        native.ops().rnn_forward(
-            xz, native.ops().pack_linear(w_hh, 1), b_hh, hs, out, mask, cell.nonlinearity == "relu"
-        )
-        return out, (hs[T % hs.shape[0]],), (hs, time_major_rows(xz))
+        extra = noise_args(noise, hs[0])
+        relu = cell.nonlinearity == "relu"
+        native_loop("rnn_forward", xz, native.ops().pack_linear(w_hh, 1), b_hh, hs, out, mask, relu, noise=extra)
+        return out, (hs[T % hs.shape[0]],), (hs, time_major_rows(xz), *backward_noise(extra))
 
     def backward(self, cell, saved, w_hh, mask, grad_out, grad_state, needs):
-        hs, time_major = saved
+        hs, time_major, *noise = saved
+        extra = noise[0] if noise else {}
         dh = grad_in(grad_state[0], hs[0])
         T, B, H = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
         dxz = native.buffer((T, B, H), hs).transpose(0, 1) if time_major else native.buffer((B, T, H), hs)
-        native.ops().rnn_backward(hs, grad_rows(grad_out), w_hh, dh, dxz, mask, cell.nonlinearity == "relu")
-        dw, db = native_weight_grads(dxz, hs, needs)
+        relu = cell.nonlinearity == "relu"
+        native_loop("rnn_backward", hs, grad_rows(grad_out), w_hh, dh, dxz, mask, relu, noise=extra)
+        dw, db = native_weight_grads(dxz, hs, needs, extra.get("r"))
         return dxz, dw, db, (dh,)

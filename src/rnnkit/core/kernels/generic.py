@@ -66,13 +66,17 @@ class _Gates(torch.autograd.Function):
 
 
 # `state` is the cell's own NamedTuple (HiddenState, LSTMState, ...): typed Any, its fields vary by cell
-def generic_forward(cell: GatedCell, xz, w_hh, b_hh, state: Any, mask, training: bool):
+def generic_forward(cell: GatedCell, xz, w_hh, b_hh, state: Any, mask, training: bool, noise=None):
     """Step ``cell.combine`` over time.
 
     In training, autograd records every step with the recurrent weights detached: the graph holds
     ``combine`` and ``h_{t-1} -> hz_t`` through a constant matrix, so one ``autograd.grad`` call in
     backward runs the whole backward through time in C++, and ``dW_hh`` is one matmul afterwards.
+    ``noise`` (kernels/state_noise.py): the recurrent product reads ``h_{t-1} * noise.recurrent``, and
+    zoneout keeps a unit's previous state where ``noise.zoneout`` says so.
     """
+    r = noise.recurrent if noise is not None else None
+    keep = noise.zoneout.unbind(1) if noise is not None and noise.zoneout is not None else None
     B, T = xz.shape[0], xz.shape[1]
     m = mask.t().unsqueeze(-1).unbind(0) if mask is not None else None
     w_t = w_hh.detach().t()
@@ -90,14 +94,18 @@ def generic_forward(cell: GatedCell, xz, w_hh, b_hh, state: Any, mask, training:
         init, xl = state, xz.detach().unbind(1)
         h_prev, outs = [], []
         for t in range(T):
-            hz = recurrent(state.h)  # (B, G*H)
+            h_in = state.h if r is None else state.h * r
+            hz = recurrent(h_in)  # (B, G*H)
             if training:
                 x_gates = cell.Gates(*_Gates.apply(anchor, xl[t], x_sink, t, H))
                 h_gates = cell.Gates(*_Gates.apply(hz, None, h_sink, t, H))
-                h_prev.append(state.h.detach())
+                h_prev.append(h_in.detach())
             else:
                 x_gates, h_gates = cell.split(xl[t]), cell.split(hz)
             h, new_state = cell.combine(x_gates, h_gates, state)
+            if keep is not None:
+                new_state = type(state)(*(torch.where(keep[t], old, new) for new, old in zip(new_state, state)))
+                h = torch.where(keep[t], state.h, h)
             if m is not None:
                 new_state, h = _masked(state, new_state, h, m[t])
             state = type(state)(*new_state)
@@ -184,8 +192,8 @@ def generic_backward(cell: GatedCell, saved: _GenericSaved, w_hh, mask, grad_out
 class GenericKernel(Kernel):
     dense_inputs = False  # torch ops read any strides
 
-    def forward(self, cell, xz, w_hh, b_hh, state, mask, training):
-        return batch_major(generic_forward(cell, xz, w_hh, b_hh, state, mask, training))
+    def forward(self, cell, xz, w_hh, b_hh, state, mask, training, noise=None):
+        return batch_major(generic_forward(cell, xz, w_hh, b_hh, state, mask, training, noise))
 
     def backward(self, cell, saved, w_hh, mask, grad_out, grad_state, needs):
         return generic_backward(cell, saved, w_hh, mask, grad_out, grad_state, needs)

@@ -25,8 +25,7 @@ from rnnkit.core import native
 from rnnkit.core.cells.layernorm import EPS
 from rnnkit.core.cells.ln_gru import LayerNormGRUCell
 from rnnkit.core.cells.ln_lstm import LayerNormLSTMCell
-from rnnkit.core.kernels.base import batch_major_states, grad_in, grad_rows, states_rows
-from rnnkit.core.kernels.dispatch import _transformed
+from rnnkit.core.kernels.base import batch_major_states, grad_in, grad_rows, grads_through, states_rows, transformed
 
 LAYERNORM_CELLS = (LayerNormLSTMCell, LayerNormGRUCell)  # exactly these classes (a subclass may change the math)
 
@@ -48,7 +47,7 @@ class _LayerNormScan(torch.autograd.Function):
     def backward(ctx, grad_out, *grad_state):
         xz, w_hh, gamma_hh, beta_hh, gamma_c, beta_c, *state = ctx.saved_tensors
         inputs = (xz, w_hh, gamma_hh, beta_hh, gamma_c, beta_c, *state)
-        if torch.is_grad_enabled() or _transformed(grad_out, *grad_state):
+        if torch.is_grad_enabled() or transformed(grad_out, *grad_state):
             grads = _backward_by_autograd(ctx, inputs, grad_out, grad_state)
         else:
             grads = _backward(ctx, w_hh, gamma_hh, beta_hh, gamma_c, beta_c, grad_out, grad_state)
@@ -138,20 +137,7 @@ def _backward_by_autograd(ctx, inputs, grad_out, grad_state):
             s = new
             outs.append(h)
         results = [torch.stack(outs, dim=1), *s]
-    pairs = [(r, g) for r, g in zip(results, (grad_out, *grad_state)) if g is not None]
-    needed = [i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[2 + i]]
-    grads: list[Tensor | None] = [None] * len(inputs)
-    if pairs and needed:
-        got = torch.autograd.grad(
-            [r for r, _ in pairs],
-            [inputs[i] for i in needed],
-            [g for _, g in pairs],
-            create_graph=torch.is_grad_enabled(),
-            allow_unused=True,
-        )
-        for i, g in zip(needed, got):
-            grads[i] = g
-    return grads
+    return grads_through(results, (grad_out, *grad_state), inputs, ctx.needs_input_grad[2:])
 
 
 def scan_layernorm(cell, x: Tensor, state: NamedTuple, mask: Tensor | None):

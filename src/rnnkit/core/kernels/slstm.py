@@ -13,7 +13,16 @@ import torch
 from torch import Tensor
 
 from rnnkit.core import native
-from rnnkit.core.kernels.base import Kernel, batch_major_states, grad_in, grad_rows, states_rows
+from rnnkit.core.kernels.base import (
+    Kernel,
+    backward_noise,
+    dropped_states,
+    grad_in,
+    grad_rows,
+    native_loop,
+    noise_args,
+    states_rows,
+)
 
 
 def block_weight_grad(dz: Tensor, h_prev: Tensor, D: int) -> Tensor:
@@ -28,21 +37,24 @@ def block_weight_grad(dz: Tensor, h_prev: Tensor, D: int) -> Tensor:
 
 
 class CppSLSTM(Kernel):
-    def forward(self, cell, xz, w_hh, b_hh, state, mask, training):
+    def forward(self, cell, xz, w_hh, b_hh, state, mask, training, noise=None):
         B, T, G4 = xz.shape
         hs, cs, ns, ms = (states_rows(s, T, training) for s in state)
         out = native.buffer((B, T, G4 // 4), xz)
         gates = native.buffer(xz.shape, xz) if training else None
-        native.ops().slstm_forward(xz, w_hh, b_hh, hs, cs, ns, ms, out, gates, mask)
+        extra = noise_args(noise, hs[0])
+        native_loop("slstm_forward", xz, w_hh, b_hh, hs, cs, ns, ms, out, gates, mask, noise=extra)
         last = T % hs.shape[0]
-        return out, (hs[last], cs[last], ns[last], ms[last]), (gates, hs, cs, ns, ms)
+        return out, (hs[last], cs[last], ns[last], ms[last]), (gates, hs, cs, ns, ms, *backward_noise(extra))
 
     def backward(self, cell, saved, w_hh, mask, grad_out, grad_state, needs):
-        gates, hs, cs, ns, ms = saved
+        gates, hs, cs, ns, ms, *noise = saved
+        extra = noise[0] if noise else {}
         d = [grad_in(g, s[0]) for g, s in zip(grad_state, (hs, cs, ns, ms))]
         dxz = native.buffer(gates.shape, gates)
-        native.ops().slstm_backward(gates, cs, ns, ms, grad_rows(grad_out), w_hh, *d, dxz, mask)
+        native_loop("slstm_backward", gates, cs, ns, ms, grad_rows(grad_out), w_hh, *d, dxz, mask, noise=extra)
         flat = dxz.view(-1, dxz.shape[-1])
-        dw = block_weight_grad(flat, batch_major_states(hs), w_hh.shape[1]) if needs["w"] else None
+        h_prev = dropped_states(hs, extra.get("r")) if needs["w"] else None
+        dw = block_weight_grad(flat, h_prev, w_hh.shape[1]) if h_prev is not None else None
         db = flat.sum(0) if needs["b"] else None
         return dxz, dw, db, tuple(d)

@@ -156,7 +156,7 @@ def scan_triton(cell: GatedCell, x: Tensor, state: NamedTuple, mask: Tensor | No
     w_hh, b_hh = cell.weight_hh, cell.bias_hh
     tensors = (xz, w_hh, b_hh, *parts)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        out, *final = FusedScan.apply(kernel, cell, mask, xz, w_hh, b_hh, *parts)
+        out, *final = FusedScan.apply(kernel, cell, mask, None, xz, w_hh, b_hh, *parts)  # None: no state noise
     else:
         with torch.no_grad(), torch.autocast(xz.device.type, enabled=False):
             out, final, _ = kernel.forward(cell, xz, w_hh, b_hh, cell.State(*parts), mask, False)
