@@ -149,18 +149,21 @@ def grid_point(kind, mode, B, H, T, repeats, peak) -> Row:
 
 
 def compare_all(fns: list, repeats: int) -> tuple[list[float], list[tuple[float, float]]]:
-    """``compare`` for several callables: the median seconds of each, called in turn (the order
-    reversed every repeat) after a warm-up, and for each the quartiles of the repeats' ratios
-    ``fns[0] / fns[i]`` (calls that ran next to each other)."""
+    """``compare`` for several callables: the median seconds of each, called in turn after a
+    warm-up, and for each the quartiles of the repeats' ratios ``fns[0] / fns[i]`` (calls that ran
+    next to each other). The order turns by one every repeat and runs backwards every other turn,
+    so each callable follows each of the others equally often (one that always ran right after a
+    large torch.nn call would pay for the caches that call left cold)."""
     for fn in fns:
         fn()
     once = sum(_timed(fn) for fn in fns)
     if repeats > 1:
         repeats = max(repeats, min(MAX_REPEATS, math.ceil(MIN_SECONDS / max(once, 1e-9))))
     times: list[list[float]] = [[] for _ in fns]
+    n = len(fns)
     for r in range(repeats):
-        order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
-        for i in order:
+        order = [(i + r) % n for i in range(n)]
+        for i in order if (r // n) % 2 == 0 else reversed(order):
             times[i].append(_timed(fns[i]))
     medians = [statistics.median(t) for t in times]
     return medians, [_quartiles([a / b for a, b in zip(times[0], t)]) for t in times]
