@@ -50,14 +50,29 @@ Tensor pack(const Tensor& w, int64_t gates) {
 // -- one step (T = 1): on the weights as stored ------------------------------------------------
 // As the eager stepping path (core/step.py): nothing packed or cached, so every step reads the
 // parameters as they are at that call, whatever wrote them (an optimizer, load_state_dict, or a
-// write through `.data`, which bypasses the version counter). At batch 1 the products are the
-// C++ matrix-vector kernels (the LSTM's whole step one call), whose fixed cost is far below a BLAS
-// call's; at other batches torch's matmul on the weights transposed in place.
+// write through `.data`, which bypasses the version counter). The LSTM's and the GRU's whole step
+// is one C++ call (lstm_step_rows, gru_step_rows: the two products and the gate math) where
+// step.py makes it one; otherwise the products at batch 1 are the matrix-vector kernels, whose
+// fixed cost is far below a BLAS call's, and torch's matmul on the weights transposed in place.
 
 constexpr int64_t ROWS_MAX_BYTES = int64_t(32) << 20;  // step.py's NATIVE_MAX_BYTES
 
 bool by_rows(const Tensor& x, const Tensor& w) {
   return x.size(0) == 1 && x.is_contiguous() && w.is_contiguous() && w.numel() * w.element_size() <= ROWS_MAX_BYTES;
+}
+
+// step.py's _step_ops: whether the one-call step takes these operands (dense, of one dtype; at
+// batch 1 weights up to ROWS_MAX_BYTES)
+bool one_call(const Tensor& x, const Tensor& w_ih, const Tensor& w_hh, std::initializer_list<const Tensor*> states) {
+  if (x.size(0) == 1 && std::max(w_ih.numel(), w_hh.numel()) * w_ih.element_size() > ROWS_MAX_BYTES) return false;
+  if (!(x.is_contiguous() && w_ih.is_contiguous() && w_hh.is_contiguous())) return false;
+  for (const Tensor* t : {&w_ih, &w_hh}) {
+    if (t->scalar_type() != x.scalar_type()) return false;
+  }
+  for (const Tensor* t : states) {
+    if (!t->is_contiguous() || t->scalar_type() != x.scalar_type()) return false;
+  }
+  return true;
 }
 
 // x W^T + b (B, N) for (B, K) x and W (N, K) as stored
@@ -85,16 +100,16 @@ std::array<Tensor, N + 1> stepped(std::array<Tensor, N> fresh, const std::array<
 
 Three lstm_step(const Tensor& x, const Tensor& w_ih, const OptT& b_ih, const Tensor& w_hh, const OptT& b_hh,
                 const Tensor& h0, const Tensor& c0, const OptT& mask) {
-  static const auto rows = native_op<void(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptT&,
+  static const auto step = native_op<void(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptT&,
                                           const Tensor&, const OptT&, const Tensor&, const Tensor&)>(
       "rnnkit_native::lstm_step_rows");
   const int64_t B = x.size(0), H = w_hh.size(1);
   const Tensor xt = x.reshape({B, -1});
   Tensor h, c;
-  if (by_rows(xt, w_ih) && by_rows(h0, w_hh) && c0.is_contiguous() && x.scalar_type() == w_ih.scalar_type()) {
+  if (one_call(xt, w_ih, w_hh, {&h0, &c0})) {
     h = at::empty({B, H}, x.options());
     c = at::empty({B, H}, x.options());
-    rows.call(xt, h0, c0, w_ih, b_ih, w_hh, b_hh, h, c);
+    step.call(xt, h0, c0, w_ih, b_ih, w_hh, b_hh, h, c);
   } else {  // torch's gate order i, f, g, o
     Tensor z = linear_stored(xt, w_ih, b_ih).add_(linear_stored(h0, w_hh, b_hh));
     z.narrow(1, 0, 2 * H).sigmoid_();
@@ -110,11 +125,21 @@ Three lstm_step(const Tensor& x, const Tensor& w_ih, const OptT& b_ih, const Ten
 
 Two gru_step(const Tensor& x, const Tensor& w_ih, const OptT& b_ih, const Tensor& w_hh, const OptT& b_hh,
              const Tensor& h0, const OptT& mask) {
+  static const auto step = native_op<void(const Tensor&, const Tensor&, const Tensor&, const OptT&, const Tensor&,
+                                          const OptT&, const Tensor&)>("rnnkit_native::gru_step_rows");
   const int64_t B = x.size(0), H = w_hh.size(1);
-  const Tensor zx = linear_stored(x.reshape({B, -1}), w_ih, b_ih), zh = linear_stored(h0, w_hh, b_hh);  // (B, 3H), gates r, z, n
-  const Tensor rz = zx.narrow(1, 0, 2 * H).add_(zh.narrow(1, 0, 2 * H)).sigmoid_();
-  const Tensor n = zx.narrow(1, 2 * H, H).addcmul_(rz.narrow(1, 0, H), zh.narrow(1, 2 * H, H)).tanh_();
-  auto [out, h1] = stepped<1>({at::lerp(n, h0, rz.narrow(1, H, H))}, {h0}, mask);  // n + z (h - n)
+  const Tensor xt = x.reshape({B, -1});
+  Tensor h;
+  if (one_call(xt, w_ih, w_hh, {&h0})) {
+    h = at::empty({B, H}, x.options());
+    step.call(xt, h0, w_ih, b_ih, w_hh, b_hh, h);
+  } else {
+    const Tensor zx = linear_stored(xt, w_ih, b_ih), zh = linear_stored(h0, w_hh, b_hh);  // (B, 3H), gates r, z, n
+    const Tensor rz = zx.narrow(1, 0, 2 * H).add_(zh.narrow(1, 0, 2 * H)).sigmoid_();
+    const Tensor n = zx.narrow(1, 2 * H, H).addcmul_(rz.narrow(1, 0, H), zh.narrow(1, 2 * H, H)).tanh_();
+    h = at::lerp(n, h0, rz.narrow(1, H, H));  // n + z (h - n)
+  }
+  auto [out, h1] = stepped<1>({h}, {h0}, mask);
   return {out, h1};
 }
 
