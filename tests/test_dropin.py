@@ -36,11 +36,12 @@ def flat(obj) -> list:
 
 
 def assert_rel(ours, theirs, rel, what):
-    """Max abs difference within ``rel`` of the reference's largest magnitude (exact zeros: exact)."""
+    """Max abs difference within ``rel`` of the reference's largest magnitude, floored at 0.1: a result
+    near zero (a gradient whose terms cancel) carries the rounding of terms of order one."""
     assert ours.shape == theirs.shape and ours.dtype == theirs.dtype, what
     scale = theirs.abs().max().item() if theirs.numel() else 0.0
     err = (ours - theirs).abs().max().item() if theirs.numel() else 0.0
-    assert err <= rel * max(scale, 1e-3), f"{what}: max abs difference {err:.3g} at scale {scale:.3g}"
+    assert err <= rel * max(scale, 0.1), f"{what}: max abs difference {err:.3g} at scale {scale:.3g}"
 
 
 def twins(pair, *args, **kwargs):
