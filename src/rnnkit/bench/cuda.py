@@ -29,7 +29,7 @@ from collections.abc import Callable
 import torch
 
 import rnnkit
-from rnnkit.bench.run import UserLSTMCell, compare
+from rnnkit.bench.run import UserLSTMCell, _infer, compare
 from rnnkit.core import routing
 
 TORCH = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}
@@ -62,14 +62,6 @@ def _train(model, x, autocast: bool = False):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
             out, _ = model(x)
         out.float().sum().backward()
-
-    return run
-
-
-def _infer(model, x):
-    def run():
-        with torch.no_grad():
-            model(x)
 
     return run
 
