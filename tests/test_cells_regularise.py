@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import rnnkit
-from rnnkit.core.regularise import Regularised
+from rnnkit.core.regularise import Regularised, bernoulli_bools
 from user_cells import MGUCell
 
 
@@ -226,6 +226,24 @@ def test_state_noise_off_in_eval_reproducible_and_absent_where_nothing_is_read()
     (noise,) = scan.sample_masks(torch.randn(2, 5, 3)).state.values()
     assert noise.recurrent is None and noise.zoneout.shape == (2, 5, 4)  # minGRU's gates read no h
     assert rnnkit.explain(scan.layer, x.float()).name == "parallel-scan"
+
+
+@pytest.mark.parametrize("p", [0.02, 0.1, 0.5, 0.8])
+def test_zoneout_masks_are_independent_bernoulli_draws(p):
+    """The masks' sampler (gaps between the rarer value): each element True with probability p,
+    neighbours independent (pairs True together p^2 of the time), along the last dimension and
+    across rows, the same draws from the same seed."""
+    keep = bernoulli_bools((8, 50, 500), p, "cpu", torch.Generator().manual_seed(11))
+    assert keep.dtype == torch.bool and keep.shape == (8, 50, 500)
+    f = keep.double()
+    n = f.numel()
+    sd = (p * (1 - p) / n) ** 0.5
+    assert abs(f.mean().item() - p) < 5 * sd
+    for a, b in ((f[..., 1:], f[..., :-1]), (f[:, 1:], f[:, :-1]), (f[1:], f[:-1])):
+        assert abs((a * b).mean().item() - p * p) < 5 * (p * p * (1 - p * p) / a.numel()) ** 0.5
+    assert torch.equal(keep, bernoulli_bools((8, 50, 500), p, "cpu", torch.Generator().manual_seed(11)))
+    assert not torch.equal(keep, bernoulli_bools((8, 50, 500), p, "cpu", torch.Generator().manual_seed(12)))
+    assert bernoulli_bools((0, 3), p, "cpu", None).shape == (0, 3)
 
 
 def _copied(value):

@@ -39,6 +39,7 @@ test time instead; here, as for every dropout, the plain layer).
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import NamedTuple
 
 import torch
@@ -61,6 +62,33 @@ class Masks(NamedTuple):
 def _mask(shape, p: float, like: Tensor, generator) -> Tensor:
     keep = torch.full(shape, 1.0 - p, dtype=like.dtype, device=like.device)
     return torch.bernoulli(keep, generator=generator).div_(1.0 - p)
+
+
+def bernoulli_bools(shape, p: float, device, generator) -> Tensor:
+    """A bool tensor of ``shape``, each element True with probability ``p`` (0 < p < 1), independently.
+
+    Drawn as the positions of the rarer value (True where ``p <= 0.5``): the gaps between them are
+    geometric, ``floor(log(1 - u) / log(1 - q))`` for ``u`` uniform (float64) and ``q = min(p, 1 - p)``,
+    so a mask costs one uniform per rare element instead of one per element (zoneout's (B, T, H)
+    mask at p = 0.1: a tenth of the draws; ``bernoulli_`` on the whole mask took about 10% of an
+    LSTM layer's training step). Reproducible from ``generator`` as any draw."""
+    n = math.prod(shape)
+    rare = p <= 0.5  # the value whose positions are drawn
+    q = p if rare else 1.0 - p
+    scale = 1.0 / math.log1p(-q)
+    mask = torch.full(shape, not rare, dtype=torch.bool, device=device)
+    flat = mask.view(-1)
+    start = 0  # the first position not yet decided
+    while start < n:
+        expected = (n - start) * q
+        m = int(expected + 6.0 * math.sqrt(expected) + 16)  # enough to pass the end almost always
+        u = torch.rand(m, dtype=torch.float64, device=device, generator=generator)
+        steps = u.neg_().log1p_().mul_(scale).to(torch.int64).add_(1)  # gap + 1, >= 1 (truncation: the floor)
+        positions = steps.cumsum_(0).add_(start - 1)  # increasing
+        inside = int(torch.searchsorted(positions, n))
+        flat.index_fill_(0, positions[:inside], rare)
+        start = int(positions[-1]) + 1 if inside == m else n
+    return mask
 
 
 class Regularised(nn.Module):
@@ -123,9 +151,8 @@ class Regularised(nn.Module):
                         "cannot be dropped apart from the rest of its step"
                     )
                 keep = None
-                if self.zoneout:  # True (keep the previous state) with probability zoneout, drawn as bools
-                    keep = torch.empty((B, T, H), dtype=torch.bool, device=x.device)
-                    keep.bernoulli_(self.zoneout, generator=gen)
+                if self.zoneout:  # True (keep the previous state) with probability zoneout
+                    keep = bernoulli_bools((B, T, H), self.zoneout, x.device, gen)
                 if r is not None or keep is not None:
                     state[i] = StateNoise(r, keep)
         return Masks(inp, out, weights, state)
