@@ -2,27 +2,29 @@
 // forward and backward (core/kernels/layernorm_loops.py calls them). Compiled with native.cpp into
 // one library (core/native.py); what both share is in native.h.
 //
-// The input projection and its normalisation, LN(x W_ih^T; gamma_ih, b_ih), are computed for all
-// steps beforehand with torch ops (their gradients by autograd): xz below holds them. Per step the
-// recurrent projection h_{t-1} W_hh^T is normalised over all G*H gates (a reduction across the whole
-// row), and the LSTM normalises its cell state over H on the way to the output, a second one. Those
-// reductions would need every thread's blocks of a row between the product and the gate math, two
-// barriers a step, if the threads split hidden units as the built-in loops do. Here they split the
-// batch instead: a thread runs its rows through every step, product (rnnkit's blocked matmul on its
-// rows), normalisations and gate math, and never waits for another thread until the end. The rows
-// of a batch are independent, so nothing else is shared; each thread streams the whole recurrent
-// weight per step, where the built-in loops stream a share.
+// The GRU's input projection and its normalisation, LN(x W_ih^T; gamma_ih, b_ih), are computed for
+// all steps beforehand with torch ops (their gradients by autograd): xz below holds them. The LSTM's
+// loop takes the projection unnormalised, xr = x W_ih^T (one matmul into a workspace buffer), and
+// normalises each row itself (see its section). Per step the recurrent projection h_{t-1} W_hh^T is
+// normalised over all G*H gates (a reduction across the whole row), and the LSTM normalises its cell
+// state over H on the way to the output, a second one. Those reductions would need every thread's
+// blocks of a row between the product and the gate math, two barriers a step, if the threads split
+// hidden units as the built-in loops do. Here they split the batch instead: a thread runs its rows
+// through every step, product (rnnkit's blocked matmul on its rows), normalisations and gate math,
+// and never waits for another thread until the end. The rows of a batch are independent, so nothing
+// else is shared; each thread streams the whole recurrent weight per step, where the built-in loops
+// stream a share.
 //
-// Layouts as native.cpp's: xz, gates, hhat, out, dxz, dhz batch-major (B, T, .); the states h_0..h_T
-// (and c) time-major (T+1, B, H), or (2, B, H) in inference; mask (B, T) bool, false where a
-// sequence is padded (state carried, output 0, no gradient into its gates).
-// Saved for backward (training): gates, the activated i, f, g, o (LSTM) or r, z, n (GRU); hhat,
-// the normalised recurrent projection before its gain; rstd (B, T, 2), 1 / sqrt(var + eps) of the
-// recurrent projection and (LSTM) of c_t; chat (LSTM), the normalised c_t before its gain.
-// Backward: dh, dc come in holding the final state's gradient and leave holding the initial
-// state's; dxz gets the gradient of xz, dhz that of h_{t-1} W_hh^T (zero at padded steps: dW_hh =
-// sum dhz^T h_{t-1} is one matmul afterwards); dparams (B, .) each row's sums over time of the
-// gradients of gamma_hh, beta_hh (and gamma_c, beta_c), summed over rows afterwards.
+// Layouts as native.cpp's: xz, xr, gates, hhat, out, dxz, dhz batch-major (B, T, .); the states
+// h_0..h_T (and c) time-major (T+1, B, H), or (2, B, H) in inference; mask (B, T) bool, false where
+// a sequence is padded (state carried, output 0, no gradient into its gates).
+// The GRU saves for backward (training): gates, the activated r, z, n; hhat, the normalised
+// recurrent projection before its gain; rstd (B, T), its 1 / sqrt(var + eps). What the LSTM saves
+// is in its section. Backward: dh (and dc) come in holding the final state's gradient and leave
+// holding the initial state's; dxz gets the gradient of xz (the LSTM's dxr that of xr), dhz that of
+// h_{t-1} W_hh^T (zero at padded steps: dW_hh = sum dhz^T h_{t-1} is one matmul afterwards);
+// dparams (B, .) each row's sums over time of the gradients of the gains and normalisation biases,
+// summed over rows afterwards.
 
 #include "native.h"
 
@@ -99,40 +101,77 @@ inline void rows_product(const Blocked<T>& rec, const T* h, int64_t ldh, int64_t
 }
 
 // ---------------------------------------------------------------------------------------------
-// LSTM: z = xz_t + LN(h_{t-1} W_hh^T; gamma_hh, beta_hh); i, f, o = sigmoid, g = tanh;
+// LSTM: z = LN(xr_t; gamma_ih, beta_ih) + LN(h_{t-1} W_hh^T; gamma_hh, beta_hh), xr = x W_ih^T the
+// input projection as one matmul, normalised here row by row; i, f, o = sigmoid, g = tanh;
 // c_t = f c_{t-1} + i g; h_t = o tanh(LN(c_t; gamma_c, beta_c)).
+//
+// Training keeps, besides the states, hhat (B, T, 4H) and stats (B, T, 5): per row the input
+// projection's mean and 1 / std, the recurrent projection's 1 / std, c_t's mean and 1 / std. The
+// backward computes the gates again from xr, hhat and the stats, and c_t's normalised values from
+// cs, with the forward's own operations (ln_lstm_gates), and writes the gradient of
+// h_{t-1} W_hh^T over hhat, row by row (the row read into scratch first): a third of the memory
+// that keeping the gates, the normalised c_t and a gradient buffer of its own took, written and read
+// once less. At long sequences that memory, fresh each call (page faults) and far larger than any
+// cache, had made each step slower the longer the sequence: at T=4096 the backward spent about a
+// third of its time in the kernel (page faults), against a sixth for the LSTM's.
 
-void ln_lstm_forward(const Tensor& xz, const Tensor& w_hh, const Tensor& gamma_hh, const std::optional<Tensor>& beta_hh,
-                     const Tensor& gamma_c, const std::optional<Tensor>& beta_c, const Tensor& hs, const Tensor& cs,
-                     const Tensor& out, const std::optional<Tensor>& gates, const std::optional<Tensor>& hhat,
-                     const std::optional<Tensor>& rstd, const std::optional<Tensor>& chat,
+constexpr int64_t kLnLstmStats = 5;  // stats per row and step: input mean, input 1/std, recurrent 1/std, c mean, c 1/std
+
+template <typename T>
+struct LnLstmParams {
+  const T* gih;  // gamma_ih
+  const T* bih;  // beta_ih (the cell's bias_ih), or null
+  const T* ghh;  // gamma_hh
+  const T* bhh;  // beta_hh, or null
+};
+
+// The activated i, f, g, o of block j .. j+n of one row from xr's row x (its mean and 1 / std as
+// vectors) and the normalised recurrent projection v: forward and backward both call this, so the
+// backward's gates are the forward's.
+template <typename T>
+__attribute__((always_inline)) inline void ln_lstm_gates(const T* x, const Vec<T>* v, const LnLstmParams<T>& p,
+                                                         const Vec<T>& xm, const Vec<T>& xs, int64_t H, int64_t j,
+                                                         int64_t n, Vec<T>* a) {
+  Vec<T> z[4];
+  for (int64_t k = 0; k < 4; ++k) {
+    const int64_t o = k * H + j;
+    const Vec<T> xn = (load(x + o, n) - xm) * xs;
+    z[k] = xn * load(p.gih + o, n) + opt(p.bih, o, n) + v[k] * load(p.ghh + o, n) + opt(p.bhh, o, n);
+  }
+  a[0] = sigmoid(z[0]), a[1] = sigmoid(z[1]), a[2] = tanh_(z[2]), a[3] = sigmoid(z[3]);
+}
+
+void ln_lstm_forward(const Tensor& xr, const Tensor& gamma_ih, const std::optional<Tensor>& beta_ih, const Tensor& w_hh,
+                     const Tensor& gamma_hh, const std::optional<Tensor>& beta_hh, const Tensor& gamma_c,
+                     const std::optional<Tensor>& beta_c, const Tensor& hs, const Tensor& cs, const Tensor& out,
+                     const std::optional<Tensor>& hhat, const std::optional<Tensor>& stats,
                      const std::optional<Tensor>& mask, double eps) {
-  check_all("a layer-normalised LSTM buffer", xz, hs, cs, out, gamma_hh, gamma_c);
-  const int64_t B = xz.size(0), T = xz.size(1), H = hs.size(2), S = hs.size(0);
-  TORCH_CHECK(xz.size(2) == 4 * H && w_hh.size(0) == 4 * H && w_hh.size(1) == H,
-              "rnnkit native: xz, W_hh and the states disagree on the hidden size");
-  const bool saving = gates.has_value();
-  TORCH_CHECK(!saving || (hhat.has_value() && rstd.has_value() && chat.has_value()),
-              "rnnkit native: training keeps gates, hhat, rstd and chat together");
-  const auto bh = contiguous(beta_hh), bc = contiguous(beta_c);
-  AT_DISPATCH_FLOATING_TYPES(xz.scalar_type(), "rnnkit_ln_lstm_forward", [&] {
+  check_all("a layer-normalised LSTM buffer", xr, hs, cs, out, gamma_ih, gamma_hh, gamma_c);
+  const int64_t B = xr.size(0), T = xr.size(1), H = hs.size(2), S = hs.size(0);
+  TORCH_CHECK(xr.size(2) == 4 * H && w_hh.size(0) == 4 * H && w_hh.size(1) == H,
+              "rnnkit native: xr, W_hh and the states disagree on the hidden size");
+  TORCH_CHECK(hhat.has_value() == stats.has_value(), "rnnkit native: training keeps hhat and stats together");
+  if (hhat.has_value()) {
+    check_all("a layer-normalised LSTM buffer", *hhat, *stats);
+    TORCH_CHECK(hhat->sizes() == xr.sizes() && stats->numel() == B * T * kLnLstmStats && S == T + 1,
+                "rnnkit native: training keeps hhat (B, T, 4H), stats (B, T, 5) and T + 1 states");
+  }
+  const auto bi = contiguous(beta_ih), bh = contiguous(beta_hh), bc = contiguous(beta_c);
+  AT_DISPATCH_FLOATING_TYPES(xr.scalar_type(), "rnnkit_ln_lstm_forward", [&] {
     using T_ = scalar_t;
     constexpr int64_t L = Vec<T_>::size();
     const Blocked<T_> rec(w_hh, 4, std::nullopt);
-    const Tensor hz_buffer = at::empty({B, 4 * H}, xz.options());
+    const Tensor hz_buffer = at::empty({B, 4 * H}, xr.options());
     T_* hz = hz_buffer.data_ptr<T_>();
-    const T_* xp = xz.data_ptr<T_>();
-    const T_* gh = gamma_hh.data_ptr<T_>();
-    const T_* bhp = ptr<T_>(bh);
+    const T_* xp = xr.data_ptr<T_>();
+    const LnLstmParams<T_> prm{gamma_ih.data_ptr<T_>(), ptr<T_>(bi), gamma_hh.data_ptr<T_>(), ptr<T_>(bh)};
     const T_* gc = gamma_c.data_ptr<T_>();
     const T_* bcp = ptr<T_>(bc);
     T_* hsp = hs.data_ptr<T_>();
     T_* csp = cs.data_ptr<T_>();
     T_* outp = out.data_ptr<T_>();
-    T_* gp = ptr<T_>(gates);
     T_* hhp = ptr<T_>(hhat);
-    T_* rp = ptr<T_>(rstd);
-    T_* chp = ptr<T_>(chat);
+    T_* sp = ptr<T_>(stats);
     const bool* m = ptr<bool>(mask);
     at::parallel_for(0, B, kLnMinRows, [&](int64_t b0, int64_t b1) {
       for (int64_t t = 0; t < T; ++t) {
@@ -153,102 +192,129 @@ void ln_lstm_forward(const Tensor& xz, const Tensor& w_hh, const Tensor& gamma_h
             }
             continue;
           }
-          T_* r = hz + b * 4 * H;
-          const auto [mean, rs] = moments(r, 4 * H, eps);
-          const Vec<T_> mv(mean), rv(rs);
           const T_* x = xp + bt * 4 * H;
-          T_* g = gp != nullptr ? gp + bt * 4 * H : r;  // the activated gates (in place of hz in inference)
+          const auto [xmean, xrs] = moments(x, 4 * H, eps);
+          T_* r = hz + b * 4 * H;  // its output gate is written over its own block once read
+          const auto [mean, rs] = moments(r, 4 * H, eps);
+          const Vec<T_> mv(mean), rv(rs), xm(xmean), xs(xrs);
           T_* hh = hhp != nullptr ? hhp + bt * 4 * H : nullptr;
           for (int64_t j = 0; j < H; j += L) {
             const int64_t n = std::min<int64_t>(L, H - j);
-            Vec<T_> z[4];
+            Vec<T_> v[4], a[4];
             for (int64_t k = 0; k < 4; ++k) {
-              const int64_t o = k * H + j;
-              const Vec<T_> v = (load(r + o, n) - mv) * rv;
-              if (hh != nullptr) v.store(hh + o, n);
-              z[k] = load(x + o, n) + v * load(gh + o, n) + opt(bhp, o, n);
+              v[k] = (load(r + k * H + j, n) - mv) * rv;
+              if (hh != nullptr) v[k].store(hh + k * H + j, n);
             }
-            const Vec<T_> i = sigmoid(z[0]), f = sigmoid(z[1]), gg = tanh_(z[2]), og = sigmoid(z[3]);
-            i.store(g + j, n), f.store(g + H + j, n), gg.store(g + 2 * H + j, n), og.store(g + 3 * H + j, n);
-            (f * load(c_prev + j, n) + i * gg).store(c_next + j, n);
+            ln_lstm_gates(x, v, prm, xm, xs, H, j, n, a);
+            a[3].store(r + 3 * H + j, n);
+            (a[1] * load(c_prev + j, n) + a[0] * a[2]).store(c_next + j, n);
           }
           const auto [cmean, crs] = moments(c_next, H, eps);
           const Vec<T_> cm(cmean), cr(crs);
-          T_* ch = chp != nullptr ? chp + bt * H : nullptr;
           for (int64_t j = 0; j < H; j += L) {
             const int64_t n = std::min<int64_t>(L, H - j);
             const Vec<T_> v = (load(c_next + j, n) - cm) * cr;
-            if (ch != nullptr) v.store(ch + j, n);
-            const Vec<T_> h = load(g + 3 * H + j, n) * tanh_(v * load(gc + j, n) + opt(bcp, j, n));
+            const Vec<T_> h = load(r + 3 * H + j, n) * tanh_(v * load(gc + j, n) + opt(bcp, j, n));
             h.store(h_next + j, n);
             h.store(outp + bt * H + j, n);
           }
-          if (rp != nullptr) rp[bt * 2] = rs, rp[bt * 2 + 1] = crs;
+          if (sp != nullptr) {
+            T_* s = sp + bt * kLnLstmStats;
+            s[0] = xmean, s[1] = xrs, s[2] = rs, s[3] = cmean, s[4] = crs;
+          }
         }
       }
     });
   });
 }
 
-void ln_lstm_backward(const Tensor& gates, const Tensor& hhat, const Tensor& rstd, const Tensor& chat, const Tensor& cs,
-                      const std::optional<Tensor>& gout, const Tensor& w_hh, const Tensor& gamma_hh,
-                      const Tensor& gamma_c, const std::optional<Tensor>& beta_c, const Tensor& dh, const Tensor& dc,
-                      const Tensor& dxz, const Tensor& dhz, const Tensor& dparams, const std::optional<Tensor>& mask) {
-  check_all("a layer-normalised LSTM gradient buffer", gates, hhat, rstd, chat, cs, dh, dc, dxz, dhz, dparams, gamma_hh,
+// hhat comes in holding the forward's normalised recurrent projections and leaves holding the
+// gradient of h_{t-1} W_hh^T (zero at padded steps); dxr gets the gradient of xr; dparams (B, 18H)
+// each row's sums of the gradients of gamma_hh, beta_hh (4H each), gamma_c, beta_c (H each),
+// gamma_ih, beta_ih (4H each).
+void ln_lstm_backward(const Tensor& xr, const Tensor& hhat, const Tensor& stats, const Tensor& cs,
+                      const std::optional<Tensor>& gout, const Tensor& w_hh, const Tensor& gamma_ih,
+                      const std::optional<Tensor>& beta_ih, const Tensor& gamma_hh,
+                      const std::optional<Tensor>& beta_hh, const Tensor& gamma_c, const std::optional<Tensor>& beta_c,
+                      const Tensor& dh, const Tensor& dc, const Tensor& dxr, const Tensor& dparams,
+                      const std::optional<Tensor>& mask) {
+  check_all("a layer-normalised LSTM gradient buffer", xr, hhat, stats, cs, dh, dc, dxr, dparams, gamma_ih, gamma_hh,
             gamma_c);
-  const int64_t B = gates.size(0), T = gates.size(1), H = dh.size(1);
-  TORCH_CHECK(w_hh.is_contiguous() && dparams.size(1) == 10 * H, "rnnkit native: W_hh or dparams malformed");
+  const int64_t B = xr.size(0), T = xr.size(1), H = dh.size(1);
+  TORCH_CHECK(w_hh.is_contiguous() && dparams.size(1) == 18 * H && hhat.sizes() == xr.sizes() &&
+                  dxr.sizes() == xr.sizes() && stats.numel() == B * T * kLnLstmStats,
+              "rnnkit native: W_hh, hhat, dxr, stats or dparams malformed");
   const Gout go(gout);
-  const auto bc = contiguous(beta_c);
-  AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "rnnkit_ln_lstm_backward", [&] {
+  const auto bi = contiguous(beta_ih), bh = contiguous(beta_hh), bc = contiguous(beta_c);
+  AT_DISPATCH_FLOATING_TYPES(xr.scalar_type(), "rnnkit_ln_lstm_backward", [&] {
     using T_ = scalar_t;
     constexpr int64_t L = Vec<T_>::size();
     const Blocked<T_> back(w_hh.t(), 1, std::nullopt);
-    const Tensor tmp_buffer = at::empty({B, H}, gates.options());
-    T_* tmp = tmp_buffer.data_ptr<T_>();
-    const T_* gp = gates.data_ptr<T_>();
-    const T_* hhp = hhat.data_ptr<T_>();
-    const T_* rp = rstd.data_ptr<T_>();
-    const T_* chp = chat.data_ptr<T_>();
+    // per row: the gates (4H), a saved row (4H: xr's normalised values, then hhat's), the gradient of
+    // z (4H), of the normalised c_t (H) and c_t's normalised values (H)
+    const Tensor scratch_buffer = at::empty({B, 14 * H}, xr.options());
+    T_* scratch = scratch_buffer.data_ptr<T_>();
+    const T_* xp = xr.data_ptr<T_>();
+    T_* hhp = hhat.data_ptr<T_>();
+    const T_* sp = stats.data_ptr<T_>();
     const T_* csp = cs.data_ptr<T_>();
-    const T_* gh = gamma_hh.data_ptr<T_>();
+    const LnLstmParams<T_> prm{gamma_ih.data_ptr<T_>(), ptr<T_>(bi), gamma_hh.data_ptr<T_>(), ptr<T_>(bh)};
+    const T_* gih = prm.gih;
+    const T_* ghh = prm.ghh;
     const T_* gc = gamma_c.data_ptr<T_>();
     const T_* bcp = ptr<T_>(bc);
     T_* dhp = dh.data_ptr<T_>();
     T_* dcp = dc.data_ptr<T_>();
-    T_* dxp = dxz.data_ptr<T_>();
-    T_* dzp = dhz.data_ptr<T_>();
+    T_* dxp = dxr.data_ptr<T_>();
     T_* dpp = dparams.data_ptr<T_>();
     const bool* m = ptr<bool>(mask);
     const Vec<T_> one(T_(1)), zero(T_(0));
     at::parallel_for(0, B, kLnMinRows, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
-        for (int64_t k = 0; k < 10 * H; ++k) dpp[b * 10 * H + k] = T_(0);
+        for (int64_t k = 0; k < 18 * H; ++k) dpp[b * 18 * H + k] = T_(0);
       }
       for (int64_t t = T - 1; t >= 0; --t) {
         for (int64_t b = b0; b < b1; ++b) {
           const int64_t bt = b * T + t;
-          T_* d = dxp + bt * 4 * H;
-          T_* dz = dzp + bt * 4 * H;
+          T_* dx = dxp + bt * 4 * H;
+          T_* hh = hhp + bt * 4 * H;  // hhat in, the gradient of h_{t-1} W_hh^T out
           if (m != nullptr && !m[bt]) {  // padded: no gradient into the gates; dh, dc carried
             for (int64_t k = 0; k < 4 * H; k += L) {
               const int64_t n = std::min<int64_t>(L, 4 * H - k);
-              zero.store(d + k, n), zero.store(dz + k, n);
+              zero.store(dx + k, n), zero.store(hh + k, n);
             }
             continue;
           }
-          const T_* g = gp + bt * 4 * H;
-          const T_* ch = chp + bt * H;
+          const T_* x = xp + bt * 4 * H;
+          const T_* st = sp + bt * kLnLstmStats;
+          T_* g = scratch + b * 14 * H;
+          T_* saved = g + 4 * H;
+          T_* d = g + 8 * H;
+          T_* dch = g + 12 * H;
+          T_* ch = g + 13 * H;
+          const T_* c_t = csp + ((t + 1) * B + b) * H;
           const T_* c_prev = csp + (t * B + b) * H;
           T_* hrow = dhp + b * H;
           T_* crow = dcp + b * H;
-          T_* dch = tmp + b * H;
-          T_* dp = dpp + b * 10 * H;  // dgamma_hh (4H), dbeta_hh (4H), dgamma_c (H), dbeta_c (H)
+          T_* dp = dpp + b * 18 * H;  // dgamma_hh, dbeta_hh (4H each), dgamma_c, dbeta_c (H each), dgamma_ih, dbeta_ih
           const T_* go_row = go.row<T_>(b, t);
+          {
+            const Vec<T_> xm(st[0]), xs(st[1]);
+            for (int64_t j = 0; j < H; j += L) {  // the forward's gates again
+              const int64_t n = std::min<int64_t>(L, H - j);
+              Vec<T_> v[4], a[4];
+              for (int64_t k = 0; k < 4; ++k) v[k] = load(hh + k * H + j, n);
+              ln_lstm_gates(x, v, prm, xm, xs, H, j, n, a);
+              for (int64_t k = 0; k < 4; ++k) a[k].store(g + k * H + j, n);
+            }
+          }
           // h_t = o tanh(y), y = gamma_c chat + beta_c: the output gate's and y's gradients
+          const Vec<T_> cm(st[3]), cr(st[4]);
           for (int64_t j = 0; j < H; j += L) {
             const int64_t n = std::min<int64_t>(L, H - j);
-            const Vec<T_> dht = with_gout(hrow, go_row, j, n), c_hat = load(ch + j, n), o = load(g + 3 * H + j, n);
+            const Vec<T_> c_hat = (load(c_t + j, n) - cm) * cr;  // as the forward computed it
+            c_hat.store(ch + j, n);
+            const Vec<T_> dht = with_gout(hrow, go_row, j, n), o = load(g + 3 * H + j, n);
             const Vec<T_> th = tanh_(c_hat * load(gc + j, n) + opt(bcp, j, n));
             const Vec<T_> dy = dht * o * (one - th * th);
             (dht * th * o * (one - o)).store(d + 3 * H + j, n);
@@ -256,7 +322,7 @@ void ln_lstm_backward(const Tensor& gates, const Tensor& hhat, const Tensor& rst
             (load(dp + 9 * H + j, n) + dy).store(dp + 9 * H + j, n);
             (dy * load(gc + j, n)).store(dch + j, n);
           }
-          ln_backward_row(dch, ch, H, rp[bt * 2 + 1]);  // dch: the gradient of c_t through the output
+          ln_backward_row(dch, ch, H, st[4]);  // dch: the gradient of c_t through the output
           for (int64_t j = 0; j < H; j += L) {
             const int64_t n = std::min<int64_t>(L, H - j);
             const Vec<T_> dct = load(crow + j, n) + load(dch + j, n);
@@ -267,13 +333,28 @@ void ln_lstm_backward(const Tensor& gates, const Tensor& hhat, const Tensor& rst
             (dct * f).store(crow + j, n);
             zero.store(hrow + j, n);  // h_t was computed: its gradient goes on through the product below
           }
+          // the input projection's normalisation: dgamma_ih, dbeta_ih and the gradient of xr
+          {
+            const Vec<T_> xm(st[0]), xs(st[1]);
+            for (int64_t k = 0; k < 4 * H; k += L) {
+              const int64_t n = std::min<int64_t>(L, 4 * H - k);
+              const Vec<T_> xhat = (load(x + k, n) - xm) * xs, dz = load(d + k, n);
+              xhat.store(saved + k, n);
+              (load(dp + 10 * H + k, n) + dz * xhat).store(dp + 10 * H + k, n);
+              (load(dp + 14 * H + k, n) + dz).store(dp + 14 * H + k, n);
+              (dz * load(gih + k, n)).store(dx + k, n);
+            }
+            ln_backward_row(dx, saved, 4 * H, st[1]);
+          }
+          // the recurrent projection's, into hhat's row
           for (int64_t k = 0; k < 4 * H; k += L) {
             const int64_t n = std::min<int64_t>(L, 4 * H - k);
-            load(d + k, n).store(dz + k, n);
+            load(hh + k, n).store(saved + k, n);
+            load(d + k, n).store(hh + k, n);
           }
-          recurrent_ln_backward(dz, hhp + bt * 4 * H, gh, dp, dp + 4 * H, 4 * H, rp[bt * 2]);
+          recurrent_ln_backward(hh, saved, ghh, dp, dp + 4 * H, 4 * H, st[2]);
         }
-        rows_product(back, dzp + t * 4 * H, T * 4 * H, b0, b1, dhp, H, true);  // dh += dhz_t W_hh
+        rows_product(back, hhp + t * 4 * H, T * 4 * H, b0, b1, dhp, H, true);  // dh += dhz_t W_hh
       }
     });
   });
@@ -424,12 +505,12 @@ void ln_gru_backward(const Tensor& gates, const Tensor& hhat, const Tensor& rstd
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(rnnkit_native, lib) {
-  lib.def("ln_lstm_forward(Tensor xz, Tensor w_hh, Tensor gamma_hh, Tensor? beta_hh, Tensor gamma_c, Tensor? beta_c, "
-          "Tensor(a!) hs, Tensor(b!) cs, Tensor(c!) out, Tensor(d!)? gates, Tensor(e!)? hhat, Tensor(f!)? rstd, "
-          "Tensor(g!)? chat, Tensor? mask, float eps) -> ()", &ln_lstm_forward);
-  lib.def("ln_lstm_backward(Tensor gates, Tensor hhat, Tensor rstd, Tensor chat, Tensor cs, Tensor? gout, "
-          "Tensor w_hh, Tensor gamma_hh, Tensor gamma_c, Tensor? beta_c, Tensor(a!) dh, Tensor(b!) dc, "
-          "Tensor(c!) dxz, Tensor(d!) dhz, Tensor(e!) dparams, Tensor? mask) -> ()", &ln_lstm_backward);
+  lib.def("ln_lstm_forward(Tensor xr, Tensor gamma_ih, Tensor? beta_ih, Tensor w_hh, Tensor gamma_hh, Tensor? beta_hh, "
+          "Tensor gamma_c, Tensor? beta_c, Tensor(a!) hs, Tensor(b!) cs, Tensor(c!) out, Tensor(d!)? hhat, "
+          "Tensor(e!)? stats, Tensor? mask, float eps) -> ()", &ln_lstm_forward);
+  lib.def("ln_lstm_backward(Tensor xr, Tensor(a!) hhat, Tensor stats, Tensor cs, Tensor? gout, Tensor w_hh, "
+          "Tensor gamma_ih, Tensor? beta_ih, Tensor gamma_hh, Tensor? beta_hh, Tensor gamma_c, Tensor? beta_c, "
+          "Tensor(b!) dh, Tensor(c!) dc, Tensor(d!) dxr, Tensor(e!) dparams, Tensor? mask) -> ()", &ln_lstm_backward);
   lib.def("ln_gru_forward(Tensor xz, Tensor w_hh, Tensor gamma_hh, Tensor? beta_hh, Tensor(a!) hs, Tensor(b!) out, "
           "Tensor(c!)? gates, Tensor(d!)? hhat, Tensor(e!)? rstd, Tensor? mask, float eps) -> ()", &ln_gru_forward);
   lib.def("ln_gru_backward(Tensor gates, Tensor hhat, Tensor rstd, Tensor hs, Tensor? gout, Tensor w_hh, "

@@ -1,12 +1,16 @@
 """The layer-normalised LSTM and GRU over time in C++ (core/layernorm.cpp), backward by hand.
 
 ``scan_layernorm(cell, x, state, mask)`` runs one (layer, direction) of a ``LayerNormLSTMCell`` or
-``LayerNormGRUCell``: the normalised input projection of every step at once with torch ops,
-``LN(x W_ih^T; gamma_ih, b_ih)`` (autograd takes its gradients), then one autograd Function whose
-forward and backward are each one C++ loop over time. The loop normalises the recurrent
-projection (and the LSTM's cell state) at every step and, backward, returns the gradients of
-``W_hh``, the gains and the normalisation biases besides those of the projection and the state,
-which the built-in cells' kernels (``base.Kernel``) have no place for.
+``LayerNormGRUCell``: the input projection of every step at once, then one autograd Function whose
+forward and backward are each one C++ loop over time. The GRU's projection is normalised with torch
+ops, ``LN(x W_ih^T; gamma_ih, b_ih)`` (autograd takes its gradients); the LSTM's loop takes
+``x W_ih^T`` as one matmul into a workspace buffer (``Projection``) and normalises it row by row
+itself, its backward returning the gradients of ``gamma_ih`` and ``b_ih``: at long sequences the
+normalisation's own (B, T, 4H) tensors, each fresh memory on every call, cost more than the loop's
+work on them. The loop normalises the recurrent projection (and the LSTM's cell state) at every step
+and, backward, returns the gradients of ``W_hh``, the gains and the normalisation biases besides
+those of the projection and the state, which the built-in cells' kernels (``base.Kernel``) have no
+place for.
 
 A backward that must itself be differentiable (``create_graph=True``) or that runs under vmap is
 computed by autograd through the cells' step written in torch ops (``_backward_by_autograd``), as
@@ -26,88 +30,122 @@ from rnnkit.core.cells.layernorm import EPS
 from rnnkit.core.cells.ln_gru import LayerNormGRUCell
 from rnnkit.core.cells.ln_lstm import LayerNormLSTMCell
 from rnnkit.core.kernels.base import batch_major_states, grad_in, grad_rows, grads_through, states_rows, transformed
+from rnnkit.core.kernels.cpp_loops import Projection
 
 LAYERNORM_CELLS = (LayerNormLSTMCell, LayerNormGRUCell)  # exactly these classes (a subclass may change the math)
 
 
 class _LayerNormScan(torch.autograd.Function):
-    """The loop over time of a layer-normalised cell, ``xz`` (B, T, G*H) the normalised input
-    projection; returns the outputs (B, T, H) and the final state's parts."""
+    """The loop over time of a layer-normalised cell: the LSTM's on ``xz`` (B, T, 4H) its input
+    projection unnormalised, normalised by the loop with ``gamma_ih``, ``beta_ih``; the GRU's on
+    ``xz`` (B, T, 3H) the normalised projection (``gamma_ih``, ``beta_ih`` None). Returns the outputs
+    (B, T, H) and the final state's parts."""
 
     @staticmethod
-    def forward(ctx, lstm: bool, mask, xz, w_hh, gamma_hh, beta_hh, gamma_c, beta_c, *state):
-        saved = _forward(lstm, mask, xz, w_hh, gamma_hh, beta_hh, gamma_c, beta_c, state, training=True)
-        out, final, buffers = saved
+    def forward(ctx, lstm: bool, mask, xz, gamma_ih, beta_ih, w_hh, gamma_hh, beta_hh, gamma_c, beta_c, *state):
+        weights = (gamma_ih, beta_ih, w_hh, gamma_hh, beta_hh, gamma_c, beta_c)
+        out, final, buffers = _forward(lstm, mask, xz, *weights, state, training=True)
         ctx.lstm, ctx.mask, ctx.buffers = lstm, mask, buffers
-        ctx.save_for_backward(xz, w_hh, gamma_hh, beta_hh, gamma_c, beta_c, *state)
+        ctx.save_for_backward(xz, *weights, *state)
         ctx.set_materialize_grads(False)
         return (out, *(s.clone() for s in final))
 
     @staticmethod
     def backward(ctx, grad_out, *grad_state):
-        xz, w_hh, gamma_hh, beta_hh, gamma_c, beta_c, *state = ctx.saved_tensors
-        inputs = (xz, w_hh, gamma_hh, beta_hh, gamma_c, beta_c, *state)
+        inputs = ctx.saved_tensors
         if torch.is_grad_enabled() or transformed(grad_out, *grad_state):
             grads = _backward_by_autograd(ctx, inputs, grad_out, grad_state)
         else:
-            grads = _backward(ctx, w_hh, gamma_hh, beta_hh, gamma_c, beta_c, grad_out, grad_state)
+            if ctx.buffers is None:  # a second backward through the same graph (retain_graph): the loop again
+                ctx.buffers = _forward(ctx.lstm, ctx.mask, *inputs[:8], inputs[8:], training=True)[2]
+            grads = _backward(ctx, *inputs[:8], grad_out, grad_state)
+            if ctx.lstm:  # its backward wrote the gradients over hhat
+                ctx.buffers = None
         return (None, None, *(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad[2:])))
 
 
-def _forward(lstm, mask, xz, w_hh, gamma_hh, beta_hh, gamma_c, beta_c, state, training):
+def _forward(lstm, mask, xz, gamma_ih, beta_ih, w_hh, gamma_hh, beta_hh, gamma_c, beta_c, state, training):
     ops = native.ops()
     B, T, _ = xz.shape
     H = w_hh.shape[1]
     hs = states_rows(state[0], T, training)
     out = native.buffer((B, T, H), xz)
-    keep = (native.buffer(xz.shape, xz), native.buffer(xz.shape, xz), xz.new_empty(B, T, 2)) if training else None
-    gates, hhat, rstd = keep if keep is not None else (None, None, None)
     if lstm:
         cs = states_rows(state[1], T, training)
-        chat = native.buffer((B, T, H), xz) if training else None
+        hhat, stats = (native.buffer(xz.shape, xz), xz.new_empty(B, T, 5)) if training else (None, None)
         ops.ln_lstm_forward(
-            xz, w_hh, gamma_hh, beta_hh, gamma_c, beta_c, hs, cs, out, gates, hhat, rstd, chat, mask, EPS
+            xz, gamma_ih, beta_ih, w_hh, gamma_hh, beta_hh, gamma_c, beta_c, hs, cs, out, hhat, stats, mask, EPS
         )
         last = T % hs.shape[0]
-        return out, (hs[last], cs[last]), (gates, hhat, rstd, chat, hs, cs)
+        return out, (hs[last], cs[last]), (hhat, stats, hs, cs)
+    keep = (native.buffer(xz.shape, xz), native.buffer(xz.shape, xz), xz.new_empty(B, T)) if training else None
+    gates, hhat, rstd = keep if keep is not None else (None, None, None)
     ops.ln_gru_forward(xz, w_hh, gamma_hh, beta_hh, hs, out, gates, hhat, rstd, mask, EPS)
     return out, (hs[T % hs.shape[0]],), (gates, hhat, rstd, hs)
 
 
-def _backward(ctx, w_hh, gamma_hh, beta_hh, gamma_c, beta_c, grad_out, grad_state):
+def _backward(ctx, xz, gamma_ih, beta_ih, w_hh, gamma_hh, beta_hh, gamma_c, beta_c, grad_out, grad_state):
     ops = native.ops()
     w = w_hh.contiguous()
     gout = grad_rows(grad_out)
+    dxz = native.buffer(xz.shape, xz)
     if ctx.lstm:
-        gates, hhat, rstd, chat, hs, cs = ctx.buffers
+        hhat, stats, hs, cs = ctx.buffers
         H = cs.shape[2]
         dh, dc = grad_in(grad_state[0], hs[0]), grad_in(grad_state[1], cs[0])
-        dxz, dhz = native.buffer(gates.shape, gates), native.buffer(gates.shape, gates)
-        dparams = gates.new_empty(gates.shape[0], 10 * H)
+        dparams = xz.new_empty(xz.shape[0], 18 * H)
         ops.ln_lstm_backward(
-            gates, hhat, rstd, chat, cs, gout, w, gamma_hh, gamma_c, beta_c, dh, dc, dxz, dhz, dparams, ctx.mask
+            xz,
+            hhat,
+            stats,
+            cs,
+            gout,
+            w,
+            gamma_ih,
+            beta_ih,
+            gamma_hh,
+            beta_hh,
+            gamma_c,
+            beta_c,
+            dh,
+            dc,
+            dxz,
+            dparams,
+            ctx.mask,
         )
-        dg_hh, db_hh, dg_c, db_c = dparams.sum(0).split([4 * H, 4 * H, H, H])
+        dhz = hhat  # the loop wrote the gradient of h_{t-1} W_hh^T over it
+        dg_hh, db_hh, dg_c, db_c, dg_ih, db_ih = dparams.sum(0).split([4 * H, 4 * H, H, H, 4 * H, 4 * H])
         dstate: tuple = (dh, dc)
     else:
         gates, hhat, rstd, hs = ctx.buffers
         H = hs.shape[2]
         dh = grad_in(grad_state[0], hs[0])
-        dxz, dhz = native.buffer(gates.shape, gates), native.buffer(gates.shape, gates)
+        dhz = native.buffer(gates.shape, gates)
         dparams = gates.new_empty(gates.shape[0], 6 * H)
         ops.ln_gru_backward(gates, hhat, rstd, hs, gout, w, gamma_hh, beta_hh, dh, dxz, dhz, dparams, ctx.mask)
         dg_hh, db_hh = dparams.sum(0).split([3 * H, 3 * H])
-        dg_c = db_c = None
+        dg_ih = db_ih = dg_c = db_c = None
         dstate = (dh,)
-    dw = dhz.view(-1, dhz.shape[-1]).t().mm(batch_major_states(hs)) if ctx.needs_input_grad[3] else None
-    return (dxz, dw, dg_hh, db_hh if beta_hh is not None else None, dg_c, db_c if beta_c is not None else None, *dstate)
+    dw = dhz.view(-1, dhz.shape[-1]).t().mm(batch_major_states(hs)) if ctx.needs_input_grad[5] else None
+    return (
+        dxz,
+        dg_ih,
+        db_ih if beta_ih is not None else None,
+        dw,
+        dg_hh,
+        db_hh if beta_hh is not None else None,
+        dg_c,
+        db_c if beta_c is not None else None,
+        *dstate,
+    )
 
 
-def _step(lstm, xz_t, state, w_hh, gamma_hh, beta_hh, gamma_c, beta_c):
+def _step(lstm, xz_t, state, gamma_ih, beta_ih, w_hh, gamma_hh, beta_hh, gamma_c, beta_c):
     """One step of the cell in torch ops (the cells' equations, on the Function's inputs)."""
     hb = F.layer_norm(F.linear(state[0], w_hh), gamma_hh.shape, gamma_hh, beta_hh, EPS)
     if lstm:
-        i, f, g, o = (xz_t + hb).chunk(4, dim=-1)
+        xn = F.layer_norm(xz_t, gamma_ih.shape, gamma_ih, beta_ih, EPS)
+        i, f, g, o = (xn + hb).chunk(4, dim=-1)
         c = torch.sigmoid(f) * state[1] + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(F.layer_norm(c, gamma_c.shape, gamma_c, beta_c, EPS))
         return h, (h, c)
@@ -122,14 +160,15 @@ def _step(lstm, xz_t, state, w_hh, gamma_hh, beta_hh, gamma_c, beta_c):
 def _backward_by_autograd(ctx, inputs, grad_out, grad_state):
     """The gradients of the Function's inputs by autograd through ``_step``, with a graph when grad
     mode is on (a differentiable backward) and batchable by vmap."""
-    xz, w_hh, gamma_hh, beta_hh, gamma_c, beta_c, *state = inputs
+    xz, *weights = inputs[:8]
+    state = inputs[8:]
     mask = ctx.mask
     with torch.enable_grad():
         s = tuple(state)
         outs = []
         valid = mask.unbind(1) if mask is not None else [None] * xz.shape[1]
         for xz_t, m in zip(xz.unbind(1), valid):
-            h, new = _step(ctx.lstm, xz_t, s, w_hh, gamma_hh, beta_hh, gamma_c, beta_c)
+            h, new = _step(ctx.lstm, xz_t, s, *weights)
             if m is not None:
                 m = m[:, None]
                 new = tuple(torch.where(m, a, b) for a, b in zip(new, s))
@@ -142,15 +181,26 @@ def _backward_by_autograd(ctx, inputs, grad_out, grad_state):
 
 def scan_layernorm(cell, x: Tensor, state: NamedTuple, mask: Tensor | None):
     """One (layer, direction) of a layer-normalised cell over (B, T, I) ``x``: the outputs (B, T, H)
-    and the final state. Where the C++ loops run (the routing table checks). Under autocast the
-    projection may come back in half precision: the loop runs in the weights' dtype."""
+    and the final state. Where the C++ loops run (the routing table checks). The LSTM's loop takes
+    the input projection unnormalised (``Projection``: one matmul into a workspace buffer) and
+    normalises it itself; the GRU's takes it normalised. Under autocast the projection may come back
+    in half precision: the loop runs in the weights' dtype."""
     lstm = isinstance(cell, LayerNormLSTMCell)
     p = cell._parameters
     w_hh = p["weight_hh"]
     dtype = w_hh.dtype
-    xz = cell.project_input(x).to(dtype).contiguous()  # (B, T, G*H)
+    if not lstm:
+        xz = cell.project_input(x).to(dtype).contiguous()  # (B, T, 3H)
+        gamma_ih = beta_ih = None
+    else:
+        gamma_ih, beta_ih = p["gamma_ih"], p["bias_ih"]
+        if torch.is_autocast_enabled(x.device.type):
+            xz = F.linear(x, p["weight_ih"]).to(dtype).contiguous()
+        else:
+            xz = Projection.apply(x if x.is_contiguous() else x.contiguous(), p["weight_ih"], None)  # (B, T, 4H)
     mask = mask.contiguous() if mask is not None else None
-    weights = (w_hh, p["gamma_hh"], p["bias_hh"], p["gamma_c"] if lstm else None, p["beta_c"] if lstm else None)
+    weights = (gamma_ih, beta_ih, w_hh, p["gamma_hh"], p["bias_hh"], p["gamma_c"] if lstm else None)
+    weights += (p["beta_c"] if lstm else None,)
     parts = tuple(s.to(dtype).contiguous() for s in state)
     tensors = (xz, *weights, *parts)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
