@@ -39,6 +39,7 @@ test time instead; here, as for every dropout, the plain layer).
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import NamedTuple
 
 import torch
@@ -106,7 +107,7 @@ class Regularised(nn.Module):
         weights = {}
         if self.weight_drop:
             for name, w in self.layer.named_parameters():
-                if name.endswith("weight_hh"):
+                if re.fullmatch(r"weight_hh(_l\d+(_reverse)?)?", name.rpartition(".")[2]):  # torch.nn's names too
                     weights[name] = _mask(w.shape, self.weight_drop, w, gen)
         state = None
         if self.zoneout or self.recurrent_dropout:
