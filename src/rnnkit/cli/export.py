@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from rnnkit.cli.command import Command
 from rnnkit.cli.runs import add_run_flags, load_selected_run
 from rnnkit.common.errors import UsageError
+from rnnkit.tasks.regularisers import without_regularisers
 from rnnkit.tasks.sort.model import SortModel
 
 TOLERANCE = 1e-4  # largest difference between the two metrics that counts as reproduced
@@ -336,7 +337,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if not out.parent.is_dir():
         raise UsageError(f"--out: no directory {out.parent}")
-    loaded.model.eval()
+    without_regularisers(loaded.model.eval())  # they act in training only: the layers evaluation runs
     with tempfile.TemporaryDirectory():
         exported = EXPORTERS[name](loaded, args.format, out)
     with torch.no_grad():

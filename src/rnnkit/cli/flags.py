@@ -21,6 +21,8 @@ left as it is.
 A config may keep old flag spellings working: a class attribute `renamed_flags = {"--n-max": ("max_len",)}`
 maps an old flag to the field(s) it now sets (hidden from the help; using it prints a warning), and
 `renamed_values = {"decoder": {"seed": "state-only"}}` does the same for old values of a field.
+A field declared with `option(..., group="recurrent regularisers")` is listed in a section of its own,
+described by the config's class attribute `flag_groups = {"recurrent regularisers": "..."}`.
 """
 
 from __future__ import annotations
@@ -113,12 +115,21 @@ def add_dataclass_flags(
     train_defaults, or words such as "the run's")."""
     defaults = defaults or {}
     wanted = None if only is None else set(only)
-    group = parser.add_argument_group(title) if title else parser
+    main_group = parser.add_argument_group(title) if title else parser
+    sections: dict[str, Any] = {}  # a field's `group` -> its own section, after the main one
+    descriptions = getattr(cls, "flag_groups", {})
     hints = typing.get_type_hints(cls)
     renamed_values = getattr(cls, "renamed_values", {})
     for f in dataclasses.fields(cls):
         if wanted is not None and f.name not in wanted:
             continue
+        section = f.metadata.get("group")
+        group = main_group
+        if section:
+            if section not in sections:
+                name = f"{title}: {section}" if title else section
+                sections[section] = parser.add_argument_group(name, descriptions.get(section))
+            group = sections[section]
         tp, optional = _unwrap_optional(hints[f.name])
         kw: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=_help(f, defaults))
         flag = flag_name(f.name)
@@ -154,6 +165,7 @@ def add_dataclass_flags(
             )
         else:
             raise TypeError(f"{cls.__name__}.{f.name}: unsupported flag type {hints[f.name]!r}")
+    group = main_group
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for old, names in getattr(cls, "renamed_flags", {}).items():
         if wanted is not None and not wanted.intersection(names):

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from typing import NamedTuple
 
 import torch
@@ -134,7 +135,7 @@ class Regularised(nn.Module):
         weights = {}
         if self.weight_drop:
             for name, w in self.layer.named_parameters():
-                if name.endswith("weight_hh"):
+                if re.fullmatch(r"weight_hh(_l\d+(_reverse)?)?", name.rpartition(".")[2]):  # torch.nn's names too
                     weights[name] = _mask(w.shape, self.weight_drop, w, gen)
         state = None
         if self.zoneout or self.recurrent_dropout:

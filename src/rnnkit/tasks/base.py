@@ -92,16 +92,26 @@ def option(
     resumable: bool = False,
     parse: Callable[[str], Any] | None = None,
     choices: Callable[[], list[str]] | None = None,
+    group: str | None = None,
 ) -> Any:
     """A dataclass field with its help text, from which the CLI derives a flag (rnnkit.cli.flags).
     `metavar` names the value in --help (default: its type, e.g. INT); `resumable` marks fields that
     may change without changing the model (TrainConfig's on `--resume`; a task's evaluation settings,
     which `rnnkit eval` and `rnnkit predict` accept as flags); `parse` turns the
     flag's text into the value (raising ValueError with the reason); `choices` lists, for the help,
-    what the flag accepts when that is not a fixed Literal (e.g. `--cell`, whose registry may grow)."""
+    what the flag accepts when that is not a fixed Literal (e.g. `--cell`, whose registry may grow);
+    `group` puts the flag in a section of its own in --help (e.g. the recurrent regularisers), which the
+    config may describe in a class attribute `flag_groups = {group: description}`."""
     return dataclasses.field(
         default=default,
-        metadata={"help": help, "metavar": metavar, "resumable": resumable, "parse": parse, "choices": choices},
+        metadata={
+            "help": help,
+            "metavar": metavar,
+            "resumable": resumable,
+            "parse": parse,
+            "choices": choices,
+            "group": group,
+        },
     )
 
 

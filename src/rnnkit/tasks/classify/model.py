@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from rnnkit.tasks.cell_spec import recurrent_layer
+from rnnkit.tasks.regularisers import regularised
 
 if TYPE_CHECKING:
     from rnnkit.tasks.classify.task import ClassifyConfig
@@ -47,9 +48,10 @@ class ByteClassifier(nn.Module):
         for table in (self.byte_embedding, self.ngram_embedding):
             if table is not None:  # N(0, 1) rows, summed and concatenated, would saturate the gates at the start
                 nn.init.normal_(table.weight, std=0.1)
-        self.rnn = recurrent_layer(
+        layer = recurrent_layer(
             c.cell, c.patch * width, c.hidden, c.layers, batch_first=True, dropout=c.dropout, bidirectional=True
         )
+        self.rnn = regularised(layer, c)  # the layer itself unless --weight-drop, --zoneout, ... are given
         self.project_forward = nn.Linear(c.hidden, c.e_dim)
         self.project_backward = nn.Linear(c.hidden, c.e_dim)
         self.classifier = nn.Linear(c.e_dim, num_classes)

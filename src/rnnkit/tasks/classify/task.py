@@ -33,12 +33,13 @@ from rnnkit.tasks.classify.data import (
 )
 from rnnkit.tasks.classify.metrics import class_metrics, confusion_matrix, confusion_text, plot_confusion
 from rnnkit.tasks.classify.model import ByteClassifier
+from rnnkit.tasks.regularisers import RegulariserOptions
 
 LABELS_FILE = "labels.json"  # artifact in the run directory: the class names, in index order
 
 
 @dataclass(frozen=True)
-class ClassifyConfig:
+class ClassifyConfig(RegulariserOptions):
     data: str | None = option(
         None,
         "folder with train.csv (+ test.csv, classes.txt) or one CSV of "
@@ -124,7 +125,8 @@ class ClassifyConfig:
                 "--ngrams > 1 and --words need --input embedding (hashed n-grams are learned "
                 "vectors); use --ngrams 1 --no-words with --input onehot"
             )
-        resolve_cell(self.cell)  # a cell of your own that cannot be imported fails here, in one line
+        # a cell of your own that cannot be imported fails here, in one line
+        self.check_regularisers(resolve_cell(self.cell))
 
 
 @dataclass(frozen=True)

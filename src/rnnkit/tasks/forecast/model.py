@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from rnnkit.core import GRU, LSTM
+from rnnkit.tasks.regularisers import RegulariserOptions, regularised
 
 RNNS = {"gru": GRU, "lstm": LSTM}
 
@@ -37,11 +38,13 @@ class ForecastNet(nn.Module):
         cell: str = "gru",
         quantiles: tuple[float, ...] = (),
         dropout: float = 0.0,
+        regularisers: RegulariserOptions | None = None,
     ):
         super().__init__()
         self.window, self.horizon, self.period, self.quantiles = window, horizon, period, tuple(quantiles)
         outputs = 1 + len(self.quantiles)
-        self.rnn = RNNS[cell](1 + (2 if period > 1 else 0), hidden, batch_first=True)
+        layer = RNNS[cell](1 + (2 if period > 1 else 0), hidden, batch_first=True)
+        self.rnn = regularised(layer, regularisers or RegulariserOptions())  # the layer itself when all are 0
         self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(hidden, horizon * outputs)
         self.ar = nn.Linear(window, horizon)  # the linear autoregression (median output only)

@@ -29,16 +29,18 @@ from torch import nn
 from rnnkit.common.errors import UsageError
 from rnnkit.common.files import atomic_write, atomic_write_text
 from rnnkit.tasks.base import Task, device_of, option, shard_range, step_generator
+from rnnkit.tasks.cell_spec import resolve_cell
 from rnnkit.tasks.forecast import baselines as bl
 from rnnkit.tasks.forecast.data import Series, from_values, read_csv
 from rnnkit.tasks.forecast.model import ForecastNet, pinball
+from rnnkit.tasks.regularisers import RegulariserOptions
 
 HORIZONS = {"year": 6, "quarter": 8, "month": 18, "week": 13, "day": 14}  # M4's horizons
 ARTIFACT = "forecast_setup.json"
 
 
 @dataclass(frozen=True)
-class ForecastConfig:
+class ForecastConfig(RegulariserOptions):
     data: str | None = option(
         None, "CSV file: a date column and value columns, or a year x month table", metavar="FILE"
     )
@@ -83,6 +85,7 @@ class ForecastConfig:
             raise UsageError(f"--quantiles must lie strictly between 0 and 1, got {self.quantiles}")
         if self.hidden < 1 or self.batch_size < 1:
             raise UsageError("--hidden and --batch-size must be at least 1")
+        self.check_regularisers(resolve_cell(self.cell))
 
 
 class ForecastTask(Task):
@@ -159,7 +162,9 @@ class ForecastTask(Task):
     def build_model(self) -> nn.Module:
         c, s = self.config, self.setup
         self.seed = torch.initial_seed()  # the trainer seeded torch with --seed just before
-        model = ForecastNet(s["window"], s["horizon"], s["period"], c.hidden, c.cell, c.quantiles, c.dropout)
+        model = ForecastNet(
+            s["window"], s["horizon"], s["period"], c.hidden, c.cell, c.quantiles, c.dropout, regularisers=c
+        )
         if self.fresh:
             model.init_autoregression(self.z, self.target)
         return model

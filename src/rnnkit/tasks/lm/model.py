@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from rnnkit.tasks.cell_spec import recurrent_layer, resolve_cell
+from rnnkit.tasks.regularisers import regularised
 
 if TYPE_CHECKING:
     from rnnkit.tasks.lm.task import LMConfig
@@ -35,7 +36,7 @@ class CharRNN(nn.Module):
         super().__init__()
         self.vocab_size = vocab_size
         self.embed = nn.Embedding(vocab_size, config.embed) if config.embed else None
-        self.rnn = recurrent_layer(
+        layer = recurrent_layer(
             config.cell,
             config.embed or vocab_size,
             config.hidden,
@@ -43,6 +44,7 @@ class CharRNN(nn.Module):
             batch_first=True,
             dropout=config.dropout if config.layers > 1 else 0.0,
         )
+        self.rnn = regularised(layer, config)  # the layer itself unless --weight-drop, --zoneout, ... are given
         self.drop = nn.Dropout(config.dropout)
         self.head = nn.Linear(config.hidden, vocab_size)
 
@@ -77,3 +79,4 @@ def state_from_dict(d: dict[str, Tensor], cell: str) -> Any:
     State = resolve_cell(cell).State
     if State._fields == ("h",):
         return d["h"]
+    return State(*(d[name] for name in State._fields))

@@ -22,12 +22,13 @@ from rnnkit.tasks.cell_spec import cell_option, resolve_cell
 from rnnkit.tasks.lm.data import Vocab, read_corpus, split_test
 from rnnkit.tasks.lm.generate import generate
 from rnnkit.tasks.lm.model import CharRNN, detach_state, state_from_dict, state_to_dict
+from rnnkit.tasks.regularisers import RegulariserOptions
 
 VOCAB_FILE = "vocab.json"
 
 
 @dataclass(frozen=True)
-class LMConfig:
+class LMConfig(RegulariserOptions):
     data: str | None = option(
         None,
         "UTF-8 text file or folder, or a dataset name (tinyshakespeare) "
@@ -90,7 +91,8 @@ class LMConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise UsageError(f"--dropout must be in [0, 1), got {self.dropout}")
-        resolve_cell(self.cell)  # a cell of your own that cannot be imported fails here, in one line
+        # a cell of your own that cannot be imported fails here, in one line
+        self.check_regularisers(resolve_cell(self.cell))
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,7 @@ from torch.nn import functional as F
 
 from rnnkit.core import HiddenState, Recurrent
 from rnnkit.tasks.cell_spec import resolve_cell
+from rnnkit.tasks.regularisers import RegulariserOptions, regularised, unwrapped
 
 
 class Memory(NamedTuple):
@@ -238,6 +239,7 @@ class SortModel(nn.Module):
         cell: str = "lstm",
         attn: int = 64,
         int_value: bool = False,
+        regularisers: RegulariserOptions | None = None,
     ):
         super().__init__()
         if decoder not in DECODERS:
@@ -257,9 +259,12 @@ class SortModel(nn.Module):
         self.embed = nn.Linear(1, embed) if floats else nn.Embedding(vocab, embed)
         # integers as numbers too: a magnitude channel makes "smaller than" one linear feature to learn
         self.value = nn.Linear(1, embed, bias=False) if int_value and not floats else None
-        self.encoder = Recurrent(
+        encoder = Recurrent(
             resolve_cell(cell), embed, hidden, num_layers=num_layers, batch_first=True, bidirectional=bidirectional
         )
+        # the regularisers on the encoder alone: the decoder runs one step at a time, where a mask drawn
+        # once per sequence would be drawn again at every step
+        self.encoder = regularised(encoder, regularisers or RegulariserOptions())
         self.decoder = DECODERS[decoder](cell, vocab, embed, width, num_layers, key_size=width + embed, attn=attn)
 
     def encode(self, inputs: Tensor) -> Memory:
@@ -270,7 +275,7 @@ class SortModel(nn.Module):
         outputs, state = self.encoder(embedded)  # (B, N, D*H)
         if isinstance(state, Tensor):  # single-field states (GRU, RNN) come back as a bare h
             state = HiddenState(state)
-        D = self.encoder.num_directions
+        D = unwrapped(self.encoder).num_directions
         # rows layer*D + direction -> per layer one state of width D*H, the directions side by side
         per_layer = tuple(
             type(state)(*(torch.cat([part[layer * D + d] for d in range(D)], dim=1) for part in state))

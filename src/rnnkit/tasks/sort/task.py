@@ -30,13 +30,14 @@ from torch import nn
 from rnnkit.common.errors import UsageError
 from rnnkit.tasks.base import Task, device_of, move_to, option, shard_range, step_generator
 from rnnkit.tasks.cell_spec import cell_option, resolve_cell
+from rnnkit.tasks.regularisers import GROUP, RegulariserOptions
 from rnnkit.tasks.sort.data import SortBatch, draw_length, make_batch, sample, test_set
 from rnnkit.tasks.sort.model import POINTS, SortModel
 from rnnkit.tasks.sort.search import choose, decode
 
 
 @dataclass(frozen=True)
-class SortConfig:
+class SortConfig(RegulariserOptions):
     min_len: int = option(2, "shortest training sequence (each step draws one length, uniformly)")
     max_len: int = option(20, "longest training sequence (equal to --min-len: every sequence has that length)")
     vocab: int = option(128, "integer tokens are drawn from [0, V)")
@@ -76,6 +77,12 @@ class SortConfig:
         "--max-n": ("max_input_len",),
     }
     renamed_values: ClassVar[dict[str, dict[str, str]]] = {"decoder": {"seed": "state-only"}}
+    # the decoder runs one step at a time (teacher-forced, greedy and beam alike): a mask meant for a
+    # whole sequence would be drawn again at every step, so the regularisers act on the encoder alone
+    flag_groups: ClassVar[dict[str, str]] = {
+        GROUP: "in training only, on the encoder only (the decoder runs one step at a time, where a mask "
+        "meant for a whole sequence would be drawn again at every step); all 0, off, by default"
+    }
 
     @staticmethod
     def upgrade_saved(values: dict) -> dict:
@@ -119,7 +126,8 @@ class SortConfig:
                 f"--floats needs --decoder pointer: the {self.decoder!r} decoder emits one of V "
                 f"integer tokens, and real numbers have no vocabulary"
             )
-        resolve_cell(self.cell)  # a cell of your own that cannot be imported fails here, in one line
+        # a cell of your own that cannot be imported fails here, in one line
+        self.check_regularisers(resolve_cell(self.cell))
 
     @property
     def lengths(self) -> tuple[int, int]:
@@ -162,6 +170,7 @@ class SortTask(Task):
             cell=c.cell,
             attn=c.attn,
             int_value=c.int_value,
+            regularisers=c,
         )
 
     # ---- training --------------------------------------------------------------------------------
