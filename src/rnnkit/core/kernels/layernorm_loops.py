@@ -53,12 +53,14 @@ class _LayerNormScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, *grad_state):
         inputs = ctx.saved_tensors
+        xz, gamma_ih, beta_ih, w_hh, gamma_hh, beta_hh, gamma_c, beta_c, *state = inputs
+        weights = (gamma_ih, beta_ih, w_hh, gamma_hh, beta_hh, gamma_c, beta_c)
         if torch.is_grad_enabled() or transformed(grad_out, *grad_state):
             grads = _backward_by_autograd(ctx, inputs, grad_out, grad_state)
         else:
             if ctx.buffers is None:  # a second backward through the same graph (retain_graph): the loop again
-                ctx.buffers = _forward(ctx.lstm, ctx.mask, *inputs[:8], inputs[8:], training=True)[2]
-            grads = _backward(ctx, *inputs[:8], grad_out, grad_state)
+                ctx.buffers = _forward(ctx.lstm, ctx.mask, xz, *weights, tuple(state), training=True)[2]
+            grads = _backward(ctx, xz, *weights, grad_out, grad_state)
             if ctx.lstm:  # its backward wrote the gradients over hhat
                 ctx.buffers = None
         return (None, None, *(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad[2:])))
@@ -199,8 +201,7 @@ def scan_layernorm(cell, x: Tensor, state: NamedTuple, mask: Tensor | None):
         else:
             xz = Projection.apply(x if x.is_contiguous() else x.contiguous(), p["weight_ih"], None)  # (B, T, 4H)
     mask = mask.contiguous() if mask is not None else None
-    weights = (gamma_ih, beta_ih, w_hh, p["gamma_hh"], p["bias_hh"], p["gamma_c"] if lstm else None)
-    weights += (p["beta_c"] if lstm else None,)
+    weights = (gamma_ih, beta_ih, w_hh, p["gamma_hh"], p["bias_hh"], p.get("gamma_c"), p.get("beta_c"))
     parts = tuple(s.to(dtype).contiguous() for s in state)
     tensors = (xz, *weights, *parts)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
