@@ -125,7 +125,8 @@ def test_each_form_of_the_scan_folds_the_mask_exactly_and_without_nans(run):
 @pytest.mark.parametrize("cell", list(SCAN_CELLS))
 def test_gradcheck_through_the_route_with_zoneout(cell):
     """float64 gradcheck of the input, the initial state and the input weight through rnnkit.Regularised
-    on the parallel-scan route (the C++ recurrence where built), one sequence padded."""
+    on the parallel-scan route (the C++ recurrence where built), one sequence padded; gradgradcheck of
+    its differentiable backward (torch ops, the mask folded the same way)."""
     layer = rnnkit.Recurrent(SCAN_CELLS[cell], 2, 3, batch_first=True).double()
     reg = Regularised(layer, zoneout=0.5, generator=torch.Generator().manual_seed(3))
     x = torch.randn(2, 4, 2, dtype=torch.float64, requires_grad=True)
@@ -141,6 +142,7 @@ def test_gradcheck_through_the_route_with_zoneout(cell):
     _, routes = _routes_of(lambda: f(x, h0, w))
     assert routes == {"parallel-scan"}
     assert torch.autograd.gradcheck(f, (x, h0, w))
+    assert torch.autograd.gradgradcheck(lambda x, h0: f(x, h0, w)[0], (x, h0))
 
 
 def test_the_log_space_scan_of_a_cell_with_zoneout_equals_the_reference_loop():
