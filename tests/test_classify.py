@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
 import random
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -419,3 +421,23 @@ def test_predict_texts_may_come_before_and_after_flags(trained, capsys):
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["label"] for line in lines] == ["alpha", "gamma"]
     assert main(["predict", str(trained), "abc volcano", "--bogus"]) == 2
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_one_layer_classifier_builds_without_the_between_layer_dropout_warning(cell):
+    """One layer has no dropout between layers: the default --dropout 0.2 goes to the inputs and the
+    classifier only, torch.nn's layers do not warn, and a run saved when the layer got 0.2 loads the same."""
+    from rnnkit.tasks.cell_spec import recurrent_layer
+
+    config = ClassifyConfig(cell=cell, hidden=8, e_dim=8)
+    assert config.layers == 1 and config.dropout == 0.2  # the defaults
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = ByteClassifier(config, num_classes=3).eval()
+    assert model.rnn.dropout == 0.0 and model.dropout.p == 0.2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        before = recurrent_layer(cell, model.rnn.input_size, 8, 1, batch_first=True, dropout=0.2, bidirectional=True)
+    model.rnn.load_state_dict(before.state_dict())  # strict: the same parameters as before
+    two = ByteClassifier(dataclasses.replace(config, layers=2), num_classes=3)
+    assert two.rnn.dropout == 0.2  # several layers: --dropout between them, as before

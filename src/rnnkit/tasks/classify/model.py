@@ -48,8 +48,11 @@ class ByteClassifier(nn.Module):
         for table in (self.byte_embedding, self.ngram_embedding):
             if table is not None:  # N(0, 1) rows, summed and concatenated, would saturate the gates at the start
                 nn.init.normal_(table.weight, std=0.1)
+        # --dropout between the layers only where there are several: one layer has no "between", and
+        # torch.nn's layers warn at a non-zero value there (the inputs' and the classifier's stay)
+        between = c.dropout if c.layers > 1 else 0.0
         layer = recurrent_layer(
-            c.cell, c.patch * width, c.hidden, c.layers, batch_first=True, dropout=c.dropout, bidirectional=True
+            c.cell, c.patch * width, c.hidden, c.layers, batch_first=True, dropout=between, bidirectional=True
         )
         self.rnn = regularised(layer, c)  # the layer itself unless --weight-drop, --zoneout, ... are given
         self.project_forward = nn.Linear(c.hidden, c.e_dim)

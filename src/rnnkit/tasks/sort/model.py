@@ -206,7 +206,10 @@ class PointerDecoder(nn.Module):
         B = prev.shape[0]
         started = (prev >= 0)[:, None]  # (B, 1)
         index = prev.clamp(min=0)
-        chosen = state.chosen | (F.one_hot(index, state.chosen.shape[1]).bool() & started)  # (B, N)
+        # the position just chosen, compared against arange(N) rather than one_hot(index, N): one_hot's
+        # class count is a plain int, which would fix N in an exported program (torch.export, ONNX)
+        positions = torch.arange(state.chosen.shape[1], device=prev.device)  # (N,)
+        chosen = state.chosen | ((positions == index[:, None]) & started)  # (B, N)
         x = torch.where(started, state.keys[torch.arange(B, device=prev.device), index], self.first)  # (B, K)
         h, cells = self.cells(x, state.cells)
         logits = self.score(state.projected, h).masked_fill(chosen, float("-inf"))  # (B, N)
