@@ -19,6 +19,10 @@
 // vanish; equal to sigmoid(softplus(-k_f) - softplus(-k_i)), the cell's own form.
 //
 // mask (B, T) bool: false at a padded step, where z = 0 (the state carried, no gradient into k, v).
+// keep (B, T, H) bool, zoneout (core/kernels/state_noise.py): true where a unit keeps its previous state
+// at step t. h_t = h_{t-1} there is the same recurrence with z_t = 0, so the unit's z is selected to 0
+// (not multiplied: a select is exact whatever the gate), forward and backward alike: its state carried
+// exactly, lambda passed to step t-1 whole (1 - z = 1), no gradient into its k and v.
 // bias (G*H), if given, is added to xz as it is read (xz then projected without it: one pass fewer
 // over it than addmm's, which first copies the bias into every row). Forward writes every h_t into hs (B, T, H). Backward, with lambda_t = dL/dh_t = grad_t +
 // (1 - z_{t+1}) lambda_{t+1}: dk_t = lambda_t z_t (g_t - h_t), dv_t = lambda_t z_t g'(v_t), and for
@@ -61,6 +65,15 @@ inline Coefficients<T> coefficients(const T* x, const T* bias, int64_t H, int64_
   return c;
 }
 
+// zoneout's keep (B, T, H) bool, checked, or nullptr without zoneout
+const bool* zoneout_mask(const std::optional<Tensor>& keep, int64_t B, int64_t T, int64_t H) {
+  if (!keep.has_value()) return nullptr;
+  check(*keep, "the zoneout mask");
+  TORCH_CHECK(keep->sizes() == at::IntArrayRef({B, T, H}) && keep->scalar_type() == at::kBool,
+              "rnnkit native: zoneout: keep (B, T, H), bool");
+  return keep->data_ptr<bool>();
+}
+
 // items: (row b, chunk of hidden units) pairs, split over the threads
 template <typename Body>
 void over_items(int64_t B, int64_t H, const Body& body) {
@@ -74,12 +87,13 @@ void over_items(int64_t B, int64_t H, const Body& body) {
 }
 
 void gate_scan_forward(const Tensor& xz, const std::optional<Tensor>& bias, const Tensor& h0, const Tensor& hs,
-                       const std::optional<Tensor>& mask, bool lstm) {
+                       const std::optional<Tensor>& mask, bool lstm, const std::optional<Tensor>& keep) {
   check_all("a scan buffer", xz, h0, hs);
   const int64_t B = xz.size(0), T = xz.size(1), H = hs.size(2), G = lstm ? 3 : 2;
   TORCH_CHECK(xz.size(2) == G * H && h0.size(0) == B && h0.size(1) == H && hs.size(1) == T,
               "rnnkit native: xz, h0 and hs disagree on the sizes");
   TORCH_CHECK(!bias.has_value() || bias->numel() == G * H, "rnnkit native: the bias has not G*H values");
+  const bool* kp = zoneout_mask(keep, B, T, H);
   const auto b_dense = contiguous(bias);
   AT_DISPATCH_FLOATING_TYPES(xz.scalar_type(), "rnnkit_gate_scan_forward", [&] {
     using T_ = scalar_t;
@@ -100,7 +114,8 @@ void gate_scan_forward(const Tensor& xz, const std::optional<Tensor>& bias, cons
           const int64_t n = std::min<int64_t>(L, j1 - j);
           Vec<T_> h = load(prev + j, n);
           if (valid) {
-            const auto c = coefficients<T_>(xp + bt * G * H, bp, H, j, n, lstm, false);
+            auto c = coefficients<T_>(xp + bt * G * H, bp, H, j, n, lstm, false);
+            if (kp != nullptr) c.z = Vec<T_>::blendv(c.z, Vec<T_>(T_(0)), kept_lanes<T_>(kp + bt * H + j, n));
             h = h + c.z * (c.g - h);
           }
           h.store(next + j, n);
@@ -112,7 +127,7 @@ void gate_scan_forward(const Tensor& xz, const std::optional<Tensor>& bias, cons
 
 void gate_scan_backward(const Tensor& xz, const std::optional<Tensor>& bias, const Tensor& h0, const Tensor& hs,
                         const Tensor& grad, const Tensor& dxz, const Tensor& dh0, const std::optional<Tensor>& mask,
-                        bool lstm) {
+                        bool lstm, const std::optional<Tensor>& keep) {
   check_all("a scan gradient buffer", xz, h0, hs, dxz, dh0);
   const int64_t B = xz.size(0), T = xz.size(1), H = hs.size(2), G = lstm ? 3 : 2;
   TORCH_CHECK(grad.dim() == 3 && grad.size(0) == B && grad.size(1) == T && grad.size(2) == H &&
@@ -120,6 +135,7 @@ void gate_scan_backward(const Tensor& xz, const std::optional<Tensor>& bias, con
               "rnnkit native: the scan's gradient must be (B, T, H) with a last dimension of stride 1 or 0");
   const int64_t gs = H == 1 ? 1 : grad.stride(2);
   TORCH_CHECK(!bias.has_value() || bias->numel() == G * H, "rnnkit native: the bias has not G*H values");
+  const bool* kp = zoneout_mask(keep, B, T, H);
   const auto b_dense = contiguous(bias);
   AT_DISPATCH_FLOATING_TYPES(xz.scalar_type(), "rnnkit_gate_scan_backward", [&] {
     using T_ = scalar_t;
@@ -154,7 +170,8 @@ void gate_scan_backward(const Tensor& xz, const std::optional<Tensor>& bias, con
             one.store(ap, n);
             continue;
           }
-          const auto c = coefficients<T_>(xp + bt * G * H, bp, H, j, n, lstm, true);
+          auto c = coefficients<T_>(xp + bt * G * H, bp, H, j, n, lstm, true);
+          if (kp != nullptr) c.z = Vec<T_>::blendv(c.z, zero, kept_lanes<T_>(kp + bt * H + j, n));
           const Vec<T_> lz = lam * c.z;
           const Vec<T_> dk = lz * (c.g - load(hp + bt * H + j, n));
           (lz * c.dg).store(d + (G - 1) * H + j, n);
@@ -178,8 +195,8 @@ void gate_scan_backward(const Tensor& xz, const std::optional<Tensor>& bias, con
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(rnnkit_native, lib) {
-  lib.def("gate_scan_forward(Tensor xz, Tensor? bias, Tensor h0, Tensor(a!) hs, Tensor? mask, bool lstm) -> ()",
-          &gate_scan_forward);
+  lib.def("gate_scan_forward(Tensor xz, Tensor? bias, Tensor h0, Tensor(a!) hs, Tensor? mask, bool lstm, "
+          "Tensor? keep=None) -> ()", &gate_scan_forward);
   lib.def("gate_scan_backward(Tensor xz, Tensor? bias, Tensor h0, Tensor hs, Tensor grad, Tensor(a!) dxz, Tensor(b!) dh0, "
-          "Tensor? mask, bool lstm) -> ()", &gate_scan_backward);
+          "Tensor? mask, bool lstm, Tensor? keep=None) -> ()", &gate_scan_backward);
 }

@@ -27,6 +27,18 @@ scan. Both scans take the initial state ``h0`` (B, H) of any sign and return eve
 Masks: ``mask`` (B, T), True at valid steps; at a padded step the state is carried unchanged
 (``a = 1``, ``b = 0``) and the output is zero, exactly as ``rnnkit.core.scan.scan_reference``.
 
+Zoneout (``keep`` (B, T, H) bool, True where a unit keeps its previous state at step t;
+``rnnkit.Regularised``, core/kernels/state_noise.py): ``h_t = h_{t-1}`` there, which is the same
+linear recurrence with that unit's coefficients ``a = 1, b = 0``, i.e. ``z_t = 0``:
+
+    h_t = (1 - z'_t) h_{t-1} + z'_t g(v_t),    z'_t = z_t (1 - keep_t)
+
+so every form folds the mask into its coefficients before the scan and runs as without it. The
+state of these cells is ``h`` alone, and their output is the state, so a kept unit's output is the
+kept ``h``, as the reference loop's. The coefficient 0 is selected, never multiplied or logged: in
+log space ``log b = log 0`` is the same very negative finite value as at a padded step (``-inf``
+would make ``logcumsumexp``'s gradient NaN), and no gradient reaches a kept unit's ``k`` or ``v``.
+
 >>> import torch
 >>> log_a, log_b = torch.log(torch.full((1, 3, 1), 0.5)), torch.zeros(1, 3, 1)   # a = 0.5, b = 1
 >>> [round(h, 4) for h in scan_log_space(log_a, log_b, torch.zeros(1, 1)).flatten().tolist()]
@@ -47,20 +59,33 @@ from rnnkit.core.cells.minlstm import MinLSTMCell
 from rnnkit.core.cells.scan_cell import candidate, log_candidate
 from rnnkit.core.gates import GatedCell, HiddenState
 from rnnkit.core.kernels.base import transformed
+from rnnkit.core.kernels.state_noise import noise_for
 
 LOG_SCAN_CHUNK = 64  # steps per chunk of the log-space scan (its float32 error grows with the chunk)
 
 
-def masked_coefficients(log_a: Tensor, log_b: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
-    """``log_a`` and ``log_b`` (B, T, H) with padded steps (``mask`` False) made ``a = 1, b = 0``.
+def masked_coefficients(
+    log_a: Tensor, log_b: Tensor, mask: Tensor | None, keep: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """``log_a`` and ``log_b`` (B, T, H) with padded steps (``mask`` (B, T) False) and the units zoneout
+    keeps (``keep`` (B, T, H) True) made ``a = 1, b = 0``.
 
     ``b = 0`` is a very negative finite log rather than ``-inf``: ``logcumsumexp``'s gradient at a
     run of ``-inf`` is NaN, which would reach the valid steps through the chunk's sums."""
-    if mask is None:
+    still = _still(mask, keep)
+    if still is None:
         return log_a, log_b
-    m = mask[:, :, None]  # (B, T, 1)
     nothing = torch.finfo(log_b.dtype).min / 4  # exp() of it is 0, and sums of a few stay finite
-    return log_a.masked_fill(~m, 0.0), log_b.masked_fill(~m, nothing)
+    return log_a.masked_fill(still, 0.0), log_b.masked_fill(still, nothing)
+
+
+def _still(mask: Tensor | None, keep: Tensor | None) -> Tensor | None:
+    """Where the state is carried unchanged (``z = 0``): padded steps (``mask`` (B, T) False) and
+    units zoneout keeps (``keep`` (B, T, H) True); (B, T, 1) or (B, T, H) bool, or ``None``."""
+    padded = ~mask[:, :, None] if mask is not None else None
+    if keep is None:
+        return padded
+    return keep if padded is None else keep | padded
 
 
 def scan_log_space(log_a: Tensor, log_b: Tensor, h0: Tensor) -> Tensor:
@@ -96,24 +121,25 @@ class _StepScan(torch.autograd.Function):
     The adjoint ``lambda_t = dL/dh_t`` through every path obeys ``lambda_t = grad_t + a_{t+1}
     lambda_{t+1}`` (``a = 1 - z``), one reverse recurrence; with it ``dk_t = lambda_t z_t (g_t - h_t)``
     (``dh_t/dk = z (1 - z) (g - h_{t-1})`` rewritten with ``h_t``), ``dv_t = lambda_t z_t g'(v_t)`` and
-    ``dh_0 = a_1 lambda_1``. A padded step has ``z = 0``: its state is carried and its ``k`` and ``v``
-    get no gradient.
+    ``dh_0 = a_1 lambda_1``. A padded step, and a unit zoneout keeps, has ``z = 0``: its state is
+    carried and its ``k`` and ``v`` get no gradient.
 
     Every op works on one step's (B, H) slice, inside the loop over time: a step's values are still
     in the cache when the next op reads them, where passes over all (B, T, H) steps at once would
     each stream them from memory (measured 1.4-1.6x faster at B=32, T=1024, H=512)."""
 
     @staticmethod
-    def forward(ctx, k: Tensor, v: Tensor, h0: Tensor, mask: Tensor | None) -> Tensor:
+    def forward(ctx, k: Tensor, v: Tensor, h0: Tensor, still: Tensor | None) -> Tensor:
         B, T, H = k.shape
         z, g, hs = (torch.empty(B, T, H, dtype=k.dtype, device=k.device) for _ in range(3))
-        valid = mask[:, :, None].to(k.dtype).unbind(1) if mask is not None else [None] * T
+        # still (B, T, 1 or H): where z is 0 (padded, or kept by zoneout)
+        valid = (~still).to(k.dtype).unbind(1) if still is not None else [None] * T
         h = h0
         steps = zip(k.unbind(1), v.unbind(1), valid, z.unbind(1), g.unbind(1), hs.unbind(1))
         for k_t, v_t, m_t, z_t, g_t, h_t in steps:
             torch.sigmoid(k_t, out=z_t)
             if m_t is not None:
-                z_t.mul_(m_t)  # a padded step: z = 0, the state carried
+                z_t.mul_(m_t)  # padded or kept: z = 0 (sigmoid is finite, so 0 exactly), the state carried
             torch.clamp(v_t, max=0, out=g_t).sigmoid_().add_(torch.relu(v_t))  # g(v): sigmoid below 0, v + 1/2 above
             h = torch.lerp(h, g_t, z_t, out=h_t)
         ctx.save_for_backward(z, g, v, hs)
@@ -147,12 +173,14 @@ class _NativeScan(torch.autograd.Function):
     through the recurrence in torch ops with autograd instead (the same gradients, with a graph)."""
 
     @staticmethod
-    def forward(ctx, cell, xz: Tensor, bias: Tensor | None, h0: Tensor, mask: Tensor | None) -> Tensor:
+    def forward(
+        ctx, cell, xz: Tensor, bias: Tensor | None, h0: Tensor, mask: Tensor | None, keep: Tensor | None
+    ) -> Tensor:
         B, T, _ = xz.shape
         hs = native.buffer((B, T, h0.shape[1]), xz)
         lstm = type(cell).mix_inputs is MinLSTMCell.mix_inputs
-        native.ops().gate_scan_forward(xz, bias, h0, hs, mask, lstm)
-        ctx.cell, ctx.mask, ctx.lstm = cell, mask, lstm
+        native.ops().gate_scan_forward(xz, bias, h0, hs, mask, lstm, keep)
+        ctx.cell, ctx.mask, ctx.keep, ctx.lstm = cell, mask, keep, lstm
         ctx.save_for_backward(xz, bias, h0, hs)
         return hs
 
@@ -164,8 +192,9 @@ class _NativeScan(torch.autograd.Function):
             with torch.enable_grad():
                 k, v = ctx.cell.mix_inputs(ctx.cell.split(xz if bias is None else xz + bias))
                 z, g = torch.sigmoid(k), candidate(v)
-                if ctx.mask is not None:
-                    z = z * ctx.mask[:, :, None]  # a padded step: z = 0, the state carried
+                still = _still(ctx.mask, ctx.keep)
+                if still is not None:
+                    z = z.masked_fill(still, 0.0)  # padded or kept by zoneout: z = 0, the state carried
                 h, steps = h0, []
                 for z_t, g_t in zip(z.unbind(1), g.unbind(1)):
                     h = torch.lerp(h, g_t, z_t)
@@ -173,13 +202,13 @@ class _NativeScan(torch.autograd.Function):
                 out = torch.stack(steps, dim=1)
             wanted = [t for t, need in zip((xz, bias, h0), needs) if need]
             got = iter(torch.autograd.grad(out, wanted, grad, create_graph=torch.is_grad_enabled()))
-            return None, *(next(got) if need else None for need in needs), None
+            return None, *(next(got) if need else None for need in needs), None, None
         if grad.stride(-1) not in (0, 1):  # the C++ loop reads rows (or one value a row, as out.sum()'s)
             grad = grad.contiguous()
         dxz, dh0 = native.buffer(xz.shape, xz), torch.empty_like(h0)
-        native.ops().gate_scan_backward(xz, bias, h0, hs, grad, dxz, dh0, ctx.mask, ctx.lstm)
+        native.ops().gate_scan_backward(xz, bias, h0, hs, grad, dxz, dh0, ctx.mask, ctx.lstm, ctx.keep)
         dbias = dxz.view(-1, dxz.shape[-1]).sum(0) if needs[1] else None
-        return None, dxz, dbias, dh0, None
+        return None, dxz, dbias, dh0, None, None
 
 
 def native_scan_runs(cell, xz: Tensor) -> bool:
@@ -199,18 +228,29 @@ def _functorch_active() -> bool:
     return bool(active and active())
 
 
-def scan_stepped(k: Tensor, v: Tensor, h0: Tensor, mask: Tensor | None) -> Tensor:
+def scan_stepped(k: Tensor, v: Tensor, h0: Tensor, mask: Tensor | None, keep: Tensor | None = None) -> Tensor:
     """Every ``h_t`` of ``h_t = (1 - z_t) h_{t-1} + z_t g(v_t)``, ``z_t = sigmoid(k_t)`` (B, T, H), stepped:
-    one ``lerp`` a step, the backward by hand (``_StepScan``). ``k``, ``v`` (B, T, H), ``h0`` (B, H)."""
-    return _StepScan.apply(k, v, h0, mask)
+    one ``lerp`` a step, the backward by hand (``_StepScan``). ``k``, ``v`` (B, T, H), ``h0`` (B, H);
+    ``mask`` (B, T) and zoneout's ``keep`` (B, T, H) or ``None``."""
+    return _StepScan.apply(k, v, h0, _still(mask, keep))
 
 
-def scan(cell, xz: Tensor, state: HiddenState, mask: Tensor | None, *, log_space: bool | None = None):
+def scan(
+    cell,
+    xz: Tensor,
+    state: HiddenState,
+    mask: Tensor | None,
+    *,
+    log_space: bool | None = None,
+    keep: Tensor | None = None,
+):
     """``scan_reference(cell, xz, state, mask)`` for a ``ParallelScanCell``, all steps at once.
 
     ``xz`` (B, T, G*H) is the input projection, ``state`` the cell's ``HiddenState`` (B, H), ``mask``
     (B, T) or ``None``; returns the outputs (B, T, H), zero at padded steps, and the final state
-    (each sequence's at its own last valid step).
+    (each sequence's at its own last valid step). ``keep`` (B, T, H) bool, zoneout's mask in the scan's
+    order of steps (True: the unit keeps its previous state), is folded into the coefficients: the
+    reference loop with the same zoneout masks.
 
     ``log_space=None`` picks by device: on the CPU the recurrence is stepped (``scan_stepped``): at
     B=32, T=1024, H=512 (1 thread) its forward and backward took about 1 s against 8.8 s for the
@@ -222,20 +262,23 @@ def scan(cell, xz: Tensor, state: HiddenState, mask: Tensor | None, *, log_space
     if log_space is None:
         log_space = xz.device.type != "cpu"
     if not log_space and native_scan_runs(cell, xz):
-        return scan_native(cell, xz, None, state, mask)
+        return scan_native(cell, xz, None, state, mask, keep)
     k, v = cell.mix_inputs(cell.split(xz))
     h0 = state.h.to(k.dtype)
     if log_space:
-        hs = scan_log_space(*masked_coefficients(*log_coefficients(k, v), mask), h0)
+        hs = scan_log_space(*masked_coefficients(*log_coefficients(k, v), mask, keep), h0)
     else:
-        hs = scan_stepped(k, v, h0, _dense(mask))  # (B, T, H)
+        hs = scan_stepped(k, v, h0, mask, keep)  # (B, T, H)
     return _outputs(hs, mask)
 
 
-def scan_native(cell, xz: Tensor, bias: Tensor | None, state: HiddenState, mask: Tensor | None):
+def scan_native(
+    cell, xz: Tensor, bias: Tensor | None, state: HiddenState, mask: Tensor | None, keep: Tensor | None = None
+):
     """``scan``'s stepped form in C++ (``native_scan_runs``); ``xz`` projected without ``bias`` if one is
     given (the loop adds it as it reads)."""
-    hs = _NativeScan.apply(cell, xz.contiguous(), bias, state.h.to(xz.dtype).contiguous(), _dense(mask))
+    h0 = state.h.to(xz.dtype).contiguous()
+    hs = _NativeScan.apply(cell, xz.contiguous(), bias, h0, _dense(mask), _dense(keep))
     return _outputs(hs, mask)
 
 
@@ -252,14 +295,18 @@ def _outputs(hs: Tensor, mask: Tensor | None) -> tuple[Tensor, HiddenState]:
 
 def scan_layer(cell, x: Tensor, state: NamedTuple, mask: Tensor | None) -> tuple[Tensor, NamedTuple]:
     """The ``parallel-scan`` route's scan of one (layer, direction): ``x`` (B, T, I) projected in one
-    matmul, then ``scan``. Under autocast the projection may come back in half precision: the scan
+    matmul, then ``scan``, with the zoneout mask ``rnnkit.Regularised`` makes current for the cell
+    (``noise_for``; the routing table passes a call with recurrent dropout on: these cells' gates read
+    no previous output). Under autocast the projection may come back in half precision: the scan
     runs in the weights' dtype."""
     w = cell.weight_ih
+    noise = noise_for(cell)
+    keep = noise.zoneout.to(torch.bool) if noise is not None and noise.zoneout is not None else None
     if native_scan_runs(cell, x) and type(cell).project_input is GatedCell.project_input:
         # projected without the bias, which the loop adds as it reads: addmm would first copy it
         # into every row of the (B, T, G*H) result, a pass over it as long as the loop's own
         xz = F.linear(x, w).to(w.dtype)
-        return scan_native(cell, xz, cell.bias_ih, cast(HiddenState, state), mask)
+        return scan_native(cell, xz, cell.bias_ih, cast(HiddenState, state), mask, keep)
     xz = cell.project_input(x)  # (B, T, G*H)
     # the route's cells (scan_cell.ScanCell) carry a HiddenState
-    return scan(cell, xz.to(w.dtype), cast(HiddenState, state), mask)
+    return scan(cell, xz.to(w.dtype), cast(HiddenState, state), mask, keep=keep)

@@ -71,7 +71,9 @@ where that is the question, is taken:
 13. ``parallel-scan``: a stack of cells whose gates read the input only (``ParallelScanCell``:
    minGRU, minLSTM), each (layer, direction) one input projection and one scan over time
    (core/parallel_scan.py: stepped with a hand-written backward on the CPU, in C++ where built, the
-   log-space parallel scan elsewhere). Not inside a functorch transform.
+   log-space parallel scan elsewhere); zoneout folded into the scan's coefficients (a kept unit's
+   ``z`` is 0). Not inside a functorch transform; not with recurrent dropout (these cells' gates read
+   no previous output).
 14. ``traced-scan``: while ``torch.compile``, ``torch.export`` or the ONNX exporter traces the call,
    any cell that ``traced-ops`` does not take (a user's cell, the layer-normalised cells, minGRU and
    minLSTM, the LSTM with ``proj_size``): each (layer, direction) its input projection, then
@@ -533,8 +535,8 @@ def _generic_supports(call: Call) -> str | None:
 def _parallel_scan_supports(call: Call) -> str | None:
     if not all(isinstance(c, ParallelScanCell) for c in call.layer.cells):
         return "not a stack of parallel-scan cells (minGRU, minLSTM)"
-    if call.noise:
-        return f"{call.noise}: the scan applies neither"
+    if call.noise and "recurrent dropout" in call.noise:  # zoneout: folded into the scan's coefficients
+        return "recurrent dropout: the scan's gates read no previous output to drop"
     return "inside a functorch transform" if call.functorch else None
 
 
