@@ -111,3 +111,25 @@ def test_export_reproduces_the_language_models_metrics(tmp_path, capsys):
     assert set(metrics) >= {"loss", "bpc"}
     for eager, shipped in metrics.values():
         assert abs(eager - shipped) <= 1e-4
+
+
+def test_onnx_inputs_whose_dynamic_dimension_came_out_fixed_are_named(tmp_path):
+    """The check behind `--format onnx`: an axis marked dynamic that the file gives a fixed size is
+    reported (torch.onnx falls back to the example's size where a model fixes it); named axes and
+    inputs the file dropped pass."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    from rnnkit.cli.export import fixed_axes
+
+    inputs = [
+        helper.make_tensor_value_info("tokens", TensorProto.INT64, ["batch", "length"]),
+        helper.make_tensor_value_info("mask", TensorProto.BOOL, ["batch", 5]),
+    ]
+    output = helper.make_tensor_value_info("out", TensorProto.INT64, ["batch", "length"])
+    graph = helper.make_graph([helper.make_node("Identity", ["tokens"], ["out"])], "g", inputs, [output])
+    path = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    dynamic = {"tokens": {0, 1}, "mask": {0, 1}, "dropped": {0}}
+    assert fixed_axes(path, dynamic) == ["mask[1]=5"]
+    assert fixed_axes(path, {"tokens": {0, 1}, "mask": {0}}) == []

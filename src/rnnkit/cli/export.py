@@ -77,11 +77,7 @@ def _classifier(loaded, fmt: str, out: Path) -> nn.Module:
         loaded_program = torch.export.load(str(out)).module()
         return _Exported(lambda x, lengths: loaded_program(x, lengths), patch)
     ort = _onnxruntime()
-    from rnnkit.core import onnx_ops
-
-    onnx_ops.export(
-        model, (x, lengths), out, dynamic_shapes=dims, input_names=["tokens", "lengths"], output_names=["logits"]
-    )
+    _write_onnx(model, (x, lengths), out, dims, ["tokens", "lengths"], output_names=["logits"])
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     return _Exported(
         lambda x, lengths: torch.from_numpy(session.run(None, {"tokens": x.numpy(), "lengths": lengths.numpy()})[0]),
@@ -140,17 +136,8 @@ def _language_model(loaded, fmt: str, out: Path) -> nn.Module:
         loaded_program = torch.export.load(str(out)).module()
         return _ExportedLM(lambda *a: loaded_program(*a), rnn)
     ort = _onnxruntime()
-    from rnnkit.core import onnx_ops
-
     inputs = ["tokens", *(f"state_{n}" for n in names)]
-    onnx_ops.export(
-        model,
-        (idx, *parts),
-        out,
-        dynamic_shapes=dims,
-        input_names=inputs,
-        output_names=["logits", *(f"next_{n}" for n in names)],
-    )
+    _write_onnx(model, (idx, *parts), out, dims, inputs, output_names=["logits", *(f"next_{n}" for n in names)])
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     return _ExportedLM(
         lambda *a: [torch.from_numpy(r) for r in session.run(None, {name: t.numpy() for name, t in zip(inputs, a)})],
@@ -281,11 +268,9 @@ def _sorter(loaded, fmt: str, out: Path) -> nn.Module:
         step_program = torch.export.load(str(step_out)).module()
         return _ExportedSorter(model, encoder_program, step_program, spec)
     ort = _onnxruntime()
-    from rnnkit.core import onnx_ops
-
-    onnx_ops.export(encoder, (inputs,), encoder_out, dynamic_shapes=encoder_dims, input_names=["inputs"])
+    _write_onnx(encoder, (inputs,), encoder_out, encoder_dims, ["inputs"])
     names = ["prev", "outputs", *(f"state_{i}" for i in range(len(state_leaves)))]
-    onnx_ops.export(step, step_args, step_out, dynamic_shapes=step_dims, input_names=names)
+    _write_onnx(step, step_args, step_out, step_dims, names)
     encoder_session = ort.InferenceSession(str(encoder_out), providers=["CPUExecutionProvider"])
     step_session = ort.InferenceSession(str(step_out), providers=["CPUExecutionProvider"])
     fed = [i.name for i in step_session.get_inputs()]  # the exporter drops inputs a step never reads
@@ -303,6 +288,38 @@ def _sorter(loaded, fmt: str, out: Path) -> nn.Module:
 def _paths(out: Path) -> tuple[Path, Path]:
     """The sorter's two files: ``OUT`` holds the encoder, ``OUT`` with ``-step`` before its suffix the decoder step."""
     return out, out.with_name(f"{out.stem}-step{out.suffix}")
+
+
+def _write_onnx(model: nn.Module, args: tuple, out: Path, dims: tuple, names: list[str], **kwargs) -> None:
+    """``onnx_ops.export`` with the inputs named, then a check that every dimension marked dynamic (the
+    batch, the length) stayed a name in the file: torch.onnx falls back to the example's size where the
+    model fixes one (a shape read as a plain int), and such a file would run at that size alone."""
+    from rnnkit.core import onnx_ops
+
+    onnx_ops.export(model, args, out, dynamic_shapes=dims, input_names=names, **kwargs)
+    flat: list[dict] = []  # one per input name: forward(a, *rest) has its *rest as one nested entry
+    for entry in dims:
+        flat.extend(entry if isinstance(entry, tuple) else (entry,))
+    fixed = fixed_axes(out, {name: set(axes) for name, axes in zip(names, flat)})
+    if fixed:
+        raise UsageError(
+            f"--format onnx: {out.name} came out with {', '.join(fixed)} fixed at the example's size, so it "
+            f"would run at that batch size and length alone"
+        )
+
+
+def fixed_axes(path: Path, dynamic: dict[str, set[int]]) -> list[str]:
+    """The axes of the ONNX file's inputs that ``dynamic`` (input name -> axes) marks dynamic but the file
+    gives a fixed size, as ``name[axis]=size``; inputs the file dropped (never read) are skipped."""
+    import onnx
+
+    fixed = []
+    for value in onnx.load(str(path), load_external_data=False).graph.input:
+        dims = value.type.tensor_type.shape.dim
+        for axis in sorted(dynamic.get(value.name, ())):
+            if axis < len(dims) and dims[axis].HasField("dim_value"):
+                fixed.append(f"{value.name}[{axis}]={dims[axis].dim_value}")
+    return fixed
 
 
 def _onnxruntime():
