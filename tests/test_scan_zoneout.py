@@ -52,10 +52,11 @@ def test_zoneout_on_the_parallel_scan_route_equals_the_reference_loop(cell, form
         monkeypatch.setitem(native._state, "ops", None)  # the stepped recurrence in torch ops
     elif native.ops() is None:
         pytest.skip("the C++ loops are not built here")
-    layer = rnnkit.Recurrent(SCAN_CELLS[cell], 3, 4, num_layers=2, bidirectional=True, batch_first=True).double()
+    # H = 12: one whole SIMD vector of doubles (AVX2, AVX-512) and a part of one
+    layer = rnnkit.Recurrent(SCAN_CELLS[cell], 3, 12, num_layers=2, bidirectional=True, batch_first=True).double()
     reg = Regularised(layer, zoneout=0.4, generator=torch.Generator().manual_seed(1))
     x = torch.randn(3, 7, 3, dtype=torch.float64, requires_grad=True)
-    h0 = torch.randn(4, 3, 4, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(4, 3, 12, dtype=torch.float64, requires_grad=True)
     masks = reg.sample_masks(x)
     assert set(masks.state) == {0, 1, 2, 3} and all(n.recurrent is None for n in masks.state.values())
 
@@ -176,3 +177,24 @@ def test_recurrent_dropout_still_passes_the_scan_by():
         assert "read no previous output" in passed["parallel-scan"]
     with applying({layer.cells[0]: StateNoise(None, torch.zeros(2, 5, 4, dtype=torch.bool))}):
         assert rnnkit.explain(layer, x).name == "parallel-scan"
+
+
+@pytest.mark.parametrize("cell", list(SCAN_CELLS))
+def test_zoneout_in_float32_on_the_route(cell):
+    """float32, H = 40 (whole SIMD vectors of floats and a part of one): the route's outputs and the
+    input's gradient against the reference loop with the same masks."""
+    layer = rnnkit.Recurrent(SCAN_CELLS[cell], 3, 40, batch_first=True)
+    reg = Regularised(layer, zoneout=0.3, generator=torch.Generator().manual_seed(5))
+    x = torch.randn(2, 9, 3, requires_grad=True)
+    masks = reg.sample_masks(x)
+
+    def run():
+        out, h = reg(x, lengths=[9, 4], masks=masks)
+        return out, h, torch.autograd.grad(out.sin().sum() + h.sum(), x)[0]
+
+    got, routes = _routes_of(run)
+    assert routes == {"parallel-scan"}
+    with routing.force("reference"):
+        want = run()
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -74,6 +74,19 @@ const bool* zoneout_mask(const std::optional<Tensor>& keep, int64_t B, int64_t T
   return keep->data_ptr<bool>();
 }
 
+// zoneout flags of units j .. j+n (bool, one byte each) as a lane mask, all ones where the unit keeps its
+// state: a whole vector's converted in a loop of fixed trip count, which the compiler vectorises (native.h's
+// kept_lanes, for any n, converts lane by lane: measured 1.4x the scan's time at 64 x 32 x 256, 1 thread)
+template <typename T>
+inline Vec<T> kept(const bool* keep, int64_t n) {
+  constexpr int64_t L = Vec<T>::size();
+  if (n != L) return kept_lanes<T>(keep, n);
+  alignas(64) T v[L];
+  const auto* bytes = reinterpret_cast<const uint8_t*>(keep);
+  for (int64_t k = 0; k < L; ++k) v[k] = static_cast<T>(bytes[k]);
+  return Vec<T>::loadu(v) != Vec<T>(T(0));
+}
+
 // items: (row b, chunk of hidden units) pairs, split over the threads
 template <typename Body>
 void over_items(int64_t B, int64_t H, const Body& body) {
@@ -115,7 +128,7 @@ void gate_scan_forward(const Tensor& xz, const std::optional<Tensor>& bias, cons
           Vec<T_> h = load(prev + j, n);
           if (valid) {
             auto c = coefficients<T_>(xp + bt * G * H, bp, H, j, n, lstm, false);
-            if (kp != nullptr) c.z = Vec<T_>::blendv(c.z, Vec<T_>(T_(0)), kept_lanes<T_>(kp + bt * H + j, n));
+            if (kp != nullptr) c.z = Vec<T_>::blendv(c.z, Vec<T_>(T_(0)), kept<T_>(kp + bt * H + j, n));
             h = h + c.z * (c.g - h);
           }
           h.store(next + j, n);
@@ -171,7 +184,7 @@ void gate_scan_backward(const Tensor& xz, const std::optional<Tensor>& bias, con
             continue;
           }
           auto c = coefficients<T_>(xp + bt * G * H, bp, H, j, n, lstm, true);
-          if (kp != nullptr) c.z = Vec<T_>::blendv(c.z, zero, kept_lanes<T_>(kp + bt * H + j, n));
+          if (kp != nullptr) c.z = Vec<T_>::blendv(c.z, zero, kept<T_>(kp + bt * H + j, n));
           const Vec<T_> lz = lam * c.z;
           const Vec<T_> dk = lz * (c.g - load(hp + bt * H + j, n));
           (lz * c.dg).store(d + (G - 1) * H + j, n);
