@@ -30,7 +30,7 @@ def test_a_table_row_and_its_command_come_from_the_run_directory(tmp_path):
     run.mkdir()
     train = {"steps": None, "time_budget": 600.0, "eval_every": None, "lr": 6e-3, "threads": 2, "warmup_steps": 30}
     task = {"data": "/somewhere/input.txt", "cell": "lstm", "layers": 2, "hidden": 256, "dropout": 0.1}
-    task |= {"seq_len": 32, "batch_size": 64}
+    task |= {"seq_len": 32, "batch_size": 64, "zoneout": 0.05, "weight_drop": 0.0}
     (run / "config.json").write_text(json.dumps({"task": "lm", "task_config": task, "train": train}))
     rows = [{"step": 50, "time": 9.0, "train_loss": 2.5}, {"step": 60, "time": 600.5, "val_loss": 1.4567}]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -38,9 +38,11 @@ def test_a_table_row_and_its_command_come_from_the_run_directory(tmp_path):
     (run / "eval-window64.json").write_text(json.dumps(doc | {"metrics": {"loss": 1.6}}))
     page = "x\n<!-- results:lm-shakespeare -->\nold\n<!-- /results:lm-shakespeare -->\ny\n"
     out = rt.render(page, root=tmp_path)
-    assert "| `lm-shakespeare-x` | LSTM 2x256, dropout 0.1, 64x32 chars/step | 600 s, 2 threads | 60 |" in out
+    model = "LSTM 2x256, dropout 0.1, zoneout 0.05, 64x32 chars/step, lr 0.006"
+    assert f"| `lm-shakespeare-x` | {model} | 600 s, 2 threads | 60 |" in out
     assert "| 2.500 | **1.457** | 1.600 | - |" in out
-    assert "rnnkit train lm --data input.txt --cell lstm --time-budget 600 --threads 2" in out
+    command = "rnnkit train lm --data input.txt --cell lstm --zoneout 0.05 --time-budget 600 --lr 0.006 --threads 2"
+    assert command in out
     assert "rnnkit eval runs/lm-shakespeare-x --window 64 --json" in out
     assert out.startswith("x\n") and out.endswith("<!-- /results:lm-shakespeare -->\ny\n") and "old" not in out
     shutil.rmtree(run)

@@ -142,12 +142,26 @@ def _budget(run: Run) -> str:
     return f"{_num(budget)} s{' CPU' if run.train.get('clock') == 'cpu' else ''}{where}"
 
 
+CELL_NAMES = {"ln-lstm": "LN-LSTM", "ln-gru": "LN-GRU", "mingru": "minGRU", "minlstm": "minLSTM", "slstm": "sLSTM"}
+REGULARISERS = {  # task option -> how the model column names it
+    "input_dropout": "input dropout",
+    "output_dropout": "output dropout",
+    "weight_drop": "weight-drop",
+    "zoneout": "zoneout",
+    "recurrent_dropout": "recurrent dropout",
+}
+
+
 def _model(run: Run) -> str:
     tc = run.tc
     extra = f", dropout {tc['dropout']:g}" if tc.get("dropout") else ""
+    extra += "".join(f", {label} {tc[key]:g}" for key, label in REGULARISERS.items() if tc.get(key))
     if tc.get("seq_len") is not None:
         extra += f", {tc['batch_size']}x{tc['seq_len']} chars/step"
-    return f"{tc['cell'].upper() if ':' not in tc['cell'] else tc['cell']} {tc['layers']}x{tc['hidden']}{extra}"
+    if run.train.get("lr") is not None:
+        extra += f", lr {run.train['lr']:g}"
+    cell = tc["cell"] if ":" in tc["cell"] else CELL_NAMES.get(tc["cell"], tc["cell"].upper())
+    return f"{cell} {tc['layers']}x{tc['hidden']}{extra}"
 
 
 def _commands(rows: list[Run]) -> str:
@@ -226,6 +240,7 @@ def classify_table(rows: list[Run]) -> str:
 TABLES: dict[str, tuple[str, Callable[[list[Run]], str]]] = {  # NAME -> (run-name prefix, table)
     "lm-shakespeare": ("lm-shakespeare", lm_table),
     "lm-sweep": ("lm-sweep", lm_table),
+    "lm-cells": ("lm-cell-", lm_table),
     "lm-war-and-peace": ("lm-war-and-peace", lm_table),
     "sort": ("sort-", sort_table),
     "classify-agnews": ("classify-agnews", classify_table),

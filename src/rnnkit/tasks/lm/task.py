@@ -127,7 +127,7 @@ class LMTask(Task):
     items_name = "chars"
     # tuned on tiny shakespeare on a 2-core CPU (docs/tasks/lm.md); under a --time-budget without
     # --steps the schedule spans the budget instead of the 2,100 steps
-    train_defaults: ClassVar[dict[str, Any]] = {"steps": 2100, "lr": 6e-3, "warmup_steps": 30}
+    train_defaults: ClassVar[dict[str, Any]] = {"steps": 2100, "lr": 2e-3, "warmup_steps": 30}
 
     def __init__(self, config: LMConfig, run_dir: Path, vocab: Vocab, corpus_sha256: str | None = None):
         super().__init__(config, run_dir)
