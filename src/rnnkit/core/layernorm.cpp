@@ -25,6 +25,11 @@
 // h_{t-1} W_hh^T (zero at padded steps: dW_hh = sum dhz^T h_{t-1} is one matmul afterwards);
 // dparams (B, .) each row's sums over time of the gradients of the gains and normalisation biases,
 // summed over rows afterwards.
+//
+// Zoneout and recurrent dropout (core/kernels/state_noise.py) run in the same loops, the *_noisy ops
+// at the end (the ops without them keep their schemas), with native.cpp's masks (Noise, native.h):
+// the product reads h_{t-1} r where recurrent dropout is on, and a unit zoneout keeps takes its
+// previous state back after the step; with it, dW_hh = sum dhz^T (h_{t-1} r).
 
 #include "native.h"
 
@@ -100,6 +105,40 @@ inline void rows_product(const Blocked<T>& rec, const T* h, int64_t ldh, int64_t
   for (int64_t q = 0; q < rec.nq; ++q) rec(q, h + b0 * ldh, ldh, b1 - b0, y + b0 * ldy, ldy, accumulate);
 }
 
+// Recurrent dropout (Noise, native.h): the product of step t reads h_{t-1} r, row t % 2 of hd, where
+// the caller wrote h_0 r and each step writes its h_t r for the next; without it, h_{t-1} itself.
+// A thread reads and writes only its own rows, so one step's row and the next's never meet.
+template <typename T>
+inline const T* noisy_input(const Noise<T>& noise, const T* hsp, int64_t now, int64_t t, int64_t B, int64_t H) {
+  return noise.r != nullptr ? noise.hd + (t % 2) * B * H : hsp + now * B * H;
+}
+
+template <typename T>
+inline void drop_next(const Noise<T>& noise, const T* h_next, int64_t t, int64_t b, int64_t B, int64_t H) {
+  if (noise.r == nullptr) return;
+  constexpr int64_t L = Vec<T>::size();
+  T* hd = noise.hd + ((t + 1) % 2) * B * H + b * H;
+  const T* r = noise.r + b * H;
+  for (int64_t j = 0; j < H; j += L) {
+    const int64_t n = std::min<int64_t>(L, H - j);
+    (load(h_next + j, n) * load(r + j, n)).store(hd + j, n);
+  }
+}
+
+// Backward, each thread's rows [b0, b1): dh += dhz_t W_hh, or with recurrent dropout (r (B, H))
+// dh += (dhz_t W_hh) r, the product into rd (B, H) first.
+template <typename T>
+inline void rows_product_back(const Blocked<T>& back, const T* dz, int64_t ldz, int64_t b0, int64_t b1, T* dh,
+                              const T* r, T* rd, int64_t H) {
+  if (r == nullptr) return rows_product(back, dz, ldz, b0, b1, dh, H, true);
+  constexpr int64_t L = Vec<T>::size();
+  rows_product(back, dz, ldz, b0, b1, rd, H, false);
+  for (int64_t k = b0 * H; k < b1 * H; k += L) {
+    const int64_t n = std::min<int64_t>(L, b1 * H - k);
+    (load(dh + k, n) + load(rd + k, n) * load(r + k, n)).store(dh + k, n);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // LSTM: z = LN(xr_t; gamma_ih, beta_ih) + LN(h_{t-1} W_hh^T; gamma_hh, beta_hh), xr = x W_ih^T the
 // input projection as one matmul, normalised here row by row; i, f, o = sigmoid, g = tanh;
@@ -143,11 +182,15 @@ __attribute__((always_inline)) inline void ln_lstm_gates(const T* x, const Vec<T
   a[0] = sigmoid(z[0]), a[1] = sigmoid(z[1]), a[2] = tanh_(z[2]), a[3] = sigmoid(z[3]);
 }
 
-void ln_lstm_forward(const Tensor& xr, const Tensor& gamma_ih, const std::optional<Tensor>& beta_ih, const Tensor& w_hh,
-                     const Tensor& gamma_hh, const std::optional<Tensor>& beta_hh, const Tensor& gamma_c,
-                     const std::optional<Tensor>& beta_c, const Tensor& hs, const Tensor& cs, const Tensor& out,
-                     const std::optional<Tensor>& hhat, const std::optional<Tensor>& stats,
-                     const std::optional<Tensor>& mask, double eps) {
+// r, hd, keep: recurrent dropout and zoneout (Noise, native.h), or none. With zoneout, stats keep the
+// new c_t's moments (the normalisation the output read), not the kept state's.
+void ln_lstm_forward_noisy(const Tensor& xr, const Tensor& gamma_ih, const std::optional<Tensor>& beta_ih,
+                           const Tensor& w_hh, const Tensor& gamma_hh, const std::optional<Tensor>& beta_hh,
+                           const Tensor& gamma_c, const std::optional<Tensor>& beta_c, const Tensor& hs,
+                           const Tensor& cs, const Tensor& out, const std::optional<Tensor>& hhat,
+                           const std::optional<Tensor>& stats, const std::optional<Tensor>& mask, double eps,
+                           const std::optional<Tensor>& r, const std::optional<Tensor>& hd,
+                           const std::optional<Tensor>& keep) {
   check_all("a layer-normalised LSTM buffer", xr, hs, cs, out, gamma_ih, gamma_hh, gamma_c);
   const int64_t B = xr.size(0), T = xr.size(1), H = hs.size(2), S = hs.size(0);
   TORCH_CHECK(xr.size(2) == 4 * H && w_hh.size(0) == 4 * H && w_hh.size(1) == H,
@@ -175,10 +218,11 @@ void ln_lstm_forward(const Tensor& xr, const Tensor& gamma_ih, const std::option
     T_* hhp = ptr<T_>(hhat);
     T_* sp = ptr<T_>(stats);
     const bool* m = ptr<bool>(mask);
+    const Noise<T_> noise = noise_from<T_>(r, hd, keep, {&hs, &cs}, out);
     at::parallel_for(0, B, kLnMinRows, [&](int64_t b0, int64_t b1) {
       for (int64_t t = 0; t < T; ++t) {
         const int64_t now = t % S, next = (t + 1) % S;
-        rows_product(rec, hsp + now * B * H, H, b0, b1, hz, 4 * H, false);
+        rows_product(rec, noisy_input(noise, hsp, now, t, B, H), H, b0, b1, hz, 4 * H, false);
         for (int64_t b = b0; b < b1; ++b) {
           const int64_t bt = b * T + t;
           const T_* c_prev = csp + (now * B + b) * H;
@@ -192,6 +236,7 @@ void ln_lstm_forward(const Tensor& xr, const Tensor& gamma_ih, const std::option
               load(h_prev + j, n).store(h_next + j, n);
               Vec<T_>(T_(0)).store(outp + bt * H + j, n);
             }
+            drop_next(noise, h_next, t, b, B, H);
             continue;
           }
           const T_* x = xp + bt * 4 * H;
@@ -215,8 +260,13 @@ void ln_lstm_forward(const Tensor& xr, const Tensor& gamma_ih, const std::option
           const Vec<T_> cm(cmean), cr(crs);
           for (int64_t j = 0; j < H; j += L) {
             const int64_t n = std::min<int64_t>(L, H - j);
-            const Vec<T_> v = (load(c_next + j, n) - cm) * cr;
-            const Vec<T_> h = load(r + 3 * H + j, n) * tanh_(v * load(gc + j, n) + opt(bcp, j, n));
+            const Vec<T_> c = load(c_next + j, n), v = (c - cm) * cr;
+            Vec<T_> h = load(r + 3 * H + j, n) * tanh_(v * load(gc + j, n) + opt(bcp, j, n));
+            if (noise.keep != nullptr) {  // zoneout: the kept units take their previous h and c back
+              const Vec<T_> kept = kept_lanes<T_>(noise.keep + bt * H + j, n);
+              h = Vec<T_>::blendv(h, load(h_prev + j, n), kept);
+              Vec<T_>::blendv(c, load(c_prev + j, n), kept).store(c_next + j, n);
+            }
             h.store(h_next + j, n);
             h.store(outp + bt * H + j, n);
           }
@@ -224,6 +274,7 @@ void ln_lstm_forward(const Tensor& xr, const Tensor& gamma_ih, const std::option
             T_* s = sp + bt * kLnLstmStats;
             s[0] = xmean, s[1] = xrs, s[2] = rs, s[3] = cmean, s[4] = crs;
           }
+          drop_next(noise, h_next, t, b, B, H);
         }
       }
     });
@@ -233,13 +284,18 @@ void ln_lstm_forward(const Tensor& xr, const Tensor& gamma_ih, const std::option
 // hhat comes in holding the forward's normalised recurrent projections and leaves holding the
 // gradient of h_{t-1} W_hh^T (zero at padded steps); dxr gets the gradient of xr; dparams (B, 18H)
 // each row's sums of the gradients of gamma_hh, beta_hh (4H each), gamma_c, beta_c (H each),
-// gamma_ih, beta_ih (4H each).
-void ln_lstm_backward(const Tensor& xr, const Tensor& hhat, const Tensor& stats, const Tensor& cs,
-                      const std::optional<Tensor>& gout, const Tensor& w_hh, const Tensor& gamma_ih,
-                      const std::optional<Tensor>& beta_ih, const Tensor& gamma_hh,
-                      const std::optional<Tensor>& beta_hh, const Tensor& gamma_c, const std::optional<Tensor>& beta_c,
-                      const Tensor& dh, const Tensor& dc, const Tensor& dxr, const Tensor& dparams,
-                      const std::optional<Tensor>& mask) {
+// gamma_ih, beta_ih (4H each). r, keep: the forward's recurrent dropout and zoneout masks, or none.
+// Zoneout: a kept unit's h_t and c_t are its h_{t-1} and c_{t-1}, so the gradients reaching them pass
+// to step t-1; its new c_t (f c_{t-1} + i g, computed again here: cs holds the kept one) was discarded
+// but still entered the normalisation of c_t over H that the other units' outputs read, so its gates
+// and c_{t-1} take that share of the gradient too.
+void ln_lstm_backward_noisy(const Tensor& xr, const Tensor& hhat, const Tensor& stats, const Tensor& cs,
+                            const std::optional<Tensor>& gout, const Tensor& w_hh, const Tensor& gamma_ih,
+                            const std::optional<Tensor>& beta_ih, const Tensor& gamma_hh,
+                            const std::optional<Tensor>& beta_hh, const Tensor& gamma_c,
+                            const std::optional<Tensor>& beta_c, const Tensor& dh, const Tensor& dc, const Tensor& dxr,
+                            const Tensor& dparams, const std::optional<Tensor>& mask, const std::optional<Tensor>& r,
+                            const std::optional<Tensor>& keep) {
   check_all("a layer-normalised LSTM gradient buffer", xr, hhat, stats, cs, dh, dc, dxr, dparams, gamma_ih, gamma_hh,
             gamma_c);
   const int64_t B = xr.size(0), T = xr.size(1), H = dh.size(1);
@@ -260,6 +316,10 @@ void ln_lstm_backward(const Tensor& xr, const Tensor& hhat, const Tensor& stats,
     T_* hhp = hhat.data_ptr<T_>();
     const T_* sp = stats.data_ptr<T_>();
     const T_* csp = cs.data_ptr<T_>();
+    const T_* rp = backward_noise<T_>(r, keep, B, T, H);
+    const bool* kp = ptr<bool>(keep);
+    const Tensor rd_buffer = rp != nullptr ? at::empty({B, H}, xr.options()) : Tensor();
+    T_* rd = rp != nullptr ? rd_buffer.data_ptr<T_>() : nullptr;
     const LnLstmParams<T_> prm{gamma_ih.data_ptr<T_>(), ptr<T_>(bi), gamma_hh.data_ptr<T_>(), ptr<T_>(bh)};
     const T_* gih = prm.gih;
     const T_* ghh = prm.ghh;
@@ -314,9 +374,15 @@ void ln_lstm_backward(const Tensor& xr, const Tensor& hhat, const Tensor& stats,
           const Vec<T_> cm(st[3]), cr(st[4]);
           for (int64_t j = 0; j < H; j += L) {
             const int64_t n = std::min<int64_t>(L, H - j);
-            const Vec<T_> c_hat = (load(c_t + j, n) - cm) * cr;  // as the forward computed it
+            const Zone<T_> zone(kp, bt * H + j, n);
+            Vec<T_> c = load(c_t + j, n);
+            if (zone.on) {  // a kept unit's new c_t, as the forward computed it
+              const Vec<T_> fresh = load(g + H + j, n) * load(c_prev + j, n) + load(g + j, n) * load(g + 2 * H + j, n);
+              c = Vec<T_>::blendv(c, fresh, zone.kept);
+            }
+            const Vec<T_> c_hat = (c - cm) * cr;  // as the forward computed it
             c_hat.store(ch + j, n);
-            const Vec<T_> dht = with_gout(hrow, go_row, j, n), o = load(g + 3 * H + j, n);
+            const Vec<T_> dht = zone.fresh(with_gout(hrow, go_row, j, n)), o = load(g + 3 * H + j, n);
             const Vec<T_> th = tanh_(c_hat * load(gc + j, n) + opt(bcp, j, n));
             const Vec<T_> dy = dht * o * (one - th * th);
             (dht * th * o * (one - o)).store(d + 3 * H + j, n);
@@ -327,13 +393,16 @@ void ln_lstm_backward(const Tensor& xr, const Tensor& hhat, const Tensor& stats,
           ln_backward_row(dch, ch, H, st[4]);  // dch: the gradient of c_t through the output
           for (int64_t j = 0; j < H; j += L) {
             const int64_t n = std::min<int64_t>(L, H - j);
-            const Vec<T_> dct = load(crow + j, n) + load(dch + j, n);
+            const Zone<T_> zone(kp, bt * H + j, n);  // zoneout: the kept units' gradients pass to step t-1
+            const Vec<T_> dc_all = load(crow + j, n);
+            const Vec<T_> dct = zone.fresh(dc_all) + load(dch + j, n);
             const Vec<T_> i = load(g + j, n), f = load(g + H + j, n), gg = load(g + 2 * H + j, n);
             (dct * gg * i * (one - i)).store(d + j, n);
             (dct * load(c_prev + j, n) * f * (one - f)).store(d + H + j, n);
             (dct * i * (one - gg * gg)).store(d + 2 * H + j, n);
-            (dct * f).store(crow + j, n);
-            zero.store(hrow + j, n);  // h_t was computed: its gradient goes on through the product below
+            zone.prev(dct * f, dct * f + dc_all).store(crow + j, n);
+            // h_t was computed: its gradient goes on through the product below (a kept one's to h_{t-1})
+            zone.prev(zero, with_gout(hrow, go_row, j, n)).store(hrow + j, n);
           }
           // the input projection's normalisation: dgamma_ih, dbeta_ih and the gradient of xr
           {
@@ -356,7 +425,7 @@ void ln_lstm_backward(const Tensor& xr, const Tensor& hhat, const Tensor& stats,
           }
           recurrent_ln_backward(hh, saved, ghh, dp, dp + 4 * H, 4 * H, st[2]);
         }
-        rows_product(back, hhp + t * 4 * H, T * 4 * H, b0, b1, dhp, H, true);  // dh += dhz_t W_hh
+        rows_product_back(back, hhp + t * 4 * H, T * 4 * H, b0, b1, dhp, rp, rd, H);  // dh += dhz_t W_hh
       }
     });
   });
@@ -366,10 +435,14 @@ void ln_lstm_backward(const Tensor& xr, const Tensor& hhat, const Tensor& stats,
 // GRU: a = xz_t, hb = LN(h_{t-1} W_hh^T; gamma_hh, beta_hh); r, z = sigmoid(a + hb);
 // n = tanh(a_n + r hb_n); h_t = n + z (h_{t-1} - n).
 
-void ln_gru_forward(const Tensor& xz, const Tensor& w_hh, const Tensor& gamma_hh, const std::optional<Tensor>& beta_hh,
-                    const Tensor& hs, const Tensor& out, const std::optional<Tensor>& gates,
-                    const std::optional<Tensor>& hhat, const std::optional<Tensor>& rstd,
-                    const std::optional<Tensor>& mask, double eps) {
+// r, hd, keep: recurrent dropout and zoneout (Noise, native.h), or none; the product reads h_{t-1} r,
+// the z (h_{t-1} - n) term h_{t-1} itself. gates keep the new r, z, n of every unit, kept or not.
+void ln_gru_forward_noisy(const Tensor& xz, const Tensor& w_hh, const Tensor& gamma_hh,
+                          const std::optional<Tensor>& beta_hh, const Tensor& hs, const Tensor& out,
+                          const std::optional<Tensor>& gates, const std::optional<Tensor>& hhat,
+                          const std::optional<Tensor>& rstd, const std::optional<Tensor>& mask, double eps,
+                          const std::optional<Tensor>& r, const std::optional<Tensor>& hd,
+                          const std::optional<Tensor>& keep) {
   check_all("a layer-normalised GRU buffer", xz, hs, out, gamma_hh);
   const int64_t B = xz.size(0), T = xz.size(1), H = hs.size(2), S = hs.size(0);
   TORCH_CHECK(xz.size(2) == 3 * H && w_hh.size(0) == 3 * H && w_hh.size(1) == H,
@@ -392,10 +465,11 @@ void ln_gru_forward(const Tensor& xz, const Tensor& w_hh, const Tensor& gamma_hh
     T_* hhp = ptr<T_>(hhat);
     T_* rp = ptr<T_>(rstd);
     const bool* m = ptr<bool>(mask);
+    const Noise<T_> noise = noise_from<T_>(r, hd, keep, {&hs}, out);
     at::parallel_for(0, B, kLnMinRows, [&](int64_t b0, int64_t b1) {
       for (int64_t t = 0; t < T; ++t) {
         const int64_t now = t % S, next = (t + 1) % S;
-        rows_product(rec, hsp + now * B * H, H, b0, b1, hz, 3 * H, false);
+        rows_product(rec, noisy_input(noise, hsp, now, t, B, H), H, b0, b1, hz, 3 * H, false);
         for (int64_t b = b0; b < b1; ++b) {
           const int64_t bt = b * T + t;
           const T_* h_prev = hsp + (now * B + b) * H;
@@ -406,6 +480,7 @@ void ln_gru_forward(const Tensor& xz, const Tensor& w_hh, const Tensor& gamma_hh
               load(h_prev + j, n).store(h_next + j, n);
               Vec<T_>(T_(0)).store(outp + bt * H + j, n);
             }
+            drop_next(noise, h_next, t, b, B, H);
             continue;
           }
           const T_* r = hz + b * 3 * H;
@@ -426,21 +501,26 @@ void ln_gru_forward(const Tensor& xz, const Tensor& w_hh, const Tensor& gamma_hh
             const Vec<T_> rr = sigmoid(load(x + j, n) + hb[0]), zz = sigmoid(load(x + H + j, n) + hb[1]);
             const Vec<T_> nn = tanh_(load(x + 2 * H + j, n) + rr * hb[2]);
             if (g != nullptr) rr.store(g + j, n), zz.store(g + H + j, n), nn.store(g + 2 * H + j, n);
-            const Vec<T_> h = nn + zz * (load(h_prev + j, n) - nn);
+            const Vec<T_> hp = load(h_prev + j, n);
+            Vec<T_> h = nn + zz * (hp - nn);
+            if (noise.keep != nullptr) h = Vec<T_>::blendv(h, hp, kept_lanes<T_>(noise.keep + bt * H + j, n));
             h.store(h_next + j, n);
             h.store(outp + bt * H + j, n);
           }
           if (rp != nullptr) rp[bt] = rs;
+          drop_next(noise, h_next, t, b, B, H);
         }
       }
     });
   });
 }
 
-void ln_gru_backward(const Tensor& gates, const Tensor& hhat, const Tensor& rstd, const Tensor& hs,
-                     const std::optional<Tensor>& gout, const Tensor& w_hh, const Tensor& gamma_hh,
-                     const std::optional<Tensor>& beta_hh, const Tensor& dh, const Tensor& dxz, const Tensor& dhz,
-                     const Tensor& dparams, const std::optional<Tensor>& mask) {
+// r, keep: the forward's recurrent dropout and zoneout masks, or none
+void ln_gru_backward_noisy(const Tensor& gates, const Tensor& hhat, const Tensor& rstd, const Tensor& hs,
+                           const std::optional<Tensor>& gout, const Tensor& w_hh, const Tensor& gamma_hh,
+                           const std::optional<Tensor>& beta_hh, const Tensor& dh, const Tensor& dxz,
+                           const Tensor& dhz, const Tensor& dparams, const std::optional<Tensor>& mask,
+                           const std::optional<Tensor>& r, const std::optional<Tensor>& keep) {
   check_all("a layer-normalised GRU gradient buffer", gates, hhat, rstd, hs, dh, dxz, dhz, dparams, gamma_hh);
   const int64_t B = gates.size(0), T = gates.size(1), H = dh.size(1);
   TORCH_CHECK(w_hh.is_contiguous() && dparams.size(1) == 6 * H, "rnnkit native: W_hh or dparams malformed");
@@ -461,6 +541,10 @@ void ln_gru_backward(const Tensor& gates, const Tensor& hhat, const Tensor& rstd
     T_* dzp = dhz.data_ptr<T_>();
     T_* dpp = dparams.data_ptr<T_>();
     const bool* m = ptr<bool>(mask);
+    const T_* dropp = backward_noise<T_>(r, keep, B, T, H);
+    const bool* kp = ptr<bool>(keep);
+    const Tensor rd_buffer = dropp != nullptr ? at::empty({B, H}, gates.options()) : Tensor();
+    T_* rd = dropp != nullptr ? rd_buffer.data_ptr<T_>() : nullptr;
     const Vec<T_> one(T_(1)), zero(T_(0));
     at::parallel_for(0, B, kLnMinRows, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
@@ -485,7 +569,8 @@ void ln_gru_backward(const Tensor& gates, const Tensor& hhat, const Tensor& rstd
           const T_* go_row = go.row<T_>(b, t);
           for (int64_t j = 0; j < H; j += L) {
             const int64_t n = std::min<int64_t>(L, H - j);
-            const Vec<T_> dht = with_gout(hrow, go_row, j, n);
+            const Zone<T_> zone(kp, bt * H + j, n);  // zoneout: the kept units' gradients pass to step t-1
+            const Vec<T_> dh_all = with_gout(hrow, go_row, j, n), dht = zone.fresh(dh_all);
             const Vec<T_> rr = load(g + j, n), zz = load(g + H + j, n), nn = load(g + 2 * H + j, n);
             const Vec<T_> dpn = dht * (one - zz) * (one - nn * nn);  // of n's pre-activation
             const Vec<T_> hb_n = load(hh + 2 * H + j, n) * load(gh + 2 * H + j, n) + opt(bhp, 2 * H + j, n);
@@ -493,15 +578,52 @@ void ln_gru_backward(const Tensor& gates, const Tensor& hhat, const Tensor& rstd
             const Vec<T_> dzz = dht * (load(h_prev + j, n) - nn) * zz * (one - zz);
             dr.store(d + j, n), dzz.store(d + H + j, n), dpn.store(d + 2 * H + j, n);
             dr.store(dz + j, n), dzz.store(dz + H + j, n), (dpn * rr).store(dz + 2 * H + j, n);
-            (dht * zz).store(hrow + j, n);  // the direct path; the product below adds the gates'
+            zone.prev(dht * zz, dh_all).store(hrow + j, n);  // the direct path; the product below adds the gates'
           }
           T_* dp = dpp + b * 6 * H;
           recurrent_ln_backward(dz, hh, gh, dp, dp + 3 * H, 3 * H, rp[bt]);
         }
-        rows_product(back, dzp + t * 3 * H, T * 3 * H, b0, b1, dhp, H, true);
+        rows_product_back(back, dzp + t * 3 * H, T * 3 * H, b0, b1, dhp, dropp, rd, H);
       }
     });
   });
+}
+
+// -- the loops without zoneout and recurrent dropout: their schemas as before the masks ------------
+
+void ln_lstm_forward(const Tensor& xr, const Tensor& gamma_ih, const std::optional<Tensor>& beta_ih, const Tensor& w_hh,
+                     const Tensor& gamma_hh, const std::optional<Tensor>& beta_hh, const Tensor& gamma_c,
+                     const std::optional<Tensor>& beta_c, const Tensor& hs, const Tensor& cs, const Tensor& out,
+                     const std::optional<Tensor>& hhat, const std::optional<Tensor>& stats,
+                     const std::optional<Tensor>& mask, double eps) {
+  ln_lstm_forward_noisy(xr, gamma_ih, beta_ih, w_hh, gamma_hh, beta_hh, gamma_c, beta_c, hs, cs, out, hhat, stats, mask,
+                        eps, std::nullopt, std::nullopt, std::nullopt);
+}
+
+void ln_lstm_backward(const Tensor& xr, const Tensor& hhat, const Tensor& stats, const Tensor& cs,
+                      const std::optional<Tensor>& gout, const Tensor& w_hh, const Tensor& gamma_ih,
+                      const std::optional<Tensor>& beta_ih, const Tensor& gamma_hh,
+                      const std::optional<Tensor>& beta_hh, const Tensor& gamma_c, const std::optional<Tensor>& beta_c,
+                      const Tensor& dh, const Tensor& dc, const Tensor& dxr, const Tensor& dparams,
+                      const std::optional<Tensor>& mask) {
+  ln_lstm_backward_noisy(xr, hhat, stats, cs, gout, w_hh, gamma_ih, beta_ih, gamma_hh, beta_hh, gamma_c, beta_c, dh, dc,
+                         dxr, dparams, mask, std::nullopt, std::nullopt);
+}
+
+void ln_gru_forward(const Tensor& xz, const Tensor& w_hh, const Tensor& gamma_hh, const std::optional<Tensor>& beta_hh,
+                    const Tensor& hs, const Tensor& out, const std::optional<Tensor>& gates,
+                    const std::optional<Tensor>& hhat, const std::optional<Tensor>& rstd,
+                    const std::optional<Tensor>& mask, double eps) {
+  ln_gru_forward_noisy(xz, w_hh, gamma_hh, beta_hh, hs, out, gates, hhat, rstd, mask, eps, std::nullopt, std::nullopt,
+                       std::nullopt);
+}
+
+void ln_gru_backward(const Tensor& gates, const Tensor& hhat, const Tensor& rstd, const Tensor& hs,
+                     const std::optional<Tensor>& gout, const Tensor& w_hh, const Tensor& gamma_hh,
+                     const std::optional<Tensor>& beta_hh, const Tensor& dh, const Tensor& dxz, const Tensor& dhz,
+                     const Tensor& dparams, const std::optional<Tensor>& mask) {
+  ln_gru_backward_noisy(gates, hhat, rstd, hs, gout, w_hh, gamma_hh, beta_hh, dh, dxz, dhz, dparams, mask, std::nullopt,
+                        std::nullopt);
 }
 
 }  // namespace
@@ -518,4 +640,25 @@ TORCH_LIBRARY_FRAGMENT(rnnkit_native, lib) {
   lib.def("ln_gru_backward(Tensor gates, Tensor hhat, Tensor rstd, Tensor hs, Tensor? gout, Tensor w_hh, "
           "Tensor gamma_hh, Tensor? beta_hh, Tensor(a!) dh, Tensor(b!) dxz, Tensor(c!) dhz, Tensor(d!) dparams, "
           "Tensor? mask) -> ()", &ln_gru_backward);
+  // the same loops with zoneout and recurrent dropout (core/kernels/state_noise.py), as native.cpp's
+  // *_noisy ops: r (B, H) the recurrent dropout mask, hd (2, B, H) its buffer, keep (B, T, H) the
+  // zoneout mask (bool, true: keep); CPU kernels, their fakes in core/kernels/base.py
+  lib.def("ln_lstm_forward_noisy(Tensor xr, Tensor gamma_ih, Tensor? beta_ih, Tensor w_hh, Tensor gamma_hh, "
+          "Tensor? beta_hh, Tensor gamma_c, Tensor? beta_c, Tensor(a!) hs, Tensor(b!) cs, Tensor(c!) out, "
+          "Tensor(d!)? hhat, Tensor(e!)? stats, Tensor? mask, float eps, Tensor? r, Tensor(f!)? hd, "
+          "Tensor? keep) -> ()",
+          torch::dispatch(c10::DispatchKey::CPU, &ln_lstm_forward_noisy));
+  lib.def("ln_lstm_backward_noisy(Tensor xr, Tensor(a!) hhat, Tensor stats, Tensor cs, Tensor? gout, Tensor w_hh, "
+          "Tensor gamma_ih, Tensor? beta_ih, Tensor gamma_hh, Tensor? beta_hh, Tensor gamma_c, Tensor? beta_c, "
+          "Tensor(b!) dh, Tensor(c!) dc, Tensor(d!) dxr, Tensor(e!) dparams, Tensor? mask, Tensor? r, "
+          "Tensor? keep) -> ()",
+          torch::dispatch(c10::DispatchKey::CPU, &ln_lstm_backward_noisy));
+  lib.def("ln_gru_forward_noisy(Tensor xz, Tensor w_hh, Tensor gamma_hh, Tensor? beta_hh, Tensor(a!) hs, "
+          "Tensor(b!) out, Tensor(c!)? gates, Tensor(d!)? hhat, Tensor(e!)? rstd, Tensor? mask, float eps, Tensor? r, "
+          "Tensor(f!)? hd, Tensor? keep) -> ()",
+          torch::dispatch(c10::DispatchKey::CPU, &ln_gru_forward_noisy));
+  lib.def("ln_gru_backward_noisy(Tensor gates, Tensor hhat, Tensor rstd, Tensor hs, Tensor? gout, Tensor w_hh, "
+          "Tensor gamma_hh, Tensor? beta_hh, Tensor(a!) dh, Tensor(b!) dxz, Tensor(c!) dhz, Tensor(d!) dparams, "
+          "Tensor? mask, Tensor? r, Tensor? keep) -> ()",
+          torch::dispatch(c10::DispatchKey::CPU, &ln_gru_backward_noisy));
 }

@@ -223,9 +223,14 @@ def grads_through(results, grad_results, inputs, needs) -> list[Tensor | None]:
 
 
 # the C++ loops that apply zoneout and recurrent dropout (each the loop of the same name without
-# ``_noisy`` and the masks r, hd, keep: native.h's Noise); CPU kernels only, their fakes below
+# ``_noisy`` and the masks r, hd, keep: native.h's Noise; the layer-normalised cells' in layernorm.cpp);
+# CPU kernels only, their fakes below
 NOISY_OPS = (
-    *(f"{cell}_{way}_noisy" for cell in ("lstm", "gru", "rnn", "slstm") for way in ("forward", "backward")),
+    *(
+        f"{cell}_{way}_noisy"
+        for cell in ("lstm", "gru", "rnn", "slstm", "ln_lstm", "ln_gru")
+        for way in ("forward", "backward")
+    ),
     "pointwise_scan_noisy",
     "pointwise_scan_backward_noisy",
 )
