@@ -137,6 +137,8 @@ STATE_NOISE_CELLS = {
     "rnn": (rnnkit.RNNCell, "cpp-loops"),
     "slstm": (rnnkit.SLSTMCell, "cpp-loops"),
     "user": (MGUCell, "cpp-compiled"),
+    "ln-lstm": (rnnkit.CELLS["ln-lstm"], "cpp-layernorm"),
+    "ln-gru": (rnnkit.CELLS["ln-gru"], "cpp-layernorm"),
 }
 
 
@@ -186,7 +188,7 @@ def test_the_reference_step_is_zoneout_and_recurrent_dropout_written_out():
     torch.testing.assert_close((h_n[0], c_n[0]), (h, c))
 
 
-@pytest.mark.parametrize("cell", ["lstm", "slstm", "user"])
+@pytest.mark.parametrize("cell", ["lstm", "slstm", "user", "ln-lstm", "ln-gru"])
 def test_gradcheck_with_zoneout_and_recurrent_dropout(cell):
     cls, _ = STATE_NOISE_CELLS[cell]
     H = 8 if cell == "slstm" else 3  # the sLSTM: heads of 8, its blocks' product in float64 (AVX-512)
@@ -285,14 +287,54 @@ def test_the_loops_with_masks_are_ops_that_pass_opcheck(monkeypatch):
         torch.library.opcheck(op, args, kwargs)
 
 
-def test_layer_normalised_cells_take_zoneout_and_recurrent_dropout_on_the_reference_loop():
-    """The layer-normalised loops apply neither: such a call passes them by for the reference loop."""
-    layer = rnnkit.Recurrent(rnnkit.CELLS["ln-lstm"], 3, 4, batch_first=True).double()
-    reg = Regularised(layer, zoneout=0.5, recurrent_dropout=0.5, generator=torch.Generator().manual_seed(6))
-    x = torch.randn(2, 5, 3, dtype=torch.float64)
+@pytest.mark.parametrize("noise", ["zoneout", "recurrent dropout", "both"])
+@pytest.mark.parametrize("cell", ["ln-lstm", "ln-gru"])
+def test_layer_normalised_loops_apply_zoneout_and_recurrent_dropout_exactly(cell, noise):
+    """The layer-normalised C++ loops (``cpp-layernorm``) take each regulariser alone and both: outputs,
+    final states and every gradient (input, initial state, weights, gains, normalisation biases) equal
+    the reference loop's with the same masks, random gains and biases, padded lengths, two layers
+    both ways; ``rnnkit.explain`` names the route while the masks are current."""
+    from rnnkit.core.kernels.state_noise import applying
+
+    layer = rnnkit.Recurrent(rnnkit.CELLS[cell], 3, 5, num_layers=2, bidirectional=True, batch_first=True).double()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    p_zone, p_drop = {"zoneout": (0.4, 0.0), "recurrent dropout": (0.0, 0.4), "both": (0.4, 0.4)}[noise]
+    reg = Regularised(layer, zoneout=p_zone, recurrent_dropout=p_drop, generator=torch.Generator().manual_seed(6))
+    x = torch.randn(3, 6, 3, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
+    state = (h0, torch.randn_like(h0)) if cell == "ln-lstm" else h0
     masks = reg.sample_masks(x)
-    (out, _), routes = _routes_of(lambda: reg(x, masks=masks))
-    assert routes == {"reference"}
+    assert all((n.zoneout is not None) == (p_zone > 0) for n in masks.state.values())
+    assert all((n.recurrent is not None) == (p_drop > 0) for n in masks.state.values())
+
+    def run():
+        out, final = reg(x, state, lengths=[6, 2, 4], masks=masks)
+        parts = (final,) if isinstance(final, torch.Tensor) else tuple(final)
+        weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+        loss = (out * weights).sum() + sum((s * s).sum() for s in parts)
+        return (out, *parts, *torch.autograd.grad(loss, [x, h0, *layer.parameters()]))
+
+    got, routes = _routes_of(run)
+    assert routes == {"cpp-layernorm"}
+    with applying({layer.cells[i]: n for i, n in masks.state.items()}):
+        assert rnnkit.explain(layer, x).name == "cpp-layernorm"
     with rnnkit.routing.force("reference"):
-        torch.testing.assert_close(out, reg(x, masks=masks)[0])
-    assert not torch.allclose(out, layer(x)[0])
+        want = run()
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(got[0], layer(x, state, lengths=[6, 2, 4])[0])  # the masks did act
+
+
+@pytest.mark.parametrize("cell", ["ln-lstm", "ln-gru"])
+def test_layer_normalised_loops_with_masks_differentiate_their_backward(cell):
+    """A differentiable backward (create_graph) of the layer-normalised loops applies the same masks:
+    gradgradcheck in float64."""
+    layer = rnnkit.Recurrent(rnnkit.CELLS[cell], 2, 3, batch_first=True).double()
+    reg = Regularised(layer, zoneout=0.4, recurrent_dropout=0.3, generator=torch.Generator().manual_seed(7))
+    x = torch.randn(2, 3, 2, dtype=torch.float64, requires_grad=True)
+    masks = reg.sample_masks(x)
+    _, routes = _routes_of(lambda: reg(x, lengths=[3, 2], masks=masks))
+    assert routes == {"cpp-layernorm"}
+    assert torch.autograd.gradgradcheck(lambda x: reg(x, lengths=[3, 2], masks=masks)[0], (x,))

@@ -61,8 +61,8 @@ where that is the question, is taken:
 10. ``cpp-layernorm``: a layer-normalised LSTM or GRU (``LayerNormLSTMCell``, ``LayerNormGRUCell``)
    over time in C++, backward by hand with the gradients of the gains and normalisation biases
    (kernels/layernorm_loops.py, core/layernorm.cpp); the input projection and its normalisation
-   torch ops. A stack of those cells as shipped, on the CPU in float32/float64 where the loops are
-   built, not inside a functorch transform.
+   torch ops; zoneout and recurrent dropout applied inside the loops. A stack of those cells as
+   shipped, on the CPU in float32/float64 where the loops are built, not inside a functorch transform.
 11. ``python-loops``: a built-in cell's loop over time in torch ops, its backward written by hand
    (kernels/python_loops.py). A built-in cell anywhere else: another device or dtype, the C++ loops
    not built, CUDA without Triton.
@@ -509,8 +509,6 @@ def _cpp_compiled_supports(call: Call) -> str | None:
 def _cpp_layernorm_supports(call: Call) -> str | None:
     if not all(type(c) in LAYERNORM_CELLS for c in call.layer.cells):
         return "not a stack of layer-normalised LSTM or GRU cells as shipped"
-    if call.noise:
-        return f"{call.noise}: the layer-normalised loops apply neither (the reference loop does)"
     if not call.native:
         return "the C++ loops do not run here (the CPU, float32/float64, built)"
     if any(p.dtype not in native.FLOATS for c in call.layer.cells for p in c._parameters.values() if p is not None):
