@@ -15,9 +15,9 @@ Masks come from ``generator`` (a seeded ``torch.Generator`` makes a run reproduc
 global generator; ``sample_masks`` draws them, and ``forward(..., masks=...)`` takes given ones.
 
 and two that change each step of the recurrence, applied inside the loops over time by the kernels
-(core/kernels/state_noise.py; the C++ loops of the built-in cells and the sLSTM, the generic kernel of
-a user's cell, the scan of minGRU and minLSTM (zoneout, in its coefficients), the reference loop), per
-(layer, direction):
+(core/kernels/state_noise.py; the C++ loops of the built-in cells, the sLSTM and the layer-normalised
+LSTM and GRU, the generic kernel of a user's cell, the scan of minGRU and minLSTM (zoneout, in its
+coefficients), the reference loop), per (layer, direction):
 
 - zoneout (Krueger et al. 2016): at every step each unit keeps its whole previous state (every state
   field; its output is the kept ``h``) with probability ``zoneout``, a mask drawn per step, sequence
