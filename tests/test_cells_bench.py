@@ -39,7 +39,9 @@ def test_rows_compare_every_cell_with_its_peer_and_write_json(tmp_path):
     assert [(r["cell"], r["steps"]) for r in rows] == [(c, T) for T in (4, 300, 4096) for c in cells.CELLS]
     for row in rows:
         assert row["peer_ms"] > 0 and row["cell_ms"] > 0
-        assert row["peer"] == ("gru" if row["cell"] == "ln-gru" else "lstm")
+        assert row["peer"] == {"ln-gru": "gru", "mingru+zoneout": "mingru", "ln-lstm+zoneout": "ln-lstm"}.get(
+            row["cell"], "lstm"
+        )
         assert abs(row["speedup"] - row["peer_ms"] / row["cell_ms"]) < 1e-9
         assert row["speedup_q1"] <= row["speedup_q3"]
         assert row["met"] == (None if row["target"] is None else row["speedup"] >= row["target"])
@@ -47,6 +49,10 @@ def test_rows_compare_every_cell_with_its_peer_and_write_json(tmp_path):
     assert {r["cell_route"] for r in rows if r["cell"].startswith("min")} == {"parallel-scan"}
     # the regularised LSTMs keep the LSTM's own loop, the masks applied inside it
     assert {r["cell_route"] for r in rows if r["cell"].startswith("lstm+")} == {"cpp-loops"}
+    assert {r["cell_route"] for r in rows if r["cell"].startswith("ln-")} == {"cpp-layernorm"}
+    # a cell that is both a row and another row's peer is one layer, timed once a repeat
+    minimal = [r for r in rows if r["cell"] == "mingru" or r["peer"] == "mingru"]
+    assert {r["cell_ms"] for r in minimal if r["cell"] == "mingru"} <= {r["peer_ms"] for r in minimal}
     # a second run of one length replaces that length's rows and keeps the others
     assert cells.main([*args[:2], "--steps", "4", *args[6:], "--cells", "mingru"]) == 0
     again = json.loads(out.read_text())

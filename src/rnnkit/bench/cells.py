@@ -12,7 +12,9 @@ minLSTM at least 4x faster than the LSTM at T=1024; the layer-normalised LSTM an
 of their peer's time; the LSTM with a regulariser within 1.15x of it: AWD-LSTM's variational
 dropout and weight-drop (``lstm+regularised``), variational dropout of input, output and recurrent
 state (``lstm+variational``), zoneout 0.1 (``lstm+zoneout``) or recurrent dropout 0.25
-(``lstm+recurrent-dropout``) inside its loop. The sLSTM (xLSTM, 4 heads) is a comparison row
+(``lstm+recurrent-dropout``) inside its loop; and zoneout 0.1 on minGRU's scan and the
+layer-normalised LSTM's loop (``mingru+zoneout``, ``ln-lstm+zoneout``), each against the same cell
+without it. The sLSTM (xLSTM, 4 heads) is a comparison row
 without a target. From T=4096 on each layer runs ``--long-repeats`` times (default 1) after its
 warm-up. ``--json PATH`` writes the rows into PATH, replacing rows of the same cell, sizes and
 threads already there and keeping the others (so runs of one length each build one file;
@@ -54,9 +56,13 @@ CELLS = {
     # zoneout and recurrent dropout inside the LSTM's own loop
     "lstm+zoneout": lambda I, H: _regularised(I, H, zoneout=0.1),
     "lstm+recurrent-dropout": lambda I, H: _regularised(I, H, recurrent_dropout=0.25),
+    # zoneout on the other fast routes: minGRU's scan and the layer-normalised LSTM's loop
+    "mingru+zoneout": lambda I, H: _regularised(I, H, "mingru", zoneout=0.1),
+    "ln-lstm+zoneout": lambda I, H: _regularised(I, H, "ln-lstm", zoneout=0.1),
 }
-PEERS = {"lstm": rnnkit.LSTM, "gru": rnnkit.GRU}  # what a row is timed against
-PEER = {"ln-gru": "gru"}  # a cell's peer: the LSTM unless named here
+PEERS = {"lstm": rnnkit.LSTM, "gru": rnnkit.GRU}  # what a row is timed against, besides the rows' own cells
+# a cell's peer: the LSTM unless named here; a regularised cell's is the same cell without it
+PEER = {"ln-gru": "gru", "mingru+zoneout": "mingru", "ln-lstm+zoneout": "ln-lstm"}
 # speedup over the peer the row must reach (peer time / cell time): at least 4x for the scan cells
 # (at T=1024, the stated target; the other lengths are reported against the same line), at most
 # 1.5x slower for the layer-normalised cells, 1.15x for the regularised LSTMs; None: no target
@@ -70,11 +76,14 @@ TARGETS: dict[str, float | None] = {
     "lstm+variational": 1 / 1.15,
     "lstm+zoneout": 1 / 1.15,
     "lstm+recurrent-dropout": 1 / 1.15,
+    "mingru+zoneout": 1 / 1.15,
+    "ln-lstm+zoneout": 1 / 1.15,
 }
 
 
-def _regularised(I: int, H: int, **p) -> Regularised:
-    return Regularised(rnnkit.LSTM(I, H, batch_first=True), generator=torch.Generator().manual_seed(0), **p)
+def _regularised(I: int, H: int, cell: str = "lstm", **p) -> Regularised:
+    layer = rnnkit.LSTM(I, H, batch_first=True) if cell == "lstm" else CELLS[cell](I, H)
+    return Regularised(layer, generator=torch.Generator().manual_seed(0), **p)
 
 
 def rotated(fns: dict, repeats: int) -> dict[str, list[float]]:
@@ -95,15 +104,17 @@ def rows_at(T: int, cells: list[str], B: int, H: int, I: int, repeats: int) -> l
     """One row per cell at sequence length ``T``, each against its peer timed in the same repeats."""
     torch.manual_seed(0)
     x = torch.randn(B, T, I, requires_grad=True)
-    peers = {name: PEERS[name](I, H, batch_first=True) for name in dict.fromkeys(PEER.get(c, "lstm") for c in cells)}
-    layers = {name: CELLS[name](I, H) for name in cells}
+    wanted = dict.fromkeys(PEER.get(c, "lstm") for c in cells)
+    peers = {name: PEERS[name](I, H, batch_first=True) if name in PEERS else CELLS[name](I, H) for name in wanted}
+    layers = {name: CELLS[name](I, H) for name in cells if name not in peers}
     fns = {
         **{name: _train(peer, x) for name, peer in peers.items()},
         **{n: _train(layer, x) for n, layer in layers.items()},
     }
     times = rotated(fns, repeats)
     rows = []
-    for name, layer in layers.items():
+    for name in cells:
+        layer = layers.get(name, peers.get(name))
         peer = PEER.get(name, "lstm")
         peer_s, cell_s = statistics.median(times[peer]), statistics.median(times[name])
         q1, q3 = _quartiles([a / b for a, b in zip(times[peer], times[name])])
