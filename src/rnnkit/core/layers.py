@@ -24,7 +24,11 @@ Call: ``output, h_n = layer(input, hx=None, *, lengths=None)``, torch.nn's contr
   ``[0, T]``: sequence b uses only its first ``lengths[b]`` steps, as a packed sequence would.
   Outputs at padded steps are zero; the returned state is each sequence's state after its own
   last valid step (the initial state for an empty sequence); the backward direction starts at
-  each sequence's own last valid step.
+  each sequence's own last valid step;
+- ``state_noise`` (rnnkit's, keyword-only) ``{cell index: StateNoise}``: zoneout and recurrent
+  dropout inside the recurrence, the masks ``rnnkit.Regularised`` draws (``sample_masks(x).state``,
+  core/kernels/state_noise.py) and passes here, applied by whichever route runs the call, traced by
+  ``torch.compile`` too.
 
 Dropout (probability ``dropout``) is applied to the outputs of every layer but the last,
 in training mode only, as torch.nn does.
@@ -48,7 +52,8 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 from rnnkit.core.cells import GRUCell, LSTMCell, LSTMState, RNNCell
 from rnnkit.core.cells.lstm import ProjectedLSTMCell
 from rnnkit.core.gates import GatedCell, HiddenState, only_combine_customised
-from rnnkit.core.routing import choose_route, lean_route
+from rnnkit.core.kernels.state_noise import StateNoise, applying
+from rnnkit.core.routing import choose_route, lean_route, tracer
 
 
 class _Stack:
@@ -100,13 +105,13 @@ class _Stack:
         return stacked[0] if len(stacked) == 1 else stacked
 
     # -- the call ------------------------------------------------------------------------
-    def _call(self, layer, input, hx, lengths):
+    def _call(self, layer, input, hx, lengths, noise=None):
         """``input`` batched, unbatched or packed -> the route's result in the same form.
         ``layer`` is what the routes run: ``self``, or its cells bound to the current weights."""
         if isinstance(input, PackedSequence):
             if lengths is not None:
                 raise ValueError("lengths= is for padded input; a PackedSequence carries its own lengths")
-            return self._call_packed(layer, input, hx)
+            return self._call_packed(layer, input, hx, noise)
         if isinstance(input, Tensor) and input.dim() == 2:  # unbatched (T, I): a batch of one
             hx = (
                 None
@@ -120,20 +125,26 @@ class _Stack:
                 )
             )
             dim = 0 if self.batch_first else 1
-            out, state = self._run(layer, input.unsqueeze(dim), hx, lengths)
+            out, state = self._run(layer, input.unsqueeze(dim), hx, lengths, noise)
             return out.squeeze(dim), _map_state(state, lambda p: p.squeeze(1))
-        return self._run(layer, input, hx, lengths)
+        return self._run(layer, input, hx, lengths, noise)
 
-    def _run(self, layer, x, hx, lengths):
-        route = choose_route(layer, x, hx, lengths)  # validates x; the route validates state and lengths
-        return route.run(layer, x, hx, lengths)
+    def _run(self, layer, x, hx, lengths, noise=None):
+        if not noise:
+            route = choose_route(layer, x, hx, lengths)  # validates x; the route validates state and lengths
+            return route.run(layer, x, hx, lengths)
+        if tracer() == "dynamo":  # torch.compile cannot read the masks current for the cells: the route takes them
+            return choose_route(layer, x, hx, lengths, noise).run(layer, x, hx, lengths, noise)
+        cells = layer.cells
+        with applying({cells[i]: n for i, n in noise.items()}):  # read by the route's kernels
+            return choose_route(layer, x, hx, lengths).run(layer, x, hx, lengths)
 
-    def _call_packed(self, layer, packed: PackedSequence, hx):
+    def _call_packed(self, layer, packed: PackedSequence, hx, noise=None):
         """Packed in, packed out: run on the padded batch in the caller's order with its lengths
         (the state rows stay in the caller's order, as torch.nn's do), then pack the output as
         the input was packed."""
         x, lengths = pad_packed_sequence(packed, batch_first=self.batch_first)  # caller's order
-        out, state = self._run(layer, x, hx, lengths)
+        out, state = self._run(layer, x, hx, lengths, noise)
         if not self.batch_first:
             out = out.transpose(0, 1)  # (B, T, D*H)
         if packed.sorted_indices is not None:
@@ -144,12 +155,13 @@ class _Stack:
         return PackedSequence(data, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices), state
 
 
-def _lengths_option(options: dict) -> Tensor | Sequence[int] | None:
-    """The keyword-only extras of a layer call: ``lengths``, nothing else."""
+def _call_options(options: dict) -> tuple[Tensor | Sequence[int] | None, dict[int, StateNoise] | None]:
+    """The keyword-only extras of a layer call: ``lengths`` and ``state_noise``, nothing else."""
     lengths = options.pop("lengths", None)
+    noise = options.pop("state_noise", None)
     if options:
         raise TypeError(f"forward() got an unexpected keyword argument {next(iter(options))!r}")
-    return lengths
+    return lengths, noise
 
 
 def _map_state(state, fn):
@@ -210,7 +222,7 @@ class Recurrent(_Stack, nn.Module):
 
     def forward(self, input, hx=None, **options):
         """torch.nn's ``forward(input, hx=None)`` and rnnkit's ``lengths=`` keyword (module docstring)."""
-        return self._call(self, input, hx, _lengths_option(options))
+        return self._call(self, input, hx, *_call_options(options))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """torch.nn's names load too: ``weight_ih_l1_reverse`` is ``cells.3.weight_ih`` (D = 2), so a
@@ -324,13 +336,13 @@ class _TorchContract(_Stack):
             route = lean_route(bound, input, hx)
             if route is not None:
                 return route.run(bound, input, hx, None)
-        lengths = _lengths_option(options)
+        lengths, noise = _call_options(options)
         if not self._plain_call(input, hx):
-            if lengths is not None:
-                raise ValueError("lengths= takes a batched (T, B, I) or (B, T, I) tensor input")
+            if lengths is not None or noise:
+                raise ValueError("lengths= and state_noise= take a batched (T, B, I) or (B, T, I) tensor input")
             # anything torch.nn would refuse gets torch.nn's own error (and anything else it computes)
             return self._torch_forward(input, hx)
-        return self._call(self._bound(), input, hx, lengths)
+        return self._call(self._bound(), input, hx, lengths, noise)
 
     def _plain_call(self, input, hx) -> bool:
         """Whether the call is one rnnkit's routes take as torch.nn would: the input and state of

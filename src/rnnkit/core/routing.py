@@ -15,8 +15,9 @@ where that is the question, is taken:
    registered operator per (layer, direction) (core/ops.py: ``torch.ops.rnnkit.lstm_scan`` and its
    training and backward twins), lengths, directions, dropout and (in training) the input
    projection torch ops around it: a graph with symbolic batch size and length, the eager routes'
-   kernels inside (in inference the projecting LSTM loop; one step on cached packed weights). Under that
-   tracer only this route, ``traced-scan`` (every other cell) and ``reference`` are taken. Under
+   kernels inside (in inference the projecting LSTM loop; one step on cached packed weights); not with
+   zoneout or recurrent dropout (the operators apply neither; ``traced-scan`` does). Under that
+   tracer only this route, ``traced-scan`` (every other call) and ``reference`` are taken. Under
    ``torch.jit.trace`` (which ``torch.onnx.export(dynamo=False)`` runs) only ``torch-kernel`` is
    taken, whose ``aten::lstm``/``gru``/``rnn_*`` node runs at any batch size and length and
    exports to ONNX's LSTM/GRU/RNN; a call it cannot take (lengths, a user's cell, dropout in
@@ -76,10 +77,11 @@ where that is the question, is taken:
    no previous output).
 14. ``traced-scan``: while ``torch.compile``, ``torch.export`` or the ONNX exporter traces the call,
    any cell that ``traced-ops`` does not take (a user's cell, the layer-normalised cells, minGRU and
-   minLSTM, the LSTM with ``proj_size``): each (layer, direction) its input projection, then
-   ``cell.step`` over time as one node of PyTorch's ``scan`` operator (core/traced_scan.py), so the
-   graph holds one copy of the step and the length stays symbolic; the ONNX exporter writes it as
-   ONNX's ``Scan``. Not inside a functorch transform.
+   minLSTM, the LSTM with ``proj_size``), and every cell with zoneout or recurrent dropout: each
+   (layer, direction) its input projection, then ``cell.step`` over time as one node of PyTorch's
+   ``scan`` operator (core/traced_scan.py), the masks applied in its body, so the graph holds one
+   copy of the step and the length stays symbolic; the ONNX exporter writes it as ONNX's ``Scan``.
+   Not inside a functorch transform.
 15. ``reference``: ``cell.project_input``, then ``cell.step`` over time with autograd (core/scan.py).
    Anything else: a cell that rewrites ``step`` or a projection or has parameters of its own, a
    stack of mixed cell classes, a call inside a functorch transform (vmap, grad).
@@ -156,7 +158,7 @@ from rnnkit.core.gates import only_combine_customised
 from rnnkit.core.kernels import triton_loops, triton_pointwise
 from rnnkit.core.kernels.base import Kernel
 from rnnkit.core.kernels.layernorm_loops import LAYERNORM_CELLS, scan_layernorm
-from rnnkit.core.kernels.state_noise import active_for
+from rnnkit.core.kernels.state_noise import active_for, describe
 from rnnkit.core.kernels.table import GENERIC, KERNELS, kernel_for, own_loops
 from rnnkit.core.kernels.vendor import VENDOR
 
@@ -210,6 +212,7 @@ class Call:
     def __init__(self, layer, x, state, lengths):
         self.layer, self.x, self.state, self.lengths = layer, x, state, lengths
         self.tracer = tracer()
+        self.noise = None
         self.full = False  # the facts below ``lean`` computed (``_complete``)
         self._programs: object = ()  # the compiled combine once looked up (``_programs``)
 
@@ -358,8 +361,10 @@ def _complete(call: Call) -> Call:
         or any(p.requires_grad for c in cells for p in c._parameters.values() if p is not None)
         or any(isinstance(p, Tensor) and p.requires_grad for p in parts)
     )
-    # zoneout and recurrent dropout (rnnkit.Regularised); torch.compile cannot read their ContextVar
-    call.noise = active_for(cells) if call.tracer != "dynamo" else None
+    # zoneout and recurrent dropout (rnnkit.Regularised); torch.compile cannot read their ContextVar, so a
+    # traced call's come as choose_route's argument
+    if call.tracer != "dynamo":
+        call.noise = active_for(cells)
     call.full = True
     return call
 
@@ -389,6 +394,8 @@ def _traced_ops_supports(call: Call) -> str | None:
         return "not traced by torch.compile or torch.export (eager calls take the measured routes)"
     if not _builtin(call):
         return "not a built-in cell as shipped"
+    if call.noise:
+        return f"{call.noise}: the operators apply neither (traced-scan does)"
     return "inside a functorch transform" if call.functorch else None
 
 
@@ -727,15 +734,19 @@ def force(name: str) -> Iterator[Route]:
         _FORCED.reset(token)
 
 
-def choose_route(layer, x, state=None, lengths=None) -> Route:
+def choose_route(layer, x, state=None, lengths=None, noise: dict | None = None) -> Route:
     """The route ``layer(x, state, lengths)`` runs (the table in this module's docstring).
 
-    Raises what the layer call would raise for a malformed ``x``; ``state`` and ``lengths`` are
-    validated by the route that runs."""
+    ``noise`` ({cell index: StateNoise}) is the zoneout and recurrent dropout of a traced call, which
+    its route then takes as an argument (an eager call's are current for its cells,
+    kernels/state_noise.py). Raises what the layer call would raise for a malformed ``x``; ``state``
+    and ``lengths`` are validated by the route that runs."""
     route = lean_route(layer, x, state) if lengths is None else None  # a lean step: in one pass
     if route is not None:
         return route
     call = Call(layer, x, state, lengths)
+    if call.tracer == "dynamo" and noise:
+        call.noise = describe(noise.values())
     call.lean = _lean(layer, x, state, lengths) if call.tracer is None else f"traced by {TRACERS[call.tracer]}"
     # torch.compile cannot read a ContextVar: a forced route applies to eager (and jit-traced) calls
     forced = _FORCED.get() if call.tracer != "dynamo" else None

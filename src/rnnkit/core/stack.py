@@ -7,6 +7,12 @@ direction reversed within each sequence's length), ``state`` the cell's initial 
 (B, T) or ``None``; it returns the outputs (B, T, H) and the final state. The ``scan_*`` functions
 below are the routes' scans: each projects the input and runs one kernel (core/kernels/).
 
+Zoneout and recurrent dropout reach an eager call's scans as the masks current for their cell
+(kernels/state_noise.py). A traced call, which cannot read them there, gives the runner ``noise``
+({cell index: StateNoise}), and it passes each cell's to ``scan(..., noise)``: the scans that take
+them (``traced_scan.scan_cell``, ``scan_cell_reference``) are the only ones the routing table runs
+such a call on.
+
 Dropout (training only, ``layer.dropout``) goes between layers, as torch.nn's does. Outputs at
 padded steps are zero and the backward direction starts at each sequence's own last valid step
 (``reverse_padded``): the layer docstring's contract.
@@ -29,6 +35,7 @@ from rnnkit.core.kernels.base import time_major_rows
 from rnnkit.core.kernels.compiled import CompiledKernel
 from rnnkit.core.kernels.cpp_loops import Projection, loop_weights, projecting_loop
 from rnnkit.core.kernels.dispatch import fused_scan
+from rnnkit.core.kernels.state_noise import StateNoise
 from rnnkit.core.kernels.table import CPP, GENERIC, KERNELS
 from rnnkit.core.kernels.vendor import vendor_stack
 from rnnkit.core.scan import scan_reference
@@ -71,7 +78,7 @@ def run_vendor(layer, x: Tensor, state, lengths):
 def per_cell(scan: Scan):
     """A runner for a route that runs each (layer, direction) through ``scan``."""
 
-    def run(layer, x: Tensor, state, lengths):
+    def run(layer, x: Tensor, state, lengths, noise: dict[int, StateNoise] | None = None):
         x, lengths_t = _batch_first(layer, x, lengths)
         B, T, _ = x.shape
         mask = length_mask(lengths_t, T) if lengths_t is not None else None  # (B, T)
@@ -85,7 +92,10 @@ def per_cell(scan: Scan):
             for d in range(D):
                 row = k * D + d
                 x_dir = reverse_padded(x, lengths_t) if d == 1 else x
-                out, final = scan(layer.cells[row], x_dir, states[row], mask)  # (B, T, H)
+                if noise is None:
+                    out, final = scan(layer.cells[row], x_dir, states[row], mask)  # (B, T, H)
+                else:
+                    out, final = scan(layer.cells[row], x_dir, states[row], mask, noise.get(row))  # type: ignore[call-arg]
                 halves.append(reverse_padded(out, lengths_t) if d == 1 else out)
                 final_states.append(final)
             x = halves[0] if D == 1 else _cat_features(halves)  # (B, T, D*H)
@@ -139,6 +149,8 @@ def scan_generic(cell: GatedCell, x: Tensor, state: NamedTuple, mask: Tensor | N
     return fused_scan(cell, project(cell, x), state, mask, GENERIC)
 
 
-def scan_cell_reference(cell: GatedCell, x: Tensor, state: NamedTuple, mask: Tensor | None):
+def scan_cell_reference(
+    cell: GatedCell, x: Tensor, state: NamedTuple, mask: Tensor | None, noise: StateNoise | None = None
+):
     """The specification: ``cell.project_input`` and ``cell.step`` over time with autograd (core/scan.py)."""
-    return scan_reference(cell, cell.project_input(x), state, mask)
+    return scan_reference(cell, cell.project_input(x), state, mask, noise)

@@ -1,9 +1,12 @@
 """Zoneout and recurrent dropout: masks that change each step of the recurrence, applied by the kernels.
 
-``rnnkit.Regularised`` (core/regularise.py) draws them for a training call and makes them current
-for its layer's cells (``applying``); every route that runs the call reads its cell's masks here
+``rnnkit.Regularised`` (core/regularise.py) draws them for a training call and hands them to its
+layer (the layer call's ``state_noise=``, per cell index). In an eager call the layer makes them
+current for its cells (``applying``); every route that runs the call reads its cell's masks here
 (``noise_for``) and applies them inside its loop over time, or declines the call (the routing table
-then names the reason). Per (layer, direction), for batch B, steps T and hidden size H:
+then names the reason). ``torch.compile`` cannot read the ``ContextVar`` that holds them, so a
+traced call passes them to its route as arguments instead (core/traced_scan.py applies them in the
+body of its loop). Per (layer, direction), for batch B, steps T and hidden size H:
 
 - ``recurrent`` (B, H), recurrent dropout (Gal & Ghahramani 2016, one mask per sequence), scaled by
   ``1 / (1 - p)``: the recurrent product reads ``h_{t-1} * recurrent`` in place of ``h_{t-1}``, at
@@ -57,7 +60,8 @@ def applying(noise: dict) -> Iterator[None]:
 
 
 def noise_for(cell) -> StateNoise | None:
-    """The masks current for ``cell``, or ``None`` (always under torch.compile, which cannot read them)."""
+    """The masks current for ``cell``, or ``None`` (always under torch.compile, which cannot read them:
+    a traced call's route takes them as arguments)."""
     if torch.compiler.is_compiling():
         return None
     active = _ACTIVE.get()
@@ -70,7 +74,13 @@ def active_for(cells) -> str | None:
     active = _ACTIVE.get()
     if not active:
         return None
-    noises = [active[_key(c)] for c in cells if _key(c) in active]
+    return describe(active[_key(c)] for c in cells if _key(c) in active)
+
+
+def describe(noises) -> str | None:
+    """What of zoneout and recurrent dropout ``noises`` (StateNoise) apply: ``"zoneout"``, ``"recurrent
+    dropout"``, both joined by "and", or ``None``."""
+    noises = list(noises)
     parts = []
     if any(n.zoneout is not None for n in noises):
         parts.append("zoneout")
@@ -85,15 +95,15 @@ def drops_recurrent_input(cell) -> bool:
     return type(cell).step is GatedCell.step
 
 
-def noisy_step(cell, xz_t: Tensor, state, noise: StateNoise, t: int):
-    """``cell.step`` with ``noise`` at step ``t``: the specification the kernels are held to."""
-    if noise.recurrent is None:
+def noisy_step(cell, xz_t: Tensor, state, recurrent: Tensor | None, keep_t: Tensor | None):
+    """``cell.step`` with recurrent dropout's mask ``recurrent`` (B, H) and zoneout's mask of this step
+    ``keep_t`` (B, H) bool: the specification the kernels are held to."""
+    if recurrent is None:
         h, new = cell.step(xz_t, state)
     else:
-        hz = cell.project_hidden(state.h * noise.recurrent)
+        hz = cell.project_hidden(state.h * recurrent)
         h, new = cell.combine(cell.split(xz_t), cell.split(hz), state)
-    if noise.zoneout is not None:
-        keep = noise.zoneout[:, t]
-        new = type(state)(*(torch.where(keep, old, n) for n, old in zip(new, state)))
-        h = torch.where(keep, state.h, h)
+    if keep_t is not None:
+        new = type(state)(*(torch.where(keep_t, old, n) for n, old in zip(new, state)))
+        h = torch.where(keep_t, state.h, h)
     return h, new
