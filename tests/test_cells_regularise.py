@@ -338,3 +338,62 @@ def test_layer_normalised_loops_with_masks_differentiate_their_backward(cell):
     _, routes = _routes_of(lambda: reg(x, lengths=[3, 2], masks=masks))
     assert routes == {"cpp-layernorm"}
     assert torch.autograd.gradgradcheck(lambda x: reg(x, lengths=[3, 2], masks=masks)[0], (x,))
+
+
+# -- zoneout and recurrent dropout under torch.compile -------------------------------------------------
+
+COMPILED_NOISE = {  # name -> (layer, zoneout, recurrent dropout); each compiled case costs seconds
+    "lstm, 2 layers both ways, both": (
+        lambda: rnnkit.LSTM(3, 4, num_layers=2, bidirectional=True, batch_first=True),
+        0.3,
+        0.4,
+    ),
+    "gru, time-major, recurrent dropout": (lambda: rnnkit.GRU(3, 4), 0.0, 0.4),
+    "user cell, zoneout": (lambda: rnnkit.Recurrent(MGUCell, 3, 4, batch_first=True), 0.3, 0.0),
+    "mingru, zoneout": (lambda: rnnkit.Recurrent(rnnkit.MinGRUCell, 3, 4, batch_first=True), 0.3, 0.0),
+}
+
+
+@pytest.mark.parametrize("case", list(COMPILED_NOISE))
+def test_compiled_zoneout_and_recurrent_dropout_equal_eager_with_the_same_masks(case):
+    """torch.compile (one graph, fullgraph=True) of a Regularised layer with zoneout, recurrent dropout
+    or both, in training with lengths and an initial state: the outputs, final states and every
+    gradient equal the eager call's with the same masks (float64), and the masks did act."""
+    make, p_zone, p_drop = COMPILED_NOISE[case]
+    layer = make().double()
+    reg = Regularised(layer, zoneout=p_zone, recurrent_dropout=p_drop, generator=torch.Generator().manual_seed(8))
+    B, T = 3, 6
+    x = torch.randn(B, T, 3, dtype=torch.float64, requires_grad=True)
+    x_call = x if layer.batch_first else x.transpose(0, 1)
+    h0 = torch.randn(layer.num_layers * layer.num_directions, B, 4, dtype=torch.float64, requires_grad=True)
+    state = layer.State(h0, torch.randn_like(h0)) if len(layer.State._fields) == 2 else h0
+    lengths = torch.tensor([6, 2, 4])
+    masks = reg.sample_masks(x_call)
+    torch._dynamo.reset()
+    compiled = torch.compile(reg, fullgraph=True, backend="aot_eager")
+
+    def run(module):
+        out, final = module(x_call, state, lengths=lengths, masks=masks)
+        parts = (final,) if isinstance(final, torch.Tensor) else tuple(final)
+        weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+        loss = (out * weights).sum() + sum((s * s).sum() for s in parts)
+        return (out, *parts, *torch.autograd.grad(loss, [x, h0, *layer.parameters()]))
+
+    got, want = run(compiled), run(reg)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+    assert not torch.allclose(got[0], layer(x_call, state, lengths=lengths)[0])  # the masks did act
+
+
+def test_compiled_layer_draws_its_masks_in_the_graph_and_is_itself_in_eval():
+    """Without given masks the compiled call draws them in its graph (one graph, fullgraph=True), each
+    call anew; in evaluation the compiled wrapper is the layer."""
+    layer = rnnkit.GRU(3, 4, batch_first=True)
+    reg = Regularised(layer, zoneout=0.3, recurrent_dropout=0.4)
+    compiled = torch.compile(reg, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 5, 3)
+    torch._dynamo.reset()
+    first, second, plain = compiled(x)[0], compiled(x)[0], layer(x)[0]
+    assert not torch.allclose(first, plain) and not torch.allclose(first, second)
+    reg.eval()
+    torch.testing.assert_close(compiled(x)[0], plain)

@@ -17,7 +17,8 @@ global generator; ``sample_masks`` draws them, and ``forward(..., masks=...)`` t
 and two that change each step of the recurrence, applied inside the loops over time by the kernels
 (core/kernels/state_noise.py; the C++ loops of the built-in cells, the sLSTM and the layer-normalised
 LSTM and GRU, the generic kernel of a user's cell, the scan of minGRU and minLSTM (zoneout, in its
-coefficients), the reference loop), per (layer, direction):
+coefficients), the reference loop, and under ``torch.compile`` the traced loop of every cell), per
+(layer, direction):
 
 - zoneout (Krueger et al. 2016): at every step each unit keeps its whole previous state (every state
   field; its output is the kept ``h``) with probability ``zoneout``, a mask drawn per step, sequence
@@ -39,7 +40,6 @@ test time instead; here, as for every dropout, the plain layer).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import re
 from typing import NamedTuple
@@ -48,7 +48,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from rnnkit.core.kernels.state_noise import StateNoise, applying, drops_recurrent_input
+from rnnkit.core.kernels.state_noise import StateNoise, drops_recurrent_input
 
 
 class Masks(NamedTuple):
@@ -73,7 +73,11 @@ def bernoulli_bools(shape, p: float, device, generator) -> Tensor:
     geometric, ``floor(log(1 - u) / log(1 - q))`` for ``u`` uniform (float64) and ``q = min(p, 1 - p)``,
     so a mask costs one uniform per rare element instead of one per element (zoneout's (B, T, H)
     mask at p = 0.1: a tenth of the draws; ``bernoulli_`` on the whole mask took about 10% of an
-    LSTM layer's training step). Reproducible from ``generator`` as any draw."""
+    LSTM layer's training step). Reproducible from ``generator`` as any draw. Under ``torch.compile``,
+    whose graph cannot hold a loop that reads its draws' values, one uniform per element instead:
+    ``rand < p``, the same distribution."""
+    if torch.compiler.is_compiling():
+        return torch.rand(shape, device=device, generator=generator) < p
     n = math.prod(shape)
     rare = p <= 0.5  # the value whose positions are drawn
     q = p if rare else 1.0 - p
@@ -173,14 +177,10 @@ class Regularised(nn.Module):
         x = apply(x, masks.input)
         params = dict(self.layer.named_parameters())
         dropped = {name: params[name] * m for name, m in masks.weights.items()}
-        noise = contextlib.nullcontext()
-        if masks.state:
-            if torch.compiler.is_compiling():
-                raise NotImplementedError("zoneout and recurrent dropout run in eager mode, not under torch.compile")
-            cells = list(self.layer.cells)
-            noise = applying({cells[i]: n for i, n in masks.state.items()})
-        with noise:
-            output, state = functional_call(self.layer, dropped, (x, state), {"lengths": lengths}, strict=False)
+        options = {"lengths": lengths}
+        if masks.state:  # the layer applies them in whichever route runs it, traced ones included
+            options["state_noise"] = masks.state
+        output, state = functional_call(self.layer, dropped, (x, state), options, strict=False)
         return apply(output, masks.output), state
 
     def extra_repr(self) -> str:
