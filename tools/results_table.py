@@ -242,7 +242,8 @@ TABLES: dict[str, tuple[str, Callable[[list[Run]], str]]] = {  # NAME -> (run-na
     "lm-sweep": ("lm-sweep", lm_table),
     "lm-cells": ("lm-cell-", lm_table),
     "lm-war-and-peace": ("lm-war-and-peace", lm_table),
-    "sort": ("sort-", sort_table),
+    "sort": ("sort-default", sort_table),
+    "sort-long": ("sort-long-", sort_table),
     "classify-agnews": ("classify-agnews", classify_table),
 }
 PAGES = {name: ROOT / "docs" / "tasks" / f"{name.split('-')[0]}.md" for name in TABLES}
@@ -275,7 +276,7 @@ def figures(root: Path = RUNS) -> list[Path]:
     FIGURES.mkdir(parents=True, exist_ok=True)
     for name, (prefix, _) in TABLES.items():
         chosen = runs(prefix, root)
-        key = {"sort": "val_accuracy", "classify-agnews": "val_accuracy"}.get(name, "val_loss")
+        key = "val_accuracy" if name.startswith(("sort", "classify")) else "val_loss"
         if all(sum(key in row for row in r.rows) < 2 for r in chosen):
             key = "train_loss"  # evaluated only at the end: the training curve instead
         chosen = [r for r in chosen if any(key in row for row in r.rows)]
