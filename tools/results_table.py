@@ -283,6 +283,8 @@ def figures(root: Path = RUNS) -> list[Path]:
         if not chosen:
             continue
         fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
+        if len(chosen) > 10:  # more runs than the default cycle has colours
+            ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)
         for run in chosen:
             pts = [(row["time"], row[key]) for row in run.rows if key in row]
             ax.plot([t for t, _ in pts], [v for _, v in pts], marker=".", label=run.name)
