@@ -441,3 +441,39 @@ def test_one_layer_classifier_builds_without_the_between_layer_dropout_warning(c
     model.rnn.load_state_dict(before.state_dict())  # strict: the same parameters as before
     two = ByteClassifier(dataclasses.replace(config, layers=2), num_classes=3)
     assert two.rnn.dropout == 0.2  # several layers: --dropout between them, as before
+
+
+def test_feature_dropout_drops_whole_hashed_vectors_in_training_only():
+    """--feature-dropout: in training each byte's input is its byte vector plus 1/(1-p) times the sum
+    of a subset of its hashed n-gram and word vectors; in eval, all of them, as without it."""
+    import itertools
+
+    from rnnkit.tasks.classify import ngram_ids, word_ids
+
+    p = 0.5
+    config = ClassifyConfig(ngrams=4, words=True, hidden=8, embed=8, e_dim=8, buckets=97, feature_dropout=p)
+    model = ByteClassifier(config, num_classes=3)
+    x = torch.tensor([list(b"the cat sat on the mat, twice")])
+    ids = torch.cat([ngram_ids(x, 4, 97), word_ids(x, 97)], dim=2)[0]  # (T, F)
+    byte = model.byte_embedding(x)[0]
+    table = model.ngram_embedding.weight
+    plain = ByteClassifier(dataclasses.replace(config, feature_dropout=0.0), num_classes=3)
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval().inputs(x), plain.eval().inputs(x))
+        torch.manual_seed(0)
+        dropped = (model.train().inputs(x)[0] - byte) * (1 - p)  # (T, E)
+    kept_counts = []
+    for t in range(x.shape[1]):
+        vectors = table[ids[t]].detach()  # (F, E)
+        subsets = [s for r in range(5) for s in itertools.combinations(range(4), r)]
+        sums = torch.stack([vectors[list(s)].sum(0) if s else torch.zeros(8) for s in subsets])
+        errors = (sums - dropped[t]).abs().amax(dim=1)
+        assert errors.min() < 1e-5, f"byte {t} is not a subset of its feature vectors"
+        kept_counts.append(len(subsets[int(errors.argmin())]))
+    kept = sum(kept_counts) / (4 * len(kept_counts))
+    assert 0.25 < kept < 0.75  # about half of 116 features kept
+    with pytest.raises(UsageError, match="--feature-dropout must be in"):
+        ClassifyConfig(feature_dropout=1.0)
+    with pytest.raises(UsageError, match="--feature-dropout needs hashed features"):
+        ClassifyConfig(ngrams=1, words=False, feature_dropout=0.1)

@@ -47,3 +47,21 @@ def test_a_table_row_and_its_command_come_from_the_run_directory(tmp_path):
     assert out.startswith("x\n") and out.endswith("<!-- /results:lm-shakespeare -->\ny\n") and "old" not in out
     shutil.rmtree(run)
     assert "(no runs yet)" in rt.render(page, root=tmp_path)
+
+
+def test_collect_names_the_run_as_runs_name_however_the_eval_was_given_it(tmp_path, monkeypatch):
+    """An eval run on a relative path (`rnnkit eval my-run`) and collected by its absolute path shows
+    `runs/NAME` in the docs' commands, as one run from an absolute path does; data paths keep their names."""
+    rt = tool()
+    run = tmp_path / "work" / "my-run"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"task": "sort", "task_config": {"data": None}, "train": {}}))
+    (run / "metrics.jsonl").write_text("")
+    for name, given in (("rel", "my-run"), ("abs", str(run))):
+        command = ["rnnkit", "eval", given, "--data", "/data/test.csv", "--json"]
+        (run / f"eval-{name}.json").write_text(json.dumps({"command": command, "run_dir": given, "metrics": {}}))
+    dest = rt.collect(run, "sort-x", root=tmp_path / "docs")
+    for name in ("rel", "abs"):
+        doc = json.loads((dest / f"eval-{name}.json").read_text())
+        assert doc["command"] == ["rnnkit", "eval", "runs/sort-x", "--data", "test.csv", "--json"]
+        assert doc["run_dir"] == "runs/sort-x"

@@ -202,23 +202,28 @@ def sort_table(rows: list[Run]) -> str:
         }
     )
     head = (
-        "| run | checkpoint | encoding | trained N | budget | steps | " + " | ".join(f"N={n}" for n in lengths) + " |"
+        "| run | decoder | encoding | trained N | budget | steps | checkpoint | decoding | "
+        + " | ".join(f"N={n}" for n in lengths)
+        + " |"
     )
     body = []
     for run in rows:
         tc = run.tc
         enc = "floats" if tc["floats"] else ("integers + magnitude" if tc["int_value"] else "integer tokens only")
-        for e in run.evals.values():
+        for e in sorted(run.evals.values(), key=lambda e: "--beam" in e["command"]):  # greedy first
             m, command = e["metrics"], e["command"]
             checkpoint = command[command.index("--checkpoint") + 1] if "--checkpoint" in command else "best"
+            beam = int(command[command.index("--beam") + 1]) if "--beam" in command else tc.get("beam", 1)
             cells = [
                 f"{_pct(m[f'exact@{n}'])} ({_pct(m[f'accuracy@{n}'])})" if f"exact@{n}" in m else "-" for n in lengths
             ]
             body.append(
-                f"| `{run.name}` | {checkpoint} | {enc} | {tc['min_len']}-{tc['max_len']} | {_budget(run)} "
-                f"| {run.steps:,} | " + " | ".join(cells) + " |"
+                f"| `{run.name}` | {tc.get('decoder', 'pointer')} | {enc} | {tc['min_len']}-{tc['max_len']} "
+                f"| {_budget(run)} | {run.steps:,} | {checkpoint} | {'greedy' if beam == 1 else f'beam {beam}'} | "
+                + " | ".join(cells)
+                + " |"
             )
-    sep = "| --- " * (6 + len(lengths)) + "|"
+    sep = "| --- " * (8 + len(lengths)) + "|"
     return "\n".join([head, sep, *body]) + "\n\n" + _commands(rows)
 
 
@@ -244,6 +249,7 @@ TABLES: dict[str, tuple[str, Callable[[list[Run]], str]]] = {  # NAME -> (run-na
     "lm-war-and-peace": ("lm-war-and-peace", lm_table),
     "sort": ("sort-default", sort_table),
     "sort-long": ("sort-long-", sort_table),
+    "sort-decoders": ("sort-decoder-", sort_table),
     "classify-agnews": ("classify-agnews", classify_table),
 }
 PAGES = {name: ROOT / "docs" / "tasks" / f"{name.split('-')[0]}.md" for name in TABLES}
@@ -328,14 +334,16 @@ def collect(run_dir: Path, name: str, root: Path = RUNS) -> Path:
     (dest / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for p in sorted(run_dir.glob("eval-*.json")):
         doc = json.loads(p.read_text())
-        doc["command"] = [_local(arg, run_dir, name) for arg in doc["command"]]
+        doc["command"] = [_local(arg, (str(run_dir), doc["run_dir"]), name) for arg in doc["command"]]
         doc["run_dir"] = f"runs/{name}"
         (dest / p.name).write_text(json.dumps(doc, indent=1) + "\n")
     return dest
 
 
-def _local(arg: str, run_dir: Path, name: str) -> str:
-    if arg == str(run_dir):
+def _local(arg: str, run_dirs: tuple[str, ...], name: str) -> str:
+    """One argument of a command as the docs show it: the run (as given, or as the eval named it) as
+    runs/NAME, an absolute path by its file name."""
+    if arg in run_dirs:
         return f"runs/{name}"
     return Path(arg).name if arg.startswith("/") else arg
 

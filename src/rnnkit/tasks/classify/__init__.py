@@ -1,9 +1,8 @@
 """The classify task (many-to-one): labelled text in, one class per text out, read byte by byte.
 
 The text's bytes (all 256 values of UTF-8; bytes >= 128 are symbols of their own) run through a
-bidirectional multi-layer RNN; the forward direction's output at each text's own last byte and the
-backward direction's output at its first byte are each projected to `--e-dim` (128), added, and
-projected to the classes. True lengths go to the layer, so padding is never read as text.
+bidirectional RNN with each text's true length, so padding is never read as text; each direction's
+outputs are pooled (`--pooling`), projected to `--e-dim` (128), added, and projected to the classes.
 
     rnnkit train classify --data ag_news/                    folder with train.csv, test.csv, classes.txt
     rnnkit eval RUN_DIR --data ag_news/test.csv              accuracy, per-class P/R/F1, confusion.png
@@ -16,15 +15,17 @@ Data. A CSV row is `label,text[,text...]` (AG News: `"3","title","description"`)
 labels, class names and the validation split. Without `--data` the AG News CSVs are downloaded once
 into the cache (`$RNNKIT_CACHE`, default ~/.cache/rnnkit) and checked against their published checksums.
 
-Model. The defaults are one-hot bytes, a 3-layer bidirectional LSTM of 512, the forward output at the
-last byte plus the backward output at the first. What reached the best AG News accuracy per CPU
-minute is a small learned variant (README, "Text classification"):
-`--input embedding --ngrams 4 --patch 8 --cell gru --hidden 128 --layers 1 --pooling mean --dropout 0.2`.
+Model. The defaults are what reached the best AG News accuracy per CPU minute (docs/tasks/classify.md):
+a learned byte embedding plus hashed byte 2-4-gram and word embeddings, 8 bytes per step, one
+bidirectional GRU layer of 128, mean pooling, dropout 0.2. The classic character-level model of
+earlier versions is `--input onehot --ngrams 1 --no-words --patch 1 --cell lstm --hidden 512
+--layers 3 --pooling ends --dropout 0`.
 
     x (B, T) bytes -> input vectors (B, T, V)     one-hot (V = 256) or a learned embedding of each byte,
                                                   plus hashed embeddings of the 2..ngrams bytes ending there
                                                   and of the word so far (`--words`) and the pair
                                                   (previous word, word so far) (`--word-pairs`), all summed
+                                                  (`--feature-dropout` drops whole hashed vectors in training)
                    -> (B, T/patch, patch*V)       `--patch` consecutive bytes per RNN step (1 = one byte)
                    -> bidirectional RNN (B, S, 2H) with each text's true length
     ends:      f = out[b, len_b - 1, :H], g = out[b, 0, H:]

@@ -73,7 +73,12 @@ class ByteClassifier(nn.Module):
             ids.append(word_ids(x, self.config.buckets, pairs=self.config.word_pairs))
         if ids:
             assert self.ngram_embedding is not None  # made whenever n-grams or words are on
-            e = e + self.ngram_embedding(torch.cat(ids, dim=2)).sum(dim=2)
+            features = self.ngram_embedding(torch.cat(ids, dim=2))  # (B, T, F, E)
+            p = self.config.feature_dropout
+            if self.training and p > 0:  # whole vectors: a dropped feature is absent at that byte
+                keep = torch.rand(features.shape[:3], device=x.device) >= p
+                features = features * (keep.unsqueeze(3).to(features.dtype) / (1 - p))
+            e = e + features.sum(dim=2)
         return e
 
     def forward(self, x: Tensor, lengths: Tensor, targets: Tensor | None = None):

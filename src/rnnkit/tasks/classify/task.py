@@ -78,6 +78,11 @@ class ClassifyConfig(RegulariserOptions):
     )
     e_dim: int = option(128, "each direction is projected to this size and the two are added")
     dropout: float = option(0.2, "dropout on the inputs, between layers and before the classifier")
+    feature_dropout: float = option(
+        0.0,
+        "in training, drop each hashed n-gram and word embedding at each byte with this probability "
+        "(the whole vector; the kept ones are scaled by 1/(1-p))",
+    )
     batch_size: int = option(128, "texts per step, summed over all processes")
     eval_batch_size: int = option(512, "texts per forward pass in eval and predict", resumable=True)
     data_seed: int = option(0, "seed of the training order (the validation split never depends on it)")
@@ -96,6 +101,7 @@ class ClassifyConfig(RegulariserOptions):
             "layers": 3,
             "pooling": "ends",
             "dropout": 0.0,
+            "feature_dropout": 0.0,
         }
         return then | dict(values)
 
@@ -116,8 +122,11 @@ class ClassifyConfig(RegulariserOptions):
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise UsageError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UsageError(f"--dropout must be in [0, 1), got {self.dropout}")
+        for name in ("dropout", "feature_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
+        if self.feature_dropout and not (self.ngrams > 1 or self.words):
+            raise UsageError("--feature-dropout needs hashed features (--ngrams > 1 or --words)")
         if self.word_pairs and not self.words:
             raise UsageError("--word-pairs needs --words")
         if (self.ngrams > 1 or self.words) and self.input == "onehot":
