@@ -318,7 +318,16 @@ def test_default_configuration_and_the_one_hot_model_of_earlier_versions():
     from rnnkit.engine.config import from_saved
 
     assert ClassifyConfig() == ClassifyConfig(
-        input="embedding", ngrams=4, words=True, patch=8, pooling="mean", cell="gru", hidden=128, layers=1, dropout=0.2
+        input="embedding",
+        ngrams=4,
+        words=True,
+        patch=8,
+        pooling="mean",
+        cell="gru",
+        hidden=128,
+        layers=1,
+        dropout=0.2,
+        feature_dropout=0.6,
     )  # the defaults
     config = from_saved(ClassifyConfig, {"hidden": 8, "e_dim": 8})  # a config.json from before those defaults
     assert config == ClassifyConfig(
@@ -332,6 +341,7 @@ def test_default_configuration_and_the_one_hot_model_of_earlier_versions():
         layers=3,
         e_dim=8,
         dropout=0.0,
+        feature_dropout=0.0,
     )
     model = ByteClassifier(config, num_classes=4)
     assert model.rnn.input_size == 256 and model.rnn.num_layers == 3 and model.rnn.bidirectional

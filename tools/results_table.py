@@ -106,8 +106,9 @@ def train_command(run: Run) -> str:
 
     task_cls = load_task_class(run.task, run.config.get("task_class"))
     task_defaults = {f.name: f.default for f in dataclasses.fields(task_cls.Config)}
+    upgrade = getattr(task_cls.Config, "upgrade_saved", None)  # a setting the run's version had not: its value then
     parts = [f"rnnkit train {run.task}"]
-    for name, value in run.tc.items():
+    for name, value in (run.tc | upgrade(dict(run.tc)) if upgrade else run.tc).items():
         if name == "data" and value:
             parts.append(f"--data {Path(value).name}")
         elif name not in SKIPPED_FLAGS and task_defaults.get(name, object()) != value:
@@ -229,14 +230,15 @@ def sort_table(rows: list[Run]) -> str:
 
 def classify_table(rows: list[Run]) -> str:
     head = (
-        "| run | budget | steps | training loss | best validation accuracy | test accuracy |\n"
-        "| --- | --- | --- | --- | --- | --- |"
+        "| run | feature dropout | budget | steps | training loss | best validation accuracy | test accuracy |\n"
+        "| --- | --- | --- | --- | --- | --- | --- |"
     )
     body = []
     for run in rows:
         best = max((r["val_accuracy"] for r in run.rows if "val_accuracy" in r), default=None)
         body.append(
-            f"| `{run.name}` | {_budget(run)} | {run.steps:,} | {_f(run.last('train_loss'))} "
+            f"| `{run.name}` | {run.tc.get('feature_dropout', 0.0):g} | {_budget(run)} | {run.steps:,} "
+            f"| {_f(run.last('train_loss'))} "
             f"| {_pct(best)}% | **{_pct(run.metric('test', 'accuracy'))}%** |"
         )
     return "\n".join([head, *body]) + "\n\n" + _commands(rows)
@@ -251,6 +253,7 @@ TABLES: dict[str, tuple[str, Callable[[list[Run]], str]]] = {  # NAME -> (run-na
     "sort-long": ("sort-long-", sort_table),
     "sort-decoders": ("sort-decoder-", sort_table),
     "classify-agnews": ("classify-agnews", classify_table),
+    "classify-feature-dropout": ("classify-fd-", classify_table),
 }
 PAGES = {name: ROOT / "docs" / "tasks" / f"{name.split('-')[0]}.md" for name in TABLES}
 

@@ -79,7 +79,7 @@ class ClassifyConfig(RegulariserOptions):
     e_dim: int = option(128, "each direction is projected to this size and the two are added")
     dropout: float = option(0.2, "dropout on the inputs, between layers and before the classifier")
     feature_dropout: float = option(
-        0.0,
+        0.6,
         "in training, drop each hashed n-gram and word embedding at each byte with this probability "
         "(the whole vector; the kept ones are scaled by 1/(1-p))",
     )
