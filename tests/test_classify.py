@@ -473,7 +473,7 @@ def test_feature_dropout_drops_whole_hashed_vectors_in_training_only():
         torch.testing.assert_close(model.eval().inputs(x), plain.eval().inputs(x))
         torch.manual_seed(0)
         dropped = (model.train().inputs(x)[0] - byte) * (1 - p)  # (T, E)
-    kept_counts = []
+    kept_counts, kept_subsets = [], []
     for t in range(x.shape[1]):
         vectors = table[ids[t]].detach()  # (F, E)
         subsets = [s for r in range(5) for s in itertools.combinations(range(4), r)]
@@ -481,9 +481,14 @@ def test_feature_dropout_drops_whole_hashed_vectors_in_training_only():
         errors = (sums - dropped[t]).abs().amax(dim=1)
         assert errors.min() < 1e-5, f"byte {t} is not a subset of its feature vectors"
         kept_counts.append(len(subsets[int(errors.argmin())]))
+        kept_subsets.append(subsets[int(errors.argmin())])
     kept = sum(kept_counts) / (4 * len(kept_counts))
     assert 0.25 < kept < 0.75  # about half of 116 features kept
+    assert len(set(kept_subsets)) > 4  # drawn per byte, not one mask for the text
     with pytest.raises(UsageError, match="--feature-dropout must be in"):
         ClassifyConfig(feature_dropout=1.0)
-    with pytest.raises(UsageError, match="--feature-dropout needs hashed features"):
-        ClassifyConfig(ngrams=1, words=False, feature_dropout=0.1)
+    # the one-hot model of earlier versions has no hashed features: the default drops nothing there
+    onehot = ClassifyConfig(input="onehot", ngrams=1, words=False, patch=1, hidden=8, e_dim=8)
+    assert onehot.feature_dropout == 0.6
+    logits, _ = ByteClassifier(onehot, num_classes=3).train()(x, torch.tensor([x.shape[1]]))
+    assert logits.shape == (1, 3)

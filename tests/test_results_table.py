@@ -49,7 +49,7 @@ def test_a_table_row_and_its_command_come_from_the_run_directory(tmp_path):
     assert "(no runs yet)" in rt.render(page, root=tmp_path)
 
 
-def test_collect_names_the_run_as_runs_name_however_the_eval_was_given_it(tmp_path, monkeypatch):
+def test_collect_names_the_run_as_runs_name_however_the_eval_was_given_it(tmp_path):
     """An eval run on a relative path (`rnnkit eval my-run`) and collected by its absolute path shows
     `runs/NAME` in the docs' commands, as one run from an absolute path does; data paths keep their names."""
     rt = tool()
@@ -65,3 +65,19 @@ def test_collect_names_the_run_as_runs_name_however_the_eval_was_given_it(tmp_pa
         doc = json.loads((dest / f"eval-{name}.json").read_text())
         assert doc["command"] == ["rnnkit", "eval", "runs/sort-x", "--data", "test.csv", "--json"]
         assert doc["run_dir"] == "runs/sort-x"
+
+
+def test_a_setting_an_earlier_version_lacked_is_read_as_its_value_then(tmp_path):
+    """A classify run saved before --feature-dropout existed trained without it: its table row says 0
+    and its command passes --feature-dropout 0, since today's default is not 0."""
+    rt = tool()
+    run = tmp_path / "classify-agnews-old"
+    run.mkdir()
+    task = {"data": "/x/train.csv", "input": "embedding", "ngrams": 4, "words": True, "patch": 8, "cell": "gru"}
+    task |= {"hidden": 128, "layers": 1, "pooling": "mean", "dropout": 0.2}
+    train = {"steps": None, "time_budget": 600.0, "threads": 1}
+    (run / "config.json").write_text(json.dumps({"task": "classify", "task_config": task, "train": train}))
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 10, "time": 600.0, "val_accuracy": 0.5}) + "\n")
+    out = rt.render("<!-- results:classify-agnews -->\n<!-- /results:classify-agnews -->\n", root=tmp_path)
+    assert "| `classify-agnews-old` | 0 | 600 s, 1 thread | 10 |" in out
+    assert "rnnkit train classify --data train.csv --feature-dropout 0 --time-budget 600 --threads 1" in out

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import re
 import shutil
@@ -46,8 +47,24 @@ class Run:
         return self.config["task"]
 
     @property
+    def task_class(self) -> type:
+        sys.path.insert(0, str(ROOT / "src"))
+        from rnnkit.tasks.base import load_task_class
+
+        return load_task_class(self.task, self.config.get("task_class"))
+
+    @functools.cached_property
     def tc(self) -> dict[str, Any]:
-        return self.config["task_config"]
+        """The task's settings read as `rnnkit` loads the run: through the task's `upgrade_saved`, which
+        gives a setting the run's version had not its value then and an old name its new one (the
+        saved order kept), and a setting it does not name today's default."""
+        saved, config = self.config["task_config"], self.task_class.Config
+        upgrade = getattr(config, "upgrade_saved", None)
+        upgraded = upgrade(dict(saved)) if upgrade else dict(saved)
+        defaults = {f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING}
+        return {k: upgraded[k] for k in saved if k in upgraded} | upgraded | {
+            k: v for k, v in defaults.items() if k not in upgraded
+        }
 
     @property
     def train(self) -> dict[str, Any]:
@@ -100,15 +117,12 @@ def _num(value: Any) -> str:
 def train_command(run: Run) -> str:
     """`rnnkit train TASK ...` with the flags whose values differ from today's defaults (the data by its
     file name), so it trains the same configuration again."""
-    sys.path.insert(0, str(ROOT / "src"))
+    task_cls = run.task_class
     from rnnkit.engine.trainer import TrainConfig, budget_defaults
-    from rnnkit.tasks.base import load_task_class
 
-    task_cls = load_task_class(run.task, run.config.get("task_class"))
     task_defaults = {f.name: f.default for f in dataclasses.fields(task_cls.Config)}
-    upgrade = getattr(task_cls.Config, "upgrade_saved", None)  # a setting the run's version had not: its value then
     parts = [f"rnnkit train {run.task}"]
-    for name, value in (run.tc | upgrade(dict(run.tc)) if upgrade else run.tc).items():
+    for name, value in run.tc.items():
         if name == "data" and value:
             parts.append(f"--data {Path(value).name}")
         elif name not in SKIPPED_FLAGS and task_defaults.get(name, object()) != value:
@@ -192,7 +206,8 @@ def lm_table(rows: list[Run]) -> str:
 
 
 def sort_table(rows: list[Run]) -> str:
-    """One row per `rnnkit eval` of each run (its checkpoint named), exact % (per-element %) per N."""
+    """One row per `rnnkit eval` of each run (its decoder, checkpoint and decoding named), exact %
+    (per-element %) per N."""
     lengths = sorted(
         {
             int(k.split("@")[1])
@@ -214,12 +229,12 @@ def sort_table(rows: list[Run]) -> str:
         for e in sorted(run.evals.values(), key=lambda e: "--beam" in e["command"]):  # greedy first
             m, command = e["metrics"], e["command"]
             checkpoint = command[command.index("--checkpoint") + 1] if "--checkpoint" in command else "best"
-            beam = int(command[command.index("--beam") + 1]) if "--beam" in command else tc.get("beam", 1)
+            beam = int(command[command.index("--beam") + 1]) if "--beam" in command else tc["beam"]
             cells = [
                 f"{_pct(m[f'exact@{n}'])} ({_pct(m[f'accuracy@{n}'])})" if f"exact@{n}" in m else "-" for n in lengths
             ]
             body.append(
-                f"| `{run.name}` | {tc.get('decoder', 'pointer')} | {enc} | {tc['min_len']}-{tc['max_len']} "
+                f"| `{run.name}` | {tc['decoder']} | {enc} | {tc['min_len']}-{tc['max_len']} "
                 f"| {_budget(run)} | {run.steps:,} | {checkpoint} | {'greedy' if beam == 1 else f'beam {beam}'} | "
                 + " | ".join(cells)
                 + " |"
@@ -237,7 +252,7 @@ def classify_table(rows: list[Run]) -> str:
     for run in rows:
         best = max((r["val_accuracy"] for r in run.rows if "val_accuracy" in r), default=None)
         body.append(
-            f"| `{run.name}` | {run.tc.get('feature_dropout', 0.0):g} | {_budget(run)} | {run.steps:,} "
+            f"| `{run.name}` | {run.tc['feature_dropout']:g} | {_budget(run)} | {run.steps:,} "
             f"| {_f(run.last('train_loss'))} "
             f"| {_pct(best)}% | **{_pct(run.metric('test', 'accuracy'))}%** |"
         )

@@ -81,7 +81,7 @@ class ClassifyConfig(RegulariserOptions):
     feature_dropout: float = option(
         0.6,
         "in training, drop each hashed n-gram and word embedding at each byte with this probability "
-        "(the whole vector; the kept ones are scaled by 1/(1-p))",
+        "(the whole vector; the kept ones are scaled by 1/(1-p); nothing to drop without --ngrams > 1 or --words)",
     )
     batch_size: int = option(128, "texts per step, summed over all processes")
     eval_batch_size: int = option(512, "texts per forward pass in eval and predict", resumable=True)
@@ -125,8 +125,6 @@ class ClassifyConfig(RegulariserOptions):
         for name in ("dropout", "feature_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
-        if self.feature_dropout and not (self.ngrams > 1 or self.words):
-            raise UsageError("--feature-dropout needs hashed features (--ngrams > 1 or --words)")
         if self.word_pairs and not self.words:
             raise UsageError("--word-pairs needs --words")
         if (self.ngrams > 1 or self.words) and self.input == "onehot":
