@@ -290,7 +290,8 @@ def stale(root: Path = RUNS) -> list[Path]:
 
 # ---- figures --------------------------------------------------------------------------------------
 def figures(root: Path = RUNS) -> list[Path]:
-    """Validation curves against wall time, one figure per table with runs."""
+    """Validation curves against time (wall or CPU, as the runs' budgets counted it), one figure per table
+    with runs."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -314,7 +315,8 @@ def figures(root: Path = RUNS) -> list[Path]:
             ax.plot([t for t, _ in pts], [v for _, v in pts], marker=".", label=run.name)
         labels = {"val_loss": "validation nats/char", "train_loss": "training loss (nats)"}
         ax.set_ylabel(labels.get(key, "validation accuracy"))
-        ax.set_xlabel("CPU time, s" if all(r.train.get("clock") == "cpu" for r in chosen) else "wall time, s")
+        clocks = {r.train.get("clock", "wall") for r in chosen}
+        ax.set_xlabel({"cpu": "CPU time, s", "wall": "wall time, s"}.get(*clocks) if len(clocks) == 1 else "time, s")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()
