@@ -62,9 +62,11 @@ class Run:
         upgrade = getattr(config, "upgrade_saved", None)
         upgraded = upgrade(dict(saved)) if upgrade else dict(saved)
         defaults = {f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING}
-        return {k: upgraded[k] for k in saved if k in upgraded} | upgraded | {
-            k: v for k, v in defaults.items() if k not in upgraded
-        }
+        return (
+            {k: upgraded[k] for k in saved if k in upgraded}
+            | upgraded
+            | {k: v for k, v in defaults.items() if k not in upgraded}
+        )
 
     @property
     def train(self) -> dict[str, Any]:
