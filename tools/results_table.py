@@ -48,7 +48,8 @@ class Run:
 
     @property
     def task_class(self) -> type:
-        sys.path.insert(0, str(ROOT / "src"))
+        if str(ROOT / "src") not in sys.path:
+            sys.path.insert(0, str(ROOT / "src"))
         from rnnkit.tasks.base import load_task_class
 
         return load_task_class(self.task, self.config.get("task_class"))
@@ -318,7 +319,7 @@ def figures(root: Path = RUNS) -> list[Path]:
         labels = {"val_loss": "validation nats/char", "train_loss": "training loss (nats)"}
         ax.set_ylabel(labels.get(key, "validation accuracy"))
         clocks = {r.train.get("clock", "wall") for r in chosen}
-        ax.set_xlabel({"cpu": "CPU time, s", "wall": "wall time, s"}.get(*clocks) if len(clocks) == 1 else "time, s")
+        ax.set_xlabel({"cpu": "CPU time, s", "wall": "wall time, s"}[clocks.pop()] if len(clocks) == 1 else "time, s")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()

@@ -17,9 +17,9 @@ into the cache (`$RNNKIT_CACHE`, default ~/.cache/rnnkit) and checked against th
 
 Model. The defaults are what reached the best AG News accuracy per CPU minute (docs/tasks/classify.md):
 a learned byte embedding plus hashed byte 2-4-gram and word embeddings, 8 bytes per step, one
-bidirectional GRU layer of 128, mean pooling, dropout 0.2, feature dropout 0.6. The classic character-level model of
-earlier versions is `--input onehot --ngrams 1 --no-words --patch 1 --cell lstm --hidden 512
---layers 3 --pooling ends --dropout 0`.
+bidirectional GRU layer of 128, mean pooling, dropout 0.2, feature dropout 0.6. The classic
+character-level model of earlier versions is `--input onehot --ngrams 1 --no-words --patch 1
+--cell lstm --hidden 512 --layers 3 --pooling ends --dropout 0`.
 
     x (B, T) bytes -> input vectors (B, T, V)     one-hot (V = 256) or a learned embedding of each byte,
                                                   plus hashed embeddings of the 2..ngrams bytes ending there
