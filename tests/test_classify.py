@@ -34,7 +34,7 @@ from rnnkit.tasks.classify import (
 from rnnkit.tasks.download import RemoteFile
 
 KEYWORDS = {"alpha": "volcano", "beta": "harbour", "gamma": "quartet"}
-# the README's tuned variant (the defaults are the slower one-hot LSTM of 3 x 512), at toy size
+# the default model at toy size
 TINY = [
     "--input",
     "embedding",
@@ -56,6 +56,8 @@ TINY = [
     "--e-dim",
     "16",
     "--buckets",
+    "512",
+    "--bag-buckets",
     "512",
     "--patch",
     "4",
@@ -304,6 +306,7 @@ def test_padding_is_never_read(pooling, patch, cell, pairs):
         buckets=64,
         layers=2,
         word_pairs=pairs,
+        bag_buckets=101,
     )
     model = ByteClassifier(config, num_classes=3).eval()
     x = torch.randint(0, 256, (2, 11))
@@ -328,6 +331,8 @@ def test_default_configuration_and_the_one_hot_model_of_earlier_versions():
         layers=1,
         dropout=0.2,
         feature_dropout=0.6,
+        bag=True,
+        max_epochs=8.0,
     )  # the defaults
     config = from_saved(ClassifyConfig, {"hidden": 8, "e_dim": 8})  # a config.json from before those defaults
     assert config == ClassifyConfig(
@@ -342,6 +347,8 @@ def test_default_configuration_and_the_one_hot_model_of_earlier_versions():
         e_dim=8,
         dropout=0.0,
         feature_dropout=0.0,
+        bag=False,
+        max_epochs=None,
     )
     model = ByteClassifier(config, num_classes=4)
     assert model.rnn.input_size == 256 and model.rnn.num_layers == 3 and model.rnn.bidirectional
@@ -492,3 +499,45 @@ def test_feature_dropout_drops_whole_hashed_vectors_in_training_only():
     assert onehot.feature_dropout == 0.6
     logits, _ = ByteClassifier(onehot, num_classes=3).train()(x, torch.tensor([x.shape[1]]))
     assert logits.shape == (1, 3)
+
+
+def test_bag_model_is_the_mean_of_its_words_and_word_pairs_trained_on_its_own_loss():
+    """--bag: a second model, the mean of the vectors of the text's words and word pairs (within its
+    length), trained on its own cross-entropy beside the recurrent model's; the prediction adds the
+    two models' log-probabilities."""
+    from torch.nn import functional as F
+
+    from rnnkit.tasks.classify import word_ids
+
+    config = ClassifyConfig(hidden=8, embed=8, e_dim=8, buckets=97, bag_buckets=101)
+    model = ByteClassifier(config, num_classes=3).eval()
+    x = torch.tensor([list(b"ab cd, ef gh")])  # words end at bytes 1, 4, 8, 11
+    ids = word_ids(x, 101, pairs=True)[0]
+    table = model.bag.weight.detach()
+    for length, ends in [(12, [1, 4, 8, 11]), (9, [1, 4, 8]), (2, [1])]:
+        rows = [table[ids[t, 0]] for t in ends] + [table[ids[t, 1]] for t in ends[1:]]
+        expected = model.bag_classifier(torch.stack(rows).mean(0))
+        torch.testing.assert_close(model.bag_logits(x, torch.tensor([length]))[0], expected)
+    lengths, y = torch.tensor([12]), torch.tensor([2])
+    logits, loss = model(x, lengths, y)
+    without = ByteClassifier(dataclasses.replace(config, bag=False), num_classes=3).eval()
+    without.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("bag")})
+    recurrent, _ = without(x, lengths)
+    bag = model.bag_logits(x, lengths)
+    torch.testing.assert_close(logits, recurrent.log_softmax(1) + bag.log_softmax(1))
+    torch.testing.assert_close(loss, F.cross_entropy(recurrent, y) + F.cross_entropy(bag, y))
+    assert ByteClassifier(dataclasses.replace(config, bag=False), num_classes=3).bag is None
+
+
+def test_max_epochs_ends_a_time_budget_after_that_many_passes(tmp_path, capsys):
+    """--max-epochs under a --time-budget: 24 training rows in batches of 24, 3 passes = 3 steps, long
+    before the budget; the best checkpoint and the learning rate's decay come from those steps."""
+    data = write_csv(tmp_path / "train.csv", generated_rows(24))
+    args = ["train", "classify", "--data", str(data), *TINY, "--warmup-steps", "0", "--progress", "lines"]
+    run = tmp_path / "run"
+    assert main([*args, "--max-epochs", "3", "--time-budget", "600", "--out", str(run), "--no-plot"]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in rows) == 3 and "done at step 3" in capsys.readouterr().err
+    assert main([*args, "--max-epochs", "0", "--time-budget", "600", "--out", str(tmp_path / "bad")]) == 2
+    assert "--max-epochs must be positive" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

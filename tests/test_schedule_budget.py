@@ -26,6 +26,9 @@ def test_the_learning_rate_follows_the_elapsed_share_of_the_budget():
     assert [lr_at(3, linear, t) for t in (0.0, 25.0, 100.0)] == pytest.approx([1.0, 0.75, 0.0])
     stepped = TrainConfig(steps=110, time_budget=1.0, warmup_steps=10, lr=1.0)  # --steps set: by steps
     assert lr_at(60, stepped, 99.0) == pytest.approx(0.55)
+    # a task's step cap under the budget: whichever is further along sets the schedule
+    assert [lr_at(55, c, t, cap=105) for t in (0.0, 50.0, 75.0)] == pytest.approx([0.55, 0.55, 0.2318], abs=1e-4)
+    assert lr_at(60, stepped, 0.0, cap=20) == pytest.approx(0.55)  # --steps given: the cap is not read
 
 
 def test_a_budget_without_steps_lifts_the_step_limit_and_spreads_the_evaluations():
@@ -148,3 +151,57 @@ def test_a_tie_with_the_best_evaluation_moves_the_best_checkpoint_to_the_later_o
         progress="lines",
     )
     assert summary["best"] == {"metric": "loss", "value": 1.0, "step": 4}
+
+
+def test_a_task_step_cap_ends_a_timed_run_early_with_its_schedule_and_evaluations(tmp_path, monkeypatch):
+    """Task.budget_steps (classify's --max-epochs): under a budget the run ends at whichever comes
+    first, and the learning rate decays and the evaluations are spaced over that."""
+    from rnnkit.engine.fit import ModelTask
+
+    clock = Clock()
+    monkeypatch.setattr(trainer_module, "_clock", clock)
+    monkeypatch.setattr(ModelTask, "budget_steps", lambda self: 5)
+
+    def loss(out, target):  # each training step takes one second of the fake clock
+        if torch.is_grad_enabled():
+            clock.t += 1.0
+        return nn.functional.mse_loss(out, target)
+
+    x = torch.randn(32, 3)
+    _, summary = rnnkit.fit(
+        nn.Linear(3, 1),
+        (x, x.sum(1, keepdim=True)),
+        val=(x, x.sum(1, keepdim=True)),
+        loss=loss,
+        batch_size=8,
+        time_budget=20.0,
+        out=tmp_path / "run",
+        lr=0.1,
+        warmup_steps=0,
+        log_every=1,
+        threads=1,
+        device="cpu",
+        plot=False,
+        progress="lines",
+    )
+    assert (summary["step"], summary["stopped_by"]) == (5, "steps")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in rows if "lr" in r]  # over the 5 steps, not the 20 s the budget would allow
+    assert lrs == pytest.approx([0.1 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / 5))) for k in range(5)])
+    assert [r["step"] for r in rows if "val_loss" in r] == [1, 2, 3, 4, 5]
+    # a budget shorter than the cap: the budget ends the run, as without one
+    clock.t = 1000.0
+    monkeypatch.setattr(ModelTask, "budget_steps", lambda self: 50)
+    _, short = rnnkit.fit(
+        nn.Linear(3, 1),
+        (x, x.sum(1, keepdim=True)),
+        loss=loss,
+        batch_size=8,
+        time_budget=4.0,
+        out=tmp_path / "short",
+        threads=1,
+        device="cpu",
+        plot=False,
+        progress="lines",
+    )
+    assert (short["step"], short["stopped_by"]) == (4, "time_budget")

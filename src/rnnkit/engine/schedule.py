@@ -51,18 +51,24 @@ def _constant(progress: float, min_ratio: float) -> float:
 SCHEDULES: dict[str, Callable[[float, float], float]] = {"cosine": _cosine, "linear": _linear, "constant": _constant}
 
 
-def progress(step: int, elapsed: float, config) -> float:
+def progress(step: int, elapsed: float, config, cap: int | None = None) -> float:
     """How far the schedule is after warmup, in [0, 1]: by steps when `config.steps` is set, else by
-    `elapsed` seconds of the `config.time_budget`."""
+    `elapsed` seconds of the `config.time_budget`, or by `cap` steps where those come first (a task's
+    most useful steps under a budget, Task.budget_steps)."""
     if config.steps is None:
-        return min(1.0, max(0.0, elapsed / config.time_budget))
-    span = max(1, config.steps - config.warmup_steps)
-    return min(1.0, max(0.0, (step - config.warmup_steps) / span))
+        by_time = min(1.0, max(0.0, elapsed / config.time_budget))
+        return by_time if cap is None else max(by_time, _by_steps(step, cap, config.warmup_steps))
+    return _by_steps(step, config.steps, config.warmup_steps)
 
 
-def lr_at(step: int, config, elapsed: float = 0.0) -> float:
+def _by_steps(step: int, steps: int, warmup: int) -> float:
+    return min(1.0, max(0.0, (step - warmup) / max(1, steps - warmup)))
+
+
+def lr_at(step: int, config, elapsed: float = 0.0, cap: int | None = None) -> float:
     """Learning rate for optimizer step `step` (0-based) under TrainConfig `config`, `elapsed` seconds
-    of training into the run (read only when the schedule runs by time)."""
+    of training into the run (read only when the schedule runs by time) and the step `cap` the task
+    puts on a time budget, if any."""
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
-    return config.lr * SCHEDULES[config.schedule](progress(step, elapsed, config), config.min_lr_ratio)
+    return config.lr * SCHEDULES[config.schedule](progress(step, elapsed, config, cap), config.min_lr_ratio)

@@ -347,6 +347,8 @@ class Trainer:
         self.last_path = run_dir / CHECKPOINTS / "last.safetensors"
         self.best_path = run_dir / CHECKPOINTS / "best.safetensors"
         self.bar = None
+        # the task's most useful steps under a time budget (Task.budget_steps), when the schedule runs by time
+        self.cap = task.budget_steps() if config.steps is None and config.time_budget is not None else None
         device = world.device
         self.amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.amp]
         if self.amp_dtype is not None and device.type != "cuda":
@@ -516,18 +518,23 @@ class Trainer:
         last_eval_step = step if resume and self.resumed_evaluated else -1
         timed = cfg.steps is None  # the schedule spans the time budget, the run's total wall time
         budget = math.inf if cfg.time_budget is None else cfg.time_budget
+        cap = self.cap  # the task's most useful steps under a budget, when fewer than the budget allows
         limit = math.inf if cfg.steps is None else cfg.steps
+        if cap is not None:
+            limit = cap
         if timed and elapsed0 >= budget:
             limit = step  # resumed after its budget ran out: nothing left but the final evaluation
-        # evaluation by time: every `eval_every_s` seconds of the run, at the agreed clock `now`
+        # evaluation by time: every `eval_every_s` seconds of the run, at the agreed clock `now`, and
+        # under a step cap also every `eval_every_cap` steps, so the evaluations span whichever ends first
         evals = getattr(task, "evals_per_budget", EVALS_PER_BUDGET)
         eval_every_s = None if cfg.eval_every is not None else budget / evals
+        eval_every_cap = max(1, cap // evals) if cap is not None and eval_every_s else None
         now = elapsed0  # the run's elapsed time, as all processes agree on it (their mean)
         next_eval = (math.floor(now / eval_every_s) + 1) * eval_every_s if eval_every_s else math.inf
         try:
             with _StopSignals(self.say) as signals:
                 while step < limit:
-                    lr = lr_at(step, cfg, now)
+                    lr = lr_at(step, cfg, now, cap)
                     for group in self.optimizer.param_groups:
                         group["lr"] = lr
                     batch = move_to(task.train_batch(step, world.rank, world.size), world.device)
@@ -583,6 +590,8 @@ class Trainer:
                         self.stopped_by = "time_budget"
                         break
                     due = now >= next_eval if cfg.eval_every is None else step % cfg.eval_every == 0
+                    if eval_every_cap is not None and step % eval_every_cap == 0:
+                        due = True
                     if due or step == cfg.steps:
                         began = elapsed()
                         self._save(step, elapsed(), self._evaluate(step, elapsed()))
@@ -637,7 +646,8 @@ class Trainer:
         self.metrics.append(row)
         if self.bar is None:
             cfg = self.config
-            eta = math.inf if cfg.steps is None else (cfg.steps - step) / steps_per_s if steps_per_s > 0 else math.inf
+            total = cfg.steps if cfg.steps is not None else self.cap
+            eta = math.inf if total is None else (total - step) / steps_per_s if steps_per_s > 0 else math.inf
             if cfg.time_budget is not None:
                 spent = self.elapsed() if cfg.steps is None else self.clock() - self.start
                 eta = min(eta, max(0.0, cfg.time_budget - spent))
@@ -658,8 +668,9 @@ class Trainer:
         if self.config.steps is None:
             spent = self.elapsed()  # the budget is the run's total
         projected = step + max(1, round(steps_per_s * max(0.0, budget - spent)))
-        if self.config.steps is not None:
-            projected = min(self.config.steps, projected)
+        total = self.config.steps if self.config.steps is not None else self.cap
+        if total is not None:
+            projected = min(total, projected)
         if projected != self.bar.total:
             self.bar.total = projected
             self.bar.refresh()

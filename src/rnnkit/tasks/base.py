@@ -206,6 +206,12 @@ class Task(ABC):
         """Optional text printed after each evaluation (lm: a generated sample). Process 0 only."""
         return None
 
+    def budget_steps(self) -> int | None:
+        """The most optimizer steps worth training under a --time-budget without --steps, or None (the
+        default: the whole budget). With a number, training ends at whichever comes first, and the
+        learning rate decays over that and evaluations are spaced to it (classify: --max-epochs)."""
+        return None
+
     # ---- state carried across steps (checkpointed) -----------------------------------------------
     def data_state(self) -> dict[str, Any]:
         """JSON-able data position beyond `step` (empty when train_batch depends only on step)."""

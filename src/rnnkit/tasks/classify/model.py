@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from rnnkit.tasks.classify.task import ClassifyConfig
 
 VOCAB = 256  # byte values; UTF-8 bytes >= 128 are symbols of their own
+BAG_DIM = 16  # width of the --bag model's word and word-pair vectors
 
 
 def masked_pool(x: Tensor, lengths: Tensor, how: str) -> Tensor:
@@ -59,6 +60,11 @@ class ByteClassifier(nn.Module):
         self.project_backward = nn.Linear(c.hidden, c.e_dim)
         self.classifier = nn.Linear(c.e_dim, num_classes)
         self.dropout = nn.Dropout(c.dropout)
+        # a linear model of the text's bag of words and word pairs, added to the logits (fastText's)
+        self.bag = nn.Embedding(c.bag_buckets, BAG_DIM) if c.bag else None
+        self.bag_classifier = nn.Linear(BAG_DIM, num_classes) if c.bag else None
+        if self.bag is not None:
+            nn.init.uniform_(self.bag.weight, -1 / BAG_DIM, 1 / BAG_DIM)
 
     def inputs(self, x: Tensor) -> Tensor:
         """(B, T) bytes -> (B, T, width) input vectors."""
@@ -101,8 +107,32 @@ class ByteClassifier(nn.Module):
             backward = masked_pool(out[:, :, H:], step_lengths, self.config.pooling)
         e_sum = self.project_forward(forward) + self.project_backward(backward)  # (B, e_dim)
         logits = self.classifier(self.dropout(e_sum))  # (B, K)
-        loss = F.cross_entropy(logits, targets) if targets is not None else None
-        return logits, loss
+        if self.bag is None:
+            return logits, F.cross_entropy(logits, targets) if targets is not None else None
+        # two models trained side by side, each on its own loss, their log-probabilities added
+        bag = self.bag_logits(x, lengths)
+        loss = F.cross_entropy(logits, targets) + F.cross_entropy(bag, targets) if targets is not None else None
+        return logits.log_softmax(dim=1) + bag.log_softmax(dim=1), loss
+
+    def bag_logits(self, x: Tensor, lengths: Tensor) -> Tensor:
+        """(B, T) bytes -> (B, K): the mean of the bag table's rows of each word and word pair of the text."""
+        assert self.bag is not None
+        x = x.long()
+        T = x.shape[1]
+        ids = word_ids(x, self.config.bag_buckets, pairs=True)  # (B, T, 2): word so far, (previous, word)
+        is_word = word_bytes(x)
+        is_end = is_word & ~F.pad(is_word, (0, 1))[:, 1:]
+        valid = is_end & (torch.arange(T, device=x.device)[None, :] < lengths[:, None])
+        has_previous = is_end.long().cumsum(dim=1) > 1
+        mask = torch.stack([valid, valid & has_previous], dim=2)  # (B, T, 2)
+        weights = mask.to(self.bag.weight.dtype)
+        total = (self.bag(ids) * weights.unsqueeze(3)).sum(dim=(1, 2))
+        return self.bag_classifier(total / weights.sum(dim=(1, 2)).clamp(min=1).unsqueeze(1))
+
+
+def word_bytes(x: Tensor) -> Tensor:
+    """Where (B, T) bytes are ASCII letters or digits."""
+    return ((x >= 48) & (x <= 57)) | ((x >= 65) & (x <= 90)) | ((x >= 97) & (x <= 122))
 
 
 def ngram_ids(x: Tensor, n_max: int, buckets: int) -> Tensor:
@@ -126,7 +156,7 @@ def word_ids(x: Tensor, buckets: int, longest: int = 20, pairs: bool = False) ->
     x = x.long()
     B, T = x.shape
     prime = 2_147_483_647
-    is_word = ((x >= 48) & (x <= 57)) | ((x >= 65) & (x <= 90)) | ((x >= 97) & (x <= 122))  # 0-9 A-Z a-z
+    is_word = word_bytes(x)
     h = x + 1 + 1000 * is_word
     alive = is_word
     for k in range(1, longest):
@@ -135,12 +165,14 @@ def word_ids(x: Tensor, buckets: int, longest: int = 20, pairs: bool = False) ->
         h = torch.where(alive, (h * 263 + previous + 1) % prime, h)
     ids = [(h * 2654435761 + 97) % prime % buckets]
     if pairs:
-        steps = torch.arange(T, device=x.device).expand(B, T)
+        # each word's hash in its own slot (slot T takes the bytes that end none), then, at each byte, the
+        # slot of the last word that ended before it: cumsum, scatter and gather, which ONNX has too
         is_end = is_word & ~F.pad(is_word, (0, 1))[:, 1:]  # last byte of a word
-        last_end = torch.where(is_end, steps, -1).cummax(dim=1).values  # (B, T) latest word end at or before t
-        previous_end = F.pad(last_end, (1, 0), value=-1)[:, :T]  # ... strictly before t: the previous word's
-        previous_word = h.gather(1, previous_end.clamp(min=0))
+        ended = is_end.long().cumsum(dim=1)  # (B, T) words ended at or before t
+        words = torch.zeros(B, T + 1, dtype=h.dtype, device=x.device).scatter(1, torch.where(is_end, ended - 1, T), h)
+        before = ended - is_end.long()  # words ended strictly before t
+        previous_word = words.gather(1, (before - 1).clamp(min=0))
         pair = (previous_word * 1_000_003 + h) % prime
-        ok = is_word & (previous_end >= 0)
+        ok = is_word & (before > 0)
         ids.append(torch.where(ok, (pair * 2654435761 + 389) % prime % buckets, torch.zeros_like(h)))
     return torch.stack(ids, dim=2)

@@ -8,6 +8,7 @@ import csv
 import dataclasses
 import io
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,11 @@ class ClassifyConfig(RegulariserOptions):
         False, "also add a hashed embedding of (previous word, word so far) at each byte of a word (needs --words)"
     )
     buckets: int = option(65536, "hash buckets shared by the n-gram and word embeddings")
+    bag: bool = option(
+        True,
+        "also add a linear model of the text's bag of words and word pairs to the logits (hashed, as fastText)",
+    )
+    bag_buckets: int = option(1 << 18, "hash buckets of the --bag model's words and word pairs")
     patch: int = option(8, "bytes per RNN step: their input vectors are concatenated (1 = one byte per step)")
     cell: str = cell_option(
         "gru", "recurrent cell: a built-in name, or MODULE:CLASS for a GatedCell subclass of your own"
@@ -84,6 +90,11 @@ class ClassifyConfig(RegulariserOptions):
         "(the whole vector; the kept ones are scaled by 1/(1-p); nothing to drop without --ngrams > 1 or --words)",
     )
     batch_size: int = option(128, "texts per step, summed over all processes")
+    max_epochs: float | None = option(
+        8.0,
+        "under a --time-budget without --steps, train at most this many passes over the training texts: "
+        "the run ends, and the learning rate decays, at whichever comes first (none: the whole budget)",
+    )
     eval_batch_size: int = option(512, "texts per forward pass in eval and predict", resumable=True)
     data_seed: int = option(0, "seed of the training order (the validation split never depends on it)")
 
@@ -102,6 +113,8 @@ class ClassifyConfig(RegulariserOptions):
             "pooling": "ends",
             "dropout": 0.0,
             "feature_dropout": 0.0,
+            "bag": False,
+            "max_epochs": None,
         }
         return then | dict(values)
 
@@ -110,6 +123,7 @@ class ClassifyConfig(RegulariserOptions):
             "seq_len",
             "embed",
             "buckets",
+            "bag_buckets",
             "patch",
             "hidden",
             "layers",
@@ -120,6 +134,8 @@ class ClassifyConfig(RegulariserOptions):
         ):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.max_epochs is not None and not self.max_epochs > 0:
+            raise UsageError(f"--max-epochs must be positive (or none), got {self.max_epochs}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise UsageError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         for name in ("dropout", "feature_dropout"):
@@ -212,6 +228,12 @@ class ClassifyTask(Task):
             self._load_training_data()
         assert self._train is not None and self._val is not None  # _load_training_data set both
         return self._train, self._val
+
+    def budget_steps(self) -> int | None:
+        """--max-epochs passes over the training texts, in steps: the most a time budget is spent on."""
+        if self.config.max_epochs is None:
+            return None
+        return max(1, math.ceil(self.config.max_epochs * len(self._splits()[0].y) / self.config.batch_size))
 
     def train_batch(self, step: int, rank: int, world_size: int) -> Split:
         train, _ = self._splits()
