@@ -68,8 +68,9 @@ def test_collect_names_the_run_as_runs_name_however_the_eval_was_given_it(tmp_pa
 
 
 def test_a_setting_an_earlier_version_lacked_is_read_as_its_value_then(tmp_path):
-    """A classify run saved before --feature-dropout existed trained without it: its table row says 0
-    and its command passes --feature-dropout 0, since today's default is not 0."""
+    """A classify run saved before --feature-dropout, --bag and --max-epochs existed trained without
+    them: its table row says 0 and no bag, and its command passes --no-bag, --feature-dropout 0 and
+    --max-epochs none, since today's defaults differ."""
     rt = tool()
     run = tmp_path / "classify-agnews-old"
     run.mkdir()
@@ -79,5 +80,6 @@ def test_a_setting_an_earlier_version_lacked_is_read_as_its_value_then(tmp_path)
     (run / "config.json").write_text(json.dumps({"task": "classify", "task_config": task, "train": train}))
     (run / "metrics.jsonl").write_text(json.dumps({"step": 10, "time": 600.0, "val_accuracy": 0.5}) + "\n")
     out = rt.render("<!-- results:classify-agnews -->\n<!-- /results:classify-agnews -->\n", root=tmp_path)
-    assert "| `classify-agnews-old` | 0 | 600 s, 1 thread | 10 |" in out
-    assert "rnnkit train classify --data train.csv --feature-dropout 0 --time-budget 600 --threads 1" in out
+    assert "| `classify-agnews-old` | 0 | no | 600 s, 1 thread | 10 |" in out
+    flags = "--feature-dropout 0 --no-bag --max-epochs none --time-budget 600 --threads 1"
+    assert f"rnnkit train classify --data train.csv {flags}" in out

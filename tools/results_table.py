@@ -248,14 +248,15 @@ def sort_table(rows: list[Run]) -> str:
 
 def classify_table(rows: list[Run]) -> str:
     head = (
-        "| run | feature dropout | budget | steps | training loss | best validation accuracy | test accuracy |\n"
-        "| --- | --- | --- | --- | --- | --- | --- |"
+        "| run | feature dropout | bag of words | budget | steps | training loss | best validation accuracy "
+        "| test accuracy |\n| --- | --- | --- | --- | --- | --- | --- | --- |"
     )
     body = []
     for run in rows:
         best = max((r["val_accuracy"] for r in run.rows if "val_accuracy" in r), default=None)
         body.append(
-            f"| `{run.name}` | {run.tc['feature_dropout']:g} | {_budget(run)} | {run.steps:,} "
+            f"| `{run.name}` | {run.tc['feature_dropout']:g} | {'yes' if run.tc['bag'] else 'no'} "
+            f"| {_budget(run)} | {run.steps:,} "
             f"| {_f(run.last('train_loss'))} "
             f"| {_pct(best)}% | **{_pct(run.metric('test', 'accuracy'))}%** |"
         )

@@ -116,7 +116,7 @@ class ByteClassifier(nn.Module):
 
     def bag_logits(self, x: Tensor, lengths: Tensor) -> Tensor:
         """(B, T) bytes -> (B, K): the mean of the bag table's rows of each word and word pair of the text."""
-        assert self.bag is not None
+        assert self.bag is not None and self.bag_classifier is not None  # made together, with --bag
         x = x.long()
         T = x.shape[1]
         ids = word_ids(x, self.config.bag_buckets, pairs=True)  # (B, T, 2): word so far, (previous, word)
