@@ -17,7 +17,8 @@ into the cache (`$RNNKIT_CACHE`, default ~/.cache/rnnkit) and checked against th
 
 Model. The defaults are what reached the best AG News accuracy per CPU minute (docs/tasks/classify.md):
 a learned byte embedding plus hashed byte 2-4-gram and word embeddings, 8 bytes per step, one
-bidirectional GRU layer of 128, mean pooling, dropout 0.2, feature dropout 0.6. The classic
+bidirectional GRU layer of 128, mean pooling, dropout 0.2, feature dropout 0.6, and beside it a
+bag-of-words model (`--bag`), at most 8 passes under a time budget (`--max-epochs`). The classic
 character-level model of earlier versions is `--input onehot --ngrams 1 --no-words --patch 1
 --cell lstm --hidden 512 --layers 3 --pooling ends --dropout 0`.
 
@@ -31,6 +32,8 @@ character-level model of earlier versions is `--input onehot --ngrams 1 --no-wor
     ends:      f = out[b, len_b - 1, :H], g = out[b, 0, H:]
     max/mean:  f, g = max or mean over each text's valid steps of the forward / backward halves
     logits = W_c (W_f f + W_g g) + b                              (B, classes)
+    --bag:     bag = W_b mean(E[w] for each word and word pair w of the text) + b_b
+               loss = CE(logits) + CE(bag); prediction log_softmax(logits) + log_softmax(bag)
 
 >>> import torch
 >>> model = ByteClassifier(ClassifyConfig(hidden=8, e_dim=8), num_classes=3)
