@@ -1,6 +1,6 @@
 """The classify task's network (ByteClassifier): bytes -> input vectors -> bidirectional RNN -> pooled ends
--> class logits, with the hashed n-gram and word embeddings it may add; see the package docstring for
-the equations.
+-> class logits, with the hashed n-gram and word embeddings it may add and the bag-of-words model it
+may train beside it; see the package docstring for the equations.
 
 >>> import torch
 >>> from rnnkit.tasks.classify.task import ClassifyConfig
@@ -60,7 +60,7 @@ class ByteClassifier(nn.Module):
         self.project_backward = nn.Linear(c.hidden, c.e_dim)
         self.classifier = nn.Linear(c.e_dim, num_classes)
         self.dropout = nn.Dropout(c.dropout)
-        # a linear model of the text's bag of words and word pairs, added to the logits (fastText's)
+        # --bag: fastText's model of the text's words and word pairs, trained beside the recurrent one
         self.bag = nn.Embedding(c.bag_buckets, BAG_DIM) if c.bag else None
         self.bag_classifier = nn.Linear(BAG_DIM, num_classes) if c.bag else None
         if self.bag is not None:

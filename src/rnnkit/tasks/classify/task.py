@@ -68,7 +68,8 @@ class ClassifyConfig(RegulariserOptions):
     buckets: int = option(65536, "hash buckets shared by the n-gram and word embeddings")
     bag: bool = option(
         True,
-        "also add a linear model of the text's bag of words and word pairs to the logits (hashed, as fastText)",
+        "also train a bag-of-words model (the text's hashed words and word pairs, as fastText) on its own "
+        "loss beside the recurrent one; the prediction adds the two models' log-probabilities",
     )
     bag_buckets: int = option(1 << 18, "hash buckets of the --bag model's words and word pairs")
     patch: int = option(8, "bytes per RNN step: their input vectors are concatenated (1 = one byte per step)")
