@@ -541,3 +541,24 @@ def test_max_epochs_ends_a_time_budget_after_that_many_passes(tmp_path, capsys):
     assert main([*args, "--max-epochs", "0", "--time-budget", "600", "--out", str(tmp_path / "bad")]) == 2
     assert "--max-epochs must be positive" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_eval_scores_each_of_the_two_models_alone(trained, tmp_path, capsys):
+    """With --bag, `rnnkit eval` also reports the recurrent model's and the bag-of-words model's own
+    accuracy: each text's argmax of ByteClassifier.parts, one text at a time, against its label."""
+    from rnnkit.engine.rundir import load_run
+
+    data = write_csv(tmp_path / "mixed.csv", generated_rows(30, seed=5))
+    capsys.readouterr()
+    assert main(["eval", str(trained), "--data", str(data), "--json", "--no-confusion"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    run = load_run(trained)
+    right = {"recurrent": 0, "bag": 0}
+    for label, *fields in generated_rows(30, seed=5):
+        x, lengths = encode([" ".join(fields).encode()], run.task.config.seq_len)
+        with torch.no_grad():
+            recurrent, bag = run.model.parts(x, lengths)
+        right["recurrent"] += int(recurrent.argmax()) == run.task.names.index(label)
+        right["bag"] += int(bag.argmax()) == run.task.names.index(label)
+    assert metrics["recurrent_accuracy"] == pytest.approx(right["recurrent"] / 30)
+    assert metrics["bag_accuracy"] == pytest.approx(right["bag"] / 30)

@@ -246,10 +246,17 @@ def sort_table(rows: list[Run]) -> str:
     return "\n".join([head, sep, *body]) + "\n\n" + _commands(rows)
 
 
+def _parts(run: Run) -> str:
+    """The test accuracy of each of a --bag run's two models alone (`rnnkit eval` reports them)."""
+    recurrent, bag = run.metric("test", "recurrent_accuracy"), run.metric("test", "bag_accuracy")
+    return "-" if recurrent is None or bag is None else f"{_pct(recurrent)}% / {_pct(bag)}%"
+
+
 def classify_table(rows: list[Run]) -> str:
     head = (
         "| run | feature dropout | bag of words | budget | steps | training loss | best validation accuracy "
-        "| test accuracy |\n| --- | --- | --- | --- | --- | --- | --- | --- |"
+        "| test accuracy | test: recurrent model alone / bag alone |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     )
     body = []
     for run in rows:
@@ -258,7 +265,7 @@ def classify_table(rows: list[Run]) -> str:
             f"| `{run.name}` | {run.tc['feature_dropout']:g} | {'yes' if run.tc['bag'] else 'no'} "
             f"| {_budget(run)} | {run.steps:,} "
             f"| {_f(run.last('train_loss'))} "
-            f"| {_pct(best)}% | **{_pct(run.metric('test', 'accuracy'))}%** |"
+            f"| {_pct(best)}% | **{_pct(run.metric('test', 'accuracy'))}%** | {_parts(run)} |"
         )
     return "\n".join([head, *body]) + "\n\n" + _commands(rows)
 

@@ -88,6 +88,15 @@ class ByteClassifier(nn.Module):
         return e
 
     def forward(self, x: Tensor, lengths: Tensor, targets: Tensor | None = None):
+        logits, bag = self.parts(x, lengths)
+        if bag is None:
+            return logits, F.cross_entropy(logits, targets) if targets is not None else None
+        # two models trained side by side, each on its own loss, their log-probabilities added
+        loss = F.cross_entropy(logits, targets) + F.cross_entropy(bag, targets) if targets is not None else None
+        return logits.log_softmax(dim=1) + bag.log_softmax(dim=1), loss
+
+    def parts(self, x: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The recurrent model's logits (B, K) and the bag-of-words model's (None without --bag)."""
         B, T = x.shape
         k = self.config.patch
         e = self.inputs(x)
@@ -107,12 +116,7 @@ class ByteClassifier(nn.Module):
             backward = masked_pool(out[:, :, H:], step_lengths, self.config.pooling)
         e_sum = self.project_forward(forward) + self.project_backward(backward)  # (B, e_dim)
         logits = self.classifier(self.dropout(e_sum))  # (B, K)
-        if self.bag is None:
-            return logits, F.cross_entropy(logits, targets) if targets is not None else None
-        # two models trained side by side, each on its own loss, their log-probabilities added
-        bag = self.bag_logits(x, lengths)
-        loss = F.cross_entropy(logits, targets) + F.cross_entropy(bag, targets) if targets is not None else None
-        return logits.log_softmax(dim=1) + bag.log_softmax(dim=1), loss
+        return logits, None if self.bag is None else self.bag_logits(x, lengths)
 
     def bag_logits(self, x: Tensor, lengths: Tensor) -> Tensor:
         """(B, T) bytes -> (B, K): the mean of the bag table's rows of each word and word pair of the text."""

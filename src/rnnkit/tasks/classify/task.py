@@ -12,7 +12,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -296,23 +296,33 @@ class ClassifyTask(Task):
         if data is not None:
             metrics["rows"] = float(len(split.y))
             metrics["skipped_rows"] = float(skipped)
+        if options is not None and getattr(model, "bag", None) is not None:  # each of the two models alone
+            recurrent, bag = self.logits(model, split.x, split.lengths, parts=True)
+            metrics["recurrent_accuracy"] = float((recurrent.argmax(1) == split.y).float().mean())
+            metrics["bag_accuracy"] = float((bag.argmax(1) == split.y).float().mean())
         if options is not None and options.confusion:
             title = f"{source}: accuracy {metrics['accuracy']:.4f} on {len(split.y)} rows"
             atomic_write_text(self.run_dir / "confusion.txt", title + "\n" + confusion_text(confusion, self.names))
             plot_confusion(confusion, self.names, self.run_dir / "confusion.png", title)
         return metrics
 
-    def logits(self, model: nn.Module, x: Tensor, lengths: Tensor) -> Tensor:
-        """Logits (N, K) on CPU, in batches of --eval-batch-size, rows sorted by length for less padding."""
+    def logits(self, model: nn.Module, x: Tensor, lengths: Tensor, parts: bool = False) -> Tensor:
+        """Logits (N, K) on CPU, in batches of --eval-batch-size, rows sorted by length for less padding;
+        with `parts`, the recurrent model's and the bag-of-words model's (2, N, K) (ByteClassifier.parts)."""
         device = device_of(model)
         order = lengths.argsort(descending=True)
-        out = torch.empty(len(lengths), len(self.names))
+        out = torch.empty(2 if parts else 1, len(lengths), len(self.names))
         with torch.no_grad():
             for start in range(0, len(order), self.config.eval_batch_size):
                 rows = order[start : start + self.config.eval_batch_size]
                 batch = move_to(self._batch(Split(x, lengths, lengths), rows), device)
-                out[rows] = model(batch.x, batch.lengths)[0].float().cpu()
-        return out
+                if parts:  # only asked of a model with --bag (evaluate checks), so both are tensors
+                    pieces = [p for p in cast(ByteClassifier, model).parts(batch.x, batch.lengths) if p is not None]
+                else:
+                    pieces = [model(batch.x, batch.lengths)[0]]
+                for i, piece in enumerate(pieces):
+                    out[i, rows] = piece.float().cpu()
+        return out if parts else out[0]
 
     @classmethod
     def write_data(cls, data: Any, directory: Path) -> str:
