@@ -168,21 +168,18 @@ def test_a_task_step_cap_ends_a_timed_run_early_with_its_schedule_and_evaluation
         return nn.functional.mse_loss(out, target)
 
     x = torch.randn(32, 3)
+    data = (x, x.sum(1, keepdim=True))
+    opts = dict(loss=loss, batch_size=8, threads=1, device="cpu", plot=False, progress="lines")
     _, summary = rnnkit.fit(
         nn.Linear(3, 1),
-        (x, x.sum(1, keepdim=True)),
-        val=(x, x.sum(1, keepdim=True)),
-        loss=loss,
-        batch_size=8,
+        data,
+        val=data,
         time_budget=20.0,
         out=tmp_path / "run",
         lr=0.1,
         warmup_steps=0,
         log_every=1,
-        threads=1,
-        device="cpu",
-        plot=False,
-        progress="lines",
+        **opts,
     )
     assert (summary["step"], summary["stopped_by"]) == (5, "steps")
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -192,16 +189,5 @@ def test_a_task_step_cap_ends_a_timed_run_early_with_its_schedule_and_evaluation
     # a budget shorter than the cap: the budget ends the run, as without one
     clock.t = 1000.0
     monkeypatch.setattr(ModelTask, "budget_steps", lambda self: 50)
-    _, short = rnnkit.fit(
-        nn.Linear(3, 1),
-        (x, x.sum(1, keepdim=True)),
-        loss=loss,
-        batch_size=8,
-        time_budget=4.0,
-        out=tmp_path / "short",
-        threads=1,
-        device="cpu",
-        plot=False,
-        progress="lines",
-    )
+    _, short = rnnkit.fit(nn.Linear(3, 1), data, time_budget=4.0, out=tmp_path / "short", **opts)
     assert (short["step"], short["stopped_by"]) == (4, "time_budget")
