@@ -289,15 +289,19 @@ class ClassifyTask(Task):
                 path = files.test
             split, rows = to_split(read_rows(path, config.skip_bad_rows), self.names, path, config)
             skipped, source = rows.skipped, str(path)
-        logits = self.logits(model, split.x, split.lengths)
+        each = options is not None and getattr(model, "bag", None) is not None  # also score the two models alone
+        if each:
+            recurrent, bag = self.logits(model, split.x, split.lengths, parts=True)
+            logits = recurrent.log_softmax(dim=1) + bag.log_softmax(dim=1)  # as ByteClassifier.forward adds them
+        else:
+            logits = self.logits(model, split.x, split.lengths)
         loss = float(F.cross_entropy(logits, split.y, reduction="mean"))
         confusion = confusion_matrix(split.y, logits.argmax(1), len(self.names))
         metrics = {"loss": loss, **class_metrics(confusion, self.names)}
         if data is not None:
             metrics["rows"] = float(len(split.y))
             metrics["skipped_rows"] = float(skipped)
-        if options is not None and getattr(model, "bag", None) is not None:  # each of the two models alone
-            recurrent, bag = self.logits(model, split.x, split.lengths, parts=True)
+        if each:
             metrics["recurrent_accuracy"] = float((recurrent.argmax(1) == split.y).float().mean())
             metrics["bag_accuracy"] = float((bag.argmax(1) == split.y).float().mean())
         if options is not None and options.confusion:
