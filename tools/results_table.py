@@ -318,8 +318,9 @@ def figures(root: Path = RUNS) -> list[Path]:
         chosen = [r for r in chosen if any(key in row for row in r.rows)]
         if not chosen:
             continue
-        fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
-        if len(chosen) > 10:  # more runs than the default cycle has colours
+        many = len(chosen) > 10  # more runs than the default cycle has colours: the legend beside the axes
+        fig, ax = plt.subplots(figsize=(8.8, 4.4) if many else (6.4, 3.6), dpi=100)
+        if many:
             ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)
         for run in chosen:
             pts = [(row["time"], row[key]) for row in run.rows if key in row]
@@ -329,7 +330,10 @@ def figures(root: Path = RUNS) -> list[Path]:
         clocks = {r.train.get("clock", "wall") for r in chosen}
         ax.set_xlabel({"cpu": "CPU time, s", "wall": "wall time, s"}[clocks.pop()] if len(clocks) == 1 else "time, s")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if many:
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        else:
+            ax.legend(fontsize=7)
         fig.tight_layout()
         path = FIGURES / f"{name}.png"
         fig.savefig(path, metadata={"Software": None})
