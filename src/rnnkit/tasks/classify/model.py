@@ -93,7 +93,12 @@ class ByteClassifier(nn.Module):
             return logits, F.cross_entropy(logits, targets) if targets is not None else None
         # two models trained side by side, each on its own loss, their log-probabilities added
         loss = F.cross_entropy(logits, targets) + F.cross_entropy(bag, targets) if targets is not None else None
-        return logits.log_softmax(dim=1) + bag.log_softmax(dim=1), loss
+        return self.combine(logits, bag), loss
+
+    @staticmethod
+    def combine(logits: Tensor, bag: Tensor) -> Tensor:
+        """The prediction of the two models: their log-probabilities added."""
+        return logits.log_softmax(dim=1) + bag.log_softmax(dim=1)
 
     def parts(self, x: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor | None]:
         """The recurrent model's logits (B, K) and the bag-of-words model's (None without --bag)."""

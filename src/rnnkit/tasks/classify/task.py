@@ -292,7 +292,7 @@ class ClassifyTask(Task):
         each = options is not None and getattr(model, "bag", None) is not None  # also score the two models alone
         if each:
             recurrent, bag = self.logits(model, split.x, split.lengths, parts=True)
-            logits = recurrent.log_softmax(dim=1) + bag.log_softmax(dim=1)  # as ByteClassifier.forward adds them
+            logits = ByteClassifier.combine(recurrent, bag)
         else:
             logits = self.logits(model, split.x, split.lengths)
         loss = float(F.cross_entropy(logits, split.y, reduction="mean"))
